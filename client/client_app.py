@@ -1,0 +1,25 @@
+"""fedseg ClientApp: the hospital side of the federation.
+
+Kept thin and cheap to import; the work lives in :mod:`client.handlers`.
+"""
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the global model on this site's data."""
+    from client.handlers import handle_train
+
+    return handle_train(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on this site's validation split."""
+    from client.handlers import handle_evaluate
+
+    return handle_evaluate(msg, context)

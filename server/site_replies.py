@@ -1,0 +1,51 @@
+"""Sort a round's replies into accepted updates, refusals and failures, per site."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import Message
+
+
+@dataclass
+class SortedReplies:
+    """One round's replies of one kind (train or evaluate), sorted by outcome."""
+
+    accepted: list[Message] = field(default_factory=list)
+    site_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def site_of(msg: Message, known: dict[int, str]) -> str:
+    """The site id a reply came from (learned from earlier replies for error replies)."""
+    node_id = msg.metadata.src_node_id
+    if not msg.has_error() and "site" in msg.content.config_records:
+        site_id = str(msg.content.config_records["site"].get("site-id", f"node-{node_id}"))
+        known[node_id] = site_id
+    return known.get(node_id, f"node-{node_id}")
+
+
+def sort_replies(replies: Iterable[Message], known_sites: dict[int, str]) -> SortedReplies:
+    """Split ``replies`` into accepted ones and per-site refusals/failures."""
+    result = SortedReplies()
+    for msg in replies:
+        site = site_of(msg, known_sites)
+        if msg.has_error():
+            result.failed[site] = str(msg.error.reason)[:300]
+            continue
+        metrics = _first_metrics(msg)
+        if metrics.get("refused"):
+            reason = msg.content.config_records["site"].get("reason", "no reason given")
+            result.refused[site] = str(reason)
+            continue
+        result.accepted.append(msg)
+        result.site_metrics[site] = metrics
+    return result
+
+
+def _first_metrics(msg: Message) -> dict[str, Any]:
+    records = list(msg.content.metric_records.values())
+    return dict(records[0]) if records else {}

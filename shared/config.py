@@ -1,0 +1,155 @@
+"""The fedseg run configuration: one typed dataclass, read from Flower's run config.
+
+The defaults below are the single source of truth. ``pyproject.toml`` lists the
+same keys under ``[tool.flwr.app.config]`` (Flower only accepts overrides of
+keys it lists there); a test keeps the two in agreement.
+
+Run-config keys are flat and kebab-case (``learning-rate``); the dataclass
+fields are the same names in snake_case (``learning_rate``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from shared.errors import ConfigError
+from shared.model import ModelConfig
+
+STRATEGIES = ("fedavg",)
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def to_key(field_name: str) -> str:
+    """Return the run-config key of a dataclass field (``a_b`` -> ``a-b``)."""
+    return field_name.replace("_", "-")
+
+
+def parse_int_list(value: str, *, key: str) -> tuple[int, ...]:
+    """Parse a comma-separated list of positive integers such as ``"16,32,64"``."""
+    try:
+        items = tuple(int(part) for part in str(value).split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(
+            f"run config key '{key}': expected comma-separated integers, got {value!r}"
+        ) from None
+    if not items or any(item <= 0 for item in items):
+        raise ConfigError(
+            f"run config key '{key}': expected positive integers, got {value!r}"
+        )
+    return items
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything the operator (or a researcher) sets for one federated run."""
+
+    num_rounds: int = 5
+    local_epochs: int = 1
+    batch_size: int = 8
+    learning_rate: float = 0.002
+    spatial_dims: int = 2
+    in_channels: int = 1
+    num_classes: int = 2
+    channels: str = "16,32,64,128"
+    strides: str = "2,2,2"
+    num_res_units: int = 1
+    patch_size: int = 64
+    target_spacing: float = 1.0
+    device: str = "auto"
+    seed: int = 0
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_nodes: int = 1
+    min_available_nodes: int = 1
+    round_timeout: float = 3600.0
+    run_dir: str = ""
+    simulation_sites: str = ""
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._check_ranges()
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build a config from run-config ``values`` (kebab-case keys).
+
+        Missing keys take their defaults. An unknown key or a bad value raises
+        :class:`ConfigError` naming the key.
+        """
+        known = {to_key(f.name): f.name for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown run config key(s): {', '.join(map(repr, unknown))}; "
+                f"known keys: {', '.join(sorted(known))}"
+            )
+        return cls(**{known[key]: value for key, value in values.items()})
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Return the config as run-config values (kebab-case keys)."""
+        return {to_key(k): v for k, v in dataclasses.asdict(self).items()}
+
+    def model_config(self) -> ModelConfig:
+        """Return the architecture this run trains."""
+        return ModelConfig(
+            spatial_dims=self.spatial_dims,
+            in_channels=self.in_channels,
+            num_classes=self.num_classes,
+            channels=parse_int_list(self.channels, key="channels"),
+            strides=parse_int_list(self.strides, key="strides"),
+            num_res_units=self.num_res_units,
+        )
+
+    def _check_types(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = {"int": int, "float": float, "str": str}[str(f.type)]
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
+                continue
+            if not isinstance(value, expected) or isinstance(value, bool):
+                raise ConfigError(
+                    f"run config key '{to_key(f.name)}': expected {expected.__name__}, "
+                    f"got {type(value).__name__} {value!r}"
+                )
+
+    def _check_ranges(self) -> None:
+        positive = (
+            "num_rounds", "local_epochs", "batch_size", "learning_rate",
+            "in_channels", "patch_size", "target_spacing", "round_timeout",
+        )
+        for name in positive:
+            _require(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
+        _require(self.spatial_dims in (2, 3), "spatial_dims", "must be 2 or 3", self.spatial_dims)
+        _require(self.num_classes >= 2, "num_classes", "must be >= 2 (background + one class)", self.num_classes)
+        _require(self.num_res_units >= 0, "num_res_units", "must be >= 0", self.num_res_units)
+        _require(self.device in DEVICES or self.device.startswith("cuda:"), "device",
+                 f"must be one of {DEVICES} or 'cuda:N'", self.device)
+        _require(self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}", self.strategy)
+        for name in ("fraction_train", "fraction_evaluate"):
+            value = getattr(self, name)
+            _require(0.0 <= value <= 1.0, name, "must be in [0, 1]", value)
+        for name in ("min_train_nodes", "min_available_nodes"):
+            _require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        self._check_architecture()
+
+    def _check_architecture(self) -> None:
+        channels = parse_int_list(self.channels, key="channels")
+        strides = parse_int_list(self.strides, key="strides")
+        _require(len(channels) >= 2, "channels", "needs at least two levels", self.channels)
+        _require(len(strides) == len(channels) - 1, "strides",
+                 f"needs one entry fewer than channels ({len(channels) - 1})", self.strides)
+        divisor = 1
+        for stride in strides:
+            divisor *= stride
+        _require(self.patch_size % divisor == 0, "patch_size",
+                 f"must be divisible by the product of strides ({divisor})", self.patch_size)
+
+
+def _require(ok: bool, field_name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"run config key '{to_key(field_name)}': {rule}, got {value!r}")

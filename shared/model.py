@@ -1,0 +1,80 @@
+"""The segmentation model: a MONAI U-Net, 2D or 3D, built from a small config.
+
+InstanceNorm (no running statistics) and no BatchNorm, so the same network
+trains with and without differential privacy and its weights are exactly the
+``state_dict`` that travels between hospitals and the server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from shared.errors import ConfigError
+
+if TYPE_CHECKING:
+    from monai.networks.nets import UNet
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the U-Net; saved beside the weights so a model can be rebuilt."""
+
+    spatial_dims: int
+    in_channels: int
+    num_classes: int
+    channels: tuple[int, ...]
+    strides: tuple[int, ...]
+    num_res_units: int = 1
+
+    def __post_init__(self) -> None:
+        if self.spatial_dims not in (2, 3):
+            raise ConfigError(f"model 'spatial_dims' must be 2 or 3, got {self.spatial_dims!r}")
+        if self.in_channels < 1:
+            raise ConfigError(f"model 'in_channels' must be >= 1, got {self.in_channels!r}")
+        if self.num_classes < 2:
+            raise ConfigError(f"model 'num_classes' must be >= 2, got {self.num_classes!r}")
+        if len(self.strides) != len(self.channels) - 1:
+            raise ConfigError(
+                f"model 'strides' needs {len(self.channels) - 1} entries for "
+                f"{len(self.channels)} channel levels, got {self.strides!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-friendly dict (lists instead of tuples)."""
+        data = dataclasses.asdict(self)
+        data["channels"] = list(self.channels)
+        data["strides"] = list(self.strides)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
+        """Rebuild a config saved with :meth:`to_dict`."""
+        try:
+            return cls(
+                spatial_dims=int(data["spatial_dims"]),
+                in_channels=int(data["in_channels"]),
+                num_classes=int(data["num_classes"]),
+                channels=tuple(int(c) for c in data["channels"]),
+                strides=tuple(int(s) for s in data["strides"]),
+                num_res_units=int(data.get("num_res_units", 1)),
+            )
+        except KeyError as missing:
+            raise ConfigError(f"model config is missing key {missing}") from None
+
+
+def build_unet(config: ModelConfig) -> UNet:
+    """Return a freshly initialised MONAI U-Net for ``config``."""
+    from monai.networks.nets import UNet
+
+    return UNet(
+        spatial_dims=config.spatial_dims,
+        in_channels=config.in_channels,
+        out_channels=config.num_classes,
+        channels=config.channels,
+        strides=config.strides,
+        num_res_units=config.num_res_units,
+        norm="INSTANCE",
+    )

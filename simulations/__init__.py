@@ -1,0 +1,1 @@
+"""The fedseg simulation harness: synthetic hospitals and simulated federations."""

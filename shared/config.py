@@ -47,9 +47,9 @@ class RunConfig:
     """Everything the operator (or a researcher) sets for one federated run."""
 
     num_rounds: int = 5
-    local_epochs: int = 1
-    batch_size: int = 8
-    learning_rate: float = 0.002
+    local_epochs: int = 5
+    batch_size: int = 4
+    learning_rate: float = 0.005
     spatial_dims: int = 2
     in_channels: int = 1
     num_classes: int = 2

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny models and tiny synthetic hospitals written to tmp dirs."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+warnings.filterwarnings("ignore", message="nvImageCodec")
+
+from shared.config import RunConfig  # noqa: E402
+from simulations.synthetic import make_site_profiles, write_hospitals  # noqa: E402
+
+TINY_RUN_CONFIG = {
+    "channels": "4,8", "strides": "2", "num-res-units": 0, "patch-size": 32,
+    "local-epochs": 1, "batch-size": 2, "num-rounds": 1,
+}
+
+
+@pytest.fixture
+def tiny_config() -> RunConfig:
+    """A run config with a two-level U-Net and small patches (fast on CPU)."""
+    return RunConfig.from_mapping(TINY_RUN_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def two_sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two small synthetic 2D hospitals; returns their datalists (read-only for tests)."""
+    out = tmp_path_factory.mktemp("sites")
+    profiles = make_site_profiles(2, seed=3, min_cases=4, max_cases=5)
+    return write_hospitals(profiles, out, spatial_dims=2, seed=3)
+
+
+@pytest.fixture
+def flower_identity():
+    """Let tests build Flower Messages outside a Flower process."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

@@ -1,0 +1,111 @@
+"""The ClientApp's train/evaluate handlers on tiny real data, and their refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client.handlers import handle_evaluate, handle_train
+from client.site import resolve_site
+from shared.config import RunConfig
+from shared.errors import ConfigError
+from shared.model import build_unet
+from shared.weights import arrays_to_state_dict, model_to_arrays
+from tests.conftest import TINY_RUN_CONFIG
+
+
+def _context(datalist, run_config=TINY_RUN_CONFIG):
+    return Context(run_id=1, node_id=7, node_config={"site-id": "site-a", "datalist": str(datalist)},
+                   state=RecordDict(), run_config=dict(run_config))
+
+
+def _message(kind, config=None):
+    model = build_unet(RunConfig.from_mapping(config or TINY_RUN_CONFIG).model_config())
+    content = RecordDict({"arrays": model_to_arrays(model), "config": ConfigRecord({"server-round": 1})})
+    return Message(content=content, dst_node_id=7, message_type=kind), model
+
+
+def test_train_returns_updated_weights_with_the_same_names(two_sites, flower_identity):
+    msg, model = _message(MessageType.TRAIN)
+    reply = handle_train(msg, _context(two_sites[0]))
+    metrics = reply.content.metric_records["metrics"]
+    assert metrics["num-examples"] > 0 and metrics["train-loss"] > 0 and "refused" not in metrics
+    sent = arrays_to_state_dict(reply.content.array_records["arrays"])
+    before = model.state_dict()
+    assert list(sent) == list(before)
+    assert any(not torch.equal(sent[k], before[k]) for k in before)
+    assert reply.content.config_records["site"]["site-id"] == "site-a"
+
+
+def test_training_reduces_the_loss(two_sites, flower_identity):
+    config = dict(TINY_RUN_CONFIG, **{"local-epochs": 1})
+    short = handle_train(_message(MessageType.TRAIN, config)[0], _context(two_sites[0], config))
+    config = dict(TINY_RUN_CONFIG, **{"local-epochs": 15})
+    long = handle_train(_message(MessageType.TRAIN, config)[0], _context(two_sites[0], config))
+    assert long.content.metric_records["metrics"]["train-loss"] < short.content.metric_records["metrics"]["train-loss"]
+
+
+def test_evaluate_returns_dice_between_0_and_1(two_sites, flower_identity):
+    msg, _ = _message(MessageType.EVALUATE)
+    reply = handle_evaluate(msg, _context(two_sites[1]))
+    metrics = reply.content.metric_records["metrics"]
+    assert 0.0 <= metrics["dice"] <= 1.0 and metrics["num-examples"] >= 1
+    assert metrics["dice-class-1"] == metrics["dice"]
+    assert "arrays" not in reply.content.array_records
+
+
+def _corrupt_copy(datalist, tmp_path, edit):
+    site = tmp_path / "site"
+    shutil.copytree(datalist.parent, site)
+    data = json.loads((site / "datalist.json").read_text())
+    target = site / data["training"][0]["label"]
+    edit(site, data, target)
+    return site / "datalist.json", target
+
+
+def test_label_out_of_range_is_refused_naming_the_file(two_sites, tmp_path, flower_identity):
+    def edit(site, data, label_path):
+        label = nib.load(label_path)
+        values = np.asarray(label.dataobj).copy()
+        values[0, 0] = 5
+        nib.save(nib.Nifti1Image(values, label.affine), label_path)
+
+    datalist, bad = _corrupt_copy(two_sites[0], tmp_path, edit)
+    reply = handle_train(_message(MessageType.TRAIN)[0], _context(datalist))
+    assert reply.content.metric_records["metrics"]["refused"] == 1
+    reason = reply.content.config_records["site"]["reason"]
+    assert "outside the configured classes" in reason and bad.name in reason
+
+
+def test_corrupt_image_is_refused_naming_the_file(two_sites, tmp_path, flower_identity):
+    def edit(site, data, label_path):
+        image = site / data["training"][0]["image"]
+        image.write_bytes(image.read_bytes()[:100])
+
+    datalist, _ = _corrupt_copy(two_sites[0], tmp_path, edit)
+    reply = handle_train(_message(MessageType.TRAIN)[0], _context(datalist))
+    assert reply.content.metric_records["metrics"]["refused"] == 1
+    assert "case_" in reply.content.config_records["site"]["reason"]
+
+
+def test_missing_datalist_node_config_is_refused(flower_identity):
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config=dict(TINY_RUN_CONFIG))
+    reply = handle_train(_message(MessageType.TRAIN)[0], context)
+    assert "datalist" in reply.content.config_records["site"]["reason"]
+
+
+def test_node_config_wins_over_simulation_manifest(tmp_path):
+    manifest = tmp_path / "sites.json"
+    manifest.write_text(json.dumps({"sites": [{"site-id": "sim", "datalist": "/sim/d.json"}]}))
+    own = resolve_site({"partition-id": 0, "datalist": "/real/d.json", "site-id": "real"}, str(manifest))
+    assert own.site_id == "real"
+    simulated = resolve_site({"partition-id": 0}, str(manifest))
+    assert simulated.site_id == "sim" and str(simulated.datalist) == "/sim/d.json"
+    with pytest.raises(ConfigError, match="partition-id 3"):
+        resolve_site({"partition-id": 3}, str(manifest))

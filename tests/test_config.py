@@ -1,0 +1,54 @@
+"""Run config: defaults, agreement with pyproject.toml, and errors that name the key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from shared.config import RunConfig
+from shared.errors import ConfigError
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+def test_pyproject_defaults_equal_dataclass_defaults():
+    listed = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    assert listed == RunConfig().to_mapping()
+
+
+def test_from_mapping_overrides_and_keeps_defaults():
+    config = RunConfig.from_mapping({"num-rounds": 7, "learning-rate": 1})
+    assert config.num_rounds == 7
+    assert config.learning_rate == 1.0 and isinstance(config.learning_rate, float)
+    assert config.batch_size == RunConfig().batch_size
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("num-rounds", 0),
+    ("learning-rate", -0.1),
+    ("spatial-dims", 4),
+    ("num-classes", 1),
+    ("device", "tpu"),
+    ("strategy", "fedsomething"),
+    ("fraction-train", 1.5),
+    ("channels", "16,x"),
+    ("strides", "2,2"),
+    ("patch-size", 60),
+    ("batch-size", "8"),
+    ("local-epochs", True),
+])
+def test_bad_value_names_its_key(key, value):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        RunConfig.from_mapping({key: value})
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="'num-round'"):
+        RunConfig.from_mapping({"num-round": 3})
+
+
+def test_model_config_follows_run_config():
+    model = RunConfig.from_mapping({"channels": "8,16,32", "strides": "2,2", "spatial-dims": 3}).model_config()
+    assert model.channels == (8, 16, 32) and model.strides == (2, 2) and model.spatial_dims == 3

@@ -1,0 +1,63 @@
+"""The run folder: per-site metrics lines, weighted global row, model and summary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from flwr.app import ArrayRecord
+
+from server.run_folder import RunRecorder, aggregate_sites
+from server.site_replies import SortedReplies
+from shared.atomic import atomic_write
+from shared.config import RunConfig
+from shared.model import build_unet
+from shared.model_file import load_model
+from shared.weights import model_to_arrays
+from tests.conftest import TINY_RUN_CONFIG
+
+
+def test_global_row_is_example_weighted_and_counts_outcomes():
+    sites = {
+        "a": {"dice": 0.8, "num-val-examples": 3, "train-status": "ok", "evaluate-status": "ok"},
+        "b": {"dice": 0.4, "num-val-examples": 1, "train-status": "ok", "evaluate-status": "ok"},
+        "c": {"train-status": "refused", "train-reason": "budget"},
+    }
+    row = aggregate_sites(sites)
+    assert row["dice"] == pytest.approx(0.7)
+    assert row["sites-train-ok"] == 2 and row["sites-train-refused"] == 1
+
+
+def test_recorder_writes_metrics_model_and_summary(tmp_path):
+    config = RunConfig.from_mapping(TINY_RUN_CONFIG)
+    recorder = RunRecorder(tmp_path, config=config)
+    arrays: ArrayRecord = model_to_arrays(build_unet(config.model_config()))
+    for server_round, dice in ((1, 0.2), (2, 0.6)):
+        recorder.record_phase(server_round, "train", SortedReplies(
+            site_metrics={"a": {"num-examples": 4, "train-loss": 1.0}}, refused={"b": "no data"}))
+        recorder.record_phase(server_round, "evaluate", SortedReplies(
+            site_metrics={"a": {"num-examples": 2, "dice": dice, "loss": 0.5}}))
+        recorder.end_round(server_round, arrays)
+    summary = recorder.finish()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["site"]) for r in rows] == [(1, "a"), (1, "b"), (1, "global"),
+                                                      (2, "a"), (2, "b"), (2, "global")]
+    assert rows[1]["train-status"] == "refused" and rows[1]["train-reason"] == "no data"
+    assert summary["first_round_dice"] == pytest.approx(0.2) and summary["final_dice"] == pytest.approx(0.6)
+    assert json.loads((tmp_path / "summary.json").read_text())["sites"] == ["a", "b"]
+    _, payload = load_model(tmp_path / "global_model.pt")
+    assert payload["round"] == 2
+
+
+def test_failed_atomic_write_leaves_the_old_file(tmp_path):
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+
+    def explode(handle):
+        handle.write(b"half")
+        raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, explode)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]

@@ -66,7 +66,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
-            progress.report(recorder.end_round(server_round, arrays))
+            progress.report(recorder.end_round(server_round, arrays), recorder.rounds.get(server_round, {}))
         return None
 
     build_strategy(config, recorder).start(
@@ -87,7 +87,7 @@ class ProgressPrinter:
         self.num_rounds = num_rounds
         self.started = time.monotonic()
 
-    def report(self, row: dict[str, Any]) -> None:
+    def report(self, row: dict[str, Any], sites: dict[str, dict[str, Any]]) -> None:
         trained = row["sites-train-ok"]
         asked = trained + row["sites-train-refused"] + row["sites-train-failed"]
         elapsed = time.monotonic() - self.started
@@ -96,6 +96,11 @@ class ProgressPrinter:
               f" | evaluated {row['sites-evaluate-ok']} | dice {_fmt(row['dice'])}"
               f" | train-loss {_fmt(row['train-loss'])} | {elapsed:.0f}s elapsed, ~{remaining:.0f}s left",
               flush=True)
+        for site, site_row in sorted(sites.items()):
+            for phase in ("train", "evaluate"):
+                if site_row.get(f"{phase}-status", "ok") != "ok":
+                    print(f"{PROGRESS_PREFIX}   {site} {site_row[f'{phase}-status']} {phase}: "
+                          f"{site_row.get(f'{phase}-reason', '')}", flush=True)
 
 
 def _fmt(value: float | None) -> str:

@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("runs"), help="folder for run folders (default: runs)")
     parser.add_argument("--min-cases", type=int, default=8, help="fewest cases at a hospital (default: 8)")
     parser.add_argument("--max-cases", type=int, default=20, help="most cases at a hospital (default: 20)")
+    parser.add_argument("--datalists", type=Path, nargs="+", default=[], metavar="SITE.json",
+                        help="real multi-site data: one virtual hospital per datalist (site id = file name) "
+                             "instead of synthetic hospitals")
     parser.add_argument("--local-epochs", type=int, help="local epochs per round (run config local-epochs)")
     parser.add_argument("--cpus-per-client", type=float, default=1.0,
                         help="CPUs Ray reserves per virtual hospital (default: 1)")
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = SimulationSpec(sites=args.sites, rounds=args.rounds, spatial_dims=args.spatial_dims,
                               seed=args.seed, out=args.out, min_cases=args.min_cases, max_cases=args.max_cases,
                               cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client,
-                              timeout_s=args.timeout, run_config=overrides)
+                              timeout_s=args.timeout, run_config=overrides,
+                              datalists=tuple(args.datalists))
         run_simulation(spec)
     except FedSegError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -38,6 +38,7 @@ class SimulationSpec:
     gpus_per_client: float = 0.0
     timeout_s: float = 3600.0
     run_config: dict[str, Any] = field(default_factory=dict)
+    datalists: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("sites", "rounds"):
@@ -45,14 +46,22 @@ class SimulationSpec:
                 raise ConfigError(f"'--{name}' must be >= 1, got {getattr(self, name)!r}")
         if self.spatial_dims not in (2, 3):
             raise ConfigError(f"'--spatial-dims' must be 2 or 3, got {self.spatial_dims!r}")
+        if self.datalists:
+            ids = [Path(d).stem for d in self.datalists]
+            duplicates = sorted({i for i in ids if ids.count(i) > 1})
+            if duplicates:
+                raise ConfigError(f"'--datalists': site ids come from file names and must differ: {duplicates}")
+            missing = [str(d) for d in self.datalists if not Path(d).is_file()]
+            if missing:
+                raise ConfigError(f"'--datalists': no such file: {', '.join(missing)}")
         if self.cpus_per_client <= 0:
             raise ConfigError(f"'--cpus-per-client' must be > 0, got {self.cpus_per_client!r}")
 
 
-def build_run_config(spec: SimulationSpec, run_dir: Path, sites_manifest: Path) -> RunConfig:
+def build_run_config(spec: SimulationSpec, run_dir: Path, sites_manifest: Path, *, num_sites: int) -> RunConfig:
     """The run config the harness sends: spec values over per-dimension defaults."""
     values: dict[str, Any] = {"num-rounds": spec.rounds, "spatial-dims": spec.spatial_dims,
-                              "seed": spec.seed, "min-available-nodes": spec.sites}
+                              "seed": spec.seed, "min-available-nodes": num_sites}
     if spec.spatial_dims == 3:
         values.update({"patch-size": 32, "channels": "8,16,32", "strides": "2,2", "batch-size": 2})
     values.update(spec.run_config)
@@ -65,14 +74,12 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True) -> dict[str, Any]
     run_dir = _new_run_dir(spec.out)
     update_latest_link(run_dir)
     say = print if echo else (lambda *_: None)
-    say(f"{PROGRESS_PREFIX} writing {spec.sites} synthetic hospitals ({spec.spatial_dims}D) to {run_dir / 'data'}")
-    profiles = make_site_profiles(spec.sites, seed=spec.seed, min_cases=spec.min_cases, max_cases=spec.max_cases)
-    datalists = write_hospitals(profiles, run_dir / "data", spatial_dims=spec.spatial_dims, seed=spec.seed)
-    manifest = write_sites_manifest(run_dir, [(p.site_id, d) for p, d in zip(profiles, datalists)])
-    config = build_run_config(spec, run_dir, manifest)
+    sites = _site_datalists(spec, run_dir, say)
+    manifest = write_sites_manifest(run_dir, sites)
+    config = build_run_config(spec, run_dir, manifest, num_sites=len(sites))
     run_config_path = run_dir / "run-config.toml"
     run_config_path.write_text(tomli_w.dumps(config.to_mapping()))
-    resources = Resources(num_supernodes=spec.sites, num_cpus=spec.cpus_per_client, num_gpus=spec.gpus_per_client)
+    resources = Resources(num_supernodes=len(sites), num_cpus=spec.cpus_per_client, num_gpus=spec.gpus_per_client)
     started = time.monotonic()
     with simulation_superlink(run_dir) as env:
         run_app(APP_DIR, env, run_config=run_config_path, resources=resources, log_path=run_dir / "flower.log",
@@ -83,6 +90,17 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True) -> dict[str, Any]
     summary = json.loads(summary_path.read_text())
     say(f"{PROGRESS_PREFIX} finished in {time.monotonic() - started:.0f}s; run folder {run_dir}")
     return summary
+
+
+def _site_datalists(spec: SimulationSpec, run_dir: Path, say: Any) -> list[tuple[str, Path]]:
+    """(site id, datalist) per virtual hospital: the given datalists, else synthetic ones."""
+    if spec.datalists:
+        say(f"{PROGRESS_PREFIX} {len(spec.datalists)} sites from datalists")
+        return [(Path(d).stem, Path(d)) for d in spec.datalists]
+    say(f"{PROGRESS_PREFIX} writing {spec.sites} synthetic hospitals ({spec.spatial_dims}D) to {run_dir / 'data'}")
+    profiles = make_site_profiles(spec.sites, seed=spec.seed, min_cases=spec.min_cases, max_cases=spec.max_cases)
+    datalists = write_hospitals(profiles, run_dir / "data", spatial_dims=spec.spatial_dims, seed=spec.seed)
+    return [(p.site_id, d) for p, d in zip(profiles, datalists)]
 
 
 def write_sites_manifest(run_dir: Path, sites: list[tuple[str, Path]]) -> Path:

@@ -129,18 +129,57 @@ def run_app(app_dir: Path, env: dict[str, str], *, run_config: Path, resources: 
         raise SimulationError(f"`flwr run` exited with code {code}; last lines of {log_path}:\n{_tail(log_path)}")
 
 
-def stop_process_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """Terminate ``process`` and every process in its group, then reap it."""
+def stop_process_group(process: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """Stop ``process`` and every process it started, even those in other sessions.
+
+    Flower's SuperLink starts its SuperExec in a session of its own, and Ray's
+    daemons hang below that, so killing one process group is not enough: the
+    whole tree is collected first, asked to terminate, then killed if needed.
+    """
+    tree = [process.pid, *descendants(process.pid)]
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            process.poll()
+        time.sleep(0.1)
+    for pid in tree:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=grace_s)
+
+
+def descendants(root: int) -> list[int]:
+    """PIDs of every process below ``root`` (Linux ``/proc``; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        parent = _stat_field(int(entry.name), 3)
+        if parent is not None:
+            children.setdefault(int(parent), []).append(int(entry.name))
+    found, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    state = _stat_field(pid, 2)
+    return state is not None and state not in ("Z", "X")
+
+
+def _stat_field(pid: int, index: int) -> str | None:
+    """Field ``index`` (0-based, per proc(5)) of ``/proc/<pid>/stat``; None if gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()  # the command name may contain spaces
+    return fields[index - 2] if index >= 2 else None
 
 
 def _wait_healthy(process: subprocess.Popen, port: int, log_path: Path) -> None:

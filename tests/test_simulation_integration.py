@@ -51,3 +51,36 @@ def test_cli_documents_the_main_options():
     text = build_parser().format_help()
     for option in ("--sites", "--rounds", "--spatial-dims", "--seed", "--out"):
         assert option in text
+
+
+@pytest.mark.integration
+def test_a_site_with_broken_data_refuses_and_the_federation_goes_on(tmp_path, two_sites):
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    datalists = []
+    for name, source in (("good", two_sites[0]), ("broken", two_sites[1])):
+        site_dir = tmp_path / name
+        shutil.copytree(source.parent, site_dir)
+        datalists.append(site_dir / f"{name}.json")
+        shutil.copy(site_dir / "datalist.json", datalists[-1])
+    training = json.loads(datalists[1].read_text())["training"]
+    label_path = tmp_path / "broken" / training[0]["label"]
+    label = nib.load(label_path)
+    values = np.asarray(label.dataobj).copy()
+    values[0, 0] = 9
+    nib.save(nib.Nifti1Image(values, label.affine), label_path)
+
+    spec = SimulationSpec(seed=1, out=tmp_path / "runs", timeout_s=600, datalists=tuple(datalists),
+                          run_config=dict(TINY_RUN_CONFIG, **{"num-rounds": 2}))
+    summary = run_simulation(spec, echo=False)
+
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "latest" / "metrics.jsonl").read_text().splitlines()]
+    broken = [r for r in rows if r["site"] == "broken"]
+    good = [r for r in rows if r["site"] == "good"]
+    assert summary["rounds"] == 2 and len(broken) == 2 and len(good) == 2
+    assert all(r["train-status"] == "refused" and label_path.name in r["train-reason"] for r in broken)
+    assert all(r["train-status"] == "ok" for r in good)
+    assert summary["per_site"]["good"]["round"] == 2

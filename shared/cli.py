@@ -1,0 +1,36 @@
+"""A small subcommand dispatcher for ``python -m client`` and ``python -m server``.
+
+Each command lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int`` (a thin argparse layer over a plain api function). Exit
+codes: 0 success, 1 the command ran and found problems or failed, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Mapping
+
+from shared.errors import FedSegError
+
+
+def run_commands(prog: str, description: str, commands: Mapping[str, tuple[str, str]],
+                 argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen command; ``commands`` maps name -> (module, help)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = {}
+    for name, (module_name, help_text) in commands.items():
+        module = importlib.import_module(module_name)
+        modules[name] = module
+        module.add_arguments(subparsers.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(modules[args.command].run(args))
+    except FedSegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -27,6 +27,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--datalists", type=Path, nargs="+", default=[], metavar="SITE.json",
                         help="real multi-site data: one virtual hospital per datalist (site id = file name) "
                              "instead of synthetic hospitals")
+    parser.add_argument("--partition", choices=("natural", "iid", "quantity", "label", "feature"),
+                        default="natural",
+                        help="how cases are spread over sites: natural (one synthetic hospital or datalist per "
+                             "site), feature (acquisition shifts only), or split a pool of cases: iid, "
+                             "quantity (power-law sizes), label (Dirichlet skew of lesion burden) (default: natural)")
+    parser.add_argument("--pool-cases", type=int, default=0,
+                        help="cases in the pool for iid/quantity/label (default: sites x mean of min/max cases)")
+    parser.add_argument("--quantity-exponent", type=float, default=1.0,
+                        help="power-law exponent of site sizes for --partition quantity (default: 1.0)")
+    parser.add_argument("--dirichlet-alpha", type=float, default=0.5,
+                        help="Dirichlet concentration for --partition label; small = more skew (default: 0.5)")
+    parser.add_argument("--sites-per-round", type=int, default=0,
+                        help="sites sampled for training and evaluation each round (default: all)")
+    parser.add_argument("--ray-address", default="",
+                        help="join an existing Ray cluster (e.g. 10.0.0.5:6379) instead of starting one")
     parser.add_argument("--local-epochs", type=int, help="local epochs per round (run config local-epochs)")
     parser.add_argument("--cpus-per-client", type=float, default=1.0,
                         help="CPUs Ray reserves per virtual hospital (default: 1)")
@@ -64,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
                               seed=args.seed, out=args.out, min_cases=args.min_cases, max_cases=args.max_cases,
                               cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client,
                               timeout_s=args.timeout, run_config=overrides,
-                              datalists=tuple(args.datalists))
+                              datalists=tuple(args.datalists), partition=args.partition,
+                              pool_cases=args.pool_cases, quantity_exponent=args.quantity_exponent,
+                              dirichlet_alpha=args.dirichlet_alpha, sites_per_round=args.sites_per_round,
+                              ray_address=args.ray_address)
         run_simulation(spec)
     except FedSegError as exc:
         print(f"error: {exc}", file=sys.stderr)

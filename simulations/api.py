@@ -18,7 +18,7 @@ from server.federation import PROGRESS_PREFIX, update_latest_link
 from shared.config import RunConfig
 from shared.errors import ConfigError
 from simulations.flower_runtime import Resources, run_app, simulation_superlink
-from simulations.synthetic import make_site_profiles, write_hospitals
+from simulations.layout import LayoutSpec, lay_out_sites
 
 APP_DIR = Path(__file__).resolve().parent.parent
 
@@ -39,6 +39,12 @@ class SimulationSpec:
     timeout_s: float = 3600.0
     run_config: dict[str, Any] = field(default_factory=dict)
     datalists: tuple[Path, ...] = ()
+    partition: str = "natural"
+    pool_cases: int = 0
+    quantity_exponent: float = 1.0
+    dirichlet_alpha: float = 0.5
+    sites_per_round: int = 0
+    ray_address: str = ""
 
     def __post_init__(self) -> None:
         for name in ("sites", "rounds"):
@@ -54,14 +60,34 @@ class SimulationSpec:
             missing = [str(d) for d in self.datalists if not Path(d).is_file()]
             if missing:
                 raise ConfigError(f"'--datalists': no such file: {', '.join(missing)}")
+        if self.sites_per_round < 0 or self.sites_per_round > self.num_sites:
+            raise ConfigError(f"'--sites-per-round' must be between 1 and the number of sites "
+                              f"({self.num_sites}), got {self.sites_per_round!r}")
         if self.cpus_per_client <= 0:
             raise ConfigError(f"'--cpus-per-client' must be > 0, got {self.cpus_per_client!r}")
+
+
+    @property
+    def num_sites(self) -> int:
+        """Virtual sites: one per datalist under the natural scheme, else ``sites``."""
+        return len(self.datalists) if self.datalists and self.partition == "natural" else self.sites
+
+    def layout(self) -> LayoutSpec:
+        """The on-disk layout this spec asks for."""
+        return LayoutSpec(scheme=self.partition, sites=self.sites, spatial_dims=self.spatial_dims, seed=self.seed,
+                          min_cases=self.min_cases, max_cases=self.max_cases, pool_cases=self.pool_cases,
+                          quantity_exponent=self.quantity_exponent, dirichlet_alpha=self.dirichlet_alpha,
+                          datalists=tuple(self.datalists))
 
 
 def build_run_config(spec: SimulationSpec, run_dir: Path, sites_manifest: Path, *, num_sites: int) -> RunConfig:
     """The run config the harness sends: spec values over per-dimension defaults."""
     values: dict[str, Any] = {"num-rounds": spec.rounds, "spatial-dims": spec.spatial_dims,
                               "seed": spec.seed, "min-available-nodes": num_sites}
+    if spec.sites_per_round:
+        fraction = spec.sites_per_round / num_sites
+        values.update({"fraction-train": fraction, "fraction-evaluate": fraction,
+                       "min-train-nodes": spec.sites_per_round})
     if spec.spatial_dims == 3:
         values.update({"patch-size": 32, "channels": "8,16,32", "strides": "2,2", "batch-size": 2})
     values.update(spec.run_config)
@@ -74,14 +100,16 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True) -> dict[str, Any]
     run_dir = _new_run_dir(spec.out)
     update_latest_link(run_dir)
     say = print if echo else (lambda *_: None)
-    sites = _site_datalists(spec, run_dir, say)
+    say(f"{PROGRESS_PREFIX} laying out {spec.num_sites} sites ({spec.partition}, {spec.spatial_dims}D) "
+        f"under {run_dir / 'data'}")
+    sites = lay_out_sites(spec.layout(), run_dir / "data", run_dir)
     manifest = write_sites_manifest(run_dir, sites)
     config = build_run_config(spec, run_dir, manifest, num_sites=len(sites))
     run_config_path = run_dir / "run-config.toml"
     run_config_path.write_text(tomli_w.dumps(config.to_mapping()))
     resources = Resources(num_supernodes=len(sites), num_cpus=spec.cpus_per_client, num_gpus=spec.gpus_per_client)
     started = time.monotonic()
-    with simulation_superlink(run_dir) as env:
+    with simulation_superlink(run_dir, ray_address=spec.ray_address) as env:
         run_app(APP_DIR, env, run_config=run_config_path, resources=resources, log_path=run_dir / "flower.log",
                 on_line=lambda line: say(line) if PROGRESS_PREFIX in line else None, timeout_s=spec.timeout_s)
     summary_path = run_dir / "summary.json"
@@ -90,17 +118,6 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True) -> dict[str, Any]
     summary = json.loads(summary_path.read_text())
     say(f"{PROGRESS_PREFIX} finished in {time.monotonic() - started:.0f}s; run folder {run_dir}")
     return summary
-
-
-def _site_datalists(spec: SimulationSpec, run_dir: Path, say: Any) -> list[tuple[str, Path]]:
-    """(site id, datalist) per virtual hospital: the given datalists, else synthetic ones."""
-    if spec.datalists:
-        say(f"{PROGRESS_PREFIX} {len(spec.datalists)} sites from datalists")
-        return [(Path(d).stem, Path(d)) for d in spec.datalists]
-    say(f"{PROGRESS_PREFIX} writing {spec.sites} synthetic hospitals ({spec.spatial_dims}D) to {run_dir / 'data'}")
-    profiles = make_site_profiles(spec.sites, seed=spec.seed, min_cases=spec.min_cases, max_cases=spec.max_cases)
-    datalists = write_hospitals(profiles, run_dir / "data", spatial_dims=spec.spatial_dims, seed=spec.seed)
-    return [(p.site_id, d) for p, d in zip(profiles, datalists)]
 
 
 def write_sites_manifest(run_dir: Path, sites: list[tuple[str, Path]]) -> Path:

@@ -84,11 +84,17 @@ def write_connection(flwr_home: Path, port: int) -> None:
 
 
 @contextlib.contextmanager
-def simulation_superlink(work_dir: Path) -> Iterator[dict[str, str]]:
-    """Start a simulation SuperLink; yield the environment for ``flwr run``; stop everything."""
+def simulation_superlink(work_dir: Path, *, ray_address: str = "") -> Iterator[dict[str, str]]:
+    """Start a simulation SuperLink; yield the environment for ``flwr run``; stop everything.
+
+    With ``ray_address`` the simulation engine joins that existing Ray cluster
+    (``ray.init`` honours ``RAY_ADDRESS``) instead of starting a private one.
+    """
     flwr_home = work_dir / "flwr-home"
     ray_tmp = Path(tempfile.mkdtemp(prefix="fsray-"))  # short: Ray's socket paths have a length limit
     env = flower_env(flwr_home, ray_tmp)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     port = free_port()
     write_connection(flwr_home, port)
     log = open(work_dir / "superlink.log", "ab")

@@ -46,11 +46,12 @@ def make_site_profiles(num_sites: int, *, seed: int, min_cases: int = 8, max_cas
     if not 2 <= min_cases <= max_cases:
         raise ConfigError(f"'cases' range must satisfy 2 <= min <= max, got {min_cases}..{max_cases}")
     rng = np.random.default_rng(seed)
+    width = max(2, len(str(num_sites)))
     profiles = []
     for index in range(num_sites):
         small = rng.uniform(1.5, 3.0)
         profiles.append(SiteProfile(
-            site_id=f"hospital-{index + 1:02d}",
+            site_id=f"hospital-{index + 1:0{width}d}",
             num_cases=int(rng.integers(min_cases, max_cases + 1)),
             spacing_mm=float(rng.choice([0.75, 1.0, 1.25])),
             intensity_scale=float(rng.uniform(50.0, 2000.0)),
@@ -86,33 +87,53 @@ def synthesize_case(profile: SiteProfile, *, spatial_dims: int, rng: np.random.R
     return image.astype(np.float32), (label > 0).astype(np.uint8)
 
 
-def write_site(profile: SiteProfile, out_dir: Path, *, spatial_dims: int, seed: int,
-               validation_fraction: float = 0.25) -> Path:
-    """Write one hospital's cases as NIfTI plus ``datalist.json``; return the datalist path."""
+def write_case(profile: SiteProfile, out_dir: Path, name: str, *, spatial_dims: int,
+               rng: np.random.RandomState) -> dict[str, Any]:
+    """Write one case under ``out_dir/{images,labels}/``; return its datalist entry.
+
+    The entry's paths are relative to ``out_dir``; ``lesion_fraction`` (the
+    share of lesion voxels) is returned beside them for partitioning.
+    """
     import nibabel as nib
 
-    out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    (out_dir / "labels").mkdir(parents=True, exist_ok=True)
+    for sub in ("images", "labels"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    image, label = synthesize_case(profile, spatial_dims=spatial_dims, rng=rng)
     affine = np.diag([profile.spacing_mm] * 3 + [1.0])
+    nib.save(nib.Nifti1Image(image, affine), out_dir / "images" / name)
+    nib.save(nib.Nifti1Image(label, affine), out_dir / "labels" / name)
+    return {"image": f"images/{name}", "label": f"labels/{name}", "lesion_fraction": float(label.mean())}
+
+
+def write_datalist(path: Path, *, name: str, spatial_dims: int, training: list[dict[str, Any]],
+                   validation: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> Path:
+    """Write a Decathlon-style datalist for synthetic cases."""
+    datalist: dict[str, Any] = {
+        "name": name, "description": "fedseg synthetic hospital",
+        "modality": {"0": "MR"}, "labels": LABELS, "tensorImageSize": f"{spatial_dims}D",
+        **(extra or {}), "training": training, "validation": validation,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(datalist, indent=2))
+    return path
+
+
+def validation_count(num_cases: int, fraction: float = 0.25) -> int:
+    """How many of a site's cases go to validation: about ``fraction``, at least one."""
+    return max(1, int(round(num_cases * fraction))) if num_cases >= 2 else 0
+
+
+def write_site(profile: SiteProfile, out_dir: Path, *, spatial_dims: int, seed: int) -> Path:
+    """Write one hospital's cases as NIfTI plus ``datalist.json``; return the datalist path."""
+    out_dir = Path(out_dir)
     cases = []
     for index in range(profile.num_cases):
         rng = np.random.RandomState(_case_seed(seed, profile.site_id, index))
-        image, label = synthesize_case(profile, spatial_dims=spatial_dims, rng=rng)
-        name = f"case_{index:03d}.nii.gz"
-        nib.save(nib.Nifti1Image(image, affine), out_dir / "images" / name)
-        nib.save(nib.Nifti1Image(label, affine), out_dir / "labels" / name)
-        cases.append({"image": f"images/{name}", "label": f"labels/{name}"})
-    n_val = max(1, int(round(len(cases) * validation_fraction)))
-    datalist: dict[str, Any] = {
-        "name": profile.site_id, "description": "fedseg synthetic hospital",
-        "modality": {"0": "MR"}, "labels": LABELS, "tensorImageSize": f"{spatial_dims}D",
-        "profile": asdict(profile),
-        "training": cases[n_val:], "validation": cases[:n_val],
-    }
-    path = out_dir / "datalist.json"
-    path.write_text(json.dumps(datalist, indent=2))
-    return path
+        case = write_case(profile, out_dir, f"case_{index:03d}.nii.gz", spatial_dims=spatial_dims, rng=rng)
+        cases.append({"image": case["image"], "label": case["label"]})
+    n_val = validation_count(len(cases))
+    return write_datalist(out_dir / "datalist.json", name=profile.site_id, spatial_dims=spatial_dims,
+                          training=cases[n_val:], validation=cases[:n_val], extra={"profile": asdict(profile)})
 
 
 def write_hospitals(profiles: list[SiteProfile], out_dir: Path, *, spatial_dims: int, seed: int) -> list[Path]:

@@ -1,0 +1,76 @@
+"""Many virtual hospitals: 200 sites sampled 10 per round, and an existing Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from simulations.api import SimulationSpec, run_simulation
+from simulations.flower_runtime import free_port, stop_process_group
+from tests.conftest import TINY_RUN_CONFIG
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.integration
+def test_200_sites_with_10_sampled_per_round(tmp_path):
+    spec = SimulationSpec(sites=200, sites_per_round=10, rounds=2, seed=4, out=tmp_path / "runs",
+                          partition="quantity", pool_cases=450, timeout_s=900,
+                          run_config=dict(TINY_RUN_CONFIG, **{"num-rounds": 2}))
+    summary = run_simulation(spec, echo=False)
+    run_dir = (tmp_path / "runs" / "latest").resolve()
+    rows = _rows(run_dir)
+    assert summary["rounds"] == 2
+    for server_round in (1, 2):
+        trained = [r for r in rows if r["round"] == server_round and r["site"] != "global"
+                   and r.get("train-status") == "ok"]
+        assert len(trained) == 10
+        glob = next(r for r in rows if r["round"] == server_round and r["site"] == "global")
+        assert glob["sites-train-ok"] == 10
+    partition = json.loads((run_dir / "partition.json").read_text())
+    assert partition["scheme"] == "quantity" and len(partition["members"]) == 200
+    assert len(json.loads((run_dir / "sites.json").read_text())["sites"]) == 200
+
+
+@pytest.fixture
+def ray_head():
+    """A local Ray head node standing in for a cluster; stopped (whole tree) afterwards."""
+    port = free_port()
+    temp_dir = Path(tempfile.mkdtemp(prefix="fsrh-"))
+    ray = Path(sys.executable).parent / "ray"
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    process = subprocess.Popen(
+        [str(ray), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+         "--include-dashboard=false", "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(temp_dir.glob("session_*/logs/raylet.out")):
+            if time.monotonic() > deadline or process.poll() is not None:
+                pytest.fail("the Ray head did not start")
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}", temp_dir
+    finally:
+        stop_process_group(process)
+        subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
+
+
+@pytest.mark.integration
+def test_simulation_joins_an_existing_ray_cluster(tmp_path, ray_head):
+    address, head_dir = ray_head
+    spec = SimulationSpec(sites=2, rounds=1, seed=1, out=tmp_path / "runs", min_cases=3, max_cases=3,
+                          timeout_s=600, run_config=dict(TINY_RUN_CONFIG), ray_address=address,
+                          cpus_per_client=1.0)
+    summary = run_simulation(spec, echo=False)
+    assert summary["rounds"] == 1 and len(summary["per_site"]) == 2
+    drivers = list(head_dir.glob("session_*/logs/python-core-driver-*.log"))
+    assert drivers, "the simulation engine did not connect to the cluster's head"

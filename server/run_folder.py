@@ -50,6 +50,7 @@ class RunRecorder:
         self.rounds: dict[int, dict[str, dict[str, Any]]] = defaultdict(lambda: defaultdict(dict))
         self.global_rows: list[dict[str, Any]] = []
         self.started = time.time()
+        self.round_started = time.monotonic()
 
     def record_phase(self, server_round: int, phase: str, replies: SortedReplies) -> None:
         """Store one phase's (train/evaluate) per-site results for ``server_round``."""
@@ -69,7 +70,10 @@ class RunRecorder:
         sites = self.rounds.get(server_round, {})
         for site in sorted(sites):
             self._append({"round": server_round, "site": site, **sites[site]})
-        row = {"round": server_round, "site": "global", **aggregate_sites(sites)}
+        now = time.monotonic()
+        row = {"round": server_round, "site": "global", **aggregate_sites(sites),
+               "round-seconds": round(now - self.round_started, 3)}
+        self.round_started = now
         self._append(row)
         self.global_rows.append(row)
         save_model_file(self.model_path, state_dict=dict(arrays.to_torch_state_dict()),

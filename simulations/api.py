@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,11 +96,21 @@ def build_run_config(spec: SimulationSpec, run_dir: Path, sites_manifest: Path, 
     return RunConfig.from_mapping(values)
 
 
-def run_simulation(spec: SimulationSpec, *, echo: bool = True) -> dict[str, Any]:
-    """Generate the hospitals, run the federation through ``flwr run``; return ``summary.json``."""
+def run_simulation(spec: SimulationSpec, *, echo: bool = True,
+                   on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Generate the hospitals, run the federation through ``flwr run``; return ``summary.json``.
+
+    Progress lines go to stdout when ``echo`` is true, and to ``on_progress`` if given.
+    """
     run_dir = _new_run_dir(spec.out)
     update_latest_link(run_dir)
-    say = print if echo else (lambda *_: None)
+
+    def say(line: str) -> None:
+        if echo:
+            print(line, flush=True)
+        if on_progress is not None:
+            on_progress(line)
+
     say(f"{PROGRESS_PREFIX} laying out {spec.num_sites} sites ({spec.partition}, {spec.spatial_dims}D) "
         f"under {run_dir / 'data'}")
     sites = lay_out_sites(spec.layout(), run_dir / "data", run_dir)

@@ -13,13 +13,17 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on this site's data."""
     from client.handlers import handle_train
+    from client.memory import memory_released
 
-    return handle_train(msg, context)
+    with memory_released():
+        return handle_train(msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this site's validation split."""
     from client.handlers import handle_evaluate
+    from client.memory import memory_released
 
-    return handle_evaluate(msg, context)
+    with memory_released():
+        return handle_evaluate(msg, context)

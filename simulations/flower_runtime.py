@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -93,6 +94,8 @@ def simulation_superlink(work_dir: Path, *, ray_address: str = "") -> Iterator[d
     flwr_home = work_dir / "flwr-home"
     ray_tmp = Path(tempfile.mkdtemp(prefix="fsray-"))  # short: Ray's socket paths have a length limit
     env = flower_env(flwr_home, ray_tmp)
+    marker = f"FEDSEG_RUN_MARKER={secrets.token_hex(8)}"
+    env[marker.split("=")[0]] = marker.split("=")[1]
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
     port = free_port()
@@ -107,7 +110,7 @@ def simulation_superlink(work_dir: Path, *, ray_address: str = "") -> Iterator[d
         _wait_healthy(process, port, work_dir / "superlink.log")
         yield env
     finally:
-        stop_process_group(process)
+        stop_process_group(process, marker=marker)
         log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
@@ -135,14 +138,19 @@ def run_app(app_dir: Path, env: dict[str, str], *, run_config: Path, resources: 
         raise SimulationError(f"`flwr run` exited with code {code}; last lines of {log_path}:\n{_tail(log_path)}")
 
 
-def stop_process_group(process: subprocess.Popen, grace_s: float = 15.0) -> None:
+def stop_process_group(process: subprocess.Popen, grace_s: float = 15.0, *, marker: str = "") -> None:
     """Stop ``process`` and every process it started, even those in other sessions.
 
     Flower's SuperLink starts its SuperExec in a session of its own, and Ray's
     daemons hang below that, so killing one process group is not enough: the
     whole tree is collected first, asked to terminate, then killed if needed.
+    Ray daemons can outlive their parent and be re-parented to init; with
+    ``marker`` (an ``NAME=value`` environment entry only our processes carry)
+    those are found and stopped too.
     """
     tree = [process.pid, *descendants(process.pid)]
+    if marker:
+        tree += [pid for pid in processes_with_env(marker) if pid not in tree]
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
@@ -150,12 +158,29 @@ def stop_process_group(process: subprocess.Popen, grace_s: float = 15.0) -> None
         with contextlib.suppress(ProcessLookupError, ChildProcessError):
             process.poll()
         time.sleep(0.1)
+    if marker:
+        tree += [pid for pid in processes_with_env(marker) if pid not in tree]
     for pid in tree:
         if _alive(pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=grace_s)
+
+
+def processes_with_env(entry: str) -> list[int]:
+    """PIDs of the processes whose environment holds ``entry`` (``NAME=value``)."""
+    needle = entry.encode() + b"\0"
+    found = []
+    for path in Path("/proc").glob("[0-9]*"):
+        if int(path.name) == os.getpid():
+            continue
+        try:
+            if needle in (path / "environ").read_bytes() + b"\0":
+                found.append(int(path.name))
+        except OSError:
+            continue
+    return found
 
 
 def descendants(root: int) -> list[int]:

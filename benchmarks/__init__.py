@@ -1,1 +1,5 @@
-"""fedseg benchmarks (a regular package: opacus installs a top-level ``benchmarks`` that would shadow a namespace one)."""
+"""fedseg benchmarks.
+
+A regular package on purpose: opacus installs a top-level ``benchmarks``
+package that would shadow a namespace package of the same name.
+"""

@@ -31,7 +31,8 @@ from shared.weights import model_to_arrays
 # name -> (architecture, training batch shape: batch size 4 of 64^2 patches in 2D, 2 of 64^3 in 3D)
 MODELS = {
     "2D U-Net 16,32,64,128 (default)": (ModelConfig(2, 1, 2, (16, 32, 64, 128), (2, 2, 2)), (4, 1, 64, 64)),
-    "3D U-Net 16,32,64,128,256": (ModelConfig(3, 1, 2, (16, 32, 64, 128, 256), (2, 2, 2, 2)), (2, 1, 64, 64, 64)),
+    "3D U-Net 16,32,64,128,256": (ModelConfig(3, 1, 2, (16, 32, 64, 128, 256), (2, 2, 2, 2)),
+                                  (2, 1, 64, 64, 64)),
 }
 
 

@@ -45,7 +45,8 @@ class RunTotals:
     @property
     def rounds_trained(self) -> list[int]:
         """Rounds in which this site sent a model update."""
-        return sorted(r for r, t in self.rounds.items() if r is not None and t.outcomes.get("train") == "sent")
+        return sorted(number for number, totals in self.rounds.items()
+                      if number is not None and totals.outcomes.get("train") == "sent")
 
 
 @dataclass
@@ -102,25 +103,34 @@ def _add_entry(run: RunTotals, entry: dict[str, Any]) -> None:
 def format_summary(summary: AuditSummary) -> str:
     """The human-readable report ``python -m client audit`` prints."""
     runs = summary.runs.values()
-    lines = [f"egress audit log {summary.path}: {sum(r.replies for r in runs)} replies in {len(runs)} run(s), "
-             f"{_bytes(sum(r.array_bytes for r in runs))} of model weights sent, "
-             f"{sum(r.refusals for r in runs)} refusal(s), {summary.blocked} blocked"]
+    replies = sum(r.replies for r in runs)
+    header = (f"egress audit log {summary.path}: {replies} replies in {len(runs)} run(s), "
+              f"{_bytes(sum(r.array_bytes for r in runs))} of model weights sent, "
+              f"{sum(r.refusals for r in runs)} refusal(s), {summary.blocked} blocked")
+    lines = [header]
     for run in runs:
-        lines += ["", f"run {run.run_id}  server {run.server or 'unknown (simulation or not set)'}  "
-                      f"{run.first_time} .. {run.last_time}",
-                  f"  {'round':>5}  {'train':<8} {'evaluate':<8} {'weights sent':>14}"]
-        for number, totals in sorted(run.rounds.items(), key=lambda item: (item[0] is None, item[0] or 0)):
-            lines.append(f"  {number if number is not None else '?':>5}  {totals.outcomes.get('train', '-'):<8} "
-                         f"{totals.outcomes.get('evaluate', '-'):<8} {_bytes(totals.array_bytes):>14}")
-        epsilon = "not reported" if run.epsilon is None else f"{run.epsilon:.4g}"
-        lines.append(f"  total: {len(run.rounds_trained)} round(s) trained, {_bytes(run.array_bytes)} of weights, "
-                     f"epsilon spent {epsilon}, {run.refusals} refusal(s), {run.blocked} blocked")
+        lines += ["", *_format_run(run)]
     if summary.blocked:
         lines.append(f"\nWARNING: {summary.blocked} reply(ies) were BLOCKED by the egress guard "
                      "(see 'blocked-reason' in the log and the node's log)")
     if summary.unreadable_lines:
         lines.append(f"\nWARNING: unreadable log line(s): {summary.unreadable_lines[:20]}")
     return "\n".join(lines)
+
+
+def _format_run(run: RunTotals) -> list[str]:
+    server = run.server or "unknown (simulation or not set)"
+    lines = [f"run {run.run_id}  server {server}  {run.first_time} .. {run.last_time}",
+             f"  {'round':>5}  {'train':<8} {'evaluate':<8} {'weights sent':>14}"]
+    for number, totals in sorted(run.rounds.items(), key=lambda item: (item[0] is None, item[0] or 0)):
+        train, evaluate = totals.outcomes.get("train", "-"), totals.outcomes.get("evaluate", "-")
+        shown = number if number is not None else "?"
+        lines.append(f"  {shown:>5}  {train:<8} {evaluate:<8} {_bytes(totals.array_bytes):>14}")
+    epsilon = "not reported" if run.epsilon is None else f"{run.epsilon:.4g}"
+    lines.append(f"  total: {len(run.rounds_trained)} round(s) trained, "
+                 f"{_bytes(run.array_bytes)} of weights, epsilon spent {epsilon}, "
+                 f"{run.refusals} refusal(s), {run.blocked} blocked")
+    return lines
 
 
 def _bytes(count: int) -> str:

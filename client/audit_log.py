@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 AUDIT_LOG_NAME = "egress-audit.jsonl"
 FORMAT = "fedseg-egress-audit/1"
+MAX_LOGGED_STRING = 300
 
 
 class AuditLogError(FedSegError):
@@ -50,14 +51,17 @@ def describe_reply(content: RecordDict) -> dict[str, Any]:
                for key, value in record.items()}
     site = {key: _jsonable(value) for record in content.config_records.values()
             for key, value in record.items()}
-    return {"arrays": arrays, "array-bytes": sum(a["bytes"] for a in arrays), "metrics": metrics, "site": site}
+    total = sum(a["bytes"] for a in arrays)
+    return {"arrays": arrays, "array-bytes": total, "metrics": metrics, "site": site}
 
 
 def make_entry(*, content: RecordDict, run_id: int, server_round: int | None, message_type: str,
-               server: str | None, blocked_reason: str | None = None) -> dict[str, Any]:
+               server: str | None, blocked_reason: str | None = None,
+               withheld: RecordDict | None = None) -> dict[str, Any]:
     """Build one audit entry for a reply about to leave (``content`` is what is actually sent).
 
-    ``blocked_reason`` is set when the guard blocked the original reply and
+    ``blocked_reason`` is set when the guard blocked the original reply
+    (``withheld``, described under ``"withheld"`` for the site's eyes only) and
     ``content`` is the refusal that replaced it.
     """
     described = describe_reply(content)
@@ -75,7 +79,19 @@ def make_entry(*, content: RecordDict, run_id: int, server_round: int | None, me
         "refused": bool(described["metrics"].get("refused")),
         "blocked": blocked_reason is not None,
         "blocked-reason": blocked_reason,
+        "withheld": _describe_withheld(withheld),
     }
+
+
+def _describe_withheld(content: RecordDict | None) -> dict[str, Any] | None:
+    """What a blocked reply would have sent; a reply malformed beyond description gets a note instead."""
+    if content is None:
+        return None
+    try:
+        return describe_reply(content)
+    except Exception as exc:  # noqa: BLE001 - the entry must be written whatever the blocked reply holds
+        return {"undescribable": f"{type(exc).__name__}: {exc}"[:MAX_LOGGED_STRING],
+                "records": {name: type(record).__name__ for name, record in content.items()}}
 
 
 def append_entry(state_dir: Path | str, entry: dict[str, Any]) -> Path:
@@ -92,12 +108,10 @@ def append_entry(state_dir: Path | str, entry: dict[str, Any]) -> Path:
 def read_entries(path: Path | str) -> Iterator[tuple[int, dict[str, Any] | None]]:
     """Yield ``(line number, entry)`` per line of an audit log; ``entry`` is None for an unreadable line."""
     log = Path(path)
-    try:
-        handle = open(log, encoding="utf-8")
-    except FileNotFoundError:
+    if not log.is_file():
         raise AuditLogError(f"egress audit log {log} does not exist (no reply has left this site yet, "
-                            "or the state directory is a different one)") from None
-    with handle:
+                            "or the state directory is a different one)")
+    with open(log, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -115,6 +129,8 @@ def _jsonable(value: Any) -> Any:
         return str(value)
     if isinstance(value, bytes):
         return {"bytes": len(value)}
+    if isinstance(value, str) and len(value) > MAX_LOGGED_STRING:
+        return value[:MAX_LOGGED_STRING] + f"... ({len(value)} characters)"
     if isinstance(value, list):
         return [_jsonable(v) for v in value]
     return value

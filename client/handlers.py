@@ -58,7 +58,7 @@ def _handle(msg: Message, context: Context, work: Work) -> Message:
         content = work(msg, config, site)
     except FedSegError as exc:
         content = refusal_content(msg, site, f"{type(exc).__name__}: {exc}")
-    except Exception as exc:  # noqa: BLE001 - a bug must not leak its message to the server
+    except Exception as exc:  # a bug must not leak its message to the server
         LOG.exception("site %s: %s failed unexpectedly", _site_id(site), msg.metadata.message_type)
         content = refusal_content(msg, site, f"internal error ({type(exc).__name__}); see the site's log")
     return send_reply(msg, content=content, context=context, site=site, config=config)
@@ -84,6 +84,7 @@ def send_reply(msg: Message, *, content: RecordDict, context: Context, site: Sit
     """
     message_type = msg.metadata.message_type
     blocked: str | None = None
+    withheld: RecordDict | None = None
     try:
         expected = expected_parameter_specs(config.model_config()) if config and ARRAYS in content else None
         check_reply(content, message_type=message_type, expected=expected)
@@ -91,10 +92,11 @@ def send_reply(msg: Message, *, content: RecordDict, context: Context, site: Sit
         blocked = str(exc)
         LOG.critical("EGRESS BLOCKED at site %s: %s reply of run %s withheld and replaced by a refusal: %s",
                      _site_id(site), message_type, context.run_id, blocked)
-        content = refusal_content(msg, site, f"EgressBlocked: {blocked}")
+        withheld, content = content, refusal_content(msg, site, f"EgressBlocked: {blocked}")
     state_dir = site.state_dir if site else context.node_config.get("state-dir")
     try:
-        _audit(msg, content=content, context=context, state_dir=state_dir, blocked=blocked)
+        _audit(msg, content=content, context=context, state_dir=state_dir,
+               blocked=blocked, withheld=withheld)
     except AuditLogError as exc:
         LOG.critical("site %s: %s; the %s reply is withheld", _site_id(site), exc, message_type)
         content = refusal_content(msg, site, "AuditLogError: the site's egress audit log cannot be "
@@ -103,14 +105,14 @@ def send_reply(msg: Message, *, content: RecordDict, context: Context, site: Sit
 
 
 def _audit(msg: Message, *, content: RecordDict, context: Context, state_dir: Any,
-           blocked: str | None) -> None:
+           blocked: str | None, withheld: RecordDict | None) -> None:
     if not state_dir:
         LOG.warning("site state directory unknown (node config 'state-dir'): this reply is not audited")
         return
     server = context.node_config.get(SERVER_ADDRESS_KEY)
     entry = make_entry(content=content, run_id=context.run_id, server_round=_server_round(msg),
                        message_type=msg.metadata.message_type, server=str(server) if server else None,
-                       blocked_reason=blocked)
+                       blocked_reason=blocked, withheld=withheld)
     append_entry(Path(str(state_dir)), entry)
 
 

@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_a_real_training_reply_is_recorded_with_its_bytes_and_hashes(two_sites, tmp_path, flower_identity):
     model = build_unet(RunConfig.from_mapping(TINY_RUN_CONFIG).model_config())
-    msg = Message(content=RecordDict({"arrays": model_to_arrays(model), "config": ConfigRecord({"server-round": 2})}),
-                  dst_node_id=7, message_type=MessageType.TRAIN)
+    content = RecordDict({"arrays": model_to_arrays(model), "config": ConfigRecord({"server-round": 2})})
+    msg = Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
     node_config = {"site-id": "site-a", "datalist": str(two_sites[0]), "state-dir": str(tmp_path / "state"),
                    "superlink": "fl.consortium.example:9092"}
     context = Context(run_id=42, node_id=7, node_config=node_config, state=RecordDict(),
@@ -78,8 +78,9 @@ def test_the_log_survives_a_restart_and_only_grows(tmp_path):
 
 
 def _record_run(state_dir: Path) -> int:
-    """A 3-round run: trains in rounds 1 and 3, blocked in round 2, refuses one evaluation; returns bytes sent."""
-    weights = ArrayRecord({"w": Array(np.ones((10, 10), dtype=np.float32)), "b": Array(np.zeros(5, dtype=np.float32))})
+    """A 3-round run: trained in rounds 1 and 3, blocked in 2, one refused evaluation; returns bytes sent."""
+    weights = ArrayRecord({"w": Array(np.ones((10, 10), dtype=np.float32)),
+                           "b": Array(np.zeros(5, dtype=np.float32))})
     site = ConfigRecord({"site-id": "site-a"})
     refusal = RecordDict({"metrics": MetricRecord({"num-examples": 0, "refused": 1}),
                           "site": ConfigRecord({"site-id": "site-a", "reason": "EgressBlocked: x"})})
@@ -93,8 +94,9 @@ def _record_run(state_dir: Path) -> int:
         (3, "evaluate", RecordDict({"metrics": MetricRecord({"num-examples": 0, "refused": 1})}), None),
     ]
     for server_round, kind, content, blocked in replies:
-        append_entry(state_dir, make_entry(content=content, run_id=9, server_round=server_round,
-                                           message_type=kind, server="fl.example:9092", blocked_reason=blocked))
+        entry = make_entry(content=content, run_id=9, server_round=server_round, message_type=kind,
+                           server="fl.example:9092", blocked_reason=blocked)
+        append_entry(state_dir, entry)
     append_entry(state_dir, make_entry(content=replies[1][2], run_id=10, server_round=1,
                                        message_type="evaluate", server=None))
     return 2 * (400 + 20)

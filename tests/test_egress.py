@@ -12,7 +12,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-import client.handlers as handlers
+from client import handlers
 from client.egress import EgressBlocked, check_reply, expected_parameter_specs, metric_key_allowed
 from server.site_replies import sort_replies
 from shared.config import RunConfig
@@ -38,14 +38,16 @@ def _update(**extra_metrics) -> RecordDict:
 def test_specs_are_the_models_state_dict(expected):
     state = build_unet(CONFIG.model_config()).state_dict()
     assert list(expected) == list(state)
-    assert all(expected[k].shape == tuple(v.shape) and expected[k].dtype == "float32" for k, v in state.items())
+    assert all(expected[k].shape == tuple(v.shape) for k, v in state.items())
+    assert {spec.dtype for spec in expected.values()} == {"float32"}
 
 
 def test_a_real_update_and_evaluation_pass(expected):
     check_reply(_update(epsilon=1.5, **{"epsilon-round": 0.3, "train-seconds": 2.0}),
                 message_type="train", expected=expected)
-    evaluation = RecordDict({"metrics": MetricRecord({"num-examples": 2, "dice": 0.8, "loss": 0.3,
-                                                      "dice-class-1": 0.8, "hd95": 3.0, "hd95-class-1": 3.0})})
+    metrics = {"num-examples": 2, "dice": 0.8, "loss": 0.3, "dice-class-1": 0.8,
+               "hd95": 3.0, "hd95-class-1": 3.0}
+    evaluation = RecordDict({"metrics": MetricRecord(metrics)})
     check_reply(evaluation, message_type="evaluate", expected=None)
 
 
@@ -94,7 +96,7 @@ def test_missing_parameters_and_weights_in_an_evaluate_reply_are_blocked(expecte
 
 @pytest.mark.parametrize(("content", "message"), [
     (RecordDict({"metrics": MetricRecord({"dice": [0.1, 0.9]})}), "metric 'dice' is not a scalar"),
-    (RecordDict({"metrics": MetricRecord({"patient-age": 54})}), "metric key 'patient-age' is not on the allow-list"),
+    (RecordDict({"metrics": MetricRecord({"patient-age": 54})}), "'patient-age' is not on the allow-list"),
     (RecordDict({"metrics": MetricRecord({"dice-class-x": 0.5})}), "'dice-class-x' is not on the allow-list"),
     (RecordDict({"site": ConfigRecord({"reason": "x" * 301})}), "301 characters \\(limit 300\\)"),
     (RecordDict({"site": ConfigRecord({"file": "case_001.nii.gz"})}), "site key 'file'"),
@@ -119,7 +121,7 @@ def _context(tmp_path: Path, datalist: Path | str = "/nowhere/datalist.json") ->
 
 @pytest.mark.parametrize(("kind", "content", "logged"), [
     ("train", "image", "array 'image-batch' is not a model parameter"),
-    ("evaluate", RecordDict({"metrics": MetricRecord({"dice": [0.2, 0.4]})}), "metric 'dice' is not a scalar"),
+    ("evaluate", RecordDict({"metrics": MetricRecord({"dice": [0.2, 0.4]})}), "'dice' is not a scalar"),
     ("evaluate", RecordDict({"metrics": MetricRecord({"mrn": 123456})}), "metric key 'mrn'"),
 ])
 def test_a_blocked_reply_becomes_a_refusal_the_server_sees(tmp_path, caplog, flower_identity,
@@ -130,16 +132,21 @@ def test_a_blocked_reply_becomes_a_refusal_the_server_sees(tmp_path, caplog, flo
     msg = _message(kind)
     site = handlers.resolve_site(_context(tmp_path).node_config, "")
     with caplog.at_level(logging.CRITICAL, logger="fedseg.client"):
-        reply = handlers.send_reply(msg, content=content, context=_context(tmp_path), site=site, config=CONFIG)
+        reply = handlers.send_reply(msg, content=content, context=_context(tmp_path), site=site,
+                                    config=CONFIG)
 
-    assert any(r.levelno == logging.CRITICAL and "EGRESS BLOCKED" in r.getMessage() and logged in r.getMessage()
-               for r in caplog.records)
+    critical = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert any("EGRESS BLOCKED" in line and logged in line for line in critical)
     assert list(reply.content.array_records) == []
     seen = sort_replies([reply], {})
     assert seen.accepted == [] and logged in seen.refused["site-a"]
     entry = json.loads((tmp_path / "state" / "egress-audit.jsonl").read_text().splitlines()[-1])
     assert entry["blocked"] and logged in entry["blocked-reason"] and entry["arrays"] == []
     assert entry["round"] == 3 and entry["run-id"] == 11 and entry["message-type"] == kind
+    withheld = entry["withheld"]  # what would have left, for the site's eyes
+    assert withheld["metrics"] == {k: v for r in content.metric_records.values() for k, v in r.items()}
+    withheld_bytes = {a["name"]: a["bytes"] for a in withheld["arrays"]}
+    assert withheld_bytes.get("image-batch") == (2 * 32 * 32 * 4 if kind == "train" else None)
 
 
 def test_a_training_code_path_that_adds_the_image_batch_is_blocked(two_sites, tmp_path, monkeypatch,
@@ -160,7 +167,8 @@ def test_a_training_code_path_that_adds_the_image_batch_is_blocked(two_sites, tm
     assert "arrays" not in reply.content.array_records
 
 
-def test_an_unexpected_exception_becomes_a_refusal_without_its_message(tmp_path, monkeypatch, flower_identity):
+def test_an_unexpected_exception_becomes_a_refusal_without_its_message(tmp_path, monkeypatch,
+                                                                       flower_identity):
     def crash(msg, config, site):
         raise RuntimeError("patient Jane Doe, MRN 0042")
 
@@ -178,7 +186,9 @@ def test_every_message_the_client_builds_is_built_in_send_reply():
             if not isinstance(function, ast.FunctionDef):
                 continue
             for node in ast.walk(function):
-                if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "Message":
+                if not isinstance(node, ast.Call):
+                    continue
+                if getattr(node.func, "id", getattr(node.func, "attr", "")) == "Message":
                     builders.append((path.name, function.name))
     assert builders == [("handlers.py", "send_reply")]
 

@@ -1,4 +1,4 @@
-"""A real simulated round: every reply each site sent is in its audit log and is only weights + allowed scalars."""
+"""A real simulated round: every reply a site sent is in its audit log: weights + allowed scalars only."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def test_every_reply_of_a_simulated_round_is_audited_and_allowed(tmp_path, capsy
     run_dir = (tmp_path / "runs" / "latest").resolve()
     state = build_unet(RunConfig.from_mapping(TINY_RUN_CONFIG).model_config()).state_dict()
     parameters = [(name, list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in state.items()]
-    server_rows = {row["site"]: row for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    server_rows = {row["site"]: row for row in rows}
 
     run_ids = set()
     for site in summary["sites"]:
@@ -37,7 +38,8 @@ def test_every_reply_of_a_simulated_round_is_audited_and_allowed(tmp_path, capsy
         assert evaluate["arrays"] == [] and evaluate["array-bytes"] == 0
         for entry in entries:
             assert not entry["blocked"] and not entry["refused"] and entry["server"] is None
-            assert all(metric_key_allowed(k) and isinstance(v, int | float) for k, v in entry["metrics"].items())
+            metrics = entry["metrics"].items()
+            assert all(metric_key_allowed(k) and isinstance(v, int | float) for k, v in metrics)
             assert set(entry["site"]) <= set(SITE_KEYS) and entry["site"]["site-id"] == site
             run_ids.add(entry["run-id"])
         assert set(train["metrics"]) == {"num-examples", "train-loss", "steps"}

@@ -131,3 +131,22 @@ def test_client_audit_names_a_missing_log(tmp_path, capsys):
     assert "nothing/egress-audit.jsonl does not exist" in capsys.readouterr().err
     assert client_main(["audit"]) == 1
     assert "--state-dir" in capsys.readouterr().err
+
+
+def test_a_reply_that_cannot_be_audited_is_withheld(tmp_path, flower_identity):
+    from client.handlers import send_reply
+    from client.site import SiteConfig
+
+    config = RunConfig.from_mapping(TINY_RUN_CONFIG)
+    update = RecordDict({"arrays": model_to_arrays(build_unet(config.model_config())),
+                         "metrics": MetricRecord({"num-examples": 3, "train-loss": 0.4, "steps": 2})})
+    not_a_directory = tmp_path / "state"
+    not_a_directory.write_text("a file where the state directory should be")
+    site = SiteConfig(site_id="site-a", datalist=tmp_path / "d.json", state_dir=not_a_directory)
+    msg = Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=7,
+                  message_type=MessageType.TRAIN)
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    reply = send_reply(msg, content=update, context=context, site=site, config=config)
+    assert "arrays" not in reply.content.array_records
+    assert reply.content["metrics"]["refused"] == 1
+    assert reply.content["site"]["reason"].startswith("AuditLogError")

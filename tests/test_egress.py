@@ -188,7 +188,8 @@ def test_every_message_the_client_builds_is_built_in_send_reply():
             for node in ast.walk(function):
                 if not isinstance(node, ast.Call):
                     continue
-                if getattr(node.func, "id", getattr(node.func, "attr", "")) == "Message":
+                name = getattr(node.func, "id", getattr(node.func, "attr", ""))
+                if name in ("Message", "create_reply", "create_error_reply"):
                     builders.append((path.name, function.name))
     assert builders == [("handlers.py", "send_reply")]
 

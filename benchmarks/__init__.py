@@ -1,5 +1,1 @@
-"""fedseg benchmarks.
-
-A regular package on purpose: opacus installs a top-level ``benchmarks``
-package that would shadow a namespace package of the same name.
-"""
+"""Measured performance of fedseg; each module is a command that writes BENCHMARKS.md."""

@@ -8,6 +8,7 @@ from shared.cli import run_commands
 
 # name -> (module with add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "audit": ("client.audit", "summarise the egress audit log: what left this site, per run and round"),
 }
 
 

@@ -3,16 +3,26 @@
 Any problem fedseg diagnoses (bad data, bad config, mismatched weights) becomes
 a *refusal*: a normal reply with ``refused = 1`` and a short reason that the
 server logs and counts. The federation goes on without this site's update.
+
+Every reply, refusals included, leaves through :func:`send_reply`: the egress
+guard (:mod:`client.egress`) checks it and the site's audit log
+(:mod:`client.audit_log`) records it before Flower sends it. An unexpected
+exception also becomes a refusal here, so that no exception text (which could
+hold anything) reaches the server through Flower's error reply.
 """
 
 from __future__ import annotations
 
 import logging
 import zlib
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
+from client.audit_log import AuditLogError, append_entry, make_entry
+from client.egress import ARRAYS, SITE_KEYS, EgressBlocked, check_reply, expected_parameter_specs
 from client.site import SiteConfig, resolve_site
 from shared.config import RunConfig
 from shared.errors import FedSegError
@@ -21,44 +31,102 @@ if TYPE_CHECKING:
     from flwr.app import Context
 
 LOG = logging.getLogger("fedseg.client")
-MAX_REASON_CHARS = 300
+MAX_REASON_CHARS = SITE_KEYS["reason"]
+#: Node config key under which a site may record the SuperLink address it connects to
+#: (Flower does not tell the ClientApp); it is written into every audit entry.
+SERVER_ADDRESS_KEY = "superlink"
+
+Work = Callable[[Message, RunConfig, SiteConfig], RecordDict]
 
 
 def handle_train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's data and reply with the update."""
-    site: SiteConfig | None = None
-    try:
-        config = RunConfig.from_mapping(context.run_config)
-        site = resolve_site(context.node_config, config.simulation_sites)
-        server_round = int(msg.content["config"]["server-round"])
-        return Message(content=_train(msg, config, site, server_round), reply_to=msg)
-    except FedSegError as exc:
-        return refusal(msg, site, exc)
+    return _handle(msg, context, _train)
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's validation cases."""
+    return _handle(msg, context, _evaluate)
+
+
+def _handle(msg: Message, context: Context, work: Work) -> Message:
     site: SiteConfig | None = None
+    config: RunConfig | None = None
     try:
         config = RunConfig.from_mapping(context.run_config)
         site = resolve_site(context.node_config, config.simulation_sites)
-        return Message(content=_evaluate(msg, config, site), reply_to=msg)
+        content = work(msg, config, site)
     except FedSegError as exc:
-        return refusal(msg, site, exc)
+        content = refusal_content(msg, site, f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # a bug must not leak its message to the server
+        LOG.exception("site %s: %s failed unexpectedly", _site_id(site), msg.metadata.message_type)
+        content = refusal_content(msg, site, f"internal error ({type(exc).__name__}); see the site's log")
+    return send_reply(msg, content=content, context=context, site=site, config=config)
 
 
-def refusal(msg: Message, site: SiteConfig | None, exc: Exception) -> Message:
-    """A reply that declines this round with a short, loggable reason."""
-    reason = f"{type(exc).__name__}: {exc}"[:MAX_REASON_CHARS]
-    LOG.error("site %s refuses %s: %s", site.site_id if site else "?", msg.metadata.message_type, reason)
-    content = RecordDict({
+def refusal_content(msg: Message, site: SiteConfig | None, reason: str) -> RecordDict:
+    """A reply content that declines this round with a short, loggable reason."""
+    reason = reason[:MAX_REASON_CHARS]
+    LOG.error("site %s refuses %s: %s", _site_id(site), msg.metadata.message_type, reason)
+    return RecordDict({
         "metrics": MetricRecord({"num-examples": 0, "refused": 1}),
-        "site": ConfigRecord({"site-id": site.site_id if site else "unknown", "reason": reason}),
+        "site": ConfigRecord({"site-id": _site_id(site), "reason": reason}),
     })
+
+
+def send_reply(msg: Message, *, content: RecordDict, context: Context, site: SiteConfig | None,
+               config: RunConfig | None) -> Message:
+    """The single exit point of the ClientApp: guard, audit, then build the reply.
+
+    A reply the guard blocks is replaced by a refusal (the server sees it and
+    logs the reason) and the event is logged at CRITICAL level. A reply that
+    cannot be recorded in the audit log is withheld the same way.
+    """
+    message_type = msg.metadata.message_type
+    blocked: str | None = None
+    withheld: RecordDict | None = None
+    try:
+        expected = expected_parameter_specs(config.model_config()) if config and ARRAYS in content else None
+        check_reply(content, message_type=message_type, expected=expected)
+    except EgressBlocked as exc:
+        blocked = str(exc)
+        LOG.critical("EGRESS BLOCKED at site %s: %s reply of run %s withheld and replaced by a refusal: %s",
+                     _site_id(site), message_type, context.run_id, blocked)
+        withheld, content = content, refusal_content(msg, site, f"EgressBlocked: {blocked}")
+    state_dir = site.state_dir if site else context.node_config.get("state-dir")
+    try:
+        _audit(msg, content=content, context=context, state_dir=state_dir,
+               blocked=blocked, withheld=withheld)
+    except AuditLogError as exc:
+        LOG.critical("site %s: %s; the %s reply is withheld", _site_id(site), exc, message_type)
+        content = refusal_content(msg, site, "AuditLogError: the site's egress audit log cannot be "
+                                             "written; reply withheld")
     return Message(content=content, reply_to=msg)
 
 
-def _train(msg: Message, config: RunConfig, site: SiteConfig, server_round: int) -> RecordDict:
+def _audit(msg: Message, *, content: RecordDict, context: Context, state_dir: Any,
+           blocked: str | None, withheld: RecordDict | None) -> None:
+    if not state_dir:
+        LOG.warning("site state directory unknown (node config 'state-dir'): this reply is not audited")
+        return
+    server = context.node_config.get(SERVER_ADDRESS_KEY)
+    entry = make_entry(content=content, run_id=context.run_id, server_round=_server_round(msg),
+                       message_type=msg.metadata.message_type, server=str(server) if server else None,
+                       blocked_reason=blocked, withheld=withheld)
+    append_entry(Path(str(state_dir)), entry)
+
+
+def _server_round(msg: Message) -> int | None:
+    config = msg.content.config_records.get("config")
+    value = config.get("server-round") if config is not None else None
+    return int(value) if isinstance(value, int) else None
+
+
+def _site_id(site: SiteConfig | None) -> str:
+    return site.site_id[:SITE_KEYS["site-id"]] if site else "unknown"
+
+
+def _train(msg: Message, config: RunConfig, site: SiteConfig) -> RecordDict:
     import torch
     from monai.utils import set_determinism
 
@@ -69,6 +137,7 @@ def _train(msg: Message, config: RunConfig, site: SiteConfig, server_round: int)
     from shared.model import build_unet
     from shared.weights import load_arrays, model_to_arrays
 
+    server_round = int(msg.content["config"]["server-round"])
     seed = _site_round_seed(config.seed, site.site_id, server_round)
     set_determinism(seed=seed)
     cases, augment = load_training_cases(site.datalist, config)

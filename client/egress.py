@@ -1,0 +1,174 @@
+"""The egress guard: the one check every reply passes before it leaves the site.
+
+A reply may carry only
+
+- ``arrays`` (train replies only): an ``ArrayRecord`` whose array names, shapes
+  and dtypes equal the model's parameters exactly, each array a plain numpy
+  payload with no extra bytes;
+- ``metrics``: a ``MetricRecord`` of scalar numbers under the keys of
+  :data:`METRIC_KEYS` or :data:`METRIC_KEY_PATTERNS`;
+- ``site``: a ``ConfigRecord`` with the short strings ``site-id`` and ``reason``.
+
+Anything else (an extra array such as an image batch, a list-valued metric, an
+unknown key, a long string, an extra record) raises :class:`EgressBlocked`.
+The allow-list lives here and only here; README.md (hospital IT) documents it.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from shared.errors import FedSegError
+
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    from shared.model import ModelConfig
+
+#: Scalar metric keys a reply may carry.
+METRIC_KEYS = frozenset({
+    "num-examples", "train-loss", "steps",          # training
+    "dice", "loss", "hd95",                         # evaluation
+    "epsilon", "epsilon-round",                     # differential privacy spend
+    "refused",                                      # 1 when the site declines a round
+    "train-seconds", "evaluate-seconds",            # timings
+})
+#: Per-class metric keys (``dice-class-1``, ``hd95-class-2``, ...).
+METRIC_KEY_PATTERNS = (re.compile(r"dice-class-\d{1,3}"), re.compile(r"hd95-class-\d{1,3}"))
+#: ConfigRecord ``site`` keys and the longest string each may hold.
+SITE_KEYS = {"site-id": 128, "reason": 300}
+ARRAYS, METRICS, SITE = "arrays", "metrics", "site"
+NUMPY_STYPE = "numpy.ndarray"
+_SHOWN_NAME_CHARS = 60
+
+
+class EgressBlocked(FedSegError):
+    """A reply carries something the egress guard does not allow; it must not leave."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """Name-independent description of one model parameter: shape and numpy dtype name."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def expected_parameter_specs(model_config: ModelConfig) -> dict[str, ArraySpec]:
+    """Return ``{name: ArraySpec}`` of the model's ``state_dict`` for ``model_config``.
+
+    The model is built on torch's ``meta`` device: shapes and dtypes without
+    allocating or initialising any weight.
+    """
+    import torch
+
+    from shared.model import build_unet
+
+    with torch.device("meta"):
+        model = build_unet(model_config)
+    return {name: ArraySpec(tuple(t.shape), str(t.dtype).removeprefix("torch."))
+            for name, t in model.state_dict().items()}
+
+
+def metric_key_allowed(key: str) -> bool:
+    """True if ``key`` is on the metric allow-list."""
+    return key in METRIC_KEYS or any(p.fullmatch(key) for p in METRIC_KEY_PATTERNS)
+
+
+def check_reply(content: RecordDict, *, message_type: str,
+                expected: Mapping[str, ArraySpec] | None) -> None:
+    """Raise :class:`EgressBlocked` unless ``content`` may leave the site.
+
+    Parameters
+    ----------
+    content : RecordDict
+        The reply's content, exactly as it would be sent.
+    message_type : str
+        ``"train"`` or ``"evaluate"``; only train replies may carry weights.
+    expected : Mapping[str, ArraySpec] or None
+        The model's parameters (:func:`expected_parameter_specs`); ``None`` when
+        the model is unknown, in which case no array may leave.
+    """
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+    allowed = {ARRAYS: ArrayRecord, METRICS: MetricRecord, SITE: ConfigRecord}
+    for name, record in content.items():
+        kind = allowed.get(name)
+        if kind is None or not isinstance(record, kind):
+            raise EgressBlocked(f"record {_show(name)} ({type(record).__name__}) is not allowed to leave")
+    if ARRAYS in content:
+        check_arrays(content[ARRAYS], message_type=message_type, expected=expected)
+    if METRICS in content:
+        check_metrics(content[METRICS])
+    if SITE in content:
+        check_site(content[SITE])
+
+
+def check_arrays(arrays: ArrayRecord, *, message_type: str, expected: Mapping[str, ArraySpec] | None) -> None:
+    """Raise :class:`EgressBlocked` unless ``arrays`` is exactly the model's parameters."""
+    if message_type != "train":
+        raise EgressBlocked(f"a {_show(message_type)} reply may not carry arrays")
+    if expected is None:
+        raise EgressBlocked("arrays cannot be checked: the model's parameter list is unknown")
+    extra = [name for name in arrays if name not in expected]
+    if extra:
+        raise EgressBlocked(f"array {_show(extra[0])} is not a model parameter ({len(extra)} extra)")
+    missing = [name for name in expected if name not in arrays]
+    if missing:
+        raise EgressBlocked(f"model parameter {_show(missing[0])} is missing ({len(missing)} missing)")
+    if list(arrays) != list(expected):
+        raise EgressBlocked("arrays are not in the model's parameter order")
+    for name, spec in expected.items():
+        _check_array(name, arrays[name], spec)
+
+
+def _check_array(name: str, array: object, spec: ArraySpec) -> None:
+    import numpy as np
+
+    if getattr(array, "stype", None) != NUMPY_STYPE:
+        raise EgressBlocked(f"array {_show(name)}: serialisation {getattr(array, 'stype', None)!r} "
+                            f"is not {NUMPY_STYPE!r}")
+    try:
+        values = array.numpy()  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 - any decoding failure blocks the reply
+        raise EgressBlocked(f"array {_show(name)} cannot be decoded: {type(exc).__name__}") from None
+    declared = (tuple(array.shape), str(array.dtype))  # type: ignore[attr-defined]
+    actual = (tuple(values.shape), str(values.dtype))
+    if declared != actual or actual != (spec.shape, spec.dtype):
+        raise EgressBlocked(f"array {_show(name)}: expected {spec.shape} {spec.dtype}, "
+                            f"declared {declared[0]} {declared[1]}, holds {actual[0]} {actual[1]}")
+    canonical = io.BytesIO()
+    np.save(canonical, values, allow_pickle=False)
+    if canonical.getvalue() != array.data:  # type: ignore[attr-defined]
+        raise EgressBlocked(f"array {_show(name)}: payload carries bytes beyond its values")
+
+
+def check_metrics(metrics: MetricRecord) -> None:
+    """Raise :class:`EgressBlocked` unless every metric is an allowed key with a scalar value."""
+    for key, value in metrics.items():
+        if not metric_key_allowed(key):
+            raise EgressBlocked(f"metric key {_show(key)} is not on the allow-list")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise EgressBlocked(f"metric {_show(key)} is not a scalar number ({type(value).__name__})")
+
+
+def check_site(site: ConfigRecord) -> None:
+    """Raise :class:`EgressBlocked` unless ``site`` holds only short ``site-id``/``reason`` strings."""
+    for key, value in site.items():
+        limit = SITE_KEYS.get(key)
+        if limit is None:
+            raise EgressBlocked(f"site key {_show(key)} is not on the allow-list")
+        if not isinstance(value, str):
+            raise EgressBlocked(f"site key {_show(key)} is not a string ({type(value).__name__})")
+        if len(value) > limit:
+            raise EgressBlocked(f"site key {_show(key)} holds {len(value)} characters (limit {limit})")
+
+
+def _show(name: object) -> str:
+    """Quote a name for a message, cut short: a blocked key must not smuggle data out in the reason."""
+    text = str(name)
+    return repr(text if len(text) <= _SHOWN_NAME_CHARS else text[:_SHOWN_NAME_CHARS] + "...")

@@ -1,0 +1,53 @@
+"""A real simulated round: every reply a site sent is in its audit log: weights + allowed scalars only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from client.__main__ import main as client_main
+from client.audit_log import read_entries
+from client.egress import SITE_KEYS, metric_key_allowed
+from shared.config import RunConfig
+from shared.model import build_unet
+from simulations.api import SimulationSpec, run_simulation
+from tests.conftest import TINY_RUN_CONFIG
+
+
+@pytest.mark.integration
+def test_every_reply_of_a_simulated_round_is_audited_and_allowed(tmp_path, capsys):
+    spec = SimulationSpec(sites=2, rounds=1, seed=2, out=tmp_path / "runs", min_cases=3, max_cases=4,
+                          timeout_s=600, run_config=dict(TINY_RUN_CONFIG))
+    summary = run_simulation(spec, echo=False)
+    run_dir = (tmp_path / "runs" / "latest").resolve()
+    state = build_unet(RunConfig.from_mapping(TINY_RUN_CONFIG).model_config()).state_dict()
+    parameters = [(name, list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in state.items()]
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    server_rows = {row["site"]: row for row in rows}
+
+    run_ids = set()
+    for site in summary["sites"]:
+        entries = [entry for _, entry in read_entries(run_dir / "state" / site / "egress-audit.jsonl")]
+        assert [(e["message-type"], e["round"]) for e in entries] == [("train", 1), ("evaluate", 1)]
+        train, evaluate = entries
+        assert [(a["name"], a["shape"], a["dtype"]) for a in train["arrays"]] == parameters
+        assert all(a["bytes"] == state[a["name"]].numel() * state[a["name"]].element_size()
+                   for a in train["arrays"])
+        assert train["array-bytes"] == sum(t.numel() * t.element_size() for t in state.values())
+        assert evaluate["arrays"] == [] and evaluate["array-bytes"] == 0
+        for entry in entries:
+            assert not entry["blocked"] and not entry["refused"] and entry["server"] is None
+            metrics = entry["metrics"].items()
+            assert all(metric_key_allowed(k) and isinstance(v, int | float) for k, v in metrics)
+            assert set(entry["site"]) <= set(SITE_KEYS) and entry["site"]["site-id"] == site
+            run_ids.add(entry["run-id"])
+        assert set(train["metrics"]) == {"num-examples", "train-loss", "steps"}
+        # what the site logged is what the server received
+        assert server_rows[site]["train-loss"] == train["metrics"]["train-loss"]
+        assert server_rows[site]["dice"] == evaluate["metrics"]["dice"]
+
+        assert client_main(["audit", "--state-dir", str(run_dir / "state" / site)]) == 0
+        out = capsys.readouterr().out
+        assert "1 round(s) trained" in out and f"{train['array-bytes']:,} B" in out and "0 blocked" in out
+    assert len(run_ids) == 1

@@ -21,7 +21,11 @@ from tests.conftest import TINY_RUN_CONFIG
 
 
 def _context(datalist, run_config=TINY_RUN_CONFIG):
-    return Context(run_id=1, node_id=7, node_config={"site-id": "site-a", "datalist": str(datalist)},
+    import tempfile
+
+    state_dir = tempfile.mkdtemp(prefix="fedseg-state-")  # never inside the shared read-only test data
+    return Context(run_id=1, node_id=7,
+                   node_config={"site-id": "site-a", "datalist": str(datalist), "state-dir": state_dir},
                    state=RecordDict(), run_config=dict(run_config))
 
 

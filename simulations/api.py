@@ -20,6 +20,7 @@ from shared.config import RunConfig
 from shared.errors import ConfigError
 from simulations.flower_runtime import Resources, run_app, simulation_superlink
 from simulations.layout import LayoutSpec, lay_out_sites
+from simulations.report import final_site_table, read_rows, site_table_text, write_report
 
 APP_DIR = Path(__file__).resolve().parent.parent
 
@@ -127,7 +128,10 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True,
     if not summary_path.exists():
         raise ConfigError(f"the run wrote no summary: see {run_dir / 'flower.log'}")
     summary = json.loads(summary_path.read_text())
+    report = write_report(run_dir)
     say(f"{PROGRESS_PREFIX} finished in {time.monotonic() - started:.0f}s; run folder {run_dir}")
+    say(f"{PROGRESS_PREFIX} report: {report} (and report.html)")
+    say(site_table_text(final_site_table(read_rows(run_dir))))
     return summary
 
 

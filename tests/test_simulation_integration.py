@@ -45,6 +45,7 @@ def test_two_sites_one_round_through_flower(tmp_path):
     model, payload = load_model(run_dir / "global_model.pt")
     assert payload["round"] == 1 and payload["model_config"]["channels"] == [4, 8]
     assert _processes_with_env(str(run_dir / "flwr-home")) == []
+    assert (run_dir / "report.md").exists() and (run_dir / "plots" / "dice.png").exists()
 
 
 def test_cli_documents_the_main_options():

@@ -56,6 +56,7 @@ def plot_series(data: dict[str, list[tuple[int, float]]], *, title: str, ylabel:
     if not data:
         return None
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -66,6 +67,7 @@ def plot_series(data: dict[str, list[tuple[int, float]]], *, title: str, ylabel:
         bold = site == "global"
         axes.plot(rounds, values, marker="o", linewidth=2.5 if bold else 1.0, color="black" if bold else None,
                   label=site, alpha=1.0 if bold else 0.8)
+    axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes.set_title(title)
     axes.set_xlabel("round")
     axes.set_ylabel(ylabel)

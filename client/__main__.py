@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 from shared.cli import run_commands
 
 # name -> (module with add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "check-data": ("client.check_data", "read every case of a datalist as training would and report problems"),
+    "predict": ("client.predict", "segment a NIfTI file or DICOM series with a federated model"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message="nvImageCodec")  # optional GPU decoder; noise for site tools
     return run_commands("python -m client", "fedseg tools for a hospital node.", COMMANDS, argv)
 
 

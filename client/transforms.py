@@ -96,20 +96,28 @@ class NormalizeByModalityd(MapTransform):
         return case
 
 
-def loading(settings: PreprocessSettings, keys: Sequence[str] = KEYS) -> list:
-    """Read, check and orient: the arrays as stored, in canonical (RAS) orientation."""
+def reading(keys: Sequence[str] = KEYS) -> list:
+    """Read and check finiteness: channel-first volumes in the files' own geometry."""
+    return [LoadCased(keys=keys), CheckFinited(keys="image"), AsVolumed(keys=keys)]
+
+
+def orienting(settings: PreprocessSettings, keys: Sequence[str] = KEYS) -> list:
+    """Canonical (RAS) orientation, then label checks and mapping against the image."""
     from monai.transforms import MapLabelValued, Orientationd
 
-    has_label = "label" in keys
-    steps: list = [LoadCased(keys=keys), CheckFinited(keys="image"), AsVolumed(keys=keys),
-                    Orientationd(keys=keys, axcodes="RAS")]
-    if has_label:
+    steps: list = [Orientationd(keys=keys, axcodes="RAS")]
+    if "label" in keys:
         steps += [PlaceSegOnImageGridd(), CheckGeometryd()]
         if settings.label_map:
             original, target = zip(*settings.label_map)
             steps.append(MapLabelValued(keys="label", orig_labels=list(original), target_labels=list(target)))
         steps.append(CheckLabelValuesd(num_classes=settings.num_classes))
     return steps
+
+
+def loading(settings: PreprocessSettings, keys: Sequence[str] = KEYS) -> list:
+    """Read, check and orient: the arrays as stored, in canonical (RAS) orientation."""
+    return reading(keys) + orienting(settings, keys)
 
 
 def resampling(settings: PreprocessSettings, keys: Sequence[str] = KEYS) -> list:

@@ -1,0 +1,150 @@
+"""``python -m client predict``: segment a site's scan with a federated model.
+
+Input: a NIfTI file or a folder holding one DICOM series. The scan goes
+through the same preprocessing as training (client/transforms.py), the model
+predicts (sliding window; a 2D model slice by slice), class probabilities are
+resampled back to the input's own voxel grid and the mask is written as NIfTI
+with the input's shape and affine; optionally also as DICOM SEG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from client.transforms import PreprocessSettings, orienting, reading, resampling
+from shared.atomic import atomic_write
+from shared.config import RunConfig
+from shared.errors import ConfigError, DataError, WeightsError
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What ``predict`` wrote: the mask's shape and voxels per class."""
+
+    output: Path
+    shape: tuple[int, ...]
+    voxels_per_class: dict[int, int]
+    modality: str
+    dicom_seg: Path | None = None
+
+
+def predict_scan(*, model_path: Path, input_path: Path, output_path: Path, device: str = "auto",
+                 modality: str | None = None, dicom_seg_path: Path | None = None) -> Prediction:
+    """Segment ``input_path`` with the model in ``model_path``; write the mask to ``output_path``."""
+    import numpy as np
+    import torch
+
+    from client.inference import predict_volume
+    from shared.device import resolve_device
+    from shared.model_file import load_model
+
+    input_path, output_path = Path(input_path), Path(output_path)
+    if not str(output_path).endswith((".nii", ".nii.gz")):
+        raise ConfigError(f"'--output': {output_path} must end in .nii or .nii.gz")
+    if not input_path.exists():
+        raise DataError(f"{input_path}: input does not exist")
+    model, payload = load_model(model_path)
+    config = _run_config(payload, model_path)
+    modality = modality or _dicom_modality(input_path) or "MR"
+    settings = PreprocessSettings(spatial_dims=config.spatial_dims, target_spacing=config.target_spacing,
+                                  patch_size=config.patch_size, num_classes=config.num_classes,
+                                  modalities=(modality,) * config.in_channels, ct_window=config.ct_window_range())
+    raw, was_2d = _read(input_path)
+    if raw.shape[0] != config.in_channels:
+        raise DataError(f"{input_path}: scan has {raw.shape[0]} channel(s), the model expects {config.in_channels}")
+    image = _compose(orienting(settings, ("image",)) + resampling(settings, ("image",)))({"image": raw})["image"]
+    torch_device = resolve_device(device)
+    with torch.no_grad():
+        logits = predict_volume(model.to(torch_device), image.as_tensor().to(torch_device),
+                                spatial_dims=config.spatial_dims, patch_size=config.patch_size)
+    mask = _to_input_grid(torch.softmax(logits[0].cpu(), dim=0), image.affine, raw)
+    mask_array = mask.numpy().astype(np.uint8)
+    if was_2d:
+        mask_array = mask_array[..., 0]
+    _write_nifti(output_path, mask_array, np.asarray(raw.affine, dtype=float))
+    seg_path = None
+    if dicom_seg_path is not None:
+        from client.dicom_seg import write_dicom_seg
+
+        seg_path = write_dicom_seg(input_path, mask.numpy().astype(np.uint8), dicom_seg_path,
+                                   num_classes=config.num_classes)
+    values, counts = np.unique(mask_array, return_counts=True)
+    return Prediction(output=output_path, shape=mask_array.shape, modality=modality, dicom_seg=seg_path,
+                      voxels_per_class={int(v): int(n) for v, n in zip(values, counts)})
+
+
+def _run_config(payload: dict[str, Any], model_path: Path) -> RunConfig:
+    if not isinstance(payload.get("run_config"), dict):
+        raise WeightsError(f"{model_path}: model file carries no run config (needed for spacing and patch size)")
+    return RunConfig.from_mapping(payload["run_config"])
+
+
+def _read(input_path: Path) -> tuple[Any, bool]:
+    from client.loading import preprocess_case
+
+    loaded = preprocess_case({"image": str(input_path)}, _compose(reading(("image",))))
+    image = loaded["image"]
+    was_2d = len(image.meta.get("spatial_shape", image.shape[1:])) == 2
+    return image, was_2d
+
+
+def _to_input_grid(probabilities: Any, affine: Any, raw: Any) -> Any:
+    """Resample class probabilities onto the input's voxel grid, then take the most likely class."""
+    from monai.data import MetaTensor
+    from monai.transforms import ResampleToMatch
+
+    probs = MetaTensor(probabilities, affine=affine)
+    resampled = ResampleToMatch(mode="bilinear", padding_mode="border")(probs, img_dst=raw)
+    return resampled.as_tensor().argmax(dim=0)
+
+
+def _write_nifti(path: Path, mask: Any, affine: Any) -> None:
+    import nibabel as nib
+
+    image = nib.Nifti1Image(mask, affine)
+    image.header.set_data_dtype("uint8")
+    payload = image.to_bytes()
+    if str(path).endswith(".gz"):
+        payload = gzip.compress(payload)
+    atomic_write(path, lambda handle: handle.write(payload))
+
+
+def _dicom_modality(input_path: Path) -> str | None:
+    import pydicom
+
+    files = sorted(input_path.iterdir()) if input_path.is_dir() else [input_path]
+    for file in files:
+        if file.is_file() and pydicom.misc.is_dicom(str(file)):
+            return str(getattr(pydicom.dcmread(file, stop_before_pixels=True), "Modality", "")) or None
+    return None
+
+
+def _compose(steps: list) -> Any:
+    from monai.transforms import Compose
+
+    return Compose(steps)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="global_model.pt written by a run")
+    parser.add_argument("--input", type=Path, required=True, help="a NIfTI file or a folder with one DICOM series")
+    parser.add_argument("--output", type=Path, required=True, help="mask to write (.nii.gz)")
+    parser.add_argument("--dicom-seg", type=Path, help="also write the mask as DICOM SEG here (DICOM input only)")
+    parser.add_argument("--modality", help="CT or MR intensity normalisation (default: the DICOM Modality tag, "
+                                           "else MR)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = predict_scan(model_path=args.model, input_path=args.input, output_path=args.output,
+                          device=args.device, modality=args.modality, dicom_seg_path=args.dicom_seg)
+    counts = ", ".join(f"class {k}: {v}" for k, v in result.voxels_per_class.items())
+    print(f"wrote {result.output} (shape {'x'.join(map(str, result.shape))}, {result.modality} normalisation; "
+          f"{counts})")
+    if result.dicom_seg:
+        print(f"wrote {result.dicom_seg} (DICOM SEG)")
+    return 0

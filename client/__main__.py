@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 
@@ -15,7 +16,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", message="nvImageCodec")  # optional GPU decoder; noise for site tools
+    # MONAI's optional GPU DICOM decoder announces its absence; noise for site tools
+    warnings.filterwarnings("ignore", message="nvImageCodec")
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     return run_commands("python -m client", "fedseg tools for a hospital node.", COMMANDS, argv)
 
 

@@ -98,8 +98,9 @@ def _compose(steps: list) -> Any:
     return Compose(steps)
 
 
-def print_report(report: CheckReport, *, out: TextIO = sys.stdout) -> None:
-    """Problem lines, warning lines, then the summary table."""
+def print_report(report: CheckReport, *, out: TextIO | None = None) -> None:
+    """Problem lines, warning lines, then the summary table (to stdout unless ``out``)."""
+    out = out or sys.stdout
     for line in [*report.problems, *report.warnings]:
         print(line, file=out)
     if report.cases:

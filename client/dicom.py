@@ -34,20 +34,32 @@ def check_dicom_series(folder: Path | str) -> None:
 
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    headers = []
-    for path in files:
-        if not pydicom.misc.is_dicom(str(path)):
-            continue
-        try:
-            headers.append((path, pydicom.dcmread(path, stop_before_pixels=True)))
-        except Exception as exc:  # pydicom raises several types for damaged files
-            raise DataError(f"{path}: unreadable DICOM file ({exc})") from None
+    headers = [(path, read_slice(path)) for path in files if pydicom.misc.is_dicom(str(path))]
     if not headers:
         raise DataError(f"{folder}: folder holds no DICOM files")
     series = {str(getattr(h, "SeriesInstanceUID", "")) for _, h in headers}
     if len(series) > 1:
         raise DataError(f"{folder}: folder mixes {len(series)} DICOM series; keep one series per folder")
     _check_slice_geometry(folder, headers)
+
+
+def read_slice(path: Path) -> object:
+    """Read one DICOM file; raise :class:`DataError` naming it if it is damaged or truncated."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # pydicom raises several types for damaged files
+        raise DataError(f"{path}: unreadable DICOM file ({exc})") from None
+    if "PixelData" not in ds:
+        raise DataError(f"{path}: unreadable DICOM file (no pixel data; truncated?)")
+    if not ds.file_meta.TransferSyntaxUID.is_compressed:
+        expected = (int(ds.Rows) * int(ds.Columns) * int(getattr(ds, "SamplesPerPixel", 1))
+                    * int(getattr(ds, "NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) // 8)
+        if len(ds.PixelData) < expected:
+            raise DataError(f"{path}: unreadable DICOM file (truncated pixel data: "
+                            f"{len(ds.PixelData)} of {expected} bytes)")
+    return ds
 
 
 def _check_slice_geometry(folder: Path, headers: list) -> None:

@@ -97,6 +97,8 @@ def _to_input_grid(probabilities: Any, affine: Any, raw: Any) -> Any:
     from monai.data import MetaTensor
     from monai.transforms import ResampleToMatch
 
+    if isinstance(probabilities, MetaTensor):
+        probabilities = probabilities.as_tensor()
     probs = MetaTensor(probabilities, affine=affine)
     resampled = ResampleToMatch(mode="bilinear", padding_mode="border")(probs, img_dst=raw)
     return resampled.as_tensor().argmax(dim=0)

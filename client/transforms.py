@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from monai.transforms import Compose
 
 KEYS = ("image", "label")
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # readers give RAS affines (NIfTI; DICOM converted)
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def orienting(settings: PreprocessSettings, keys: Sequence[str] = KEYS) -> list:
     """Canonical (RAS) orientation, then label checks and mapping against the image."""
     from monai.transforms import MapLabelValued, Orientationd
 
-    steps: list = [Orientationd(keys=keys, axcodes="RAS")]
+    steps: list = [Orientationd(keys=keys, axcodes="RAS", labels=RAS_LABELS)]
     if "label" in keys:
         steps += [PlaceSegOnImageGridd(), CheckGeometryd()]
         if settings.label_map:

@@ -1,0 +1,1 @@
+"""Measured performance of fedseg; each module is a command that writes BENCHMARKS.md."""

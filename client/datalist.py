@@ -53,6 +53,10 @@ def load_datalist(path: Path | str, *, check_files: bool = True) -> Datalist:
         validation = _cases(raw, "validation", path, check_files)
     else:
         training, validation = split_cases(training)
+    for section in ("modality", "labels"):
+        if not isinstance(raw.get(section, {}), dict) or not all(str(k).isdigit() for k in raw.get(section, {})):
+            raise DataError(f"{path}: '{section}' must map channel/class numbers to names, "
+                            f"e.g. {{\"0\": \"CT\"}}")
     return Datalist(
         path=path,
         training=training,

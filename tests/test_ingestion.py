@@ -162,3 +162,26 @@ def test_label_map_maps_stored_values_to_classes(tmp_path):
                                 label_map=((5, 1),))
     loaded = Compose(loading(mapped))(case)["label"]
     assert set(torch.unique(loaded).tolist()) == {0, 1}
+
+
+def test_multimodal_image_as_a_file_list_or_a_4d_nifti(tmp_path):
+    import nibabel as nib
+
+    from tests.data_cases import AFFINE
+
+    image, label = ct_volume(0)
+    entry = write_nifti_case(tmp_path, "ct", image, label)
+    mr = np.random.default_rng(1).normal(300.0, 50.0, size=image.shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(mr, AFFINE), tmp_path / "mr.nii.gz")
+    nib.save(nib.Nifti1Image(np.stack([image, mr], axis=-1), AFFINE), tmp_path / "both.nii.gz")
+    settings = PreprocessSettings(spatial_dims=3, target_spacing=1.0, patch_size=16, num_classes=2,
+                                  modalities=("CT", "MR"))
+    transform = Compose(loading(settings))
+    as_list = transform({"image": [str(tmp_path / entry["image"]), str(tmp_path / "mr.nii.gz")],
+                         "label": str(tmp_path / entry["label"])})
+    as_4d = transform({"image": str(tmp_path / "both.nii.gz"), "label": str(tmp_path / entry["label"])})
+    assert as_list["image"].shape[0] == 2 and torch.equal(as_list["image"], as_4d["image"])
+    normalised = evaluation_transforms(settings)({"image": str(tmp_path / "both.nii.gz"),
+                                                  "label": str(tmp_path / entry["label"])})["image"]
+    assert 0.0 <= float(normalised[0].min()) and float(normalised[0].max()) <= 1.0  # CT: HU window
+    assert float(normalised[1].max()) > 1.5 and float(normalised[1].min()) < -1.5  # MR: z-score

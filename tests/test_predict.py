@@ -15,6 +15,7 @@ from client.__main__ import main
 from client.predict import _to_input_grid, predict_scan
 from client.transforms import PreprocessSettings, orienting, reading, resampling
 from shared.config import RunConfig
+from shared.errors import DataError
 from shared.model import build_unet
 from shared.model_file import save_model_file
 from tests.conftest import TINY_RUN_CONFIG
@@ -99,3 +100,16 @@ def test_cli_writes_the_mask_and_reports_errors(tmp_path, capsys):
                  "--output", str(tmp_path / "x.nii.gz")])
     assert code == 1 and "missing.pt" in capsys.readouterr().err
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_a_two_channel_model_takes_one_scan_per_channel(tmp_path):
+    image, label = ct_volume(0)
+    entry = write_nifti_case(tmp_path, "case", image, label)
+    second = tmp_path / "mr.nii.gz"
+    nib.save(nib.Nifti1Image(image * 0.1 + 40.0, nib.load(tmp_path / entry["image"]).affine), second)
+    model = _model_file(tmp_path, **{"in-channels": 2})
+    result = predict_scan(model_path=model, input_path=[tmp_path / entry["image"], second],
+                          output_path=tmp_path / "m.nii.gz", modality="CT,MR")
+    assert result.modality == "CT,MR" and nib.load(tmp_path / "m.nii.gz").shape == image.shape
+    with pytest.raises(DataError, match="model expects 2"):
+        predict_scan(model_path=model, input_path=second, output_path=tmp_path / "x.nii.gz", modality="MR")

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def main(argv: list[str] | None = None) -> int:
     # MONAI's optional GPU DICOM decoder announces its absence; noise for site tools
     warnings.filterwarnings("ignore", message="nvImageCodec")
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     return run_commands("python -m client", "fedseg tools for a hospital node.", COMMANDS, argv)
 

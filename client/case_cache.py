@@ -58,7 +58,11 @@ class CaseCache:
         import torch
 
         tensors = {k: v for k, v in preprocessed.items() if isinstance(v, torch.Tensor)}
-        atomic_write(self._path(case), lambda handle: torch.save(tensors, handle))
+        path = self._path(case)
+        # cached cases are image data: only the node's user may read them (files are 0600 from mkstemp)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        atomic_write(path, lambda handle: torch.save(tensors, handle))
 
     def _path(self, case: dict[str, Any]) -> Path:
         digest = self.key(case)

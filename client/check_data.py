@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from client.checks import check_not_empty_label
 from client.datalist import load_datalist
+from client.dicom import dicom_modality
 from client.loading import preprocess_case
 from client.site_data import check_task, preprocess_settings
 from client.transforms import loading, resampling
@@ -28,6 +29,7 @@ class CaseSummary:
 
     name: str
     section: str
+    modality: str
     shape: tuple[int, ...]
     spacing: tuple[float, ...]
     label_counts: dict[int, int]
@@ -66,6 +68,19 @@ def check_datalist(datalist: Path | str, *, config: RunConfig) -> CheckReport:
     return report
 
 
+def _modality_column(report: CheckReport, sources: list[str]) -> str:
+    """Each channel's modality (the DICOM tag where there is one); warn where it contradicts the datalist."""
+    names = []
+    for channel, source in enumerate(sources):
+        declared = report.modalities[min(channel, len(report.modalities) - 1)]
+        found = dicom_modality(source)
+        if found and (found.upper() == "CT") != (declared.upper() == "CT"):
+            report.warnings.append(f"{source}: warning: DICOM Modality is {found} but the datalist says "
+                                   f"{declared} (intensities are normalised as {declared})")
+        names.append(found or declared)
+    return ",".join(names)
+
+
 def _check_case(report: CheckReport, section: str, case: dict[str, Any], read: Any, resample: Any) -> None:
     import torch
 
@@ -83,13 +98,20 @@ def _check_case(report: CheckReport, section: str, case: dict[str, Any], read: A
     image, label = loaded["image"], loaded["label"]
     values, counts = torch.unique(torch.as_tensor(label), return_counts=True)
     report.cases.append(CaseSummary(
-        name=Path(sources[0]).name, section=section, shape=tuple(int(s) for s in image.shape[1:]),
+        name=_relative(sources[0], report.datalist), section=section, modality=_modality_column(report, sources), shape=tuple(int(s) for s in image.shape[1:]),
         spacing=tuple(round(float(s), 3) for s in image.pixdim),
         label_counts={int(v): int(n) for v, n in zip(values.tolist(), counts.tolist())}))
     warning = check_not_empty_label(label)
     if warning:
         file_name, _, message = warning.partition(": ")
         report.warnings.append(f"{file_name}: warning: {message}")
+
+
+def _relative(path: str, datalist: Path) -> str:
+    try:
+        return str(Path(path).relative_to(datalist.resolve().parent))
+    except ValueError:
+        return str(path)
 
 
 def _compose(steps: list) -> Any:
@@ -105,10 +127,11 @@ def print_report(report: CheckReport, *, out: TextIO | None = None) -> None:
         print(line, file=out)
     if report.cases:
         print(file=out)
-        print(f"{'case':<28} {'set':<10} {'shape':<16} {'spacing (mm)':<22} label voxels", file=out)
+        print(f"{'case':<32} {'set':<10} {'modality':<9} {'shape':<16} {'spacing (mm)':<22} label voxels",
+              file=out)
         for case in report.cases:
             counts = " ".join(f"{v}:{n}" for v, n in case.label_counts.items())
-            print(f"{case.name:<28} {case.section:<10} {'x'.join(map(str, case.shape)):<16} "
+            print(f"{case.name:<32} {case.section:<10} {case.modality:<9} {'x'.join(map(str, case.shape)):<16} "
                   f"{'x'.join(map(str, case.spacing)):<22} {counts}", file=out)
     readable = len(report.cases)
     print(f"\n{report.datalist}: {readable} readable case(s), modality {', '.join(report.modalities) or '?'}; "

@@ -28,6 +28,19 @@ def is_dicom_seg(path: Path | str) -> bool:
     return getattr(header, "Modality", "") == "SEG"
 
 
+def dicom_modality(path: Path | str) -> str | None:
+    """The Modality tag of a DICOM file or of the first DICOM file in a folder; None for other files."""
+    import pydicom
+
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if pydicom.misc.is_dicom(str(file)):
+            header = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["Modality"])
+            return str(getattr(header, "Modality", "")) or None
+    return None
+
+
 def check_dicom_series(folder: Path | str) -> None:
     """Raise :class:`DataError` unless ``folder`` holds exactly one complete DICOM series."""
     import pydicom

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from client.dicom import dicom_modality
 from client.transforms import PreprocessSettings, orienting, reading, resampling
 from shared.atomic import atomic_write
 from shared.config import RunConfig
@@ -92,7 +93,7 @@ def segment(model: torch.nn.Module, raw: Any, *, settings: PreprocessSettings, d
 
 
 def _modalities(modality: str | None, first_input: Path, channels: int) -> tuple[str, ...]:
-    names = [m.strip() for m in modality.split(",")] if modality else [_dicom_modality(first_input) or "MR"]
+    names = [m.strip() for m in modality.split(",")] if modality else [dicom_modality(first_input) or "MR"]
     if len(names) == 1:
         names = names * channels
     if len(names) != channels:
@@ -137,16 +138,6 @@ def _write_nifti(path: Path, mask: Any, affine: Any) -> None:
     if str(path).endswith(".gz"):
         payload = gzip.compress(payload)
     atomic_write(path, lambda handle: handle.write(payload))
-
-
-def _dicom_modality(input_path: Path) -> str | None:
-    import pydicom
-
-    files = sorted(input_path.iterdir()) if input_path.is_dir() else [input_path]
-    for file in files:
-        if file.is_file() and pydicom.misc.is_dicom(str(file)):
-            return str(getattr(pydicom.dcmread(file, stop_before_pixels=True), "Modality", "")) or None
-    return None
 
 
 def _compose(steps: list) -> Any:

@@ -174,3 +174,13 @@ def test_settings_can_come_from_a_runs_model_file(site, tmp_path, capsys):
     code = main(["check-data", str(site / "datalist.json"), "--model", str(model)])
     assert code == 1 and "num-classes = 3" in capsys.readouterr().out
     assert main(["check-data", str(site / "datalist.json"), "--model", str(model), "--num-classes", "2"]) == 0
+
+
+def test_dicom_modality_contradicting_the_datalist_is_a_warning(site, capsys):
+    content = json.loads((site / "datalist.json").read_text())
+    content["modality"] = {"0": "MR"}
+    (site / "datalist.json").write_text(json.dumps(content))
+    code, out = _run(site, capsys)
+    assert code == 0
+    assert f"{site / 'dicom' / 'd0'}: warning: DICOM Modality is CT but the datalist says MR" in out
+    assert "2 warning(s)" in out

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.errors import ConfigError
 from shared.model_file import load_model
 from simulations.__main__ import build_parser
 from simulations.api import SimulationSpec, run_simulation
@@ -96,3 +97,21 @@ def test_a_site_with_broken_data_refuses_and_the_federation_goes_on(tmp_path, tw
     result = predict_scan(model_path=run_dir / "global_model.pt", input_path=series,
                           output_path=tmp_path / "mask.nii.gz", device="cpu")
     assert result.shape == (20, 18, 8) and result.modality == "CT"
+
+
+def test_datalists_set_channels_and_classes_unless_overridden(tmp_path):
+    from simulations.api import build_run_config
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    brats = {"modality": {"0": "T1", "1": "T1c", "2": "T2", "3": "FLAIR"}, "training": [],
+             "labels": {"0": "background", "1": "necrosis", "2": "edema", "3": "enhancing"}}
+    a.write_text(json.dumps(brats))
+    b.write_text(json.dumps({"training": []}))  # declares nothing: no disagreement
+    spec = SimulationSpec(datalists=(a, b), out=tmp_path)
+    config = build_run_config(spec, tmp_path, tmp_path / "sites.json", num_sites=2)
+    assert (config.in_channels, config.num_classes) == (4, 4)
+    spec = SimulationSpec(datalists=(a, b), out=tmp_path, run_config={"num-classes": 2})
+    assert build_run_config(spec, tmp_path, tmp_path / "sites.json", num_sites=2).num_classes == 2
+    b.write_text(json.dumps({"training": [], "labels": {"0": "background", "1": "tumour"}}))
+    with pytest.raises(ConfigError, match="all sites must agree"):
+        build_run_config(SimulationSpec(datalists=(a, b), out=tmp_path), tmp_path, tmp_path / "s.json", num_sites=2)

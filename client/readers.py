@@ -93,6 +93,7 @@ class PlaceSegOnImageGridd(MapTransform):
 
 def _embed(label: Any, image: Any) -> Any:
     import torch
+    from monai.data import MetaTensor
 
     name = label.meta["filename_or_obj"]
     to_image = np.linalg.inv(np.asarray(image.affine, dtype=float)) @ np.asarray(label.affine, dtype=float)
@@ -105,8 +106,7 @@ def _embed(label: Any, image: Any) -> Any:
     placed = torch.zeros((1, *image.shape[1:]), dtype=label.dtype)
     region = tuple(slice(int(o), int(o + n)) for o, n in zip(offset, size))
     placed[(slice(None), *region)] = torch.as_tensor(label)
-    result = image.clone().to(label.dtype)[:1]
-    result.set_array(placed)
+    result = MetaTensor(placed, meta=dict(image.meta))  # the image's grid: affine, space
     result.meta["filename_or_obj"] = name
     return result
 

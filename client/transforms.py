@@ -80,11 +80,12 @@ class NormalizeByModalityd(MapTransform):
         self.ct_window = ct_window
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        import torch
         from monai.transforms import NormalizeIntensity, ScaleIntensityRange
 
         case = dict(data)
         for key in self.key_iterator(case):
-            image = case[key].float()
+            image = case[key].to(dtype=torch.float32, copy=True)  # never normalise the caller's tensor
             low, high = self.ct_window
             for channel in range(image.shape[0]):
                 modality = self.modalities[channel] if channel < len(self.modalities) else self.modalities[-1]

@@ -185,3 +185,19 @@ def test_multimodal_image_as_a_file_list_or_a_4d_nifti(tmp_path):
                                                   "label": str(tmp_path / entry["label"])})["image"]
     assert 0.0 <= float(normalised[0].min()) and float(normalised[0].max()) <= 1.0  # CT: HU window
     assert float(normalised[1].max()) > 1.5 and float(normalised[1].min()) < -1.5  # MR: z-score
+
+
+def test_a_dicom_seg_of_another_grid_is_a_geometry_problem(same_case_twice, tmp_path):
+    from shared.errors import DataError
+    from tests.data_cases import AFFINE
+    from tests.dicom_writer import write_series
+
+    _, dicom = same_case_twice
+    image, label = ct_volume(0)
+    shifted = AFFINE.copy()
+    shifted[:3, 3] += 0.4  # less than a voxel: a different grid
+    write_series(image, shifted, tmp_path / "other")
+    seg = write_seg(tmp_path / "other", label, tmp_path / "other_seg.dcm")
+    with pytest.raises(DataError, match="do not lie on the image's voxel grid") as info:
+        preprocess_cases([{"image": dicom["image"], "label": str(seg)}], Compose(loading(SETTINGS)))
+    assert str(seg) in str(info.value)

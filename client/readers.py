@@ -44,8 +44,10 @@ def load_image(source: str | list[str]) -> Any:
             check_dicom_series(path)
     if len(paths) == 1 and _is_seg(Path(paths[0])):
         return load_dicom_seg(Path(paths[0]))
+    reader = _reader_name(Path(paths[0]))
     try:
-        return LoadImage(image_only=True, ensure_channel_first=True)(paths[0] if len(paths) == 1 else paths)
+        return LoadImage(reader=reader, image_only=True, ensure_channel_first=True)(
+            paths[0] if len(paths) == 1 else paths)
     except DataError:
         raise
     except Exception as exc:  # readers raise many types for truncated/corrupt files
@@ -109,6 +111,17 @@ def _embed(label: Any, image: Any) -> Any:
     result = MetaTensor(placed, meta=dict(image.meta))  # the image's grid: affine, space
     result.meta["filename_or_obj"] = name
     return result
+
+
+def _reader_name(path: Path) -> str:
+    """NibabelReader for NIfTI, PydicomReader for a DICOM series folder or file; nothing else."""
+    import pydicom
+
+    if path.name.endswith((".nii", ".nii.gz")):
+        return "NibabelReader"
+    if path.is_dir() or pydicom.misc.is_dicom(str(path)):
+        return "PydicomReader"
+    raise DataError(f"{path}: not a NIfTI file (.nii, .nii.gz), a DICOM file or a DICOM series folder")
 
 
 def _is_seg(path: Path) -> bool:

@@ -136,6 +136,7 @@ def test_a_2d_model_trains_on_slices_of_volumes_and_evaluates_slice_by_slice(tmp
 def test_2d_sampling_balances_foreground_and_background(tmp_path):
     config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, **{"patch-size": 8}))
     cases, augment = load_training_cases(_volume_site(tmp_path, 3), config)
+    augment.set_random_state(seed=0)
     with_lesion = [bool(s["label"].sum() > 0) for _ in range(20) for s in augment(cases[0])]
     assert 0.25 < sum(with_lesion) / len(with_lesion) < 0.9
 
@@ -201,3 +202,14 @@ def test_a_dicom_seg_of_another_grid_is_a_geometry_problem(same_case_twice, tmp_
     with pytest.raises(DataError, match="do not lie on the image's voxel grid") as info:
         preprocess_cases([{"image": dicom["image"], "label": str(seg)}], Compose(loading(SETTINGS)))
     assert str(seg) in str(info.value)
+
+
+def test_other_file_formats_are_refused_naming_the_file(tmp_path):
+    from client.readers import load_image
+    from shared.errors import DataError
+
+    path = tmp_path / "scan.png"
+    path.write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match="not a NIfTI file") as info:
+        load_image(str(path))
+    assert str(path) in str(info.value)

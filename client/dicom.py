@@ -49,7 +49,7 @@ def check_dicom_series(folder: Path | str) -> None:
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     headers = [(path, read_slice(path)) for path in files if pydicom.misc.is_dicom(str(path))]
     if not headers:
-        raise DataError(f"{folder}: folder holds no DICOM files")
+        raise DataError(f"{folder}: folder holds no DICOM files (point the datalist at the series folder itself)")
     series = {str(getattr(h, "SeriesInstanceUID", "")) for _, h in headers}
     if len(series) > 1:
         raise DataError(f"{folder}: folder mixes {len(series)} DICOM series; keep one series per folder")

@@ -113,3 +113,23 @@ def test_a_two_channel_model_takes_one_scan_per_channel(tmp_path):
     assert result.modality == "CT,MR" and nib.load(tmp_path / "m.nii.gz").shape == image.shape
     with pytest.raises(DataError, match="model expects 2"):
         predict_scan(model_path=model, input_path=second, output_path=tmp_path / "x.nii.gz", modality="MR")
+
+
+def test_pydicom_ct_small_single_file_in_mask_and_seg_out(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    source = get_testdata_file("CT_small.dcm", download=False)
+    raw = Compose(reading(("image",)))({"image": source})["image"]
+    result = predict_scan(model_path=_model_file(tmp_path), input_path=Path(source),
+                          output_path=tmp_path / "m.nii.gz", dicom_seg_path=tmp_path / "m_seg.dcm")
+    written = nib.load(tmp_path / "m.nii.gz")
+    assert written.shape == tuple(raw.shape[1:3]) == result.shape and result.modality == "CT"
+    assert np.allclose(written.affine, np.asarray(raw.affine), atol=1e-4)
+    seg = hd.seg.segread(tmp_path / "m_seg.dcm")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == pydicom_series_uid(source)
+
+
+def pydicom_series_uid(path: str) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)

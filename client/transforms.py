@@ -147,8 +147,12 @@ def preprocessing(settings: PreprocessSettings, keys: Sequence[str] = KEYS, *, t
 def augmentation(settings: PreprocessSettings, *, samples_per_case: int = 2) -> list:
     """Random part of the training pipeline: balanced patches (or slices) plus augmentation."""
     from monai.transforms import (
-        RandCropByPosNegLabeld, RandFlipd, RandGaussianNoised, RandScaleIntensityd,
-        RandShiftIntensityd, SqueezeDimd,
+        RandCropByPosNegLabeld,
+        RandFlipd,
+        RandGaussianNoised,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+        SqueezeDimd,
     )
 
     steps: list = [RandCropByPosNegLabeld(keys=KEYS, label_key="label", spatial_size=settings.patch,

@@ -70,8 +70,8 @@ def test_dicom_series_in_nifti_and_dicom_seg_out(tmp_path):
     nifti = write_nifti_case(tmp_path, "case", image, label)
     dicom = write_dicom_case(tmp_path, "case", image, label)
     model = _model_file(tmp_path, **{"spatial-dims": 3})
-    from_nifti = predict_scan(model_path=model, input_path=tmp_path / nifti["image"],
-                              output_path=tmp_path / "a.nii.gz", modality="CT")
+    predict_scan(model_path=model, input_path=tmp_path / nifti["image"],
+                 output_path=tmp_path / "a.nii.gz", modality="CT")
     from_dicom = predict_scan(model_path=model, input_path=tmp_path / dicom["image"],
                               output_path=tmp_path / "b.nii.gz", dicom_seg_path=tmp_path / "b.dcm")
     assert from_dicom.modality == "CT"  # from the DICOM Modality tag

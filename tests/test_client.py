@@ -134,3 +134,12 @@ def test_a_site_of_dicom_series_trains_and_fills_its_cache(tmp_path, flower_iden
     reply = handle_train(_message(MessageType.TRAIN)[0], context)
     assert reply.content.metric_records["metrics"]["num-examples"] == 2
     assert len(list((tmp_path / "cache").rglob("*.pt"))) == 2
+
+
+def test_cache_dir_is_node_config_with_a_default_under_the_state_dir(tmp_path):
+    from client.site import SiteConfig
+
+    default = SiteConfig.from_node_config({"datalist": str(tmp_path / "d.json"), "state-dir": str(tmp_path / "s")})
+    assert default.cache_dir == tmp_path / "s" / "cache"
+    own = SiteConfig.from_node_config({"datalist": str(tmp_path / "d.json"), "cache-dir": str(tmp_path / "c")})
+    assert own.cache_dir == tmp_path / "c"

@@ -142,9 +142,10 @@ def config_for_check(*, model: Path | None, overrides: dict[str, Any]) -> RunCon
     """The run config to check against: a model file's, else the defaults, plus ``overrides``."""
     values: dict[str, Any] = {}
     if model is not None:
+        from client.predict import run_config_of_model
         from shared.model_file import read_model_file
 
-        values.update(read_model_file(model).get("run_config") or {})
+        values.update(run_config_of_model(read_model_file(model).get("run_config") or {}).to_mapping())
     values.update({k: v for k, v in overrides.items() if v is not None})
     return RunConfig.from_mapping(values)
 

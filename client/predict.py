@@ -12,14 +12,14 @@ from __future__ import annotations
 import argparse
 import gzip
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from client.dicom import dicom_modality
 from client.transforms import PreprocessSettings, orienting, reading, resampling
 from shared.atomic import atomic_write
-from shared.config import RunConfig
+from shared.config import RunConfig, to_key
 from shared.errors import ConfigError, DataError, WeightsError
 
 if TYPE_CHECKING:
@@ -104,7 +104,17 @@ def _modalities(modality: str | None, first_input: Path, channels: int) -> tuple
 def _run_config(payload: dict[str, Any], model_path: Path) -> RunConfig:
     if not isinstance(payload.get("run_config"), dict):
         raise WeightsError(f"{model_path}: model file carries no run config (needed for spacing and patch size)")
-    return RunConfig.from_mapping(payload["run_config"])
+    return run_config_of_model(payload["run_config"])
+
+
+def run_config_of_model(saved: dict[str, Any]) -> RunConfig:
+    """The run config saved in a model file, ignoring keys this version does not know.
+
+    A model from a run of another fedseg version stays usable: only the keys
+    that shape preprocessing and the network matter here.
+    """
+    known = {to_key(f.name) for f in fields(RunConfig)}
+    return RunConfig.from_mapping({k: v for k, v in saved.items() if k in known})
 
 
 def _read(inputs: list[Path]) -> tuple[Any, bool]:

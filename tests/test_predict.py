@@ -133,3 +133,16 @@ def pydicom_series_uid(path: str) -> str:
     import pydicom
 
     return str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
+
+
+def test_a_model_from_a_run_with_other_config_keys_still_predicts(tmp_path):
+    import torch as _torch
+
+    image, label = ct_volume(0)
+    entry = write_nifti_case(tmp_path, "case", image, label)
+    model = _model_file(tmp_path)
+    payload = _torch.load(model, weights_only=True)
+    payload["run_config"]["dp-noise-multiplier"] = 1.1  # a key of another fedseg version
+    _torch.save(payload, model)
+    result = predict_scan(model_path=model, input_path=tmp_path / entry["image"], output_path=tmp_path / "m.nii.gz")
+    assert result.shape == image.shape

@@ -8,6 +8,8 @@ were found, 2 on usage errors. Never writes anything (no cache either).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,6 +159,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-channels", type=int, help="input channels / modalities (default: 1)")
     parser.add_argument("--spatial-dims", type=int, choices=(2, 3), help="2D or 3D model (default: 2)")
     parser.add_argument("--target-spacing", type=float, help="voxel spacing in mm the run resamples to")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,5 +174,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     report = check_datalist(args.datalist, config=config)
-    print_report(report)
+    if args.json:
+        print(json.dumps(report_as_dict(report), indent=2))
+    else:
+        print_report(report)
     return 0 if report.ok else 1
+
+
+def report_as_dict(report: CheckReport) -> dict[str, Any]:
+    """The report as JSON-friendly data (for scripts and monitoring)."""
+    return {"datalist": str(report.datalist), "ok": report.ok, "modalities": list(report.modalities),
+            "problems": report.problems, "warnings": report.warnings,
+            "cases": [dataclasses.asdict(case) for case in report.cases]}

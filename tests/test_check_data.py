@@ -184,3 +184,11 @@ def test_dicom_modality_contradicting_the_datalist_is_a_warning(site, capsys):
     assert code == 0
     assert f"{site / 'dicom' / 'd0'}: warning: DICOM Modality is CT but the datalist says MR" in out
     assert "2 warning(s)" in out
+
+
+def test_json_report_for_scripts(site, capsys):
+    _nan_voxels(site)
+    code = main(["check-data", str(site / "datalist.json"), "--spatial-dims", "3", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 1 and report["ok"] is False and len(report["cases"]) == 3
+    assert "NaN or Inf" in report["problems"][0] and report["cases"][0]["label_counts"]["1"] > 0

@@ -6,6 +6,8 @@ key covers every source file's identity (path, size, mtime_ns; every file of a
 DICOM folder) and the preprocessing settings, so changing a file or a setting
 makes a new entry. Entries are written atomically and loaded with
 ``weights_only=True``; an unreadable entry counts as a miss and is rewritten.
+A hit refreshes the entry's modification time, so :meth:`CaseCache.prune`
+can drop entries no round has used for a while (e.g. of files since changed).
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 from shared.atomic import atomic_write
 
 CACHE_FORMAT = "fedseg-case-cache/1"
+UNUSED_ENTRY_MAX_AGE_S = 30 * 24 * 3600
 
 
 class CaseCache:
@@ -51,6 +56,7 @@ class CaseCache:
             self.misses += 1
             return None
         self.hits += 1
+        os.utime(path)  # last use, for prune()
         return entry
 
     def put(self, case: dict[str, Any], preprocessed: dict[str, Any]) -> None:
@@ -63,6 +69,21 @@ class CaseCache:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         path.parent.mkdir(mode=0o700, exist_ok=True)
         atomic_write(path, lambda handle: torch.save(tensors, handle))
+
+    def prune(self, *, max_age_s: float = UNUSED_ENTRY_MAX_AGE_S) -> int:
+        """Delete entries not used for ``max_age_s`` seconds; return how many."""
+        if max_age_s <= 0:
+            raise ValueError(f"max_age_s must be > 0, got {max_age_s!r}")
+        cutoff = time.time() - max_age_s
+        removed = 0
+        for entry in self.directory.glob("*/*.pt"):
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    entry.unlink()
+                    removed += 1
+            except FileNotFoundError:  # pruned concurrently by the other handler
+                continue
+        return removed
 
     def _path(self, case: dict[str, Any]) -> Path:
         digest = self.key(case)

@@ -44,7 +44,11 @@ def load_training_cases(datalist: Path, config: RunConfig, *,
     check_task(site_data, config)
     settings = preprocess_settings(config, site_data)
     deterministic, augment = training_transforms(settings)
-    return preprocess_cases(site_data.training, deterministic, cache=_cache(cache_dir, settings)), augment
+    cache = _cache(cache_dir, settings)
+    cases = preprocess_cases(site_data.training, deterministic, cache=cache)
+    if cache is not None:
+        cache.prune()  # once per round, after this round's entries were refreshed
+    return cases, augment
 
 
 def load_validation_cases(datalist: Path, config: RunConfig, *,

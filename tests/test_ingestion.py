@@ -213,3 +213,20 @@ def test_other_file_formats_are_refused_naming_the_file(tmp_path):
     with pytest.raises(DataError, match="not a NIfTI file") as info:
         load_image(str(path))
     assert str(path) in str(info.value)
+
+
+def test_prune_drops_entries_unused_for_a_while_and_keeps_used_ones(tmp_path):
+    cases = []
+    for index in range(2):
+        entry = write_nifti_case(tmp_path, f"case{index}", *ct_volume(index))
+        cases.append({k: str(tmp_path / v) for k, v in entry.items()})
+    transform = evaluation_transforms(SETTINGS)
+    preprocess_cases(cases, transform, cache=CaseCache(tmp_path / "cache", settings=SETTINGS))
+    entries = sorted((tmp_path / "cache").glob("*/*.pt"))
+    for entry in entries:
+        os.utime(entry, (1_000_000_000, 1_000_000_000))  # last used in 2001
+    cache = CaseCache(tmp_path / "cache", settings=SETTINGS)
+    preprocess_cases(cases[:1], transform, cache=cache)  # a hit refreshes case0's entry
+    assert cache.prune(max_age_s=3600) == 1
+    assert len(list((tmp_path / "cache").glob("*/*.pt"))) == 1
+    assert CaseCache(tmp_path / "cache", settings=SETTINGS).get(cases[0]) is not None

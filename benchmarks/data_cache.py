@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     transform = evaluation_transforms(settings)
     with tempfile.TemporaryDirectory() as tmp:
         cases = _write_cases(Path(tmp), cases=args.cases, size=args.size, slices=args.slices)
+        _timed(cases[:1], transform, None)  # warm-up: imports, first-call set-up, OS file cache
         uncached = _timed(cases, transform, None)
         miss = _timed(cases, transform, CaseCache(Path(tmp) / "cache", settings=settings))
         hit_cache = CaseCache(Path(tmp) / "cache", settings=settings)

@@ -140,7 +140,7 @@ def _train(msg: Message, config: RunConfig, site: SiteConfig) -> RecordDict:
     server_round = int(msg.content["config"]["server-round"])
     seed = _site_round_seed(config.seed, site.site_id, server_round)
     set_determinism(seed=seed)
-    cases, augment = load_training_cases(site.datalist, config)
+    cases, augment = load_training_cases(site.datalist, config, cache_dir=site.cache_dir)
     model = build_unet(config.model_config())
     load_arrays(model, msg.content["arrays"])
     loader = training_loader(cases, augment, batch_size=config.batch_size,
@@ -160,7 +160,7 @@ def _evaluate(msg: Message, config: RunConfig, site: SiteConfig) -> RecordDict:
     from shared.model import build_unet
     from shared.weights import load_arrays
 
-    cases = load_validation_cases(site.datalist, config)
+    cases = load_validation_cases(site.datalist, config, cache_dir=site.cache_dir)
     model = build_unet(config.model_config())
     load_arrays(model, msg.content["arrays"])
     result = evaluate_local(model, cases, config=config, device=resolve_device(config.device))

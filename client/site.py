@@ -24,22 +24,28 @@ from shared.errors import ConfigError
 
 @dataclass(frozen=True)
 class SiteConfig:
-    """What one hospital node owns: its identity, its data and its state directory."""
+    """What one hospital node owns: its identity, its data, its state and cache directories."""
 
     site_id: str
     datalist: Path
     state_dir: Path
+    cache_dir: Path | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteConfig:
-        """Build from a node config mapping; keys ``site-id``, ``datalist``, ``state-dir``."""
+        """Build from a node config mapping; keys ``site-id``, ``datalist``, ``state-dir``, ``cache-dir``.
+
+        ``cache-dir`` (preprocessed cases) defaults to ``<state-dir>/cache``.
+        """
         datalist = node_config.get("datalist")
         if not datalist:
             raise ConfigError("node config key 'datalist' is required (path to the site's datalist JSON)")
         datalist_path = Path(str(datalist)).expanduser().resolve()
         site_id = str(node_config.get("site-id") or datalist_path.stem)
         state_dir = node_config.get("state-dir") or datalist_path.parent / ".fedseg-state"
-        return cls(site_id=site_id, datalist=datalist_path, state_dir=Path(str(state_dir)).expanduser())
+        state_path = Path(str(state_dir)).expanduser()
+        cache_dir = Path(str(node_config.get("cache-dir") or state_path / "cache")).expanduser()
+        return cls(site_id=site_id, datalist=datalist_path, state_dir=state_path, cache_dir=cache_dir)
 
 
 def resolve_site(node_config: Mapping[str, Any], simulation_sites: str) -> SiteConfig:

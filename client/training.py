@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -65,37 +64,24 @@ def train_local(model: torch.nn.Module, loader: Any, *, config: RunConfig,
     return TrainResult(num_examples=num_examples, train_loss=sum(losses) / len(losses), steps=len(losses))
 
 
-def sliding_window_predictor(model: torch.nn.Module, *, patch_size: int, spatial_dims: int,
-                             sw_batch_size: int = 4) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Return ``f(image) -> logits`` running MONAI sliding-window inference over patches."""
-    from monai.inferers import sliding_window_inference
-
-    roi = (patch_size,) * spatial_dims
-
-    def predict(image: torch.Tensor) -> torch.Tensor:
-        return sliding_window_inference(image, roi_size=roi, sw_batch_size=sw_batch_size,
-                                        predictor=model, overlap=0.25, mode="gaussian")
-
-    return predict
-
-
 def evaluate_local(model: torch.nn.Module, cases: list[dict[str, Any]], *, config: RunConfig,
                    device: torch.device) -> EvalResult:
-    """Evaluate ``model`` on whole preprocessed ``cases`` (one at a time)."""
+    """Evaluate ``model`` on whole preprocessed volumes ``cases`` (one at a time)."""
     import torch
+
+    from client.inference import predict_volume
 
     if not cases:
         raise DataError("the site has no validation cases")
     model.to(device).eval()
-    predict = sliding_window_predictor(model, patch_size=config.patch_size, spatial_dims=config.spatial_dims)
     loss_fn = make_loss()
     per_class: list[list[float]] = [[] for _ in range(config.num_classes - 1)]
     losses = []
     with torch.no_grad():
         for case in cases:
-            image = case["image"].unsqueeze(0).to(device)
             label = case["label"].unsqueeze(0).to(device)
-            logits = predict(image)
+            logits = predict_volume(model, case["image"].to(device), spatial_dims=config.spatial_dims,
+                                    patch_size=config.patch_size)
             losses.append(float(loss_fn(logits, label)))
             scores = dice_per_class(logits, label, num_classes=config.num_classes)[0]
             for index, score in enumerate(scores.tolist()):

@@ -58,6 +58,7 @@ class RunConfig:
     num_res_units: int = 1
     patch_size: int = 64
     target_spacing: float = 1.0
+    ct_window: str = "-1000,1000"
     device: str = "auto"
     seed: int = 0
     strategy: str = "fedavg"
@@ -136,6 +137,16 @@ class RunConfig:
         for name in ("min_train_nodes", "min_available_nodes"):
             _require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
         self._check_architecture()
+        self.ct_window_range()
+
+    def ct_window_range(self) -> tuple[float, float]:
+        """The CT intensity window (HU) as (low, high); CT channels are clipped to it and scaled to [0, 1]."""
+        try:
+            low, high = (float(part) for part in self.ct_window.split(","))
+        except ValueError:
+            raise ConfigError(f"run config key 'ct-window': expected 'LOW,HIGH' in HU, got {self.ct_window!r}") from None
+        _require(low < high, "ct_window", "needs LOW < HIGH", self.ct_window)
+        return low, high
 
     def _check_architecture(self) -> None:
         channels = parse_int_list(self.channels, key="channels")

@@ -82,8 +82,31 @@ class SimulationSpec:
                           datalists=tuple(self.datalists))
 
 
+def task_from_datalists(datalists: tuple[Path, ...]) -> dict[str, int]:
+    """``in-channels`` / ``num-classes`` that the datalists' ``modality`` / ``labels`` declare.
+
+    Every datalist that declares them must agree (the sites train one model).
+    """
+    task: dict[str, int] = {}
+    declared_by: dict[str, Path] = {}
+    for path in datalists:
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"'--datalists': {path} is not readable JSON ({exc})") from None
+        for section, key in (("modality", "in-channels"), ("labels", "num-classes")):
+            if not isinstance(raw, dict) or not raw.get(section):
+                continue
+            count = len(raw[section])
+            if key in task and task[key] != count:
+                raise ConfigError(f"'--datalists': {path} declares {count} '{section}' entries but "
+                                  f"{declared_by[key]} declares {task[key]}; all sites must agree")
+            task[key], declared_by[key] = count, Path(path)
+    return task
+
+
 def build_run_config(spec: SimulationSpec, run_dir: Path, sites_manifest: Path, *, num_sites: int) -> RunConfig:
-    """The run config the harness sends: spec values over per-dimension defaults."""
+    """The run config the harness sends: spec values over the datalists' task over per-dimension defaults."""
     values: dict[str, Any] = {"num-rounds": spec.rounds, "spatial-dims": spec.spatial_dims,
                               "seed": spec.seed, "min-available-nodes": num_sites}
     if spec.sites_per_round:
@@ -92,6 +115,7 @@ def build_run_config(spec: SimulationSpec, run_dir: Path, sites_manifest: Path, 
                        "min-train-nodes": spec.sites_per_round})
     if spec.spatial_dims == 3:
         values.update({"patch-size": 32, "channels": "8,16,32", "strides": "2,2", "batch-size": 2})
+    values.update(task_from_datalists(spec.datalists))
     values.update(spec.run_config)
     values.update({"run-dir": str(run_dir), "simulation-sites": str(sites_manifest)})
     return RunConfig.from_mapping(values)

@@ -113,3 +113,37 @@ def test_node_config_wins_over_simulation_manifest(tmp_path):
     assert simulated.site_id == "sim" and str(simulated.datalist) == "/sim/d.json"
     with pytest.raises(ConfigError, match="partition-id 3"):
         resolve_site({"partition-id": 3}, str(manifest))
+
+
+def test_a_datalist_disagreeing_with_the_model_is_refused(two_sites, tmp_path, flower_identity):
+    def edit(site, data, label_path):
+        data["modality"] = {"0": "T1", "1": "FLAIR"}
+        (site / "datalist.json").write_text(json.dumps(data))
+
+    datalist, _ = _corrupt_copy(two_sites[0], tmp_path, edit)
+    for handle in (handle_train, handle_evaluate):
+        reply = handle(_message(MessageType.TRAIN)[0], _context(datalist))
+        reason = reply.content.config_records["site"]["reason"]
+        assert reply.content.metric_records["metrics"]["refused"] == 1
+        assert str(datalist) in reason and "in-channels = 1" in reason
+
+
+def test_a_site_of_dicom_series_trains_and_fills_its_cache(tmp_path, flower_identity):
+    from tests.data_cases import ct_volume, write_datalist, write_dicom_case
+
+    entries = [write_dicom_case(tmp_path, f"d{i}", *ct_volume(i)) for i in range(3)]
+    datalist = write_datalist(tmp_path, entries)
+    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config=dict(TINY_RUN_CONFIG),
+                      node_config={"datalist": str(datalist), "cache-dir": str(tmp_path / "cache")})
+    reply = handle_train(_message(MessageType.TRAIN)[0], context)
+    assert reply.content.metric_records["metrics"]["num-examples"] == 2
+    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 2
+
+
+def test_cache_dir_is_node_config_with_a_default_under_the_state_dir(tmp_path):
+    from client.site import SiteConfig
+
+    default = SiteConfig.from_node_config({"datalist": str(tmp_path / "d.json"), "state-dir": str(tmp_path / "s")})
+    assert default.cache_dir == tmp_path / "s" / "cache"
+    own = SiteConfig.from_node_config({"datalist": str(tmp_path / "d.json"), "cache-dir": str(tmp_path / "c")})
+    assert own.cache_dir == tmp_path / "c"

@@ -63,3 +63,28 @@ def test_missing_image_file_is_named(tmp_path):
     path = _write(tmp_path, {"training": [{"image": "gone.nii.gz", "label": "gone2.nii.gz"}]})
     with pytest.raises(DataError, match="gone.nii.gz"):
         load_datalist(path)
+
+
+def test_multimodal_image_lists_modalities_and_label_map(tmp_path):
+    cases = _files(tmp_path, 2)
+    (tmp_path / "flair0.nii.gz").write_bytes(b"x")
+    cases[0]["image"] = ["img0.nii.gz", "flair0.nii.gz"]
+    datalist = load_datalist(_write(tmp_path, {"training": cases, "validation": [],
+                                               "modality": {"1": "FLAIR", "0": "T1"}, "label_map": {"4": 1}}))
+    assert datalist.training[0]["image"] == [str(tmp_path / "img0.nii.gz"), str(tmp_path / "flair0.nii.gz")]
+    assert datalist.modalities == ("T1", "FLAIR") and datalist.label_map == {4: 1}
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"modality": {"first": "CT"}}, "'modality' must map"),
+    ({"label_map": {"a": "b"}}, "'label_map' must map"),
+])
+def test_bad_modality_or_label_map_is_named(tmp_path, extra, message):
+    path = _write(tmp_path, {"training": _files(tmp_path, 1), **extra})
+    with pytest.raises(DataError, match=message):
+        load_datalist(path)
+
+
+def test_missing_files_can_be_left_to_the_caller(tmp_path):
+    path = _write(tmp_path, {"training": [{"image": "gone.nii.gz", "label": "gone2.nii.gz"}]})
+    assert load_datalist(path, check_files=False).training[0]["image"].endswith("gone.nii.gz")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.errors import ConfigError
 from shared.model_file import load_model
 from simulations.__main__ import build_parser
 from simulations.api import SimulationSpec, run_simulation
@@ -56,32 +57,62 @@ def test_cli_documents_the_main_options():
 
 @pytest.mark.integration
 def test_a_site_with_broken_data_refuses_and_the_federation_goes_on(tmp_path, two_sites):
+    """Two datalists written here: CT volumes as DICOM series, and a NIfTI site with a broken label."""
     import shutil
 
     import nibabel as nib
     import numpy as np
 
-    datalists = []
-    for name, source in (("good", two_sites[0]), ("broken", two_sites[1])):
-        site_dir = tmp_path / name
-        shutil.copytree(source.parent, site_dir)
-        datalists.append(site_dir / f"{name}.json")
-        shutil.copy(site_dir / "datalist.json", datalists[-1])
-    training = json.loads(datalists[1].read_text())["training"]
+    from client.predict import predict_scan
+    from tests.data_cases import ct_volume, write_datalist, write_dicom_case
+
+    good_dir = tmp_path / "good"
+    entries = [write_dicom_case(good_dir, f"d{i}", *ct_volume(i)) for i in range(4)]
+    good = write_datalist(good_dir, entries[:3], validation=entries[3:], name="good.json")
+    shutil.copytree(two_sites[1].parent, tmp_path / "broken")
+    broken = tmp_path / "broken" / "broken.json"
+    shutil.copy(tmp_path / "broken" / "datalist.json", broken)
+    training = json.loads(broken.read_text())["training"]
     label_path = tmp_path / "broken" / training[0]["label"]
     label = nib.load(label_path)
     values = np.asarray(label.dataobj).copy()
     values[0, 0] = 9
     nib.save(nib.Nifti1Image(values, label.affine), label_path)
 
-    spec = SimulationSpec(seed=1, out=tmp_path / "runs", timeout_s=600, datalists=tuple(datalists),
+    spec = SimulationSpec(seed=1, out=tmp_path / "runs", timeout_s=600, datalists=(good, broken),
                           run_config=dict(TINY_RUN_CONFIG, **{"num-rounds": 2}))
     summary = run_simulation(spec, echo=False)
 
-    rows = [json.loads(line) for line in (tmp_path / "runs" / "latest" / "metrics.jsonl").read_text().splitlines()]
-    broken = [r for r in rows if r["site"] == "broken"]
-    good = [r for r in rows if r["site"] == "good"]
-    assert summary["rounds"] == 2 and len(broken) == 2 and len(good) == 2
-    assert all(r["train-status"] == "refused" and label_path.name in r["train-reason"] for r in broken)
-    assert all(r["train-status"] == "ok" for r in good)
-    assert summary["per_site"]["good"]["round"] == 2
+    run_dir = (tmp_path / "runs" / "latest").resolve()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    broken_rows = [r for r in rows if r["site"] == "broken"]
+    good_rows = [r for r in rows if r["site"] == "good"]
+    assert summary["rounds"] == 2 and len(broken_rows) == 2 and len(good_rows) == 2
+    assert all(r["train-status"] == "refused" and label_path.name in r["train-reason"] for r in broken_rows)
+    assert all(r["train-status"] == "ok" and r["evaluate-status"] == "ok" for r in good_rows)
+    assert all(0.0 <= r["dice"] <= 1.0 and r["num-train-examples"] == 3 for r in good_rows)
+    assert summary["per_site"]["good"]["round"] == 2 and 0.0 <= summary["per_site"]["good"]["dice"] <= 1.0
+    assert list((run_dir / "state" / "good" / "cache").rglob("*.pt"))  # decoded DICOM cached at the site
+
+    series = good_dir / entries[3]["image"]
+    result = predict_scan(model_path=run_dir / "global_model.pt", input_path=series,
+                          output_path=tmp_path / "mask.nii.gz", device="cpu")
+    assert result.shape == (20, 18, 8) and result.modality == "CT"
+
+
+def test_datalists_set_channels_and_classes_unless_overridden(tmp_path):
+    from simulations.api import build_run_config
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    brats = {"modality": {"0": "T1", "1": "T1c", "2": "T2", "3": "FLAIR"}, "training": [],
+             "labels": {"0": "background", "1": "necrosis", "2": "edema", "3": "enhancing"}}
+    a.write_text(json.dumps(brats))
+    b.write_text(json.dumps({"training": []}))  # declares nothing: no disagreement
+    spec = SimulationSpec(datalists=(a, b), out=tmp_path)
+    config = build_run_config(spec, tmp_path, tmp_path / "sites.json", num_sites=2)
+    assert (config.in_channels, config.num_classes) == (4, 4)
+    spec = SimulationSpec(datalists=(a, b), out=tmp_path, run_config={"num-classes": 2})
+    assert build_run_config(spec, tmp_path, tmp_path / "sites.json", num_sites=2).num_classes == 2
+    b.write_text(json.dumps({"training": [], "labels": {"0": "background", "1": "tumour"}}))
+    with pytest.raises(ConfigError, match="all sites must agree"):
+        build_run_config(SimulationSpec(datalists=(a, b), out=tmp_path), tmp_path, tmp_path / "s.json", num_sites=2)

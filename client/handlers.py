@@ -14,6 +14,7 @@ hold anything) reaches the server through Flower's error reply.
 from __future__ import annotations
 
 import logging
+import re
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -65,13 +66,26 @@ def _handle(msg: Message, context: Context, work: Work) -> Message:
 
 
 def refusal_content(msg: Message, site: SiteConfig | None, reason: str) -> RecordDict:
-    """A reply content that declines this round with a short, loggable reason."""
-    reason = reason[:MAX_REASON_CHARS]
+    """A reply content that declines this round with a short, loggable reason.
+
+    The site's log keeps the full reason; what is sent names files by their
+    base name only, so folder names (often patient or study identifiers) stay
+    at the site.
+    """
     LOG.error("site %s refuses %s: %s", _site_id(site), msg.metadata.message_type, reason)
+    reason = strip_directories(reason)[:MAX_REASON_CHARS]
     return RecordDict({
         "metrics": MetricRecord({"num-examples": 0, "refused": 1}),
         "site": ConfigRecord({"site-id": _site_id(site), "reason": reason}),
     })
+
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][^/\\\s:'\"]+)+[/\\]([^/\\\s:'\"]+)")
+
+
+def strip_directories(text: str) -> str:
+    """Replace every absolute file path in ``text`` by its base name."""
+    return _PATH.sub(lambda match: match.group(1), text)
 
 
 def send_reply(msg: Message, *, content: RecordDict, context: Context, site: SiteConfig | None,

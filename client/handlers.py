@@ -178,8 +178,9 @@ def _evaluate(msg: Message, config: RunConfig, site: SiteConfig) -> RecordDict:
     model = build_unet(config.model_config())
     load_arrays(model, msg.content["arrays"])
     result = evaluate_local(model, cases, config=config, device=resolve_device(config.device))
-    metrics = {"num-examples": result.num_examples, "dice": result.dice, "loss": result.loss}
+    metrics = {"num-examples": result.num_examples, "dice": result.dice, "loss": result.loss, "hd95": result.hd95}
     metrics.update({f"dice-class-{i + 1}": v for i, v in enumerate(result.dice_per_class)})
+    metrics.update({f"hd95-class-{i + 1}": v for i, v in enumerate(result.hd95_per_class)})
     return RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site.site_id})})
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import DataError
-from shared.metrics import dice_per_class, nanmean
+from shared.metrics import dice_per_class, hd95_per_class, nanmean
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +31,9 @@ class EvalResult:
     dice: float
     dice_per_class: list[float]
     loss: float
+    hd95: float = float("nan")
+    hd95_per_class: list[float] = field(default_factory=list)
+    per_case: list[dict[str, Any]] = field(default_factory=list)
 
 
 def make_loss() -> torch.nn.Module:
@@ -75,17 +78,20 @@ def evaluate_local(model: torch.nn.Module, cases: list[dict[str, Any]], *, confi
         raise DataError("the site has no validation cases")
     model.to(device).eval()
     loss_fn = make_loss()
-    per_class: list[list[float]] = [[] for _ in range(config.num_classes - 1)]
-    losses = []
+    per_case = []
     with torch.no_grad():
         for case in cases:
             label = case["label"].unsqueeze(0).to(device)
             logits = predict_volume(model, case["image"].to(device), spatial_dims=config.spatial_dims,
                                     patch_size=config.patch_size)
-            losses.append(float(loss_fn(logits, label)))
-            scores = dice_per_class(logits, label, num_classes=config.num_classes)[0]
-            for index, score in enumerate(scores.tolist()):
-                per_class[index].append(score)
-    class_means = [nanmean(scores) for scores in per_class]
-    return EvalResult(num_examples=len(cases), dice=nanmean(class_means),
-                      dice_per_class=class_means, loss=sum(losses) / len(losses))
+            per_case.append({
+                "loss": float(loss_fn(logits, label)),
+                "dice": dice_per_class(logits, label, num_classes=config.num_classes)[0].tolist(),
+                "hd95": hd95_per_class(logits, label, num_classes=config.num_classes,
+                                       spacing=config.target_spacing)[0].tolist(),
+            })
+    dice_means = [nanmean([c["dice"][k] for c in per_case]) for k in range(config.num_classes - 1)]
+    hd95_means = [nanmean([c["hd95"][k] for c in per_case]) for k in range(config.num_classes - 1)]
+    return EvalResult(num_examples=len(cases), dice=nanmean(dice_means), dice_per_class=dice_means,
+                      loss=sum(c["loss"] for c in per_case) / len(per_case), hd95=nanmean(hd95_means),
+                      hd95_per_class=hd95_means, per_case=per_case)

@@ -111,11 +111,10 @@ class RunRecorder:
 
 def aggregate_sites(sites: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Example-weighted means over the sites that answered, and outcome counts."""
-    row: dict[str, Any] = {
-        "dice": _weighted(sites, "dice", "num-val-examples"),
-        "loss": _weighted(sites, "loss", "num-val-examples"),
-        "train-loss": _weighted(sites, "train-loss", "num-train-examples"),
-    }
+    evaluation_keys = {"dice", "loss", "hd95"} | {
+        key for r in sites.values() for key in r if key.startswith(("dice-class-", "hd95-class-"))}
+    row: dict[str, Any] = {key: _weighted(sites, key, "num-val-examples") for key in sorted(evaluation_keys)}
+    row["train-loss"] = _weighted(sites, "train-loss", "num-train-examples")
     for phase in ("train", "evaluate"):
         for outcome in ("ok", "refused", "failed"):
             row[f"sites-{phase}-{outcome}"] = sum(

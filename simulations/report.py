@@ -17,7 +17,8 @@ from typing import Any
 
 from shared.atomic import atomic_write
 
-SITE_COLUMNS = (("dice", "Dice"), ("loss", "val loss"), ("train-loss", "train loss"), ("epsilon", "epsilon"))
+SITE_COLUMNS = (("dice", "Dice"), ("hd95", "HD95 mm"), ("loss", "val loss"), ("train-loss", "train loss"),
+                ("epsilon", "epsilon"))
 
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import nibabel as nib
@@ -61,6 +62,8 @@ def test_evaluate_returns_dice_between_0_and_1(two_sites, flower_identity):
     metrics = reply.content.metric_records["metrics"]
     assert 0.0 <= metrics["dice"] <= 1.0 and metrics["num-examples"] >= 1
     assert metrics["dice-class-1"] == metrics["dice"]
+    assert metrics["hd95-class-1"] == metrics["hd95"] or math.isnan(metrics["hd95"])
+    assert math.isnan(metrics["hd95"]) or metrics["hd95"] >= 0.0
     assert "arrays" not in reply.content.array_records
 
 

@@ -72,3 +72,18 @@ def test_corrupt_model_file_is_refused_with_its_name(tmp_path):
     path.write_bytes(b"not a model")
     with pytest.raises(WeightsError, match="broken.pt"):
         load_model(path)
+
+
+def test_hd95_is_in_millimetres_and_nan_for_an_absent_class():
+    from shared.metrics import hd95_per_class
+
+    label = torch.zeros(1, 1, 32, 32, dtype=torch.long)
+    label[0, 0, 10:20, 10:20] = 1
+    shifted = torch.zeros(1, 3, 32, 32)
+    shifted[0, 0] = 1.0
+    shifted[0, 0, 13:23, 10:20] = 0.0
+    shifted[0, 1, 13:23, 10:20] = 5.0  # class 1 predicted 3 voxels off; class 2 absent everywhere
+    distances = hd95_per_class(shifted, label, num_classes=3, spacing=2.0)
+    assert distances.shape == (1, 2)
+    assert distances[0, 0].item() == pytest.approx(6.0, abs=0.5)
+    assert torch.isnan(distances[0, 1])

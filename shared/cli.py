@@ -9,15 +9,25 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Mapping
 
 from shared.errors import FedSegError
 
 
+def quiet_optional_codec_notice() -> None:
+    """MONAI logs, at every import, that the optional nvImageCodec DICOM decoder is absent.
+
+    fedseg never uses it (pydicom decodes), so the notice is only noise on a console.
+    """
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+
+
 def run_commands(prog: str, description: str, commands: Mapping[str, tuple[str, str]],
                  argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen command; ``commands`` maps name -> (module, help)."""
+    quiet_optional_codec_notice()
     parser = argparse.ArgumentParser(prog=prog, description=description)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}

@@ -6,8 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from shared.cli import quiet_optional_codec_notice
 from shared.errors import FedSegError
 from simulations.api import SimulationSpec, run_simulation
+from simulations.baselines import parse_baselines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sites sampled for training and evaluation each round (default: all)")
     parser.add_argument("--ray-address", default="",
                         help="join an existing Ray cluster (e.g. 10.0.0.5:6379) instead of starting one")
+    parser.add_argument("--baselines", default="", metavar="pooled,local",
+                        help="also train a model on all sites' data pooled and/or one per site alone (same "
+                             "model, seed and total epochs) and compare them per site in the report")
+    parser.add_argument("--holdout-sites", type=int, default=0,
+                        help="extra sites that never train; the final models are evaluated on them")
     parser.add_argument("--local-epochs", type=int, help="local epochs per round (run config local-epochs)")
     parser.add_argument("--cpus-per-client", type=float, default=1.0,
                         help="CPUs Ray reserves per virtual hospital (default: 1)")
@@ -70,6 +77,7 @@ def parse_run_config(pairs: list[str]) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_optional_codec_notice()
     args = build_parser().parse_args(argv)
     try:
         overrides = parse_run_config(args.run_config)
@@ -82,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                               datalists=tuple(args.datalists), partition=args.partition,
                               pool_cases=args.pool_cases, quantity_exponent=args.quantity_exponent,
                               dirichlet_alpha=args.dirichlet_alpha, sites_per_round=args.sites_per_round,
-                              ray_address=args.ray_address)
+                              ray_address=args.ray_address, baselines=parse_baselines(args.baselines),
+                              holdout_sites=args.holdout_sites)
         run_simulation(spec)
     except FedSegError as exc:
         print(f"error: {exc}", file=sys.stderr)

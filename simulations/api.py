@@ -19,6 +19,7 @@ from server.federation import PROGRESS_PREFIX, update_latest_link
 from shared.config import RunConfig
 from shared.errors import ConfigError
 from simulations.flower_runtime import Resources, run_app, simulation_superlink
+from simulations.baselines import run_baselines
 from simulations.layout import LayoutSpec, lay_out_sites
 from simulations.report import final_site_table, read_rows, site_table_text, write_report
 
@@ -47,6 +48,8 @@ class SimulationSpec:
     dirichlet_alpha: float = 0.5
     sites_per_round: int = 0
     ray_address: str = ""
+    baselines: tuple[str, ...] = ()
+    holdout_sites: int = 0
 
     def __post_init__(self) -> None:
         for name in ("sites", "rounds"):
@@ -65,18 +68,22 @@ class SimulationSpec:
         if self.sites_per_round < 0 or self.sites_per_round > self.num_sites:
             raise ConfigError(f"'--sites-per-round' must be between 1 and the number of sites "
                               f"({self.num_sites}), got {self.sites_per_round!r}")
+        if self.holdout_sites < 0 or self.num_sites < 1:
+            raise ConfigError(f"'--holdout-sites' must leave at least one site to train, got {self.holdout_sites!r}")
         if self.cpus_per_client <= 0:
             raise ConfigError(f"'--cpus-per-client' must be > 0, got {self.cpus_per_client!r}")
 
 
     @property
     def num_sites(self) -> int:
-        """Virtual sites: one per datalist under the natural scheme, else ``sites``."""
-        return len(self.datalists) if self.datalists and self.partition == "natural" else self.sites
+        """Sites that take part: one per datalist under the natural scheme, else ``sites``."""
+        if self.datalists and self.partition == "natural":
+            return len(self.datalists) - self.holdout_sites
+        return self.sites
 
     def layout(self) -> LayoutSpec:
         """The on-disk layout this spec asks for."""
-        return LayoutSpec(scheme=self.partition, sites=self.sites, spatial_dims=self.spatial_dims, seed=self.seed,
+        return LayoutSpec(scheme=self.partition, sites=self.sites + self.holdout_sites, spatial_dims=self.spatial_dims, seed=self.seed,
                           min_cases=self.min_cases, max_cases=self.max_cases, pool_cases=self.pool_cases,
                           quantity_exponent=self.quantity_exponent, dirichlet_alpha=self.dirichlet_alpha,
                           datalists=tuple(self.datalists))
@@ -138,7 +145,8 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True,
 
     say(f"{PROGRESS_PREFIX} laying out {spec.num_sites} sites ({spec.partition}, {spec.spatial_dims}D) "
         f"under {run_dir / 'data'}")
-    sites = lay_out_sites(spec.layout(), run_dir / "data", run_dir)
+    laid_out = lay_out_sites(spec.layout(), run_dir / "data", run_dir)
+    sites, holdout = laid_out[:spec.num_sites], laid_out[spec.num_sites:]
     manifest = write_sites_manifest(run_dir, sites)
     config = build_run_config(spec, run_dir, manifest, num_sites=len(sites))
     run_config_path = run_dir / "run-config.toml"
@@ -152,6 +160,11 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True,
     if not summary_path.exists():
         raise ConfigError(f"the run wrote no summary: see {run_dir / 'flower.log'}")
     summary = json.loads(summary_path.read_text())
+    if spec.baselines or holdout:
+        say(f"{PROGRESS_PREFIX} evaluating the federated model"
+            f"{' and training baselines ' + ', '.join(spec.baselines) if spec.baselines else ''}"
+            f"{f' (held-out sites: {len(holdout)})' if holdout else ''}")
+        run_baselines(run_dir, sites, kinds=spec.baselines, holdout=holdout)
     report = write_report(run_dir)
     say(f"{PROGRESS_PREFIX} finished in {time.monotonic() - started:.0f}s; run folder {run_dir}")
     say(f"{PROGRESS_PREFIX} report: {report} (and report.html)")

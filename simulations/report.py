@@ -124,11 +124,40 @@ def site_table_text(table: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def comparison_text(run_dir: Path) -> str:
+    """Federated vs pooled vs local-only per site (Markdown), from ``baselines.json``; '' if absent."""
+    path = run_dir / "baselines.json"
+    if not path.exists():
+        return ""
+    from simulations.baselines import comparison_rows
+
+    results = json.loads(path.read_text())
+    rows = comparison_rows(results)
+    kinds = [k for k in ("federated", "pooled", "local") if any(k in r for r in rows)]
+    head = "| site | " + " | ".join(f"{k} Dice [95% CI] | {k} HD95 mm" for k in kinds) + " |"
+    lines = [f"Each model evaluated on the same validation cases of every site; baselines trained "
+             f"{results.get('epochs')} epochs (= local epochs x rounds), without DP. Intervals: bootstrap over cases.",
+             "", head, "|---" * (1 + 2 * len(kinds)) + "|"]
+    for row in rows:
+        cells = []
+        for kind in kinds:
+            entry = row.get(kind, {})
+            interval = entry.get("dice-ci")
+            ci = f" [{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval and None not in interval else ""
+            cells += [f"{_fmt(entry.get('dice'))}{ci}", _fmt(entry.get("hd95"))]
+        label = f"{row['site']} (held out)" if row["holdout"] else row["site"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _markdown(summary: dict[str, Any], table: list[dict[str, Any]], plots: dict[str, Path], run_dir: Path) -> str:
     parts = [f"# fedseg run report: {run_dir.name}", "",
              f"{summary['rounds']} rounds, {len(summary['sites'])} sites; global Dice after round 1: "
              f"{_fmt(summary.get('first_round_dice'))}, after the last round: {_fmt(summary.get('final_dice'))}.", "",
              "## Per site (latest round each site reported)", "", site_table_text(table), ""]
+    comparison = comparison_text(run_dir)
+    if comparison:
+        parts += ["## Federated vs baselines", "", comparison, ""]
     for name, path in plots.items():
         parts += [f"![{name}]({path.relative_to(run_dir)})", ""]
     return "\n".join(parts)
@@ -147,8 +176,20 @@ def _html(summary: dict[str, Any], table: list[dict[str, Any]], plots: dict[str,
             f"<h1>fedseg run report: {html.escape(run_dir.name)}</h1>"
             f"<p>{summary['rounds']} rounds, {len(summary['sites'])} sites; global Dice after round 1: "
             f"{_fmt(summary.get('first_round_dice'))}, after the last round: {_fmt(summary.get('final_dice'))}.</p>"
-            f"<h2>Per site</h2><table><tr><th>site</th>{header}<th>note</th></tr>{body}</table>{images}"
+            f"<h2>Per site</h2><table><tr><th>site</th>{header}<th>note</th></tr>{body}</table>"
+            f"{_comparison_html(run_dir)}{images}"
             "</body></html>\n")
+
+
+def _comparison_html(run_dir: Path) -> str:
+    text = comparison_text(run_dir)
+    if not text:
+        return ""
+    lines = text.splitlines()
+    rows = [[html.escape(c.strip()) for c in line.strip("|").split("|")] for line in lines[2:] if "---" not in line]
+    cells = "".join("<tr>" + "".join(f"<t{'h' if i == 0 else 'd'}>{c}</t{'h' if i == 0 else 'd'}>" for c in row)
+                    + "</tr>" for i, row in enumerate(rows))
+    return f"<h2>Federated vs baselines</h2><p>{html.escape(lines[0])}</p><table>{cells}</table>"
 
 
 def _fmt(value: Any) -> str:

@@ -50,3 +50,18 @@ def test_site_table_takes_each_sites_latest_values(tmp_path):
     assert abs(table["hospital-02"]["dice"] - 0.8) < 1e-9 and table["hospital-02"]["dice-round"] == 3
     assert "refused" in table["hospital-03"]["note"]
     assert list(table)[-1] == "global"
+
+
+def test_comparison_table_from_baselines(tmp_path):
+    from simulations.report import comparison_text
+
+    run_dir = _run_folder(tmp_path)
+    site = {"cases": 2, "dice": 0.8, "dice-ci": [0.7, 0.9], "hd95": 2.0, "hd95-ci": [1.0, 3.0]}
+    (run_dir / "baselines.json").write_text(json.dumps({
+        "federated": {"a": site, "h": site}, "pooled": {"a": site, "h": site},
+        "local": {"a": {"a": dict(site, dice=0.6), "h": dict(site, dice=0.5)}}, "holdout": ["h"], "epochs": 10}))
+    text = comparison_text(run_dir)
+    assert "h (held out)" in text and "0.8000 [0.7000, 0.9000]" in text and "0.6000" in text
+    write_report(run_dir)
+    assert "Federated vs baselines" in (run_dir / "report.md").read_text()
+    assert "held out" in (run_dir / "report.html").read_text()

@@ -1,0 +1,49 @@
+"""Baselines: bootstrap intervals, and pooled/local models evaluated like the federated one."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from shared.config import RunConfig
+from shared.errors import ConfigError
+from shared.model import build_unet
+from shared.model_file import save_model_file
+from simulations.baselines import bootstrap_interval, comparison_rows, parse_baselines, run_baselines
+from tests.conftest import TINY_RUN_CONFIG
+
+
+def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_cases():
+    rng = np.random.default_rng(0)
+    few, many = list(rng.normal(0.7, 0.1, 10)), list(rng.normal(0.7, 0.1, 400))
+    low, high = bootstrap_interval(few, seed=1)
+    assert low < np.mean(few) < high
+    low_many, high_many = bootstrap_interval(many, seed=1)
+    assert high_many - low_many < high - low
+    assert bootstrap_interval([float("nan")]) != bootstrap_interval([float("nan")])  # NaN, NaN
+
+
+def test_unknown_baseline_is_named():
+    assert parse_baselines("pooled, local") == ("pooled", "local")
+    with pytest.raises(ConfigError, match="centralised"):
+        parse_baselines("pooled,centralised")
+
+
+def test_baselines_train_and_evaluate_on_the_same_cases(tmp_path, two_sites):
+    config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, **{"num-rounds": 2}))
+    save_model_file(tmp_path / "global_model.pt", state_dict=build_unet(config.model_config()).state_dict(),
+                    model_config=config.model_config())
+    (tmp_path / "summary.json").write_text(json.dumps({"run_config": config.to_mapping()}))
+    sites = [("a", two_sites[0])]
+    results = run_baselines(tmp_path, sites, kinds=("pooled", "local"), holdout=[("h", two_sites[1])])
+    assert results["epochs"] == 2
+    for kind in ("federated", "pooled"):
+        assert set(results[kind]) == {"a", "h"}
+        assert results[kind]["a"]["cases"] == len(json.loads(two_sites[0].read_text())["validation"])
+    assert set(results["local"]["a"]) == {"a", "h"}
+    rows = {r["site"]: r for r in comparison_rows(results)}
+    assert rows["h"]["holdout"] and not rows["a"]["holdout"]
+    assert rows["a"]["local"] == results["local"]["a"]["a"]
+    assert (tmp_path / "baselines.json").exists()

@@ -8,6 +8,7 @@ from shared.cli import run_commands
 
 # name -> (module with add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "keygen": ("client.keygen", "make this node's authentication key pair (the public key goes to the operator)"),
 }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import ssl
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ CONNECTION = "fedseg-deploy"
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 60.0
 # How often a SuperExec polls its SuperNode/SuperLink for a new app to start (Flower default 1 s).
-TASK_POLL_INTERVAL_S = "0.1"
+TASK_POLL_INTERVAL_S = "0.2"
 
 
 class DeploymentError(FedSegError):
@@ -143,9 +144,10 @@ class LocalSuperLink:
         env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = TASK_POLL_INTERVAL_S
         process = self._spawn(f"supernode-{node.site_id}", command, env)
         if node.isolation == "process":
+            # run as a script so that no fedseg package is importable in it: app code comes from the FAB
             self._spawn(f"clientapp-executor-{node.site_id}", [
-                "python", "-m", "deploy.warm_executor", "--runtime-api-address", f"{HOST}:{runtime_port}",
-                "--parent-pid", str(process.pid)], env)
+                sys.executable, str(Path(__file__).with_name("clientapp_executor.py")), "--insecure",
+                "--runtime-api-address", f"{HOST}:{runtime_port}", "--parent-pid", str(process.pid)], env)
         return process
 
     def log_path(self, name: str) -> Path:

@@ -23,6 +23,7 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,14 +69,15 @@ class DeploymentSpec:
             raise ConfigError(f"'datalists': no such file: {', '.join(missing)}")
 
 
-def run_local_federation(spec: DeploymentSpec, *, echo: bool = True) -> dict[str, Any]:
+def run_local_federation(spec: DeploymentSpec, *, echo: bool | Callable[[str], None] = True) -> dict[str, Any]:
     """Run the federation described by ``spec``; return the run's ``summary.json``.
 
     The work folder ``spec.out/<timestamp>`` holds ``certs/``, ``nodes/<site>/``
     (key pair, state), ``logs/`` (one log per process), ``superlink-state.db``
-    and ``run/`` (the ServerApp's run folder).
+    and ``run/`` (the ServerApp's run folder). ``echo``: print progress lines
+    (True), stay quiet (False), or pass each line to this callable.
     """
-    say = print if echo else (lambda *_: None)
+    say = echo if callable(echo) else (print if echo else (lambda *_: None))
     work_dir = (Path(spec.out) / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}").resolve()
     work_dir.mkdir(parents=True)
     sites = _site_datalists(spec, work_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,11 +70,14 @@ def build_run_config(spec: SimulationSpec, run_dir: Path, sites_manifest: Path, 
     return RunConfig.from_mapping(values)
 
 
-def run_simulation(spec: SimulationSpec, *, echo: bool = True) -> dict[str, Any]:
-    """Generate the hospitals, run the federation through ``flwr run``; return ``summary.json``."""
+def run_simulation(spec: SimulationSpec, *, echo: bool | Callable[[str], None] = True) -> dict[str, Any]:
+    """Generate the hospitals, run the federation through ``flwr run``; return ``summary.json``.
+
+    ``echo``: print progress lines (True), stay quiet (False), or pass each line to this callable.
+    """
     run_dir = _new_run_dir(spec.out)
     update_latest_link(run_dir)
-    say = print if echo else (lambda *_: None)
+    say = echo if callable(echo) else (print if echo else (lambda *_: None))
     sites = _site_datalists(spec, run_dir, say)
     manifest = write_sites_manifest(run_dir, sites)
     config = build_run_config(spec, run_dir, manifest, num_sites=len(sites))

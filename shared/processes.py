@@ -55,19 +55,19 @@ def free_port() -> int:
 def stop_process_group(process: subprocess.Popen, grace_s: float = 15.0) -> None:
     """Stop ``process`` and every process it started, even those in other sessions.
 
-    The whole tree is collected first, asked to terminate (SIGTERM to the
-    process group), then each survivor is killed by PID after ``grace_s``.
+    The whole tree is collected first, its process group is asked to terminate
+    (SIGTERM), then every survivor of the tree is killed by PID after ``grace_s``.
     """
     tree = [process.pid, *descendants(process.pid)]
+    tree.extend(pid for pid in group_members(tree) if pid not in tree)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGTERM)
-    for pid in tree[1:]:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and any(alive(pid) for pid in tree):
         with contextlib.suppress(ProcessLookupError, ChildProcessError):
             process.poll()
+        # daemons may start workers, or orphan them, while they shut down (Ray does): track them too
+        tree.extend(pid for pid in [*descendants(*tree), *group_members(tree)] if pid not in tree)
         time.sleep(0.1)
     for pid in tree:
         if alive(pid):
@@ -77,19 +77,26 @@ def stop_process_group(process: subprocess.Popen, grace_s: float = 15.0) -> None
         process.wait(timeout=grace_s)
 
 
-def descendants(root: int) -> list[int]:
-    """PIDs of every process below ``root`` (Linux ``/proc``; empty elsewhere)."""
+def descendants(*roots: int) -> list[int]:
+    """PIDs of every process below any of ``roots`` (Linux ``/proc``; empty elsewhere)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").glob("[0-9]*"):
         parent = _stat_field(int(entry.name), 3)
         if parent is not None:
             children.setdefault(int(parent), []).append(int(entry.name))
-    found, stack = [], [root]
+    found, stack = [], list(roots)
     while stack:
         for child in children.get(stack.pop(), []):
             found.append(child)
             stack.append(child)
     return found
+
+
+def group_members(pids: list[int]) -> list[int]:
+    """PIDs of every process in the process groups of ``pids`` (their orphans included)."""
+    groups = {_stat_field(pid, 4) for pid in pids} - {None, _stat_field(os.getpid(), 4)}  # never our own
+    return [int(entry.name) for entry in Path("/proc").glob("[0-9]*")
+            if int(entry.name) != os.getpid() and _stat_field(int(entry.name), 4) in groups]
 
 
 def alive(pid: int) -> bool:

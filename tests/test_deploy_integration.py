@@ -37,6 +37,7 @@ def _processes_mentioning(fragment: str) -> list[int]:
 @pytest.mark.integration
 def test_two_hospitals_two_rounds_over_tls_with_node_auth(tmp_path):
     spec = DeploymentSpec(out=tmp_path / "deploy", sites=2, rounds=2, seed=1, min_cases=3, max_cases=4,
+                          isolation="process",  # the warm ClientApp executor; subprocess is Flower's default
                           run_config=dict(TINY_RUN_CONFIG, **{"num-rounds": 2}), timeout_s=900)
     summary = run_local_federation(spec, echo=False)
 

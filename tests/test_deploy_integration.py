@@ -127,3 +127,17 @@ def test_the_registered_node_is_accepted(secured_superlink, two_sites):
         time.sleep(0.2)
     listed = json.loads(link.flwr(["supernode", "list", "--format", "json"]))
     assert any(node["status"] == "online" for node in listed["nodes"])
+
+
+def test_plain_text_needs_an_explicit_flag(tmp_path):
+    with pytest.raises(DeploymentError, match="insecure=True"):
+        LocalSuperLink(tmp_path, credentials=None)
+
+
+def test_deployment_spec_names_bad_options(tmp_path):
+    from shared.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'isolation'"):
+        DeploymentSpec(out=tmp_path, isolation="thread")
+    with pytest.raises(ConfigError, match="no such file"):
+        DeploymentSpec(out=tmp_path, datalists=(tmp_path / "missing.json",))

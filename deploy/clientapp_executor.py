@@ -12,7 +12,8 @@ of its own (state never leaks between runs or rounds), it just starts warm.
 Only third-party libraries are preloaded, never fedseg's own packages: the
 ClientApp code always comes from the FAB that Flower installs for the run.
 
-``python -m deploy.clientapp_executor --runtime-api-address 127.0.0.1:9094 --insecure``
+``python deploy/clientapp_executor.py --runtime-api-address 127.0.0.1:9094 --insecure --parent-pid PID``
+(run as a script, so that the repository root is not on its ``sys.path``)
 """
 
 from __future__ import annotations
@@ -129,8 +130,8 @@ def run_executor(*, runtime_api_address: str, insecure: bool, root_certificates:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m deploy.clientapp_executor``."""
-    parser = argparse.ArgumentParser(prog="python -m deploy.clientapp_executor", description=__doc__.split("\n")[0])
+    """Entry point of ``python deploy/clientapp_executor.py``; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python deploy/clientapp_executor.py", description=__doc__.split("\n")[0])
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (host:port)")
     parser.add_argument("--insecure", action="store_true", help="the Runtime API is plain HTTP (loopback only)")
     parser.add_argument("--root-certificates", help="CA of the Runtime API's TLS certificate")

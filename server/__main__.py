@@ -8,6 +8,7 @@ from shared.cli import run_commands
 
 # name -> (module with add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "certs": ("server.certs", "make the consortium CA and the SuperLink TLS certificate"),
 }
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
+from server.polling_grid import PollingGrid
 from server.run_folder import RunRecorder
 from server.strategy import SiteTrackingFedAvg
 from shared.config import RunConfig
@@ -70,7 +71,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
         return None
 
     build_strategy(config, recorder).start(
-        grid=grid, initial_arrays=initial, num_rounds=config.num_rounds,
+        grid=PollingGrid(grid), initial_arrays=initial, num_rounds=config.num_rounds,
         timeout=config.round_timeout, train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
         evaluate_fn=after_round,
     )

@@ -14,13 +14,18 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(file)`` on a temporary file, then move it to ``path`` atomically."""
+def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None], *, mode: int = 0o600) -> Path:
+    """Call ``write(file)`` on a temporary file, then move it to ``path`` atomically.
+
+    The file has permissions ``mode`` from its creation on (default 0600, owner
+    only), so a private key is never readable by others, not even briefly.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())

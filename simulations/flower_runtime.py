@@ -11,13 +11,9 @@ even on failure.
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -26,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import FedSegError
+from shared.processes import flower_env, free_port, stop_process_group, tail
 
 CONNECTION = "fedseg-sim"
 STARTUP_TIMEOUT_S = 60.0
@@ -48,31 +45,6 @@ class Resources:
         cpus = int(self.num_cpus) if float(self.num_cpus).is_integer() else self.num_cpus
         return (f"num-supernodes={self.num_supernodes} client-resources-num-cpus={cpus} "
                 f"client-resources-num-gpus={float(self.num_gpus)}")
-
-
-def flower_env(flwr_home: Path, ray_tmp: Path) -> dict[str, str]:
-    """Environment for Flower processes: private home, no telemetry, no installs."""
-    env = dict(os.environ)
-    env.update({
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "RAY_TMPDIR": str(ray_tmp),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_DEDUP_LOGS": "0",
-        "PYTHONWARNINGS": "ignore",
-    })
-    bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
-    return env
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_connection(flwr_home: Path, port: int) -> None:
@@ -135,82 +107,7 @@ def run_app(app_dir: Path, env: dict[str, str], *, run_config: Path, resources: 
         finally:
             stop_process_group(process)
     if code != 0:
-        raise SimulationError(f"`flwr run` exited with code {code}; last lines of {log_path}:\n{_tail(log_path)}")
-
-
-def stop_process_group(process: subprocess.Popen, grace_s: float = 15.0, *, marker: str = "") -> None:
-    """Stop ``process`` and every process it started, even those in other sessions.
-
-    Flower's SuperLink starts its SuperExec in a session of its own, and Ray's
-    daemons hang below that, so killing one process group is not enough: the
-    whole tree is collected first, asked to terminate, then killed if needed.
-    Ray daemons can outlive their parent and be re-parented to init; with
-    ``marker`` (an ``NAME=value`` environment entry only our processes carry)
-    those are found and stopped too.
-    """
-    tree = [process.pid, *descendants(process.pid)]
-    if marker:
-        tree += [pid for pid in processes_with_env(marker) if pid not in tree]
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
-        with contextlib.suppress(ProcessLookupError, ChildProcessError):
-            process.poll()
-        time.sleep(0.1)
-    if marker:
-        tree += [pid for pid in processes_with_env(marker) if pid not in tree]
-    for pid in tree:
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=grace_s)
-
-
-def processes_with_env(entry: str) -> list[int]:
-    """PIDs of the processes whose environment holds ``entry`` (``NAME=value``)."""
-    needle = entry.encode() + b"\0"
-    found = []
-    for path in Path("/proc").glob("[0-9]*"):
-        if int(path.name) == os.getpid():
-            continue
-        try:
-            if needle in (path / "environ").read_bytes() + b"\0":
-                found.append(int(path.name))
-        except OSError:
-            continue
-    return found
-
-
-def descendants(root: int) -> list[int]:
-    """PIDs of every process below ``root`` (Linux ``/proc``; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        parent = _stat_field(int(entry.name), 3)
-        if parent is not None:
-            children.setdefault(int(parent), []).append(int(entry.name))
-    found, stack = [], [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    state = _stat_field(pid, 2)
-    return state is not None and state not in ("Z", "X")
-
-
-def _stat_field(pid: int, index: int) -> str | None:
-    """Field ``index`` (0-based, per proc(5)) of ``/proc/<pid>/stat``; None if gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2:].split()  # the command name may contain spaces
-    return fields[index - 2] if index >= 2 else None
+        raise SimulationError(f"`flwr run` exited with code {code}; last lines of {log_path}:\n{tail(log_path)}")
 
 
 def _wait_healthy(process: subprocess.Popen, port: int, log_path: Path) -> None:
@@ -226,10 +123,3 @@ def _wait_healthy(process: subprocess.Popen, port: int, log_path: Path) -> None:
             pass
         time.sleep(0.2)
     raise SimulationError(f"flower-superlink not healthy after {STARTUP_TIMEOUT_S:.0f} s; see {log_path}")
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"

@@ -1,0 +1,1 @@
+"""Running fedseg as a real deployment: the local process federation and its helpers."""

@@ -1,0 +1,201 @@
+"""Start the Flower processes of a real federation on this machine, hardened.
+
+:class:`LocalSuperLink` owns one ``flower-superlink`` (TLS, SuperNode
+authentication, a persistent ``--database``) and the operator's ``FLWR_HOME``
+with a connection to it; it registers node keys with ``flwr supernode
+register`` and starts ``flower-supernode`` processes. Every process started
+is remembered and stopped by PID (whole process tree) on :meth:`stop`.
+Insecure mode (no TLS, no node auth) exists only behind ``insecure=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.errors import FedSegError
+from shared.processes import flower_env, free_port, stop_process_group, tail
+
+CONNECTION = "fedseg-deploy"
+HOST = "127.0.0.1"
+STARTUP_TIMEOUT_S = 60.0
+# How often a SuperExec polls its SuperNode/SuperLink for a new app to start (Flower default 1 s).
+TASK_POLL_INTERVAL_S = "0.2"
+
+
+class DeploymentError(FedSegError):
+    """A process of the local deployment failed to start, or a command failed."""
+
+
+@dataclass(frozen=True)
+class ServerCredentials:
+    """The SuperLink's TLS files (from ``python -m server certs``)."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """One hospital node: its identity, data, state, key and Flower options."""
+
+    site_id: str
+    datalist: Path
+    state_dir: Path
+    private_key: Path | None
+    root_certificates: Path | None
+    isolation: str = "subprocess"
+    insecure: bool = False
+    max_retries: int | None = None
+
+    def node_config(self) -> str:
+        """The ``--node-config`` value: the site-owned settings of :mod:`client.site`."""
+        return (f"site-id='{self.site_id}' datalist='{self.datalist.resolve()}' "
+                f"state-dir='{self.state_dir.resolve()}'")
+
+
+class LocalSuperLink:
+    """A SuperLink on loopback plus the SuperNodes attached to it; stops them all."""
+
+    def __init__(self, work_dir: Path, *, credentials: ServerCredentials | None, insecure: bool = False) -> None:
+        if credentials is None and not insecure:
+            raise DeploymentError("TLS credentials are required unless insecure=True (local experiments only)")
+        self.work_dir = Path(work_dir)
+        self.credentials = None if insecure else credentials
+        self.port = free_port()
+        self.address = f"{HOST}:{self.port}"
+        self.flwr_home = self.work_dir / "operator-flwr-home"
+        self.logs = self.work_dir / "logs"
+        self.env = flower_env(self.flwr_home)
+        self.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = TASK_POLL_INTERVAL_S
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    # -- SuperLink -------------------------------------------------------------------------------
+    def start(self) -> LocalSuperLink:
+        """Start the SuperLink, wait until it answers, and write the operator's connection."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        command = ["flower-superlink", "--host", HOST, "--port", str(self.port),
+                   "--database", str(self.work_dir / "superlink-state.db"),
+                   "--disable-runtime-dependency-installation"]
+        if self.credentials is None:
+            command.append("--insecure")
+        else:
+            command += ["--ssl-ca-certfile", str(self.credentials.ca_cert),
+                        "--ssl-certfile", str(self.credentials.server_cert),
+                        "--ssl-keyfile", str(self.credentials.server_key), "--enable-supernode-auth"]
+        self._spawn("superlink", command, self.env)
+        self._write_connection()
+        self._wait_healthy()
+        return self
+
+    def stop(self) -> None:
+        """Stop every process this object started (SuperNodes first), by PID, whole trees."""
+        for name in sorted(self.processes, key=lambda n: n == "superlink"):
+            stop_process_group(self.processes.pop(name), grace_s=10.0)
+
+    def __enter__(self) -> LocalSuperLink:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- operator commands (flwr CLI) ------------------------------------------------------------
+    def register_node(self, public_key: Path, *, name: str) -> int:
+        """``flwr supernode register``: allow the node holding this key; returns its node id."""
+        out = self.flwr(["supernode", "register", str(public_key), CONNECTION, "--name", name,
+                         "--format", "json"])
+        try:
+            return int(_last_json(out)["node-id"])
+        except (KeyError, TypeError, ValueError):
+            raise DeploymentError(f"`flwr supernode register {public_key}` gave no node id:\n{out}") from None
+
+    def flwr(self, args: list[str], *, timeout_s: float = 120.0) -> str:
+        """Run a ``flwr`` CLI command against this SuperLink; return its output; raise on failure."""
+        result = subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True,
+                                timeout=timeout_s, cwd=self.work_dir)
+        if result.returncode != 0:
+            raise DeploymentError(f"`flwr {' '.join(args)}` failed ({result.returncode}):\n"
+                                  f"{result.stdout[-2000:]}{result.stderr[-2000:]}")
+        return result.stdout
+
+    # -- SuperNodes ------------------------------------------------------------------------------
+    def start_supernode(self, node: NodeSettings) -> subprocess.Popen:
+        """Start ``flower-supernode`` for ``node`` (and, for ``process`` isolation, its executor)."""
+        node.state_dir.mkdir(parents=True, exist_ok=True)
+        runtime_port = free_port()
+        command = ["flower-supernode", "--superlink", self.address, "--node-config", node.node_config(),
+                   "--isolation", node.isolation, "--port", str(runtime_port)]
+        command += ["--insecure"] if node.insecure else []
+        command += ["--root-certificates", str(node.root_certificates)] if node.root_certificates else []
+        command += ["--auth-supernode-private-key", str(node.private_key)] if node.private_key else []
+        command += ["--max-retries", str(node.max_retries)] if node.max_retries is not None else []
+        env = flower_env(node.state_dir / "flwr-home")
+        env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = TASK_POLL_INTERVAL_S
+        process = self._spawn(f"supernode-{node.site_id}", command, env)
+        if node.isolation == "process":
+            # run as a script so that no fedseg package is importable in it: app code comes from the FAB
+            self._spawn(f"clientapp-executor-{node.site_id}", [
+                sys.executable, str(Path(__file__).with_name("clientapp_executor.py")), "--insecure",
+                "--runtime-api-address", f"{HOST}:{runtime_port}", "--parent-pid", str(process.pid)], env)
+        return process
+
+    def log_path(self, name: str) -> Path:
+        """The log file of the process called ``name``."""
+        return self.logs / f"{name}.log"
+
+    # -- internals -------------------------------------------------------------------------------
+    def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        if name in self.processes:
+            raise DeploymentError(f"a process called {name!r} is already running")
+        with open(self.log_path(name), "ab") as log:
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True, cwd=self.work_dir)
+        self.processes[name] = process
+        return process
+
+    def _write_connection(self) -> None:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        if self.credentials is None:
+            security = "insecure = true"
+        else:
+            security = f'root-certificates = "{self.credentials.ca_cert.resolve()}"'
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n{security}\n')
+
+    def _wait_healthy(self) -> None:
+        scheme = "http" if self.credentials is None else "https"
+        context = None if self.credentials is None else ssl.create_default_context(
+            cafile=str(self.credentials.ca_cert))
+        process, deadline = self.processes["superlink"], time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise DeploymentError(f"flower-superlink exited with code {process.returncode}:\n"
+                                      f"{tail(self.log_path('superlink'))}")
+            try:
+                with urllib.request.urlopen(f"{scheme}://{self.address}/health", timeout=1.0,
+                                            context=context) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise DeploymentError(f"flower-superlink not healthy after {STARTUP_TIMEOUT_S:.0f} s:\n"
+                              f"{tail(self.log_path('superlink'))}")
+
+
+def _last_json(output: str) -> dict:
+    """The last JSON object in a command's output (``flwr ... --format json``)."""
+    start = output.rfind("\n{")
+    return json.loads(output[start + 1 if start >= 0 else output.find("{"):])

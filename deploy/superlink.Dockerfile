@@ -1,0 +1,23 @@
+# fedseg consortium server: Flower SuperLink + the fedseg ServerApp (run in a subprocess of the SuperLink).
+# Build from the repo root:  docker build -f deploy/superlink.Dockerfile -t fedseg/superlink:0.1.0 .
+# Official Flower image; the version matches the pinned flwr in requirements.txt (a test checks).
+FROM flwr/superlink:1.41.0
+
+# Dependencies are baked in at build time; nothing is installed when a run starts.
+ARG TORCH_SPEC="torch==2.13.0+cpu"
+ARG TORCH_INDEX="https://download.pytorch.org/whl/cpu"
+COPY --chown=app:app requirements.txt /app/requirements.txt
+RUN grep -v -e '^flwr' -e '^pytest' /app/requirements.txt > /tmp/deps.txt \
+ && python -m pip install --no-cache-dir --extra-index-url "${TORCH_INDEX}" "${TORCH_SPEC}" -r /tmp/deps.txt \
+ && rm /tmp/deps.txt
+# The operator tools (python -m server certs); the app itself arrives as a FAB with `flwr run`.
+COPY --chown=app:app pyproject.toml /app/
+COPY --chown=app:app server /app/server
+COPY --chown=app:app shared /app/shared
+WORKDIR /app
+
+ENV FLWR_TELEMETRY_ENABLED=0 \
+    FLWR_DISABLE_UPDATE_CHECK=1 \
+    FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+
+ENTRYPOINT ["flower-superlink"]

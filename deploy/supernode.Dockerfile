@@ -1,0 +1,24 @@
+# fedseg hospital node: Flower SuperNode + the fedseg ClientApp's dependencies (torch CPU, MONAI, Opacus).
+# Build from the repo root:  docker build -f deploy/supernode.Dockerfile -t fedseg/supernode:0.1.0 .
+# GPU sites: --build-arg TORCH_SPEC='torch==2.13.0' --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# Official Flower image; the version matches the pinned flwr in requirements.txt (a test checks).
+FROM flwr/supernode:1.41.0
+
+# Dependencies are baked in at build time; nothing is installed when a run starts.
+ARG TORCH_SPEC="torch==2.13.0+cpu"
+ARG TORCH_INDEX="https://download.pytorch.org/whl/cpu"
+COPY --chown=app:app requirements.txt /app/requirements.txt
+RUN grep -v -e '^flwr' -e '^pytest' /app/requirements.txt > /tmp/deps.txt \
+ && python -m pip install --no-cache-dir --extra-index-url "${TORCH_INDEX}" "${TORCH_SPEC}" -r /tmp/deps.txt \
+ && rm /tmp/deps.txt
+# The site tools (python -m client keygen, ...); the app itself arrives as a FAB with each run.
+COPY --chown=app:app pyproject.toml /app/
+COPY --chown=app:app client /app/client
+COPY --chown=app:app shared /app/shared
+WORKDIR /app
+
+ENV FLWR_TELEMETRY_ENABLED=0 \
+    FLWR_DISABLE_UPDATE_CHECK=1 \
+    FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+
+ENTRYPOINT ["flower-supernode"]

@@ -1,0 +1,145 @@
+"""Start, watch and stop the Flower processes fedseg runs locally.
+
+Used by the simulation harness and by the process deployment
+(``deploy/run_federation.py``). Flower processes start their own children in
+sessions of their own (SuperLink -> SuperExec -> ServerApp, SuperNode ->
+SuperExec -> ClientApp, Ray daemons), so stopping one process group is not
+enough: :func:`stop_process_group` collects the whole tree first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HARDENED_FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+
+
+def flower_env(flwr_home: Path, ray_tmp: Path | None = None) -> dict[str, str]:
+    """Environment for Flower processes: private home, no telemetry, no runtime installs.
+
+    Parameters
+    ----------
+    flwr_home : Path
+        The private ``FLWR_HOME`` (connections, installed FABs) of these processes.
+    ray_tmp : Path, optional
+        Ray's temporary directory (simulation only).
+    """
+    env = dict(os.environ)
+    env.update(HARDENED_FLOWER_ENV)
+    env.update({"FLWR_HOME": str(flwr_home), "PYTHONWARNINGS": "ignore"})
+    if ray_tmp is not None:
+        env.update({"RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"})
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop_process_group(process: subprocess.Popen, grace_s: float = 15.0, *, marker: str = "") -> None:
+    """Stop ``process`` and every process it started, even those in other sessions.
+
+    The whole tree is collected first, its process group is asked to terminate
+    (SIGTERM), then every survivor of the tree is killed by PID after ``grace_s``.
+    With ``marker`` (a ``NAME=value`` environment entry only this run's
+    processes carry), processes that left the tree and its groups (re-parented
+    to init in a session of their own) are found and stopped too.
+    """
+    tree = [process.pid, *descendants(process.pid)]
+    tree.extend(pid for pid in group_members(tree) if pid not in tree)
+    if marker:
+        tree.extend(pid for pid in processes_with_env(marker) if pid not in tree)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(alive(pid) for pid in tree):
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            process.poll()
+        # daemons may start workers, or orphan them, while they shut down (Ray does): track them too
+        tree.extend(pid for pid in [*descendants(*tree), *group_members(tree)] if pid not in tree)
+        time.sleep(0.1)
+    if marker:
+        tree.extend(pid for pid in processes_with_env(marker) if pid not in tree)
+    for pid in tree:
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_s)
+
+
+def processes_with_env(entry: str) -> list[int]:
+    """PIDs of the processes whose environment holds ``entry`` (``NAME=value``)."""
+    needle = b"\0" + entry.encode() + b"\0"
+    found = []
+    for path in Path("/proc").glob("[0-9]*"):
+        if int(path.name) == os.getpid():
+            continue
+        try:
+            if needle in b"\0" + (path / "environ").read_bytes() + b"\0":
+                found.append(int(path.name))
+        except OSError:
+            continue
+    return found
+
+
+def descendants(*roots: int) -> list[int]:
+    """PIDs of every process below any of ``roots`` (Linux ``/proc``; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        parent = _stat_field(int(entry.name), 3)
+        if parent is not None:
+            children.setdefault(int(parent), []).append(int(entry.name))
+    found, stack = [], list(roots)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def group_members(pids: list[int]) -> list[int]:
+    """PIDs of every process in the process groups of ``pids`` (their orphans included)."""
+    groups = {_stat_field(pid, 4) for pid in pids} - {None, _stat_field(os.getpid(), 4)}  # never our own
+    return [int(entry.name) for entry in Path("/proc").glob("[0-9]*")
+            if int(entry.name) != os.getpid() and _stat_field(int(entry.name), 4) in groups]
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a running (not zombie) process."""
+    state = _stat_field(pid, 2)
+    return state is not None and state not in ("Z", "X")
+
+
+def _stat_field(pid: int, index: int) -> str | None:
+    """Field ``index`` (0-based, per proc(5)) of ``/proc/<pid>/stat``; None if gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()  # the command name may contain spaces
+    return fields[index - 2] if index >= 2 else None
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines of a log file (for error messages)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

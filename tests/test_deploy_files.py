@@ -1,0 +1,106 @@
+"""Static checks of the container files: hardened Flower settings, pinned images, mounted data and state.
+
+No container engine runs on CI machines, so the images are not built here; the
+compose file is parsed with PyYAML (and checked by `docker compose config` when
+a Compose plugin is installed).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+COMPOSE = DEPLOY / "compose" / "compose.yaml"
+HARDENED_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
+def _flwr_version() -> str:
+    pins = dict(line.split("==") for line in (REPO / "requirements.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    return pins["flwr[simulation]"]
+
+
+def _services() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())["services"]
+
+
+def _flags(service: dict) -> dict[str, str]:
+    flags = {}
+    for item in service["command"]:
+        key, _, value = item.partition("=")
+        flags[key] = value
+    return flags
+
+
+def _mounts(service: dict) -> dict[str, str]:
+    """container path -> 'source[:ro]'."""
+    mounts = {}
+    for volume in service["volumes"]:
+        parts = volume.split(":")
+        mounts[parts[1]] = parts[0] + (":ro" if parts[2:] == ["ro"] else "")
+    return mounts
+
+
+@pytest.mark.parametrize("dockerfile,entrypoint", [("superlink.Dockerfile", "flower-superlink"),
+                                                   ("supernode.Dockerfile", "flower-supernode")])
+def test_dockerfiles_build_on_the_pinned_official_flower_image(dockerfile, entrypoint):
+    text = (DEPLOY / dockerfile).read_text()
+    base = re.search(r"^FROM\s+(\S+)", text, re.MULTILINE).group(1)
+    assert base == f"flwr/{entrypoint.removeprefix('flower-')}:{_flwr_version()}"
+    assert f'ENTRYPOINT ["{entrypoint}"]' in text
+    for key, value in HARDENED_ENV.items():
+        assert re.search(rf"{key}={value}\b", text), f"{dockerfile} does not set {key}={value}"
+    assert "pip install" in text and "allow-runtime-dependency-installation" not in text
+    for source in re.findall(r"^COPY\s+(?:--\S+\s+)*(\S+)\s", text, re.MULTILINE):
+        assert (REPO / source).exists(), f"{dockerfile} copies {source}, which does not exist"
+
+
+def test_compose_superlink_runs_with_tls_node_auth_and_a_persistent_database():
+    service = _services()["superlink"]
+    flags, mounts = _flags(service), _mounts(service)
+    assert "--insecure" not in flags and "--enable-supernode-auth" in flags
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"):
+        assert flags[flag] in mounts and mounts[flags[flag]].endswith(":ro")
+    assert str(Path(flags["--database"]).parent) in mounts
+    assert "--disable-runtime-dependency-installation" in flags
+    assert (DEPLOY / "compose" / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+
+
+@pytest.mark.parametrize("hospital", ["hospital-a", "hospital-b"])
+def test_compose_hospitals_verify_the_server_and_authenticate_with_their_own_key(hospital):
+    service = _services()[hospital]
+    flags, mounts = _flags(service), _mounts(service)
+    assert "--insecure" not in flags and "--allow-runtime-dependency-installation" not in flags
+    assert mounts[flags["--root-certificates"]] == "./certs/ca.crt:ro"
+    key_dir = str(Path(flags["--auth-supernode-private-key"]).parent)
+    assert mounts[key_dir] == f"./keys/{hospital}:ro"
+    node_config = dict(re.findall(r"([\w-]+)='([^']*)'", flags["--node-config"]))
+    assert node_config["site-id"] == hospital
+    assert mounts[str(Path(node_config["datalist"]).parent)].endswith(":ro")  # data is read-only
+    assert not mounts[node_config["state-dir"]].endswith(":ro")  # the state (privacy ledger) persists
+    assert "certs/server.key" not in " ".join(service["volumes"])  # server secrets stay on the server
+
+
+def test_compose_services_all_run_hardened():
+    services = _services()
+    assert set(services) == {"superlink", "hospital-a", "hospital-b"}
+    for name, service in services.items():
+        for key, value in HARDENED_ENV.items():
+            assert service["environment"][key] == value, f"{name}: {key}"
+    keys = {_mounts(s)["/keys"] for n, s in services.items() if n != "superlink"}
+    assert len(keys) == 2  # no two hospitals share a key
+
+
+@pytest.mark.skipif(subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0
+                    if shutil.which("docker") else True, reason="no Docker Compose plugin on this machine")
+def test_docker_compose_accepts_the_file():
+    result = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

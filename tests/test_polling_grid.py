@@ -1,0 +1,84 @@
+"""PollingGrid: replies are collected as they arrive, and a silent node costs only the timeout."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from server.polling_grid import PollingGrid
+
+
+class _LoopbackGrid(Grid):
+    """A Grid whose nodes answer after a delay each; ``None``: the node never answers."""
+
+    def __init__(self, delays: dict[int, float | None]) -> None:
+        self.delays = delays
+        self.pulls = 0
+        self._pushed: dict[str, tuple[Message, float]] = {}
+
+    def set_run(self, run) -> None:  # noqa: ANN001
+        raise NotImplementedError
+
+    @property
+    def run(self):  # noqa: ANN201
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def get_node_ids(self):  # noqa: ANN201
+        return list(self.delays)
+
+    def push_messages(self, messages):  # noqa: ANN001, ANN201
+        ids = []
+        for index, msg in enumerate(messages):
+            msg_id = f"m{index}-{msg.metadata.dst_node_id}"
+            self._pushed[msg_id] = (msg, time.monotonic())
+            ids.append(msg_id)
+        return ids
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        raise AssertionError("PollingGrid must not delegate send_and_receive (Flower's polls every 3 s)")
+
+    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+        self.pulls += 1
+        replies = []
+        for msg_id in list(message_ids):
+            msg, pushed = self._pushed[msg_id]
+            delay = self.delays[msg.metadata.dst_node_id]
+            if delay is not None and time.monotonic() - pushed >= delay:
+                reply = Message(content=RecordDict(), reply_to=msg)
+                reply.metadata.__dict__["_reply_to_message_id"] = msg_id
+                replies.append(reply)
+                del self._pushed[msg_id]
+        return replies
+
+
+def _messages(grid: Grid) -> list[Message]:
+    return [grid.create_message(RecordDict(), MessageType.TRAIN, node, "1") for node in grid.get_node_ids()]
+
+
+def test_replies_are_returned_soon_after_the_last_one_arrives(flower_identity):
+    inner = _LoopbackGrid({1: 0.0, 2: 0.3})
+    grid = PollingGrid(inner, poll_interval_s=0.05)
+    started = time.monotonic()
+    replies = list(grid.send_and_receive(_messages(grid), timeout=10))
+    assert len(replies) == 2
+    assert time.monotonic() - started < 1.0  # Flower's own Grid would take >= 3 s here
+    assert inner.pulls >= 2
+
+
+def test_a_node_that_never_answers_costs_only_the_timeout(flower_identity):
+    grid = PollingGrid(_LoopbackGrid({1: 0.0, 2: None}), poll_interval_s=0.05)
+    started = time.monotonic()
+    replies = list(grid.send_and_receive(_messages(grid), timeout=0.5))
+    assert len(replies) == 1
+    assert 0.5 <= time.monotonic() - started < 2.0
+
+
+def test_poll_interval_must_be_positive():
+    with pytest.raises(ValueError, match="poll_interval_s"):
+        PollingGrid(_LoopbackGrid({}), poll_interval_s=0)

@@ -21,6 +21,7 @@ from shared.errors import ConfigError
 from simulations.flower_runtime import Resources, run_app, simulation_superlink
 from simulations.baselines import run_baselines
 from simulations.layout import LayoutSpec, lay_out_sites
+from simulations.run_logs import write_example_overlays, write_tensorboard
 from simulations.report import final_site_table, read_rows, site_table_text, write_report
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -165,6 +166,8 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True,
             f"{' and training baselines ' + ', '.join(spec.baselines) if spec.baselines else ''}"
             f"{f' (held-out sites: {len(holdout)})' if holdout else ''}")
         run_baselines(run_dir, sites, kinds=spec.baselines, holdout=holdout)
+    write_tensorboard(run_dir, read_rows(run_dir))
+    write_example_overlays(run_dir, sites + holdout)
     report = write_report(run_dir)
     say(f"{PROGRESS_PREFIX} finished in {time.monotonic() - started:.0f}s; run folder {run_dir}")
     say(f"{PROGRESS_PREFIX} report: {report} (and report.html)")

@@ -106,6 +106,8 @@ def write_report(run_dir: Path) -> Path:
     rows = read_rows(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     plots = make_plots(run_dir, rows)
+    if (run_dir / "plots" / "examples.png").exists():
+        plots["examples"] = run_dir / "plots" / "examples.png"
     table = final_site_table(rows)
     markdown = _markdown(summary, table, plots, run_dir)
     atomic_write(run_dir / "report.md", lambda handle: handle.write(markdown.encode()))

@@ -65,3 +65,18 @@ def test_comparison_table_from_baselines(tmp_path):
     write_report(run_dir)
     assert "Federated vs baselines" in (run_dir / "report.md").read_text()
     assert "held out" in (run_dir / "report.html").read_text()
+
+
+def test_tensorboard_scalars_per_site_and_round(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from simulations.run_logs import write_tensorboard
+
+    run_dir = _run_folder(tmp_path)
+    log_dir = write_tensorboard(run_dir, read_rows(run_dir))
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    dice = events.Scalars("dice/hospital-02")
+    assert [e.step for e in dice] == [1, 2, 3]
+    assert abs(dice[-1].value - 0.8) < 1e-6
+    assert "epsilon/hospital-01" in events.Tags()["scalars"]

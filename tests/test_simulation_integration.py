@@ -47,6 +47,7 @@ def test_two_sites_one_round_through_flower(tmp_path):
     assert payload["round"] == 1 and payload["model_config"]["channels"] == [4, 8]
     assert _processes_with_env(str(run_dir / "flwr-home")) == []
     assert (run_dir / "report.md").exists() and (run_dir / "plots" / "dice.png").exists()
+    assert (run_dir / "plots" / "examples.png").stat().st_size > 5000 and list((run_dir / "tb").glob("events.*"))
 
 
 def test_cli_documents_the_main_options():

@@ -1,0 +1,71 @@
+"""Extra views of a finished run: TensorBoard scalars and overlays of example cases.
+
+- ``tb/``: every number of ``metrics.jsonl`` as a TensorBoard scalar, tagged
+  ``<metric>/<site>`` with the round as step (``tensorboard --logdir runs/<id>/tb``);
+- ``plots/examples.png``: for one validation case per site, the middle axial
+  slice with the ground truth and the final global model's prediction outlined.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from shared.atomic import atomic_write
+
+EXAMPLE_SITES = 6
+
+
+def write_tensorboard(run_dir: Path, rows: list[dict[str, Any]]) -> Path:
+    """Write the run's metrics as TensorBoard scalars under ``run_dir/tb``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    log_dir = Path(run_dir) / "tb"
+    with SummaryWriter(log_dir=str(log_dir)) as writer:
+        for row in rows:
+            for key, value in row.items():
+                if key not in ("round", "site") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    writer.add_scalar(f"{key}/{row['site']}", value, global_step=int(row["round"]))
+    return log_dir
+
+
+def write_example_overlays(run_dir: Path, sites: list[tuple[str, Path]]) -> Path | None:
+    """Plot one validation case per site (up to six) with ground truth and prediction outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from client.inference import predict_volume
+    from client.site_data import load_validation_cases
+    from shared.config import RunConfig
+    from shared.model_file import load_model
+
+    run_dir = Path(run_dir)
+    config = RunConfig.from_mapping(json.loads((run_dir / "summary.json").read_text())["run_config"])
+    model, _ = load_model(run_dir / "global_model.pt")
+    shown = [(site, cases[0]) for site, datalist in sites[:EXAMPLE_SITES]
+             if (cases := load_validation_cases(datalist, config))]
+    if not shown:
+        return None
+    figure, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4), dpi=100, squeeze=False)
+    with torch.no_grad():
+        for ax, (site, case) in zip(axes[0], shown):
+            logits = predict_volume(model, case["image"], spatial_dims=config.spatial_dims,
+                                    patch_size=config.patch_size)
+            prediction = logits.argmax(dim=1)[0]
+            z = int(case["label"][0].flatten(0, 1).sum(0).argmax()) if case["label"].sum() else case["label"].shape[-1] // 2
+            ax.imshow(case["image"][0, :, :, z].T.cpu(), cmap="gray", origin="lower")
+            ax.contour(case["label"][0, :, :, z].T.cpu(), levels=[0.5], colors="lime", linewidths=1.0)
+            ax.contour(prediction[:, :, z].T.cpu().float(), levels=[0.5], colors="red", linewidths=1.0)
+            ax.set_title(site, fontsize=9)
+            ax.axis("off")
+    figure.suptitle("ground truth (green) vs final global model (red)", fontsize=10)
+    figure.tight_layout()
+    path = run_dir / "plots" / "examples.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png"))
+    plt.close(figure)
+    return path

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from server.polling_grid import PollingGrid
+from server.export import export_final_model
 from server.run_folder import RunRecorder
 from server.strategy import SiteTrackingFedAvg
 from shared.config import RunConfig
@@ -76,6 +77,8 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
         evaluate_fn=after_round,
     )
     summary = recorder.finish()
+    if recorder.model_path.exists():
+        export_final_model(recorder.model_path, config=config, rounds=recorder.rounds)
     print(f"{PROGRESS_PREFIX} done: {summary['rounds']} rounds, final dice "
           f"{_fmt(summary['final_dice'])} (round 1: {_fmt(summary['first_round_dice'])})", flush=True)
     return summary

@@ -59,6 +59,7 @@ class RunConfig:
     patch_size: int = 64
     target_spacing: float = 1.0
     ct_window: str = "-1000,1000"
+    class_names: str = ""
     device: str = "auto"
     seed: int = 0
     strategy: str = "fedavg"
@@ -137,6 +138,9 @@ class RunConfig:
         for name in ("min_train_nodes", "min_available_nodes"):
             _require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
         self._check_architecture()
+        names = [n for n in self.class_names.split(",") if n.strip()]
+        _require(not names or len(names) == self.num_classes, "class_names",
+                 f"needs one name per class ({self.num_classes}, background first)", self.class_names)
         self.ct_window_range()
 
     def ct_window_range(self) -> tuple[float, float]:

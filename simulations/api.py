@@ -21,6 +21,7 @@ from shared.errors import ConfigError
 from simulations.flower_runtime import Resources, run_app, simulation_superlink
 from simulations.baselines import run_baselines
 from simulations.layout import LayoutSpec, lay_out_sites
+from simulations.synthetic import LABELS
 from simulations.run_logs import write_example_overlays, write_tensorboard
 from simulations.report import final_site_table, read_rows, site_table_text, write_report
 
@@ -110,6 +111,9 @@ def task_from_datalists(datalists: tuple[Path, ...]) -> dict[str, int]:
                 raise ConfigError(f"'--datalists': {path} declares {count} '{section}' entries but "
                                   f"{declared_by[key]} declares {task[key]}; all sites must agree")
             task[key], declared_by[key] = count, Path(path)
+        if isinstance(raw, dict) and isinstance(raw.get("labels"), dict) and "class-names" not in task:
+            labels = raw["labels"]
+            task["class-names"] = ",".join(str(labels[k]) for k in sorted(labels, key=lambda k: int(k)))
     return task
 
 
@@ -125,6 +129,8 @@ def build_run_config(spec: SimulationSpec, run_dir: Path, sites_manifest: Path, 
         values.update({"patch-size": 32, "channels": "8,16,32", "strides": "2,2", "batch-size": 2})
     values.update(task_from_datalists(spec.datalists))
     values.update(spec.run_config)
+    if "class-names" not in values and values.get("num-classes", RunConfig().num_classes) == len(LABELS):
+        values["class-names"] = ",".join(LABELS[k] for k in sorted(LABELS))
     values.update({"run-dir": str(run_dir), "simulation-sites": str(sites_manifest)})
     return RunConfig.from_mapping(values)
 

@@ -87,3 +87,43 @@ def test_hd95_is_in_millimetres_and_nan_for_an_absent_class():
     assert distances.shape == (1, 2)
     assert distances[0, 0].item() == pytest.approx(6.0, abs=0.5)
     assert torch.isnan(distances[0, 1])
+
+
+def test_content_hash_changes_with_a_weight_and_tampering_is_refused(tmp_path):
+    from shared.model_file import read_model_file, weights_sha256
+
+    config = ModelConfig(2, 1, 2, (4, 8), (2,))
+    state = build_unet(config).state_dict()
+    before = weights_sha256(state)
+    name = next(iter(state))
+    changed = dict(state)
+    changed[name] = state[name].clone()
+    changed[name].view(-1)[0] += 1e-3
+    assert weights_sha256(changed) != before and weights_sha256(dict(state)) == before
+
+    path = save_model_file(tmp_path / "m.pt", state_dict=state, model_config=config)
+    payload = read_model_file(path)
+    assert payload["sha256"] == before
+    payload["state_dict"][name].view(-1)[0] += 1.0
+    torch.save(payload, path)
+    with pytest.raises(WeightsError, match="content hash"):
+        load_model(path)
+
+
+def test_final_export_describes_the_model(tmp_path):
+    from server.export import export_final_model
+    from shared.config import RunConfig
+
+    run_config = RunConfig.from_mapping({"channels": "4,8", "strides": "2", "patch-size": 32,
+                                         "class-names": "background,lesion"})
+    model = build_unet(run_config.model_config())
+    path = save_model_file(tmp_path / "global_model.pt", state_dict=model.state_dict(),
+                           model_config=run_config.model_config(), extra={"round": 2})
+    rounds = {1: {"a": {"dice": 0.5, "epsilon": 1.0}}, 2: {"a": {"dice": 0.7, "hd95": 3.0, "epsilon": 2.0}}}
+    export_final_model(path, config=run_config, rounds=rounds)
+    rebuilt, payload = load_model(path)
+    assert payload["class_names"] == ["background", "lesion"] and payload["round"] == 2
+    assert payload["per_site"]["a"]["dice"] == 0.7 and payload["per_site"]["a"]["epsilon"] == 2.0
+    assert payload["preprocessing"]["patch_size"] == 32 and payload["run_config"]["patch-size"] == 32
+    image = torch.randn(1, 1, 32, 32)
+    assert torch.equal(model.eval()(image), rebuilt(image))

@@ -45,6 +45,8 @@ def test_two_sites_one_round_through_flower(tmp_path):
     assert all(r["train-status"] == "ok" and r["evaluate-status"] == "ok" for r in site_rows)
     model, payload = load_model(run_dir / "global_model.pt")
     assert payload["round"] == 1 and payload["model_config"]["channels"] == [4, 8]
+    assert payload["final"] and payload["class_names"] == ["background", "lesion"]
+    assert set(payload["per_site"]) >= {"hospital-01", "hospital-02"} and payload["sha256"]
     assert _processes_with_env(str(run_dir / "flwr-home")) == []
     assert (run_dir / "report.md").exists() and (run_dir / "plots" / "dice.png").exists()
     assert (run_dir / "plots" / "examples.png").stat().st_size > 5000 and list((run_dir / "tb").glob("events.*"))

@@ -129,8 +129,11 @@ def build_run_config(spec: SimulationSpec, run_dir: Path, sites_manifest: Path, 
         values.update({"patch-size": 32, "channels": "8,16,32", "strides": "2,2", "batch-size": 2})
     values.update(task_from_datalists(spec.datalists))
     values.update(spec.run_config)
-    if "class-names" not in values and values.get("num-classes", RunConfig().num_classes) == len(LABELS):
+    num_classes = values.get("num-classes", RunConfig().num_classes)
+    if "class-names" not in values and num_classes == len(LABELS):
         values["class-names"] = ",".join(LABELS[k] for k in sorted(LABELS))
+    if "class-names" not in spec.run_config and len(str(values.get("class-names", "")).split(",")) != num_classes:
+        values.pop("class-names", None)  # the datalists' names no longer fit an overridden num-classes
     values.update({"run-dir": str(run_dir), "simulation-sites": str(sites_manifest)})
     return RunConfig.from_mapping(values)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from deploy.processes import CONNECTION, DeploymentError, LocalSuperLink, NodeSe
 from server.certs import make_certificates
 from shared.config import RunConfig
 from shared.errors import ConfigError, FedSegError
-from shared.processes import stop_process_group, tail
+from shared.processes import run_streaming, tail
 from simulations.__main__ import parse_run_config
 from simulations.synthetic import make_site_profiles, write_hospitals
 
@@ -136,22 +135,16 @@ def _flwr_run(link: LocalSuperLink, run_config: Path, spec: DeploymentSpec, say:
     """``flwr run --stream`` against the SuperLink; echo fedseg's progress lines; raise on failure."""
     log_path = link.log_path("flwr-run")
     command = ["flwr", "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(run_config)]
-    deadline = time.monotonic() + spec.timeout_s
-    with open(log_path, "a", encoding="utf-8") as log:
-        process = subprocess.Popen(command, env=link.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, bufsize=1, start_new_session=True, cwd=link.work_dir)
-        try:
-            assert process.stdout is not None
-            for line in process.stdout:
-                log.write(line)
-                log.flush()
-                if "[fedseg]" in line:
-                    say(line.rstrip("\n"))
-                if time.monotonic() > deadline:
-                    raise DeploymentError(f"the run exceeded {spec.timeout_s:.0f} s; see {log_path}")
-            code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
-        finally:
-            stop_process_group(process)
+
+    def on_line(line: str) -> None:
+        if "[fedseg]" in line:
+            say(line)
+
+    try:
+        code = run_streaming(command, env=link.env, log_path=log_path, on_line=on_line, timeout_s=spec.timeout_s,
+                             cwd=link.work_dir)
+    except TimeoutError as exc:
+        raise DeploymentError(f"the run: {exc}") from None
     if code != 0:
         raise DeploymentError(f"`flwr run` exited with code {code}; last lines of {log_path}:\n{tail(log_path)}")
 

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HARDENED_FLOWER_ENV = {
@@ -135,6 +136,32 @@ def _stat_field(pid: int, index: int) -> str | None:
         return None
     fields = raw[raw.rindex(")") + 2:].split()  # the command name may contain spaces
     return fields[index - 2] if index >= 2 else None
+
+
+def run_streaming(command: list[str], *, env: dict[str, str], log_path: Path, on_line: Callable[[str], None],
+                  timeout_s: float, cwd: Path | None = None) -> int:
+    """Run ``command``, append its output to ``log_path``, pass each line to ``on_line``; return its exit code.
+
+    Raises :class:`TimeoutError` past ``timeout_s``. The command and everything
+    it started are stopped in every case.
+    """
+    deadline = time.monotonic() + timeout_s
+    with open(log_path, "a", encoding="utf-8") as log:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, bufsize=1, start_new_session=True, cwd=cwd)
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                log.write(line)
+                log.flush()
+                on_line(line.rstrip("\n"))
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{command[0]} exceeded {timeout_s:.0f} s; see {log_path}")
+            return process.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"{command[0]} exceeded {timeout_s:.0f} s; see {log_path}") from None
+        finally:
+            stop_process_group(process)
 
 
 def tail(path: Path, lines: int = 15) -> str:

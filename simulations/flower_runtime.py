@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import FedSegError
-from shared.processes import flower_env, free_port, stop_process_group, tail
+from shared.processes import flower_env, free_port, run_streaming, stop_process_group, tail
 
 CONNECTION = "fedseg-sim"
 STARTUP_TIMEOUT_S = 60.0
@@ -92,20 +92,10 @@ def run_app(app_dir: Path, env: dict[str, str], *, run_config: Path, resources: 
     """``flwr run --stream`` the app; pass each output line to ``on_line``; raise on failure."""
     command = ["flwr", "run", str(app_dir), CONNECTION, "--stream", "--run-config", str(run_config),
                "--federation-config", resources.federation_config()]
-    deadline = time.monotonic() + timeout_s
-    with open(log_path, "a", encoding="utf-8") as log:
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, bufsize=1, start_new_session=True)
-        try:
-            assert process.stdout is not None
-            for line in process.stdout:
-                log.write(line)
-                on_line(line.rstrip("\n"))
-                if time.monotonic() > deadline:
-                    raise SimulationError(f"simulation exceeded {timeout_s:.0f} s; see {log_path}")
-            code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
-        finally:
-            stop_process_group(process)
+    try:
+        code = run_streaming(command, env=env, log_path=log_path, on_line=on_line, timeout_s=timeout_s)
+    except TimeoutError as exc:
+        raise SimulationError(f"simulation: {exc}") from None
     if code != 0:
         raise SimulationError(f"`flwr run` exited with code {code}; last lines of {log_path}:\n{tail(log_path)}")
 

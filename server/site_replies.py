@@ -17,6 +17,7 @@ class SortedReplies:
     site_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
 
 
 def site_of(msg: Message, known: dict[int, str]) -> str:
@@ -36,7 +37,7 @@ def sort_replies(replies: Iterable[Message], known_sites: dict[int, str]) -> Sor
         if msg.has_error():
             result.failed[site] = str(msg.error.reason)[:300]
             continue
-        metrics = _first_metrics(msg)
+        metrics = first_metrics(msg)
         if metrics.get("refused"):
             reason = msg.content.config_records["site"].get("reason", "no reason given")
             result.refused[site] = str(reason)
@@ -46,6 +47,6 @@ def sort_replies(replies: Iterable[Message], known_sites: dict[int, str]) -> Sor
     return result
 
 
-def _first_metrics(msg: Message) -> dict[str, Any]:
+def first_metrics(msg: Message) -> dict[str, Any]:
     records = list(msg.content.metric_records.values())
     return dict(records[0]) if records else {}

@@ -6,7 +6,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from server.run_folder import RunRecorder
-from server.strategy import SiteTrackingFedAvg
+from server.strategies.fedavg import FedSegFedAvg
 from shared.config import RunConfig
 from tests.conftest import TINY_RUN_CONFIG
 
@@ -30,7 +30,8 @@ def _refusal(node_id, site):
 
 def test_aggregate_uses_only_accepted_updates(tmp_path, flower_identity):
     recorder = RunRecorder(tmp_path, config=RunConfig.from_mapping(TINY_RUN_CONFIG))
-    strategy = SiteTrackingFedAvg(recorder=recorder)
+    strategy = FedSegFedAvg(recorder=recorder)
+    strategy.expect_updates_of(ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))}))
     crashed = Message(error=Error(code=1, reason="ClientApp crashed"), reply_to=_instruction(14))
     replies = [_update(11, "a", 1.0, 1), _update(12, "b", 4.0, 3), _refusal(13, "c"), crashed]
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -43,5 +44,7 @@ def test_aggregate_uses_only_accepted_updates(tmp_path, flower_identity):
 
 def test_round_where_every_site_refuses_keeps_the_model(tmp_path, flower_identity):
     recorder = RunRecorder(tmp_path, config=RunConfig.from_mapping(TINY_RUN_CONFIG))
-    arrays, metrics = SiteTrackingFedAvg(recorder=recorder).aggregate_train(1, [_refusal(13, "c")])
+    strategy = FedSegFedAvg(recorder=recorder)
+    strategy.expect_updates_of(ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))}))
+    arrays, metrics = strategy.aggregate_train(1, [_refusal(13, "c")])
     assert arrays is None and metrics is None

@@ -1,0 +1,72 @@
+"""Checks on one site's model update before it may reach the aggregate.
+
+An update is rejected when its weights do not have exactly the names, shapes
+and dtypes of the global model that was sent, when it holds NaN or Inf, or
+when the norm of its change to the global model is far above the round's
+(lower) median. Each check raises :class:`UpdateRejected` with a reason that
+the server logs and writes to ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from shared.errors import FedSegError
+
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord
+
+
+class UpdateRejected(FedSegError):
+    """A site's update failed a check and is left out of the aggregate."""
+
+
+def reference_arrays(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """The global model sent this round, as numpy arrays by name."""
+    return {name: array.numpy() for name, array in arrays.items()}
+
+
+def check_layout(update: ArrayRecord, reference: Mapping[str, np.ndarray]) -> None:
+    """Raise :class:`UpdateRejected` unless names, shapes and dtypes match ``reference``."""
+    missing = sorted(set(reference) - set(update))
+    unexpected = sorted(set(update) - set(reference))
+    if missing or unexpected:
+        raise UpdateRejected(f"wrong keys: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, expected in reference.items():
+        array = update[name]
+        if tuple(array.shape) != expected.shape:
+            raise UpdateRejected(f"wrong shape for '{name}': {tuple(array.shape)}, expected {expected.shape}")
+        if np.dtype(array.dtype) != expected.dtype:
+            raise UpdateRejected(f"wrong dtype for '{name}': {array.dtype}, expected {expected.dtype}")
+
+
+def update_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of ``update - reference`` over all tensors; raise on NaN/Inf weights."""
+    total = 0.0
+    for name, expected in reference.items():
+        values = update[name]
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            raise UpdateRejected(f"non-finite values (NaN or Inf) in '{name}'")
+        delta = values.astype(np.float64) - expected
+        total += float(np.dot(delta.ravel(), delta.ravel()))
+    return math.sqrt(total)
+
+
+def norm_outliers(norms: Mapping[str, float], *, factor: float) -> dict[str, str]:
+    """Sites whose update norm exceeds ``factor`` times the round's lower median.
+
+    The lower median is used so that with two sites the smaller update is the
+    yardstick (the plain median would sit halfway to an attacker's norm).
+    ``factor`` 0 turns the check off.
+    """
+    if factor <= 0 or len(norms) < 2:
+        return {}
+    median = statistics.median_low(norms.values())
+    limit = factor * median
+    return {site: f"update norm {norm:.4g} is more than {factor:g} x the round's median {median:.4g}"
+            for site, norm in norms.items() if norm > limit}

@@ -11,7 +11,7 @@ import logging
 import zlib
 from typing import TYPE_CHECKING
 
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from client.site import SiteConfig, resolve_site
 from shared.config import RunConfig
@@ -69,6 +69,8 @@ def _train(msg: Message, config: RunConfig, site: SiteConfig, server_round: int)
     from shared.model import build_unet
     from shared.weights import load_arrays, model_to_arrays
 
+    if site.fault is not None:
+        site.fault.before_training()
     seed = _site_round_seed(config.seed, site.site_id, server_round)
     set_determinism(seed=seed)
     cases, augment = load_training_cases(site.datalist, config)
@@ -76,11 +78,16 @@ def _train(msg: Message, config: RunConfig, site: SiteConfig, server_round: int)
     load_arrays(model, msg.content["arrays"])
     loader = training_loader(cases, augment, batch_size=config.batch_size,
                              generator=torch.Generator().manual_seed(seed))
+    proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))
     result = train_local(model, loader, config=config, device=resolve_device(config.device),
-                         num_examples=len(cases))
+                         num_examples=len(cases), proximal_mu=proximal_mu)
     metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.train_loss,
                             "steps": result.steps})
-    return RecordDict({"arrays": model_to_arrays(model), "metrics": metrics,
+    arrays = model_to_arrays(model)
+    if site.fault is not None:
+        received = msg.content["arrays"].to_torch_state_dict()
+        arrays = ArrayRecord(site.fault.poison(dict(arrays.to_torch_state_dict()), dict(received)))
+    return RecordDict({"arrays": arrays, "metrics": metrics,
                        "site": ConfigRecord({"site-id": site.site_id})})
 
 

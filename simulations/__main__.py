@@ -8,6 +8,7 @@ from pathlib import Path
 
 from shared.errors import FedSegError
 from simulations.api import SimulationSpec, run_simulation
+from simulations.faults import FaultPlan
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus-per-client", type=float, default=0.0,
                         help="GPU share per virtual hospital, e.g. 0.25 (default: 0)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
+    faults = parser.add_argument_group(
+        "fault injection", "make simulated hospitals misbehave (N sites drawn with --fault-seed, or site ids "
+                           "such as hospital-02,hospital-03)")
+    faults.add_argument("--fail-sites", default="", metavar="N|IDS", help="sites whose ClientApp crashes mid-round")
+    faults.add_argument("--slow-sites", default="", metavar="N|IDS",
+                        help="sites that stall --slow-seconds before training (stragglers)")
+    faults.add_argument("--poison-sites", default="", metavar="N|IDS", help="sites that send a bad update")
+    faults.add_argument("--poison-kind", choices=("nan", "scale"), default="nan",
+                        help="NaN weights, or the update scaled by --poison-scale (default: nan)")
+    faults.add_argument("--poison-scale", type=float, default=1000.0, help="scale factor (default: 1000)")
+    faults.add_argument("--slow-seconds", type=float, default=30.0, help="stall of slow sites (default: 30)")
+    faults.add_argument("--fault-seed", type=int, default=0, help="seed choosing faulty sites (default: 0)")
     parser.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE",
                         help="any other run config value, e.g. --run-config learning-rate=0.001 (repeatable)")
     return parser
@@ -54,6 +67,13 @@ def parse_run_config(pairs: list[str]) -> dict[str, object]:
     return values
 
 
+def fault_plan(args: argparse.Namespace) -> FaultPlan:
+    """The fault-injection options as a :class:`FaultPlan`."""
+    return FaultPlan(fail_sites=args.fail_sites, slow_sites=args.slow_sites, poison_sites=args.poison_sites,
+                     poison_kind=args.poison_kind, poison_scale=args.poison_scale,
+                     slow_seconds=args.slow_seconds, seed=args.fault_seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -64,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                               seed=args.seed, out=args.out, min_cases=args.min_cases, max_cases=args.max_cases,
                               cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client,
                               timeout_s=args.timeout, run_config=overrides,
-                              datalists=tuple(args.datalists))
+                              datalists=tuple(args.datalists), faults=fault_plan(args))
         run_simulation(spec)
     except FedSegError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -17,6 +17,7 @@ import tomli_w
 from server.federation import PROGRESS_PREFIX, update_latest_link
 from shared.config import RunConfig
 from shared.errors import ConfigError
+from simulations.faults import FaultPlan
 from simulations.flower_runtime import Resources, run_app, simulation_superlink
 from simulations.synthetic import make_site_profiles, write_hospitals
 
@@ -39,6 +40,7 @@ class SimulationSpec:
     timeout_s: float = 3600.0
     run_config: dict[str, Any] = field(default_factory=dict)
     datalists: tuple[Path, ...] = ()
+    faults: FaultPlan = field(default_factory=FaultPlan)
 
     def __post_init__(self) -> None:
         for name in ("sites", "rounds"):
@@ -75,7 +77,7 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True) -> dict[str, Any]
     update_latest_link(run_dir)
     say = print if echo else (lambda *_: None)
     sites = _site_datalists(spec, run_dir, say)
-    manifest = write_sites_manifest(run_dir, sites)
+    manifest = write_sites_manifest(run_dir, sites, faults=spec.faults.assign([site for site, _ in sites]))
     config = build_run_config(spec, run_dir, manifest, num_sites=len(sites))
     run_config_path = run_dir / "run-config.toml"
     run_config_path.write_text(tomli_w.dumps(config.to_mapping()))
@@ -103,10 +105,16 @@ def _site_datalists(spec: SimulationSpec, run_dir: Path, say: Any) -> list[tuple
     return [(p.site_id, d) for p, d in zip(profiles, datalists)]
 
 
-def write_sites_manifest(run_dir: Path, sites: list[tuple[str, Path]]) -> Path:
-    """Write ``sites.json``: the node config of each virtual hospital, by partition id."""
+def write_sites_manifest(run_dir: Path, sites: list[tuple[str, Path]], *,
+                         faults: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write ``sites.json``: the node config of each virtual hospital, by partition id.
+
+    ``faults`` (site id -> fault entry) marks the sites that misbehave on purpose.
+    """
+    faults = faults or {}
     entries = [{"site-id": site_id, "datalist": str(datalist.resolve()),
-                "state-dir": str((run_dir / "state" / site_id).resolve())} for site_id, datalist in sites]
+                "state-dir": str((run_dir / "state" / site_id).resolve()),
+                **({"fault": faults[site_id]} if site_id in faults else {})} for site_id, datalist in sites]
     path = run_dir / "sites.json"
     path.write_text(json.dumps({"sites": entries}, indent=2))
     return path

@@ -80,6 +80,8 @@ class RunRecorder:
 
     def end_round(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
         """Write the round's metrics lines and the current global model; return the global row."""
+        import torch  # noqa: F401  (ArrayRecord.to_torch_state_dict needs torch imported)
+
         sites = self.rounds.get(server_round, {})
         for site in sorted(sites):
             self._append({"round": server_round, "site": site, **sites[site]})

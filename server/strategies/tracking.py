@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from server.site_replies import sort_replies
 from server.train_collector import ClosedRound, TrainCollector
@@ -121,9 +121,19 @@ class SiteTracking:
                 LOG.warning("round %d: %d accepted update(s), fewer than min-train-replies=%d; "
                             "the global model is kept", server_round, len(closed.accepted), self.min_train_replies)
                 return None, None
-            return super().aggregate_train(server_round, self._aggregation_input(closed))
+            arrays, metrics = super().aggregate_train(server_round, self._aggregation_input(closed))
+            return self._in_model_dtypes(arrays), metrics
         finally:
             closed.spool.close()
+
+    def _in_model_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """Cast back to the model's dtypes: Flower's FedAdam/FedYogi return float64 arrays,
+        which the sites would (rightly) refuse to load into their float32 model."""
+        if arrays is None or self._reference is None:
+            return arrays
+        return ArrayRecord({name: array if array.dtype == str(self._reference[name].dtype)
+                            else Array(array.numpy().astype(self._reference[name].dtype))
+                            for name, array in arrays.items()})
 
     def _aggregation_input(self, closed: ClosedRound) -> list[Message]:
         if self.mean_aggregation:

@@ -60,12 +60,12 @@ def evaluate_round(strategy: SiteTracking, grid: Grid, *, server_round: int, arr
     for node_id in unanswered:
         site = strategy.known_sites.get(node_id, f"node-{node_id}")
         LOG.warning("round %d: site %s did not answer evaluation within %g s", server_round, site, timeout)
-    strategy.aggregate_evaluate(server_round, replies)
     for node_id in unanswered:
         site = strategy.known_sites.get(node_id, f"node-{node_id}")
         row = strategy.recorder.rounds[server_round][site]
         row["evaluate-status"] = "failed"
         row["evaluate-reason"] = f"no reply within round-timeout ({timeout:g} s)"
+    strategy.aggregate_evaluate(server_round, replies)
 
 
 def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float,

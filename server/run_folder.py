@@ -78,6 +78,17 @@ class RunRecorder:
                 sites[site][f"{phase}-status"] = outcome
                 sites[site][f"{phase}-reason"] = reason
 
+    def name_nodes(self, server_round: int, known_sites: dict[int, str]) -> None:
+        """Re-file rows kept as ``node-<id>`` (a node that failed before its site id was known)
+        under the site id learned since."""
+        sites = self.rounds.get(server_round, {})
+        for node_id, site in known_sites.items():
+            placeholder = f"node-{node_id}"
+            if placeholder in sites and placeholder != site:
+                merged = sites.pop(placeholder)
+                merged.update(sites.get(site, {}))
+                sites[site] = merged
+
     def end_round(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
         """Write the round's metrics lines and the current global model; return the global row."""
         import torch  # noqa: F401  (ArrayRecord.to_torch_state_dict needs torch imported)

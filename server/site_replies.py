@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import Message
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass
@@ -35,7 +38,7 @@ def sort_replies(replies: Iterable[Message], known_sites: dict[int, str]) -> Sor
     for msg in replies:
         site = site_of(msg, known_sites)
         if msg.has_error():
-            result.failed[site] = str(msg.error.reason)[:300]
+            result.failed[site] = failure_reason(str(msg.error.reason))
             continue
         metrics = first_metrics(msg)
         if metrics.get("refused"):
@@ -45,6 +48,14 @@ def sort_replies(replies: Iterable[Message], known_sites: dict[int, str]) -> Sor
         result.accepted.append(msg)
         result.site_metrics[site] = metrics
     return result
+
+
+def failure_reason(raw: str, limit: int = 300) -> str:
+    """A short, readable reason from a failed reply (Ray tracebacks reduced to their message)."""
+    text = ANSI_ESCAPE.sub("", raw)
+    if "Message:" in text:
+        text = text.rsplit("Message:", 1)[1]
+    return " ".join(text.split()).strip(" '\">")[:limit]
 
 
 def first_metrics(msg: Message) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Message
 
-from server.site_replies import SortedReplies, first_metrics, site_of
+from server.site_replies import SortedReplies, failure_reason, first_metrics, site_of
 from server.update_checks import UpdateRejected, check_layout, norm_outliers, update_norm
 from server.update_spool import SpooledUpdate, UpdateSpool
 
@@ -67,7 +67,7 @@ class TrainCollector:
         """Sort one reply; check and spool its update if it carries one."""
         site = site_of(msg, self.known_sites)
         if msg.has_error():
-            self.outcomes.failed[site] = str(msg.error.reason)[:300]
+            self.outcomes.failed[site] = failure_reason(str(msg.error.reason))
             return
         metrics = first_metrics(msg)
         if metrics.get("refused"):

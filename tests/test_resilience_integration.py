@@ -80,15 +80,15 @@ def test_killed_server_resumes_bitwise_like_an_uninterrupted_run(tmp_path):
 @pytest.mark.integration
 def test_crashed_slow_and_poisoned_sites_do_not_stall_the_run(tmp_path):
     faults = FaultPlan(fail_sites="hospital-01", slow_sites="hospital-02", poison_sites="hospital-03",
-                       poison_kind="nan", slow_seconds=90.0)
+                       poison_kind="nan", slow_seconds=50.0)
     spec = SimulationSpec(sites=4, rounds=1, seed=2, out=tmp_path, min_cases=3, max_cases=4, timeout_s=600,
-                          cpus_per_client=0.5, faults=faults,
-                          run_config=dict(TINY_RUN_CONFIG, **{"round-timeout": 60.0, "num-rounds": 1}))
+                          faults=faults,
+                          run_config=dict(TINY_RUN_CONFIG, **{"round-timeout": 40.0, "num-rounds": 1}))
     started = time.monotonic()
     summary = run_simulation(spec, echo=False)
     assert time.monotonic() - started < 300
     rows = {r["site"]: r for r in _rows((tmp_path / "latest").resolve())}
-    assert rows["hospital-01"]["train-status"] == "failed"
+    assert rows["hospital-01"]["train-status"] == "failed" and "simulated site failure" in rows["hospital-01"]["train-reason"]
     assert rows["hospital-02"]["train-status"] == "failed" and "round-timeout" in rows["hospital-02"]["train-reason"]
     assert rows["hospital-03"]["train-status"] == "rejected" and "non-finite" in rows["hospital-03"]["train-reason"]
     assert rows["hospital-04"]["train-status"] == "ok"

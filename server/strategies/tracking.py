@@ -149,6 +149,7 @@ class SiteTracking:
         """Aggregate the accepted evaluation metrics; record every site's outcome."""
         sorted_replies = sort_replies(replies, self.known_sites)
         self.recorder.record_phase(server_round, "evaluate", sorted_replies)
+        self.recorder.name_nodes(server_round, self.known_sites)
         return super().aggregate_evaluate(server_round, sorted_replies.accepted)
 
 

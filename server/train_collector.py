@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import Message
 
 from server.site_replies import SortedReplies, failure_reason, first_metrics, site_of
-from server.update_checks import UpdateRejected, check_layout, norm_outliers, update_norm
+from server.update_checks import UpdateRejected, check_layout, norm_outliers, tensor_delta_norm_sq
 from server.update_spool import SpooledUpdate, UpdateSpool
 
 LOG = logging.getLogger("fedseg.server")
@@ -107,7 +107,8 @@ class TrainCollector:
         if not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight <= 0:
             raise UpdateRejected(f"metric '{self.weighted_by}' must be a positive number, got {weight!r}")
         check_layout(records[0], self.reference)
-        values = {name: array.numpy() for name, array in records[0].items()}
-        norm = update_norm(values, self.reference)
-        path = self.spool.write(site, values)
+        path, norm = self.spool.write_checked(records[0], check=self._tensor_norm_sq)
         return SpooledUpdate(site=site, num_examples=float(weight), norm=norm, path=path, metrics=metrics)
+
+    def _tensor_norm_sq(self, name: str, values: np.ndarray) -> float:
+        return tensor_delta_norm_sq(name, values, self.reference[name])

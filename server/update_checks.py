@@ -47,14 +47,15 @@ def check_layout(update: ArrayRecord, reference: Mapping[str, np.ndarray]) -> No
 
 def update_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
     """L2 norm of ``update - reference`` over all tensors; raise on NaN/Inf weights."""
-    total = 0.0
-    for name, expected in reference.items():
-        values = update[name]
-        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
-            raise UpdateRejected(f"non-finite values (NaN or Inf) in '{name}'")
-        delta = values.astype(np.float64) - expected
-        total += float(np.dot(delta.ravel(), delta.ravel()))
-    return math.sqrt(total)
+    return math.sqrt(sum(tensor_delta_norm_sq(name, update[name], ref) for name, ref in reference.items()))
+
+
+def tensor_delta_norm_sq(name: str, values: np.ndarray, reference: np.ndarray) -> float:
+    """Squared L2 norm of one tensor's change; raise :class:`UpdateRejected` on NaN/Inf."""
+    if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+        raise UpdateRejected(f"non-finite values (NaN or Inf) in '{name}'")
+    delta = values.astype(np.float64) - reference
+    return float(np.dot(delta.ravel(), delta.ravel()))
 
 
 def norm_outliers(norms: Mapping[str, float], *, factor: float) -> dict[str, str]:

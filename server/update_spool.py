@@ -9,9 +9,10 @@ site-id order, so the result does not depend on the order replies arrived in.
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,14 +47,28 @@ class UpdateSpool:
         Path(parent).mkdir(parents=True, exist_ok=True)
         self.folder = Path(tempfile.mkdtemp(prefix=".spool-", dir=parent))
         self.reference = reference
+        self._count = 0
 
-    def write(self, site: str, arrays: Mapping[str, np.ndarray]) -> Path:
-        """Write ``arrays`` (already checked against the reference) to a flat file."""
-        path = self.folder / f"{len(list(self.folder.iterdir())):05d}.bin"
-        with open(path, "wb") as handle:
-            for name in self.reference:
-                handle.write(np.ascontiguousarray(arrays[name]).tobytes())
-        return path
+    def write_checked(self, arrays: ArrayRecord,
+                      check: Callable[[str, np.ndarray], float]) -> tuple[Path, float]:
+        """Decode ``arrays`` one tensor at a time, ``check`` it, append it to a new flat file.
+
+        ``check(name, tensor)`` returns the tensor's squared norm contribution or
+        raises; on any error the partial file is removed. Returns (file, L2 norm).
+        """
+        self._count += 1
+        path = self.folder / f"{self._count:05d}.bin"
+        total = 0.0
+        try:
+            with open(path, "wb") as handle:
+                for name in self.reference:
+                    values = arrays[name].numpy()
+                    total += check(name, values)
+                    handle.write(np.ascontiguousarray(values).data)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path, math.sqrt(total)
 
     def read(self, path: Path) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (name, tensor) of a spooled update, one tensor at a time (memory-mapped)."""
@@ -65,15 +80,23 @@ class UpdateSpool:
             offset += size
 
     def weighted_mean(self, updates: Sequence[SpooledUpdate]) -> ArrayRecord:
-        """Example-weighted mean of ``updates`` in the order given (site-id order)."""
+        """Example-weighted mean of ``updates``, summed in the order given (site-id order).
+
+        Works tensor by tensor over memory-mapped files: memory is one float64
+        tensor plus the result, whatever the number of updates.
+        """
         total = float(sum(u.num_examples for u in updates))
-        sums = {name: np.zeros(ref.shape, dtype=np.float64) for name, ref in self.reference.items()}
-        for update in updates:
-            for name, tensor in self.read(update.path):
-                sums[name] += tensor.astype(np.float64) * float(update.num_examples)
+        maps = [np.memmap(u.path, dtype=np.uint8, mode="r") for u in updates]
         record = ArrayRecord()
+        offset = 0
         for name, expected in self.reference.items():
-            record[name] = Array(np.asarray(sums.pop(name) / total).astype(expected.dtype))
+            acc = np.zeros(expected.shape, dtype=np.float64)
+            for update, raw in zip(updates, maps, strict=True):
+                tensor = raw[offset:offset + expected.nbytes].view(expected.dtype).reshape(expected.shape)
+                acc += tensor.astype(np.float64) * float(update.num_examples)
+            record[name] = Array(np.asarray(acc / total).astype(expected.dtype))
+            offset += expected.nbytes
+        del maps
         return record
 
     def as_record(self, update: SpooledUpdate) -> ArrayRecord:

@@ -16,6 +16,8 @@ class ServerOptimiserState:
     ``configure_train`` at the start of every round.
     """
 
+    post_processes_mean = True
+
     def strategy_state(self) -> dict[str, dict[str, np.ndarray]]:
         """The first and second moment estimates (empty before the first aggregation)."""
         state: dict[str, Any] = {}

@@ -58,6 +58,9 @@ class SiteTracking:
 
     #: True when the aggregate is a weighted mean (can be accumulated update by update).
     mean_aggregation = True
+    #: True when Flower's strategy transforms the mean further (FedAdam/FedYogi server optimisers);
+    #: otherwise Flower's weighted average of the single pre-averaged update would be the update itself.
+    post_processes_mean = False
 
     def __init__(self, *, recorder: RunRecorder, seed: int = 0, min_train_replies: int = 1,
                  norm_factor: float = 10.0, **kwargs: Any) -> None:
@@ -121,6 +124,8 @@ class SiteTracking:
                 LOG.warning("round %d: %d accepted update(s), fewer than min-train-replies=%d; "
                             "the global model is kept", server_round, len(closed.accepted), self.min_train_replies)
                 return None, None
+            if self.mean_aggregation and not self.post_processes_mean:
+                return closed.spool.weighted_mean(closed.accepted), self._mean_metrics(closed)
             arrays, metrics = super().aggregate_train(server_round, self._aggregation_input(closed))
             return self._in_model_dtypes(arrays), metrics
         finally:
@@ -135,13 +140,15 @@ class SiteTracking:
                             else Array(array.numpy().astype(self._reference[name].dtype))
                             for name, array in arrays.items()})
 
+    def _mean_metrics(self, closed: ClosedRound) -> MetricRecord:
+        return self.train_metrics_aggr_fn(
+            [RecordDict({"metrics": MetricRecord(u.metrics)}) for u in closed.accepted], self.weighted_by_key)
+
     def _aggregation_input(self, closed: ClosedRound) -> list[Message]:
         if self.mean_aggregation:
-            mean = closed.spool.weighted_mean(closed.accepted)
-            metrics = self.train_metrics_aggr_fn(
-                [RecordDict({"metrics": MetricRecord(u.metrics)}) for u in closed.accepted], self.weighted_by_key)
+            metrics = self._mean_metrics(closed)
             metrics[self.weighted_by_key] = sum(u.num_examples for u in closed.accepted)
-            return [_reply_like(mean, metrics)]
+            return [_reply_like(closed.spool.weighted_mean(closed.accepted), metrics)]
         return [_reply_like(closed.spool.as_record(u), MetricRecord(u.metrics)) for u in closed.accepted]
 
     # --- evaluation replies -------------------------------------------------------------

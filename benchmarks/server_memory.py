@@ -1,0 +1,141 @@
+"""Peak server memory and time to aggregate K site updates: fedseg's spooled mean vs Flower's FedAvg.
+
+Each (model, K, method) case runs in a fresh subprocess so peaks do not mix.
+Updates are generated one at a time, as they would arrive from sites; Flower's
+FedAvg gets them as the list that ``Grid.send_and_receive`` returns (all held
+at once), fedseg's strategy takes them one by one through its collector
+(checked, spooled to disk, dropped) and averages from the spool.
+
+Peak memory is reported above the baseline taken just before the first update
+arrives: ``tracemalloc`` (Python + numpy allocations) and the RSS high-water
+mark (``ru_maxrss``, includes memory-mapped spool pages), both as a multiple
+of the model size.
+
+Run: ``.venv/bin/python -m benchmarks.server_memory`` (add ``--write`` to
+update BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+MODELS = {  # name -> (run config overrides, K values)
+    "harness 3D default (8,16,32)": ({"spatial-dims": 3, "channels": "8,16,32", "strides": "2,2",
+                                      "patch-size": 32}, (10, 50, 200)),
+    "RunConfig default channels in 3D (16,32,64,128)": ({"spatial-dims": 3}, (10, 50, 200)),
+}
+METHODS = ("fedseg", "flower")
+SECTION = "## Server aggregation memory (issue 6)"
+
+
+def measure(overrides: dict, k: int, method: str) -> dict:
+    """Aggregate ``k`` synthetic updates with ``method``; return peak memory and time."""
+    import resource
+    import time
+    import tracemalloc
+
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.run_folder import RunRecorder
+    from server.strategies.fedavg import FedSegFedAvg
+    from shared.config import RunConfig
+    from shared.model import build_unet
+    from shared.weights import model_to_arrays
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    config = RunConfig.from_mapping(overrides)
+    global_arrays = model_to_arrays(build_unet(config.model_config()))
+    model_bytes = sum(a.numpy().nbytes for a in global_arrays.values())
+    rng = np.random.default_rng(0)
+
+    def reply(i: int) -> Message:
+        arrays = ArrayRecord({n: Array((a.numpy() + rng.normal(0, 1e-3, a.numpy().shape)).astype(a.numpy().dtype))
+                              for n, a in global_arrays.items()})
+        content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1 + i % 7}),
+                              "site": ConfigRecord({"site-id": f"site-{i:04d}"})})
+        return Message(content=content, dst_node_id=i + 1, message_type=MessageType.TRAIN)
+
+    with tempfile.TemporaryDirectory(dir=".") as run_dir:
+        strategy = FedSegFedAvg(recorder=RunRecorder(Path(run_dir), config=config), norm_factor=10.0)
+        strategy.expect_updates_of(global_arrays)
+        tracemalloc.start()
+        base_traced = tracemalloc.get_traced_memory()[0]
+        base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        started = time.perf_counter()
+        if method == "fedseg":
+            collector = strategy.train_collector()
+            for i in range(k):
+                collector.add(reply(i))
+            result, _ = strategy.aggregate_closed(1, collector.close())
+        else:
+            replies = [reply(i) for i in range(k)]
+            result, _ = FedAvg().aggregate_train(1, replies)
+        seconds = time.perf_counter() - started
+        peak_traced = tracemalloc.get_traced_memory()[1] - base_traced
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
+    assert result is not None and set(result) == set(global_arrays)
+    return {"model_mb": model_bytes / 1e6, "traced_x": peak_traced / model_bytes,
+            "rss_x": max(peak_rss, 0) / model_bytes, "seconds": seconds}
+
+
+def run_case(overrides: dict, k: int, method: str) -> dict:
+    """:func:`measure` in a fresh interpreter."""
+    code = ("import json, sys; from benchmarks.server_memory import measure; "
+            f"print(json.dumps(measure(json.loads(sys.argv[1]), {k}, {method!r})))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(overrides)], capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def table() -> str:
+    """Run every case; return a markdown table."""
+    lines = ["| model (size) | K | fedseg peak traced / model | fedseg peak RSS / model | fedseg s "
+             "| Flower FedAvg peak traced / model | Flower FedAvg peak RSS / model | Flower s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, (overrides, ks) in MODELS.items():
+        for k in ks:
+            ours, theirs = (run_case(overrides, k, method) for method in METHODS)
+            lines.append(f"| {name} ({ours['model_mb']:.2f} MB) | {k} | {ours['traced_x']:.2f}x | "
+                         f"{ours['rss_x']:.2f}x | {ours['seconds']:.2f} | {theirs['traced_x']:.2f}x | "
+                         f"{theirs['rss_x']:.2f}x | {theirs['seconds']:.2f} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.server_memory", description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="replace this benchmark's section of BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    result = table()
+    if args.write:
+        write_section(Path("BENCHMARKS.md"), result)
+    return 0
+
+
+def write_section(path: Path, result: str) -> None:
+    """Replace (or append) this benchmark's section in ``path``, leaving other sections alone."""
+    from shared.atomic import atomic_write
+
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    body = (f"{SECTION}\n\nCommand: `.venv/bin/python -m benchmarks.server_memory --write`\n\n"
+            "Peak memory above the server's baseline while aggregating K updates, as a multiple of the "
+            "model size; time to take in and aggregate all K updates.\n\n" + result + "\n")
+    if SECTION in text:
+        start = text.index(SECTION)
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + body + (text[end + 1:] if end != -1 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + body
+    atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,8 +3,9 @@
 Each update is written as one flat file of raw tensor bytes (in the global
 model's key order) as soon as it arrives and passes its checks; the message is
 then dropped. After the round closes, the weighted mean is accumulated one
-update at a time in float64 (memory: one model in float64 plus one tensor), in
-site-id order, so the result does not depend on the order replies arrived in.
+tensor at a time in float64 (memory: a few copies of one tensor plus the
+result), in site-id order, so the result does not depend on the order replies
+arrived in.
 """
 
 from __future__ import annotations
@@ -71,33 +72,37 @@ class UpdateSpool:
         return path, math.sqrt(total)
 
     def read(self, path: Path) -> Iterator[tuple[str, np.ndarray]]:
-        """Yield (name, tensor) of a spooled update, one tensor at a time (memory-mapped)."""
-        raw = np.memmap(path, dtype=np.uint8, mode="r")
+        """Yield (name, tensor) of a spooled update, one tensor at a time."""
         offset = 0
         for name, expected in self.reference.items():
-            size = expected.nbytes
-            yield name, raw[offset:offset + size].view(expected.dtype).reshape(expected.shape)
-            offset += size
+            yield name, self._read_tensor(path, expected, offset)
+            offset += expected.nbytes
 
     def weighted_mean(self, updates: Sequence[SpooledUpdate]) -> ArrayRecord:
         """Example-weighted mean of ``updates``, summed in the order given (site-id order).
 
-        Works tensor by tensor over memory-mapped files: memory is one float64
-        tensor plus the result, whatever the number of updates.
+        Works tensor by tensor, reading each update's slice of its file: memory
+        is a few copies of one tensor plus the result, whatever the number of updates.
         """
         total = float(sum(u.num_examples for u in updates))
-        maps = [np.memmap(u.path, dtype=np.uint8, mode="r") for u in updates]
         record = ArrayRecord()
         offset = 0
         for name, expected in self.reference.items():
             acc = np.zeros(expected.shape, dtype=np.float64)
-            for update, raw in zip(updates, maps, strict=True):
-                tensor = raw[offset:offset + expected.nbytes].view(expected.dtype).reshape(expected.shape)
-                acc += tensor.astype(np.float64) * float(update.num_examples)
-            record[name] = Array(np.asarray(acc / total).astype(expected.dtype))
+            scaled = np.empty(expected.shape, dtype=np.float64)
+            for update in updates:
+                tensor = self._read_tensor(update.path, expected, offset)
+                np.multiply(tensor, float(update.num_examples), out=scaled, dtype=np.float64)
+                acc += scaled
+            acc /= total
+            record[name] = Array(acc.astype(expected.dtype))
             offset += expected.nbytes
-        del maps
         return record
+
+    @staticmethod
+    def _read_tensor(path: Path, expected: np.ndarray, offset: int) -> np.ndarray:
+        values = np.fromfile(path, dtype=expected.dtype, count=expected.size, offset=offset)
+        return values.reshape(expected.shape)
 
     def as_record(self, update: SpooledUpdate) -> ArrayRecord:
         """The update as an ``ArrayRecord`` (for aggregators that need every value at once)."""

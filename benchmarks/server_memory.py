@@ -99,7 +99,7 @@ def measure(overrides: dict, k: int, method: str) -> dict:
             result, _ = timed(lambda: FedAvg().aggregate_train(1, replies))
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
     assert result is not None and set(result) == set(global_arrays)
-    return {"model_mb": model_bytes / 1e6, "traced_x": peak_traced / model_bytes,
+    return {"model_mb": model_bytes / 1e6, "traced_mb": peak_traced / 1e6, "traced_x": peak_traced / model_bytes,
             "rss_x": max(peak_rss, 0) / model_bytes, "seconds": seconds}
 
 
@@ -114,15 +114,16 @@ def run_case(overrides: dict, k: int, method: str) -> dict:
 
 def table() -> str:
     """Run every case; return a markdown table."""
-    lines = ["| model (size) | K | fedseg peak traced / model | fedseg peak RSS / model | fedseg s "
-             "| Flower FedAvg peak traced / model | Flower FedAvg peak RSS / model | Flower s |",
+    lines = ["| model (size) | K | fedseg peak traced | fedseg peak RSS | fedseg s "
+             "| Flower FedAvg peak traced | Flower FedAvg peak RSS | Flower s |",
              "|---|---|---|---|---|---|---|---|"]
     for name, (overrides, ks) in MODELS.items():
         for k in ks:
             ours, theirs = (run_case(overrides, k, method) for method in METHODS)
-            lines.append(f"| {name} ({ours['model_mb']:.2f} MB) | {k} | {ours['traced_x']:.2f}x | "
-                         f"{ours['rss_x']:.2f}x | {ours['seconds']:.2f} | {theirs['traced_x']:.2f}x | "
-                         f"{theirs['rss_x']:.2f}x | {theirs['seconds']:.2f} |")
+            lines.append(f"| {name} ({ours['model_mb']:.2f} MB) | {k} "
+                         f"| {ours['traced_x']:.2f}x ({ours['traced_mb']:.1f} MB) | {ours['rss_x']:.2f}x "
+                         f"| {ours['seconds']:.2f} | {theirs['traced_x']:.2f}x ({theirs['traced_mb']:.1f} MB) "
+                         f"| {theirs['rss_x']:.2f}x | {theirs['seconds']:.2f} |")
             print(lines[-1], flush=True)
     return "\n".join(lines)
 

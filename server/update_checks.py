@@ -52,10 +52,12 @@ def update_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.nda
 
 def tensor_delta_norm_sq(name: str, values: np.ndarray, reference: np.ndarray) -> float:
     """Squared L2 norm of one tensor's change; raise :class:`UpdateRejected` on NaN/Inf."""
-    if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+    delta = values.astype(np.float64)
+    delta -= reference
+    squared = float(np.dot(delta.ravel(), delta.ravel()))
+    if not math.isfinite(squared):  # any NaN/Inf weight makes the sum NaN/Inf (float32 cannot overflow it)
         raise UpdateRejected(f"non-finite values (NaN or Inf) in '{name}'")
-    delta = values.astype(np.float64) - reference
-    return float(np.dot(delta.ravel(), delta.ravel()))
+    return squared
 
 
 def norm_outliers(norms: Mapping[str, float], *, factor: float) -> dict[str, str]:

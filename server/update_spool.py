@@ -22,6 +22,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 
+CHUNK_ELEMENTS = 1 << 16  # elements averaged at a time (512 KiB of float64)
+
+
 @dataclass
 class SpooledUpdate:
     """One accepted update on disk, with what the aggregation needs to weigh it."""
@@ -81,21 +84,24 @@ class UpdateSpool:
     def weighted_mean(self, updates: Sequence[SpooledUpdate]) -> ArrayRecord:
         """Example-weighted mean of ``updates``, summed in the order given (site-id order).
 
-        Works tensor by tensor, reading each update's slice of its file: memory
-        is a few copies of one tensor plus the result, whatever the number of updates.
+        Works tensor by tensor and chunk by chunk, reading slices of the update
+        files: memory is the result plus a few chunks, whatever the number of updates.
         """
         total = float(sum(u.num_examples for u in updates))
         record = ArrayRecord()
         offset = 0
         for name, expected in self.reference.items():
-            acc = np.zeros(expected.shape, dtype=np.float64)
-            scaled = np.empty(expected.shape, dtype=np.float64)
-            for update in updates:
-                tensor = self._read_tensor(update.path, expected, offset)
-                np.multiply(tensor, float(update.num_examples), out=scaled, dtype=np.float64)
-                acc += scaled
-            acc /= total
-            record[name] = Array(acc.astype(expected.dtype))
+            mean = np.empty(expected.size, dtype=expected.dtype)
+            for start in range(0, expected.size, CHUNK_ELEMENTS):
+                count = min(CHUNK_ELEMENTS, expected.size - start)
+                acc = np.zeros(count, dtype=np.float64)
+                for update in updates:
+                    chunk = np.fromfile(update.path, dtype=expected.dtype, count=count,
+                                        offset=offset + start * expected.itemsize)
+                    acc += chunk.astype(np.float64) * float(update.num_examples)
+                mean[start:start + count] = acc / total
+            record[name] = Array(mean.reshape(expected.shape))
+            del mean
             offset += expected.nbytes
         return record
 

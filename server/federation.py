@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
     config = RunConfig.from_mapping(context.run_config)
     run_dir = resolve_run_dir(config, context.run_id)
     recorder = RunRecorder(run_dir, config=config)
+    remove_stale_spools(run_dir)
     update_latest_link(run_dir.resolve())
     strategy = build_strategy(config, recorder)
     arrays, first_round = starting_point(config, strategy, recorder)
@@ -62,6 +64,12 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
     print(f"{PROGRESS_PREFIX} done: {summary['rounds']} rounds, final dice "
           f"{_fmt(summary['final_dice'])} (round 1: {_fmt(summary['first_round_dice'])})", flush=True)
     return summary
+
+
+def remove_stale_spools(run_dir: Path) -> None:
+    """Delete update spools a crashed server left in ``run_dir`` (they belong to no round now)."""
+    for stale in run_dir.glob(".spool-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def starting_point(config: RunConfig, strategy: SiteTracking, recorder: RunRecorder) -> tuple[ArrayRecord, int]:

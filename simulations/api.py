@@ -67,6 +67,8 @@ def build_run_config(spec: SimulationSpec, run_dir: Path, sites_manifest: Path, 
     if spec.spatial_dims == 3:
         values.update({"patch-size": 32, "channels": "8,16,32", "strides": "2,2", "batch-size": 2})
     values.update(spec.run_config)
+    if values.get("resume-from"):  # the ServerApp runs elsewhere: give it an absolute path
+        values["resume-from"] = str(Path(str(values["resume-from"])).expanduser().resolve())
     values.update({"run-dir": str(run_dir), "simulation-sites": str(sites_manifest)})
     return RunConfig.from_mapping(values)
 

@@ -112,3 +112,15 @@ def test_resumed_server_optimiser_continues_bitwise(tmp_path, flower_identity, n
     forgetful = build_strategy(resumed_config, RunRecorder(tmp_path / "d", config=resumed_config))
     _, without_state = _rounds(forgetful, arrays, [2, 3])
     assert without_state[2] != uninterrupted[2]  # the moments matter: losing them changes the model
+
+
+def test_check_checkpoint_command(tmp_path, capsys):
+    from server.__main__ import main
+
+    save_checkpoint(tmp_path, _checkpoint(round_=4))
+    assert main(["check-checkpoint", str(tmp_path)]) == 0
+    assert "continues at round 5" in capsys.readouterr().out
+    path = tmp_path / "checkpoint.ckpt"
+    path.write_bytes(path.read_bytes()[:-3])
+    assert main(["check-checkpoint", str(path)]) == 1
+    assert "truncated" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from simulations.api import SimulationSpec, run_simulation
 from simulations.faults import FaultPlan
 from simulations.flower_runtime import descendants, stop_process_group
 from tests.conftest import REPO, TINY_RUN_CONFIG
+from tests.test_simulation_integration import _processes_with_env
 
 SIM_ARGS = ["--sites", "2", "--seed", "4", "--min-cases", "3", "--max-cases", "4"]
 
@@ -52,7 +53,9 @@ def _start_and_kill_after_first_checkpoint(out: Path) -> Path:
     finally:
         stop_process_group(process)
     assert checkpoint.exists(), "no checkpoint was written"
-    return checkpoint.parent.resolve()
+    run_dir = checkpoint.parent.resolve()
+    assert _processes_with_env(str(run_dir / "flwr-home")) == []
+    return run_dir
 
 
 @pytest.mark.integration

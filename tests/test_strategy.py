@@ -97,3 +97,13 @@ def test_run_config_selects_the_strategy(tmp_path, name):
         assert strategy.proximal_mu == config.proximal_mu
     if name in ("fedadam", "fedyogi"):
         assert strategy.eta == config.server_learning_rate and strategy.tau == config.server_tau
+
+
+def test_an_aggregation_error_keeps_the_model_instead_of_stopping_the_run(tmp_path, flower_identity):
+    config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, strategy="fedmedian"))
+    strategy = build_strategy(config, RunRecorder(tmp_path, config=config))
+    strategy.expect_updates_of(ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))}))
+    odd = _update_arrays(12, "s1", np.ones((2, 2), dtype=np.float32), 2)
+    odd.content["metrics"]["extra-metric"] = 1.0  # metric keys differ between sites: Flower refuses to aggregate
+    arrays, metrics = strategy.aggregate_train(1, [_update_arrays(11, "s0", np.ones((2, 2), dtype=np.float32), 1), odd])
+    assert arrays is None and metrics is None

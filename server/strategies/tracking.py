@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 
 from server.site_replies import sort_replies
 from server.train_collector import ClosedRound, TrainCollector
@@ -126,7 +127,11 @@ class SiteTracking:
                 return None, None
             if self.mean_aggregation and not self.post_processes_mean:
                 return closed.spool.weighted_mean(closed.accepted), self._mean_metrics(closed)
-            arrays, metrics = super().aggregate_train(server_round, self._aggregation_input(closed))
+            try:
+                arrays, metrics = super().aggregate_train(server_round, self._aggregation_input(closed))
+            except (AggregationError, InconsistentMessageReplies) as exc:
+                LOG.error("round %d: aggregation failed (%s); the global model is kept", server_round, exc)
+                return None, None
             return self._in_model_dtypes(arrays), metrics
         finally:
             closed.spool.close()

@@ -10,7 +10,8 @@ Peak memory is reported above the baseline taken just before the first update
 arrives (after one warm-up round of 2 updates, so that lazy imports and caches
 are not counted), as a multiple of the model size: ``tracemalloc`` (Python + numpy
 allocations; held replies count, making the next reply does not) and the RSS
-high-water mark (``ru_maxrss``; includes the benchmark's own reply making).
+resident set size sampled every millisecond (includes the benchmark's own reply
+making, and can miss spikes shorter than a millisecond).
 Time is the server's work only (taking in the replies and aggregating).
 
 Run: ``.venv/bin/python -m benchmarks.server_memory`` (add ``--write`` to
@@ -38,7 +39,6 @@ SECTION = "## Server aggregation memory (issue 6)"
 
 def measure(overrides: dict, k: int, method: str) -> dict:
     """Aggregate ``k`` synthetic updates with ``method``; return peak memory and time."""
-    import resource
     import time
     import tracemalloc
 
@@ -80,7 +80,7 @@ def measure(overrides: dict, k: int, method: str) -> dict:
         FedAvg().aggregate_train(0, [reply(0), reply(1)])
         tracemalloc.start()
         base_traced = tracemalloc.get_traced_memory()[0]
-        base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss = RssSampler()
         peak_traced, seconds = 0, 0.0
 
         def timed(step: Any) -> Any:
@@ -103,10 +103,41 @@ def measure(overrides: dict, k: int, method: str) -> dict:
         else:
             replies = [reply(i) for i in range(k)]  # what Grid.send_and_receive returns
             result, _ = timed(lambda: FedAvg().aggregate_train(1, replies))
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
+        peak_rss = rss.stop()
     assert result is not None and set(result) == set(global_arrays)
     return {"model_mb": model_bytes / 1e6, "traced_mb": peak_traced / 1e6, "traced_x": peak_traced / model_bytes,
             "rss_x": max(peak_rss, 0) / model_bytes, "seconds": seconds}
+
+
+class RssSampler:
+    """Samples this process's resident memory every millisecond; :meth:`stop` returns the peak above the start."""
+
+    def __init__(self) -> None:
+        import os
+        import threading
+
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self.base = self._rss()
+        self.peak = self.base
+        self._running = True
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        import time
+
+        while self._running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    def stop(self) -> int:
+        self._running = False
+        self._thread.join()
+        return max(self.peak, self._rss()) - self.base
 
 
 def run_case(overrides: dict, k: int, method: str) -> dict:
@@ -151,7 +182,12 @@ def write_section(path: Path, result: str) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     body = (f"{SECTION}\n\nCommand: `.venv/bin/python -m benchmarks.server_memory --write`\n\n"
             "Peak memory above the server's baseline while aggregating K updates, as a multiple of the "
-            "model size; time to take in and aggregate all K updates.\n\n" + result + "\n")
+            "model size (and in MB); time to take in and aggregate all K updates. *fedseg* is the "
+            "server's path for mean strategies (each reply checked for keys/shapes/dtypes/NaN/norm, "
+            "spooled to disk in the run folder, then averaged chunk by chunk in site order); *Flower "
+            "FedAvg* is `flwr.serverapp.strategy.FedAvg.aggregate_train` on the list of replies that "
+            "`Grid.send_and_receive` returns. Traced = tracemalloc (Python + numpy allocations of the "
+            "server's work); RSS = resident memory sampled every ms.\n\n" + result + "\n")
     if SECTION in text:
         start = text.index(SECTION)
         end = text.find("\n## ", start + len(SECTION))

@@ -143,6 +143,8 @@ def stop_process_group(process: subprocess.Popen, grace_s: float = 15.0) -> None
     while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
         with contextlib.suppress(ProcessLookupError, ChildProcessError):
             process.poll()
+        # processes started while the tree shuts down (e.g. a ClientApp spawned late) are collected too
+        tree.extend(pid for pid in descendants(*[p for p in tree if _alive(p)]) if pid not in tree)
         time.sleep(0.1)
     for pid in tree:
         if _alive(pid):
@@ -152,14 +154,14 @@ def stop_process_group(process: subprocess.Popen, grace_s: float = 15.0) -> None
         process.wait(timeout=grace_s)
 
 
-def descendants(root: int) -> list[int]:
-    """PIDs of every process below ``root`` (Linux ``/proc``; empty elsewhere)."""
+def descendants(*roots: int) -> list[int]:
+    """PIDs of every process below ``roots`` (Linux ``/proc``; empty elsewhere)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").glob("[0-9]*"):
         parent = _stat_field(int(entry.name), 3)
         if parent is not None:
             children.setdefault(int(parent), []).append(int(entry.name))
-    found, stack = [], [root]
+    found, stack = [], list(roots)
     while stack:
         for child in children.get(stack.pop(), []):
             found.append(child)

@@ -26,7 +26,7 @@ from typing import Any
 
 from benchmarks.report import write_section
 from simulations.api import SimulationSpec, run_simulation
-from simulations.flower_runtime import descendants
+from shared.processes import descendants
 
 ROUND_LINE = re.compile(r"round (\d+)/\d+")
 

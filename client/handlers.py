@@ -20,10 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from client.audit_log import AuditLogError, append_entry, make_entry
 from client.egress import ARRAYS, SITE_KEYS, EgressBlocked, check_reply, expected_parameter_specs
+from client.faults import SimulatedCrash
 from client.site import SiteConfig, resolve_site
 from shared.config import RunConfig
 from shared.errors import FedSegError
@@ -59,6 +60,8 @@ def _handle(msg: Message, context: Context, work: Work) -> Message:
         content = work(msg, config, site)
     except FedSegError as exc:
         content = refusal_content(msg, site, f"{type(exc).__name__}: {exc}")
+    except SimulatedCrash:
+        raise  # fault injection (simulations only): the ClientApp must really crash
     except Exception as exc:  # a bug must not leak its message to the server
         LOG.exception("site %s: %s failed unexpectedly", _site_id(site), msg.metadata.message_type)
         content = refusal_content(msg, site, f"internal error ({type(exc).__name__}); see the site's log")
@@ -152,6 +155,8 @@ def _train(msg: Message, config: RunConfig, site: SiteConfig) -> RecordDict:
     from shared.weights import load_arrays, model_to_arrays
 
     server_round = int(msg.content["config"]["server-round"])
+    if site.fault is not None:
+        site.fault.before_training()
     seed = _site_round_seed(config.seed, site.site_id, server_round)
     set_determinism(seed=seed)
     cases, augment = load_training_cases(site.datalist, config, cache_dir=site.cache_dir)
@@ -159,11 +164,16 @@ def _train(msg: Message, config: RunConfig, site: SiteConfig) -> RecordDict:
     load_arrays(model, msg.content["arrays"])
     loader = training_loader(cases, augment, batch_size=config.batch_size,
                              generator=torch.Generator().manual_seed(seed))
+    proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))
     result = train_local(model, loader, config=config, device=resolve_device(config.device),
-                         num_examples=len(cases))
+                         num_examples=len(cases), proximal_mu=proximal_mu)
     metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.train_loss,
                             "steps": result.steps})
-    return RecordDict({"arrays": model_to_arrays(model), "metrics": metrics,
+    arrays = model_to_arrays(model)
+    if site.fault is not None:
+        received = msg.content["arrays"].to_torch_state_dict()
+        arrays = ArrayRecord(site.fault.poison(dict(arrays.to_torch_state_dict()), dict(received)))
+    return RecordDict({"arrays": arrays, "metrics": metrics,
                        "site": ConfigRecord({"site-id": site.site_id})})
 
 

@@ -13,12 +13,14 @@ config ``simulation-sites``. It is consulted only for nodes that have a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.faults import SiteFault
 from shared.errors import ConfigError
 
 
@@ -30,6 +32,7 @@ class SiteConfig:
     datalist: Path
     state_dir: Path
     cache_dir: Path | None = None
+    fault: SiteFault | None = None  # simulations only: never read from a real node config
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteConfig:
@@ -58,7 +61,8 @@ def resolve_site(node_config: Mapping[str, Any], simulation_sites: str) -> SiteC
         return SiteConfig.from_node_config(node_config)
     if "partition-id" in node_config and simulation_sites:
         entry = read_manifest_entry(Path(simulation_sites), int(node_config["partition-id"]))
-        return SiteConfig.from_node_config(entry)
+        site = SiteConfig.from_node_config(entry)
+        return dataclasses.replace(site, fault=SiteFault.from_manifest(entry.get("fault")))
     raise ConfigError(
         "node config key 'datalist' is required: start the SuperNode with "
         "--node-config \"datalist='/path/to/datalist.json'\""

@@ -44,13 +44,21 @@ def make_loss() -> torch.nn.Module:
 
 
 def train_local(model: torch.nn.Module, loader: Any, *, config: RunConfig,
-                device: torch.device, num_examples: int) -> TrainResult:
-    """Train ``model`` in place for ``config.local_epochs`` epochs over ``loader``."""
+                device: torch.device, num_examples: int, proximal_mu: float = 0.0) -> TrainResult:
+    """Train ``model`` in place for ``config.local_epochs`` epochs over ``loader``.
+
+    With ``proximal_mu`` > 0 (FedProx), the loss gains ``(mu / 2) * ||w - w_global||^2``,
+    where ``w_global`` are the weights ``model`` holds when this is called.
+    ``train_loss`` reports the task loss alone.
+    """
     import torch
 
     if num_examples == 0:
         raise DataError("the site has no training cases")
+    if proximal_mu < 0:
+        raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
     model.to(device).train()
+    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     loss_fn = make_loss()
     losses: list[float] = []
@@ -59,12 +67,20 @@ def train_local(model: torch.nn.Module, loader: Any, *, config: RunConfig,
             image, label = batch["image"].to(device), batch["label"].to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(image), label)
+            losses.append(float(loss.detach()))
+            if global_params:
+                loss = loss + proximal_term(model, global_params, mu=proximal_mu)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss.detach()))
     if not losses:
         raise DataError("local training ran no step (no batches)")
     return TrainResult(num_examples=num_examples, train_loss=sum(losses) / len(losses), steps=len(losses))
+
+
+def proximal_term(model: torch.nn.Module, global_params: list[torch.Tensor], *, mu: float) -> torch.Tensor:
+    """FedProx's ``(mu / 2) * ||w - w_global||^2`` over all parameters."""
+    squared = sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params, strict=True))
+    return (mu / 2.0) * squared
 
 
 def evaluate_local(model: torch.nn.Module, cases: list[dict[str, Any]], *, config: RunConfig,

@@ -9,6 +9,7 @@ from shared.cli import run_commands
 # name -> (module with add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "certs": ("server.certs", "make the consortium CA and the SuperLink TLS certificate"),
+    "check-checkpoint": ("server.check_checkpoint", "verify a run's checkpoint and show where a resume continues"),
 }
 
 

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord
 
-from server.polling_grid import PollingGrid
+from server.checkpoint import Checkpoint, check_resumable, checkpoint_path, load_checkpoint, save_checkpoint
 from server.export import export_final_model
+from server.polling_grid import PollingGrid
+from server.rounds import run_rounds
 from server.run_folder import RunRecorder
-from server.strategy import SiteTrackingFedAvg
+from server.strategies import build_strategy
 from shared.config import RunConfig
 
 if TYPE_CHECKING:
     from flwr.app import Context
     from flwr.serverapp import Grid
+
+    from server.strategies.tracking import SiteTracking
 
 PROGRESS_PREFIX = "[fedseg]"
 
@@ -38,44 +43,25 @@ def update_latest_link(run_dir: Path) -> None:
     os.replace(tmp, link)
 
 
-def build_strategy(config: RunConfig, recorder: RunRecorder) -> SiteTrackingFedAvg:
-    """The strategy named by run config ``strategy``."""
-    return SiteTrackingFedAvg(
-        recorder=recorder,
-        fraction_train=config.fraction_train,
-        fraction_evaluate=config.fraction_evaluate,
-        min_train_nodes=config.min_train_nodes,
-        min_evaluate_nodes=config.min_train_nodes,
-        min_available_nodes=config.min_available_nodes,
-    )
-
-
 def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
-    """Train for ``num-rounds`` rounds and return the run summary."""
-    from monai.utils import set_determinism
-
-    from shared.model import build_unet
-    from shared.weights import model_to_arrays
-
+    """Train until round ``num-rounds`` (resuming from a checkpoint if asked); return the summary."""
     config = RunConfig.from_mapping(context.run_config)
     run_dir = resolve_run_dir(config, context.run_id)
     recorder = RunRecorder(run_dir, config=config)
+    remove_stale_spools(run_dir)
     update_latest_link(run_dir.resolve())
-    set_determinism(seed=config.seed)
-    initial = model_to_arrays(build_unet(config.model_config()))
-    progress = ProgressPrinter(config.num_rounds)
+    strategy = build_strategy(config, recorder)
+    arrays, first_round = starting_point(config, strategy, recorder)
+    progress = ProgressPrinter(config.num_rounds, first_round=first_round)
     print(f"{PROGRESS_PREFIX} run folder: {run_dir.resolve()}", flush=True)
 
-    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round > 0:
-            progress.report(recorder.end_round(server_round, arrays), recorder.rounds.get(server_round, {}))
-        return None
+    def after_round(server_round: int, arrays: ArrayRecord) -> None:
+        progress.report(recorder.end_round(server_round, arrays), recorder.rounds.get(server_round, {}))
+        write_round_checkpoint(run_dir, server_round, arrays, config=config, strategy=strategy, recorder=recorder)
+        print(f"{PROGRESS_PREFIX} checkpoint written: round {server_round}", flush=True)
 
-    build_strategy(config, recorder).start(
-        grid=PollingGrid(grid), initial_arrays=initial, num_rounds=config.num_rounds,
-        timeout=config.round_timeout, train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
-        evaluate_fn=after_round,
-    )
+    run_rounds(strategy, PollingGrid(grid), arrays=arrays, first_round=first_round, num_rounds=config.num_rounds,
+               timeout=config.round_timeout, after_round=after_round)
     summary = recorder.finish()
     if recorder.model_path.exists():
         export_final_model(recorder.model_path, config=config, rounds=recorder.rounds)
@@ -84,18 +70,60 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
     return summary
 
 
+def remove_stale_spools(run_dir: Path) -> None:
+    """Delete update spools a crashed server left in ``run_dir`` (they belong to no round now)."""
+    for stale in run_dir.glob(".spool-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def starting_point(config: RunConfig, strategy: SiteTracking, recorder: RunRecorder) -> tuple[ArrayRecord, int]:
+    """(global arrays, first round): a fresh seeded model, or the state of run config ``resume-from``."""
+    from monai.utils import set_determinism
+
+    from shared.model import build_unet
+    from shared.weights import model_to_arrays
+
+    if not config.resume_from:
+        set_determinism(seed=config.seed)
+        return model_to_arrays(build_unet(config.model_config())), 1
+    path = checkpoint_path(config.resume_from)
+    checkpoint = load_checkpoint(path)
+    check_resumable(checkpoint, config, path=path)
+    strategy.load_strategy_state({name: {k: v.numpy() for k, v in moments.items()}
+                                  for name, moments in checkpoint.strategy_state.items()})
+    strategy.known_sites.update(checkpoint.known_sites)
+    recorder.restore(checkpoint.metrics_rows)
+    print(f"{PROGRESS_PREFIX} resuming from {path} after round {checkpoint.round}", flush=True)
+    return ArrayRecord(checkpoint.state_dict), checkpoint.round + 1
+
+
+def write_round_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, *, config: RunConfig,
+                           strategy: SiteTracking, recorder: RunRecorder) -> Path:
+    """Save everything a resumed run needs after ``server_round``."""
+    import torch
+
+    state = {name: {k: torch.from_numpy(v) for k, v in moments.items()}
+             for name, moments in strategy.strategy_state().items()}
+    checkpoint = Checkpoint(round=server_round, state_dict=dict(arrays.to_torch_state_dict()),
+                            run_config=config.to_mapping(), strategy_state=state,
+                            metrics_rows=recorder.written_rows, known_sites=dict(strategy.known_sites))
+    return save_checkpoint(run_dir, checkpoint)
+
+
 class ProgressPrinter:
     """One console line per round: sites answered, aggregated Dice, time."""
 
-    def __init__(self, num_rounds: int) -> None:
+    def __init__(self, num_rounds: int, *, first_round: int = 1) -> None:
         self.num_rounds = num_rounds
+        self.first_round = first_round
         self.started = time.monotonic()
 
     def report(self, row: dict[str, Any], sites: dict[str, dict[str, Any]]) -> None:
         trained = row["sites-train-ok"]
-        asked = trained + row["sites-train-refused"] + row["sites-train-failed"]
+        asked = trained + row["sites-train-refused"] + row["sites-train-failed"] + row["sites-train-rejected"]
         elapsed = time.monotonic() - self.started
-        remaining = elapsed / row["round"] * (self.num_rounds - row["round"])
+        done = row["round"] - self.first_round + 1
+        remaining = elapsed / done * (self.num_rounds - row["round"])
         print(f"{PROGRESS_PREFIX} round {row['round']}/{self.num_rounds} | trained {trained}/{asked} sites"
               f" | evaluated {row['sites-evaluate-ok']} | dice {_fmt(row['dice'])}"
               f" | train-loss {_fmt(row['train-loss'])} | {elapsed:.0f}s elapsed, ~{remaining:.0f}s left",

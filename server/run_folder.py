@@ -15,8 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.atomic import append_line, atomic_write_json
-from shared.model_file import save_model_file
+from shared.atomic import append_line, atomic_write, atomic_write_json
+from shared.model_file import save_model_file, weights_digest
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord
@@ -49,8 +49,21 @@ class RunRecorder:
         self.model_path = self.run_dir / "global_model.pt"
         self.rounds: dict[int, dict[str, dict[str, Any]]] = defaultdict(lambda: defaultdict(dict))
         self.global_rows: list[dict[str, Any]] = []
+        self.written_rows: list[dict[str, Any]] = []
         self.started = time.time()
         self.round_started = time.monotonic()
+
+    def restore(self, rows: list[dict[str, Any]]) -> None:
+        """Continue a resumed run: ``metrics.jsonl`` becomes exactly ``rows`` (atomically)."""
+        self.written_rows = [dict(row) for row in rows]
+        self.global_rows = [row for row in self.written_rows if row["site"] == "global"]
+        self.rounds.clear()
+        for row in self.written_rows:
+            if row["site"] != "global":
+                self.rounds[row["round"]][row["site"]] = {
+                    k: v for k, v in row.items() if k not in ("round", "site")}
+        payload = "".join(json.dumps(row, sort_keys=True) + "\n" for row in self.written_rows).encode()
+        atomic_write(self.metrics_path, lambda handle: handle.write(payload))
 
     def record_phase(self, server_round: int, phase: str, replies: SortedReplies) -> None:
         """Store one phase's (train/evaluate) per-site results for ``server_round``."""
@@ -60,23 +73,38 @@ class RunRecorder:
             row[f"{phase}-status"] = "ok"
             for key, value in metrics.items():
                 row[PHASE_KEYS[phase].get(key, key)] = value
-        for outcome, reasons in (("refused", replies.refused), ("failed", replies.failed)):
+        outcomes = (("refused", replies.refused), ("failed", replies.failed), ("rejected", replies.rejected))
+        for outcome, reasons in outcomes:
             for site, reason in reasons.items():
                 sites[site][f"{phase}-status"] = outcome
                 sites[site][f"{phase}-reason"] = reason
 
+    def name_nodes(self, server_round: int, known_sites: dict[int, str]) -> None:
+        """Re-file rows kept as ``node-<id>`` (a node that failed before its site id was known)
+        under the site id learned since."""
+        sites = self.rounds.get(server_round, {})
+        for node_id, site in known_sites.items():
+            placeholder = f"node-{node_id}"
+            if placeholder in sites and placeholder != site:
+                merged = sites.pop(placeholder)
+                merged.update(sites.get(site, {}))
+                sites[site] = merged
+
     def end_round(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
         """Write the round's metrics lines and the current global model; return the global row."""
+        import torch  # noqa: F401  (ArrayRecord.to_torch_state_dict needs torch imported)
+
         sites = self.rounds.get(server_round, {})
         for site in sorted(sites):
             self._append({"round": server_round, "site": site, **sites[site]})
+        state_dict = dict(arrays.to_torch_state_dict())
         now = time.monotonic()
         row = {"round": server_round, "site": "global", **aggregate_sites(sites),
-               "round-seconds": round(now - self.round_started, 3)}
+               "weights-sha256": weights_digest(state_dict), "round-seconds": round(now - self.round_started, 3)}
         self.round_started = now
         self._append(row)
         self.global_rows.append(row)
-        save_model_file(self.model_path, state_dict=dict(arrays.to_torch_state_dict()),
+        save_model_file(self.model_path, state_dict=state_dict,
                         model_config=self.config.model_config(),
                         extra={"round": server_round, "run_config": self.config.to_mapping()})
         return row
@@ -106,6 +134,7 @@ class RunRecorder:
 
     def _append(self, row: dict[str, Any]) -> None:
         clean = {k: _json_float(v) if isinstance(v, float) else v for k, v in row.items()}
+        self.written_rows.append(clean)
         append_line(self.metrics_path, json.dumps(clean, sort_keys=True))
 
 
@@ -116,7 +145,7 @@ def aggregate_sites(sites: dict[str, dict[str, Any]]) -> dict[str, Any]:
     row: dict[str, Any] = {key: _weighted(sites, key, "num-val-examples") for key in sorted(evaluation_keys)}
     row["train-loss"] = _weighted(sites, "train-loss", "num-train-examples")
     for phase in ("train", "evaluate"):
-        for outcome in ("ok", "refused", "failed"):
+        for outcome in ("ok", "refused", "failed", "rejected"):
             row[f"sites-{phase}-{outcome}"] = sum(
                 1 for r in sites.values() if r.get(f"{phase}-status") == outcome)
     return row

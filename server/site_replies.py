@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import Message
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass
@@ -17,6 +20,7 @@ class SortedReplies:
     site_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
 
 
 def site_of(msg: Message, known: dict[int, str]) -> str:
@@ -34,9 +38,9 @@ def sort_replies(replies: Iterable[Message], known_sites: dict[int, str]) -> Sor
     for msg in replies:
         site = site_of(msg, known_sites)
         if msg.has_error():
-            result.failed[site] = str(msg.error.reason)[:300]
+            result.failed[site] = failure_reason(str(msg.error.reason))
             continue
-        metrics = _first_metrics(msg)
+        metrics = first_metrics(msg)
         if metrics.get("refused"):
             reason = msg.content.config_records["site"].get("reason", "no reason given")
             result.refused[site] = str(reason)
@@ -46,6 +50,14 @@ def sort_replies(replies: Iterable[Message], known_sites: dict[int, str]) -> Sor
     return result
 
 
-def _first_metrics(msg: Message) -> dict[str, Any]:
+def failure_reason(raw: str, limit: int = 300) -> str:
+    """A short, readable reason from a failed reply (Ray tracebacks reduced to their message)."""
+    text = ANSI_ESCAPE.sub("", raw)
+    if "Message:" in text:
+        text = text.rsplit("Message:", 1)[1]
+    return " ".join(text.split()).strip(" '\">")[:limit]
+
+
+def first_metrics(msg: Message) -> dict[str, Any]:
     records = list(msg.content.metric_records.values())
     return dict(records[0]) if records else {}

@@ -18,7 +18,7 @@ from typing import Any
 from shared.errors import ConfigError
 from shared.model import ModelConfig
 
-STRATEGIES = ("fedavg",)
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -68,6 +68,13 @@ class RunConfig:
     min_train_nodes: int = 1
     min_available_nodes: int = 1
     round_timeout: float = 3600.0
+    min_train_replies: int = 1
+    max_update_norm_factor: float = 10.0
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01
+    server_tau: float = 0.001
+    trim_fraction: float = 0.2
+    resume_from: str = ""
     run_dir: str = ""
     simulation_sites: str = ""
 
@@ -135,7 +142,12 @@ class RunConfig:
         for name in ("fraction_train", "fraction_evaluate"):
             value = getattr(self, name)
             _require(0.0 <= value <= 1.0, name, "must be in [0, 1]", value)
-        for name in ("min_train_nodes", "min_available_nodes"):
+        for name in ("max_update_norm_factor", "proximal_mu"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0 (0 turns it off)", getattr(self, name))
+        for name in ("server_learning_rate", "server_tau"):
+            _require(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
+        _require(0.0 <= self.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)", self.trim_fraction)
+        for name in ("min_train_nodes", "min_available_nodes", "min_train_replies"):
             _require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
         self._check_architecture()
         names = [n for n in self.class_names.split(",") if n.strip()]

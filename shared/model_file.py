@@ -42,6 +42,21 @@ def save_model_file(path: Path | str, *, state_dict: dict[str, torch.Tensor], mo
     return atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of ``state_dict`` (sorted by name).
+
+    Two models have the same digest exactly when their weights are bitwise equal.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def read_model_file(path: Path | str) -> dict[str, Any]:
     """Load a model file's dict; raise :class:`WeightsError` naming the file if it is not one."""
     import torch

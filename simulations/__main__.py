@@ -10,6 +10,7 @@ from shared.cli import quiet_optional_codec_notice
 from shared.errors import FedSegError
 from simulations.api import SimulationSpec, run_simulation
 from simulations.baselines import parse_baselines
+from simulations.faults import FaultPlan
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus-per-client", type=float, default=0.0,
                         help="GPU share per virtual hospital, e.g. 0.25 (default: 0)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
+    faults = parser.add_argument_group(
+        "fault injection", "make simulated hospitals misbehave (N sites drawn with --fault-seed, or site ids "
+                           "such as hospital-02,hospital-03)")
+    faults.add_argument("--fail-sites", default="", metavar="N|IDS", help="sites whose ClientApp crashes mid-round")
+    faults.add_argument("--slow-sites", default="", metavar="N|IDS",
+                        help="sites that stall --slow-seconds before training (stragglers)")
+    faults.add_argument("--poison-sites", default="", metavar="N|IDS", help="sites that send a bad update")
+    faults.add_argument("--poison-kind", choices=("nan", "scale"), default="nan",
+                        help="NaN weights, or the update scaled by --poison-scale (default: nan)")
+    faults.add_argument("--poison-scale", type=float, default=1000.0, help="scale factor (default: 1000)")
+    faults.add_argument("--slow-seconds", type=float, default=30.0, help="stall of slow sites (default: 30)")
+    faults.add_argument("--fault-seed", type=int, default=0, help="seed choosing faulty sites (default: 0)")
     parser.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE",
                         help="any other run config value, e.g. --run-config learning-rate=0.001 (repeatable)")
     return parser
@@ -76,6 +89,13 @@ def parse_run_config(pairs: list[str]) -> dict[str, object]:
     return values
 
 
+def fault_plan(args: argparse.Namespace) -> FaultPlan:
+    """The fault-injection options as a :class:`FaultPlan`."""
+    return FaultPlan(fail_sites=args.fail_sites, slow_sites=args.slow_sites, poison_sites=args.poison_sites,
+                     poison_kind=args.poison_kind, poison_scale=args.poison_scale,
+                     slow_seconds=args.slow_seconds, seed=args.fault_seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_optional_codec_notice()
     args = build_parser().parse_args(argv)
@@ -91,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                               pool_cases=args.pool_cases, quantity_exponent=args.quantity_exponent,
                               dirichlet_alpha=args.dirichlet_alpha, sites_per_round=args.sites_per_round,
                               ray_address=args.ray_address, baselines=parse_baselines(args.baselines),
-                              holdout_sites=args.holdout_sites)
+                              holdout_sites=args.holdout_sites, faults=fault_plan(args))
         run_simulation(spec)
     except FedSegError as exc:
         print(f"error: {exc}", file=sys.stderr)

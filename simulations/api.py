@@ -18,6 +18,7 @@ import tomli_w
 from server.federation import PROGRESS_PREFIX, update_latest_link
 from shared.config import RunConfig
 from shared.errors import ConfigError
+from simulations.faults import FaultPlan
 from simulations.flower_runtime import Resources, run_app, simulation_superlink
 from simulations.baselines import run_baselines
 from simulations.layout import LayoutSpec, lay_out_sites
@@ -52,6 +53,7 @@ class SimulationSpec:
     ray_address: str = ""
     baselines: tuple[str, ...] = ()
     holdout_sites: int = 0
+    faults: FaultPlan = field(default_factory=FaultPlan)
 
     def __post_init__(self) -> None:
         for name in ("sites", "rounds"):
@@ -134,6 +136,8 @@ def build_run_config(spec: SimulationSpec, run_dir: Path, sites_manifest: Path, 
         values["class-names"] = ",".join(LABELS[k] for k in sorted(LABELS))
     if "class-names" not in spec.run_config and len(str(values.get("class-names", "")).split(",")) != num_classes:
         values.pop("class-names", None)  # the datalists' names no longer fit an overridden num-classes
+    if values.get("resume-from"):  # the ServerApp runs elsewhere: give it an absolute path
+        values["resume-from"] = str(Path(str(values["resume-from"])).expanduser().resolve())
     values.update({"run-dir": str(run_dir), "simulation-sites": str(sites_manifest)})
     return RunConfig.from_mapping(values)
 
@@ -157,7 +161,7 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True,
         f"under {run_dir / 'data'}")
     laid_out = lay_out_sites(spec.layout(), run_dir / "data", run_dir)
     sites, holdout = laid_out[:spec.num_sites], laid_out[spec.num_sites:]
-    manifest = write_sites_manifest(run_dir, sites)
+    manifest = write_sites_manifest(run_dir, sites, faults=spec.faults.assign([site for site, _ in sites]))
     config = build_run_config(spec, run_dir, manifest, num_sites=len(sites))
     run_config_path = run_dir / "run-config.toml"
     run_config_path.write_text(tomli_w.dumps(config.to_mapping()))
@@ -184,10 +188,16 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True,
     return summary
 
 
-def write_sites_manifest(run_dir: Path, sites: list[tuple[str, Path]]) -> Path:
-    """Write ``sites.json``: the node config of each virtual hospital, by partition id."""
+def write_sites_manifest(run_dir: Path, sites: list[tuple[str, Path]], *,
+                         faults: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write ``sites.json``: the node config of each virtual hospital, by partition id.
+
+    ``faults`` (site id -> fault entry) marks the sites that misbehave on purpose.
+    """
+    faults = faults or {}
     entries = [{"site-id": site_id, "datalist": str(datalist.resolve()),
-                "state-dir": str((run_dir / "state" / site_id).resolve())} for site_id, datalist in sites]
+                "state-dir": str((run_dir / "state" / site_id).resolve()),
+                **({"fault": faults[site_id]} if site_id in faults else {})} for site_id, datalist in sites]
     path = run_dir / "sites.json"
     path.write_text(json.dumps({"sites": entries}, indent=2))
     return path

@@ -61,3 +61,12 @@ def test_failed_atomic_write_leaves_the_old_file(tmp_path):
         atomic_write(target, explode)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_rows_of_a_node_are_filed_under_its_site_once_known(tmp_path):
+    recorder = RunRecorder(tmp_path, config=RunConfig.from_mapping(TINY_RUN_CONFIG))
+    recorder.record_phase(1, "train", SortedReplies(failed={"node-5": "crashed"}))
+    recorder.record_phase(1, "evaluate", SortedReplies(site_metrics={"site-x": {"dice": 0.5, "num-examples": 1}}))
+    recorder.name_nodes(1, {5: "site-x"})
+    assert recorder.rounds[1] == {"site-x": {"train-status": "failed", "train-reason": "crashed",
+                                             "evaluate-status": "ok", "dice": 0.5, "num-val-examples": 1}}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from simulations.api import SimulationSpec, run_simulation
-from simulations.flower_runtime import free_port, stop_process_group
+from shared.processes import free_port, stop_process_group
 from tests.conftest import TINY_RUN_CONFIG
 
 

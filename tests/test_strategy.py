@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
+
 from server.run_folder import RunRecorder
-from server.strategy import SiteTrackingFedAvg
+from server.strategies import build_strategy
+from server.strategies.fedavg import FedSegFedAvg
 from shared.config import RunConfig
 from tests.conftest import TINY_RUN_CONFIG
 
@@ -30,7 +34,8 @@ def _refusal(node_id, site):
 
 def test_aggregate_uses_only_accepted_updates(tmp_path, flower_identity):
     recorder = RunRecorder(tmp_path, config=RunConfig.from_mapping(TINY_RUN_CONFIG))
-    strategy = SiteTrackingFedAvg(recorder=recorder)
+    strategy = FedSegFedAvg(recorder=recorder)
+    strategy.expect_updates_of(ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))}))
     crashed = Message(error=Error(code=1, reason="ClientApp crashed"), reply_to=_instruction(14))
     replies = [_update(11, "a", 1.0, 1), _update(12, "b", 4.0, 3), _refusal(13, "c"), crashed]
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -43,5 +48,62 @@ def test_aggregate_uses_only_accepted_updates(tmp_path, flower_identity):
 
 def test_round_where_every_site_refuses_keeps_the_model(tmp_path, flower_identity):
     recorder = RunRecorder(tmp_path, config=RunConfig.from_mapping(TINY_RUN_CONFIG))
-    arrays, metrics = SiteTrackingFedAvg(recorder=recorder).aggregate_train(1, [_refusal(13, "c")])
+    strategy = FedSegFedAvg(recorder=recorder)
+    strategy.expect_updates_of(ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))}))
+    arrays, metrics = strategy.aggregate_train(1, [_refusal(13, "c")])
+    assert arrays is None and metrics is None
+
+
+def _three_updates():
+    rng = np.random.default_rng(5)
+    return [_update_arrays(11 + i, f"s{i}", rng.normal(0, 1, (2, 2)).astype(np.float32), n)
+            for i, n in enumerate((1, 3, 2))]
+
+
+def _update_arrays(node_id, site, values, examples):
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(values)}),
+                          "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0}),
+                          "site": ConfigRecord({"site-id": site})})
+    return Message(content=content, reply_to=_instruction(node_id))
+
+
+@pytest.mark.parametrize(("name", "flower_class"), [("fedmedian", FedMedian), ("fedtrimmedavg", FedTrimmedAvg)])
+def test_robust_strategies_equal_flowers_own_aggregation(tmp_path, flower_identity, name, flower_class):
+    config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, strategy=name, **{"trim-fraction": 0.34}))
+    strategy = build_strategy(config, RunRecorder(tmp_path, config=config))
+    strategy.expect_updates_of(ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))}))
+    ours, _ = strategy.aggregate_train(1, _three_updates())
+    kwargs = {"beta": 0.34} if name == "fedtrimmedavg" else {}
+    theirs, _ = flower_class(**kwargs).aggregate_train(1, _three_updates())
+    assert np.array_equal(ours["w"].numpy(), theirs["w"].numpy())
+
+
+def test_fedavg_equals_flowers_fedavg(tmp_path, flower_identity):
+    strategy = FedSegFedAvg(recorder=RunRecorder(tmp_path, config=RunConfig.from_mapping(TINY_RUN_CONFIG)))
+    strategy.expect_updates_of(ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))}))
+    ours, ours_metrics = strategy.aggregate_train(1, _three_updates())
+    theirs, their_metrics = FedAvg().aggregate_train(1, _three_updates())
+    # ours accumulates in float64 in site order, Flower in float32 in arrival order
+    assert np.allclose(ours["w"].numpy(), theirs["w"].numpy(), rtol=1e-6, atol=1e-7)
+    assert ours_metrics["train-loss"] == pytest.approx(their_metrics["train-loss"])
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg"])
+def test_run_config_selects_the_strategy(tmp_path, name):
+    config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, strategy=name))
+    strategy = build_strategy(config, RunRecorder(tmp_path, config=config))
+    assert type(strategy).__name__.lower() == f"fedseg{name}"
+    if name == "fedprox":
+        assert strategy.proximal_mu == config.proximal_mu
+    if name in ("fedadam", "fedyogi"):
+        assert strategy.eta == config.server_learning_rate and strategy.tau == config.server_tau
+
+
+def test_an_aggregation_error_keeps_the_model_instead_of_stopping_the_run(tmp_path, flower_identity):
+    config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, strategy="fedmedian"))
+    strategy = build_strategy(config, RunRecorder(tmp_path, config=config))
+    strategy.expect_updates_of(ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))}))
+    odd = _update_arrays(12, "s1", np.ones((2, 2), dtype=np.float32), 2)
+    odd.content["metrics"]["extra-metric"] = 1.0  # metric keys differ between sites: Flower refuses to aggregate
+    arrays, metrics = strategy.aggregate_train(1, [_update_arrays(11, "s0", np.ones((2, 2), dtype=np.float32), 1), odd])
     assert arrays is None and metrics is None

@@ -1,0 +1,42 @@
+"""fedseg strategies: Flower's strategies with site tracking, update checks and checkpointable state.
+
+One strategy per module; :func:`build_strategy` picks the one named by run
+config ``strategy``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.run_folder import RunRecorder
+    from server.strategies.tracking import SiteTracking
+    from shared.config import RunConfig
+
+
+def build_strategy(config: RunConfig, recorder: RunRecorder) -> SiteTracking:
+    """The strategy named by run config ``strategy``, configured from the run config."""
+    from server.strategies.fedadam import FedSegFedAdam
+    from server.strategies.fedavg import FedSegFedAvg
+    from server.strategies.fedmedian import FedSegFedMedian
+    from server.strategies.fedprox import FedSegFedProx
+    from server.strategies.fedtrimmedavg import FedSegFedTrimmedAvg
+    from server.strategies.fedyogi import FedSegFedYogi
+
+    common: dict[str, Any] = {
+        "recorder": recorder, "seed": config.seed, "min_train_replies": config.min_train_replies,
+        "norm_factor": config.max_update_norm_factor,
+        "fraction_train": config.fraction_train, "fraction_evaluate": config.fraction_evaluate,
+        "min_train_nodes": config.min_train_nodes, "min_evaluate_nodes": config.min_train_nodes,
+        "min_available_nodes": config.min_available_nodes,
+    }
+    server_optimiser = {"eta": config.server_learning_rate, "eta_l": config.learning_rate, "tau": config.server_tau}
+    builders = {
+        "fedavg": lambda: FedSegFedAvg(**common),
+        "fedprox": lambda: FedSegFedProx(**common, proximal_mu=config.proximal_mu),
+        "fedadam": lambda: FedSegFedAdam(**common, **server_optimiser),
+        "fedyogi": lambda: FedSegFedYogi(**common, **server_optimiser),
+        "fedmedian": lambda: FedSegFedMedian(**common),
+        "fedtrimmedavg": lambda: FedSegFedTrimmedAvg(**common, beta=config.trim_fraction),
+    }
+    return builders[config.strategy]()

@@ -1,0 +1,198 @@
+"""What every fedseg strategy adds to Flower's: per-site bookkeeping, update checks, resumable rounds.
+
+:class:`SiteTracking` is mixed in front of a Flower message-API strategy
+(``class FedSegFedAvg(SiteTracking, FedAvg)``). Flower's class keeps doing the
+sampling and the aggregation; the mixin
+
+- sorts replies into accepted / refused / failed / rejected per site and hands
+  them to the :class:`~server.run_folder.RunRecorder`;
+- checks every update (keys, shapes, dtypes, NaN/Inf, norm vs the round's
+  median) and spools accepted ones to disk as they arrive;
+- feeds Flower's aggregation with accepted updates in site-id order (mean
+  strategies get one pre-averaged update, so memory does not grow with the
+  number of sites);
+- samples nodes reproducibly from (seed, round), so a resumed run asks the same
+  nodes as the uninterrupted one would have;
+- exposes the strategy's own state for checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
+
+from server.site_replies import sort_replies
+from server.train_collector import ClosedRound, TrainCollector
+from server.update_checks import reference_arrays
+
+if TYPE_CHECKING:
+    import numpy as np
+    from flwr.serverapp import Grid
+
+    from server.run_folder import RunRecorder
+
+LOG = logging.getLogger("fedseg.server")
+
+
+class SiteTracking:
+    """Mixin for a Flower strategy; see the module docstring.
+
+    Parameters
+    ----------
+    recorder : RunRecorder
+        Receives every site's outcome each round.
+    seed : int
+        Seeds node sampling per round.
+    min_train_replies : int
+        Fewer accepted updates than this keep the global model unchanged for the round.
+    norm_factor : float
+        Reject updates whose norm exceeds this multiple of the round's median (0: off).
+    **kwargs
+        Passed to the Flower strategy.
+    """
+
+    #: True when the aggregate is a weighted mean (can be accumulated update by update).
+    mean_aggregation = True
+    #: True when Flower's strategy transforms the mean further (FedAdam/FedYogi server optimisers);
+    #: otherwise Flower's weighted average of the single pre-averaged update would be the update itself.
+    post_processes_mean = False
+
+    def __init__(self, *, recorder: RunRecorder, seed: int = 0, min_train_replies: int = 1,
+                 norm_factor: float = 10.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.recorder = recorder
+        self.seed = seed
+        self.min_train_replies = min_train_replies
+        self.norm_factor = norm_factor
+        self.known_sites: dict[int, str] = {}
+        self._reference: dict[str, np.ndarray] | None = None
+
+    # --- strategy state for checkpoints -------------------------------------------------
+    def strategy_state(self) -> dict[str, dict[str, np.ndarray]]:
+        """State beyond the global weights that a resumed run needs (none for FedAvg)."""
+        return {}
+
+    def load_strategy_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
+        """Restore what :meth:`strategy_state` returned."""
+
+    # --- sampling -----------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Flower's sampling, made reproducible; remember the model sent for the update checks."""
+        self.expect_updates_of(arrays)
+        with _seeded_sampling(self.seed, server_round, "train"):
+            return list(super().configure_train(server_round, arrays, config, _SortedNodes(grid)))
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Flower's evaluation sampling, made reproducible."""
+        with _seeded_sampling(self.seed, server_round, "evaluate"):
+            return list(super().configure_evaluate(server_round, arrays, config, _SortedNodes(grid)))
+
+    # --- training replies ---------------------------------------------------------------
+    def expect_updates_of(self, arrays: ArrayRecord) -> None:
+        """Set the global model that this round's updates are checked against."""
+        self._reference = reference_arrays(arrays)
+
+    def train_collector(self) -> TrainCollector:
+        """A collector for this round's training replies (after :meth:`expect_updates_of`)."""
+        if self._reference is None:
+            raise RuntimeError("expect_updates_of() must be called before collecting updates")
+        return TrainCollector(reference=self._reference, spool_parent=Path(self.recorder.run_dir),
+                              known_sites=self.known_sites, norm_factor=self.norm_factor,
+                              weighted_by=self.weighted_by_key)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's entry point: check and spool every reply, then aggregate the accepted ones."""
+        collector = self.train_collector()
+        for msg in replies:
+            collector.add(msg)
+        return self.aggregate_closed(server_round, collector.close())
+
+    def aggregate_closed(self, server_round: int,
+                         closed: ClosedRound) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Record every site's outcome and aggregate the accepted updates with Flower's strategy."""
+        self.recorder.record_phase(server_round, "train", closed.outcomes)
+        try:
+            if len(closed.accepted) < self.min_train_replies:
+                LOG.warning("round %d: %d accepted update(s), fewer than min-train-replies=%d; "
+                            "the global model is kept", server_round, len(closed.accepted), self.min_train_replies)
+                return None, None
+            if self.mean_aggregation and not self.post_processes_mean:
+                return closed.spool.weighted_mean(closed.accepted), self._mean_metrics(closed)
+            try:
+                arrays, metrics = super().aggregate_train(server_round, self._aggregation_input(closed))
+            except (AggregationError, InconsistentMessageReplies) as exc:
+                LOG.error("round %d: aggregation failed (%s); the global model is kept", server_round, exc)
+                return None, None
+            return self._in_model_dtypes(arrays), metrics
+        finally:
+            closed.spool.close()
+
+    def _in_model_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """Cast back to the model's dtypes: Flower's FedAdam/FedYogi return float64 arrays,
+        which the sites would (rightly) refuse to load into their float32 model."""
+        if arrays is None or self._reference is None:
+            return arrays
+        return ArrayRecord({name: array if array.dtype == str(self._reference[name].dtype)
+                            else Array(array.numpy().astype(self._reference[name].dtype))
+                            for name, array in arrays.items()})
+
+    def _mean_metrics(self, closed: ClosedRound) -> MetricRecord:
+        return self.train_metrics_aggr_fn(
+            [RecordDict({"metrics": MetricRecord(u.metrics)}) for u in closed.accepted], self.weighted_by_key)
+
+    def _aggregation_input(self, closed: ClosedRound) -> list[Message]:
+        if self.mean_aggregation:
+            metrics = self._mean_metrics(closed)
+            metrics[self.weighted_by_key] = sum(u.num_examples for u in closed.accepted)
+            return [_reply_like(closed.spool.weighted_mean(closed.accepted), metrics)]
+        return [_reply_like(closed.spool.as_record(u), MetricRecord(u.metrics)) for u in closed.accepted]
+
+    # --- evaluation replies -------------------------------------------------------------
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Aggregate the accepted evaluation metrics; record every site's outcome."""
+        sorted_replies = sort_replies(replies, self.known_sites)
+        self.recorder.record_phase(server_round, "evaluate", sorted_replies)
+        self.recorder.name_nodes(server_round, self.known_sites)
+        return super().aggregate_evaluate(server_round, sorted_replies.accepted)
+
+
+def _reply_like(arrays: ArrayRecord, metrics: MetricRecord) -> Message:
+    """A message with a reply's content, for Flower's aggregation (which reads only content)."""
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), dst_node_id=0,
+                   message_type=MessageType.TRAIN)
+
+
+class _SortedNodes:
+    """A grid view listing node ids in sorted order, so seeded sampling is reproducible."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self._grid.get_node_ids())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+class _seeded_sampling:  # noqa: N801 - used as a context manager
+    """Seed Python's ``random`` (Flower samples with it) from (seed, round, phase); restore after."""
+
+    def __init__(self, seed: int, server_round: int, phase: str) -> None:
+        self.key = f"{seed}:{server_round}:{phase}"
+
+    def __enter__(self) -> None:
+        self.saved = random.getstate()
+        random.seed(self.key)
+
+    def __exit__(self, *exc: object) -> None:
+        random.setstate(self.saved)

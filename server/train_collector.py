@@ -1,0 +1,114 @@
+"""Collect one round's training replies as they arrive: sort, check, spool.
+
+Refusals and failed replies are recorded per site; a reply with an update is
+checked (:mod:`server.update_checks`) and written to the round's
+:class:`~server.update_spool.UpdateSpool` at once, so the server never holds
+every site's update in memory. When the round closes, norm outliers are
+rejected against the round's median and the accepted updates are returned in
+site-id order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Message
+
+from server.site_replies import SortedReplies, failure_reason, first_metrics, site_of
+from server.update_checks import UpdateRejected, check_layout, norm_outliers, tensor_delta_norm_sq
+from server.update_spool import SpooledUpdate, UpdateSpool
+
+LOG = logging.getLogger("fedseg.server")
+
+
+@dataclass
+class ClosedRound:
+    """What a round's training phase produced: accepted updates and every site's outcome."""
+
+    accepted: list[SpooledUpdate]
+    outcomes: SortedReplies
+    spool: UpdateSpool
+    weighted_by: str = "num-examples"
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+class TrainCollector:
+    """Take training replies one by one; close the round to get the accepted updates.
+
+    Parameters
+    ----------
+    reference : Mapping[str, numpy.ndarray]
+        The global model sent this round.
+    spool_parent : Path
+        Where the round's update files go (deleted when the round is aggregated).
+    known_sites : dict[int, str]
+        Node id -> site id, learned from replies (shared across rounds).
+    norm_factor : float
+        Reject updates whose norm exceeds this multiple of the round's median (0: off).
+    weighted_by : str
+        Metric holding each update's weight.
+    """
+
+    def __init__(self, *, reference: Mapping[str, np.ndarray], spool_parent: Path, known_sites: dict[int, str],
+                 norm_factor: float, weighted_by: str = "num-examples") -> None:
+        self.reference = reference
+        self.spool = UpdateSpool(spool_parent, reference=reference)
+        self.known_sites = known_sites
+        self.norm_factor = norm_factor
+        self.weighted_by = weighted_by
+        self.outcomes = SortedReplies()
+        self.updates: dict[str, SpooledUpdate] = {}
+
+    def add(self, msg: Message) -> None:
+        """Sort one reply; check and spool its update if it carries one."""
+        site = site_of(msg, self.known_sites)
+        if msg.has_error():
+            self.outcomes.failed[site] = failure_reason(str(msg.error.reason))
+            return
+        metrics = first_metrics(msg)
+        if metrics.get("refused"):
+            self.outcomes.refused[site] = str(msg.content.config_records["site"].get("reason", "no reason given"))
+            return
+        try:
+            update = self._check_and_spool(site, msg, metrics)
+        except UpdateRejected as exc:
+            LOG.warning("rejected the update of site %s: %s", site, exc)
+            self.outcomes.rejected[site] = str(exc)
+            self.outcomes.site_metrics[site] = metrics
+            return
+        self.updates[site] = update
+        self.outcomes.site_metrics[site] = metrics
+
+    def mark_unanswered(self, node_ids: list[int], timeout: float) -> None:
+        """Record sites that did not reply before the round closed."""
+        for node_id in node_ids:
+            site = self.known_sites.get(node_id, f"node-{node_id}")
+            self.outcomes.failed[site] = f"no reply within round-timeout ({timeout:g} s)"
+
+    def close(self) -> ClosedRound:
+        """Reject norm outliers; return the accepted updates in site-id order."""
+        outliers = norm_outliers({s: u.norm for s, u in self.updates.items()}, factor=self.norm_factor)
+        for site, reason in outliers.items():
+            LOG.warning("rejected the update of site %s: %s", site, reason)
+            self.outcomes.rejected[site] = reason
+            del self.updates[site]
+        accepted = [self.updates[site] for site in sorted(self.updates)]
+        return ClosedRound(accepted=accepted, outcomes=self.outcomes, spool=self.spool, weighted_by=self.weighted_by)
+
+    def _check_and_spool(self, site: str, msg: Message, metrics: dict) -> SpooledUpdate:
+        records = list(msg.content.array_records.values())
+        if len(records) != 1:
+            raise UpdateRejected(f"expected one ArrayRecord in the reply, got {len(records)}")
+        weight = metrics.get(self.weighted_by)
+        if not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight <= 0:
+            raise UpdateRejected(f"metric '{self.weighted_by}' must be a positive number, got {weight!r}")
+        check_layout(records[0], self.reference)
+        path, norm = self.spool.write_checked(records[0], check=self._tensor_norm_sq)
+        return SpooledUpdate(site=site, num_examples=float(weight), norm=norm, path=path, metrics=metrics)
+
+    def _tensor_norm_sq(self, name: str, values: np.ndarray) -> float:
+        return tensor_delta_norm_sq(name, values, self.reference[name])

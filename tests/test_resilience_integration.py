@@ -1,0 +1,111 @@
+"""Real Flower simulations: kill the server and resume bitwise; crashed, slow and poisoned sites; every strategy."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.model_file import load_model
+from simulations.api import SimulationSpec, run_simulation
+from simulations.faults import FaultPlan
+from shared.processes import descendants, stop_process_group
+from tests.conftest import REPO, TINY_RUN_CONFIG
+from tests.test_simulation_integration import _processes_with_env
+
+SIM_ARGS = ["--sites", "2", "--seed", "4", "--min-cases", "3", "--max-cases", "4"]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _global_digests(run_dir: Path) -> dict[int, str]:
+    return {r["round"]: r["weights-sha256"] for r in _rows(run_dir) if r["site"] == "global"}
+
+
+def _spec(out: Path, rounds: int, **run_config) -> SimulationSpec:
+    return SimulationSpec(sites=2, rounds=rounds, seed=4, out=out, min_cases=3, max_cases=4, timeout_s=600,
+                          run_config={**TINY_RUN_CONFIG, "num-rounds": rounds, **run_config})
+
+
+def _start_and_kill_after_first_checkpoint(out: Path) -> Path:
+    overrides = [f"--run-config={k}={json.dumps(v)}" for k, v in TINY_RUN_CONFIG.items() if k != "num-rounds"]
+    command = [sys.executable, "-m", "simulations", *SIM_ARGS, "--rounds", "3", "--out", str(out), *overrides]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    checkpoint = out / "latest" / "checkpoint.ckpt"
+    deadline = time.monotonic() + 300
+    try:
+        while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in [process.pid, *descendants(process.pid)]:  # a crash: everything dies at once, no clean-up
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    finally:
+        stop_process_group(process)
+    assert checkpoint.exists(), "no checkpoint was written"
+    run_dir = checkpoint.parent.resolve()
+    assert _processes_with_env(str(run_dir / "flwr-home")) == []
+    return run_dir
+
+
+@pytest.mark.integration
+def test_killed_server_resumes_bitwise_like_an_uninterrupted_run(tmp_path):
+    killed = _start_and_kill_after_first_checkpoint(tmp_path / "killed")
+    done_before_kill = max(_global_digests(killed))
+    assert done_before_kill < 3
+
+    run_simulation(_spec(tmp_path / "resumed", 3, **{"resume-from": str(killed)}), echo=False)
+    resumed = (tmp_path / "resumed" / "latest").resolve()
+    run_simulation(_spec(tmp_path / "straight", 3), echo=False)
+    straight = (tmp_path / "straight" / "latest").resolve()
+
+    assert _global_digests(resumed) == _global_digests(straight)
+    assert sorted(_global_digests(resumed)) == [1, 2, 3]
+    rounds_sites = [(r["round"], r["site"]) for r in _rows(resumed)]
+    assert len(rounds_sites) == len(set(rounds_sites)) == 9  # 3 rounds x (2 sites + global), no duplicates
+    resumed_model, payload = load_model(resumed / "global_model.pt")
+    straight_model, _ = load_model(straight / "global_model.pt")
+    assert payload["round"] == 3
+    for (name, a), (_, b) in zip(resumed_model.state_dict().items(), straight_model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.integration
+def test_crashed_slow_and_poisoned_sites_do_not_stall_the_run(tmp_path):
+    faults = FaultPlan(fail_sites="hospital-01", slow_sites="hospital-02", poison_sites="hospital-03",
+                       poison_kind="nan", slow_seconds=50.0)
+    spec = SimulationSpec(sites=4, rounds=1, seed=2, out=tmp_path, min_cases=3, max_cases=4, timeout_s=600,
+                          faults=faults,
+                          run_config=dict(TINY_RUN_CONFIG, **{"round-timeout": 40.0, "num-rounds": 1}))
+    started = time.monotonic()
+    summary = run_simulation(spec, echo=False)
+    assert time.monotonic() - started < 300
+    rows = {r["site"]: r for r in _rows((tmp_path / "latest").resolve())}
+    assert rows["hospital-01"]["train-status"] == "failed" and "simulated site failure" in rows["hospital-01"]["train-reason"]
+    assert rows["hospital-02"]["train-status"] == "failed" and "round-timeout" in rows["hospital-02"]["train-reason"]
+    assert rows["hospital-03"]["train-status"] == "rejected" and "non-finite" in rows["hospital-03"]["train-reason"]
+    assert rows["hospital-04"]["train-status"] == "ok"
+    assert rows["global"]["sites-train-ok"] == 1 and rows["global"]["sites-train-rejected"] == 1
+    assert summary["rounds"] == 1
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg"])
+def test_each_strategy_runs_two_rounds(tmp_path, strategy):
+    summary = run_simulation(_spec(tmp_path, 2, strategy=strategy), echo=False)
+    run_dir = (tmp_path / "latest").resolve()
+    digests = _global_digests(run_dir)
+    assert summary["rounds"] == 2 and sorted(digests) == [1, 2] and digests[1] != digests[2]
+    assert all(r["train-status"] == "ok" for r in _rows(run_dir) if r["site"] != "global")
+    _, payload = load_model(run_dir / "global_model.pt")
+    assert payload["run_config"]["strategy"] == strategy and payload["round"] == 2

@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import logging
 import zlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from client.site import SiteConfig, resolve_site
 from shared.config import RunConfig
-from shared.errors import FedSegError
+from shared.errors import DataError, FedSegError
 
 if TYPE_CHECKING:
     from flwr.app import Context
 
 LOG = logging.getLogger("fedseg.client")
 MAX_REASON_CHARS = 300
+
+
+class PrivacyPolicyError(FedSegError):
+    """The run's configuration violates the site's privacy policy."""
 
 
 def handle_train(msg: Message, context: Context) -> Message:
@@ -31,7 +35,8 @@ def handle_train(msg: Message, context: Context) -> Message:
         config = RunConfig.from_mapping(context.run_config)
         site = resolve_site(context.node_config, config.simulation_sites)
         server_round = int(msg.content["config"]["server-round"])
-        return Message(content=_train(msg, config, site, server_round), reply_to=msg)
+        check_dp_policy(config, site)
+        return Message(content=_train(msg, config, site, server_round, run_id=int(context.run_id)), reply_to=msg)
     except FedSegError as exc:
         return refusal(msg, site, exc)
 
@@ -58,7 +63,7 @@ def refusal(msg: Message, site: SiteConfig | None, exc: Exception) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _train(msg: Message, config: RunConfig, site: SiteConfig, server_round: int) -> RecordDict:
+def _train(msg: Message, config: RunConfig, site: SiteConfig, server_round: int, *, run_id: int) -> RecordDict:
     import torch
     from monai.utils import set_determinism
 
@@ -74,14 +79,48 @@ def _train(msg: Message, config: RunConfig, site: SiteConfig, server_round: int)
     cases, augment = load_training_cases(site.datalist, config)
     model = build_unet(config.model_config())
     load_arrays(model, msg.content["arrays"])
-    loader = training_loader(cases, augment, batch_size=config.batch_size,
-                             generator=torch.Generator().manual_seed(seed))
-    result = train_local(model, loader, config=config, device=resolve_device(config.device),
-                         num_examples=len(cases))
-    metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.train_loss,
-                            "steps": result.steps})
-    return RecordDict({"arrays": model_to_arrays(model), "metrics": metrics,
+    device = resolve_device(config.device)
+    if config.dp:
+        metrics = _train_private(model, cases, augment, config=config, site=site, device=device,
+                                 run_id=run_id, server_round=server_round)
+    else:
+        loader = training_loader(cases, augment, batch_size=config.batch_size,
+                                 generator=torch.Generator().manual_seed(seed))
+        result = train_local(model, loader, config=config, device=device, num_examples=len(cases))
+        metrics = {"num-examples": result.num_examples, "train-loss": result.train_loss,
+                   "steps": result.steps, "dp": 0}
+    return RecordDict({"arrays": model_to_arrays(model), "metrics": MetricRecord(metrics),
                        "site": ConfigRecord({"site-id": site.site_id})})
+
+
+def check_dp_policy(config: RunConfig, site: SiteConfig) -> None:
+    """Refuse a run without DP at a site whose policy (node config ``require-dp``) requires it."""
+    if site.require_dp and not config.dp:
+        raise PrivacyPolicyError(
+            "this site requires differential privacy (node config 'require-dp') and the run is "
+            "configured without it (run config 'dp' = false); not training")
+
+
+def _train_private(model: Any, cases: list, augment: Any, *, config: RunConfig, site: SiteConfig,
+                   device: Any, run_id: int, server_round: int) -> dict[str, float | int]:
+    """Charge the round to the site's privacy ledger (refusing past the budget), then train with DP-SGD."""
+    from client.dp_training import plan_round, private_generator, train_local_dp
+    from client.loading import training_loader
+    from client.privacy_ledger import PrivacyLedger
+
+    if not cases:
+        raise DataError("the site has no training cases")
+    plan = plan_round(config=config, num_cases=len(cases), delta=site.dp_delta)
+    charge = PrivacyLedger(site.state_dir, delta=site.dp_delta).charge(
+        run_id=run_id, server_round=server_round, noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate, steps=plan.steps, max_epsilon=site.max_epsilon)
+    loader = training_loader(cases, augment, batch_size=config.batch_size, generator=private_generator())
+    train_loss, steps = train_local_dp(model, loader, config=config, plan=plan, device=device)
+    LOG.info("site %s: DP round %d, epsilon +%.3f -> %.3f of %.3f", site.site_id, server_round,
+             charge.epsilon_round, charge.epsilon, site.max_epsilon)
+    return {"num-examples": len(cases), "train-loss": train_loss, "steps": steps, "dp": 1,
+            "epsilon": charge.epsilon, "epsilon-round": charge.epsilon_round, "dp-delta": site.dp_delta,
+            "dp-noise-multiplier": plan.noise_multiplier, "dp-sample-rate": plan.sample_rate}
 
 
 def _evaluate(msg: Message, config: RunConfig, site: SiteConfig) -> RecordDict:

@@ -14,6 +14,7 @@ config ``simulation-sites``. It is consulted only for nodes that have a
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,24 +23,69 @@ from typing import Any
 from shared.errors import ConfigError
 
 
+DEFAULT_MAX_EPSILON = 8.0
+DEFAULT_DP_DELTA = 1e-5
+
+
 @dataclass(frozen=True)
 class SiteConfig:
-    """What one hospital node owns: its identity, its data and its state directory."""
+    """What one hospital node owns: identity, data, state directory and privacy policy.
+
+    ``max_epsilon`` is the site's total (epsilon, ``dp_delta``) budget over every
+    run it ever takes part in; ``require_dp`` makes the site refuse runs without DP.
+    """
 
     site_id: str
     datalist: Path
     state_dir: Path
+    max_epsilon: float = DEFAULT_MAX_EPSILON
+    dp_delta: float = DEFAULT_DP_DELTA
+    require_dp: bool = True
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
+            raise ConfigError(f"node config key 'max-epsilon': must be a finite number > 0, got {self.max_epsilon!r}")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"node config key 'dp-delta': must be in (0, 1), got {self.dp_delta!r}")
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteConfig:
-        """Build from a node config mapping; keys ``site-id``, ``datalist``, ``state-dir``."""
+        """Build from a node config mapping.
+
+        Keys: ``site-id``, ``datalist`` (required), ``state-dir``, ``max-epsilon``,
+        ``dp-delta``, ``require-dp``.
+        """
         datalist = node_config.get("datalist")
         if not datalist:
             raise ConfigError("node config key 'datalist' is required (path to the site's datalist JSON)")
         datalist_path = Path(str(datalist)).expanduser().resolve()
         site_id = str(node_config.get("site-id") or datalist_path.stem)
         state_dir = node_config.get("state-dir") or datalist_path.parent / ".fedseg-state"
-        return cls(site_id=site_id, datalist=datalist_path, state_dir=Path(str(state_dir)).expanduser())
+        return cls(site_id=site_id, datalist=datalist_path, state_dir=Path(str(state_dir)).expanduser(),
+                   max_epsilon=_number(node_config, "max-epsilon", DEFAULT_MAX_EPSILON),
+                   dp_delta=_number(node_config, "dp-delta", DEFAULT_DP_DELTA),
+                   require_dp=_flag(node_config, "require-dp", True))
+
+
+def _number(node_config: Mapping[str, Any], key: str, default: float) -> float:
+    value = node_config.get(key, default)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"node config key '{key}': expected a number, got {value!r}") from None
+
+
+def _flag(node_config: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = node_config.get(key, default)
+    if isinstance(value, bool):
+        return value
+    if str(value).strip().lower() in ("true", "1", "yes"):
+        return True
+    if str(value).strip().lower() in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"node config key '{key}': expected true or false, got {value!r}")
 
 
 def resolve_site(node_config: Mapping[str, Any], simulation_sites: str) -> SiteConfig:

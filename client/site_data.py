@@ -21,9 +21,13 @@ def preprocess_settings(config: RunConfig) -> PreprocessSettings:
 
 
 def load_training_cases(datalist: Path, config: RunConfig) -> tuple[list[dict[str, Any]], Any]:
-    """Return (preprocessed training cases, random augmentation pipeline)."""
+    """Return (preprocessed training cases, random augmentation pipeline).
+
+    With DP on (run config ``dp``) each case yields one patch per draw, else two.
+    """
     cases = load_datalist(datalist).training
-    deterministic, augment = training_transforms(preprocess_settings(config))
+    deterministic, augment = training_transforms(preprocess_settings(config),
+                                                 samples_per_case=1 if config.dp else 2)
     return preprocess_cases(cases, deterministic), augment
 
 

@@ -43,26 +43,43 @@ def make_loss() -> torch.nn.Module:
 
 def train_local(model: torch.nn.Module, loader: Any, *, config: RunConfig,
                 device: torch.device, num_examples: int) -> TrainResult:
-    """Train ``model`` in place for ``config.local_epochs`` epochs over ``loader``."""
+    """Train ``model`` in place for ``config.local_epochs`` epochs over ``loader`` (no DP)."""
     import torch
 
     if num_examples == 0:
         raise DataError("the site has no training cases")
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    losses = run_epochs(model, loader, optimizer, epochs=config.local_epochs, device=device)
+    return TrainResult(num_examples=num_examples, train_loss=sum(losses) / len(losses), steps=len(losses))
+
+
+def run_epochs(model: torch.nn.Module, loader: Any, optimizer: Any, *, epochs: int,
+               device: torch.device) -> list[float]:
+    """The training loop both modes share; returns the loss of every step.
+
+    An empty batch (possible under Poisson sampling) still takes its optimizer
+    step, so a DP optimizer adds its noise as the accountant assumes.
+    """
+    import torch
+
     loss_fn = make_loss()
     losses: list[float] = []
-    for _ in range(config.local_epochs):
+    for _ in range(epochs):
         for batch in loader:
-            image, label = batch["image"].to(device), batch["label"].to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(image), label)
-            loss.backward()
+            if batch and len(batch["image"]) > 0:
+                image, label = batch["image"].to(device), batch["label"].to(device)
+                loss = loss_fn(model(image), label)
+                loss.backward()
+                losses.append(float(loss.detach()))
+            else:  # no example drawn: a DP optimizer still adds noise to a zero sum
+                for param in model.parameters():
+                    param.grad_sample = torch.zeros(0, *param.shape, device=param.device)
             optimizer.step()
-            losses.append(float(loss.detach()))
     if not losses:
         raise DataError("local training ran no step (no batches)")
-    return TrainResult(num_examples=num_examples, train_loss=sum(losses) / len(losses), steps=len(losses))
+    return losses
 
 
 def sliding_window_predictor(model: torch.nn.Module, *, patch_size: int, spatial_dims: int,

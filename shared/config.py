@@ -20,6 +20,9 @@ from shared.model import ModelConfig
 
 STRATEGIES = ("fedavg",)
 DEVICES = ("auto", "cpu", "cuda")
+# Opacus per-sample gradient modes fedseg allows; "auto" picks the fastest measured one per model.
+# "ghost" is excluded on purpose: it needs a per-sample loss and clips wrongly with MONAI's DiceCELoss.
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch")
 
 
 def to_key(field_name: str) -> str:
@@ -68,6 +71,11 @@ class RunConfig:
     round_timeout: float = 3600.0
     run_dir: str = ""
     simulation_sites: str = ""
+    dp: bool = True
+    dp_noise_multiplier: float = 1.0
+    dp_max_grad_norm: float = 1.0
+    dp_target_epsilon: float = 0.0
+    dp_grad_sample_mode: str = "auto"
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -107,7 +115,12 @@ class RunConfig:
     def _check_types(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            expected = {"int": int, "float": float, "str": str}[str(f.type)]
+            expected = {"int": int, "float": float, "str": str, "bool": bool}[str(f.type)]
+            if expected is bool:
+                if not isinstance(value, bool):
+                    raise ConfigError(f"run config key '{to_key(f.name)}': expected true or false, "
+                                      f"got {type(value).__name__} {value!r}")
+                continue
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, f.name, float(value))
                 continue
@@ -136,6 +149,15 @@ class RunConfig:
         for name in ("min_train_nodes", "min_available_nodes"):
             _require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
         self._check_architecture()
+        self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        for name in ("dp_noise_multiplier", "dp_max_grad_norm"):
+            _require(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
+        _require(self.dp_target_epsilon >= 0, "dp_target_epsilon",
+                 "must be >= 0 (0 = use dp-noise-multiplier)", self.dp_target_epsilon)
+        _require(self.dp_grad_sample_mode in GRAD_SAMPLE_MODES, "dp_grad_sample_mode",
+                 f"must be one of {GRAD_SAMPLE_MODES}", self.dp_grad_sample_mode)
 
     def _check_architecture(self) -> None:
         channels = parse_int_list(self.channels, key="channels")

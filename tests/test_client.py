@@ -20,9 +20,14 @@ from shared.weights import arrays_to_state_dict, model_to_arrays
 from tests.conftest import TINY_RUN_CONFIG
 
 
-def _context(datalist, run_config=TINY_RUN_CONFIG):
-    return Context(run_id=1, node_id=7, node_config={"site-id": "site-a", "datalist": str(datalist)},
-                   state=RecordDict(), run_config=dict(run_config))
+NO_DP = {"dp": False}
+
+
+def _context(datalist, run_config=None, **node):
+    run_config = dict(TINY_RUN_CONFIG, **NO_DP) if run_config is None else run_config
+    node_config = {"site-id": "site-a", "datalist": str(datalist), "require-dp": False,
+                   "state-dir": str(datalist.parent.parent / "unused-state"), **node}
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=dict(run_config))
 
 
 def _message(kind, config=None):
@@ -44,9 +49,9 @@ def test_train_returns_updated_weights_with_the_same_names(two_sites, flower_ide
 
 
 def test_training_reduces_the_loss(two_sites, flower_identity):
-    config = dict(TINY_RUN_CONFIG, **{"local-epochs": 1})
+    config = dict(TINY_RUN_CONFIG, **NO_DP, **{"local-epochs": 1})
     short = handle_train(_message(MessageType.TRAIN, config)[0], _context(two_sites[0], config))
-    config = dict(TINY_RUN_CONFIG, **{"local-epochs": 15})
+    config = dict(TINY_RUN_CONFIG, **NO_DP, **{"local-epochs": 15})
     long = handle_train(_message(MessageType.TRAIN, config)[0], _context(two_sites[0], config))
     assert long.content.metric_records["metrics"]["train-loss"] < short.content.metric_records["metrics"]["train-loss"]
 

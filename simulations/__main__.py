@@ -33,6 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus-per-client", type=float, default=0.0,
                         help="GPU share per virtual hospital, e.g. 0.25 (default: 0)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
+    privacy = parser.add_argument_group("differential privacy (DP-SGD at every site; on by default)")
+    privacy.add_argument("--dp", action=argparse.BooleanOptionalAction, default=True,
+                         help="train with DP-SGD (Opacus) at every site (default: on; --no-dp for a baseline)")
+    privacy.add_argument("--noise-multiplier", type=float, help="DP noise multiplier (run config dp-noise-multiplier)")
+    privacy.add_argument("--max-grad-norm", type=float, help="per-case clipping norm (run config dp-max-grad-norm)")
+    privacy.add_argument("--target-epsilon", type=float,
+                         help="epsilon each round may spend; the noise is computed from it (run config "
+                              "dp-target-epsilon)")
+    privacy.add_argument("--max-epsilon", type=float, default=8.0,
+                         help="every virtual hospital's total budget (node config max-epsilon; default: 8)")
+    privacy.add_argument("--dp-delta", type=float, default=1e-5,
+                         help="every virtual hospital's delta (node config dp-delta; default: 1e-5)")
     parser.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE",
                         help="any other run config value, e.g. --run-config learning-rate=0.001 (repeatable)")
     return parser
@@ -54,17 +66,29 @@ def parse_run_config(pairs: list[str]) -> dict[str, object]:
     return values
 
 
+def privacy_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """Run-config values of the DP options that were given."""
+    values: dict[str, object] = {"dp": args.dp}
+    for option, key in (("noise_multiplier", "dp-noise-multiplier"), ("max_grad_norm", "dp-max-grad-norm"),
+                        ("target_epsilon", "dp-target-epsilon")):
+        if getattr(args, option) is not None:
+            values[key] = getattr(args, option)
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         overrides = parse_run_config(args.run_config)
         if args.local_epochs is not None:
             overrides["local-epochs"] = args.local_epochs
+        overrides.update(privacy_overrides(args))
         spec = SimulationSpec(sites=args.sites, rounds=args.rounds, spatial_dims=args.spatial_dims,
                               seed=args.seed, out=args.out, min_cases=args.min_cases, max_cases=args.max_cases,
                               cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client,
                               timeout_s=args.timeout, run_config=overrides,
-                              datalists=tuple(args.datalists))
+                              datalists=tuple(args.datalists), max_epsilon=args.max_epsilon,
+                              dp_delta=args.dp_delta)
         run_simulation(spec)
     except FedSegError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -39,6 +39,9 @@ class SimulationSpec:
     timeout_s: float = 3600.0
     run_config: dict[str, Any] = field(default_factory=dict)
     datalists: tuple[Path, ...] = ()
+    max_epsilon: float = 8.0
+    dp_delta: float = 1e-5
+    site_node_config: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("sites", "rounds"):
@@ -54,6 +57,10 @@ class SimulationSpec:
             missing = [str(d) for d in self.datalists if not Path(d).is_file()]
             if missing:
                 raise ConfigError(f"'--datalists': no such file: {', '.join(missing)}")
+        if not self.max_epsilon > 0:
+            raise ConfigError(f"'--max-epsilon' must be > 0, got {self.max_epsilon!r}")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"'--dp-delta' must be in (0, 1), got {self.dp_delta!r}")
         if self.cpus_per_client <= 0:
             raise ConfigError(f"'--cpus-per-client' must be > 0, got {self.cpus_per_client!r}")
 
@@ -75,7 +82,7 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True) -> dict[str, Any]
     update_latest_link(run_dir)
     say = print if echo else (lambda *_: None)
     sites = _site_datalists(spec, run_dir, say)
-    manifest = write_sites_manifest(run_dir, sites)
+    manifest = write_sites_manifest(run_dir, sites, privacy=site_privacy(spec), overrides=spec.site_node_config)
     config = build_run_config(spec, run_dir, manifest, num_sites=len(sites))
     run_config_path = run_dir / "run-config.toml"
     run_config_path.write_text(tomli_w.dumps(config.to_mapping()))
@@ -103,10 +110,26 @@ def _site_datalists(spec: SimulationSpec, run_dir: Path, say: Any) -> list[tuple
     return [(p.site_id, d) for p, d in zip(profiles, datalists)]
 
 
-def write_sites_manifest(run_dir: Path, sites: list[tuple[str, Path]]) -> Path:
-    """Write ``sites.json``: the node config of each virtual hospital, by partition id."""
+def site_privacy(spec: SimulationSpec) -> dict[str, Any]:
+    """The privacy policy every virtual hospital gets (node config, not run config).
+
+    Simulated sites require DP only when the run uses it, so ``--no-dp`` baselines run.
+    """
+    dp = bool(spec.run_config.get("dp", True))
+    return {"max-epsilon": spec.max_epsilon, "dp-delta": spec.dp_delta, "require-dp": dp}
+
+
+def write_sites_manifest(run_dir: Path, sites: list[tuple[str, Path]], *, privacy: dict[str, Any] | None = None,
+                         overrides: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write ``sites.json``: the node config of each virtual hospital, by partition id.
+
+    ``privacy`` is every site's policy; ``overrides`` maps a site id to node config
+    values of its own (e.g. a smaller ``max-epsilon``).
+    """
+    overrides = overrides or {}
     entries = [{"site-id": site_id, "datalist": str(datalist.resolve()),
-                "state-dir": str((run_dir / "state" / site_id).resolve())} for site_id, datalist in sites]
+                "state-dir": str((run_dir / "state" / site_id).resolve()), **(privacy or {}),
+                **overrides.get(site_id, {})} for site_id, datalist in sites]
     path = run_dir / "sites.json"
     path.write_text(json.dumps({"sites": entries}, indent=2))
     return path

@@ -61,3 +61,21 @@ def test_failed_atomic_write_leaves_the_old_file(tmp_path):
         atomic_write(target, explode)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_epsilons_land_per_site_per_round_and_in_the_summary(tmp_path):
+    config = RunConfig.from_mapping(TINY_RUN_CONFIG)
+    recorder = RunRecorder(tmp_path, config=config)
+    arrays: ArrayRecord = model_to_arrays(build_unet(config.model_config()))
+    for server_round, epsilon in ((1, 1.5), (2, 2.25)):
+        recorder.record_phase(server_round, "train", SortedReplies(
+            site_metrics={"a": {"num-examples": 4, "train-loss": 1.0, "epsilon": epsilon, "epsilon-round": 1.5,
+                                "dp-delta": 1e-5}},
+            refused={"b": "privacy budget: ... above the site's max-epsilon 1"}))
+        recorder.end_round(server_round, arrays)
+    summary = recorder.finish()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    a_rows = [r for r in rows if r["site"] == "a"]
+    assert [(r["epsilon"], r["epsilon-round"]) for r in a_rows] == [(1.5, 1.5), (2.25, 1.5)]
+    assert [r["max-epsilon"] for r in rows if r["site"] == "global"] == [1.5, 2.25]
+    assert summary["epsilon"] == {"a": {"epsilon": 2.25, "delta": 1e-5, "round": 2}, "b": None}

@@ -118,6 +118,8 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
     """
     from opacus import PrivacyEngine
 
+    import client.dp_grad_samplers  # noqa: F401  (registers the transposed-convolution grad sampler)
+
     return PrivacyEngine(accountant="rdp").make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm, poisson_sampling=True, grad_sample_mode=plan.grad_sample_mode,

@@ -187,3 +187,26 @@ def test_the_ledger_file_is_plain_json_an_auditor_can_read(tmp_path):
     entry = data["entries"][0]
     assert (entry["run_id"], entry["server_round"], entry["steps"]) == (3, 2, 10)
     assert entry["noise_multiplier"] == 1.1 and entry["sample_rate"] == 0.2 and entry["epsilon_after"] > 0
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_transposed_convolution_grad_sampler_matches_functorch(dims):
+    from opacus import GradSampleModule
+    from opacus.grad_sample.grad_sample_module import GradSampleHooks
+
+    from client.dp_grad_samplers import conv_transpose_grad_sample
+
+    torch.manual_seed(1)
+    conv = {2: torch.nn.ConvTranspose2d, 3: torch.nn.ConvTranspose3d}[dims]
+    assert GradSampleHooks.GRAD_SAMPLERS[conv] is conv_transpose_grad_sample
+    layer = conv(3, 5, kernel_size=3, stride=2, padding=1, output_padding=1)
+    inputs = torch.randn((4, 3) + (6,) * dims)
+    grads = {}
+    for mode in ("hooks", "functorch"):
+        model = GradSampleModule(conv(3, 5, kernel_size=3, stride=2, padding=1, output_padding=1),
+                                 force_functorch=mode == "functorch")
+        model._module.load_state_dict(layer.state_dict())
+        (model(inputs) ** 2).sum().backward()
+        grads[mode] = {name: p.grad_sample for name, p in model._module.named_parameters()}
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(grads["hooks"][name], grads["functorch"][name], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,1 @@
+"""Benchmarks: measured performance, written to BENCHMARKS.md (see README.md here)."""

@@ -29,8 +29,10 @@ MODELS: dict[str, dict[str, Any]] = {
 VARIANTS = ("non-DP", "hooks", "functorch")
 
 
-def _setup(model_name: str, variant: str, act: str) -> tuple[Any, Any, Any]:
-    """Return (step function, images, labels) for one model and variant."""
+def _setup(model_name: str, variant: str, act: str, stock: bool = False) -> Any:
+    """Return a function running one training step of ``model_name`` in ``variant``."""
+    import dataclasses
+
     import torch
 
     from client.dp_training import DPPlan, make_private
@@ -40,7 +42,7 @@ def _setup(model_name: str, variant: str, act: str) -> tuple[Any, Any, Any]:
 
     config = RunConfig.from_mapping(MODELS[model_name])
     model_config = config.model_config()
-    model = build_unet(model_config) if act == "default" else _with_act(model_config, act)
+    model = build_unet(dataclasses.replace(model_config, act=act))
     shape = (config.batch_size, config.in_channels) + (config.patch_size,) * config.spatial_dims
     images = torch.randn(shape)
     labels = (torch.rand((config.batch_size, 1) + shape[2:]) > 0.8).float()
@@ -49,6 +51,12 @@ def _setup(model_name: str, variant: str, act: str) -> tuple[Any, Any, Any]:
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels),
                                              batch_size=config.batch_size)
         plan = DPPlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, steps=1, grad_sample_mode=variant)
+        if stock:  # Opacus as shipped: functorch for transposed convolutions (for the whole process)
+            import client.dp_grad_samplers  # noqa: F401  (registered once, then removed)
+            from opacus.grad_sample.grad_sample_module import GradSampleHooks
+
+            for conv in (torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d):
+                GradSampleHooks.GRAD_SAMPLERS.pop(conv, None)
         _, optimizer, _ = make_private(model, optimizer, loader, plan=plan)
     loss_fn = make_loss()
 
@@ -60,17 +68,9 @@ def _setup(model_name: str, variant: str, act: str) -> tuple[Any, Any, Any]:
     return step
 
 
-def _with_act(model_config: Any, act: str) -> Any:
-    from monai.networks.nets import UNet
-
-    return UNet(spatial_dims=model_config.spatial_dims, in_channels=model_config.in_channels,
-                out_channels=model_config.num_classes, channels=model_config.channels,
-                strides=model_config.strides, num_res_units=model_config.num_res_units, norm="INSTANCE", act=act)
-
-
-def time_model(model_name: str, *, repeats: int, act: str) -> dict[str, float]:
+def time_model(model_name: str, *, repeats: int, act: str, stock: bool) -> dict[str, float]:
     """Median step seconds per variant, measured interleaved."""
-    steps = {variant: _setup(model_name, variant, act) for variant in VARIANTS}
+    steps = {variant: _setup(model_name, variant, act, stock) for variant in VARIANTS}
     for step in steps.values():
         step()  # warm-up
     times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
@@ -82,23 +82,35 @@ def time_model(model_name: str, *, repeats: int, act: str) -> dict[str, float]:
     return {variant: statistics.median(values) for variant, values in times.items()}
 
 
-def peak_memory_mb(model_name: str, variant: str, act: str, threads: int) -> float:
-    """Peak RSS growth (MB) of a few steps of one variant, in a fresh process."""
-    code = (f"import torch; torch.set_num_threads({threads}); import resource, json\n"
-            f"from benchmarks.dp_step import _setup\n"
-            f"step = _setup({model_name!r}, {variant!r}, {act!r})\n"
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+def peak_memory_mb(model_name: str, variant: str, act: str, stock: bool, threads: int) -> float:
+    """Peak RSS growth (MB) over a few steps of one variant, in a fresh process (Linux)."""
+    code = (f"import torch; torch.set_num_threads({threads}); import json\n"
+            f"from benchmarks.dp_step import _setup, _status_kb\n"
+            f"step = _setup({model_name!r}, {variant!r}, {act!r}, {stock!r})\n"
+            "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak RSS (VmHWM)\n"
+            "before = _status_kb('VmRSS')\n"
             "for _ in range(3): step()\n"
-            "print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024))\n")
+            "print(json.dumps((_status_kb('VmHWM') - before) / 1024))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
+
+
+def _status_kb(field: str) -> int:
+    """A ``/proc/self/status`` memory field in kB."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.dp_step", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15, help="timed steps per variant (default: 15)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as a simulated site)")
-    parser.add_argument("--act", default="default", help="activation to compare, e.g. RELU (default: the model's)")
+    parser.add_argument("--act", default="relu", choices=("relu", "prelu"),
+                        help="U-Net activation (default: relu, fedseg's; prelu is MONAI's default)")
+    parser.add_argument("--stock", action="store_true",
+                        help="Opacus as shipped: no fedseg grad sampler for transposed convolutions")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args(argv)
 
@@ -108,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     rows = []
     for model_name in args.models:
-        seconds = time_model(model_name, repeats=args.repeats, act=args.act)
+        seconds = time_model(model_name, repeats=args.repeats, act=args.act, stock=args.stock)
         for variant in VARIANTS:
-            memory = peak_memory_mb(model_name, variant, args.act, args.threads)
-            rows.append({"model": model_name, "act": args.act, "variant": variant,
+            memory = peak_memory_mb(model_name, variant, args.act, args.stock, args.threads)
+            label = f"{variant} (stock Opacus)" if args.stock and variant == "hooks" else variant
+            rows.append({"model": model_name, "act": args.act, "variant": label,
                          "step_ms": round(seconds[variant] * 1000, 1),
                          "time_ratio": round(seconds[variant] / seconds["non-DP"], 2),
                          "peak_mb": round(memory, 1)})

@@ -72,3 +72,12 @@ def test_corrupt_model_file_is_refused_with_its_name(tmp_path):
     path.write_bytes(b"not a model")
     with pytest.raises(WeightsError, match="broken.pt"):
         load_model(path)
+
+
+def test_default_activation_has_no_weights_and_old_files_rebuild_with_prelu():
+    model = build_unet(ModelConfig(2, 1, 2, (4, 8), (2,)))
+    assert not any(isinstance(m, torch.nn.PReLU) for m in model.modules())
+    old = ModelConfig.from_dict({"spatial_dims": 2, "in_channels": 1, "num_classes": 2, "channels": [4, 8],
+                                 "strides": [2]})
+    assert old.act == "prelu" and any(isinstance(m, torch.nn.PReLU) for m in build_unet(old).modules())
+    assert ModelConfig.from_dict(ModelConfig(2, 1, 2, (4, 8), (2,)).to_dict()).act == "relu"

@@ -47,7 +47,15 @@ def parse_int_list(value: str, *, key: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything the operator (or a researcher) sets for one federated run."""
+    """Everything the operator (or a researcher) sets for one federated run.
+
+    The ``dp*`` keys choose the DP-SGD mechanism every site trains with: ``dp``
+    (on/off), ``dp-noise-multiplier``, ``dp-max-grad-norm`` (per-case clipping
+    norm), ``dp-target-epsilon`` (> 0: each site computes the noise that spends
+    this epsilon per round, at its own delta) and ``dp-grad-sample-mode``. A site's
+    budget, delta and whether it requires DP are node config (``client.site``),
+    which no run config key can change.
+    """
 
     num_rounds: int = 5
     local_epochs: int = 5

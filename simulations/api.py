@@ -32,8 +32,8 @@ class SimulationSpec:
     spatial_dims: int = 2
     seed: int = 0
     out: Path = Path("runs")
-    min_cases: int = 8
-    max_cases: int = 20
+    min_cases: int = 48
+    max_cases: int = 80
     cpus_per_client: float = 1.0
     gpus_per_client: float = 0.0
     timeout_s: float = 3600.0
@@ -69,6 +69,9 @@ def build_run_config(spec: SimulationSpec, run_dir: Path, sites_manifest: Path, 
     """The run config the harness sends: spec values over per-dimension defaults."""
     values: dict[str, Any] = {"num-rounds": spec.rounds, "spatial-dims": spec.spatial_dims,
                               "seed": spec.seed, "min-available-nodes": num_sites}
+    # DP needs many cases per step: batches of 16 cases and a noise that keeps the default
+    # federation (5 rounds, 48-80 cases per site) within epsilon 8 at every site.
+    values.update({"batch-size": 16, "local-epochs": 3, "dp-noise-multiplier": 1.7})
     if spec.spatial_dims == 3:
         values.update({"patch-size": 32, "channels": "8,16,32", "strides": "2,2", "batch-size": 2})
     values.update(spec.run_config)

@@ -89,12 +89,10 @@ def train_local_dp(model: torch.nn.Module, loader: Any, *, config: RunConfig, pl
     ``batch-size``, one patch per case, its generator from :func:`private_generator`);
     Opacus replaces its sampler by Poisson sampling at ``plan.sample_rate``.
     """
-    import torch
-
-    from client.training import run_epochs
+    from client.training import make_optimizer, run_epochs
 
     model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    optimizer = make_optimizer(model, config=config)
     hooks, dp_optimizer, dp_loader = make_private(model, optimizer, loader, plan=plan)
     # Opacus guesses the shape of an empty *first* batch from dataset[0], which fails for
     # MONAI's dict-of-tensors items; without the guess it yields [] and run_epochs treats

@@ -23,6 +23,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # Opacus per-sample gradient modes fedseg allows; "auto" picks the fastest measured one per model.
 # "ghost" is excluded on purpose: it needs a per-sample loss and clips wrongly with MONAI's DiceCELoss.
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch")
+OPTIMIZERS = ("adam", "sgd")
 
 
 def to_key(field_name: str) -> str:
@@ -61,6 +62,7 @@ class RunConfig:
     local_epochs: int = 5
     batch_size: int = 4
     learning_rate: float = 0.005
+    optimizer: str = "adam"
     spatial_dims: int = 2
     in_channels: int = 1
     num_classes: int = 2
@@ -150,6 +152,7 @@ class RunConfig:
         _require(self.num_res_units >= 0, "num_res_units", "must be >= 0", self.num_res_units)
         _require(self.device in DEVICES or self.device.startswith("cuda:"), "device",
                  f"must be one of {DEVICES} or 'cuda:N'", self.device)
+        _require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}", self.optimizer)
         _require(self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}", self.strategy)
         for name in ("fraction_train", "fraction_evaluate"):
             value = getattr(self, name)

@@ -38,6 +38,7 @@ def test_from_mapping_overrides_and_keeps_defaults():
     ("patch-size", 60),
     ("batch-size", "8"),
     ("local-epochs", True),
+    ("optimizer", "rmsprop"),
 ])
 def test_bad_value_names_its_key(key, value):
     with pytest.raises(ConfigError, match=f"'{key}'"):

@@ -210,3 +210,12 @@ def test_transposed_convolution_grad_sampler_matches_functorch(dims):
         grads[mode] = {name: p.grad_sample for name, p in model._module.named_parameters()}
     for name in ("weight", "bias"):
         torch.testing.assert_close(grads["hooks"][name], grads["functorch"][name], rtol=1e-4, atol=1e-5)
+
+
+def test_optimizer_follows_run_config():
+    from client.training import make_optimizer
+
+    model = build_unet(RunConfig.from_mapping(TINY_RUN_CONFIG).model_config())
+    sgd = make_optimizer(model, config=RunConfig.from_mapping(dict(TINY_RUN_CONFIG, optimizer="sgd")))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
+    assert isinstance(make_optimizer(model, config=RunConfig.from_mapping(TINY_RUN_CONFIG)), torch.optim.Adam)

@@ -18,7 +18,7 @@ from client.privacy_ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLed
 from client.site import SiteConfig
 from client.training import make_loss
 from shared.config import RunConfig
-from shared.errors import ConfigError
+from shared.errors import ConfigError, DataError
 from shared.model import build_unet
 from shared.weights import arrays_to_state_dict, model_to_arrays
 from tests.conftest import REPO, TINY_RUN_CONFIG
@@ -219,3 +219,20 @@ def test_optimizer_follows_run_config():
     sgd = make_optimizer(model, config=RunConfig.from_mapping(dict(TINY_RUN_CONFIG, optimizer="sgd")))
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
     assert isinstance(make_optimizer(model, config=RunConfig.from_mapping(TINY_RUN_CONFIG)), torch.optim.Adam)
+
+
+def test_an_empty_poisson_batch_still_takes_a_noisy_step():
+    from client.training import run_epochs
+
+    torch.manual_seed(0)
+    model = build_unet(RunConfig.from_mapping(TINY_RUN_CONFIG).model_config())
+    images, labels = torch.randn(4, 1, 32, 32), (torch.rand(4, 1, 32, 32) > 0.7).float()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=2)
+    plan = DPPlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, steps=1, grad_sample_mode="hooks")
+    hooks, dp_optimizer, _ = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), loader, plan=plan)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(DataError, match="no step"):  # Opacus yields [] for an empty first batch
+        run_epochs(model, [[]], dp_optimizer, epochs=1, device=torch.device("cpu"))
+    moved = [float((p - b).abs().max()) for p, b in zip(model.parameters(), before)]
+    hooks.cleanup()
+    assert all(m > 0 for m in moved), "the empty batch's step added no noise"

@@ -34,6 +34,7 @@ METRIC_KEYS = frozenset({
     "num-examples", "train-loss", "steps",          # training
     "dice", "loss", "hd95",                         # evaluation
     "epsilon", "epsilon-round",                     # differential privacy spend
+    "dp", "dp-delta", "dp-noise-multiplier", "dp-sample-rate",  # the DP parameters of the round
     "refused",                                      # 1 when the site declines a round
     "train-seconds", "evaluate-seconds",            # timings
 })

@@ -18,19 +18,17 @@ import re
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.audit_log import AuditLogError, append_entry, make_entry
 from client.egress import ARRAYS, SITE_KEYS, EgressBlocked, check_reply, expected_parameter_specs
 from client.faults import SimulatedCrash
+from client.private_round import check_dp_policy, train_private
 from client.site import SiteConfig, resolve_site
 from shared.config import RunConfig
-from shared.errors import FedSegError
-
-if TYPE_CHECKING:
-    from flwr.app import Context
+from shared.errors import ConfigError, FedSegError
 
 LOG = logging.getLogger("fedseg.client")
 MAX_REASON_CHARS = SITE_KEYS["reason"]
@@ -38,7 +36,7 @@ MAX_REASON_CHARS = SITE_KEYS["reason"]
 #: (Flower does not tell the ClientApp); it is written into every audit entry.
 SERVER_ADDRESS_KEY = "superlink"
 
-Work = Callable[[Message, RunConfig, SiteConfig], RecordDict]
+Work = Callable[[Message, Context, RunConfig, SiteConfig], RecordDict]
 
 
 def handle_train(msg: Message, context: Context) -> Message:
@@ -57,7 +55,7 @@ def _handle(msg: Message, context: Context, work: Work) -> Message:
     try:
         config = RunConfig.from_mapping(context.run_config)
         site = resolve_site(context.node_config, config.simulation_sites)
-        content = work(msg, config, site)
+        content = work(msg, context, config, site)
     except FedSegError as exc:
         content = refusal_content(msg, site, f"{type(exc).__name__}: {exc}")
     except SimulatedCrash:
@@ -143,7 +141,7 @@ def _site_id(site: SiteConfig | None) -> str:
     return site.site_id[:SITE_KEYS["site-id"]] if site else "unknown"
 
 
-def _train(msg: Message, config: RunConfig, site: SiteConfig) -> RecordDict:
+def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig) -> RecordDict:
     import torch
     from monai.utils import set_determinism
 
@@ -155,6 +153,7 @@ def _train(msg: Message, config: RunConfig, site: SiteConfig) -> RecordDict:
     from shared.weights import load_arrays, model_to_arrays
 
     server_round = int(msg.content["config"]["server-round"])
+    check_dp_policy(config, site)
     if site.fault is not None:
         site.fault.before_training()
     seed = _site_round_seed(config.seed, site.site_id, server_round)
@@ -162,22 +161,30 @@ def _train(msg: Message, config: RunConfig, site: SiteConfig) -> RecordDict:
     cases, augment = load_training_cases(site.datalist, config, cache_dir=site.cache_dir)
     model = build_unet(config.model_config())
     load_arrays(model, msg.content["arrays"])
-    loader = training_loader(cases, augment, batch_size=config.batch_size,
-                             generator=torch.Generator().manual_seed(seed))
+    device = resolve_device(config.device)
     proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))
-    result = train_local(model, loader, config=config, device=resolve_device(config.device),
-                         num_examples=len(cases), proximal_mu=proximal_mu)
-    metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.train_loss,
-                            "steps": result.steps})
+    if config.dp and proximal_mu > 0:
+        raise ConfigError("run config 'strategy' = fedprox cannot be combined with 'dp' = true: Opacus clips "
+                          "and noises per-sample gradients only, so the proximal term would be dropped")
+    if config.dp:
+        metrics = train_private(model, cases, augment, config=config, site=site, device=device,
+                                run_id=int(context.run_id), server_round=server_round)
+    else:
+        loader = training_loader(cases, augment, batch_size=config.batch_size,
+                                 generator=torch.Generator().manual_seed(seed))
+        result = train_local(model, loader, config=config, device=device, num_examples=len(cases),
+                             proximal_mu=proximal_mu)
+        metrics = {"num-examples": result.num_examples, "train-loss": result.train_loss,
+                   "steps": result.steps, "dp": 0}
     arrays = model_to_arrays(model)
     if site.fault is not None:
         received = msg.content["arrays"].to_torch_state_dict()
         arrays = ArrayRecord(site.fault.poison(dict(arrays.to_torch_state_dict()), dict(received)))
-    return RecordDict({"arrays": arrays, "metrics": metrics,
+    return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
                        "site": ConfigRecord({"site-id": site.site_id})})
 
 
-def _evaluate(msg: Message, config: RunConfig, site: SiteConfig) -> RecordDict:
+def _evaluate(msg: Message, context: Context, config: RunConfig, site: SiteConfig) -> RecordDict:
     from client.site_data import load_validation_cases
     from client.training import evaluate_local
     from shared.device import resolve_device

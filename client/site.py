@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,21 +25,40 @@ from client.faults import SiteFault
 from shared.errors import ConfigError
 
 
+DEFAULT_MAX_EPSILON = 8.0
+DEFAULT_DP_DELTA = 1e-5
+
+
 @dataclass(frozen=True)
 class SiteConfig:
-    """What one hospital node owns: its identity, its data, its state and cache directories."""
+    """What one hospital node owns: identity, data, state and cache directories, privacy policy.
+
+    ``max_epsilon`` is the site's total (epsilon, ``dp_delta``) budget over every
+    run it ever takes part in; ``require_dp`` makes the site refuse runs without DP.
+    """
 
     site_id: str
     datalist: Path
     state_dir: Path
     cache_dir: Path | None = None
     fault: SiteFault | None = None  # simulations only: never read from a real node config
+    max_epsilon: float = DEFAULT_MAX_EPSILON
+    dp_delta: float = DEFAULT_DP_DELTA
+    require_dp: bool = True
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
+            raise ConfigError(f"node config key 'max-epsilon': must be a finite number > 0, got {self.max_epsilon!r}")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"node config key 'dp-delta': must be in (0, 1), got {self.dp_delta!r}")
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteConfig:
-        """Build from a node config mapping; keys ``site-id``, ``datalist``, ``state-dir``, ``cache-dir``.
+        """Build from a node config mapping.
 
-        ``cache-dir`` (preprocessed cases) defaults to ``<state-dir>/cache``.
+        Keys: ``site-id``, ``datalist`` (required), ``state-dir``, ``cache-dir``
+        (preprocessed cases; defaults to ``<state-dir>/cache``), ``max-epsilon``,
+        ``dp-delta``, ``require-dp``.
         """
         datalist = node_config.get("datalist")
         if not datalist:
@@ -48,7 +68,31 @@ class SiteConfig:
         state_dir = node_config.get("state-dir") or datalist_path.parent / ".fedseg-state"
         state_path = Path(str(state_dir)).expanduser()
         cache_dir = Path(str(node_config.get("cache-dir") or state_path / "cache")).expanduser()
-        return cls(site_id=site_id, datalist=datalist_path, state_dir=state_path, cache_dir=cache_dir)
+        return cls(site_id=site_id, datalist=datalist_path, state_dir=state_path, cache_dir=cache_dir,
+                   max_epsilon=_number(node_config, "max-epsilon", DEFAULT_MAX_EPSILON),
+                   dp_delta=_number(node_config, "dp-delta", DEFAULT_DP_DELTA),
+                   require_dp=_flag(node_config, "require-dp", True))
+
+
+def _number(node_config: Mapping[str, Any], key: str, default: float) -> float:
+    value = node_config.get(key, default)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"node config key '{key}': expected a number, got {value!r}") from None
+
+
+def _flag(node_config: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = node_config.get(key, default)
+    if isinstance(value, bool):
+        return value
+    if str(value).strip().lower() in ("true", "1", "yes"):
+        return True
+    if str(value).strip().lower() in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"node config key '{key}': expected true or false, got {value!r}")
 
 
 def resolve_site(node_config: Mapping[str, Any], simulation_sites: str) -> SiteConfig:

@@ -39,11 +39,15 @@ def check_task(datalist: Datalist, config: RunConfig) -> None:
 
 def load_training_cases(datalist: Path, config: RunConfig, *,
                         cache_dir: Path | None = None) -> tuple[list[dict[str, Any]], Any]:
-    """Return (preprocessed training cases, random augmentation pipeline)."""
+    """Return (preprocessed training cases, random augmentation pipeline).
+
+    With DP on (run config ``dp``) each case yields one patch per draw, else two:
+    the privacy unit is a case (a patient), never a patch.
+    """
     site_data = load_datalist(datalist)
     check_task(site_data, config)
     settings = preprocess_settings(config, site_data)
-    deterministic, augment = training_transforms(settings)
+    deterministic, augment = training_transforms(settings, samples_per_case=1 if config.dp else 2)
     cache = _cache(cache_dir, settings)
     cases = preprocess_cases(site_data.training, deterministic, cache=cache)
     if cache is not None:

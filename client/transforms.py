@@ -167,11 +167,15 @@ def augmentation(settings: PreprocessSettings, *, samples_per_case: int = 2) -> 
     ]
 
 
-def training_transforms(settings: PreprocessSettings) -> tuple[Compose, Compose]:
-    """Return (deterministic, random) pipelines; the first is cacheable."""
+def training_transforms(settings: PreprocessSettings, *, samples_per_case: int = 2) -> tuple[Compose, Compose]:
+    """Return (deterministic, random) pipelines; the first is cacheable.
+
+    Under DP ``samples_per_case`` is 1: one example the sampler draws is one
+    case giving one patch, so per-sample clipping bounds a patient.
+    """
     from monai.transforms import Compose
 
-    return Compose(preprocessing(settings)), Compose(augmentation(settings))
+    return Compose(preprocessing(settings)), Compose(augmentation(settings, samples_per_case=samples_per_case))
 
 
 def evaluation_transforms(settings: PreprocessSettings) -> Compose:

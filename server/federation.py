@@ -126,13 +126,18 @@ class ProgressPrinter:
         remaining = elapsed / done * (self.num_rounds - row["round"])
         print(f"{PROGRESS_PREFIX} round {row['round']}/{self.num_rounds} | trained {trained}/{asked} sites"
               f" | evaluated {row['sites-evaluate-ok']} | dice {_fmt(row['dice'])}"
-              f" | train-loss {_fmt(row['train-loss'])} | {elapsed:.0f}s elapsed, ~{remaining:.0f}s left",
+              f" | train-loss {_fmt(row['train-loss'])}{_epsilon(row)} | {elapsed:.0f}s elapsed,"
+              f" ~{remaining:.0f}s left",
               flush=True)
         for site, site_row in sorted(sites.items()):
             for phase in ("train", "evaluate"):
                 if site_row.get(f"{phase}-status", "ok") != "ok":
                     print(f"{PROGRESS_PREFIX}   {site} {site_row[f'{phase}-status']} {phase}: "
                           f"{site_row.get(f'{phase}-reason', '')}", flush=True)
+
+
+def _epsilon(row: dict[str, Any]) -> str:
+    return "" if row.get("max-epsilon") is None else f" | max epsilon {row['max-epsilon']:.2f}"
 
 
 def _fmt(value: float | None) -> str:

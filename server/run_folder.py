@@ -1,7 +1,10 @@
 """The run folder: ``metrics.jsonl``, ``global_model.pt`` and ``summary.json``.
 
 ``metrics.jsonl`` holds one JSON object per site per round (``site`` is the
-site id) plus one per round with ``site = "global"`` (the weighted aggregate).
+site id; with DP it includes the site's cumulative ``epsilon`` and this round's
+``epsilon-round``) plus one per round with ``site = "global"`` (the weighted
+aggregate and ``max-epsilon``, the largest cumulative epsilon of any site).
+``summary.json`` has every site's final epsilon under ``epsilon``.
 A site that refused or failed a phase has ``status`` and ``reason`` instead of
 numbers for it. Every file is written atomically or appended line by line.
 """
@@ -116,15 +119,17 @@ class RunRecorder:
             for site, row in self.rounds[server_round].items():
                 if "dice" in row:
                     per_site_final[site] = {"round": server_round, "dice": _json_float(row["dice"])}
+        sites = sorted({s for sites in self.rounds.values() for s in sites})
         first = self.global_rows[0] if self.global_rows else {}
         last = self.global_rows[-1] if self.global_rows else {}
         summary = {
             "rounds": len(self.global_rows),
-            "sites": sorted({s for sites in self.rounds.values() for s in sites}),
+            "sites": sites,
             "first_round_dice": first.get("dice"),
             "final_dice": last.get("dice"),
             "final_loss": last.get("loss"),
             "per_site": per_site_final,
+            "epsilon": final_epsilons(self.rounds, sites),
             "seconds": round(time.time() - self.started, 1),
             "model": self.model_path.name,
             "run_config": self.config.to_mapping(),
@@ -138,12 +143,24 @@ class RunRecorder:
         append_line(self.metrics_path, json.dumps(clean, sort_keys=True))
 
 
+def final_epsilons(rounds: dict[int, dict[str, dict[str, Any]]], sites: list[str]) -> dict[str, Any]:
+    """Each site's last reported cumulative epsilon, its delta and round (``None`` if it never sent one)."""
+    final: dict[str, Any] = {site: None for site in sites}
+    for server_round in sorted(rounds):
+        for site, row in rounds[server_round].items():
+            if "epsilon" in row:
+                final[site] = {"epsilon": _json_float(row["epsilon"]), "delta": row.get("dp-delta"),
+                               "round": server_round}
+    return final
+
+
 def aggregate_sites(sites: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Example-weighted means over the sites that answered, and outcome counts."""
     evaluation_keys = {"dice", "loss", "hd95"} | {
         key for r in sites.values() for key in r if key.startswith(("dice-class-", "hd95-class-"))}
     row: dict[str, Any] = {key: _weighted(sites, key, "num-val-examples") for key in sorted(evaluation_keys)}
     row["train-loss"] = _weighted(sites, "train-loss", "num-train-examples")
+    row["max-epsilon"] = max((float(r["epsilon"]) for r in sites.values() if "epsilon" in r), default=None)
     for phase in ("train", "evaluate"):
         for outcome in ("ok", "refused", "failed", "rejected"):
             row[f"sites-{phase}-{outcome}"] = sum(

@@ -20,6 +20,10 @@ from shared.model import ModelConfig
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
 DEVICES = ("auto", "cpu", "cuda")
+# Opacus per-sample gradient modes fedseg allows; "auto" picks the fastest measured one per model.
+# "ghost" is excluded on purpose: it needs a per-sample loss and clips wrongly with MONAI's DiceCELoss.
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch")
+OPTIMIZERS = ("adam", "sgd")
 
 
 def to_key(field_name: str) -> str:
@@ -44,12 +48,21 @@ def parse_int_list(value: str, *, key: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything the operator (or a researcher) sets for one federated run."""
+    """Everything the operator (or a researcher) sets for one federated run.
+
+    The ``dp*`` keys choose the DP-SGD mechanism every site trains with: ``dp``
+    (on/off), ``dp-noise-multiplier``, ``dp-max-grad-norm`` (per-case clipping
+    norm), ``dp-target-epsilon`` (> 0: each site computes the noise that spends
+    this epsilon per round, at its own delta) and ``dp-grad-sample-mode``. A site's
+    budget, delta and whether it requires DP are node config (``client.site``),
+    which no run config key can change.
+    """
 
     num_rounds: int = 5
     local_epochs: int = 5
     batch_size: int = 4
     learning_rate: float = 0.005
+    optimizer: str = "adam"
     spatial_dims: int = 2
     in_channels: int = 1
     num_classes: int = 2
@@ -77,6 +90,11 @@ class RunConfig:
     resume_from: str = ""
     run_dir: str = ""
     simulation_sites: str = ""
+    dp: bool = True
+    dp_noise_multiplier: float = 1.0
+    dp_max_grad_norm: float = 1.0
+    dp_target_epsilon: float = 0.0
+    dp_grad_sample_mode: str = "auto"
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -116,7 +134,12 @@ class RunConfig:
     def _check_types(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            expected = {"int": int, "float": float, "str": str}[str(f.type)]
+            expected = {"int": int, "float": float, "str": str, "bool": bool}[str(f.type)]
+            if expected is bool:
+                if not isinstance(value, bool):
+                    raise ConfigError(f"run config key '{to_key(f.name)}': expected true or false, "
+                                      f"got {type(value).__name__} {value!r}")
+                continue
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, f.name, float(value))
                 continue
@@ -138,6 +161,7 @@ class RunConfig:
         _require(self.num_res_units >= 0, "num_res_units", "must be >= 0", self.num_res_units)
         _require(self.device in DEVICES or self.device.startswith("cuda:"), "device",
                  f"must be one of {DEVICES} or 'cuda:N'", self.device)
+        _require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}", self.optimizer)
         _require(self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}", self.strategy)
         for name in ("fraction_train", "fraction_evaluate"):
             value = getattr(self, name)
@@ -154,6 +178,7 @@ class RunConfig:
         _require(not names or len(names) == self.num_classes, "class_names",
                  f"needs one name per class ({self.num_classes}, background first)", self.class_names)
         self.ct_window_range()
+        self._check_privacy()
 
     def ct_window_range(self) -> tuple[float, float]:
         """The CT intensity window (HU) as (low, high); CT channels are clipped to it and scaled to [0, 1]."""
@@ -163,6 +188,14 @@ class RunConfig:
             raise ConfigError(f"run config key 'ct-window': expected 'LOW,HIGH' in HU, got {self.ct_window!r}") from None
         _require(low < high, "ct_window", "needs LOW < HIGH", self.ct_window)
         return low, high
+
+    def _check_privacy(self) -> None:
+        for name in ("dp_noise_multiplier", "dp_max_grad_norm"):
+            _require(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
+        _require(self.dp_target_epsilon >= 0, "dp_target_epsilon",
+                 "must be >= 0 (0 = use dp-noise-multiplier)", self.dp_target_epsilon)
+        _require(self.dp_grad_sample_mode in GRAD_SAMPLE_MODES, "dp_grad_sample_mode",
+                 f"must be one of {GRAD_SAMPLE_MODES}", self.dp_grad_sample_mode)
 
     def _check_architecture(self) -> None:
         channels = parse_int_list(self.channels, key="channels")

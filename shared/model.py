@@ -3,6 +3,10 @@
 InstanceNorm (no running statistics) and no BatchNorm, so the same network
 trains with and without differential privacy and its weights are exactly the
 ``state_dict`` that travels between hospitals and the server.
+
+The activation is ReLU, not MONAI's default PReLU: PReLU has a weight that
+Opacus can only differentiate per sample through its slow functorch fallback
+(one per layer), and ReLU is also faster without DP (benchmarks/dp_step.py).
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from shared.errors import ConfigError
 if TYPE_CHECKING:
     from monai.networks.nets import UNet
 
+# ModelConfig.act -> MONAI activation name
+ACTIVATIONS = {"relu": "RELU", "prelu": "PRELU"}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -28,6 +35,7 @@ class ModelConfig:
     channels: tuple[int, ...]
     strides: tuple[int, ...]
     num_res_units: int = 1
+    act: str = "relu"
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3):
@@ -36,6 +44,8 @@ class ModelConfig:
             raise ConfigError(f"model 'in_channels' must be >= 1, got {self.in_channels!r}")
         if self.num_classes < 2:
             raise ConfigError(f"model 'num_classes' must be >= 2, got {self.num_classes!r}")
+        if self.act not in ACTIVATIONS:
+            raise ConfigError(f"model 'act' must be one of {ACTIVATIONS}, got {self.act!r}")
         if len(self.strides) != len(self.channels) - 1:
             raise ConfigError(
                 f"model 'strides' needs {len(self.channels) - 1} entries for "
@@ -60,6 +70,7 @@ class ModelConfig:
                 channels=tuple(int(c) for c in data["channels"]),
                 strides=tuple(int(s) for s in data["strides"]),
                 num_res_units=int(data.get("num_res_units", 1)),
+                act=str(data.get("act", "prelu")),  # files written before 'act' existed used PReLU
             )
         except KeyError as missing:
             raise ConfigError(f"model config is missing key {missing}") from None
@@ -77,4 +88,5 @@ def build_unet(config: ModelConfig) -> UNet:
         strides=config.strides,
         num_res_units=config.num_res_units,
         norm="INSTANCE",
+        act=ACTIVATIONS[config.act],
     )

@@ -25,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="2D images or 3D volumes (default: 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, model and training (default: 0)")
     parser.add_argument("--out", type=Path, default=Path("runs"), help="folder for run folders (default: runs)")
-    parser.add_argument("--min-cases", type=int, default=8, help="fewest cases at a hospital (default: 8)")
-    parser.add_argument("--max-cases", type=int, default=20, help="most cases at a hospital (default: 20)")
+    parser.add_argument("--min-cases", type=int, default=48, help="fewest cases at a hospital (default: 48)")
+    parser.add_argument("--max-cases", type=int, default=80, help="most cases at a hospital (default: 80)")
     parser.add_argument("--datalists", type=Path, nargs="+", default=[], metavar="SITE.json",
                         help="real multi-site data: one virtual hospital per datalist (site id = file name) "
                              "instead of synthetic hospitals")
@@ -68,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_argument("--poison-scale", type=float, default=1000.0, help="scale factor (default: 1000)")
     faults.add_argument("--slow-seconds", type=float, default=30.0, help="stall of slow sites (default: 30)")
     faults.add_argument("--fault-seed", type=int, default=0, help="seed choosing faulty sites (default: 0)")
+    privacy = parser.add_argument_group("differential privacy (DP-SGD at every site; on by default)")
+    privacy.add_argument("--dp", action=argparse.BooleanOptionalAction, default=True,
+                         help="train with DP-SGD (Opacus) at every site (default: on; --no-dp for a baseline)")
+    privacy.add_argument("--noise-multiplier", type=float, help="DP noise multiplier (run config dp-noise-multiplier)")
+    privacy.add_argument("--max-grad-norm", type=float, help="per-case clipping norm (run config dp-max-grad-norm)")
+    privacy.add_argument("--target-epsilon", type=float,
+                         help="epsilon each round may spend; the noise is computed from it (run config "
+                              "dp-target-epsilon)")
+    privacy.add_argument("--max-epsilon", type=float, default=8.0,
+                         help="every virtual hospital's total budget (node config max-epsilon; default: 8)")
+    privacy.add_argument("--dp-delta", type=float, default=1e-5,
+                         help="every virtual hospital's delta (node config dp-delta; default: 1e-5)")
     parser.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE",
                         help="any other run config value, e.g. --run-config learning-rate=0.001 (repeatable)")
     return parser
@@ -96,6 +108,16 @@ def fault_plan(args: argparse.Namespace) -> FaultPlan:
                      slow_seconds=args.slow_seconds, seed=args.fault_seed)
 
 
+def privacy_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """Run-config values of the DP options that were given."""
+    values: dict[str, object] = {"dp": args.dp}
+    for option, key in (("noise_multiplier", "dp-noise-multiplier"), ("max_grad_norm", "dp-max-grad-norm"),
+                        ("target_epsilon", "dp-target-epsilon")):
+        if getattr(args, option) is not None:
+            values[key] = getattr(args, option)
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_optional_codec_notice()
     args = build_parser().parse_args(argv)
@@ -103,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_run_config(args.run_config)
         if args.local_epochs is not None:
             overrides["local-epochs"] = args.local_epochs
+        overrides.update(privacy_overrides(args))
         spec = SimulationSpec(sites=args.sites, rounds=args.rounds, spatial_dims=args.spatial_dims,
                               seed=args.seed, out=args.out, min_cases=args.min_cases, max_cases=args.max_cases,
                               cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client,
@@ -111,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                               pool_cases=args.pool_cases, quantity_exponent=args.quantity_exponent,
                               dirichlet_alpha=args.dirichlet_alpha, sites_per_round=args.sites_per_round,
                               ray_address=args.ray_address, baselines=parse_baselines(args.baselines),
-                              holdout_sites=args.holdout_sites, faults=fault_plan(args))
+                              holdout_sites=args.holdout_sites, faults=fault_plan(args),
+                              max_epsilon=args.max_epsilon, dp_delta=args.dp_delta)
         run_simulation(spec)
     except FedSegError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -38,8 +38,8 @@ class SimulationSpec:
     spatial_dims: int = 2
     seed: int = 0
     out: Path = Path("runs")
-    min_cases: int = 8
-    max_cases: int = 20
+    min_cases: int = 48
+    max_cases: int = 80
     cpus_per_client: float = 1.0
     gpus_per_client: float = 0.0
     timeout_s: float = 3600.0
@@ -54,6 +54,9 @@ class SimulationSpec:
     baselines: tuple[str, ...] = ()
     holdout_sites: int = 0
     faults: FaultPlan = field(default_factory=FaultPlan)
+    max_epsilon: float = 8.0
+    dp_delta: float = 1e-5
+    site_node_config: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("sites", "rounds"):
@@ -74,6 +77,10 @@ class SimulationSpec:
                               f"({self.num_sites}), got {self.sites_per_round!r}")
         if self.holdout_sites < 0 or self.num_sites < 1:
             raise ConfigError(f"'--holdout-sites' must leave at least one site to train, got {self.holdout_sites!r}")
+        if not self.max_epsilon > 0:
+            raise ConfigError(f"'--max-epsilon' must be > 0, got {self.max_epsilon!r}")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"'--dp-delta' must be in (0, 1), got {self.dp_delta!r}")
         if self.cpus_per_client <= 0:
             raise ConfigError(f"'--cpus-per-client' must be > 0, got {self.cpus_per_client!r}")
 
@@ -127,6 +134,9 @@ def build_run_config(spec: SimulationSpec, run_dir: Path, sites_manifest: Path, 
         fraction = spec.sites_per_round / num_sites
         values.update({"fraction-train": fraction, "fraction-evaluate": fraction,
                        "min-train-nodes": spec.sites_per_round})
+    # DP needs many cases per step: batches of 16 cases and a noise that keeps the default
+    # federation (5 rounds, 48-80 cases per site) within epsilon 8 at every site.
+    values.update({"batch-size": 16, "local-epochs": 3, "dp-noise-multiplier": 1.7})
     if spec.spatial_dims == 3:
         values.update({"patch-size": 32, "channels": "8,16,32", "strides": "2,2", "batch-size": 2})
     values.update(task_from_datalists(spec.datalists))
@@ -161,7 +171,8 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True,
         f"under {run_dir / 'data'}")
     laid_out = lay_out_sites(spec.layout(), run_dir / "data", run_dir)
     sites, holdout = laid_out[:spec.num_sites], laid_out[spec.num_sites:]
-    manifest = write_sites_manifest(run_dir, sites, faults=spec.faults.assign([site for site, _ in sites]))
+    manifest = write_sites_manifest(run_dir, sites, faults=spec.faults.assign([site for site, _ in sites]),
+                                    privacy=site_privacy(spec), overrides=spec.site_node_config)
     config = build_run_config(spec, run_dir, manifest, num_sites=len(sites))
     run_config_path = run_dir / "run-config.toml"
     run_config_path.write_text(tomli_w.dumps(config.to_mapping()))
@@ -188,16 +199,29 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True,
     return summary
 
 
-def write_sites_manifest(run_dir: Path, sites: list[tuple[str, Path]], *,
+def site_privacy(spec: SimulationSpec) -> dict[str, Any]:
+    """The privacy policy every virtual hospital gets (node config, not run config).
+
+    Simulated sites require DP only when the run uses it, so ``--no-dp`` baselines run.
+    """
+    dp = bool(spec.run_config.get("dp", True))
+    return {"max-epsilon": spec.max_epsilon, "dp-delta": spec.dp_delta, "require-dp": dp}
+
+
+def write_sites_manifest(run_dir: Path, sites: list[tuple[str, Path]], *, privacy: dict[str, Any] | None = None,
+                         overrides: dict[str, dict[str, Any]] | None = None,
                          faults: dict[str, dict[str, Any]] | None = None) -> Path:
     """Write ``sites.json``: the node config of each virtual hospital, by partition id.
 
-    ``faults`` (site id -> fault entry) marks the sites that misbehave on purpose.
+    ``privacy`` is every site's policy; ``overrides`` maps a site id to node config
+    values of its own (e.g. a smaller ``max-epsilon``); ``faults`` (site id -> fault
+    entry) marks the sites that misbehave on purpose.
     """
-    faults = faults or {}
+    overrides, faults = overrides or {}, faults or {}
     entries = [{"site-id": site_id, "datalist": str(datalist.resolve()),
-                "state-dir": str((run_dir / "state" / site_id).resolve()),
-                **({"fault": faults[site_id]} if site_id in faults else {})} for site_id, datalist in sites]
+                "state-dir": str((run_dir / "state" / site_id).resolve()), **(privacy or {}),
+                **overrides.get(site_id, {}), **({"fault": faults[site_id]} if site_id in faults else {})}
+               for site_id, datalist in sites]
     path = run_dir / "sites.json"
     path.write_text(json.dumps({"sites": entries}, indent=2))
     return path

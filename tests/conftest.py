@@ -20,6 +20,7 @@ from simulations.synthetic import make_site_profiles, write_hospitals  # noqa: E
 TINY_RUN_CONFIG = {
     "channels": "4,8", "strides": "2", "num-res-units": 0, "patch-size": 32,
     "local-epochs": 1, "batch-size": 2, "num-rounds": 1,
+    "dp": False,  # tests about DP switch it on explicitly
 }
 
 

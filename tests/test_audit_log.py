@@ -28,7 +28,7 @@ def test_a_real_training_reply_is_recorded_with_its_bytes_and_hashes(two_sites, 
     content = RecordDict({"arrays": model_to_arrays(model), "config": ConfigRecord({"server-round": 2})})
     msg = Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
     node_config = {"site-id": "site-a", "datalist": str(two_sites[0]), "state-dir": str(tmp_path / "state"),
-                   "superlink": "fl.consortium.example:9092"}
+                   "superlink": "fl.consortium.example:9092", "require-dp": False}
     context = Context(run_id=42, node_id=7, node_config=node_config, state=RecordDict(),
                       run_config=dict(TINY_RUN_CONFIG))
     reply = handle_train(msg, context)

@@ -21,13 +21,17 @@ from shared.weights import arrays_to_state_dict, model_to_arrays
 from tests.conftest import TINY_RUN_CONFIG
 
 
-def _context(datalist, run_config=TINY_RUN_CONFIG):
+NO_DP = {"dp": False}
+
+
+def _context(datalist, run_config=None, **node):
     import tempfile
 
+    run_config = dict(TINY_RUN_CONFIG, **NO_DP) if run_config is None else run_config
     state_dir = tempfile.mkdtemp(prefix="fedseg-state-")  # never inside the shared read-only test data
-    return Context(run_id=1, node_id=7,
-                   node_config={"site-id": "site-a", "datalist": str(datalist), "state-dir": state_dir},
-                   state=RecordDict(), run_config=dict(run_config))
+    node_config = {"site-id": "site-a", "datalist": str(datalist), "require-dp": False, "state-dir": state_dir,
+                   **node}
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=dict(run_config))
 
 
 def _message(kind, config=None):
@@ -49,9 +53,9 @@ def test_train_returns_updated_weights_with_the_same_names(two_sites, flower_ide
 
 
 def test_training_reduces_the_loss(two_sites, flower_identity):
-    config = dict(TINY_RUN_CONFIG, **{"local-epochs": 1})
+    config = dict(TINY_RUN_CONFIG, **NO_DP, **{"local-epochs": 1})
     short = handle_train(_message(MessageType.TRAIN, config)[0], _context(two_sites[0], config))
-    config = dict(TINY_RUN_CONFIG, **{"local-epochs": 15})
+    config = dict(TINY_RUN_CONFIG, **NO_DP, **{"local-epochs": 15})
     long = handle_train(_message(MessageType.TRAIN, config)[0], _context(two_sites[0], config))
     assert long.content.metric_records["metrics"]["train-loss"] < short.content.metric_records["metrics"]["train-loss"]
 
@@ -138,7 +142,8 @@ def test_a_site_of_dicom_series_trains_and_fills_its_cache(tmp_path, flower_iden
     entries = [write_dicom_case(tmp_path, f"d{i}", *ct_volume(i)) for i in range(3)]
     datalist = write_datalist(tmp_path, entries)
     context = Context(run_id=1, node_id=7, state=RecordDict(), run_config=dict(TINY_RUN_CONFIG),
-                      node_config={"datalist": str(datalist), "cache-dir": str(tmp_path / "cache")})
+                      node_config={"datalist": str(datalist), "cache-dir": str(tmp_path / "cache"),
+                                   "require-dp": False})
     reply = handle_train(_message(MessageType.TRAIN)[0], context)
     assert reply.content.metric_records["metrics"]["num-examples"] == 2
     assert len(list((tmp_path / "cache").rglob("*.pt"))) == 2

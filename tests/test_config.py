@@ -39,6 +39,7 @@ def test_from_mapping_overrides_and_keeps_defaults():
     ("batch-size", "8"),
     ("local-epochs", True),
     ("class-names", "background,a,b"),
+    ("optimizer", "rmsprop"),
 ])
 def test_bad_value_names_its_key(key, value):
     with pytest.raises(ConfigError, match=f"'{key}'"):

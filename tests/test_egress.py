@@ -114,7 +114,8 @@ def _message(kind: str) -> Message:
 
 
 def _context(tmp_path: Path, datalist: Path | str = "/nowhere/datalist.json") -> Context:
-    node_config = {"site-id": "site-a", "datalist": str(datalist), "state-dir": str(tmp_path / "state")}
+    node_config = {"site-id": "site-a", "datalist": str(datalist), "state-dir": str(tmp_path / "state"),
+                   "require-dp": False}
     return Context(run_id=11, node_id=7, node_config=node_config, state=RecordDict(),
                    run_config=dict(TINY_RUN_CONFIG))
 
@@ -153,8 +154,8 @@ def test_a_training_code_path_that_adds_the_image_batch_is_blocked(two_sites, tm
                                                                    flower_identity):
     real_train = handlers._train
 
-    def leaky_train(msg, config, site):
-        content = real_train(msg, config, site)
+    def leaky_train(msg, context, config, site):
+        content = real_train(msg, context, config, site)
         content["arrays"]["image-batch"] = Array(np.random.default_rng(0).random((2, 1, 32, 32)))
         return content
 
@@ -169,7 +170,7 @@ def test_a_training_code_path_that_adds_the_image_batch_is_blocked(two_sites, tm
 
 def test_an_unexpected_exception_becomes_a_refusal_without_its_message(tmp_path, monkeypatch,
                                                                        flower_identity):
-    def crash(msg, config, site):
+    def crash(msg, context, config, site):
         raise RuntimeError("patient Jane Doe, MRN 0042")
 
     monkeypatch.setattr(handlers, "_evaluate", crash)

@@ -40,7 +40,8 @@ def test_bad_fault_options_are_named(plan, message):
 
 
 def _manifest(tmp_path, datalist, fault):
-    return write_sites_manifest(tmp_path, [("hospital-01", datalist)], faults={"hospital-01": fault})
+    return write_sites_manifest(tmp_path, [("hospital-01", datalist)], faults={"hospital-01": fault},
+                                privacy={"require-dp": False})
 
 
 def test_faults_apply_to_simulated_nodes_only(tmp_path, two_sites):
@@ -85,8 +86,9 @@ def test_proximal_term_keeps_local_weights_near_the_global_model(tmp_path, two_s
         model = build_unet(RunConfig.from_mapping(config).model_config())
         content = RecordDict({"arrays": model_to_arrays(model),
                               "config": ConfigRecord({"server-round": 1, "proximal-mu": mu})})
-        context = Context(run_id=1, node_id=7, node_config={"site-id": "a", "datalist": str(two_sites[0])},
-                          state=RecordDict(), run_config=config)
+        node_config = {"site-id": "a", "datalist": str(two_sites[0]), "require-dp": False,
+                       "state-dir": str(tmp_path / "state")}
+        context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=config)
         reply = handle_train(Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN), context)
         sent = arrays_to_state_dict(reply.content.array_records["arrays"])
         distances[mu] = sum(float(((sent[k] - v) ** 2).sum()) for k, v in model.state_dict().items())

@@ -127,3 +127,10 @@ def test_final_export_describes_the_model(tmp_path):
     assert payload["preprocessing"]["patch_size"] == 32 and payload["run_config"]["patch-size"] == 32
     image = torch.randn(1, 1, 32, 32)
     assert torch.equal(model.eval()(image), rebuilt(image))
+def test_default_activation_has_no_weights_and_old_files_rebuild_with_prelu():
+    model = build_unet(ModelConfig(2, 1, 2, (4, 8), (2,)))
+    assert not any(isinstance(m, torch.nn.PReLU) for m in model.modules())
+    old = ModelConfig.from_dict({"spatial_dims": 2, "in_channels": 1, "num_classes": 2, "channels": [4, 8],
+                                 "strides": [2]})
+    assert old.act == "prelu" and any(isinstance(m, torch.nn.PReLU) for m in build_unet(old).modules())
+    assert ModelConfig.from_dict(ModelConfig(2, 1, 2, (4, 8), (2,)).to_dict()).act == "relu"

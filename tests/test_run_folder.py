@@ -70,3 +70,19 @@ def test_rows_of_a_node_are_filed_under_its_site_once_known(tmp_path):
     recorder.name_nodes(1, {5: "site-x"})
     assert recorder.rounds[1] == {"site-x": {"train-status": "failed", "train-reason": "crashed",
                                              "evaluate-status": "ok", "dice": 0.5, "num-val-examples": 1}}
+def test_epsilons_land_per_site_per_round_and_in_the_summary(tmp_path):
+    config = RunConfig.from_mapping(TINY_RUN_CONFIG)
+    recorder = RunRecorder(tmp_path, config=config)
+    arrays: ArrayRecord = model_to_arrays(build_unet(config.model_config()))
+    for server_round, epsilon in ((1, 1.5), (2, 2.25)):
+        recorder.record_phase(server_round, "train", SortedReplies(
+            site_metrics={"a": {"num-examples": 4, "train-loss": 1.0, "epsilon": epsilon, "epsilon-round": 1.5,
+                                "dp-delta": 1e-5}},
+            refused={"b": "privacy budget: ... above the site's max-epsilon 1"}))
+        recorder.end_round(server_round, arrays)
+    summary = recorder.finish()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    a_rows = [r for r in rows if r["site"] == "a"]
+    assert [(r["epsilon"], r["epsilon-round"]) for r in a_rows] == [(1.5, 1.5), (2.25, 1.5)]
+    assert [r["max-epsilon"] for r in rows if r["site"] == "global"] == [1.5, 2.25]
+    assert summary["epsilon"] == {"a": {"epsilon": 2.25, "delta": 1e-5, "round": 2}, "b": None}

@@ -21,6 +21,8 @@ def _processes_with_env(fragment: str) -> list[int]:
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                continue  # a zombie is dead; PID 1 of a container may never reap it
             if fragment.encode() in (entry / "environ").read_bytes():
                 found.append(int(entry.name))
         except OSError:
@@ -119,3 +121,25 @@ def test_datalists_set_channels_and_classes_unless_overridden(tmp_path):
     b.write_text(json.dumps({"training": [], "labels": {"0": "background", "1": "tumour"}}))
     with pytest.raises(ConfigError, match="all sites must agree"):
         build_run_config(SimulationSpec(datalists=(a, b), out=tmp_path), tmp_path, tmp_path / "s.json", num_sites=2)
+
+
+@pytest.mark.integration
+def test_a_site_past_its_budget_refuses_and_the_others_train_with_dp(tmp_path):
+    spec = SimulationSpec(sites=2, rounds=2, seed=2, out=tmp_path / "runs", min_cases=3, max_cases=4,
+                          timeout_s=600, run_config=dict(TINY_RUN_CONFIG, **{"dp": True, "num-rounds": 2}), max_epsilon=20.0,
+                          site_node_config={"hospital-02": {"max-epsilon": 0.5}})
+    summary = run_simulation(spec, echo=False)
+
+    run_dir = (tmp_path / "runs" / "latest").resolve()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    spender = [r for r in rows if r["site"] == "hospital-01"]
+    capped = [r for r in rows if r["site"] == "hospital-02"]
+    assert [r["train-status"] for r in spender] == ["ok", "ok"]
+    assert 0 < spender[0]["epsilon"] < spender[1]["epsilon"] <= 20.0
+    assert spender[0]["epsilon-round"] == pytest.approx(spender[0]["epsilon"])
+    assert all(r["train-status"] == "refused" and "max-epsilon" in r["train-reason"] for r in capped)
+    assert summary["rounds"] == 2 and summary["epsilon"]["hospital-01"]["epsilon"] == spender[1]["epsilon"]
+    assert summary["epsilon"]["hospital-02"] is None
+    ledger = json.loads((run_dir / "state" / "hospital-01" / "privacy-ledger.json").read_text())
+    assert [e["server_round"] for e in ledger["entries"]] == [1, 2]
+    assert not (run_dir / "state" / "hospital-02" / "privacy-ledger.json").exists()

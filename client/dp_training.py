@@ -1,0 +1,131 @@
+"""Local training with DP-SGD (Opacus): Poisson sampling, per-sample clipping, Gaussian noise.
+
+The privacy unit is one case (patient): under DP the loader draws each case
+independently with probability ``sample_rate`` and each drawn case gives ONE
+training patch, so clipping bounds what one patient contributes to a step.
+The model is trained in place with Opacus hooks attached to it
+(``wrap_model=False``), so the weight names sent to the server are exactly
+those of the non-DP model.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from shared.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import torch
+
+    from shared.config import RunConfig
+
+# Fastest correct Opacus per-sample gradient mode per spatial dimension, measured with
+# benchmarks/dp_step.py (BENCHMARKS.md). Both are exact; "ghost" is never used (see shared/config.py).
+AUTO_GRAD_SAMPLE_MODE = {2: "hooks", 3: "functorch"}
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """The DP mechanism of one round of local training, known before it runs."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int
+    grad_sample_mode: str
+
+
+def plan_round(*, config: RunConfig, num_cases: int, delta: float) -> DPPlan:
+    """Sampling rate, steps and noise of one round at a site with ``num_cases`` training cases.
+
+    Opacus' Poisson loader draws each case with probability ``1 / ceil(N / B)``
+    and takes ``ceil(N / B)`` steps per epoch. With run config ``dp-target-epsilon``
+    > 0 the noise multiplier is the one that spends that epsilon (at the site's
+    ``delta``) in this round alone; otherwise it is ``dp-noise-multiplier``.
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if num_cases < 1:
+        raise DataError("the site has no training cases")
+    batches_per_epoch = math.ceil(num_cases / config.batch_size)
+    sample_rate = 1.0 / batches_per_epoch
+    steps = batches_per_epoch * config.local_epochs
+    noise = config.dp_noise_multiplier
+    if config.dp_target_epsilon > 0:
+        try:
+            noise = float(get_noise_multiplier(target_epsilon=config.dp_target_epsilon, target_delta=delta,
+                                               sample_rate=sample_rate, steps=steps, accountant="rdp"))
+        except ValueError as exc:
+            raise ConfigError(f"run config key 'dp-target-epsilon': {config.dp_target_epsilon} is not "
+                              f"reachable ({exc})") from None
+    mode = config.dp_grad_sample_mode
+    if mode == "auto":
+        mode = AUTO_GRAD_SAMPLE_MODE[config.spatial_dims]
+    return DPPlan(noise_multiplier=noise, max_grad_norm=config.dp_max_grad_norm, sample_rate=sample_rate,
+                  steps=steps, grad_sample_mode=mode)
+
+
+def private_generator() -> torch.Generator:
+    """A torch generator seeded from the OS entropy pool, for Poisson sampling and DP noise.
+
+    Never derived from the run's ``seed``: the operator knows that seed, and
+    noise or batch membership it can reproduce protects nothing. (Opacus'
+    cryptographically secure ``secure_mode`` needs torchcsprng, which is not
+    installable in this stack.)
+    """
+    import torch
+
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+def train_local_dp(model: torch.nn.Module, loader: Any, *, config: RunConfig, plan: DPPlan,
+                   device: torch.device) -> tuple[float, int]:
+    """Train ``model`` in place with DP-SGD; return (mean train loss, optimizer steps).
+
+    ``loader`` is a plain loader over the cases (``batch_size`` = run config
+    ``batch-size``, one patch per case, its generator from :func:`private_generator`);
+    Opacus replaces its sampler by Poisson sampling at ``plan.sample_rate``.
+    """
+    from client.training import make_optimizer, run_epochs
+
+    model.to(device).train()
+    optimizer = make_optimizer(model, config=config)
+    hooks, dp_optimizer, dp_loader = make_private(model, optimizer, loader, plan=plan)
+    # Opacus guesses the shape of an empty *first* batch from dataset[0], which fails for
+    # MONAI's dict-of-tensors items; without the guess it yields [] and run_epochs treats
+    # that as an empty batch (noise-only step). Later empty batches copy the first batch's dict.
+    dp_loader.collate_fn.sample_empty_shapes = None
+    _check_mechanism(dp_loader, plan, epochs=config.local_epochs)
+    try:
+        losses = run_epochs(model, dp_loader, dp_optimizer, epochs=config.local_epochs, device=device)
+    finally:
+        hooks.cleanup()
+    return sum(losses) / len(losses), len(dp_loader) * config.local_epochs
+
+
+def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Any, *,
+                 plan: DPPlan) -> tuple[Any, Any, Any]:
+    """Opacus ``make_private`` as fedseg uses it: (hooks, DP optimizer, Poisson loader).
+
+    Hooks are attached to ``model`` itself (``wrap_model=False``), the loss is a
+    batch mean (``loss_reduction="mean"``; DiceCE with ``batch=False`` is a mean
+    of per-case losses), noise comes from :func:`private_generator`.
+    """
+    from opacus import PrivacyEngine
+
+    import client.dp_grad_samplers  # noqa: F401  (registers the transposed-convolution grad sampler)
+
+    return PrivacyEngine(accountant="rdp").make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm, poisson_sampling=True, grad_sample_mode=plan.grad_sample_mode,
+        loss_reduction="mean", wrap_model=False, noise_generator=private_generator())
+
+
+def _check_mechanism(dp_loader: Any, plan: DPPlan, *, epochs: int) -> None:
+    """The ledger was charged for ``plan``: refuse to run any other mechanism."""
+    if not math.isclose(dp_loader.sample_rate, plan.sample_rate) or len(dp_loader) * epochs != plan.steps:
+        raise RuntimeError(f"Opacus loader (sample rate {dp_loader.sample_rate}, {len(dp_loader)} steps/epoch) "
+                           f"differs from the charged plan {plan}")

@@ -1,0 +1,238 @@
+"""DP-SGD at a site: the ledger, the budget, clipping, weight names, and settings that name their key."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from opacus.accountants import RDPAccountant
+
+from client.dp_training import DPPlan, make_private, plan_round
+from client.handlers import handle_train
+from client.privacy_ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger
+from client.site import SiteConfig
+from client.training import make_loss
+from shared.config import RunConfig
+from shared.errors import ConfigError, DataError
+from shared.model import build_unet
+from shared.weights import arrays_to_state_dict, model_to_arrays
+from tests.conftest import REPO, TINY_RUN_CONFIG
+
+DP_RUN = dict(TINY_RUN_CONFIG, **{"dp": True, "dp-noise-multiplier": 1.5, "batch-size": 2})
+
+
+def _context(datalist, state_dir, run_config=DP_RUN, **node):
+    node_config = {"site-id": "site-a", "datalist": str(datalist), "state-dir": str(state_dir), **node}
+    return Context(run_id=11, node_id=7, node_config=node_config, state=RecordDict(), run_config=dict(run_config))
+
+
+def _train_message(server_round=1):
+    model = build_unet(RunConfig.from_mapping(DP_RUN).model_config())
+    content = RecordDict({"arrays": model_to_arrays(model), "config": ConfigRecord({"server-round": server_round})})
+    return Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN), model
+
+
+def test_epsilon_accumulates_over_stateless_rounds_like_one_accountant(two_sites, tmp_path, flower_identity):
+    epsilons, names = [], []
+    for server_round in (1, 2, 3):  # a fresh Context each round, as Flower gives a stateless ClientApp
+        msg, model = _train_message(server_round)
+        reply = handle_train(msg, _context(two_sites[0], tmp_path / "state"))
+        metrics = reply.content.metric_records["metrics"]
+        assert "refused" not in metrics, reply.content.config_records["site"]
+        epsilons.append((metrics["epsilon"], metrics["epsilon-round"]))
+        names.append(list(arrays_to_state_dict(reply.content.array_records["arrays"])) == list(model.state_dict()))
+    assert all(names), "weight names sent with DP differ from the model's"
+    totals = [total for total, _ in epsilons]
+    assert totals[0] < totals[1] < totals[2]
+    assert totals[0] == pytest.approx(epsilons[0][1])
+
+    entries = PrivacyLedger(tmp_path / "state", delta=1e-5).entries()
+    one_accountant = RDPAccountant()  # the same mechanisms, step by step in one process
+    for entry in entries:
+        for _ in range(entry.steps):
+            one_accountant.step(noise_multiplier=entry.noise_multiplier, sample_rate=entry.sample_rate)
+    assert totals[-1] == pytest.approx(one_accountant.get_epsilon(delta=1e-5), rel=0.01)
+    assert [e.server_round for e in entries] == [1, 2, 3] and {e.run_id for e in entries} == {11}
+
+
+def test_ledger_survives_a_fresh_process(tmp_path):
+    state = tmp_path / "state"
+    charge_in_child = (
+        "from client.privacy_ledger import PrivacyLedger\n"
+        f"c = PrivacyLedger({str(state)!r}, delta=1e-5).charge(run_id=1, server_round=1, noise_multiplier=1.0,"
+        " sample_rate=0.25, steps=8, max_epsilon=50)\n"
+        "print(c.epsilon)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", charge_in_child], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    ledger = PrivacyLedger(state, delta=1e-5)
+    assert ledger.epsilon() == pytest.approx(float(out.strip().splitlines()[-1]))
+    second = ledger.charge(run_id=2, server_round=1, noise_multiplier=1.0, sample_rate=0.25, steps=8, max_epsilon=50)
+    assert second.epsilon > float(out.strip().splitlines()[-1])
+    assert not list(state.glob("*.tmp")), "a temporary file was left behind"
+
+
+def _charge_many(state: str) -> None:
+    ledger = PrivacyLedger(state, delta=1e-5)
+    for index in range(5):
+        ledger.charge(run_id=index, server_round=1, noise_multiplier=2.0, sample_rate=0.1, steps=2, max_epsilon=1e6)
+
+
+def test_concurrent_writers_lose_no_entry(tmp_path):
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        list(pool.map(_charge_many, [str(tmp_path)] * 2))
+    assert len(PrivacyLedger(tmp_path, delta=1e-5).entries()) == 10
+
+
+def test_a_site_at_its_budget_refuses_and_records_nothing(two_sites, tmp_path, flower_identity):
+    state = tmp_path / "state"
+    ledger = PrivacyLedger(state, delta=1e-5)
+    first = ledger.charge(run_id=1, server_round=1, noise_multiplier=1.5, sample_rate=0.5, steps=2, max_epsilon=100)
+    reply = handle_train(_train_message()[0], _context(two_sites[0], state, **{"max-epsilon": first.epsilon * 1.01}))
+    assert reply.content.metric_records["metrics"]["refused"] == 1
+    assert "max-epsilon" in reply.content.config_records["site"]["reason"]
+    assert len(ledger.entries()) == 1
+    with pytest.raises(PrivacyBudgetExceeded):
+        ledger.charge(run_id=1, server_round=2, noise_multiplier=1.5, sample_rate=0.5, steps=2,
+                      max_epsilon=first.epsilon * 1.01)
+
+
+def test_a_site_requiring_dp_refuses_a_run_without_it(two_sites, tmp_path, flower_identity):
+    run = dict(DP_RUN, dp=False)
+    reply = handle_train(_train_message()[0], _context(two_sites[0], tmp_path, run_config=run))
+    assert reply.content.metric_records["metrics"]["refused"] == 1
+    assert "require-dp" in reply.content.config_records["site"]["reason"]
+
+
+def test_an_unreadable_ledger_stops_training(two_sites, tmp_path, flower_identity):
+    (tmp_path / "privacy-ledger.json").write_text('{"format": "fedseg-privacy-ledger/1", "entr')
+    with pytest.raises(LedgerError, match="privacy-ledger.json"):
+        PrivacyLedger(tmp_path, delta=1e-5).epsilon()
+    reply = handle_train(_train_message()[0], _context(two_sites[0], tmp_path))
+    assert reply.content.metric_records["metrics"]["refused"] == 1
+
+
+def test_target_epsilon_sets_the_noise_for_one_round():
+    config = RunConfig.from_mapping(dict(DP_RUN, **{"dp-target-epsilon": 2.0, "local-epochs": 3}))
+    plan = plan_round(config=config, num_cases=10, delta=1e-5)
+    one_round = RDPAccountant()
+    one_round.history = [(plan.noise_multiplier, plan.sample_rate, plan.steps)]
+    assert plan.sample_rate == pytest.approx(1 / 5) and plan.steps == 15
+    assert one_round.get_epsilon(delta=1e-5) == pytest.approx(2.0, rel=0.02)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_per_sample_gradients_are_clipped_like_single_example_backward(mode):
+    torch.manual_seed(0)
+    config = RunConfig.from_mapping(TINY_RUN_CONFIG)
+    model = build_unet(config.model_config())
+    images = torch.randn(4, 1, 32, 32) * torch.tensor([1.0, 5.0, 0.2, 3.0]).view(4, 1, 1, 1)
+    labels = (torch.rand(4, 1, 32, 32) > 0.7).float()
+    loss_fn, clip = make_loss(), 0.05
+
+    expected = [torch.zeros_like(p) for p in model.parameters()]
+    norms = []
+    for index in range(4):  # torch, one example at a time, clipped by hand
+        model.zero_grad()
+        loss_fn(model(images[index:index + 1]), labels[index:index + 1]).backward()
+        grads = [p.grad.detach().clone() for p in model.parameters()]
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        norms.append(float(norm))
+        for total, grad in zip(expected, grads):
+            total += grad * min(1.0, clip / (float(norm) + 1e-6)) / 4
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    plan = DPPlan(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=1.0, steps=1, grad_sample_mode=mode)
+    hooks, dp_optimizer, _ = make_private(model, optimizer, loader, plan=plan)
+    dp_optimizer.zero_grad()
+    loss_fn(model(images), labels).backward()
+    per_sample = torch.sqrt(sum((p.grad_sample.flatten(1) ** 2).sum(1) for p in model.parameters()))
+    assert per_sample.tolist() == pytest.approx(norms, rel=1e-3)
+    assert min(norms) > clip, "the test needs every example above the clipping norm"
+    dp_optimizer.pre_step()
+    hooks.cleanup()
+    for got, want in zip((p.grad for p in model.parameters()), expected):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("dp-noise-multiplier", 0.0), ("dp-noise-multiplier", -1.0), ("dp-max-grad-norm", 0.0),
+    ("dp-target-epsilon", -1.0), ("dp-grad-sample-mode", "ghost"), ("dp", "yes"),
+])
+def test_bad_dp_run_config_names_its_key(key, value):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        RunConfig.from_mapping({key: value})
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("dp-delta", 1.0), ("dp-delta", 0.0), ("max-epsilon", 0.0), ("max-epsilon", "lots"),
+    ("max-epsilon", float("inf")), ("require-dp", "maybe"),
+])
+def test_bad_dp_node_config_names_its_key(key, value, tmp_path):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        SiteConfig.from_node_config({"datalist": str(tmp_path / "d.json"), key: value})
+
+
+def test_the_ledger_file_is_plain_json_an_auditor_can_read(tmp_path):
+    PrivacyLedger(tmp_path, delta=1e-5).charge(run_id=3, server_round=2, noise_multiplier=1.1, sample_rate=0.2,
+                                               steps=10, max_epsilon=100)
+    data = json.loads((tmp_path / "privacy-ledger.json").read_text())
+    assert data["accountant"] == "rdp" and data["delta"] == 1e-5
+    entry = data["entries"][0]
+    assert (entry["run_id"], entry["server_round"], entry["steps"]) == (3, 2, 10)
+    assert entry["noise_multiplier"] == 1.1 and entry["sample_rate"] == 0.2 and entry["epsilon_after"] > 0
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_transposed_convolution_grad_sampler_matches_functorch(dims):
+    from opacus import GradSampleModule
+    from opacus.grad_sample.grad_sample_module import GradSampleHooks
+
+    from client.dp_grad_samplers import conv_transpose_grad_sample
+
+    torch.manual_seed(1)
+    conv = {2: torch.nn.ConvTranspose2d, 3: torch.nn.ConvTranspose3d}[dims]
+    assert GradSampleHooks.GRAD_SAMPLERS[conv] is conv_transpose_grad_sample
+    layer = conv(3, 5, kernel_size=3, stride=2, padding=1, output_padding=1)
+    inputs = torch.randn((4, 3) + (6,) * dims)
+    grads = {}
+    for mode in ("hooks", "functorch"):
+        model = GradSampleModule(conv(3, 5, kernel_size=3, stride=2, padding=1, output_padding=1),
+                                 force_functorch=mode == "functorch")
+        model._module.load_state_dict(layer.state_dict())
+        (model(inputs) ** 2).sum().backward()
+        grads[mode] = {name: p.grad_sample for name, p in model._module.named_parameters()}
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(grads["hooks"][name], grads["functorch"][name], rtol=1e-4, atol=1e-5)
+
+
+def test_optimizer_follows_run_config():
+    from client.training import make_optimizer
+
+    model = build_unet(RunConfig.from_mapping(TINY_RUN_CONFIG).model_config())
+    sgd = make_optimizer(model, config=RunConfig.from_mapping(dict(TINY_RUN_CONFIG, optimizer="sgd")))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
+    assert isinstance(make_optimizer(model, config=RunConfig.from_mapping(TINY_RUN_CONFIG)), torch.optim.Adam)
+
+
+def test_an_empty_poisson_batch_still_takes_a_noisy_step():
+    from client.training import run_epochs
+
+    torch.manual_seed(0)
+    model = build_unet(RunConfig.from_mapping(TINY_RUN_CONFIG).model_config())
+    images, labels = torch.randn(4, 1, 32, 32), (torch.rand(4, 1, 32, 32) > 0.7).float()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=2)
+    plan = DPPlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, steps=1, grad_sample_mode="hooks")
+    hooks, dp_optimizer, _ = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), loader, plan=plan)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(DataError, match="no step"):  # Opacus yields [] for an empty first batch
+        run_epochs(model, [[]], dp_optimizer, epochs=1, device=torch.device("cpu"))
+    moved = [float((p - b).abs().max()) for p, b in zip(model.parameters(), before)]
+    hooks.cleanup()
+    assert all(m > 0 for m in moved), "the empty batch's step added no noise"

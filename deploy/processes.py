@@ -54,11 +54,12 @@ class NodeSettings:
     isolation: str = "subprocess"
     insecure: bool = False
     max_retries: int | None = None
+    require_dp: bool = True
 
     def node_config(self) -> str:
         """The ``--node-config`` value: the site-owned settings of :mod:`client.site`."""
         return (f"site-id='{self.site_id}' datalist='{self.datalist.resolve()}' "
-                f"state-dir='{self.state_dir.resolve()}'")
+                f"state-dir='{self.state_dir.resolve()}' require-dp={str(self.require_dp).lower()}")
 
 
 class LocalSuperLink:

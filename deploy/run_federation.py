@@ -118,6 +118,7 @@ def _enroll(link: LocalSuperLink, work_dir: Path, site_id: str, datalist: Path,
         private_key = keys.private_key
     return NodeSettings(site_id=site_id, datalist=datalist, state_dir=node_dir / "state",
                         private_key=private_key, insecure=spec.insecure, isolation=spec.isolation,
+                        require_dp=bool(spec.run_config.get("dp", RunConfig().dp)),
                         root_certificates=None if spec.insecure else work_dir / "certs" / "ca.crt")
 
 

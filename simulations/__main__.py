@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_argument("--slow-seconds", type=float, default=30.0, help="stall of slow sites (default: 30)")
     faults.add_argument("--fault-seed", type=int, default=0, help="seed choosing faulty sites (default: 0)")
     privacy = parser.add_argument_group("differential privacy (DP-SGD at every site; on by default)")
-    privacy.add_argument("--dp", action=argparse.BooleanOptionalAction, default=True,
+    privacy.add_argument("--dp", action=argparse.BooleanOptionalAction, default=None,
                          help="train with DP-SGD (Opacus) at every site (default: on; --no-dp for a baseline)")
     privacy.add_argument("--noise-multiplier", type=float, help="DP noise multiplier (run config dp-noise-multiplier)")
     privacy.add_argument("--max-grad-norm", type=float, help="per-case clipping norm (run config dp-max-grad-norm)")
@@ -110,7 +110,7 @@ def fault_plan(args: argparse.Namespace) -> FaultPlan:
 
 def privacy_overrides(args: argparse.Namespace) -> dict[str, object]:
     """Run-config values of the DP options that were given."""
-    values: dict[str, object] = {"dp": args.dp}
+    values: dict[str, object] = {} if args.dp is None else {"dp": args.dp}
     for option, key in (("noise_multiplier", "dp-noise-multiplier"), ("max_grad_norm", "dp-max-grad-norm"),
                         ("target_epsilon", "dp-target-epsilon")):
         if getattr(args, option) is not None:

@@ -42,7 +42,7 @@ def test_every_reply_of_a_simulated_round_is_audited_and_allowed(tmp_path, capsy
             assert all(metric_key_allowed(k) and isinstance(v, int | float) for k, v in metrics)
             assert set(entry["site"]) <= set(SITE_KEYS) and entry["site"]["site-id"] == site
             run_ids.add(entry["run-id"])
-        assert set(train["metrics"]) == {"num-examples", "train-loss", "steps"}
+        assert set(train["metrics"]) == {"num-examples", "train-loss", "steps", "dp"}
         # what the site logged is what the server received
         assert server_rows[site]["train-loss"] == train["metrics"]["train-loss"]
         assert server_rows[site]["dice"] == evaluate["metrics"]["dice"]

@@ -42,7 +42,7 @@ def test_two_sites_one_round_through_flower(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {(r["round"], r["site"]) for r in rows} == {(1, "hospital-01"), (1, "hospital-02"), (1, "global")}
     for row in rows:
-        assert {"round", "site", "dice", "loss"} <= set(row)
+        assert {"round", "site", "dice", "loss", "dice-class-1", "hd95", "hd95-class-1"} <= set(row)
     site_rows = [r for r in rows if r["site"] != "global"]
     assert all(r["train-status"] == "ok" and r["evaluate-status"] == "ok" for r in site_rows)
     model, payload = load_model(run_dir / "global_model.pt")

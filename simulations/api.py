@@ -21,6 +21,9 @@ from simulations.flower_runtime import Resources, run_app, simulation_superlink
 from simulations.synthetic import make_site_profiles, write_hospitals
 
 APP_DIR = Path(__file__).resolve().parent.parent
+# Synthetic cases per hospital (fewest, most) when the spec leaves them unset: 2D cases are
+# cheap, and DP-SGD needs hundreds of cases per step (build_run_config).
+DEFAULT_CASES = {2: (400, 600), 3: (48, 80)}
 
 
 @dataclass(frozen=True)
@@ -32,8 +35,8 @@ class SimulationSpec:
     spatial_dims: int = 2
     seed: int = 0
     out: Path = Path("runs")
-    min_cases: int = 48
-    max_cases: int = 80
+    min_cases: int | None = None
+    max_cases: int | None = None
     cpus_per_client: float = 1.0
     gpus_per_client: float = 0.0
     timeout_s: float = 3600.0
@@ -69,11 +72,18 @@ def build_run_config(spec: SimulationSpec, run_dir: Path, sites_manifest: Path, 
     """The run config the harness sends: spec values over per-dimension defaults."""
     values: dict[str, Any] = {"num-rounds": spec.rounds, "spatial-dims": spec.spatial_dims,
                               "seed": spec.seed, "min-available-nodes": num_sites}
-    # DP needs many cases per step: batches of 16 cases and a noise that keeps the default
-    # federation (5 rounds, 48-80 cases per site) within epsilon 8 at every site.
-    values.update({"batch-size": 16, "local-epochs": 3, "dp-noise-multiplier": 1.7})
+    # DP-SGD's noise per step is ~ noise * clip * sqrt(#weights) / cases-per-step, so the
+    # default federation is built for it, with and without DP alike: 400-600 cases per site,
+    # batches of 128 cases (DP sample rate 1/3 or 1/4), a small U-Net (8-16-32, ~12k weights),
+    # plain SGD with momentum at lr 0.2 (Adam amplifies noise-only coordinates), 4 local epochs,
+    # and the noise an Opacus RDP accountant needs for epsilon <= 8 (delta 1e-5) after 5 rounds
+    # at sample rate 1/3 over 12 steps a round (BENCHMARKS.md).
+    values.update({"channels": "8,16,32", "strides": "2,2", "batch-size": 128, "local-epochs": 4,
+                   "optimizer": "sgd", "learning-rate": 0.2, "dp-noise-multiplier": 1.9})
     if spec.spatial_dims == 3:
-        values.update({"patch-size": 32, "channels": "8,16,32", "strides": "2,2", "batch-size": 2})
+        values.update({"patch-size": 32, "channels": "8,16,32", "strides": "2,2", "batch-size": 2,
+                       "local-epochs": 3, "optimizer": "adam", "learning-rate": 0.005,
+                       "dp-noise-multiplier": 1.7})
     values.update(spec.run_config)
     values.update({"run-dir": str(run_dir), "simulation-sites": str(sites_manifest)})
     return RunConfig.from_mapping(values)
@@ -108,7 +118,10 @@ def _site_datalists(spec: SimulationSpec, run_dir: Path, say: Any) -> list[tuple
         say(f"{PROGRESS_PREFIX} {len(spec.datalists)} sites from datalists")
         return [(Path(d).stem, Path(d)) for d in spec.datalists]
     say(f"{PROGRESS_PREFIX} writing {spec.sites} synthetic hospitals ({spec.spatial_dims}D) to {run_dir / 'data'}")
-    profiles = make_site_profiles(spec.sites, seed=spec.seed, min_cases=spec.min_cases, max_cases=spec.max_cases)
+    default_min, default_max = DEFAULT_CASES[spec.spatial_dims]
+    profiles = make_site_profiles(spec.sites, seed=spec.seed,
+                                  min_cases=default_min if spec.min_cases is None else spec.min_cases,
+                                  max_cases=default_max if spec.max_cases is None else spec.max_cases)
     datalists = write_hospitals(profiles, run_dir / "data", spatial_dims=spec.spatial_dims, seed=spec.seed)
     return [(p.site_id, d) for p, d in zip(profiles, datalists)]
 

@@ -25,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="2D images or 3D volumes (default: 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, model and training (default: 0)")
     parser.add_argument("--out", type=Path, default=Path("runs"), help="folder for run folders (default: runs)")
-    parser.add_argument("--min-cases", type=int, default=48, help="fewest cases at a hospital (default: 48)")
-    parser.add_argument("--max-cases", type=int, default=80, help="most cases at a hospital (default: 80)")
+    parser.add_argument("--min-cases", type=int, help="fewest cases at a hospital (default: 400 in 2D, 48 in 3D)")
+    parser.add_argument("--max-cases", type=int, help="most cases at a hospital (default: 600 in 2D, 80 in 3D)")
     parser.add_argument("--datalists", type=Path, nargs="+", default=[], metavar="SITE.json",
                         help="real multi-site data: one virtual hospital per datalist (site id = file name) "
                              "instead of synthetic hospitals")

@@ -27,6 +27,9 @@ from simulations.run_logs import write_example_overlays, write_tensorboard
 from simulations.report import final_site_table, read_rows, site_table_text, write_report
 
 APP_DIR = Path(__file__).resolve().parent.parent
+# Synthetic cases per hospital (fewest, most) when the spec leaves them unset: 2D cases are
+# cheap, and DP-SGD needs hundreds of cases per step (build_run_config).
+DEFAULT_CASES = {2: (400, 600), 3: (48, 80)}
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,8 @@ class SimulationSpec:
     spatial_dims: int = 2
     seed: int = 0
     out: Path = Path("runs")
-    min_cases: int = 48
-    max_cases: int = 80
+    min_cases: int | None = None
+    max_cases: int | None = None
     cpus_per_client: float = 1.0
     gpus_per_client: float = 0.0
     timeout_s: float = 3600.0
@@ -92,10 +95,17 @@ class SimulationSpec:
             return len(self.datalists) - self.holdout_sites
         return self.sites
 
+    @property
+    def cases_range(self) -> tuple[int, int]:
+        """(fewest, most) cases at a synthetic site: as given, else the per-dimension default."""
+        default_min, default_max = DEFAULT_CASES[self.spatial_dims]
+        return (default_min if self.min_cases is None else self.min_cases,
+                default_max if self.max_cases is None else self.max_cases)
+
     def layout(self) -> LayoutSpec:
         """The on-disk layout this spec asks for."""
         return LayoutSpec(scheme=self.partition, sites=self.sites + self.holdout_sites, spatial_dims=self.spatial_dims, seed=self.seed,
-                          min_cases=self.min_cases, max_cases=self.max_cases, pool_cases=self.pool_cases,
+                          min_cases=self.cases_range[0], max_cases=self.cases_range[1], pool_cases=self.pool_cases,
                           quantity_exponent=self.quantity_exponent, dirichlet_alpha=self.dirichlet_alpha,
                           datalists=tuple(self.datalists))
 
@@ -134,11 +144,18 @@ def build_run_config(spec: SimulationSpec, run_dir: Path, sites_manifest: Path, 
         fraction = spec.sites_per_round / num_sites
         values.update({"fraction-train": fraction, "fraction-evaluate": fraction,
                        "min-train-nodes": spec.sites_per_round})
-    # DP needs many cases per step: batches of 16 cases and a noise that keeps the default
-    # federation (5 rounds, 48-80 cases per site) within epsilon 8 at every site.
-    values.update({"batch-size": 16, "local-epochs": 3, "dp-noise-multiplier": 1.7})
+    # DP-SGD's noise per step is ~ noise * clip * sqrt(#weights) / cases-per-step, so the
+    # default federation is built for it, with and without DP alike: 400-600 cases per site,
+    # batches of 128 cases (DP sample rate 1/3 or 1/4), a small U-Net (8-16-32, ~12k weights),
+    # plain SGD with momentum at lr 0.2 (Adam amplifies noise-only coordinates), 4 local epochs,
+    # and the noise an Opacus RDP accountant needs for epsilon <= 8 (delta 1e-5) after 5 rounds
+    # at sample rate 1/3 over 12 steps a round (BENCHMARKS.md).
+    values.update({"channels": "8,16,32", "strides": "2,2", "batch-size": 128, "local-epochs": 4,
+                   "optimizer": "sgd", "learning-rate": 0.2, "dp-noise-multiplier": 1.9})
     if spec.spatial_dims == 3:
-        values.update({"patch-size": 32, "channels": "8,16,32", "strides": "2,2", "batch-size": 2})
+        values.update({"patch-size": 32, "channels": "8,16,32", "strides": "2,2", "batch-size": 2,
+                       "local-epochs": 3, "optimizer": "adam", "learning-rate": 0.005,
+                       "dp-noise-multiplier": 1.7})
     values.update(task_from_datalists(spec.datalists))
     values.update(spec.run_config)
     num_classes = values.get("num-classes", RunConfig().num_classes)

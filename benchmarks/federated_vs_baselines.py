@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.report import write_section
+from shared.cli import quiet_optional_codec_notice
 from shared.config import RunConfig
 from simulations.api import SimulationSpec, run_simulation
 from simulations.baselines import comparison_rows
@@ -59,6 +60,7 @@ def to_markdown(result: dict[str, Any], command: str) -> str:
 
 
 def main() -> None:
+    quiet_optional_codec_notice()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/baselines"))

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.report import write_section
+from shared.cli import quiet_optional_codec_notice
 from simulations.api import SimulationSpec, run_simulation
 from shared.processes import descendants
 
@@ -141,6 +142,7 @@ def to_markdown(result: dict[str, Any], command: str) -> str:
 
 
 def main() -> None:
+    quiet_optional_codec_notice()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, default=1000)
     parser.add_argument("--per-round", type=int, default=20)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import warnings
 import sys
 from collections.abc import Mapping
 
@@ -17,11 +18,15 @@ from shared.errors import FedSegError
 
 
 def quiet_optional_codec_notice() -> None:
-    """MONAI logs, at every import, that the optional nvImageCodec DICOM decoder is absent.
+    """Silence library notices that are only noise on a console.
 
-    fedseg never uses it (pydicom decodes), so the notice is only noise on a console.
+    MONAI logs and warns, at every import and read, that the optional
+    nvImageCodec DICOM decoder is absent (fedseg never uses it: pydicom
+    decodes), and warns that an argument its own HD95 code passes is deprecated.
     """
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+    warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
 
 
 def run_commands(prog: str, description: str, commands: Mapping[str, tuple[str, str]],

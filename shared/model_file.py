@@ -19,18 +19,6 @@ if TYPE_CHECKING:
 MODEL_FORMAT = "fedseg-model/1"
 
 
-def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
-    """Content hash of the weights: names, dtypes, shapes and values, in name order."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        tensor = state_dict[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()
-
-
 def save_model_file(path: Path | str, *, state_dict: dict[str, torch.Tensor], model_config: ModelConfig,
                     extra: dict[str, Any] | None = None) -> Path:
     """Write weights, the model config, their content hash and ``extra`` provenance to ``path`` atomically."""
@@ -38,7 +26,7 @@ def save_model_file(path: Path | str, *, state_dict: dict[str, torch.Tensor], mo
 
     weights = {k: v.detach().cpu() for k, v in state_dict.items()}
     payload = {"format": MODEL_FORMAT, "model_config": model_config.to_dict(), "state_dict": weights,
-               **(extra or {}), "sha256": weights_sha256(weights)}
+               **(extra or {}), "sha256": weights_digest(weights)}
     return atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
@@ -83,7 +71,7 @@ def load_model(path: Path | str) -> tuple[torch.nn.Module, dict[str, Any]]:
         check_state_dict(model, payload["state_dict"])
     except WeightsError as exc:
         raise WeightsError(f"{path}: {exc}") from None
-    if "sha256" in payload and payload["sha256"] != weights_sha256(payload["state_dict"]):
+    if "sha256" in payload and payload["sha256"] != weights_digest(payload["state_dict"]):
         raise WeightsError(f"{path}: the weights do not match the file's content hash (sha256); "
                            f"the file was altered or damaged")
     model.load_state_dict(payload["state_dict"], strict=True)

@@ -90,16 +90,16 @@ def test_hd95_is_in_millimetres_and_nan_for_an_absent_class():
 
 
 def test_content_hash_changes_with_a_weight_and_tampering_is_refused(tmp_path):
-    from shared.model_file import read_model_file, weights_sha256
+    from shared.model_file import read_model_file, weights_digest
 
     config = ModelConfig(2, 1, 2, (4, 8), (2,))
     state = build_unet(config).state_dict()
-    before = weights_sha256(state)
+    before = weights_digest(state)
     name = next(iter(state))
     changed = dict(state)
     changed[name] = state[name].clone()
     changed[name].view(-1)[0] += 1e-3
-    assert weights_sha256(changed) != before and weights_sha256(dict(state)) == before
+    assert weights_digest(changed) != before and weights_digest(dict(state)) == before
 
     path = save_model_file(tmp_path / "m.pt", state_dict=state, model_config=config)
     payload = read_model_file(path)

@@ -24,6 +24,28 @@ TINY_RUN_CONFIG = {
 }
 
 
+def live_processes_mentioning(fragment: str) -> list[int]:
+    """PIDs (not ours, not zombies) whose environment or command line mentions ``fragment``.
+
+    Tests use it to prove that every Flower/Ray process a run started is gone.
+    """
+    import os
+
+    from shared.processes import alive
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            text = (entry / "environ").read_bytes() + (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if fragment.encode() in text and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
 @pytest.fixture
 def tiny_config() -> RunConfig:
     """A run config with a two-level U-Net and small patches (fast on CPU)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -14,24 +13,9 @@ from deploy.processes import DeploymentError, LocalSuperLink, NodeSettings, Serv
 from deploy.run_federation import DeploymentSpec, run_local_federation
 from server.certs import make_certificates
 from shared.model_file import load_model
-from tests.conftest import TINY_RUN_CONFIG
+from tests.conftest import TINY_RUN_CONFIG, live_processes_mentioning
 
 REFUSAL_TIMEOUT_S = 60.0
-
-
-def _processes_mentioning(fragment: str) -> list[int]:
-    """PIDs (other than ours) whose environment or command line mentions ``fragment``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            text = (entry / "environ").read_bytes() + (entry / "cmdline").read_bytes()
-            if fragment.encode() in text and (entry / "stat").read_text().split(") ")[1][0] not in "ZX":
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 @pytest.mark.integration
@@ -55,7 +39,7 @@ def test_two_hospitals_two_rounds_over_tls_with_node_auth(tmp_path):
     for site in summary["sites"]:
         assert (work_dir / "nodes" / site / "keys" / "supernode_key").stat().st_mode & 0o077 == 0
     time.sleep(1.0)
-    assert _processes_mentioning(str(work_dir)) == []
+    assert live_processes_mentioning(str(work_dir)) == []
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +53,7 @@ def secured_superlink(tmp_path_factory):
                                                                  certs.server_key)) as link:
         link.register_node(registered.public_key, name="registered")
         yield link, certs.ca_cert, registered.private_key, unregistered.private_key
-    assert _processes_mentioning(str(work_dir)) == []
+    assert live_processes_mentioning(str(work_dir)) == []
 
 
 def _node(link: LocalSuperLink, name: str, datalist: Path, **options) -> NodeSettings:

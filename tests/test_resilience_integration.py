@@ -18,8 +18,7 @@ from shared.model_file import load_model
 from simulations.api import SimulationSpec, run_simulation
 from simulations.faults import FaultPlan
 from shared.processes import descendants, stop_process_group
-from tests.conftest import REPO, TINY_RUN_CONFIG
-from tests.test_simulation_integration import _processes_with_env
+from tests.conftest import REPO, TINY_RUN_CONFIG, live_processes_mentioning
 
 SIM_ARGS = ["--sites", "2", "--seed", "4", "--min-cases", "3", "--max-cases", "4"]
 
@@ -54,7 +53,7 @@ def _start_and_kill_after_first_checkpoint(out: Path) -> Path:
         stop_process_group(process)
     assert checkpoint.exists(), "no checkpoint was written"
     run_dir = checkpoint.parent.resolve()
-    assert _processes_with_env(str(run_dir / "flwr-home")) == []
+    assert live_processes_mentioning(str(run_dir / "flwr-home")) == []
     return run_dir
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
@@ -12,22 +10,7 @@ from shared.errors import ConfigError
 from shared.model_file import load_model
 from simulations.__main__ import build_parser
 from simulations.api import SimulationSpec, run_simulation
-from tests.conftest import TINY_RUN_CONFIG
-
-
-def _processes_with_env(fragment: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                continue  # a zombie is dead; PID 1 of a container may never reap it
-            if fragment.encode() in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+from tests.conftest import TINY_RUN_CONFIG, live_processes_mentioning
 
 
 @pytest.mark.integration
@@ -49,7 +32,7 @@ def test_two_sites_one_round_through_flower(tmp_path):
     assert payload["round"] == 1 and payload["model_config"]["channels"] == [4, 8]
     assert payload["final"] and payload["class_names"] == ["background", "lesion"]
     assert set(payload["per_site"]) >= {"hospital-01", "hospital-02"} and payload["sha256"]
-    assert _processes_with_env(str(run_dir / "flwr-home")) == []
+    assert live_processes_mentioning(str(run_dir / "flwr-home")) == []
     assert (run_dir / "report.md").exists() and (run_dir / "plots" / "dice.png").exists()
     assert (run_dir / "plots" / "examples.png").stat().st_size > 5000 and list((run_dir / "tb").glob("events.*"))
 

@@ -1,50 +1,69 @@
-"""Per-sample gradients of transposed convolutions for Opacus' ``hooks`` mode.
+"""Per-sample gradients of (transposed) convolutions for Opacus' ``hooks`` mode.
 
-Opacus 1.6 has no grad sampler for ``ConvTranspose2d/3d``; it falls back to
-functorch, which re-runs the layer per sample and is the largest single DP cost
-of the U-Net's up path (benchmarks/dp_step.py). A transposed convolution
-scatters input position ``p`` to output positions ``s*p - pad + k``, so its
-weight gradient is the correlation of the layer input with the *unfolded*
-output gradient: ``dW[i, o, k] = sum_p x[i, p] * g[o, s*p - pad + k]``.
-Unfolding ``g`` with the layer's kernel, stride, padding and dilation yields
-exactly one block per input position (``output_padding < stride``), and one
-``einsum`` gives every sample's gradient. Registered through Opacus' own
-``register_grad_sampler``; tests check it against single-example backward.
-Grouped transposed convolutions are not supported (the U-Net has none).
+Opacus 1.6 has no grad sampler for ``ConvTranspose2d/3d`` (it falls back to
+functorch, which re-runs the layer per sample), and its ``Conv2d/3d`` sampler
+unfolds the layer input (``k^d`` copies of it) and multiplies per sample.
+Both are replaced here by ONE call of the weight-gradient kernel autograd
+itself uses (``aten::convolution_backward`` with only the weight output),
+on the batch folded into the channels: a batch of ``n`` samples becomes one
+sample with ``n * C`` channels and the convolution gets ``n`` times the groups,
+so group ``i`` sees only sample ``i`` and its weight gradient is sample ``i``'s
+gradient (torch's expanded weights use the same grouping for small batches).
+Registered through Opacus' own ``register_grad_sampler``; tests compare every
+layer type with single-example backward.
+
+Convolutions with string padding (``"same"``) or a ``padding_mode`` other than
+zeros go to Opacus' own sampler.
 """
 
 from __future__ import annotations
 
 import torch
 from opacus.grad_sample import register_grad_sampler
-from opacus.utils.tensor_utils import unfold2d, unfold3d
+from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
 
+ConvLayer = nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d
 
-def conv_transpose_grad_sample(layer: nn.ConvTranspose2d | nn.ConvTranspose3d, activations: list[torch.Tensor],
-                               backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-sample ``weight`` (and ``bias``) gradients of an ungrouped transposed convolution."""
+
+def folded_weight_grad(layer: ConvLayer, inputs: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+    """Every sample's weight gradient, shape ``(n, *layer.weight.shape)``, in one kernel call.
+
+    Parameters
+    ----------
+    layer
+        The (transposed) convolution; integer padding, zeros padding mode.
+    inputs
+        The layer's input, ``(n, in_channels, *spatial)``.
+    backprops
+        The gradient of the loss with respect to the layer's output, ``(n, out_channels, *spatial_out)``.
+    """
+    n = inputs.shape[0]
+    folded_shape = (n * layer.weight.shape[0], *layer.weight.shape[1:])
+    weight = backprops.new_empty(1).expand(folded_shape)  # only its shape is read
+    _, per_sample, _ = torch.ops.aten.convolution_backward(
+        backprops.reshape(1, -1, *backprops.shape[2:]), inputs.reshape(1, -1, *inputs.shape[2:]), weight,
+        None, layer.stride, layer.padding, layer.dilation, layer.transposed, layer.output_padding,
+        n * layer.groups, [False, True, False])
+    return per_sample.view(n, *layer.weight.shape)
+
+
+def conv_grad_sample(layer: ConvLayer, activations: list[torch.Tensor],
+                     backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample ``weight`` (and ``bias``) gradients of a convolution or transposed convolution."""
     inputs = activations[0].to(backprops.dtype)
     n = inputs.shape[0]
-    if layer.groups != 1:
-        raise NotImplementedError(f"{layer}: grouped transposed convolutions need grad-sample mode 'functorch'")
+    if isinstance(layer.padding, str) or layer.padding_mode != "zeros":  # only convolutions allow these
+        return compute_conv_grad_sample(layer, activations, backprops)
     result: dict[nn.Parameter, torch.Tensor] = {}
+    if n == 0:
+        return {p: torch.zeros((0, *p.shape), dtype=backprops.dtype) for p in layer.parameters() if p.requires_grad}
     if layer.weight.requires_grad:
-        if n == 0:
-            result[layer.weight] = torch.zeros((0, *layer.weight.shape), dtype=backprops.dtype)
-        else:
-            unfold = unfold2d if isinstance(layer, nn.ConvTranspose2d) else unfold3d
-            blocks = unfold(backprops, kernel_size=layer.kernel_size, padding=layer.padding,
-                            stride=layer.stride, dilation=layer.dilation)  # (n, out * prod(k), positions)
-            flat_inputs = inputs.reshape(n, layer.in_channels, -1)  # (n, in, positions)
-            if blocks.shape[-1] != flat_inputs.shape[-1]:
-                raise RuntimeError(f"{layer}: unfolded gradient has {blocks.shape[-1]} blocks for "
-                                   f"{flat_inputs.shape[-1]} input positions")
-            per_sample = torch.einsum("nip,nkp->nik", flat_inputs, blocks)
-            result[layer.weight] = per_sample.reshape(n, *layer.weight.shape)
+        result[layer.weight] = folded_weight_grad(layer, inputs, backprops)
     if layer.bias is not None and layer.bias.requires_grad:
         result[layer.bias] = backprops.reshape(n, layer.out_channels, -1).sum(dim=2)
     return result
 
 
-register_grad_sampler([nn.ConvTranspose2d, nn.ConvTranspose3d])(conv_transpose_grad_sample)
+register_grad_sampler([nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                       nn.ConvTranspose3d])(conv_grad_sample)

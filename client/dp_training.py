@@ -22,9 +22,10 @@ if TYPE_CHECKING:
 
     from shared.config import RunConfig
 
-# Fastest correct Opacus per-sample gradient mode per spatial dimension, measured with
-# benchmarks/dp_step.py (BENCHMARKS.md). Both are exact; "ghost" is never used (see shared/config.py).
-AUTO_GRAD_SAMPLE_MODE = {2: "hooks", 3: "functorch"}
+# Fastest correct Opacus per-sample gradient mode, in 2D and 3D alike, measured with
+# benchmarks/dp_step.py (BENCHMARKS.md): "hooks" with fedseg's convolution samplers
+# (client/dp_grad_samplers.py). All modes offered are exact; "ghost" is never used (see shared/config.py).
+AUTO_GRAD_SAMPLE_MODE = "hooks"
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,7 @@ def plan_round(*, config: RunConfig, num_cases: int, delta: float) -> DPPlan:
         except ValueError as exc:
             raise ConfigError(f"run config key 'dp-target-epsilon': {config.dp_target_epsilon} is not "
                               f"reachable ({exc})") from None
-    mode = config.dp_grad_sample_mode
-    if mode == "auto":
-        mode = AUTO_GRAD_SAMPLE_MODE[config.spatial_dims]
+    mode = AUTO_GRAD_SAMPLE_MODE if config.dp_grad_sample_mode == "auto" else config.dp_grad_sample_mode
     return DPPlan(noise_multiplier=noise, max_grad_norm=config.dp_max_grad_norm, sample_rate=sample_rate,
                   steps=steps, grad_sample_mode=mode)
 
@@ -100,7 +99,8 @@ def train_local_dp(model: torch.nn.Module, loader: Any, *, config: RunConfig, pl
     dp_loader.collate_fn.sample_empty_shapes = None
     _check_mechanism(dp_loader, plan, epochs=config.local_epochs)
     try:
-        losses = run_epochs(model, dp_loader, dp_optimizer, epochs=config.local_epochs, device=device)
+        losses = run_epochs(model, dp_loader, dp_optimizer, epochs=config.local_epochs, device=device,
+                            per_sample_grads=True)
     finally:
         hooks.cleanup()
     return sum(losses) / len(losses), len(dp_loader) * config.local_epochs
@@ -116,7 +116,7 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
     """
     from opacus import PrivacyEngine
 
-    import client.dp_grad_samplers  # noqa: F401  (registers the transposed-convolution grad sampler)
+    import client.dp_grad_samplers  # noqa: F401  (registers fedseg's convolution grad samplers)
 
     return PrivacyEngine(accountant="rdp").make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,

@@ -82,12 +82,14 @@ def train_local(model: torch.nn.Module, loader: Any, *, config: RunConfig,
 
 
 def run_epochs(model: torch.nn.Module, loader: Any, optimizer: Any, *, epochs: int,
-               device: torch.device, proximal: tuple[list[torch.Tensor], float] = ([], 0.0)) -> list[float]:
+               device: torch.device, proximal: tuple[list[torch.Tensor], float] = ([], 0.0),
+               per_sample_grads: bool = False) -> list[float]:
     """The training loop both modes share; returns the (task) loss of every step.
 
     An empty batch (possible under Poisson sampling) still takes its optimizer
     step, so a DP optimizer adds its noise as the accountant assumes.
     ``proximal`` = (global weights, mu) adds FedProx's term to the loss.
+    ``per_sample_grads``: the optimizer is Opacus' (see :func:`train_step`).
     """
     import torch
 
@@ -97,12 +99,8 @@ def run_epochs(model: torch.nn.Module, loader: Any, optimizer: Any, *, epochs: i
         for batch in loader:
             optimizer.zero_grad(set_to_none=True)
             if batch and len(batch["image"]) > 0:
-                image, label = batch["image"].to(device), batch["label"].to(device)
-                loss = loss_fn(model(image), label)
-                losses.append(float(loss.detach()))
-                if proximal[0]:
-                    loss = loss + proximal_term(model, proximal[0], mu=proximal[1])
-                loss.backward()
+                losses.append(train_step(model, batch["image"].to(device), batch["label"].to(device), loss_fn,
+                                         proximal=proximal, per_sample_grads=per_sample_grads))
             else:  # no example drawn: a DP optimizer still adds noise to a zero sum
                 for param in model.parameters():
                     param.grad_sample = torch.zeros(0, *param.shape, device=param.device)
@@ -110,6 +108,29 @@ def run_epochs(model: torch.nn.Module, loader: Any, optimizer: Any, *, epochs: i
     if not losses:
         raise DataError("local training ran no step (no batches)")
     return losses
+
+
+def train_step(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, loss_fn: torch.nn.Module, *,
+               proximal: tuple[list[torch.Tensor], float] = ([], 0.0), per_sample_grads: bool = False) -> float:
+    """Forward and backward pass of one batch (the optimizer steps afterwards); returns the task loss.
+
+    With ``per_sample_grads`` (DP-SGD: Opacus computes per-sample gradients in
+    the layers' backward hooks, and its optimizer replaces ``p.grad`` by their
+    clipped, noised mean), the backward pass asks autograd only for the
+    gradient reaching the input image (``backward(inputs=[image])``): every
+    layer's backward hook still fires with its output gradient, but autograd
+    skips the batch weight gradients, which the DP optimizer would discard.
+    """
+    if per_sample_grads and proximal[0]:
+        raise ValueError("FedProx's proximal term has no per-sample gradients: not supported with per_sample_grads")
+    if per_sample_grads:
+        image = image.detach().requires_grad_(True)
+    loss = loss_fn(model(image), label)
+    task_loss = float(loss.detach())
+    if proximal[0]:
+        loss = loss + proximal_term(model, proximal[0], mu=proximal[1])
+    loss.backward(inputs=[image] if per_sample_grads else None)
+    return task_loss
 
 
 def proximal_term(model: torch.nn.Module, global_params: list[torch.Tensor], *, mu: float) -> torch.Tensor:

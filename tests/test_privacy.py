@@ -16,7 +16,7 @@ from client.dp_training import DPPlan, make_private, plan_round
 from client.handlers import handle_train
 from client.privacy_ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger
 from client.site import SiteConfig
-from client.training import make_loss
+from client.training import make_loss, run_epochs
 from shared.config import RunConfig
 from shared.errors import ConfigError, DataError
 from shared.model import build_unet
@@ -150,15 +150,30 @@ def test_per_sample_gradients_are_clipped_like_single_example_backward(mode):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     plan = DPPlan(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=1.0, steps=1, grad_sample_mode=mode)
     hooks, dp_optimizer, _ = make_private(model, optimizer, loader, plan=plan)
-    dp_optimizer.zero_grad()
-    loss_fn(model(images), labels).backward()
+    # the training loop DP training runs (backward to the input only), one step at lr 0 without noise
+    run_epochs(model, [{"image": images, "label": labels}], dp_optimizer, epochs=1, device=torch.device("cpu"),
+               per_sample_grads=True)
     per_sample = torch.sqrt(sum((p.grad_sample.flatten(1) ** 2).sum(1) for p in model.parameters()))
     assert per_sample.tolist() == pytest.approx(norms, rel=1e-3)
     assert min(norms) > clip, "the test needs every example above the clipping norm"
-    dp_optimizer.pre_step()
-    hooks.cleanup()
     for got, want in zip((p.grad for p in model.parameters()), expected):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-7)
+    hooks.cleanup()
+
+
+def test_a_per_sample_backward_pass_skips_the_batch_weight_gradients():
+    from client.training import train_step
+
+    torch.manual_seed(0)
+    model = build_unet(RunConfig.from_mapping(TINY_RUN_CONFIG).model_config())
+    images, labels = torch.randn(2, 1, 32, 32), (torch.rand(2, 1, 32, 32) > 0.7).float()
+    outputs = []
+    model.register_full_backward_hook(lambda module, grad_in, grad_out: outputs.append(grad_out[0]))
+    train_step(model, images, labels, make_loss(), per_sample_grads=True)
+    assert all(p.grad is None for p in model.parameters()), "autograd computed weight gradients DP discards"
+    assert len(outputs) == 1 and outputs[0].shape == (2, 2, 32, 32), "backward hooks must still fire"
+    train_step(model, images, labels, make_loss())
+    assert all(p.grad is not None for p in model.parameters())
 
 
 @pytest.mark.parametrize(("key", "value"), [
@@ -189,27 +204,41 @@ def test_the_ledger_file_is_plain_json_an_auditor_can_read(tmp_path):
     assert entry["noise_multiplier"] == 1.1 and entry["sample_rate"] == 0.2 and entry["epsilon_after"] > 0
 
 
-@pytest.mark.parametrize("dims", [2, 3])
-def test_transposed_convolution_grad_sampler_matches_functorch(dims):
+CONV_LAYERS = [  # (layer type, constructor arguments): strided, grouped, dilated, output padding, no bias
+    (torch.nn.Conv2d, dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, groups=2)),
+    (torch.nn.Conv2d, dict(in_channels=3, out_channels=5, kernel_size=3, padding=2, dilation=2, bias=False)),
+    (torch.nn.Conv3d, dict(in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1)),
+    (torch.nn.ConvTranspose2d, dict(in_channels=3, out_channels=5, kernel_size=3, stride=2, padding=1,
+                                    output_padding=1)),
+    (torch.nn.ConvTranspose2d, dict(in_channels=4, out_channels=6, kernel_size=2, stride=2, groups=2, bias=False)),
+    (torch.nn.ConvTranspose3d, dict(in_channels=3, out_channels=5, kernel_size=3, stride=2, padding=1,
+                                    output_padding=1)),
+]
+
+
+@pytest.mark.parametrize(("conv", "arguments"), CONV_LAYERS,
+                         ids=[f"{conv.__name__}-{index}" for index, (conv, _) in enumerate(CONV_LAYERS)])
+def test_convolution_grad_sampler_matches_single_example_backward(conv, arguments):
     from opacus import GradSampleModule
     from opacus.grad_sample.grad_sample_module import GradSampleHooks
 
-    from client.dp_grad_samplers import conv_transpose_grad_sample
+    from client.dp_grad_samplers import conv_grad_sample
 
     torch.manual_seed(1)
-    conv = {2: torch.nn.ConvTranspose2d, 3: torch.nn.ConvTranspose3d}[dims]
-    assert GradSampleHooks.GRAD_SAMPLERS[conv] is conv_transpose_grad_sample
-    layer = conv(3, 5, kernel_size=3, stride=2, padding=1, output_padding=1)
-    inputs = torch.randn((4, 3) + (6,) * dims)
-    grads = {}
-    for mode in ("hooks", "functorch"):
-        model = GradSampleModule(conv(3, 5, kernel_size=3, stride=2, padding=1, output_padding=1),
-                                 force_functorch=mode == "functorch")
-        model._module.load_state_dict(layer.state_dict())
-        (model(inputs) ** 2).sum().backward()
-        grads[mode] = {name: p.grad_sample for name, p in model._module.named_parameters()}
-    for name in ("weight", "bias"):
-        torch.testing.assert_close(grads["hooks"][name], grads["functorch"][name], rtol=1e-4, atol=1e-5)
+    assert GradSampleHooks.GRAD_SAMPLERS[conv] is conv_grad_sample
+    layer = conv(**arguments)
+    dims = layer.weight.dim() - 2
+    inputs = torch.randn((4, layer.in_channels) + (6,) * dims)
+    expected = {name: [] for name, _ in layer.named_parameters()}
+    for index in range(4):  # torch, one example at a time
+        layer.zero_grad()
+        (layer(inputs[index:index + 1]) ** 2).sum().backward()
+        for name, param in layer.named_parameters():
+            expected[name].append(param.grad.detach().clone())
+    model = GradSampleModule(layer, loss_reduction="sum")
+    (model(inputs) ** 2).sum().backward()
+    for name, param in layer.named_parameters():
+        torch.testing.assert_close(param.grad_sample, torch.stack(expected[name]), rtol=1e-4, atol=1e-5)
 
 
 def test_optimizer_follows_run_config():
@@ -222,8 +251,6 @@ def test_optimizer_follows_run_config():
 
 
 def test_an_empty_poisson_batch_still_takes_a_noisy_step():
-    from client.training import run_epochs
-
     torch.manual_seed(0)
     model = build_unet(RunConfig.from_mapping(TINY_RUN_CONFIG).model_config())
     images, labels = torch.randn(4, 1, 32, 32), (torch.rand(4, 1, 32, 32) > 0.7).float()

@@ -1,92 +1,128 @@
-"""DP-SGD cost per training step: time and peak memory, DP vs non-DP, 2D and 3D default models.
+"""DP-SGD cost per training step: time and peak memory, DP vs non-DP, on fedseg's default models.
 
-    .venv/bin/python -m benchmarks.dp_step [--repeats 15] [--threads 1]
+    .venv/bin/python -m benchmarks.dp_step [--repeats 20] [--threads 1] [--models ...] [--write]
 
-Each row trains the default U-Net of that dimension (2D: run config defaults;
-3D: the simulation harness' 3D defaults) on a fixed random batch of the
-run's patch size and batch size. A DP step is Opacus' real one (per-sample
-gradients, clipping, noise, Adam) through :func:`client.dp_training.make_private`.
-Times are medians over ``--repeats`` steps, measured interleaved with the
-non-DP step in one process so machine load hits both alike. Peak memory is the
-growth of the process' peak RSS over its steps, each variant in a fresh process.
+Each model is trained on a fixed random batch of its run's patch and batch size
+with the run's optimizer; a step is :func:`client.training.train_step` (forward,
+backward) plus the optimizer step, as local training runs it. Variants:
+
+- ``non-DP``: plain training;
+- ``auto``: DP-SGD as fedseg ships it (Opacus hooks, fedseg's convolution grad
+  samplers, backward to the input only);
+- ``samplers-only``: fedseg's samplers, full backward (autograd also computes the
+  batch weight gradients the DP optimizer discards);
+- ``functorch``: Opacus' functorch mode (backward to the input only);
+- ``stock``: Opacus as shipped (its unfold Conv sampler, functorch for transposed
+  convolutions, full backward): the baseline of issue 3.
+
+All variants of a model are timed interleaved in one process, so machine load
+hits them alike; medians of wall and CPU (thread) time. Peak memory is the
+growth of peak RSS over 3 steps, each variant in a fresh process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from typing import Any
 
-MODELS: dict[str, dict[str, Any]] = {
-    "2D": {},  # RunConfig defaults
-    "3D": {"spatial-dims": 3, "patch-size": 32, "channels": "8,16,32", "strides": "2,2", "batch-size": 2},
+# (mode, grad samplers, backward to the input only) per variant; mode None = no DP
+VARIANTS: dict[str, tuple[str | None, str, bool]] = {
+    "non-DP": (None, "fedseg", False), "auto": ("hooks", "fedseg", True),
+    "samplers-only": ("hooks", "fedseg", False), "functorch": ("functorch", "fedseg", True),
+    "stock": ("hooks", "stock", False),
 }
-VARIANTS = ("non-DP", "hooks", "functorch")
+MODEL_NAMES = ("2D-harness", "2D-runconfig", "3D-harness")
 
 
-def _setup(model_name: str, variant: str, act: str, stock: bool = False) -> Any:
+def model_overrides(model_name: str) -> dict[str, Any]:
+    """Run config of a model: RunConfig defaults, or what the simulation harness sends (``make run``)."""
+    from simulations.api import HARNESS_DEFAULTS
+
+    return {"2D-runconfig": {}, "2D-harness": dict(HARNESS_DEFAULTS[2]),
+            "3D-harness": dict(HARNESS_DEFAULTS[3], **{"spatial-dims": 3})}[model_name]
+
+
+def use_samplers(kind: str) -> None:
+    """Register fedseg's convolution grad samplers (``fedseg``) or Opacus' own (``stock``)."""
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+    from opacus.grad_sample.grad_sample_module import GradSampleHooks
+    from torch import nn
+
+    from client.dp_grad_samplers import CONV_LAYER_TYPES, conv_grad_sample
+
+    for layer_type in CONV_LAYER_TYPES:
+        if kind == "fedseg":
+            GradSampleHooks.GRAD_SAMPLERS[layer_type] = conv_grad_sample
+        elif issubclass(layer_type, nn.modules.conv._ConvTransposeNd):  # stock Opacus: functorch fallback
+            GradSampleHooks.GRAD_SAMPLERS.pop(layer_type, None)
+        else:
+            GradSampleHooks.GRAD_SAMPLERS[layer_type] = compute_conv_grad_sample
+
+
+def setup_step(model_name: str, variant: str, act: str) -> Any:
     """Return a function running one training step of ``model_name`` in ``variant``."""
     import dataclasses
 
     import torch
 
     from client.dp_training import DPPlan, make_private
-    from client.training import make_loss
+    from client.training import make_loss, make_optimizer, train_step
     from shared.config import RunConfig
     from shared.model import build_unet
 
-    config = RunConfig.from_mapping(MODELS[model_name])
-    model_config = config.model_config()
-    model = build_unet(dataclasses.replace(model_config, act=act))
+    mode, samplers, per_sample_grads = VARIANTS[variant]
+    config = RunConfig.from_mapping(model_overrides(model_name))
+    model = build_unet(dataclasses.replace(config.model_config(), act=act))
     shape = (config.batch_size, config.in_channels) + (config.patch_size,) * config.spatial_dims
     images = torch.randn(shape)
     labels = (torch.rand((config.batch_size, 1) + shape[2:]) > 0.8).float()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    if variant != "non-DP":
+    optimizer = make_optimizer(model, config=config)
+    if mode is not None:
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels),
                                              batch_size=config.batch_size)
-        plan = DPPlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, steps=1, grad_sample_mode=variant)
-        if stock:  # Opacus as shipped: functorch for transposed convolutions (for the whole process)
-            import client.dp_grad_samplers  # noqa: F401  (registered once, then removed)
-            from opacus.grad_sample.grad_sample_module import GradSampleHooks
-
-            for conv in (torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d):
-                GradSampleHooks.GRAD_SAMPLERS.pop(conv, None)
+        plan = DPPlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, steps=1, grad_sample_mode=mode)
+        use_samplers(samplers)  # Opacus prepares functorch for layers without a sampler when hooks attach
         _, optimizer, _ = make_private(model, optimizer, loader, plan=plan)
     loss_fn = make_loss()
 
     def step() -> None:
+        use_samplers(samplers)  # the registry is global: set it for this variant
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(images), labels).backward()
+        train_step(model, images, labels, loss_fn, per_sample_grads=per_sample_grads)
         optimizer.step()
 
     return step
 
 
-def time_model(model_name: str, *, repeats: int, act: str, stock: bool) -> dict[str, float]:
-    """Median step seconds per variant, measured interleaved."""
-    steps = {variant: _setup(model_name, variant, act, stock) for variant in VARIANTS}
+def time_model(model_name: str, *, repeats: int, act: str) -> dict[str, dict[str, float]]:
+    """Median wall and CPU seconds of a step per variant, measured interleaved."""
+    steps = {variant: setup_step(model_name, variant, act) for variant in VARIANTS}
     for step in steps.values():
         step()  # warm-up
-    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    wall: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    cpu: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
     for _ in range(repeats):
         for variant, step in steps.items():
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.thread_time()
             step()
-            times[variant].append(time.perf_counter() - started)
-    return {variant: statistics.median(values) for variant, values in times.items()}
+            cpu[variant].append(time.thread_time() - started_cpu)
+            wall[variant].append(time.perf_counter() - started)
+    return {variant: {"wall": statistics.median(wall[variant]), "cpu": statistics.median(cpu[variant])}
+            for variant in VARIANTS}
 
 
-def peak_memory_mb(model_name: str, variant: str, act: str, stock: bool, threads: int) -> float:
+def peak_memory_mb(model_name: str, variant: str, act: str, threads: int) -> float:
     """Peak RSS growth (MB) over a few steps of one variant, in a fresh process (Linux)."""
     code = (f"import torch; torch.set_num_threads({threads}); import json\n"
-            f"from benchmarks.dp_step import _setup, _status_kb\n"
-            f"step = _setup({model_name!r}, {variant!r}, {act!r}, {stock!r})\n"
+            f"from benchmarks.dp_step import setup_step, _status_kb\n"
+            f"step = setup_step({model_name!r}, {variant!r}, {act!r})\n"
             "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak RSS (VmHWM)\n"
             "before = _status_kb('VmRSS')\n"
             "for _ in range(3): step()\n"
@@ -103,40 +139,92 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
+def measure(model_name: str, *, repeats: int, act: str, threads: int) -> list[dict[str, Any]]:
+    """One row per variant of ``model_name``: times, ratios to non-DP, peak memory."""
+    seconds = time_model(model_name, repeats=repeats, act=act)
+    memory = {variant: peak_memory_mb(model_name, variant, act, threads) for variant in VARIANTS}
+    base = seconds["non-DP"]
+    return [{"model": model_name, "act": act, "variant": variant,
+             "wall_ms": round(seconds[variant]["wall"] * 1000, 1),
+             "wall_ratio": round(seconds[variant]["wall"] / base["wall"], 2),
+             "cpu_ms": round(seconds[variant]["cpu"] * 1000, 1),
+             "cpu_ratio": round(seconds[variant]["cpu"] / base["cpu"], 2),
+             "peak_mb": round(memory[variant], 1),
+             "memory_ratio": round(memory[variant] / memory["non-DP"], 2) if memory["non-DP"] > 0 else None}
+            for variant in VARIANTS]
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The rows as a markdown table."""
+    lines = ["| model | act | variant | step ms (wall) | DP/non-DP wall | step ms (CPU) | DP/non-DP CPU "
+             "| peak MB | DP/non-DP memory |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        bold = "**" if r["variant"] == "auto" else ""
+        lines.append(f"| {r['model']} | {r['act']} | {bold}{r['variant']}{bold} | {r['wall_ms']} "
+                     f"| {bold}{r['wall_ratio']}x{bold} | {r['cpu_ms']} | {r['cpu_ratio']}x | {r['peak_mb']} "
+                     f"| {r['memory_ratio']}x |")
+    return "\n".join(lines)
+
+
+TARGET = 1.6  # issue 3: DP/non-DP step time on the 2D default
+SETUP_TEXT = """Models (run config): **2D-harness** = what `make run` trains with DP, the simulation harness'
+2D defaults (`simulations.api.HARNESS_DEFAULTS[2]`: U-Net 8-16-32, 64x64 patches, batches of 128
+cases, SGD); **2D-runconfig** = `RunConfig` / pyproject defaults (U-Net 16-32-64-128, 64x64,
+batch 4, Adam); **3D-harness** = the harness' 3D defaults (8-16-32, 32^3, batch 2, Adam). One torch
+thread for every variant (as one simulated site). Variants: `non-DP`; `auto` = DP-SGD as shipped
+(Opacus hooks + fedseg's convolution grad samplers + backward to the input only); `samplers-only`
+= fedseg's samplers with a full backward; `functorch` = Opacus functorch mode (backward to the
+input only); `stock` = Opacus as shipped (unfold Conv sampler, functorch for transposed
+convolutions, full backward), the baseline. Medians over the repeats, all variants of a model
+interleaved in one process; CPU = thread time (less sensitive to other jobs on the shared cores)."""
+
+
+def section(rows: list[dict[str, Any]], *, command: str, loads: tuple[str, str]) -> str:
+    """The BENCHMARKS.md section: command, date, load, setup, table and the target verdict."""
+    verdicts = []
+    for r in rows:
+        if r["variant"] == "auto" and r["model"].startswith("2D"):
+            met = "met" if r["wall_ratio"] <= TARGET else "NOT met"
+            verdicts.append(f"- {r['model']}: DP/non-DP {r['wall_ratio']}x wall, {r['cpu_ratio']}x CPU "
+                            f"(stock Opacus in the same run: "
+                            f"{next(s['wall_ratio'] for s in rows if s['model'] == r['model'] and s['variant'] == 'stock')}x)"
+                            f": target <= {TARGET}x {met}.")
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"```bash\n{command}\n```\n\nMeasured {date}, 2 shared CPU cores, load average {loads[0]} before and "
+            f"{loads[1]} after.\n\n{SETUP_TEXT}\n\n{markdown(rows)}\n\n" + "\n".join(verdicts) + "\n")
+
+
+def _load() -> str:
+    return " / ".join(f"{value:.1f}" for value in os.getloadavg())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.dp_step", description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15, help="timed steps per variant (default: 15)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed steps per variant (default: 20)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as a simulated site)")
     parser.add_argument("--act", default="relu", choices=("relu", "prelu"),
                         help="U-Net activation (default: relu, fedseg's; prelu is MONAI's default)")
-    parser.add_argument("--stock", action="store_true",
-                        help="Opacus as shipped: no fedseg grad sampler for transposed convolutions")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
+    parser.add_argument("--write", action="store_true", help="write the table to BENCHMARKS.md (section dp-step)")
     args = parser.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    load_before = _load()
     rows = []
     for model_name in args.models:
-        seconds = time_model(model_name, repeats=args.repeats, act=args.act, stock=args.stock)
-        for variant in VARIANTS:
-            memory = peak_memory_mb(model_name, variant, args.act, args.stock, args.threads)
-            label = f"{variant} (stock Opacus)" if args.stock and variant == "hooks" else variant
-            rows.append({"model": model_name, "act": args.act, "variant": label,
-                         "step_ms": round(seconds[variant] * 1000, 1),
-                         "time_ratio": round(seconds[variant] / seconds["non-DP"], 2),
-                         "peak_mb": round(memory, 1)})
-            print(json.dumps(rows[-1]), flush=True)
-    base = {r["model"]: r["peak_mb"] for r in rows if r["variant"] == "non-DP"}
-    print("\n| model | act | mode | step ms | DP/non-DP time | peak MB | DP/non-DP memory |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        mem_ratio = r["peak_mb"] / base[r["model"]] if base[r["model"]] > 0 else float("nan")
-        print(f"| {r['model']} | {r['act']} | {r['variant']} | {r['step_ms']} | {r['time_ratio']}x "
-              f"| {r['peak_mb']} | {mem_ratio:.2f}x |")
-    print(f"\nmax RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+        for row in measure(model_name, repeats=args.repeats, act=args.act, threads=args.threads):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    text = section(rows, command="\\\n  ".join([".venv/bin/python -m benchmarks.dp_step"] + (argv or sys.argv[1:])),
+                   loads=(load_before, _load()))
+    print("\n" + text)
+    if args.write:
+        from benchmarks.report import write_section
+
+        write_section("dp-step", "Differential privacy (issue 3): DP-SGD step time and peak memory", text)
     return 0
 
 

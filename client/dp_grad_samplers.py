@@ -23,6 +23,7 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
 
+CONV_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 ConvLayer = nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d
 
 
@@ -65,5 +66,4 @@ def conv_grad_sample(layer: ConvLayer, activations: list[torch.Tensor],
     return result
 
 
-register_grad_sampler([nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                       nn.ConvTranspose3d])(conv_grad_sample)
+register_grad_sampler(list(CONV_LAYER_TYPES))(conv_grad_sample)

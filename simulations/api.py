@@ -30,6 +30,18 @@ APP_DIR = Path(__file__).resolve().parent.parent
 # Synthetic cases per hospital (fewest, most) when the spec leaves them unset: 2D cases are
 # cheap, and DP-SGD needs hundreds of cases per step (build_run_config).
 DEFAULT_CASES = {2: (400, 600), 3: (48, 80)}
+# Run config the harness sends per spatial dimension (over RunConfig's defaults). DP-SGD's noise
+# per step is ~ noise * clip * sqrt(#weights) / cases-per-step, so the 2D federation is built for
+# it, with and without DP alike: 400-600 cases per site, batches of 128 cases (DP sample rate 1/3
+# or 1/4), a small U-Net (8-16-32, ~12k weights), plain SGD with momentum at lr 0.2 (Adam amplifies
+# noise-only coordinates), 4 local epochs, and the noise an Opacus RDP accountant needs for
+# epsilon <= 8 (delta 1e-5) after 5 rounds at sample rate 1/3 over 12 steps a round (BENCHMARKS.md).
+HARNESS_DEFAULTS: dict[int, dict[str, Any]] = {
+    2: {"channels": "8,16,32", "strides": "2,2", "batch-size": 128, "local-epochs": 4,
+        "optimizer": "sgd", "learning-rate": 0.2, "dp-noise-multiplier": 1.9},
+    3: {"patch-size": 32, "channels": "8,16,32", "strides": "2,2", "batch-size": 2,
+        "local-epochs": 3, "optimizer": "adam", "learning-rate": 0.005, "dp-noise-multiplier": 1.7},
+}
 
 
 @dataclass(frozen=True)
@@ -144,18 +156,7 @@ def build_run_config(spec: SimulationSpec, run_dir: Path, sites_manifest: Path, 
         fraction = spec.sites_per_round / num_sites
         values.update({"fraction-train": fraction, "fraction-evaluate": fraction,
                        "min-train-nodes": spec.sites_per_round})
-    # DP-SGD's noise per step is ~ noise * clip * sqrt(#weights) / cases-per-step, so the
-    # default federation is built for it, with and without DP alike: 400-600 cases per site,
-    # batches of 128 cases (DP sample rate 1/3 or 1/4), a small U-Net (8-16-32, ~12k weights),
-    # plain SGD with momentum at lr 0.2 (Adam amplifies noise-only coordinates), 4 local epochs,
-    # and the noise an Opacus RDP accountant needs for epsilon <= 8 (delta 1e-5) after 5 rounds
-    # at sample rate 1/3 over 12 steps a round (BENCHMARKS.md).
-    values.update({"channels": "8,16,32", "strides": "2,2", "batch-size": 128, "local-epochs": 4,
-                   "optimizer": "sgd", "learning-rate": 0.2, "dp-noise-multiplier": 1.9})
-    if spec.spatial_dims == 3:
-        values.update({"patch-size": 32, "channels": "8,16,32", "strides": "2,2", "batch-size": 2,
-                       "local-epochs": 3, "optimizer": "adam", "learning-rate": 0.005,
-                       "dp-noise-multiplier": 1.7})
+    values.update(HARNESS_DEFAULTS[spec.spatial_dims])
     values.update(task_from_datalists(spec.datalists))
     values.update(spec.run_config)
     num_classes = values.get("num-classes", RunConfig().num_classes)

@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in measure(model_name, repeats=args.repeats, act=args.act, threads=args.threads):
             rows.append(row)
             print(json.dumps(row), flush=True)
-    text = section(rows, command="\\\n  ".join([".venv/bin/python -m benchmarks.dp_step"] + (argv or sys.argv[1:])),
+    text = section(rows, command=" ".join([".venv/bin/python -m benchmarks.dp_step"] + (argv or sys.argv[1:])),
                    loads=(load_before, _load()))
     print("\n" + text)
     if args.write:

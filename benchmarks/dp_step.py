@@ -133,9 +133,10 @@ def peak_memory_mb(model_name: str, variant: str, act: str, threads: int) -> flo
 
 def _status_kb(field: str) -> int:
     """A ``/proc/self/status`` memory field in kB."""
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
     raise KeyError(field)
 
 
@@ -156,8 +157,9 @@ def measure(model_name: str, *, repeats: int, act: str, threads: int) -> list[di
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The rows as a markdown table."""
-    lines = ["| model | act | variant | step ms (wall) | DP/non-DP wall | step ms (CPU) | DP/non-DP CPU "
-             "| peak MB | DP/non-DP memory |", "|---|---|---|---|---|---|---|---|---|"]
+    header = ("| model | act | variant | step ms (wall) | DP/non-DP wall | step ms (CPU) | DP/non-DP CPU "
+              "| peak MB | DP/non-DP memory |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         bold = "**" if r["variant"] == "auto" else ""
         lines.append(f"| {r['model']} | {r['act']} | {bold}{r['variant']}{bold} | {r['wall_ms']} "

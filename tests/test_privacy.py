@@ -205,14 +205,17 @@ def test_the_ledger_file_is_plain_json_an_auditor_can_read(tmp_path):
 
 
 CONV_LAYERS = [  # (layer type, constructor arguments): strided, grouped, dilated, output padding, no bias
-    (torch.nn.Conv2d, dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, groups=2)),
-    (torch.nn.Conv2d, dict(in_channels=3, out_channels=5, kernel_size=3, padding=2, dilation=2, bias=False)),
-    (torch.nn.Conv3d, dict(in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1)),
-    (torch.nn.ConvTranspose2d, dict(in_channels=3, out_channels=5, kernel_size=3, stride=2, padding=1,
-                                    output_padding=1)),
-    (torch.nn.ConvTranspose2d, dict(in_channels=4, out_channels=6, kernel_size=2, stride=2, groups=2, bias=False)),
-    (torch.nn.ConvTranspose3d, dict(in_channels=3, out_channels=5, kernel_size=3, stride=2, padding=1,
-                                    output_padding=1)),
+    (torch.nn.Conv2d, {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "stride": 2, "padding": 1,
+                       "groups": 2}),
+    (torch.nn.Conv2d, {"in_channels": 3, "out_channels": 5, "kernel_size": 3, "padding": 2, "dilation": 2,
+                       "bias": False}),
+    (torch.nn.Conv3d, {"in_channels": 3, "out_channels": 4, "kernel_size": 3, "stride": 2, "padding": 1}),
+    (torch.nn.ConvTranspose2d, {"in_channels": 3, "out_channels": 5, "kernel_size": 3, "stride": 2, "padding": 1,
+                                "output_padding": 1}),
+    (torch.nn.ConvTranspose2d, {"in_channels": 4, "out_channels": 6, "kernel_size": 2, "stride": 2, "groups": 2,
+                                "bias": False}),
+    (torch.nn.ConvTranspose3d, {"in_channels": 3, "out_channels": 5, "kernel_size": 3, "stride": 2, "padding": 1,
+                                "output_padding": 1}),
 ]
 
 

@@ -38,6 +38,11 @@ def folded_weight_grad(layer: ConvLayer, inputs: torch.Tensor, backprops: torch.
         The layer's input, ``(n, in_channels, *spatial)``.
     backprops
         The gradient of the loss with respect to the layer's output, ``(n, out_channels, *spatial_out)``.
+
+    Returns
+    -------
+    torch.Tensor
+        Sample ``i``'s gradient of ``layer.weight`` at index ``i``.
     """
     n = inputs.shape[0]
     folded_shape = (n * layer.weight.shape[0], *layer.weight.shape[1:])
@@ -56,9 +61,9 @@ def conv_grad_sample(layer: ConvLayer, activations: list[torch.Tensor],
     n = inputs.shape[0]
     if isinstance(layer.padding, str) or layer.padding_mode != "zeros":  # only convolutions allow these
         return compute_conv_grad_sample(layer, activations, backprops)
-    result: dict[nn.Parameter, torch.Tensor] = {}
     if n == 0:
         return {p: torch.zeros((0, *p.shape), dtype=backprops.dtype) for p in layer.parameters() if p.requires_grad}
+    result: dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight.requires_grad:
         result[layer.weight] = folded_weight_grad(layer, inputs, backprops)
     if layer.bias is not None and layer.bias.requires_grad:

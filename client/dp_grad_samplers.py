@@ -62,7 +62,8 @@ def conv_grad_sample(layer: ConvLayer, activations: list[torch.Tensor],
     if isinstance(layer.padding, str) or layer.padding_mode != "zeros":  # only convolutions allow these
         return compute_conv_grad_sample(layer, activations, backprops)
     if n == 0:
-        return {p: torch.zeros((0, *p.shape), dtype=backprops.dtype) for p in layer.parameters() if p.requires_grad}
+        return {p: torch.zeros((0, *p.shape), dtype=backprops.dtype, device=backprops.device)
+                for p in layer.parameters() if p.requires_grad}
     result: dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight.requires_grad:
         result[layer.weight] = folded_weight_grad(layer, inputs, backprops)

@@ -6,6 +6,9 @@ key covers every source file's identity (path, size, mtime_ns; every file of a
 DICOM folder) and the preprocessing settings, so changing a file or a setting
 makes a new entry. Entries are written atomically and loaded with
 ``weights_only=True``; an unreadable entry counts as a miss and is rewritten.
+Entries are not fsync'ed (two disk flushes per case, the largest fixed cost of
+a site's first round in benchmarks/scale.py): a power loss can leave an entry
+missing or empty, which loads as a miss and is rebuilt from the source files.
 A hit refreshes the entry's modification time, so :meth:`CaseCache.prune`
 can drop entries no round has used for a while (e.g. of files since changed).
 """
@@ -68,7 +71,7 @@ class CaseCache:
         # cached cases are image data: only the node's user may read them (files are 0600 from mkstemp)
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         path.parent.mkdir(mode=0o700, exist_ok=True)
-        atomic_write(path, lambda handle: torch.save(tensors, handle))
+        atomic_write(path, lambda handle: torch.save(tensors, handle), durable=False)
 
     def prune(self, *, max_age_s: float = UNUSED_ENTRY_MAX_AGE_S) -> int:
         """Delete entries not used for ``max_age_s`` seconds; return how many."""

@@ -16,10 +16,12 @@ The allow-list lives here and only here; README.md (hospital IT) documents it.
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from shared.errors import FedSegError
@@ -59,11 +61,14 @@ class ArraySpec:
     dtype: str
 
 
-def expected_parameter_specs(model_config: ModelConfig) -> dict[str, ArraySpec]:
-    """Return ``{name: ArraySpec}`` of the model's ``state_dict`` for ``model_config``.
+@functools.lru_cache(maxsize=4)
+def expected_parameter_specs(model_config: ModelConfig) -> Mapping[str, ArraySpec]:
+    """Return ``{name: ArraySpec}`` (read-only) of the model's ``state_dict`` for ``model_config``.
 
     The model is built on torch's ``meta`` device: shapes and dtypes without
-    allocating or initialising any weight.
+    allocating or initialising any weight. Building a MONAI U-Net costs a few
+    milliseconds, so the result is kept per architecture for the process: a
+    long-lived client (simulated, or a warm ClientApp process) pays it once.
     """
     import torch
 
@@ -71,8 +76,8 @@ def expected_parameter_specs(model_config: ModelConfig) -> dict[str, ArraySpec]:
 
     with torch.device("meta"):
         model = build_unet(model_config)
-    return {name: ArraySpec(tuple(t.shape), str(t.dtype).removeprefix("torch."))
-            for name, t in model.state_dict().items()}
+    return MappingProxyType({name: ArraySpec(tuple(t.shape), str(t.dtype).removeprefix("torch."))
+                             for name, t in model.state_dict().items()})
 
 
 def metric_key_allowed(key: str) -> bool:

@@ -5,6 +5,12 @@ replies every 3 s, so each round's train and evaluate phases each wait ~1.5 s
 on average after the last hospital has answered. This wrapper does the same
 push-then-pull through the Grid's public ``push_messages``/``pull_messages``
 but polls every ``poll_interval_s``; everything else goes to the wrapped Grid.
+The server's round loop (:mod:`server.rounds`) polls at the same interval.
+
+The default interval depends on the wrapped Grid: 0.2 s for a deployment (each
+pull is a request to the SuperLink), 0.05 s in a simulation, where a pull is an
+in-process look-up of a few message ids and the phases of a round with small
+sites last a few seconds (BENCHMARKS.md, scale section).
 """
 
 from __future__ import annotations
@@ -16,12 +22,30 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 DEFAULT_POLL_INTERVAL_S = 0.2
+SIMULATION_POLL_INTERVAL_S = 0.05
+
+
+def default_poll_interval(grid: Grid) -> float:
+    """The polling interval for replies through ``grid`` (in-process simulation Grid: shorter)."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    return SIMULATION_POLL_INTERVAL_S if isinstance(grid, InMemoryGrid) else DEFAULT_POLL_INTERVAL_S
 
 
 class PollingGrid(Grid):
-    """Delegate to ``grid``; poll for replies every ``poll_interval_s`` seconds."""
+    """Delegate to ``grid``; poll for replies every ``poll_interval_s`` seconds.
 
-    def __init__(self, grid: Grid, *, poll_interval_s: float = DEFAULT_POLL_INTERVAL_S) -> None:
+    Parameters
+    ----------
+    grid : Grid
+        The Grid Flower gave the ServerApp.
+    poll_interval_s : float, optional
+        Seconds between pulls; default :func:`default_poll_interval` of ``grid``.
+    """
+
+    def __init__(self, grid: Grid, *, poll_interval_s: float | None = None) -> None:
+        if poll_interval_s is None:
+            poll_interval_s = default_poll_interval(grid)
         if not poll_interval_s > 0:
             raise ValueError(f"'poll_interval_s' must be > 0, got {poll_interval_s!r}")
         self._grid = grid

@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
+from server.polling_grid import DEFAULT_POLL_INTERVAL_S, PollingGrid
+
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
     from server.strategies.tracking import SiteTracking
 
 LOG = logging.getLogger("fedseg.server")
-POLL_INTERVAL_S = 0.5
 
 
 def run_rounds(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, first_round: int, num_rounds: int,
@@ -72,8 +73,11 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float,
              on_reply: Callable[[Message], None]) -> list[int]:
     """Send ``messages``; pass each reply to ``on_reply`` as it arrives; return unanswered node ids.
 
-    Stops when every message has a reply or ``timeout`` seconds have passed.
+    Stops when every message has a reply or ``timeout`` seconds have passed. Replies are
+    pulled every ``grid.poll_interval_s`` seconds for a :class:`~server.polling_grid.PollingGrid`
+    (its default depends on the Grid Flower gave), else every 0.2 s.
     """
+    poll_interval_s = grid.poll_interval_s if isinstance(grid, PollingGrid) else DEFAULT_POLL_INTERVAL_S
     messages = list(messages)
     if not messages:
         return []
@@ -87,5 +91,5 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float,
                 on_reply(reply)
         if not pending or time.monotonic() >= deadline:
             break
-        time.sleep(POLL_INTERVAL_S)
+        time.sleep(poll_interval_s)
     return sorted(pending.values())

@@ -1,7 +1,9 @@
 """Write files so that readers only ever see the old or the new content, never half.
 
 A temporary file beside the target is written, flushed, fsync'ed, then renamed
-over the target (``os.replace`` is atomic on POSIX and Windows).
+over the target (``os.replace`` is atomic on POSIX and Windows). Data that can
+be rebuilt (caches) may skip the fsyncs (``durable=False``): the rename is still
+atomic, but after a power loss the file may be missing or empty.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None], *, mode: int = 0o600) -> Path:
+def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None], *, mode: int = 0o600,
+                 durable: bool = True) -> Path:
     """Call ``write(file)`` on a temporary file, then move it to ``path`` atomically.
 
     The file has permissions ``mode`` from its creation on (default 0600, owner
     only), so a private key is never readable by others, not even briefly.
+    With ``durable`` (default) the file and its directory are fsync'ed, so the
+    new content survives a power loss once this returns; without, the write
+    costs no disk flush (each fsync is milliseconds, more on a busy disk).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -28,12 +34,14 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None], *, mode: 
             os.fchmod(handle.fileno(), mode)
             write(handle)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(tmp_name, target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    if durable:
+        _fsync_dir(target.parent)
     return target
 
 

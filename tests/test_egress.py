@@ -42,6 +42,17 @@ def test_specs_are_the_models_state_dict(expected):
     assert {spec.dtype for spec in expected.values()} == {"float32"}
 
 
+def test_specs_are_kept_per_architecture_and_cannot_be_changed(expected):
+    import dataclasses
+
+    assert expected_parameter_specs(CONFIG.model_config()) is expected  # built once per process
+    three_classes = expected_parameter_specs(dataclasses.replace(CONFIG.model_config(), num_classes=3))
+    assert list(three_classes) == list(expected)
+    assert [s.shape for s in three_classes.values()] != [s.shape for s in expected.values()]
+    with pytest.raises(TypeError):
+        expected["extra"] = expected[next(iter(expected))]  # type: ignore[index]
+
+
 def test_a_real_update_and_evaluation_pass(expected):
     check_reply(_update(epsilon=1.5, **{"epsilon-round": 0.3, "train-seconds": 2.0}),
                 message_type="train", expected=expected)

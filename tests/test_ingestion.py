@@ -230,3 +230,20 @@ def test_prune_drops_entries_unused_for_a_while_and_keeps_used_ones(tmp_path):
     assert cache.prune(max_age_s=3600) == 1
     assert len(list((tmp_path / "cache").glob("*/*.pt"))) == 1
     assert CaseCache(tmp_path / "cache", settings=SETTINGS).get(cases[0]) is not None
+
+
+def test_cache_entries_skip_the_disk_flush_and_an_entry_left_empty_is_rebuilt(tmp_path, monkeypatch):
+    entry = write_nifti_case(tmp_path, "case0", *ct_volume(0))
+    cases = [{k: str(tmp_path / v) for k, v in entry.items()}]
+    transform = evaluation_transforms(SETTINGS)
+    flushes = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: flushes.append(fd) or real_fsync(fd))
+    fresh = preprocess_cases(cases, transform, cache=CaseCache(tmp_path / "cache", settings=SETTINGS))
+    assert flushes == []  # derived data: no fsync of the entry or its directory
+    (stored,) = (tmp_path / "cache").glob("*/*.pt")
+    stored.write_bytes(b"")  # what a power loss before writeback can leave
+    cache = CaseCache(tmp_path / "cache", settings=SETTINGS)
+    rebuilt = preprocess_cases(cases, transform, cache=cache)
+    assert (cache.hits, cache.misses) == (0, 1)
+    assert torch.equal(rebuilt[0]["image"], fresh[0]["image"]) and stored.stat().st_size > 0

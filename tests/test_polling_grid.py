@@ -8,7 +8,8 @@ import pytest
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from server.polling_grid import PollingGrid
+from server.polling_grid import DEFAULT_POLL_INTERVAL_S, SIMULATION_POLL_INTERVAL_S, PollingGrid
+from server.rounds import exchange
 
 
 class _LoopbackGrid(Grid):
@@ -82,3 +83,28 @@ def test_a_node_that_never_answers_costs_only_the_timeout(flower_identity):
 def test_poll_interval_must_be_positive():
     with pytest.raises(ValueError, match="poll_interval_s"):
         PollingGrid(_LoopbackGrid({}), poll_interval_s=0)
+
+
+def test_the_round_loop_pulls_at_the_grids_interval(flower_identity):
+    inner = _LoopbackGrid({1: 0.0, 2: 0.3})
+    grid = PollingGrid(inner, poll_interval_s=0.05)
+    replies: list[Message] = []
+    started = time.monotonic()
+    unanswered = exchange(grid, _messages(grid), timeout=10, on_reply=replies.append)
+    elapsed = time.monotonic() - started
+    assert unanswered == [] and len(replies) == 2
+    assert 0.3 <= elapsed < 0.45  # a fixed 0.5 s poll would return after >= 0.5 s
+    assert inner.pulls >= 5
+
+
+def test_simulation_grids_are_polled_more_often_than_deployment_grids():
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    state = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    simulated = PollingGrid(InMemoryGrid(state_factory=state))
+    deployed = PollingGrid(_LoopbackGrid({}))
+    assert simulated.poll_interval_s == SIMULATION_POLL_INTERVAL_S < deployed.poll_interval_s == DEFAULT_POLL_INTERVAL_S

@@ -63,6 +63,19 @@ def test_failed_atomic_write_leaves_the_old_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
 
+def test_atomic_write_flushes_file_and_folder_unless_told_the_data_can_be_rebuilt(tmp_path, monkeypatch):
+    import os
+
+    flushes = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: flushes.append(fd) or real_fsync(fd))
+    atomic_write(tmp_path / "durable.bin", lambda handle: handle.write(b"kept"))
+    assert len(flushes) == 2  # the file, then its directory (the rename)
+    atomic_write(tmp_path / "cache.bin", lambda handle: handle.write(b"derived"), durable=False)
+    assert len(flushes) == 2
+    assert (tmp_path / "cache.bin").read_bytes() == b"derived"
+
+
 def test_rows_of_a_node_are_filed_under_its_site_once_known(tmp_path):
     recorder = RunRecorder(tmp_path, config=RunConfig.from_mapping(TINY_RUN_CONFIG))
     recorder.record_phase(1, "train", SortedReplies(failed={"node-5": "crashed"}))

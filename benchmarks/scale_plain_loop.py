@@ -1,0 +1,148 @@
+"""The compute a simulated round stands for, done in a plain loop (no Flower, no Ray, no fedseg client).
+
+For the framework-overhead figure of ``benchmarks/scale.py``: the same sites a
+round trained and evaluated, the same work per site, on the same number of
+worker processes as the simulation has Ray actors (one torch thread each, warm),
+with the same barrier between the training and the evaluation phase.
+
+Per site, the plain loop does what a site's handlers do minus everything
+fedseg and Flower add around it:
+
+- train: preprocess the site's training cases from their files (MONAI
+  pipeline; a site seen for the first time does the same, plus a cache write),
+  build the model and load the global weights, run local training with the
+  round's settings (with DP on: Opacus DP-SGD, Poisson sampling, the same
+  steps; the privacy ledger is not charged), take the weights out;
+- evaluate: preprocess the validation cases, build the model, evaluate
+  (Dice, HD95, loss).
+
+Not included (the framework's share): messages and their (de)serialisation,
+Ray, the server's sampling/checks/spooling/aggregation/checkpoints, the egress
+guard and audit log, the privacy ledger, the case cache, reading the sites
+manifest, memory release after each message.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+
+@dataclass(frozen=True)
+class SiteWork:
+    """One site's part of a round: ``kind`` is ``"train"`` or ``"evaluate"``."""
+
+    kind: str
+    datalist: str
+    delta: float
+
+
+@dataclass(frozen=True)
+class LoopTiming:
+    """Wall seconds of the plain loop over one round's work and the CPU seconds its workers used."""
+
+    wall_s: float
+    cpu_s: float
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(run_config: dict[str, Any], model_path: str, warm_up: list[SiteWork], barrier: Any) -> None:
+    import torch
+
+    from shared.cli import quiet_optional_codec_notice
+    from shared.config import RunConfig
+
+    quiet_optional_codec_notice()
+    torch.set_num_threads(1)  # as a simulated client: Ray gives an actor with num_cpus=1 one thread
+    _WORKER.update(config=RunConfig.from_mapping(run_config), model_path=Path(model_path), barrier=barrier)
+    for work in warm_up:  # imports and first-call costs, as in a warm Ray actor
+        do_site_work(work)
+
+
+def _rendezvous(_: int) -> None:
+    _WORKER["barrier"].wait()  # returns once every worker holds one of these tasks: all are warm
+
+
+def do_site_work(work: SiteWork) -> float:
+    """Do one site's work in this worker; return the CPU seconds it took."""
+    import torch
+
+    from client.site_data import load_training_cases, load_validation_cases
+    from client.training import evaluate_local
+    from shared.model_file import load_model
+    from shared.weights import model_to_arrays
+
+    config, device = _WORKER["config"], torch.device("cpu")
+    started = time.process_time()
+    model, _ = load_model(_WORKER["model_path"])
+    if work.kind == "train":
+        cases, augment = load_training_cases(Path(work.datalist), config)
+        _train(model, cases, augment, config=config, delta=work.delta, device=device)
+        model_to_arrays(model)
+    else:
+        evaluate_local(model, load_validation_cases(Path(work.datalist), config), config=config, device=device)
+    return time.process_time() - started
+
+
+def _train(model: Any, cases: list, augment: Any, *, config: Any, delta: float, device: Any) -> None:
+    import torch
+
+    from client.dp_training import plan_round, private_generator, train_local_dp
+    from client.loading import training_loader
+    from client.training import train_local
+
+    if config.dp:
+        plan = plan_round(config=config, num_cases=len(cases), delta=delta)
+        loader = training_loader(cases, augment, batch_size=config.batch_size, generator=private_generator())
+        train_local_dp(model, loader, config=config, plan=plan, device=device)
+    else:
+        loader = training_loader(cases, augment, batch_size=config.batch_size,
+                                 generator=torch.Generator().manual_seed(0))
+        train_local(model, loader, config=config, device=device, num_examples=len(cases))
+
+
+class PlainLoop:
+    """A pool of ``workers`` warm processes that time rounds of site work.
+
+    Parameters
+    ----------
+    run_config : dict
+        The run's config (kebab-case keys), as in ``summary.json``.
+    model_path : Path
+        A model file of the run (its architecture and weights are loaded per site).
+    workers : int
+        Worker processes: the number of Ray actors the simulation ran.
+    warm_up : list of SiteWork
+        Work each worker does once before any timing.
+    """
+
+    def __init__(self, *, run_config: dict[str, Any], model_path: Path, workers: int,
+                 warm_up: list[SiteWork]) -> None:
+        context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+        barrier = context.Barrier(workers)
+        self.pool = context.Pool(workers, initializer=_init_worker,
+                                 initargs=(run_config, str(model_path), warm_up, barrier))
+        self.pool.map(_rendezvous, range(workers), chunksize=1)
+
+    def time_round(self, *, train: list[SiteWork], evaluate: list[SiteWork]) -> LoopTiming:
+        """Train then evaluate (a barrier between the two, as in a round); return wall and CPU seconds."""
+        started = time.perf_counter()
+        cpu = sum(self.pool.map(do_site_work, train, chunksize=1))
+        cpu += sum(self.pool.map(do_site_work, evaluate, chunksize=1))
+        return LoopTiming(wall_s=time.perf_counter() - started, cpu_s=cpu)
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        self.pool.close()
+        self.pool.join()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from server.strategies.tracking import SiteTracking
 
 LOG = logging.getLogger("fedseg.server")
-POLL_INTERVAL_S = 0.5
+POLL_INTERVAL_S = 0.1  # each poll is one request to the SuperLink next to the ServerApp (in memory in simulation)
 
 
 def run_rounds(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, first_round: int, num_rounds: int,

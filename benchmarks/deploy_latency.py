@@ -161,7 +161,40 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-NOTES = """TODO
+NOTES = """\
+Variants: *simulation* = Flower's simulation engine (Ray actors stay warm, one
+CPU each); *deploy-subprocess-stock* = stock `flower-supernode`, Flower's default
+isolation (a fresh `flwr-clientapp` per message); *deploy-process-stock* = stock
+`flower-supernode`, `--isolation process` + the warm executor
+(`deploy/clientapp_executor.py`); *deploy-process-fast* = the same through
+`deploy/supernode.py` (the default of `python -m deploy.run_federation` and the
+hospital image). All deployment runs: TLS, SuperNode authentication, one CPU
+thread per node (`OMP_NUM_THREADS=1`, as Ray gives each simulated hospital),
+the same two synthetic hospitals (3-4 cases), U-Net `channels=4,8 strides=2
+num-res-units=0 patch-size=32`, DP off (with DP these tiny sites exhaust their
+`max-epsilon` after 2 rounds and then only refuse). The executor improvements
+below apply to both `deploy-process-*` variants, so their difference is the
+SuperNode's fixed waits alone.
+
+Where the time went (SuperNode logs with millisecond timestamps and cProfile
+of the forked ClientApps, one-off instrumentation at load 5-7): before this
+change a round of the warm deployment took 8-13 s. Per message: 3 s idle sleep
+of the SuperNode (Flower 1.41, hard-coded); 0.5-0.6 s `gc.collect` in the
+forked ClientApp walking the whole preloaded torch/MONAI heap (fedseg's
+`client.memory` collects after every message); 0.6 s importing `torch._dynamo`
+(every torch optimizer imports it on first use); 1-2.7 s of Flower's 1 s/2 s
+retry backoff when the ClientApp (or the node) asks for message objects that
+have not arrived yet; 0.5-1 s of OpenMP start-up in every forked child when
+each node used all cores. What fedseg changed for each: `deploy/README.md`,
+*Round latency*. What remains per message, under this machine's load: pulling
+and pushing the message's objects over TLS (one HTTPS request per array, 0.1-1 s
+each way), the ClientApp process itself (fork, FAB install, importing the app:
+~0.2-0.5 s) and the server's aggregation and checkpoint between phases. The
+next lever would be fewer messages per round (evaluation carried in the train
+reply), which changes what a round's metrics mean; not done.
+
+The container images were not built or run here (no container engine on this
+machine); `tests/test_deploy_files.py` checks them statically.
 """
 
 

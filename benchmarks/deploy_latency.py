@@ -15,8 +15,8 @@ Runs, one after the other on the same two synthetic hospitals and tiny U-Net
   SuperNode with its fixed waits shortened, ``deploy/flower_patches.py``).
 
 Every deployment node gets one CPU thread (``OMP_NUM_THREADS=1``), like a
-simulated hospital. A round's wall time is the time between consecutive
-``[fedseg] round N`` lines (round 1, which includes start-up, is left out).
+simulated hospital. A round's wall time is the server's ``round-seconds``
+in the run's ``metrics.jsonl`` (round 1, which includes start-up, is left out).
 Local compute is ``handle_train`` + ``handle_evaluate`` of one site, timed in
 this process with one torch thread after a warm-up (slowest site); overhead =
 round time - local compute.
@@ -25,33 +25,26 @@ round time - local compute.
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import re
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROUND_LINE = re.compile(r"\[fedseg\] round (\d+)/\d+")
 BENCH_RUN_CONFIG = {"channels": "4,8", "strides": "2", "num-res-units": 0, "patch-size": 32,
                     "local-epochs": 1, "batch-size": 2, "dp": False}
 VARIANTS = ("simulation", "deploy-subprocess-stock", "deploy-process-stock", "deploy-process-fast")
 TARGET_OVERHEAD_S = 3.0
 
 
-def round_times(run: Callable[[Callable[[str], None]], Any]) -> list[float]:
-    """Call ``run(on_line)``; return the seconds between consecutive round lines."""
-    stamps: dict[int, float] = {}
-
-    def on_line(line: str) -> None:
-        match = ROUND_LINE.search(line)
-        if match:
-            stamps[int(match.group(1))] = time.monotonic()
-
-    run(on_line)
-    rounds = sorted(stamps)
-    return [stamps[r] - stamps[r - 1] for r in rounds[1:]]
+def round_seconds(out: Path) -> list[float]:
+    """``round-seconds`` of rounds 2..N from the newest run folder under ``out`` (the server's own clock)."""
+    metrics = max(out.glob("**/metrics.jsonl"), key=lambda path: path.stat().st_mtime)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [row["round-seconds"] for row in sorted(rows, key=lambda r: r["round"])
+            if row["site"] == "global" and row["round"] > 1]
 
 
 def local_compute_s(datalists: list[Path], run_config: dict[str, Any], *, repeats: int = 3) -> float:
@@ -84,8 +77,8 @@ def local_compute_s(datalists: list[Path], run_config: dict[str, Any], *, repeat
     return max(per_site)
 
 
-def variant_runners(names: list[str], *, out: Path, rounds: int) -> dict[str, Callable[[Callable[[str], None]], Any]]:
-    """name -> run(on_line) for each variant asked for."""
+def variant_runners(names: list[str], *, out: Path, rounds: int) -> dict[str, Callable[[], Any]]:
+    """name -> run() for each variant asked for; each writes its run folder under ``out/<name>``."""
     from deploy.run_federation import DeploymentSpec, run_local_federation
     from simulations.api import SimulationSpec, run_simulation
 
@@ -97,14 +90,14 @@ def variant_runners(names: list[str], *, out: Path, rounds: int) -> dict[str, Ca
         "deploy-process-fast": {"isolation": "process"},
     }
 
-    def deployment(name: str) -> Callable[[Callable[[str], None]], Any]:
-        return lambda on_line: run_local_federation(
-            DeploymentSpec(out=out / name, sites=2, node_threads=1, **deploy_options[name], **common), echo=on_line)
+    def deployment(name: str) -> Callable[[], Any]:
+        return lambda: run_local_federation(
+            DeploymentSpec(out=out / name, sites=2, node_threads=1, **deploy_options[name], **common), echo=False)
 
     runners = {name: deployment(name) for name in names if name in deploy_options}
     if "simulation" in names:
-        runners["simulation"] = lambda on_line: run_simulation(
-            SimulationSpec(sites=2, out=out / "simulation", **common), echo=False, on_progress=on_line)
+        runners["simulation"] = lambda: run_simulation(
+            SimulationSpec(sites=2, out=out / "simulation", **common), echo=False)
     return {name: runners[name] for name in names}
 
 
@@ -142,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="write the result into BENCHMARKS.md")
     args = parser.parse_args(argv)
     loads = [_load()]
-    results = {name: round_times(run)
-               for name, run in variant_runners(args.variants, out=args.out, rounds=args.rounds).items()}
+    results = {}
+    for name, run in variant_runners(args.variants, out=args.out, rounds=args.rounds).items():
+        run()
+        results[name] = round_seconds(args.out / name)
     loads.append(_load())
     datalists = sorted(args.out.glob("deploy-*/*/data/*/datalist.json"))[:2] or sorted(
         args.out.glob("simulation/**/datalist.json"))[:2]

@@ -9,6 +9,7 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from server.polling_grid import PollingGrid
+from tests.conftest import seconds_to_pull_a_late_object
 
 
 class _LoopbackGrid(Grid):
@@ -82,3 +83,16 @@ def test_a_node_that_never_answers_costs_only_the_timeout(flower_identity):
 def test_poll_interval_must_be_positive():
     with pytest.raises(ValueError, match="poll_interval_s"):
         PollingGrid(_LoopbackGrid({}), poll_interval_s=0)
+
+
+def test_a_reply_object_not_yet_on_the_superlink_is_retried_soon(monkeypatch):
+    from flwr.supercore.inflatable import inflatable_utils
+
+    from server.polling_grid import FLOWER_FIRST_OBJECT_RETRY_S, shorten_object_pull_retry
+
+    defaults = inflatable_utils.pull_objects.__kwdefaults__
+    assert defaults["initial_backoff"] == FLOWER_FIRST_OBJECT_RETRY_S  # the pinned Flower's 1 s
+    monkeypatch.setitem(defaults, "initial_backoff", defaults["initial_backoff"])
+    assert shorten_object_pull_retry(seconds=0.02)
+    # the node pushes a reply's objects after the reply itself; Flower 1.41 alone: ~1 s
+    assert seconds_to_pull_a_late_object(inflatable_utils.pull_objects) < 0.5

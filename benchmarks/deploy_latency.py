@@ -178,8 +178,10 @@ of the SuperNode (Flower 1.41, hard-coded); 0.5-0.6 s `gc.collect` in the
 forked ClientApp walking the whole preloaded torch/MONAI heap (fedseg's
 `client.memory` collects after every message); 0.6 s importing `torch._dynamo`
 (every torch optimizer imports it on first use); 1-2.7 s of Flower's 1 s/2 s
-retry backoff when the ClientApp (or the node) asks for message objects that
-have not arrived yet; 0.5-1 s of OpenMP start-up in every forked child when
+retry backoff when the ClientApp, the node or the ServerApp asks for message
+objects that have not arrived yet (the sender pushes a message's objects after
+the message, and the ClientApp is started before its node has them); 0.5-1 s of
+OpenMP start-up in every forked child when
 each node used all cores. What fedseg changed for each: `deploy/README.md`,
 *Round latency*. What remains per message, under this machine's load: pulling
 and pushing the message's objects over TLS (one HTTPS request per array, 0.1-1 s

@@ -7,7 +7,8 @@
    persistent ``--database``;
 3. per hospital: writes synthetic data (or uses ``--datalists``), makes the
    node's key pair (``client.keygen``), registers the public key with
-   ``flwr supernode register``, starts ``flower-supernode`` with its own key,
+   ``flwr supernode register``, starts Flower's SuperNode (through
+   ``deploy/supernode.py``: shorter fixed waits; one CPU share) with its own key,
    node config and state directory;
 4. ``flwr run`` the fedseg app against the SuperLink and waits for the result;
 5. stops every process it started, by PID, even on failure.

@@ -26,7 +26,8 @@ from shared.processes import flower_env, free_port, stop_process_group, tail
 CONNECTION = "fedseg-deploy"
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 60.0
-# How often a SuperExec polls its SuperNode/SuperLink for a new app to start (Flower default 1 s).
+# How often a node's SuperExec polls its SuperNode for a new ClientApp task (Flower default 1 s; twice per round).
+# The SuperLink's SuperExec keeps Flower's 1 s: it starts one ServerApp per run, and every poll costs it CPU.
 TASK_POLL_INTERVAL_S = "0.1"
 
 
@@ -80,7 +81,6 @@ class LocalSuperLink:
         self.flwr_home = self.work_dir / "operator-flwr-home"
         self.logs = self.work_dir / "logs"
         self.env = flower_env(self.flwr_home)
-        self.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = TASK_POLL_INTERVAL_S
         self.processes: dict[str, subprocess.Popen] = {}
 
     # -- SuperLink -------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Shorter fixed waits in Flower 1.41's node-side loops, guarded by version and code checks.
 
-Flower 1.41 has three hard-coded waits on a hospital node that add seconds to
-every round of a deployment (none is a setting; newer Flower releases still
-hard-code the first, and only made the SuperExec's task poll configurable:
-``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, flwrlabs/flower#8041):
+Flower 1.41 has hard-coded waits on a hospital node that add seconds to every
+round of a deployment (none is a setting; the newer Flower sources searched
+still hard-code the 3 s, and upstream only made the SuperExec's task poll
+configurable: ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, flwrlabs/flower#8041):
 
 1. ``flwr/supernode/start_client_internal.py``: the SuperNode sleeps 3 s
    whenever a pull finds no message (it pulls again right after each reply,
@@ -15,8 +15,11 @@ hard-code the first, and only made the SuperExec's task poll configurable:
    message's content is pulled object by object; an object that is not there
    yet is retried after 1 s, 2 s, 4 s... The node can pull a message before
    the server has pushed all its objects (more often the sooner it polls), and
-   the ClientApp is started before the node has them. Both patches lower the
-   first retry (then doubling as before) by changing that keyword default.
+   the ClientApp is started before the node has them. :func:`patch_supernode_loop`
+   (the node's pulls from the SuperLink) and :func:`patch_clientapp_pull` (a
+   ClientApp's pulls from its node, in the warm executor) lower the first retry
+   (then doubling as before) by changing a keyword default. The ServerApp does
+   the same for its own pulls (``server.polling_grid.shorten_object_pull_retry``).
 
 Each patch checks the installed Flower first; on any other version or code it
 changes nothing, logs a warning, and the node runs stock Flower.

@@ -19,14 +19,16 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploy.supernode import DEFAULT_POLL_INTERVAL_S
 from shared.errors import FedSegError
 from shared.processes import flower_env, free_port, stop_process_group, tail
 
 CONNECTION = "fedseg-deploy"
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 60.0
-# How often a SuperExec polls its SuperNode/SuperLink for a new app to start (Flower default 1 s).
-TASK_POLL_INTERVAL_S = "0.2"
+# How often a node's SuperExec polls its SuperNode for a new ClientApp task (Flower default 1 s; twice per round).
+# The SuperLink's SuperExec keeps Flower's 1 s: it starts one ServerApp per run, and every poll costs it CPU.
+TASK_POLL_INTERVAL_S = "0.1"
 
 
 class DeploymentError(FedSegError):
@@ -55,6 +57,10 @@ class NodeSettings:
     insecure: bool = False
     max_retries: int | None = None
     require_dp: bool = True
+    # seconds between the node's polls (deploy/supernode.py); None: stock `flower-supernode` (3 s)
+    poll_interval_s: float | None = DEFAULT_POLL_INTERVAL_S
+    # CPU threads of the node's ClientApps (OMP_NUM_THREADS, as Ray sets it per virtual client); None: all cores
+    threads: int | None = None
 
     def node_config(self) -> str:
         """The ``--node-config`` value: the site-owned settings of :mod:`client.site`."""
@@ -75,7 +81,6 @@ class LocalSuperLink:
         self.flwr_home = self.work_dir / "operator-flwr-home"
         self.logs = self.work_dir / "logs"
         self.env = flower_env(self.flwr_home)
-        self.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = TASK_POLL_INTERVAL_S
         self.processes: dict[str, subprocess.Popen] = {}
 
     # -- SuperLink -------------------------------------------------------------------------------
@@ -132,17 +137,24 @@ class LocalSuperLink:
 
     # -- SuperNodes ------------------------------------------------------------------------------
     def start_supernode(self, node: NodeSettings) -> subprocess.Popen:
-        """Start ``flower-supernode`` for ``node`` (and, for ``process`` isolation, its executor)."""
+        """Start Flower's SuperNode for ``node`` (and, for ``process`` isolation, its executor).
+
+        Through ``deploy/supernode.py`` (Flower's main, shorter polls) unless ``node.poll_interval_s`` is None.
+        """
         node.state_dir.mkdir(parents=True, exist_ok=True)
         runtime_port = free_port()
-        command = ["flower-supernode", "--superlink", self.address, "--node-config", node.node_config(),
-                   "--isolation", node.isolation, "--port", str(runtime_port)]
+        command = ["flower-supernode"] if node.poll_interval_s is None else [
+            sys.executable, str(Path(__file__).with_name("supernode.py")), "--poll-interval", str(node.poll_interval_s)]
+        command += ["--superlink", self.address, "--node-config", node.node_config(),
+                    "--isolation", node.isolation, "--port", str(runtime_port)]
         command += ["--insecure"] if node.insecure else []
         command += ["--root-certificates", str(node.root_certificates)] if node.root_certificates else []
         command += ["--auth-supernode-private-key", str(node.private_key)] if node.private_key else []
         command += ["--max-retries", str(node.max_retries)] if node.max_retries is not None else []
         env = flower_env(node.state_dir / "flwr-home")
         env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = TASK_POLL_INTERVAL_S
+        if node.threads is not None:
+            env["OMP_NUM_THREADS"] = str(node.threads)
         process = self._spawn(f"supernode-{node.site_id}", command, env)
         if node.isolation == "process":
             # run as a script so that no fedseg package is importable in it: app code comes from the FAB

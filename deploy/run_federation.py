@@ -7,7 +7,8 @@
    persistent ``--database``;
 3. per hospital: writes synthetic data (or uses ``--datalists``), makes the
    node's key pair (``client.keygen``), registers the public key with
-   ``flwr supernode register``, starts ``flower-supernode`` with its own key,
+   ``flwr supernode register``, starts Flower's SuperNode (through
+   ``deploy/supernode.py``: shorter fixed waits; one CPU share) with its own key,
    node config and state directory;
 4. ``flwr run`` the fedseg app against the SuperLink and waits for the result;
 5. stops every process it started, by PID, even on failure.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import sys
 import time
@@ -31,6 +33,7 @@ import tomli_w
 
 from client.keygen import make_node_keys
 from deploy.processes import CONNECTION, DeploymentError, LocalSuperLink, NodeSettings, ServerCredentials
+from deploy.supernode import DEFAULT_POLL_INTERVAL_S, PollIntervalError, parse_poll_interval
 from server.certs import make_certificates
 from shared.config import RunConfig
 from shared.errors import ConfigError, FedSegError
@@ -53,6 +56,8 @@ class DeploymentSpec:
     datalists: tuple[Path, ...] = ()
     run_config: dict[str, Any] = field(default_factory=dict)
     isolation: str = "subprocess"
+    poll_interval_s: float | None = DEFAULT_POLL_INTERVAL_S  # None: stock `flower-supernode` (polls every 3 s)
+    node_threads: int | None = None  # CPU threads per hospital node; None: this machine's cores / sites
     insecure: bool = False
     min_cases: int = 4
     max_cases: int = 6
@@ -63,6 +68,13 @@ class DeploymentSpec:
             raise ConfigError(f"'sites' and 'rounds' must be >= 1, got {self.sites}, {self.rounds}")
         if self.isolation not in ISOLATIONS:
             raise ConfigError(f"'isolation' must be one of {ISOLATIONS}, got {self.isolation!r}")
+        if self.node_threads is not None and self.node_threads < 1:
+            raise ConfigError(f"'node_threads' must be >= 1, got {self.node_threads}")
+        if self.poll_interval_s is not None:
+            try:
+                parse_poll_interval(self.poll_interval_s, key="poll_interval_s")
+            except PollIntervalError as exc:
+                raise ConfigError(str(exc)) from None
         missing = [str(d) for d in self.datalists if not Path(d).is_file()]
         if missing:
             raise ConfigError(f"'datalists': no such file: {', '.join(missing)}")
@@ -118,8 +130,17 @@ def _enroll(link: LocalSuperLink, work_dir: Path, site_id: str, datalist: Path,
         private_key = keys.private_key
     return NodeSettings(site_id=site_id, datalist=datalist, state_dir=node_dir / "state",
                         private_key=private_key, insecure=spec.insecure, isolation=spec.isolation,
+                        poll_interval_s=spec.poll_interval_s, threads=_node_threads(spec),
                         require_dp=bool(spec.run_config.get("dp", RunConfig().dp)),
                         root_certificates=None if spec.insecure else work_dir / "certs" / "ca.crt")
+
+
+def _node_threads(spec: DeploymentSpec) -> int:
+    """CPU threads per node: as asked, else an equal share of this machine's cores (at least 1)."""
+    if spec.node_threads is not None:
+        return spec.node_threads
+    sites = len(spec.datalists) or spec.sites
+    return max(1, (os.cpu_count() or 1) // sites)
 
 
 def _write_run_config(spec: DeploymentSpec, work_dir: Path, run_dir: Path, *, num_sites: int) -> Path:
@@ -160,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("runs/deploy"))
     parser.add_argument("--isolation", choices=ISOLATIONS, default="subprocess",
                         help="SuperNode ClientApp isolation: 'process' uses a warm ClientApp executor")
+    polling = parser.add_mutually_exclusive_group()
+    polling.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL_S, metavar="S",
+                         help="seconds between a SuperNode's polls when idle (deploy/supernode.py)")
+    polling.add_argument("--stock-supernode", action="store_true",
+                         help="run stock `flower-supernode` (Flower 1.41 polls every 3 s when idle)")
+    parser.add_argument("--node-threads", type=int, metavar="N",
+                        help="CPU threads per hospital node (OMP_NUM_THREADS; default: cores / sites)")
     parser.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE",
                         help="any run-config key, e.g. --run-config local-epochs=2")
     parser.add_argument("--insecure", action="store_true",
@@ -173,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = DeploymentSpec(out=args.out, sites=args.sites, rounds=args.rounds, seed=args.seed,
                               datalists=tuple(args.datalists), isolation=args.isolation, insecure=args.insecure,
+                              poll_interval_s=None if args.stock_supernode else args.poll_interval,
+                              node_threads=args.node_threads,
                               run_config=parse_run_config(args.run_config))
         summary = run_local_federation(spec)
     except FedSegError as exc:

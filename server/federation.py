@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord
 
 from server.checkpoint import Checkpoint, check_resumable, checkpoint_path, load_checkpoint, save_checkpoint
 from server.export import export_final_model
-from server.polling_grid import PollingGrid
+from server.polling_grid import PollingGrid, shorten_object_pull_retry
 from server.rounds import run_rounds
 from server.run_folder import RunRecorder
 from server.strategies import build_strategy
@@ -54,6 +54,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
     arrays, first_round = starting_point(config, strategy, recorder)
     progress = ProgressPrinter(config.num_rounds, first_round=first_round)
     print(f"{PROGRESS_PREFIX} run folder: {run_dir.resolve()}", flush=True)
+    shorten_object_pull_retry()
 
     def after_round(server_round: int, arrays: ArrayRecord) -> None:
         progress.report(recorder.end_round(server_round, arrays), recorder.rounds.get(server_round, {}))

@@ -7,7 +7,7 @@ push-then-pull through the Grid's public ``push_messages``/``pull_messages``
 but polls every ``poll_interval_s``; everything else goes to the wrapped Grid.
 The server's round loop (:mod:`server.rounds`) polls at the same interval.
 
-The default interval depends on the wrapped Grid: 0.2 s for a deployment (each
+The default interval depends on the wrapped Grid: 0.1 s for a deployment (each
 pull is a request to the SuperLink), 0.05 s in a simulation, where a pull is an
 in-process look-up of a few message ids and the phases of a round with small
 sites last a few seconds (BENCHMARKS.md, scale section).
@@ -15,13 +15,14 @@ sites last a few seconds (BENCHMARKS.md, scale section).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-DEFAULT_POLL_INTERVAL_S = 0.2
+DEFAULT_POLL_INTERVAL_S = 0.1
 SIMULATION_POLL_INTERVAL_S = 0.05
 
 
@@ -30,6 +31,30 @@ def default_poll_interval(grid: Grid) -> float:
     from flwr.superlink.grid import InMemoryGrid
 
     return SIMULATION_POLL_INTERVAL_S if isinstance(grid, InMemoryGrid) else DEFAULT_POLL_INTERVAL_S
+
+
+# Flower 1.41's HttpGrid pulls a reply's objects with ``pull_objects``, which retries an object not yet on the
+# SuperLink after 1 s, then 2 s, ... A node pushes a reply's objects after the reply itself, so a server that
+# polls every 0.1 s often finds a reply before its objects and then waits 1 s. First retry here: 0.05 s.
+FLOWER_FIRST_OBJECT_RETRY_S, FIRST_OBJECT_RETRY_S = 1, 0.05
+LOG = logging.getLogger("fedseg.server")
+
+
+def shorten_object_pull_retry(*, seconds: float = FIRST_OBJECT_RETRY_S) -> bool:
+    """Make Flower's first retry of a missing reply object ``seconds`` (then doubling as before) in this process.
+
+    Changes the keyword default ``initial_backoff`` of Flower's ``pull_objects``; if
+    it is not Flower 1.41's 1 s, nothing is changed (warning logged) and False is returned.
+    """
+    from flwr.supercore.inflatable import inflatable_utils
+
+    defaults = inflatable_utils.pull_objects.__kwdefaults__ or {}
+    if defaults.get("initial_backoff") not in (FLOWER_FIRST_OBJECT_RETRY_S, seconds):
+        LOG.warning("Flower's pull_objects initial_backoff is %r, not %s: left unchanged",
+                    defaults.get("initial_backoff"), FLOWER_FIRST_OBJECT_RETRY_S)
+        return False
+    defaults["initial_backoff"] = seconds
+    return True
 
 
 class PollingGrid(Grid):

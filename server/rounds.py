@@ -75,7 +75,7 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float,
 
     Stops when every message has a reply or ``timeout`` seconds have passed. Replies are
     pulled every ``grid.poll_interval_s`` seconds for a :class:`~server.polling_grid.PollingGrid`
-    (its default depends on the Grid Flower gave), else every 0.2 s.
+    (its default depends on the Grid Flower gave), else every DEFAULT_POLL_INTERVAL_S.
     """
     poll_interval_s = grid.poll_interval_s if isinstance(grid, PollingGrid) else DEFAULT_POLL_INTERVAL_S
     messages = list(messages)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -69,3 +70,20 @@ def flower_identity():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     yield
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def seconds_to_pull_a_late_object(pull_objects) -> float:  # noqa: ANN001 - a Flower pull function
+    """Pull one object that is missing on the first try (pushed late) through ``pull_objects``; seconds taken."""
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    tries = []
+
+    def pull(object_id: str) -> bytes:
+        tries.append(object_id)
+        if len(tries) == 1:
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    started = time.monotonic()
+    assert pull_objects(["late"], pull) == {"late": b"content"} and len(tries) == 2
+    return time.monotonic() - started

@@ -36,6 +36,8 @@ def test_two_hospitals_two_rounds_over_tls_with_node_auth(tmp_path):
     assert (work_dir / "superlink-state.db").stat().st_size > 0
     superlink_log = (work_dir / "logs" / "superlink.log").read_text()
     assert "https://127.0.0.1" in superlink_log  # the SuperLink served TLS only
+    for site in summary["sites"]:  # each node ran Flower's SuperNode with the shortened waits
+        assert "fedseg: SuperNode polls every 0.25 s" in (work_dir / "logs" / f"supernode-{site}.log").read_text()
     for site in summary["sites"]:
         assert (work_dir / "nodes" / site / "keys" / "supernode_key").stat().st_mode & 0o077 == 0
     time.sleep(1.0)
@@ -125,3 +127,7 @@ def test_deployment_spec_names_bad_options(tmp_path):
         DeploymentSpec(out=tmp_path, isolation="thread")
     with pytest.raises(ConfigError, match="no such file"):
         DeploymentSpec(out=tmp_path, datalists=(tmp_path / "missing.json",))
+    with pytest.raises(ConfigError, match="'poll_interval_s'"):
+        DeploymentSpec(out=tmp_path, poll_interval_s=0.0)
+    with pytest.raises(ConfigError, match="'node_threads'"):
+        DeploymentSpec(out=tmp_path, node_threads=0)

@@ -10,6 +10,7 @@ from flwr.serverapp import Grid
 
 from server.polling_grid import DEFAULT_POLL_INTERVAL_S, SIMULATION_POLL_INTERVAL_S, PollingGrid
 from server.rounds import exchange
+from tests.conftest import seconds_to_pull_a_late_object
 
 
 class _LoopbackGrid(Grid):
@@ -108,3 +109,16 @@ def test_simulation_grids_are_polled_more_often_than_deployment_grids():
     simulated = PollingGrid(InMemoryGrid(state_factory=state))
     deployed = PollingGrid(_LoopbackGrid({}))
     assert simulated.poll_interval_s == SIMULATION_POLL_INTERVAL_S < deployed.poll_interval_s == DEFAULT_POLL_INTERVAL_S
+
+
+def test_a_reply_object_not_yet_on_the_superlink_is_retried_soon(monkeypatch):
+    from flwr.supercore.inflatable import inflatable_utils
+
+    from server.polling_grid import FLOWER_FIRST_OBJECT_RETRY_S, shorten_object_pull_retry
+
+    defaults = inflatable_utils.pull_objects.__kwdefaults__
+    assert defaults["initial_backoff"] == FLOWER_FIRST_OBJECT_RETRY_S  # the pinned Flower's 1 s
+    monkeypatch.setitem(defaults, "initial_backoff", defaults["initial_backoff"])
+    assert shorten_object_pull_retry(seconds=0.02)
+    # the node pushes a reply's objects after the reply itself; Flower 1.41 alone: ~1 s
+    assert seconds_to_pull_a_late_object(inflatable_utils.pull_objects) < 0.5

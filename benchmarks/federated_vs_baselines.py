@@ -9,13 +9,19 @@ cost is measured in the privacy benchmark).
 
 Usage (from the repo root, after ``make setup``)::
 
-    .venv/bin/python -m benchmarks.federated_vs_baselines [--seed 0]
+    .venv/bin/python -m benchmarks.federated_vs_baselines [--seeds 0 1]
+
+Each seed is one run (hospitals, initial weights and sampling all follow the
+seed); BENCHMARKS.md is rewritten after every seed, so a long run that is
+stopped keeps the seeds it finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +45,16 @@ def run(seed: int, out: Path) -> dict[str, Any]:
     run_dir = (out / "latest").resolve()
     rows = [r for r in comparison_rows(json.loads((run_dir / "baselines.json").read_text())) if not r["holdout"]]
     means = {kind: sum(r[kind]["dice"] for r in rows) / len(rows) for kind in ("federated", "pooled", "local")}
-    return {"rows": rows, "means": means, "run_dir": str(run_dir)}
+    return {"rows": rows, "means": means, "run_dir": str(run_dir),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load": " ".join(f"{value:.2f}" for value in os.getloadavg())}
 
 
-def to_markdown(result: dict[str, Any], command: str) -> str:
+def to_markdown(result: dict[str, Any], *, seed: int) -> str:
+    """One seed's table and verdict."""
     means = result["means"]
     ratio = means["federated"] / means["pooled"]
-    lines = [f"Command: `{command}` (default federation: 3 heterogeneous synthetic hospitals, 5 rounds, "
-             "default 2D U-Net, no DP; baselines with the same model, seed and total epochs)", "",
+    lines = [f"Seed {seed} (measured {result['date']}, load average {result['load']}):", "",
              "| site | federated Dice | pooled Dice | local-only Dice |", "|---|---|---|---|"]
     for row in result["rows"]:
         lines.append(f"| {row['site']} | {row['federated']['dice']:.4f} | {row['pooled']['dice']:.4f} "
@@ -59,18 +67,28 @@ def to_markdown(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def section(results: dict[int, dict[str, Any]], command: str) -> str:
+    """The BENCHMARKS.md section: the command, then one table per seed."""
+    head = (f"Command: `{command}` (default federation: 3 heterogeneous synthetic hospitals, 5 rounds, "
+            "default 2D U-Net, no DP; baselines with the same model, seed and total epochs)\n")
+    return "\n".join([head] + [to_markdown(result, seed=seed) for seed, result in results.items()])
+
+
 def main() -> None:
     quiet_optional_codec_notice()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/baselines"))
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args()
-    text = to_markdown(run(args.seed, args.out), f".venv/bin/python -m benchmarks.federated_vs_baselines "
-                                                  f"--seed {args.seed}")
-    print(text)
-    if not args.no_write:
-        write_section("federated-vs-baselines", "Federated vs pooled vs local-only (issue 7)", text)
+    command = ".venv/bin/python -m benchmarks.federated_vs_baselines --seeds " + " ".join(map(str, args.seeds))
+    results: dict[int, dict[str, Any]] = {}
+    for seed in args.seeds:
+        results[seed] = run(seed, args.out)
+        text = section(results, command)
+        print(text, flush=True)
+        if not args.no_write:
+            write_section("federated-vs-baselines", "Federated vs pooled vs local-only (issue 7)", text)
 
 
 if __name__ == "__main__":

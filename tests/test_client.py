@@ -156,3 +156,16 @@ def test_cache_dir_is_node_config_with_a_default_under_the_state_dir(tmp_path):
     assert default.cache_dir == tmp_path / "s" / "cache"
     own = SiteConfig.from_node_config({"datalist": str(tmp_path / "d.json"), "cache-dir": str(tmp_path / "c")})
     assert own.cache_dir == tmp_path / "c"
+
+
+def test_the_loss_scores_a_missed_lesion_as_a_full_dice_miss():
+    """Dice leaves background out: predicting "no lesion" on a lesion patch costs Dice 1, not 0.5."""
+    from client.training import make_loss
+
+    label = torch.zeros(2, 1, 16, 16)
+    label[:, :, 4:8, 4:8] = 1
+    nothing = torch.stack([torch.full((16, 16), 20.0), torch.full((16, 16), -20.0)]).expand(2, 2, 16, 16)
+    perfect = torch.cat([(1 - label) * 40 - 20, label * 40 - 20], dim=1)
+    loss = make_loss()
+    assert float(loss.dice(nothing, label)) == pytest.approx(1.0, abs=1e-3)
+    assert float(loss.dice(perfect, label)) == pytest.approx(0.0, abs=1e-3)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -104,14 +104,29 @@ class PollingGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``; return the replies that arrive before ``timeout`` seconds (None: wait for all)."""
-        pending = set(self.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
+        self.exchange(messages, timeout=timeout, on_reply=replies.append)
+        return replies
+
+    def exchange(self, messages: Iterable[Message], *, timeout: float | None,
+                 on_reply: Callable[[Message], None]) -> list[int]:
+        """Push ``messages``; pass each reply to ``on_reply`` as it arrives; return unanswered node ids.
+
+        Pulls every ``poll_interval_s`` seconds until every message has a reply or
+        ``timeout`` seconds have passed (None: no limit).
+        """
+        messages = list(messages)
+        if not messages:
+            return []
+        destinations = [msg.metadata.dst_node_id for msg in messages]
+        pending = dict(zip(self.push_messages(messages), destinations))
+        del messages
+        deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
-            arrived = list(self.pull_messages(pending))
-            replies.extend(arrived)
-            pending.difference_update(msg.metadata.reply_to_message_id for msg in arrived)
+            for reply in self.pull_messages(list(pending)):
+                if pending.pop(reply.metadata.reply_to_message_id, None) is not None:
+                    on_reply(reply)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
             time.sleep(self.poll_interval_s)
-        return replies
+        return sorted(pending.values())

@@ -10,13 +10,12 @@ nodes that did not answer are recorded as failed for that round.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from server.polling_grid import DEFAULT_POLL_INTERVAL_S, PollingGrid
+from server.polling_grid import PollingGrid
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
@@ -74,22 +73,8 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float,
     """Send ``messages``; pass each reply to ``on_reply`` as it arrives; return unanswered node ids.
 
     Stops when every message has a reply or ``timeout`` seconds have passed. Replies are
-    pulled every ``grid.poll_interval_s`` seconds for a :class:`~server.polling_grid.PollingGrid`
-    (its default depends on the Grid Flower gave), else every DEFAULT_POLL_INTERVAL_S.
+    pulled at the :class:`~server.polling_grid.PollingGrid`'s interval (a plain Grid is
+    wrapped in one, whose default interval depends on the Grid Flower gave).
     """
-    poll_interval_s = grid.poll_interval_s if isinstance(grid, PollingGrid) else DEFAULT_POLL_INTERVAL_S
-    messages = list(messages)
-    if not messages:
-        return []
-    destinations = [msg.metadata.dst_node_id for msg in messages]
-    pending = dict(zip(grid.push_messages(messages), destinations))
-    del messages
-    deadline = time.monotonic() + timeout
-    while pending:
-        for reply in grid.pull_messages(list(pending)):
-            if pending.pop(reply.metadata.reply_to_message_id, None) is not None:
-                on_reply(reply)
-        if not pending or time.monotonic() >= deadline:
-            break
-        time.sleep(poll_interval_s)
-    return sorted(pending.values())
+    polling = grid if isinstance(grid, PollingGrid) else PollingGrid(grid)
+    return polling.exchange(messages, timeout=timeout, on_reply=on_reply)

@@ -17,6 +17,8 @@ COPY --chown=app:app client /app/client
 COPY --chown=app:app shared /app/shared
 # Flower's SuperNode with its fixed 3 s idle poll shortened (flwr 1.41.0 only; stock Flower otherwise).
 COPY --chown=app:app deploy/supernode.py deploy/flower_patches.py /app/deploy/
+# The warm ClientApp executor for --isolation process (compose: the hospital-X-clientapps service).
+COPY --chown=app:app deploy/clientapp_executor.py /app/deploy/
 WORKDIR /app
 
 ENV FLWR_TELEMETRY_ENABLED=0 \

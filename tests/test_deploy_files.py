@@ -93,12 +93,28 @@ def test_compose_hospitals_verify_the_server_and_authenticate_with_their_own_key
 
 def test_compose_services_all_run_hardened():
     services = _services()
-    assert set(services) == {"superlink", "hospital-a", "hospital-b"}
+    assert set(services) == {"superlink", "hospital-a", "hospital-b", "hospital-a-clientapps", "hospital-b-clientapps"}
     for name, service in services.items():
         for key, value in HARDENED_ENV.items():
             assert service["environment"][key] == value, f"{name}: {key}"
-    keys = {_mounts(s)["/keys"] for n, s in services.items() if n != "superlink"}
+    keys = {_mounts(s)["/keys"] for n, s in services.items() if n in ("hospital-a", "hospital-b")}
     assert len(keys) == 2  # no two hospitals share a key
+
+
+@pytest.mark.parametrize("hospital", ["hospital-a", "hospital-b"])
+def test_compose_hospitals_run_their_clientapps_in_a_warm_executor_beside_the_node(hospital):
+    services = _services()
+    node, executor = services[hospital], services[f"{hospital}-clientapps"]
+    assert _flags(node)["--isolation"] == "process"
+    assert executor["network_mode"] == f"service:{hospital}"  # the node's Runtime API stays on its loopback
+    assert executor["entrypoint"][-1] == "/app/deploy/clientapp_executor.py"
+    assert "deploy/clientapp_executor.py" in (DEPLOY / "supernode.Dockerfile").read_text()
+    assert _flags(executor)["--runtime-api-address"].startswith("127.0.0.1:")
+    assert "--host" not in _flags(node)  # Flower's default: the Runtime API listens on 127.0.0.1 only
+    node_mounts, executor_mounts = _mounts(node), _mounts(executor)
+    assert "/keys" not in executor_mounts  # the node's private key is mounted into the node only
+    for path in ("/data", "/state"):  # the ClientApps read the site's data and write its ledger
+        assert executor_mounts[path] == node_mounts[path]
 
 
 @pytest.mark.skipif(subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0

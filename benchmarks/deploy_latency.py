@@ -122,24 +122,22 @@ def to_markdown(results: dict[str, list[float]], *, compute_s: float, command: s
     return "\n".join(lines) + "\n"
 
 
-def _load() -> str:
-    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the variants, print the table and optionally write it to BENCHMARKS.md."""
+    from benchmarks.report import load_average, write_section
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks.deploy_latency", description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("runs/bench-latency"))
     parser.add_argument("--write", action="store_true", help="write the result into BENCHMARKS.md")
     args = parser.parse_args(argv)
-    loads = [_load()]
+    loads = [load_average()]
     results = {}
     for name, run in variant_runners(args.variants, out=args.out, rounds=args.rounds).items():
         run()
         results[name] = round_seconds(args.out / name)
-    loads.append(_load())
+    loads.append(load_average())
     datalists = sorted(args.out.glob("deploy-*/*/data/*/datalist.json"))[:2] or sorted(
         args.out.glob("simulation/**/datalist.json"))[:2]
     compute = local_compute_s(datalists, dict(BENCH_RUN_CONFIG, **{"num-rounds": args.rounds}))
@@ -149,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     text = to_markdown(results, compute_s=compute, command=command, loads=loads)
     print(text)
     if args.write:
-        from benchmarks.report import write_section
 
         write_section("deploy-latency", "Round latency: process deployment vs simulation (issue 5, deployment)",
                       text + "\n" + NOTES)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -196,11 +195,9 @@ def section(rows: list[dict[str, Any]], *, command: str, loads: tuple[str, str])
             f"{loads[1]} after.\n\n{SETUP_TEXT}\n\n{markdown(rows)}\n\n" + "\n".join(verdicts) + "\n")
 
 
-def _load() -> str:
-    return " / ".join(f"{value:.1f}" for value in os.getloadavg())
-
-
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.report import load_average, write_section
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks.dp_step", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20, help="timed steps per variant (default: 20)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as a simulated site)")
@@ -214,17 +211,16 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    load_before = _load()
+    load_before = load_average(sep=" / ")
     rows = []
     for model_name in args.models:
         for row in measure(model_name, repeats=args.repeats, act=args.act, threads=args.threads):
             rows.append(row)
             print(json.dumps(row), flush=True)
     text = section(rows, command=" ".join([".venv/bin/python -m benchmarks.dp_step"] + (argv or sys.argv[1:])),
-                   loads=(load_before, _load()))
+                   loads=(load_before, load_average(sep=" / ")))
     print("\n" + text)
     if args.write:
-        from benchmarks.report import write_section
 
         write_section("dp-step", "Differential privacy (issue 3): DP-SGD step time and peak memory", text)
     return 0

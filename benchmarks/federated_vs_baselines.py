@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import write_section
+from benchmarks.report import load_average, write_section
 from shared.cli import quiet_optional_codec_notice
 from shared.config import RunConfig
 from simulations.api import SimulationSpec, run_simulation
@@ -47,7 +46,7 @@ def run(seed: int, out: Path) -> dict[str, Any]:
     means = {kind: sum(r[kind]["dice"] for r in rows) / len(rows) for kind in ("federated", "pooled", "local")}
     return {"rows": rows, "means": means, "run_dir": str(run_dir),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "load": " ".join(f"{value:.2f}" for value in os.getloadavg())}
+            "load": load_average(sep=" ", digits=2)}
 
 
 def to_markdown(result: dict[str, Any], *, seed: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -19,3 +20,8 @@ def write_section(key: str, title: str, body: str, *, path: Path = BENCHMARKS_MD
     pattern = re.compile(rf"<!-- {re.escape(key)}:begin -->.*?<!-- {re.escape(key)}:end -->", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def load_average(*, sep: str = ", ", digits: int = 1) -> str:
+    """This machine's 1, 5 and 15 minute load averages, e.g. ``"0.3, 1.3, 3.1"``."""
+    return sep.join(f"{value:.{digits}f}" for value in os.getloadavg())

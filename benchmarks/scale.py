@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     spec = SimulationSpec(sites=args.sites, sites_per_round=args.per_round, rounds=args.rounds, seed=args.seed,
                           out=args.out, min_cases=args.min_cases, max_cases=args.max_cases, timeout_s=7200,
-                          cpus_per_client=args.cpus_per_client)
+                          cpus_per_client=args.cpus_per_client, stock_engine=args.stock_engine)
     sampler.start()
     load_before = os.getloadavg()
     started = time.monotonic()
@@ -258,6 +258,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpus-per-client", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/scale"))
+    parser.add_argument("--stock-engine", action="store_true", help="Flower's simulation engine unpatched")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args()
     result = run(args)

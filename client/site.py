@@ -115,15 +115,36 @@ def resolve_site(node_config: Mapping[str, Any], simulation_sites: str) -> SiteC
 
 def read_manifest_entry(manifest: Path, partition_id: int) -> dict[str, Any]:
     """Return the node config of ``partition_id`` from a simulation sites manifest."""
-    try:
-        sites = json.loads(manifest.read_text())["sites"]
-    except FileNotFoundError:
-        raise ConfigError(f"run config key 'simulation-sites': {manifest} does not exist") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ConfigError(f"run config key 'simulation-sites': {manifest} is not a sites manifest ({exc})") from None
+    sites = _manifest_sites(manifest)
     if not 0 <= partition_id < len(sites):
         raise ConfigError(
             f"run config key 'simulation-sites': {manifest} has {len(sites)} sites, "
             f"no entry for partition-id {partition_id}"
         )
     return dict(sites[partition_id])
+
+
+_MANIFEST_CACHE: dict[Path, tuple[tuple[int, int], list[dict[str, Any]]]] = {}
+
+
+def _manifest_sites(manifest: Path) -> list[dict[str, Any]]:
+    """The manifest's site entries, parsed once per version of the file (a 1000-site manifest is ~0.5 MB)."""
+    try:
+        stat = manifest.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"run config key 'simulation-sites': {manifest} does not exist") from None
+    version = (stat.st_mtime_ns, stat.st_size)
+    cached = _MANIFEST_CACHE.get(manifest)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    try:
+        sites = json.loads(manifest.read_text())["sites"]
+    except FileNotFoundError:
+        raise ConfigError(f"run config key 'simulation-sites': {manifest} does not exist") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"run config key 'simulation-sites': {manifest} is not a sites manifest ({exc})") from None
+    if not isinstance(sites, list):
+        raise ConfigError(f"run config key 'simulation-sites': {manifest} is not a sites manifest ('sites' is not a list)")
+    _MANIFEST_CACHE.clear()  # one manifest per run: keep only the latest
+    _MANIFEST_CACHE[manifest] = (version, sites)
+    return sites

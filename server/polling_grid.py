@@ -10,7 +10,10 @@ The server's round loop (:mod:`server.rounds`) polls at the same interval.
 The default interval depends on the wrapped Grid: 0.1 s for a deployment (each
 pull is a request to the SuperLink), 0.05 s in a simulation, where a pull is an
 in-process look-up of a few message ids and the phases of a round with small
-sites last a few seconds (BENCHMARKS.md, scale section).
+sites last a few seconds (BENCHMARKS.md, scale section). If the wrapped Grid
+offers ``wait_for_replies(timeout)`` (fedseg's simulation engine adds it to
+Flower's in-process Grid), the wait between pulls ends as soon as a reply is
+stored, so no reply waits for the next poll.
 """
 
 from __future__ import annotations
@@ -75,6 +78,9 @@ class PollingGrid(Grid):
             raise ValueError(f"'poll_interval_s' must be > 0, got {poll_interval_s!r}")
         self._grid = grid
         self.poll_interval_s = poll_interval_s
+        # A Grid may offer wait_for_replies(timeout): return early once a reply is stored (fedseg's
+        # simulation engine adds it to Flower's in-process Grid, simulations/engine_patches.py).
+        self._wait: Callable[[float], None] = getattr(grid, "wait_for_replies", None) or time.sleep
 
     def set_run(self, run) -> None:  # noqa: ANN001 - flwr's Run type is internal
         """Set the run on the wrapped Grid."""
@@ -128,5 +134,5 @@ class PollingGrid(Grid):
                     on_reply(reply)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
-            time.sleep(self.poll_interval_s)
+            self._wait(self.poll_interval_s)
         return sorted(pending.values())

@@ -29,6 +29,20 @@ def quiet_optional_codec_notice() -> None:
     warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into ``SystemExit(143)`` in this process, so cleanup (``finally``, context managers) runs.
+
+    Python's default SIGTERM action ends the process at once; a harness killed
+    that way would leave the Flower and Ray processes it started running.
+    """
+    import signal
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 def run_commands(prog: str, description: str, commands: Mapping[str, tuple[str, str]],
                  argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen command; ``commands`` maps name -> (module, help)."""

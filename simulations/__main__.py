@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from shared.cli import quiet_optional_codec_notice
+from shared.cli import exit_on_sigterm, quiet_optional_codec_notice
 from shared.errors import FedSegError
 from simulations.api import SimulationSpec, run_simulation
 from simulations.baselines import parse_baselines
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sites sampled for training and evaluation each round (default: all)")
     parser.add_argument("--ray-address", default="",
                         help="join an existing Ray cluster (e.g. 10.0.0.5:6379) instead of starting one")
+    parser.add_argument("--stock-engine", action="store_true",
+                        help="run Flower's simulation engine unpatched (it finds messages by a 0.1 s sweep "
+                             "over every node; by default each message is handed over when stored)")
     parser.add_argument("--baselines", default="", metavar="pooled,local",
                         help="also train a model on all sites' data pooled and/or one per site alone (same "
                              "model, seed and total epochs) and compare them per site in the report")
@@ -120,6 +123,7 @@ def privacy_overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_optional_codec_notice()
+    exit_on_sigterm()
     args = build_parser().parse_args(argv)
     try:
         overrides = parse_run_config(args.run_config)
@@ -133,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                               datalists=tuple(args.datalists), partition=args.partition,
                               pool_cases=args.pool_cases, quantity_exponent=args.quantity_exponent,
                               dirichlet_alpha=args.dirichlet_alpha, sites_per_round=args.sites_per_round,
-                              ray_address=args.ray_address, baselines=parse_baselines(args.baselines),
+                              ray_address=args.ray_address, stock_engine=args.stock_engine,
+                              baselines=parse_baselines(args.baselines),
                               holdout_sites=args.holdout_sites, faults=fault_plan(args),
                               max_epsilon=args.max_epsilon, dp_delta=args.dp_delta)
         run_simulation(spec)

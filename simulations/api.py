@@ -66,6 +66,7 @@ class SimulationSpec:
     dirichlet_alpha: float = 0.5
     sites_per_round: int = 0
     ray_address: str = ""
+    stock_engine: bool = False
     baselines: tuple[str, ...] = ()
     holdout_sites: int = 0
     faults: FaultPlan = field(default_factory=FaultPlan)
@@ -196,7 +197,7 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True,
     run_config_path.write_text(tomli_w.dumps(config.to_mapping()))
     resources = Resources(num_supernodes=len(sites), num_cpus=spec.cpus_per_client, num_gpus=spec.gpus_per_client)
     started = time.monotonic()
-    with simulation_superlink(run_dir, ray_address=spec.ray_address) as env:
+    with simulation_superlink(run_dir, ray_address=spec.ray_address, stock_engine=spec.stock_engine) as env:
         run_app(APP_DIR, env, run_config=run_config_path, resources=resources, log_path=run_dir / "flower.log",
                 on_line=lambda line: say(line) if PROGRESS_PREFIX in line else None, timeout_s=spec.timeout_s)
     summary_path = run_dir / "summary.json"

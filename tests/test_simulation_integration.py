@@ -10,6 +10,7 @@ from shared.errors import ConfigError
 from shared.model_file import load_model
 from simulations.__main__ import build_parser
 from simulations.api import SimulationSpec, run_simulation
+from simulations.engine_patches import ANNOUNCEMENT
 from tests.conftest import TINY_RUN_CONFIG, live_processes_mentioning
 
 
@@ -33,6 +34,7 @@ def test_two_sites_one_round_through_flower(tmp_path):
     assert payload["final"] and payload["class_names"] == ["background", "lesion"]
     assert set(payload["per_site"]) >= {"hospital-01", "hospital-02"} and payload["sha256"]
     assert live_processes_mentioning(str(run_dir / "flwr-home")) == []
+    assert ANNOUNCEMENT in (run_dir / "flower.log").read_text()  # fedseg's engine patch was in use
     assert (run_dir / "report.md").exists() and (run_dir / "plots" / "dice.png").exists()
     assert (run_dir / "plots" / "examples.png").stat().st_size > 5000 and list((run_dir / "tb").glob("events.*"))
 
@@ -126,3 +128,32 @@ def test_a_site_past_its_budget_refuses_and_the_others_train_with_dp(tmp_path):
     ledger = json.loads((run_dir / "state" / "hospital-01" / "privacy-ledger.json").read_text())
     assert [e["server_round"] for e in ledger["entries"]] == [1, 2]
     assert not (run_dir / "state" / "hospital-02" / "privacy-ledger.json").exists()
+
+
+@pytest.mark.integration
+def test_a_harness_stopped_with_sigterm_stops_every_process_it_started(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "runs"
+    command = [sys.executable, "-m", "simulations", "--sites", "2", "--rounds", "50", "--min-cases", "3",
+               "--max-cases", "4", "--out", str(out), "--run-config", 'channels="4,8"', "--run-config",
+               'strides="2"', "--run-config", "batch-size=2", "--no-dp"]
+    harness = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in harness.stdout:  # wait until Flower runs rounds
+            if "round 1/50" in line:
+                break
+        run_dir = (out / "latest").resolve()
+        assert live_processes_mentioning(str(run_dir / "flwr-home"))
+        harness.send_signal(signal.SIGTERM)
+        assert harness.wait(timeout=120) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while live_processes_mentioning(str(run_dir / "flwr-home")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert live_processes_mentioning(str(run_dir / "flwr-home")) == []
+    finally:
+        harness.kill()
+        harness.wait()

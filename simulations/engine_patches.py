@@ -1,0 +1,250 @@
+"""Flower 1.41's simulation engine, handing each message over when it is stored.
+
+Flower 1.41's simulation engine (``flwr/server/superlink/fleet/vce/vce_api.py``,
+``add_messages_to_queue``) finds work by a sweep: every 0.1 s it asks the link
+state for a message for *every* registered node, and each ask
+(``InMemoryLinkState.get_message_ins``) scans every stored message. With 1000
+virtual sites and 20 messages in flight a sweep costs ~45 ms of CPU, so the
+engine burns a quarter of a core next to the ClientApps for as long as a phase
+runs, and each message waits up to 0.1 s before any worker sees it. Neither
+the interval nor the scan is a setting.
+
+:func:`apply` swaps two functions, in the ``flwr-simulation`` process only
+(the harness starts it through :func:`write_launcher`):
+
+- ``InMemoryLinkState.store_message_ins`` also records the destination node
+  of each message it stores (:class:`Arrivals`);
+- ``add_messages_to_queue`` asks the link state only for the nodes that got a
+  message, as soon as one is stored, through Flower's own ``get_message_ins``
+  (so delivery marking, expiry and federation checks stay Flower's). A full
+  Flower sweep still runs every :data:`SAFETY_SWEEP_S` seconds, so a message
+  stored by any other path is delivered late rather than never;
+- ``InMemoryLinkState.store_message_res`` also counts the replies it stores,
+  and the in-process ``InMemoryGrid`` gains ``wait_for_replies(timeout)``,
+  which returns as soon as a reply was stored since its last call (or after
+  ``timeout``). :class:`server.polling_grid.PollingGrid` waits with it instead
+  of sleeping a fixed interval between pulls when the Grid offers it.
+
+Both are guarded: on any Flower other than the version whose code was checked
+(a hash of each replaced function's source), nothing is changed and the
+engine runs stock, with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import inspect
+import logging
+import os
+import stat
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from queue import Queue
+from typing import Any
+
+LOG = logging.getLogger("fedseg.simulations")
+
+PATCHED_FLWR_VERSION = "1.41.0"
+# sha256 of inspect.getsource() of each function replaced or wrapped, as checked on flwr 1.41.0.
+EXPECTED_SOURCES = {
+    "vce_api.add_messages_to_queue": "953f4bd41a931a7779a4a670ab17b633f6e20b08a0128535328674466419777a",
+    "InMemoryLinkState.store_message_ins": "a2b78afac51dc4a23d236ccf8d02958c8d0532aac179cd9ad9b1a0d939eecbea",
+    "InMemoryLinkState.get_message_ins": "6547c8dcbc62e12f5b2aa5c69f4de8c7c7072c10d6c0876512cf37197d941056",
+    "InMemoryLinkState.store_message_res": "52a4f7ccc70e890843671cc17e603239f50b88de2a0c5d30810a19021c9d594d",
+}
+ANNOUNCEMENT = "[fedseg] simulation engine: messages handed over as they are stored (simulations/engine_patches.py)"
+SAFETY_SWEEP_S = 3.0
+IDLE_WAIT_S = 0.1  # Flower's sweep interval: how often the stop flag is looked at when idle
+
+
+class Arrivals:
+    """Destination nodes of stored messages, in arrival order, with a wake-up for the engine."""
+
+    def __init__(self) -> None:
+        self._nodes: deque[int] = deque()
+        self._ready = threading.Condition()
+
+    def add(self, node_id: int) -> None:
+        """Record that a message for ``node_id`` was stored."""
+        with self._ready:
+            self._nodes.append(node_id)
+            self._ready.notify_all()
+
+    def take(self, *, timeout: float) -> list[int]:
+        """Every node recorded since the last call, waiting up to ``timeout`` s for one."""
+        with self._ready:
+            if not self._nodes:
+                self._ready.wait(timeout)
+            nodes = list(self._nodes)
+            self._nodes.clear()
+        return nodes
+
+
+class ReplySignal:
+    """Counts stored replies; lets one consumer wait for the next one."""
+
+    def __init__(self) -> None:
+        self.stored = 0
+        self._changed = threading.Condition()
+
+    def add(self) -> None:
+        """Record that a reply was stored."""
+        with self._changed:
+            self.stored += 1
+            self._changed.notify_all()
+
+    def wait_beyond(self, seen: int, *, timeout: float) -> int:
+        """Wait until more than ``seen`` replies were stored (at most ``timeout`` s); return the count."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.stored > seen, timeout)
+            return self.stored
+
+
+class StateSignals:
+    """The signals kept for one link state."""
+
+    def __init__(self) -> None:
+        self.arrivals = Arrivals()
+        self.replies = ReplySignal()
+
+
+_SIGNALS: weakref.WeakKeyDictionary[Any, StateSignals] = weakref.WeakKeyDictionary()
+_SIGNALS_LOCK = threading.Lock()
+
+
+def signals_of(state: Any) -> StateSignals:
+    """The :class:`StateSignals` of one link state (made on first use)."""
+    with _SIGNALS_LOCK:
+        if state not in _SIGNALS:
+            _SIGNALS[state] = StateSignals()
+        return _SIGNALS[state]
+
+
+def recording_store(original: Callable[..., str | None], *, reply: bool) -> Callable[..., str | None]:
+    """Wrap ``store_message_ins`` (``reply=False``) or ``store_message_res`` to signal each stored message."""
+
+    def store(self: Any, message: Any) -> str | None:
+        message_id = original(self, message)
+        if message_id is not None:
+            signals = signals_of(self)
+            if reply:
+                signals.replies.add()
+            else:
+                signals.arrivals.add(message.metadata.dst_node_id)
+        return message_id
+
+    store.__wrapped__ = original  # type: ignore[attr-defined]
+    store.__name__, store.__doc__ = original.__name__, original.__doc__
+    return store
+
+
+def wait_for_replies(self: Any, timeout: float) -> None:
+    """``InMemoryGrid.wait_for_replies``: return once a reply was stored since the last call, or after ``timeout`` s."""
+    seen = self.__dict__.get("_fedseg_replies_seen", 0)
+    self.__dict__["_fedseg_replies_seen"] = signals_of(self.state).replies.wait_beyond(seen, timeout=timeout)
+
+
+def add_messages_on_arrival(state: Any, queue: Queue, nodes_mapping: Any, f_stop: threading.Event) -> None:
+    """Stand-in for Flower's ``add_messages_to_queue``: queue each message once it is stored."""
+    print(ANNOUNCEMENT, flush=True)  # flwr-simulation mirrors its output into the run's log (flower.log)
+    arrivals = signals_of(state).arrivals
+    next_sweep = time.monotonic() + SAFETY_SWEEP_S
+    while not f_stop.is_set():
+        for node_id in arrivals.take(timeout=IDLE_WAIT_S):
+            if node_id in nodes_mapping:
+                for message in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(message)
+        if time.monotonic() >= next_sweep:
+            for node_id in nodes_mapping.keys():
+                for message in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(message)
+            next_sweep = time.monotonic() + SAFETY_SWEEP_S
+
+
+def source_hash(function: Callable[..., Any]) -> str:
+    """sha256 of a function's source (the code a patch was checked against)."""
+    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
+
+
+def _targets() -> dict[str, Callable[..., Any]]:
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+
+    store_ins, store_res = InMemoryLinkState.store_message_ins, InMemoryLinkState.store_message_res
+    return {"vce_api.add_messages_to_queue": vce_api.add_messages_to_queue,
+            "InMemoryLinkState.store_message_ins": getattr(store_ins, "__wrapped__", store_ins),
+            "InMemoryLinkState.get_message_ins": InMemoryLinkState.get_message_ins,
+            "InMemoryLinkState.store_message_res": getattr(store_res, "__wrapped__", store_res)}
+
+
+def mismatch() -> str | None:
+    """Why the engine must not be patched here, or None if it is the code checked."""
+    version = importlib.metadata.version("flwr")
+    if version != PATCHED_FLWR_VERSION:
+        return f"flwr {version} is installed; the engine is only patched on flwr {PATCHED_FLWR_VERSION}"
+    changed = [name for name, function in _targets().items() if source_hash(function) != EXPECTED_SOURCES[name]]
+    if changed:
+        return f"Flower's {', '.join(changed)} is not the code fedseg checked"
+    return None
+
+
+def apply() -> bool:
+    """Patch the engine in this process; False (and a warning) if this Flower is not the one checked."""
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+    from flwr.superlink.grid import InMemoryGrid
+
+    reason = mismatch()
+    if reason is None and hasattr(InMemoryGrid, "wait_for_replies") \
+            and InMemoryGrid.wait_for_replies is not wait_for_replies:
+        reason = "Flower's InMemoryGrid already has a wait_for_replies"
+    if reason is not None:
+        LOG.warning("simulation engine left stock (messages found by Flower's 0.1 s sweep): %s", reason)
+        return False
+    if not hasattr(InMemoryLinkState.store_message_ins, "__wrapped__"):
+        InMemoryLinkState.store_message_ins = recording_store(InMemoryLinkState.store_message_ins, reply=False)
+        InMemoryLinkState.store_message_res = recording_store(InMemoryLinkState.store_message_res, reply=True)
+    vce_api.add_messages_to_queue = add_messages_on_arrival
+    InMemoryGrid.wait_for_replies = wait_for_replies
+    return True
+
+
+LAUNCHER = '''#!{python}
+"""flwr-simulation with fedseg's engine patches (written by simulations.engine_patches)."""
+import importlib.util
+import sys
+
+spec = importlib.util.spec_from_file_location("fedseg_engine_patches", {module!r})
+patches = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(patches)
+patches.apply()
+
+from flwr.simulation.app import flwr_simulation
+
+sys.exit(flwr_simulation())
+'''
+
+
+def write_launcher(bin_dir: Path) -> Path:
+    """Write an executable ``flwr-simulation`` into ``bin_dir`` that applies the patches first.
+
+    Flower's SuperExec starts the simulation engine as the ``flwr-simulation``
+    found on ``PATH``; put ``bin_dir`` first there. The launcher loads this file
+    by path, so nothing is added to the engine's ``sys.path``.
+    """
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    launcher = bin_dir / "flwr-simulation"
+    launcher.write_text(LAUNCHER.format(python=sys.executable, module=str(Path(__file__).resolve())))
+    launcher.chmod(launcher.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return launcher
+
+
+def prepend_path(env: dict[str, str], bin_dir: Path) -> None:
+    """Put ``bin_dir`` first on ``env['PATH']``."""
+    env["PATH"] = str(bin_dir) + os.pathsep + env.get("PATH", "")

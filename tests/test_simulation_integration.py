@@ -126,3 +126,17 @@ def test_a_site_past_its_budget_refuses_and_the_others_train_with_dp(tmp_path):
     ledger = json.loads((run_dir / "state" / "hospital-01" / "privacy-ledger.json").read_text())
     assert [e["server_round"] for e in ledger["entries"]] == [1, 2]
     assert not (run_dir / "state" / "hospital-02" / "privacy-ledger.json").exists()
+
+
+@pytest.mark.parametrize(("options", "from_budget", "noise"), [
+    ([], True, 1.0), (["--noise-multiplier", "1.5"], False, 1.5), (["--target-epsilon", "2"], False, 1.0),
+])
+def test_2d_sites_derive_their_noise_from_their_budget_unless_the_noise_is_given(tmp_path, options, from_budget,
+                                                                                  noise):
+    from simulations.__main__ import privacy_overrides
+    from simulations.api import build_run_config
+
+    spec = SimulationSpec(out=tmp_path, run_config=privacy_overrides(build_parser().parse_args(options)))
+    config = build_run_config(spec, tmp_path, tmp_path / "sites.json", num_sites=3)
+    assert (config.dp_noise_from_budget, config.dp_noise_multiplier) == (from_budget, noise)
+    assert spec.cases_range == (60, 600)

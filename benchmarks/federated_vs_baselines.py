@@ -1,6 +1,7 @@
 """Benchmark: does the federation beat each hospital alone and come close to pooling?
 
-Runs the default simulated federation (its heterogeneous synthetic sites)
+Runs the default simulated federation (its heterogeneous synthetic sites:
+a large centre and smaller clinics, each with its own scanner and population)
 with ``--baselines pooled,local`` and reports, per site and on average, the
 Dice of the federated model, of one model trained on all data pooled and of
 each site's own local-only model, all evaluated on the same validation cases.
@@ -29,6 +30,7 @@ from shared.cli import quiet_optional_codec_notice
 from shared.config import RunConfig
 from simulations.api import SimulationSpec, run_simulation
 from simulations.baselines import comparison_rows
+from simulations.synthetic import site_sizes
 
 TARGET_RATIO_TO_POOLED = 0.97
 
@@ -68,8 +70,11 @@ def to_markdown(result: dict[str, Any], *, seed: int) -> str:
 
 def section(results: dict[int, dict[str, Any]], command: str) -> str:
     """The BENCHMARKS.md section: the command, then one table per seed."""
-    head = (f"Command: `{command}` (default federation: 3 heterogeneous synthetic hospitals, 5 rounds, "
-            "default 2D U-Net, no DP; baselines with the same model, seed and total epochs)\n")
+    spec = SimulationSpec()
+    sizes = "/".join(map(str, site_sizes(spec.sites, min_cases=spec.cases_range[0], max_cases=spec.cases_range[1])))
+    head = (f"Command: `{command}` (default federation: {spec.sites} synthetic hospitals with their own scanners "
+            f"and populations and {sizes} cases (75% training), {spec.rounds} rounds, default 2D U-Net, no DP; "
+            "baselines with the same model, seed and total epochs)\n")
     return "\n".join([head] + [to_markdown(result, seed=seed) for seed, result in results.items()])
 
 

@@ -39,32 +39,47 @@ class DPPlan:
     grad_sample_mode: str
 
 
-def plan_round(*, config: RunConfig, num_cases: int, delta: float) -> DPPlan:
+def plan_round(*, config: RunConfig, num_cases: int, delta: float, max_epsilon: float | None = None) -> DPPlan:
     """Sampling rate, steps and noise of one round at a site with ``num_cases`` training cases.
 
     Opacus' Poisson loader draws each case with probability ``1 / ceil(N / B)``
-    and takes ``ceil(N / B)`` steps per epoch. With run config ``dp-target-epsilon``
-    > 0 the noise multiplier is the one that spends that epsilon (at the site's
-    ``delta``) in this round alone; otherwise it is ``dp-noise-multiplier``.
+    and takes ``ceil(N / B)`` steps per epoch. The noise multiplier is, in order:
+    with run config ``dp-noise-from-budget``, the one that spends the site's
+    ``max_epsilon`` (at its ``delta``) over ``num-rounds`` such rounds, so a small
+    site (sample rate 1) gets more noise than a large one and both last the run;
+    with ``dp-target-epsilon`` > 0, the one that spends that epsilon in this
+    round alone; otherwise ``dp-noise-multiplier``.
     """
-    from opacus.accountants.utils import get_noise_multiplier
-
     if num_cases < 1:
         raise DataError("the site has no training cases")
     batches_per_epoch = math.ceil(num_cases / config.batch_size)
     sample_rate = 1.0 / batches_per_epoch
     steps = batches_per_epoch * config.local_epochs
     noise = config.dp_noise_multiplier
-    if config.dp_target_epsilon > 0:
-        try:
-            noise = float(get_noise_multiplier(target_epsilon=config.dp_target_epsilon, target_delta=delta,
-                                               sample_rate=sample_rate, steps=steps, accountant="rdp"))
-        except ValueError as exc:
-            raise ConfigError(f"run config key 'dp-target-epsilon': {config.dp_target_epsilon} is not "
-                              f"reachable ({exc})") from None
+    if config.dp_noise_from_budget:
+        if max_epsilon is None:
+            raise ConfigError("run config key 'dp-noise-from-budget' needs the site's budget (node config "
+                              "'max-epsilon')")
+        noise = _noise_for(max_epsilon, delta=delta, sample_rate=sample_rate, steps=steps * config.num_rounds,
+                           key="dp-noise-from-budget")
+    elif config.dp_target_epsilon > 0:
+        noise = _noise_for(config.dp_target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
+                           key="dp-target-epsilon")
     mode = AUTO_GRAD_SAMPLE_MODE if config.dp_grad_sample_mode == "auto" else config.dp_grad_sample_mode
     return DPPlan(noise_multiplier=noise, max_grad_norm=config.dp_max_grad_norm, sample_rate=sample_rate,
                   steps=steps, grad_sample_mode=mode)
+
+
+def _noise_for(epsilon: float, *, delta: float, sample_rate: float, steps: int, key: str) -> float:
+    """Opacus' (RDP) noise multiplier that spends ``epsilon`` in ``steps`` steps; ``key`` names the setting."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                          steps=steps, accountant="rdp"))
+    except ValueError as exc:
+        raise ConfigError(f"run config key '{key}': epsilon {epsilon} in {steps} steps is not reachable "
+                          f"({exc})") from None
 
 
 def private_generator() -> torch.Generator:

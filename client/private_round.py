@@ -33,7 +33,7 @@ def train_private(model: Any, cases: list, augment: Any, *, config: RunConfig, s
 
     if not cases:
         raise DataError("the site has no training cases")
-    plan = plan_round(config=config, num_cases=len(cases), delta=site.dp_delta)
+    plan = plan_round(config=config, num_cases=len(cases), delta=site.dp_delta, max_epsilon=site.max_epsilon)
     charge = PrivacyLedger(site.state_dir, delta=site.dp_delta).charge(
         run_id=run_id, server_round=server_round, noise_multiplier=plan.noise_multiplier,
         sample_rate=plan.sample_rate, steps=plan.steps, max_epsilon=site.max_epsilon)

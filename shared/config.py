@@ -53,7 +53,9 @@ class RunConfig:
     The ``dp*`` keys choose the DP-SGD mechanism every site trains with: ``dp``
     (on/off), ``dp-noise-multiplier``, ``dp-max-grad-norm`` (per-case clipping
     norm), ``dp-target-epsilon`` (> 0: each site computes the noise that spends
-    this epsilon per round, at its own delta) and ``dp-grad-sample-mode``. A site's
+    this epsilon per round, at its own delta), ``dp-noise-from-budget`` (true:
+    each site computes the noise that spends its whole budget, node config
+    ``max-epsilon``, over the run's ``num-rounds``) and ``dp-grad-sample-mode``. A site's
     budget, delta and whether it requires DP are node config (``client.site``),
     which no run config key can change.
     """
@@ -94,6 +96,7 @@ class RunConfig:
     dp_noise_multiplier: float = 1.0
     dp_max_grad_norm: float = 1.0
     dp_target_epsilon: float = 0.0
+    dp_noise_from_budget: bool = False
     dp_grad_sample_mode: str = "auto"
 
     def __post_init__(self) -> None:
@@ -194,6 +197,9 @@ class RunConfig:
             _require(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
         _require(self.dp_target_epsilon >= 0, "dp_target_epsilon",
                  "must be >= 0 (0 = use dp-noise-multiplier)", self.dp_target_epsilon)
+        _require(not (self.dp_noise_from_budget and self.dp_target_epsilon > 0), "dp_noise_from_budget",
+                 "cannot be combined with 'dp-target-epsilon' > 0 (each names the noise's source)",
+                 self.dp_noise_from_budget)
         _require(self.dp_grad_sample_mode in GRAD_SAMPLE_MODES, "dp_grad_sample_mode",
                  f"must be one of {GRAD_SAMPLE_MODES}", self.dp_grad_sample_mode)
 

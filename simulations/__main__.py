@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="2D images or 3D volumes (default: 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, model and training (default: 0)")
     parser.add_argument("--out", type=Path, default=Path("runs"), help="folder for run folders (default: runs)")
-    parser.add_argument("--min-cases", type=int, help="fewest cases at a hospital (default: 400 in 2D, 48 in 3D)")
-    parser.add_argument("--max-cases", type=int, help="most cases at a hospital (default: 600 in 2D, 80 in 3D)")
+    parser.add_argument("--min-cases", type=int, help="cases at the smallest hospital (default: 60 in 2D, 48 in 3D)")
+    parser.add_argument("--max-cases", type=int, help="cases at the largest hospital (default: 600 in 2D, 80 in 3D); "
+                        "sizes in between are spread geometrically")
     parser.add_argument("--datalists", type=Path, nargs="+", default=[], metavar="SITE.json",
                         help="real multi-site data: one virtual hospital per datalist (site id = file name) "
                              "instead of synthetic hospitals")
@@ -112,12 +113,18 @@ def fault_plan(args: argparse.Namespace) -> FaultPlan:
 
 
 def privacy_overrides(args: argparse.Namespace) -> dict[str, object]:
-    """Run-config values of the DP options that were given."""
+    """Run-config values of the DP options that were given.
+
+    A noise multiplier or per-round epsilon given here replaces the harness'
+    default of deriving each site's noise from its budget (``dp-noise-from-budget``).
+    """
     values: dict[str, object] = {} if args.dp is None else {"dp": args.dp}
     for option, key in (("noise_multiplier", "dp-noise-multiplier"), ("max_grad_norm", "dp-max-grad-norm"),
                         ("target_epsilon", "dp-target-epsilon")):
         if getattr(args, option) is not None:
             values[key] = getattr(args, option)
+    if args.noise_multiplier is not None or args.target_epsilon is not None:
+        values["dp-noise-from-budget"] = False
     return values
 
 

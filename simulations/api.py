@@ -27,18 +27,20 @@ from simulations.run_logs import write_example_overlays, write_tensorboard
 from simulations.report import final_site_table, read_rows, site_table_text, write_report
 
 APP_DIR = Path(__file__).resolve().parent.parent
-# Synthetic cases per hospital (fewest, most) when the spec leaves them unset: 2D cases are
-# cheap, and DP-SGD needs hundreds of cases per step (build_run_config).
-DEFAULT_CASES = {2: (400, 600), 3: (48, 80)}
+# Synthetic cases per hospital (smallest clinic, largest centre; sizes spread geometrically between
+# them, simulations.synthetic.site_sizes) when the spec leaves them unset: 2D cases are cheap, so the
+# default 2D federation has quantity skew (3 sites: 600, 190 and 60 cases) on top of its feature skew.
+DEFAULT_CASES = {2: (60, 600), 3: (48, 80)}
 # Run config the harness sends per spatial dimension (over RunConfig's defaults). DP-SGD's noise
 # per step is ~ noise * clip * sqrt(#weights) / cases-per-step, so the 2D federation is built for
-# it, with and without DP alike: 400-600 cases per site, batches of 128 cases (DP sample rate 1/3
-# or 1/4), a small U-Net (8-16-32, ~12k weights), plain SGD with momentum at lr 0.2 (Adam amplifies
-# noise-only coordinates), 4 local epochs, and the noise an Opacus RDP accountant needs for
-# epsilon <= 8 (delta 1e-5) after 5 rounds at sample rate 1/3 over 12 steps a round (BENCHMARKS.md).
+# it, with and without DP alike: batches of 128 cases, a small U-Net (8-16-32, ~12k weights), plain
+# SGD with momentum at lr 0.2 (Adam amplifies noise-only coordinates), 4 local epochs, and each
+# site's noise derived from its own budget (--max-epsilon) over the run's rounds
+# (dp-noise-from-budget): a large centre (sample rate 1/4) needs less noise than a small clinic
+# whose every step sees all its cases (sample rate 1). BENCHMARKS.md has the measurements.
 HARNESS_DEFAULTS: dict[int, dict[str, Any]] = {
     2: {"channels": "8,16,32", "strides": "2,2", "batch-size": 128, "local-epochs": 4,
-        "optimizer": "sgd", "learning-rate": 0.2, "dp-noise-multiplier": 1.9},
+        "optimizer": "sgd", "learning-rate": 0.2, "dp-noise-from-budget": True},
     3: {"patch-size": 32, "channels": "8,16,32", "strides": "2,2", "batch-size": 2,
         "local-epochs": 3, "optimizer": "adam", "learning-rate": 0.005, "dp-noise-multiplier": 1.7},
 }

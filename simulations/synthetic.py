@@ -3,7 +3,8 @@
 Each virtual hospital draws a :class:`SiteProfile` from the seed, so sites
 differ the way real scanners and populations do: intensity scale and offset,
 bias field, noise, contrast and gamma, voxel spacing (so image size), lesion
-size and count, and number of cases. Lesion masks come from
+size and count, and number of cases (quantity skew: a few large centres and
+small clinics, see :func:`site_sizes`). Lesion masks come from
 ``monai.data.synthetic``; the acquisition model on top is ours.
 """
 
@@ -40,11 +41,8 @@ class SiteProfile:
 
 
 def make_site_profiles(num_sites: int, *, seed: int, min_cases: int = 8, max_cases: int = 20) -> list[SiteProfile]:
-    """Draw ``num_sites`` heterogeneous, reproducible site profiles."""
-    if num_sites < 1:
-        raise ConfigError(f"'sites' must be >= 1, got {num_sites!r}")
-    if not 2 <= min_cases <= max_cases:
-        raise ConfigError(f"'cases' range must satisfy 2 <= min <= max, got {min_cases}..{max_cases}")
+    """Draw ``num_sites`` heterogeneous, reproducible site profiles (sizes from :func:`site_sizes`)."""
+    sizes = site_sizes(num_sites, min_cases=min_cases, max_cases=max_cases)
     rng = np.random.default_rng(seed)
     width = max(2, len(str(num_sites)))
     profiles = []
@@ -52,7 +50,7 @@ def make_site_profiles(num_sites: int, *, seed: int, min_cases: int = 8, max_cas
         small = rng.uniform(1.5, 3.0)
         profiles.append(SiteProfile(
             site_id=f"hospital-{index + 1:0{width}d}",
-            num_cases=int(rng.integers(min_cases, max_cases + 1)),
+            num_cases=sizes[index],
             spacing_mm=float(rng.choice([0.75, 1.0, 1.25])),
             intensity_scale=float(rng.uniform(50.0, 2000.0)),
             intensity_offset=float(rng.uniform(-200.0, 300.0)),
@@ -64,6 +62,21 @@ def make_site_profiles(num_sites: int, *, seed: int, min_cases: int = 8, max_cas
             lesion_radius_mm=(small, small + float(rng.uniform(2.0, 6.0))),
         ))
     return profiles
+
+
+def site_sizes(num_sites: int, *, min_cases: int, max_cases: int) -> list[int]:
+    """Cases per site, largest first: a geometric series from ``max_cases`` down to ``min_cases``.
+
+    Real federations mix a few large centres with many small clinics; with
+    (60, 600) three sites get 600, 190 and 60 cases, so the small ones cannot
+    learn alone as well as the federation lets them.
+    """
+    if num_sites < 1:
+        raise ConfigError(f"'sites' must be >= 1, got {num_sites!r}")
+    if not 2 <= min_cases <= max_cases:
+        raise ConfigError(f"'cases' range must satisfy 2 <= min <= max, got {min_cases}..{max_cases}")
+    ratios = np.linspace(0.0, 1.0, num_sites) if num_sites > 1 else np.zeros(1)
+    return [int(round(max_cases * (min_cases / max_cases) ** r)) for r in ratios]
 
 
 def synthesize_case(profile: SiteProfile, *, spatial_dims: int, rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:

@@ -126,6 +126,30 @@ def test_target_epsilon_sets_the_noise_for_one_round():
     assert one_round.get_epsilon(delta=1e-5) == pytest.approx(2.0, rel=0.02)
 
 
+@pytest.mark.parametrize("num_cases", [10, 2])
+def test_noise_from_budget_lets_every_site_train_all_rounds_within_its_budget(num_cases, tmp_path):
+    config = RunConfig.from_mapping(dict(DP_RUN, **{"dp-noise-from-budget": True, "num-rounds": 4}))
+    plan = plan_round(config=config, num_cases=num_cases, delta=1e-5, max_epsilon=3.0)
+    ledger = PrivacyLedger(tmp_path, delta=1e-5)
+    for server_round in range(1, 5):
+        charge = ledger.charge(run_id=1, server_round=server_round, noise_multiplier=plan.noise_multiplier,
+                               sample_rate=plan.sample_rate, steps=plan.steps, max_epsilon=3.0)
+    assert charge.epsilon == pytest.approx(3.0, rel=0.02)
+    with pytest.raises(PrivacyBudgetExceeded):
+        ledger.charge(run_id=1, server_round=5, noise_multiplier=plan.noise_multiplier,
+                      sample_rate=plan.sample_rate, steps=plan.steps, max_epsilon=3.0)
+
+
+def test_noise_from_budget_is_larger_where_every_step_sees_every_case():
+    config = RunConfig.from_mapping(dict(DP_RUN, **{"dp-noise-from-budget": True, "local-epochs": 4,
+                                                    "num-rounds": 5}))
+    large, small = (plan_round(config=config, num_cases=n, delta=1e-5, max_epsilon=8.0) for n in (8, 2))
+    assert small.sample_rate == 1.0 and large.sample_rate == pytest.approx(0.25)
+    assert small.noise_multiplier > large.noise_multiplier
+    with pytest.raises(ConfigError, match="'dp-noise-from-budget'.*'max-epsilon'"):
+        plan_round(config=config, num_cases=2, delta=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])
 def test_per_sample_gradients_are_clipped_like_single_example_backward(mode):
     torch.manual_seed(0)
@@ -178,11 +202,16 @@ def test_a_per_sample_backward_pass_skips_the_batch_weight_gradients():
 
 @pytest.mark.parametrize(("key", "value"), [
     ("dp-noise-multiplier", 0.0), ("dp-noise-multiplier", -1.0), ("dp-max-grad-norm", 0.0),
-    ("dp-target-epsilon", -1.0), ("dp-grad-sample-mode", "ghost"), ("dp", "yes"),
+    ("dp-target-epsilon", -1.0), ("dp-grad-sample-mode", "ghost"), ("dp", "yes"), ("dp-noise-from-budget", 1),
 ])
 def test_bad_dp_run_config_names_its_key(key, value):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         RunConfig.from_mapping({key: value})
+
+
+def test_noise_from_budget_and_a_per_round_epsilon_exclude_each_other():
+    with pytest.raises(ConfigError, match="'dp-noise-from-budget'.*'dp-target-epsilon'"):
+        RunConfig.from_mapping({"dp-noise-from-budget": True, "dp-target-epsilon": 1.0})
 
 
 @pytest.mark.parametrize(("key", "value"), [

@@ -111,8 +111,9 @@ def test_datalists_set_channels_and_classes_unless_overridden(tmp_path):
 @pytest.mark.integration
 def test_a_site_past_its_budget_refuses_and_the_others_train_with_dp(tmp_path):
     spec = SimulationSpec(sites=2, rounds=2, seed=2, out=tmp_path / "runs", min_cases=3, max_cases=4,
-                          timeout_s=600, run_config=dict(TINY_RUN_CONFIG, **{"dp": True, "num-rounds": 2}), max_epsilon=20.0,
-                          site_node_config={"hospital-02": {"max-epsilon": 0.5}})
+                          timeout_s=600, max_epsilon=20.0, site_node_config={"hospital-02": {"max-epsilon": 0.5}},
+                          # a fixed noise (a budget-derived one would fit any site's budget)
+                          run_config=dict(TINY_RUN_CONFIG, **{"dp": True, "num-rounds": 2, "dp-noise-from-budget": False}))
     summary = run_simulation(spec, echo=False)
 
     run_dir = (tmp_path / "runs" / "latest").resolve()
@@ -157,3 +158,17 @@ def test_a_harness_stopped_with_sigterm_stops_every_process_it_started(tmp_path)
     finally:
         harness.kill()
         harness.wait()
+
+
+@pytest.mark.parametrize(("options", "from_budget", "noise"), [
+    ([], True, 1.0), (["--noise-multiplier", "1.5"], False, 1.5), (["--target-epsilon", "2"], False, 1.0),
+])
+def test_2d_sites_derive_their_noise_from_their_budget_unless_the_noise_is_given(tmp_path, options, from_budget,
+                                                                                  noise):
+    from simulations.__main__ import privacy_overrides
+    from simulations.api import build_run_config
+
+    spec = SimulationSpec(out=tmp_path, run_config=privacy_overrides(build_parser().parse_args(options)))
+    config = build_run_config(spec, tmp_path, tmp_path / "sites.json", num_sites=3)
+    assert (config.dp_noise_from_budget, config.dp_noise_multiplier) == (from_budget, noise)
+    assert spec.cases_range == (60, 600)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from shared.errors import ConfigError
-from simulations.synthetic import make_site_profiles, write_hospitals
+from simulations.synthetic import make_site_profiles, site_sizes, write_hospitals
 
 
 def _arrays(datalist):
@@ -71,3 +71,13 @@ def test_datalist_is_decathlon_style(tmp_path):
 def test_bad_site_count_is_refused():
     with pytest.raises(ConfigError, match="sites"):
         make_site_profiles(0, seed=0)
+
+
+def test_site_sizes_mix_large_centres_and_small_clinics():
+    assert site_sizes(3, min_cases=60, max_cases=600) == [600, 190, 60]
+    assert site_sizes(1, min_cases=60, max_cases=600) == [600]
+    assert site_sizes(4, min_cases=5, max_cases=5) == [5, 5, 5, 5]
+    sizes = [p.num_cases for p in make_site_profiles(5, seed=0, min_cases=3, max_cases=40)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] == 40 and sizes[-1] == 3
+    with pytest.raises(ConfigError, match="2 <= min <= max"):
+        site_sizes(3, min_cases=9, max_cases=8)

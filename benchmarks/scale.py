@@ -193,7 +193,9 @@ def time_plain_loop(run_dir: Path, rounds: list[dict[str, Any]], *, workers: int
     summary = json.loads((run_dir / "summary.json").read_text())
 
     def work(kind: str, site: str) -> SiteWork:
-        return SiteWork(kind=kind, datalist=manifest[site]["datalist"], delta=float(manifest[site]["dp-delta"]))
+        entry = manifest[site]
+        return SiteWork(kind=kind, datalist=entry["datalist"], delta=float(entry["dp-delta"]),
+                        max_epsilon=float(entry["max-epsilon"]))
 
     used = {s for r in rounds for s in r["trained"] + r["evaluated"]}
     spare = next((s for s in manifest if s not in used), next(iter(manifest)))

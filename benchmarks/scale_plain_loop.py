@@ -38,6 +38,7 @@ class SiteWork:
     kind: str
     datalist: str
     delta: float
+    max_epsilon: float
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,16 @@ def _init_worker(run_config: dict[str, Any], model_path: str, warm_up: list[Site
     quiet_optional_codec_notice()
     torch.set_num_threads(1)  # as a simulated client: Ray gives an actor with num_cpus=1 one thread
     _WORKER.update(config=RunConfig.from_mapping(run_config), model_path=Path(model_path), barrier=barrier)
-    for work in warm_up:  # imports and first-call costs, as in a warm Ray actor
-        do_site_work(work)
+    try:
+        for work in warm_up:  # imports and first-call costs, as in a warm Ray actor
+            do_site_work(work)
+    except Exception as exc:  # noqa: BLE001 - raised by _rendezvous: a pool re-spawns workers whose initializer fails
+        _WORKER["error"] = exc
 
 
 def _rendezvous(_: int) -> None:
+    if "error" in _WORKER:
+        raise RuntimeError(f"plain-loop worker could not warm up: {_WORKER['error']!r}") from _WORKER["error"]
     _WORKER["barrier"].wait()  # returns once every worker holds one of these tasks: all are warm
 
 
@@ -82,14 +88,15 @@ def do_site_work(work: SiteWork) -> float:
     model, _ = load_model(_WORKER["model_path"])
     if work.kind == "train":
         cases, augment = load_training_cases(Path(work.datalist), config)
-        _train(model, cases, augment, config=config, delta=work.delta, device=device)
+        _train(model, cases, augment, config=config, delta=work.delta, max_epsilon=work.max_epsilon, device=device)
         model_to_arrays(model)
     else:
         evaluate_local(model, load_validation_cases(Path(work.datalist), config), config=config, device=device)
     return time.process_time() - started
 
 
-def _train(model: Any, cases: list, augment: Any, *, config: Any, delta: float, device: Any) -> None:
+def _train(model: Any, cases: list, augment: Any, *, config: Any, delta: float, max_epsilon: float,
+           device: Any) -> None:
     import torch
 
     from client.dp_training import plan_round, private_generator, train_local_dp
@@ -97,7 +104,7 @@ def _train(model: Any, cases: list, augment: Any, *, config: Any, delta: float, 
     from client.training import train_local
 
     if config.dp:
-        plan = plan_round(config=config, num_cases=len(cases), delta=delta)
+        plan = plan_round(config=config, num_cases=len(cases), delta=delta, max_epsilon=max_epsilon)
         loader = training_loader(cases, augment, batch_size=config.batch_size, generator=private_generator())
         train_local_dp(model, loader, config=config, plan=plan, device=device)
     else:
@@ -127,7 +134,11 @@ class PlainLoop:
         barrier = context.Barrier(workers)
         self.pool = context.Pool(workers, initializer=_init_worker,
                                  initargs=(run_config, str(model_path), warm_up, barrier))
-        self.pool.map(_rendezvous, range(workers), chunksize=1)
+        try:
+            self.pool.map(_rendezvous, range(workers), chunksize=1)
+        except BaseException:
+            self.pool.terminate()
+            raise
 
     def time_round(self, *, train: list[SiteWork], evaluate: list[SiteWork]) -> LoopTiming:
         """Train then evaluate (a barrier between the two, as in a round); return wall and CPU seconds."""

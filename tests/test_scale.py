@@ -74,3 +74,12 @@ def test_simulation_joins_an_existing_ray_cluster(tmp_path, ray_head):
     assert summary["rounds"] == 1 and len(summary["per_site"]) == 2
     drivers = list(head_dir.glob("session_*/logs/python-core-driver-*.log"))
     assert drivers, "the simulation engine did not connect to the cluster's head"
+
+
+def test_the_benchmark_plain_loop_fails_clearly_when_a_worker_cannot_warm_up(tmp_path):
+    from benchmarks.scale_plain_loop import PlainLoop, SiteWork
+    from shared.config import RunConfig
+
+    missing = SiteWork(kind="train", datalist=str(tmp_path / "missing.json"), delta=1e-5, max_epsilon=8.0)
+    with pytest.raises(RuntimeError, match="could not warm up"):  # not a pool re-spawning failed workers forever
+        PlainLoop(run_config=RunConfig().to_mapping(), model_path=tmp_path / "model.pt", workers=1, warm_up=[missing])

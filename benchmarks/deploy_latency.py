@@ -125,7 +125,9 @@ def to_markdown(results: dict[str, list[float]], *, compute_s: float, command: s
 def main(argv: list[str] | None = None) -> int:
     """Run the variants, print the table and optionally write it to BENCHMARKS.md."""
     from benchmarks.report import load_average, write_section
+    from shared.cli import exit_on_sigterm
 
+    exit_on_sigterm()  # a killed benchmark still stops the processes it started
     parser = argparse.ArgumentParser(prog="python -m benchmarks.deploy_latency", description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))

@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from shared.cli import exit_on_sigterm
 from simulations.__main__ import build_parser, parse_run_config, privacy_overrides
 from simulations.api import SimulationSpec, run_simulation
 
@@ -34,6 +35,7 @@ def spec_from(args: argparse.Namespace, *, dp: bool) -> SimulationSpec:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()  # a killed benchmark still stops the Flower/Ray processes it started
     parser = build_parser()
     parser.prog = "python -m benchmarks.dp_utility"
     parser.set_defaults(out=Path("runs/benchmarks"))

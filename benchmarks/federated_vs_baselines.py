@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.report import load_average, write_section
-from shared.cli import quiet_optional_codec_notice
+from shared.cli import exit_on_sigterm, quiet_optional_codec_notice
 from shared.config import RunConfig
 from simulations.api import SimulationSpec, run_simulation
 from simulations.baselines import comparison_rows
@@ -80,6 +80,7 @@ def section(results: dict[int, dict[str, Any]], command: str) -> str:
 
 def main() -> None:
     quiet_optional_codec_notice()
+    exit_on_sigterm()  # a killed benchmark still stops the Flower/Ray processes it started
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/baselines"))

@@ -29,7 +29,7 @@ from typing import Any
 
 from benchmarks.report import write_section
 from benchmarks.scale_plain_loop import PlainLoop, SiteWork
-from shared.cli import quiet_optional_codec_notice
+from shared.cli import exit_on_sigterm, quiet_optional_codec_notice
 from shared.processes import descendants
 from simulations.api import SimulationSpec, run_simulation
 
@@ -251,6 +251,7 @@ def _ratio(numerator: float, denominator: float) -> str:
 
 def main() -> None:
     quiet_optional_codec_notice()
+    exit_on_sigterm()  # a killed benchmark still stops the Flower/Ray processes it started
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, default=1000)
     parser.add_argument("--per-round", type=int, default=20)

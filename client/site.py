@@ -128,7 +128,7 @@ _MANIFEST_CACHE: dict[Path, tuple[tuple[int, int], list[dict[str, Any]]]] = {}
 
 
 def _manifest_sites(manifest: Path) -> list[dict[str, Any]]:
-    """The manifest's site entries, parsed once per version of the file (a 1000-site manifest is ~0.5 MB)."""
+    """The manifest's site entries, parsed once per version of the file (a 1000-site manifest is ~0.3 MB)."""
     try:
         stat = manifest.stat()
     except FileNotFoundError:

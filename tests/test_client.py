@@ -123,6 +123,20 @@ def test_node_config_wins_over_simulation_manifest(tmp_path):
         resolve_site({"partition-id": 3}, str(manifest))
 
 
+def test_a_rewritten_simulation_manifest_is_read_again(tmp_path):
+    import os
+
+    manifest = tmp_path / "sites.json"
+    manifest.write_text(json.dumps({"sites": [{"site-id": "first", "datalist": "/a/d.json"}]}))
+    assert resolve_site({"partition-id": 0}, str(manifest)).site_id == "first"
+    manifest.write_text(json.dumps({"sites": [{"site-id": "second", "datalist": "/b/d.json"}]}))
+    os.utime(manifest, ns=(1, 1))  # a new version even on a file system with coarse timestamps
+    assert resolve_site({"partition-id": 0}, str(manifest)).site_id == "second"
+    manifest.write_text("not json")
+    with pytest.raises(ConfigError, match="not a sites manifest"):
+        resolve_site({"partition-id": 0}, str(manifest))
+
+
 def test_a_datalist_disagreeing_with_the_model_is_refused(two_sites, tmp_path, flower_identity):
     def edit(site, data, label_path):
         data["modality"] = {"0": "T1", "1": "FLAIR"}

@@ -131,13 +131,10 @@ def _manifest_sites(manifest: Path) -> list[dict[str, Any]]:
     """The manifest's site entries, parsed once per version of the file (a 1000-site manifest is ~0.3 MB)."""
     try:
         stat = manifest.stat()
-    except FileNotFoundError:
-        raise ConfigError(f"run config key 'simulation-sites': {manifest} does not exist") from None
-    version = (stat.st_mtime_ns, stat.st_size)
-    cached = _MANIFEST_CACHE.get(manifest)
-    if cached is not None and cached[0] == version:
-        return cached[1]
-    try:
+        version = (stat.st_mtime_ns, stat.st_size)
+        cached = _MANIFEST_CACHE.get(manifest)
+        if cached is not None and cached[0] == version:
+            return cached[1]
         sites = json.loads(manifest.read_text())["sites"]
     except FileNotFoundError:
         raise ConfigError(f"run config key 'simulation-sites': {manifest} does not exist") from None

@@ -43,7 +43,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from queue import Queue
 from typing import Any
@@ -156,15 +156,17 @@ def add_messages_on_arrival(state: Any, queue: Queue, nodes_mapping: Any, f_stop
     arrivals = signals_of(state).arrivals
     next_sweep = time.monotonic() + SAFETY_SWEEP_S
     while not f_stop.is_set():
-        for node_id in arrivals.take(timeout=IDLE_WAIT_S):
-            if node_id in nodes_mapping:
-                for message in state.get_message_ins(node_id=node_id, limit=1):
-                    queue.put(message)
+        _queue_next_messages(state, queue, [n for n in arrivals.take(timeout=IDLE_WAIT_S) if n in nodes_mapping])
         if time.monotonic() >= next_sweep:
-            for node_id in nodes_mapping.keys():
-                for message in state.get_message_ins(node_id=node_id, limit=1):
-                    queue.put(message)
+            _queue_next_messages(state, queue, nodes_mapping.keys())
             next_sweep = time.monotonic() + SAFETY_SWEEP_S
+
+
+def _queue_next_messages(state: Any, queue: Queue, node_ids: Iterable[int]) -> None:
+    """Queue each node's next undelivered message, as Flower's sweep does (one per node per ask)."""
+    for node_id in node_ids:
+        for message in state.get_message_ins(node_id=node_id, limit=1):
+            queue.put(message)
 
 
 def source_hash(function: Callable[..., Any]) -> str:

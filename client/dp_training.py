@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 # benchmarks/dp_step.py (BENCHMARKS.md): "hooks" with fedseg's convolution samplers
 # (client/dp_grad_samplers.py). All modes offered are exact; "ghost" is never used (see shared/config.py).
 AUTO_GRAD_SAMPLE_MODE = "hooks"
+EPSILON_TOLERANCE = 0.01  # as Opacus' get_noise_multiplier: the noise found spends the budget to within this
+Mechanism = tuple[float, float, int]  # (noise multiplier, sample rate, steps), as an Opacus accountant's history
 
 
 @dataclass(frozen=True)
@@ -40,16 +43,25 @@ class DPPlan:
     grad_sample_mode: str
 
 
-def plan_round(*, config: RunConfig, num_cases: int, delta: float, max_epsilon: float | None = None) -> DPPlan:
+def plan_round(*, config: RunConfig, num_cases: int, delta: float, max_epsilon: float | None = None,
+               spent: Sequence[Mechanism] = (), server_round: int = 1) -> DPPlan:
     """Sampling rate, steps and noise of one round at a site with ``num_cases`` training cases.
 
     Opacus' Poisson loader draws each case with probability ``1 / ceil(N / B)``
     and takes ``ceil(N / B)`` steps per epoch. The noise multiplier is, in order:
-    with run config ``dp-noise-from-budget``, the one that spends the site's
-    ``max_epsilon`` (at its ``delta``) over ``num-rounds`` such rounds, so a small
-    site (sample rate 1) gets more noise than a large one and both last the run;
-    with ``dp-target-epsilon`` > 0, the one that spends that epsilon in this
-    round alone; otherwise ``dp-noise-multiplier``.
+    with run config ``dp-noise-from-budget``, the one that spends what is left
+    of the site's ``max_epsilon`` (at its ``delta``; ``spent`` is every round its
+    privacy ledger already holds, from this run and earlier ones) evenly over
+    this round and the run's remaining rounds after ``server_round``, so a small
+    site (sample rate 1) gets more noise than a large one, and a site that
+    already spent part of its budget gets more noise rather than running out
+    before the run ends; with ``dp-target-epsilon`` > 0, the one that spends
+    that epsilon in this round alone; otherwise ``dp-noise-multiplier``.
+
+    Raises
+    ------
+    PrivacyBudgetExceeded
+        With ``dp-noise-from-budget``, if ``spent`` alone already reaches ``max_epsilon``.
     """
     if num_cases < 1:
         raise DataError("the site has no training cases")
@@ -61,8 +73,9 @@ def plan_round(*, config: RunConfig, num_cases: int, delta: float, max_epsilon: 
         if max_epsilon is None:
             raise ConfigError("run config key 'dp-noise-from-budget' needs the site's budget (node config "
                               "'max-epsilon')")
-        noise = _noise_for(max_epsilon, delta=delta, sample_rate=sample_rate, steps=steps * config.num_rounds,
-                           key="dp-noise-from-budget")
+        rounds_left = max(1, config.num_rounds - server_round + 1)
+        noise = _noise_for(max_epsilon, delta=delta, sample_rate=sample_rate, steps=steps * rounds_left,
+                           key="dp-noise-from-budget", spent=tuple(spent))
     elif config.dp_target_epsilon > 0:
         noise = _noise_for(config.dp_target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
                            key="dp-target-epsilon")
@@ -72,19 +85,58 @@ def plan_round(*, config: RunConfig, num_cases: int, delta: float, max_epsilon: 
 
 
 @functools.lru_cache(maxsize=256)
-def _noise_for(epsilon: float, *, delta: float, sample_rate: float, steps: int, key: str) -> float:
-    """Opacus' (RDP) noise multiplier that spends ``epsilon`` in ``steps`` steps; ``key`` names the setting.
+def _noise_for(epsilon: float, *, delta: float, sample_rate: float, steps: int, key: str,
+               spent: tuple[Mechanism, ...] = ()) -> float:
+    """Opacus' (RDP) noise multiplier that spends ``epsilon`` in ``steps`` steps after ``spent``.
 
-    Cached: Opacus' search takes 0.1-1 s and a site asks the same question every round.
+    ``key`` names the setting for errors. Cached: the search takes 0.1-1 s and
+    sites ask the same question round after round.
     """
     from opacus.accountants.utils import get_noise_multiplier
 
+    if spent:
+        return _noise_after(epsilon, delta=delta, sample_rate=sample_rate, steps=steps, spent=spent)
     try:
         return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
                                           steps=steps, accountant="rdp"))
     except ValueError as exc:
         raise ConfigError(f"run config key '{key}': epsilon {epsilon} in {steps} steps is not reachable "
                           f"({exc})") from None
+
+
+def _noise_after(epsilon: float, *, delta: float, sample_rate: float, steps: int,
+                 spent: tuple[Mechanism, ...]) -> float:
+    """The noise that keeps ``spent`` plus ``steps`` steps within ``epsilon``, spending it to within the tolerance.
+
+    Opacus' ``get_noise_multiplier`` searches for one mechanism alone; this is
+    its bisection (same epsilon tolerance) over the composition with ``spent``.
+    The noise of the site's last round is kept when it still spends the rest
+    of the budget to within the tolerance, so a run's rounds share one noise.
+    """
+    from opacus.accountants.utils import MAX_SIGMA
+
+    from client.privacy_ledger import PrivacyBudgetExceeded, cumulative_epsilon
+
+    def epsilon_with(noise: float) -> float:
+        return cumulative_epsilon([*spent, (noise, sample_rate, steps)], delta=delta)
+
+    last_noise, last_rate, _ = spent[-1]
+    if last_rate == sample_rate and 0 <= epsilon - epsilon_with(last_noise) <= EPSILON_TOLERANCE:
+        return last_noise
+    low, high = 0.0, 1.0
+    while epsilon_with(high) > epsilon:
+        low, high = high, 2 * high
+        if high > MAX_SIGMA:
+            raise PrivacyBudgetExceeded(
+                f"privacy budget: the site's ledger already holds epsilon "
+                f"{cumulative_epsilon(spent, delta=delta):.3f} (delta {delta:g}) of its max-epsilon {epsilon:g}; "
+                "no noise keeps another round within it; not training")
+    for _ in range(100):  # bisection: high always fits the budget
+        if epsilon - epsilon_with(high) <= EPSILON_TOLERANCE:
+            break
+        middle = (low + high) / 2
+        low, high = (low, middle) if epsilon_with(middle) <= epsilon else (middle, high)
+    return high
 
 
 def private_generator() -> torch.Generator:

@@ -33,8 +33,11 @@ def train_private(model: Any, cases: list, augment: Any, *, config: RunConfig, s
 
     if not cases:
         raise DataError("the site has no training cases")
-    plan = plan_round(config=config, num_cases=len(cases), delta=site.dp_delta, max_epsilon=site.max_epsilon)
-    charge = PrivacyLedger(site.state_dir, delta=site.dp_delta).charge(
+    ledger = PrivacyLedger(site.state_dir, delta=site.dp_delta)
+    plan = plan_round(config=config, num_cases=len(cases), delta=site.dp_delta, max_epsilon=site.max_epsilon,
+                      spent=[entry.mechanism() for entry in ledger.entries()] if config.dp_noise_from_budget else (),
+                      server_round=server_round)
+    charge = ledger.charge(
         run_id=run_id, server_round=server_round, noise_multiplier=plan.noise_multiplier,
         sample_rate=plan.sample_rate, steps=plan.steps, max_epsilon=site.max_epsilon)
     loader = training_loader(cases, augment, batch_size=config.batch_size, generator=private_generator())

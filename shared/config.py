@@ -54,8 +54,9 @@ class RunConfig:
     (on/off), ``dp-noise-multiplier``, ``dp-max-grad-norm`` (per-case clipping
     norm), ``dp-target-epsilon`` (> 0: each site computes the noise that spends
     this epsilon per round, at its own delta), ``dp-noise-from-budget`` (true:
-    each site computes the noise that spends its whole budget, node config
-    ``max-epsilon``, over the run's ``num-rounds``) and ``dp-grad-sample-mode``. A site's
+    each site computes the noise that spends what is left of its budget, node
+    config ``max-epsilon`` minus what its privacy ledger holds, over this round
+    and the run's remaining rounds) and ``dp-grad-sample-mode``. A site's
     budget, delta and whether it requires DP are node config (``client.site``),
     which no run config key can change.
     """

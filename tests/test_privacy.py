@@ -140,6 +140,58 @@ def test_noise_from_budget_lets_every_site_train_all_rounds_within_its_budget(nu
                       sample_rate=plan.sample_rate, steps=plan.steps, max_epsilon=3.0)
 
 
+def _charge_run(ledger, config, *, num_cases, max_epsilon, aware):
+    """Plan and charge every round of a run as a site does; ``aware`` passes the ledger to the plan."""
+    noises = []
+    for server_round in range(1, config.num_rounds + 1):
+        spent = [e.mechanism() for e in ledger.entries()] if aware else ()
+        plan = plan_round(config=config, num_cases=num_cases, delta=1e-5, max_epsilon=max_epsilon,
+                          spent=spent, server_round=server_round)
+        charge = ledger.charge(run_id=2, server_round=server_round, noise_multiplier=plan.noise_multiplier,
+                               sample_rate=plan.sample_rate, steps=plan.steps, max_epsilon=max_epsilon)
+        noises.append(plan.noise_multiplier)
+    return charge, noises
+
+
+def test_noise_from_budget_spends_what_earlier_runs_left_over_the_whole_run(tmp_path):
+    config = RunConfig.from_mapping(dict(DP_RUN, **{"dp-noise-from-budget": True, "num-rounds": 4}))
+    for folder in ("aware", "unaware"):  # the same earlier run in two copies of the site's ledger
+        PrivacyLedger(tmp_path / folder, delta=1e-5).charge(
+            run_id=1, server_round=1, noise_multiplier=2.5, sample_rate=0.2, steps=15, max_epsilon=3.0)
+    earlier = PrivacyLedger(tmp_path / "aware", delta=1e-5).epsilon()
+    assert 0.5 < earlier < 2.5
+
+    charge, noises = _charge_run(PrivacyLedger(tmp_path / "aware", delta=1e-5), config, num_cases=10,
+                                 max_epsilon=3.0, aware=True)
+    fresh = plan_round(config=config, num_cases=10, delta=1e-5, max_epsilon=3.0)
+    assert charge.epsilon <= 3.0 and charge.epsilon == pytest.approx(3.0, rel=0.01)
+    assert min(noises) > fresh.noise_multiplier  # what is left is spread over the run: more noise per round
+    assert max(noises) / min(noises) < 1.01  # evenly
+    with pytest.raises(PrivacyBudgetExceeded):  # planning as if the ledger were empty runs out mid-run
+        _charge_run(PrivacyLedger(tmp_path / "unaware", delta=1e-5), config, num_cases=10, max_epsilon=3.0,
+                    aware=False)
+
+
+def test_noise_from_budget_lets_a_site_first_sampled_in_the_last_round_spend_its_budget(tmp_path):
+    config = RunConfig.from_mapping(dict(DP_RUN, **{"dp-noise-from-budget": True, "num-rounds": 5}))
+    last = plan_round(config=config, num_cases=10, delta=1e-5, max_epsilon=3.0, server_round=5)
+    first = plan_round(config=config, num_cases=10, delta=1e-5, max_epsilon=3.0, server_round=1)
+    charge = PrivacyLedger(tmp_path, delta=1e-5).charge(
+        run_id=1, server_round=5, noise_multiplier=last.noise_multiplier, sample_rate=last.sample_rate,
+        steps=last.steps, max_epsilon=3.0)
+    assert last.noise_multiplier < first.noise_multiplier
+    assert charge.epsilon == pytest.approx(3.0, rel=0.02)
+
+
+def test_noise_from_budget_refuses_a_site_whose_ledger_holds_its_whole_budget(tmp_path):
+    config = RunConfig.from_mapping(dict(DP_RUN, **{"dp-noise-from-budget": True, "num-rounds": 3}))
+    ledger = PrivacyLedger(tmp_path, delta=1e-5)
+    ledger.charge(run_id=1, server_round=1, noise_multiplier=0.6, sample_rate=0.2, steps=15, max_epsilon=50.0)
+    with pytest.raises(PrivacyBudgetExceeded, match="max-epsilon 3"):
+        plan_round(config=config, num_cases=10, delta=1e-5, max_epsilon=3.0,
+                   spent=[e.mechanism() for e in ledger.entries()], server_round=2)
+
+
 def test_noise_from_budget_is_larger_where_every_step_sees_every_case():
     config = RunConfig.from_mapping(dict(DP_RUN, **{"dp-noise-from-budget": True, "local-epochs": 4,
                                                     "num-rounds": 5}))

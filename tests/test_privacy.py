@@ -14,7 +14,7 @@ from opacus.accountants import RDPAccountant
 
 from client.dp_training import DPPlan, make_private, plan_round
 from client.handlers import handle_train
-from client.privacy_ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger
+from client.privacy_ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger, cumulative_epsilon
 from client.site import SiteConfig
 from client.training import make_loss, run_epochs
 from shared.config import RunConfig
@@ -58,6 +58,14 @@ def test_epsilon_accumulates_over_stateless_rounds_like_one_accountant(two_sites
             one_accountant.step(noise_multiplier=entry.noise_multiplier, sample_rate=entry.sample_rate)
     assert totals[-1] == pytest.approx(one_accountant.get_epsilon(delta=1e-5), rel=0.01)
     assert [e.server_round for e in entries] == [1, 2, 3] and {e.run_id for e in entries} == {11}
+
+
+def test_ledger_epsilon_is_opacus_rdp_accountants_over_a_mixed_history():
+    history = [(1.1, 0.25, 16), (2.5, 1.0, 4), (0.9, 0.5, 8), (1.1, 0.25, 16)]
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    assert cumulative_epsilon(history, delta=1e-5) == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-12)
+    assert cumulative_epsilon(history[:1], delta=1e-5) < cumulative_epsilon(history, delta=1e-5)
 
 
 def test_ledger_survives_a_fresh_process(tmp_path):

@@ -131,11 +131,16 @@ def _noise_after(epsilon: float, *, delta: float, sample_rate: float, steps: int
                 f"privacy budget: the site's ledger already holds epsilon "
                 f"{cumulative_epsilon(spent, delta=delta):.3f} (delta {delta:g}) of its max-epsilon {epsilon:g}; "
                 "no noise keeps another round within it; not training")
+    spent_at_high = epsilon_with(high)
     for _ in range(100):  # bisection: high always fits the budget
-        if epsilon - epsilon_with(high) <= EPSILON_TOLERANCE:
+        if epsilon - spent_at_high <= EPSILON_TOLERANCE:
             break
         middle = (low + high) / 2
-        low, high = (low, middle) if epsilon_with(middle) <= epsilon else (middle, high)
+        spent_at_middle = epsilon_with(middle)
+        if spent_at_middle <= epsilon:
+            high, spent_at_high = middle, spent_at_middle
+        else:
+            low = middle
     return high
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import sys
-import warnings
 
-from shared.cli import run_commands
+from shared.cli import quiet_optional_codec_notice, run_commands
 
 # name -> (module with add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -18,10 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    # MONAI's optional GPU DICOM decoder announces its absence; noise for site tools
-    warnings.filterwarnings("ignore", message="nvImageCodec")
-    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
-    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    quiet_optional_codec_notice()
     return run_commands("python -m client", "fedseg tools for a hospital node.", COMMANDS, argv)
 
 

@@ -6,6 +6,9 @@ Kept thin and cheap to import; the work lives in :mod:`client.handlers`.
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from shared.cli import quiet_optional_codec_notice
+
+quiet_optional_codec_notice()  # else every case read logs a notice (in a simulation, relayed by Ray and Flower)
 app = ClientApp()
 
 

@@ -8,6 +8,7 @@ the file.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,6 @@ class LoadCased(MapTransform):
 
 def load_image(source: str | list[str]) -> Any:
     """Read ``source`` (a path or a list of paths, one per channel) into ``[C, *spatial]``."""
-    from monai.transforms import LoadImage
-
     paths = [source] if isinstance(source, (str, Path)) else list(source)
     for path in map(Path, paths):
         if not path.exists():
@@ -46,12 +45,19 @@ def load_image(source: str | list[str]) -> Any:
         return load_dicom_seg(Path(paths[0]))
     reader = _reader_name(Path(paths[0]))
     try:
-        return LoadImage(reader=reader, image_only=True, ensure_channel_first=True)(
-            paths[0] if len(paths) == 1 else paths)
+        return _image_loader(reader)(paths[0] if len(paths) == 1 else paths)
     except DataError:
         raise
     except Exception as exc:  # readers raise many types for truncated/corrupt files
         raise DataError(f"{', '.join(map(str, paths))}: cannot read image ({_root_message(exc)})") from None
+
+
+@functools.cache
+def _image_loader(reader: str) -> Any:
+    """One MONAI LoadImage per reader: building one instantiates every reader MONAI has (~0.2 ms)."""
+    from monai.transforms import LoadImage
+
+    return LoadImage(reader=reader, image_only=True, ensure_channel_first=True)
 
 
 def load_dicom_seg(path: Path) -> Any:

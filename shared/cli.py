@@ -23,9 +23,13 @@ def quiet_optional_codec_notice() -> None:
     MONAI logs and warns, at every import and read, that the optional
     nvImageCodec DICOM decoder is absent (fedseg never uses it: pydicom
     decodes), and warns that an argument its own HD95 code passes is deprecated.
+    In a ClientApp that is not only noise: a simulated hospital logged ~40
+    lines a second, each carried through Ray's log monitor, the simulation
+    engine, the SuperLink and ``flwr run`` (measured in benchmarks/scale.py).
     """
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
     warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
 
 

@@ -11,10 +11,10 @@ Measures:
    vs the plain loop's workers).
 
 The speed of these shared machines drifts by 10% and more within minutes, so
-the pair (simulation, then the plain loop over the sites it sampled) is run
-``--repeats`` times (default 2) and the headline ratio pools the pairs. (An
-ABBA order would cancel drift better, but a simulation's sampled sites are
-only known after it ran: Flower gives virtual nodes new random IDs each run.)
+simulations (S) and plain loops (P) alternate in an ABBA order that cancels a
+steady drift: with ``--repeats 2`` (default) S P P S, with 3 S P P S S P. The
+runs share their seed, so every simulation samples the same sites in the same
+rounds (checked), and the headline ratio pools all of them.
 
 Usage (from the repo root, after ``make setup``)::
 
@@ -41,17 +41,28 @@ ROUND_LINE = re.compile(r"round (\d+)/\d+")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """``args.repeats`` times: a simulation, then the plain loop over the sites it sampled."""
+    """``args.repeats`` simulations and as many plain loops over their sites, in ABBA order."""
     sims: list[dict[str, Any]] = []
     plain: list[list[dict[str, float]]] = []
     load_before = os.getloadavg()
-    for _ in range(args.repeats):
+    for index in range(args.repeats):
+        if index % 2:  # P S: the plain loop first, on the sites every simulation samples
+            plain.append(time_plain_loop(sims[-1], workers=_workers(args)))
         sims.append(simulate(args))
-        plain.append(time_plain_loop(sims[-1], workers=_workers(args)))
+        _check_same_sites(sims[0], sims[-1])
+        if index % 2 == 0:
+            plain.append(time_plain_loop(sims[-1], workers=_workers(args)))
     return {"sites": args.sites, "per_round": args.per_round, "workers": _workers(args), "cores": os.cpu_count(),
             "min_cases": args.min_cases, "max_cases": args.max_cases, "sims": sims, "plain": plain,
             "peak_rss_gib": max(sim["peak_rss_gib"] for sim in sims),
             "load": [round(x, 1) for x in (load_before[0], os.getloadavg()[0])]}
+
+
+def _check_same_sites(reference: dict[str, Any], sim: dict[str, Any]) -> None:
+    sites = [[(r["trained"], r["evaluated"]) for r in s["rounds"]] for s in (reference, sim)]
+    if sites[0] != sites[1]:
+        raise RuntimeError(f"{sim['run_dir']} sampled other sites than {reference['run_dir']} with the same seed: "
+                           "the repeats would time different work")
 
 
 def _workers(args: argparse.Namespace) -> int:
@@ -131,11 +142,12 @@ def to_markdown(result: dict[str, Any], command: str) -> str:
     header = (f"{result['sites']} virtual sites ({result['min_cases']}-{result['max_cases']} cases each), "
               f"{result['per_round']} sampled per round, default 2D model and harness settings (DP on), "
               f"{result['cores']} CPU cores, {result['workers']} Ray actors and as many plain-loop workers; "
-              f"{len(sims)} simulations, each followed by its plain loop; load average at the start / "
-              f"end: {' / '.join(map(str, result['load']))}. Peak RSS of the whole simulation: "
-              f"**{result['peak_rss_gib']} GiB**.")
+              f"{len(sims)} simulations (S) and plain loops (P) in the order {_order(len(sims))}; "
+              f"load average at the start / end: {' / '.join(map(str, result['load']))}. "
+              f"Peak RSS of the whole simulation: **{result['peak_rss_gib']} GiB**.")
     lines = [f"Command: `{command}`", "", header, "", "Steady state (rounds after the first), run by run:", "",
-             "| simulation | round s | plain loop s (same rounds) | round / plain loop | CPU ratio | peak RSS GiB |",
+             ("| simulation | round s | plain loop s (the one next to it) | round / plain loop | CPU ratio "
+              "| peak RSS GiB |"),
              "|---|---|---|---|---|---|"]
     for index, (sim, loop) in enumerate(zip(sims, plain)):
         wall, loop_wall, cpu, loop_cpu = _steady_sums(sim, loop)
@@ -146,7 +158,7 @@ def to_markdown(result: dict[str, Any], command: str) -> str:
         lines += ["", (f"All runs pooled: simulated round / plain loop = **{sums[0] / sums[1]:.2f}** (overhead "
                        f"{100 * (sums[0] / sums[1] - 1):.0f}%); CPU seconds, simulation / plain loop = "
                        f"**{sums[2] / sums[3]:.2f}**.")]
-    lines += ["", "Per round, simulation 1 and its plain loop:", "",
+    lines += ["", "Per round, simulation 1 and the plain loop after it:", "",
               ("| round | sites trained / evaluated | round s | plain loop s | round / plain loop "
                "| simulation CPU s | plain loop CPU s | CPU ratio | peak RSS GiB |"),
               "|---|---|---|---|---|---|---|---|---|"]
@@ -156,6 +168,10 @@ def to_markdown(result: dict[str, Any], command: str) -> str:
                      f"| {r['simulation_cpu_seconds']:.1f} | {t['cpu_s']:.1f} "
                      f"| {_ratio(r['simulation_cpu_seconds'], t['cpu_s'])} | {r['peak_rss_gib']:.3f} |")
     return "\n".join(lines + _cpu_by_role(sims, plain)) + "\n"
+
+
+def _order(repeats: int) -> str:
+    return " ".join("S P" if index % 2 == 0 else "P S" for index in range(repeats))
 
 
 def _steady_count(sim: dict[str, Any]) -> int:
@@ -201,7 +217,7 @@ def main() -> None:
     parser.add_argument("--min-cases", type=int, default=2)
     parser.add_argument("--max-cases", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=2, help="simulations, each followed by its plain loop")
+    parser.add_argument("--repeats", type=int, default=2, help="simulations (and plain loops), in ABBA order")
     parser.add_argument("--cpus-per-client", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/scale"))
     parser.add_argument("--stock-engine", action="store_true", help="Flower's simulation engine unpatched")
@@ -211,8 +227,8 @@ def main() -> None:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     result = run(args)
     command = (f".venv/bin/python -m benchmarks.scale --sites {args.sites} --per-round {args.per_round} "
-               f"--rounds {args.rounds} --min-cases {args.min_cases} --max-cases {args.max_cases} --repeats {args.repeats}"
-               + (" --stock-engine" if args.stock_engine else ""))
+               f"--rounds {args.rounds} --min-cases {args.min_cases} --max-cases {args.max_cases} "
+               f"--repeats {args.repeats}" + (" --stock-engine" if args.stock_engine else ""))
     text = to_markdown(result, command)
     print(text)
     if not args.no_write:

@@ -100,6 +100,15 @@ class PollingGrid(Grid):
         """Connected node ids (wrapped Grid)."""
         return self._grid.get_node_ids()
 
+    def sampling_order(self, node_ids: Iterable[int]) -> list[int]:
+        """``node_ids`` in an order that stays the same from run to run, for seeded sampling.
+
+        The wrapped Grid's ``sampling_order`` if it has one (fedseg's simulation engine
+        lists virtual nodes by partition: their ids are drawn anew each run), else by id.
+        """
+        order = getattr(self._grid, "sampling_order", None)
+        return list(order(node_ids)) if order is not None else sorted(node_ids)
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Push through the wrapped Grid."""
         return self._grid.push_messages(messages)

@@ -23,9 +23,15 @@ the interval nor the scan is a setting.
   and the in-process ``InMemoryGrid`` gains ``wait_for_replies(timeout)``,
   which returns as soon as a reply was stored since its last call (or after
   ``timeout``). :class:`server.polling_grid.PollingGrid` waits with it instead
-  of sleeping a fixed interval between pulls when the Grid offers it.
+  of sleeping a fixed interval between pulls when the Grid offers it;
+- ``_register_nodes`` also records which partition each virtual node serves,
+  and ``InMemoryGrid`` gains ``sampling_order(node_ids)``, which lists nodes by
+  partition. Flower draws new random node ids every run, so sampling over
+  sorted ids picked other sites each run with the same seed; over partitions
+  a seed samples the same sites every run (and a resumed run the same ones as
+  the uninterrupted run).
 
-Both are guarded: on any Flower other than the version whose code was checked
+All are guarded: on any Flower other than the version whose code was checked
 (a hash of each replaced function's source), nothing is changed and the
 engine runs stock, with a warning.
 """
@@ -57,6 +63,7 @@ EXPECTED_SOURCES = {
     "InMemoryLinkState.store_message_ins": "a2b78afac51dc4a23d236ccf8d02958c8d0532aac179cd9ad9b1a0d939eecbea",
     "InMemoryLinkState.get_message_ins": "6547c8dcbc62e12f5b2aa5c69f4de8c7c7072c10d6c0876512cf37197d941056",
     "InMemoryLinkState.store_message_res": "52a4f7ccc70e890843671cc17e603239f50b88de2a0c5d30810a19021c9d594d",
+    "vce_api._register_nodes": "88a1cb6749e876ed204b9b250b6846dae53e8a20a5df1f79cff060eacab9b998",
 }
 ANNOUNCEMENT = "[fedseg] simulation engine: messages handed over as they are stored (simulations/engine_patches.py)"
 SAFETY_SWEEP_S = 3.0
@@ -150,6 +157,42 @@ def wait_for_replies(self: Any, timeout: float) -> None:
     self.__dict__["_fedseg_replies_seen"] = signals_of(self.state).replies.wait_beyond(seen, timeout=timeout)
 
 
+class NodePartitions:
+    """Which partition each virtual node of this process's simulation serves (set once, when registered)."""
+
+    def __init__(self) -> None:
+        self.by_node: dict[int, int] = {}
+        self.registered = threading.Event()
+
+    def record(self, mapping: dict[int, int]) -> None:
+        self.by_node = dict(mapping)
+        self.registered.set()
+
+
+NODE_PARTITIONS = NodePartitions()
+REGISTRATION_WAIT_S = 10.0
+
+
+def recording_partitions(original: Callable[..., dict[int, int]]) -> Callable[..., dict[int, int]]:
+    """Wrap ``vce_api._register_nodes`` to record its node id -> partition id mapping."""
+
+    def register(*args: Any, **kwargs: Any) -> dict[int, int]:
+        mapping = original(*args, **kwargs)
+        NODE_PARTITIONS.record(mapping)
+        return mapping
+
+    register.__wrapped__ = original  # type: ignore[attr-defined]
+    register.__name__, register.__doc__ = original.__name__, original.__doc__
+    return register
+
+
+def sampling_order(self: Any, node_ids: Iterable[int]) -> list[int]:
+    """``InMemoryGrid.sampling_order``: ``node_ids`` by the partition each serves (then unknown ids, sorted)."""
+    NODE_PARTITIONS.registered.wait(REGISTRATION_WAIT_S)  # nodes appear in the state just before the mapping
+    partitions = NODE_PARTITIONS.by_node
+    return sorted(node_ids, key=lambda node: (node not in partitions, partitions.get(node, node)))
+
+
 def add_messages_on_arrival(state: Any, queue: Queue, nodes_mapping: Any, f_stop: threading.Event) -> None:
     """Stand-in for Flower's ``add_messages_to_queue``: queue each message once it is stored."""
     print(ANNOUNCEMENT, flush=True)  # flwr-simulation mirrors its output into the run's log (flower.log)
@@ -179,7 +222,9 @@ def _targets() -> dict[str, Callable[..., Any]]:
     from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 
     store_ins, store_res = InMemoryLinkState.store_message_ins, InMemoryLinkState.store_message_res
+    register = vce_api._register_nodes
     return {"vce_api.add_messages_to_queue": vce_api.add_messages_to_queue,
+            "vce_api._register_nodes": getattr(register, "__wrapped__", register),
             "InMemoryLinkState.store_message_ins": getattr(store_ins, "__wrapped__", store_ins),
             "InMemoryLinkState.get_message_ins": InMemoryLinkState.get_message_ins,
             "InMemoryLinkState.store_message_res": getattr(store_res, "__wrapped__", store_res)}
@@ -203,17 +248,20 @@ def apply() -> bool:
     from flwr.superlink.grid import InMemoryGrid
 
     reason = mismatch()
-    if reason is None and hasattr(InMemoryGrid, "wait_for_replies") \
-            and InMemoryGrid.wait_for_replies is not wait_for_replies:
-        reason = "Flower's InMemoryGrid already has a wait_for_replies"
+    for name, ours in (("wait_for_replies", wait_for_replies), ("sampling_order", sampling_order)):
+        if reason is None and getattr(InMemoryGrid, name, ours) is not ours:
+            reason = f"Flower's InMemoryGrid already has a {name}"
     if reason is not None:
         LOG.warning("simulation engine left stock (messages found by Flower's 0.1 s sweep): %s", reason)
         return False
     if not hasattr(InMemoryLinkState.store_message_ins, "__wrapped__"):
         InMemoryLinkState.store_message_ins = recording_store(InMemoryLinkState.store_message_ins, reply=False)
         InMemoryLinkState.store_message_res = recording_store(InMemoryLinkState.store_message_res, reply=True)
+    if not hasattr(vce_api._register_nodes, "__wrapped__"):
+        vce_api._register_nodes = recording_partitions(vce_api._register_nodes)
     vce_api.add_messages_to_queue = add_messages_on_arrival
     InMemoryGrid.wait_for_replies = wait_for_replies
+    InMemoryGrid.sampling_order = sampling_order
     return True
 
 

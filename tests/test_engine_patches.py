@@ -32,11 +32,12 @@ NODES = 300
 def patched_flower(monkeypatch):
     """Apply the patch for one test; monkeypatch puts Flower back afterwards."""
     for owner, name in ((InMemoryLinkState, "store_message_ins"), (InMemoryLinkState, "store_message_res"),
-                        (vce_api, "add_messages_to_queue")):
+                        (vce_api, "add_messages_to_queue"), (vce_api, "_register_nodes")):
         monkeypatch.setattr(owner, name, getattr(owner, name))
+    monkeypatch.setattr(engine_patches, "NODE_PARTITIONS", engine_patches.NodePartitions())
     assert engine_patches.apply()
     yield
-    del InMemoryGrid.wait_for_replies
+    del InMemoryGrid.wait_for_replies, InMemoryGrid.sampling_order
 
 
 @pytest.fixture
@@ -155,3 +156,11 @@ def test_the_launcher_starts_flowers_simulation_entry_point_with_the_patch(tmp_p
     done = subprocess.run([str(launcher), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "--runtime-api-address" in done.stdout  # Flower's own flwr-simulation argument parser
+
+
+def test_virtual_nodes_are_sampled_by_partition_not_by_their_random_ids(patched_flower, federation):
+    _, grid, nodes = federation
+    ids = list(grid.get_node_ids())
+    ordered = PollingGrid(grid).sampling_order(ids)
+    assert [nodes[node] for node in ordered] == list(range(NODES))
+    assert ordered != sorted(ids)  # Flower's ids are random: in id order the partitions would be shuffled

@@ -41,6 +41,24 @@ def test_200_sites_with_10_sampled_per_round(tmp_path):
     assert len(json.loads((run_dir / "sites.json").read_text())["sites"]) == 200
 
 
+def _sampled(run_dir: Path) -> list[tuple[list[str], list[str]]]:
+    rows = [r for r in _rows(run_dir) if r["site"] != "global"]
+    return [(sorted(r["site"] for r in rows if r["round"] == k and r.get("train-status") == "ok"),
+             sorted(r["site"] for r in rows if r["round"] == k and r.get("evaluate-status") == "ok")) for k in (1, 2)]
+
+
+@pytest.mark.integration
+def test_a_seed_samples_the_same_sites_in_every_run(tmp_path):
+    sampled = []
+    for attempt in ("a", "b"):
+        spec = SimulationSpec(sites=12, sites_per_round=3, rounds=2, seed=5, out=tmp_path / attempt, min_cases=2,
+                              max_cases=3, timeout_s=600, run_config=dict(TINY_RUN_CONFIG, **{"num-rounds": 2}))
+        run_simulation(spec, echo=False)
+        sampled.append(_sampled((tmp_path / attempt / "latest").resolve()))
+    assert all(len(trained) == len(evaluated) == 3 for trained, evaluated in sampled[0])
+    assert sampled[0] == sampled[1]
+
+
 @pytest.fixture
 def ray_head():
     """A local Ray head node standing in for a cluster; stopped (whole tree) afterwards."""

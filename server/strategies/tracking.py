@@ -12,7 +12,8 @@ sampling and the aggregation; the mixin
   strategies get one pre-averaged update, so memory does not grow with the
   number of sites);
 - samples nodes reproducibly from (seed, round), so a resumed run asks the same
-  nodes as the uninterrupted one would have;
+  nodes as the uninterrupted one would have (in a simulation, through the
+  engine's partition order: virtual node ids change every run);
 - exposes the strategy's own state for checkpoints.
 """
 
@@ -172,13 +173,18 @@ def _reply_like(arrays: ArrayRecord, metrics: MetricRecord) -> Message:
 
 
 class _SortedNodes:
-    """A grid view listing node ids in sorted order, so seeded sampling is reproducible."""
+    """A grid view listing node ids in an order that is the same every run, so seeded sampling is reproducible.
+
+    The Grid's ``sampling_order`` when it has one (:class:`~server.polling_grid.PollingGrid`), else by id.
+    """
 
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
 
     def get_node_ids(self) -> list[int]:
-        return sorted(self._grid.get_node_ids())
+        order = getattr(self._grid, "sampling_order", None)
+        ids = self._grid.get_node_ids()
+        return list(order(ids)) if order is not None else sorted(ids)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)

@@ -24,6 +24,16 @@ HARDENED_FLOWER_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
 }
+# Ray in a simulation: no usage stats; none of the bookkeeping only Ray's dashboard reads (task events,
+# metrics export, event-loop stats), which costs the simulated clients ~4% of a round on 2 cores
+# (benchmarks/scale.py, BENCHMARKS.md); worker logs passed on undeduplicated.
+SIMULATION_RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_task_events_report_interval_ms": "0",
+    "RAY_enable_metrics_collection": "0",
+    "RAY_event_stats": "0",
+    "RAY_DEDUP_LOGS": "0",
+}
 
 
 def flower_env(flwr_home: Path, ray_tmp: Path | None = None) -> dict[str, str]:
@@ -40,7 +50,7 @@ def flower_env(flwr_home: Path, ray_tmp: Path | None = None) -> dict[str, str]:
     env.update(HARDENED_FLOWER_ENV)
     env.update({"FLWR_HOME": str(flwr_home), "PYTHONWARNINGS": "ignore"})
     if ray_tmp is not None:
-        env.update({"RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"})
+        env.update(SIMULATION_RAY_ENV, RAY_TMPDIR=str(ray_tmp))
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     return env

@@ -60,6 +60,16 @@ def shorten_object_pull_retry(*, seconds: float = FIRST_OBJECT_RETRY_S) -> bool:
     return True
 
 
+def sampling_order(grid: Grid, node_ids: Iterable[int]) -> list[int]:
+    """``node_ids`` in an order that stays the same from run to run, for seeded sampling.
+
+    ``grid``'s own ``sampling_order`` if it has one (fedseg's simulation engine lists
+    virtual nodes by partition: their ids are drawn anew each run), else by id.
+    """
+    order = getattr(grid, "sampling_order", None)
+    return list(order(node_ids)) if order is not None else sorted(node_ids)
+
+
 class PollingGrid(Grid):
     """Delegate to ``grid``; poll for replies every ``poll_interval_s`` seconds.
 
@@ -101,13 +111,8 @@ class PollingGrid(Grid):
         return self._grid.get_node_ids()
 
     def sampling_order(self, node_ids: Iterable[int]) -> list[int]:
-        """``node_ids`` in an order that stays the same from run to run, for seeded sampling.
-
-        The wrapped Grid's ``sampling_order`` if it has one (fedseg's simulation engine
-        lists virtual nodes by partition: their ids are drawn anew each run), else by id.
-        """
-        order = getattr(self._grid, "sampling_order", None)
-        return list(order(node_ids)) if order is not None else sorted(node_ids)
+        """``node_ids`` in an order that stays the same from run to run (:func:`sampling_order`)."""
+        return sampling_order(self._grid, node_ids)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Push through the wrapped Grid."""

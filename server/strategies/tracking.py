@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 
+from server.polling_grid import sampling_order
 from server.site_replies import sort_replies
 from server.train_collector import ClosedRound, TrainCollector
 from server.update_checks import reference_arrays
@@ -175,16 +176,14 @@ def _reply_like(arrays: ArrayRecord, metrics: MetricRecord) -> Message:
 class _SortedNodes:
     """A grid view listing node ids in an order that is the same every run, so seeded sampling is reproducible.
 
-    The Grid's ``sampling_order`` when it has one (:class:`~server.polling_grid.PollingGrid`), else by id.
+    See :func:`server.polling_grid.sampling_order`.
     """
 
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
 
     def get_node_ids(self) -> list[int]:
-        order = getattr(self._grid, "sampling_order", None)
-        ids = self._grid.get_node_ids()
-        return list(order(ids)) if order is not None else sorted(ids)
+        return sampling_order(self._grid, self._grid.get_node_ids())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)

@@ -38,6 +38,7 @@ engine runs stock, with a warning.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import inspect
@@ -136,6 +137,7 @@ def signals_of(state: Any) -> StateSignals:
 def recording_store(original: Callable[..., str | None], *, reply: bool) -> Callable[..., str | None]:
     """Wrap ``store_message_ins`` (``reply=False``) or ``store_message_res`` to signal each stored message."""
 
+    @functools.wraps(original)  # keeps __wrapped__: apply() and the source check find Flower's function
     def store(self: Any, message: Any) -> str | None:
         message_id = original(self, message)
         if message_id is not None:
@@ -146,8 +148,6 @@ def recording_store(original: Callable[..., str | None], *, reply: bool) -> Call
                 signals.arrivals.add(message.metadata.dst_node_id)
         return message_id
 
-    store.__wrapped__ = original  # type: ignore[attr-defined]
-    store.__name__, store.__doc__ = original.__name__, original.__doc__
     return store
 
 
@@ -176,13 +176,12 @@ REGISTRATION_WAIT_S = 10.0
 def recording_partitions(original: Callable[..., dict[int, int]]) -> Callable[..., dict[int, int]]:
     """Wrap ``vce_api._register_nodes`` to record its node id -> partition id mapping."""
 
+    @functools.wraps(original)
     def register(*args: Any, **kwargs: Any) -> dict[int, int]:
         mapping = original(*args, **kwargs)
         NODE_PARTITIONS.record(mapping)
         return mapping
 
-    register.__wrapped__ = original  # type: ignore[attr-defined]
-    register.__name__, register.__doc__ = original.__name__, original.__doc__
     return register
 
 

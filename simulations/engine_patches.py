@@ -229,15 +229,20 @@ def _targets() -> dict[str, Callable[..., Any]]:
             "InMemoryLinkState.store_message_res": getattr(store_res, "__wrapped__", store_res)}
 
 
-def mismatch() -> str | None:
-    """Why the engine must not be patched here, or None if it is the code checked."""
+def code_mismatch(expected: dict[str, str], targets: dict[str, Callable[..., Any]]) -> str | None:
+    """Why Flower's ``targets`` are not the code whose source hashes are ``expected`` (None if they are)."""
     version = importlib.metadata.version("flwr")
     if version != PATCHED_FLWR_VERSION:
-        return f"flwr {version} is installed; the engine is only patched on flwr {PATCHED_FLWR_VERSION}"
-    changed = [name for name, function in _targets().items() if source_hash(function) != EXPECTED_SOURCES[name]]
+        return f"flwr {version} is installed; fedseg checked flwr {PATCHED_FLWR_VERSION}"
+    changed = [name for name, function in targets.items() if source_hash(function) != expected[name]]
     if changed:
         return f"Flower's {', '.join(changed)} is not the code fedseg checked"
     return None
+
+
+def mismatch() -> str | None:
+    """Why the engine must not be patched here, or None if it is the code checked."""
+    return code_mismatch(EXPECTED_SOURCES, _targets())
 
 
 def apply() -> bool:
@@ -269,10 +274,17 @@ LAUNCHER = '''#!{python}
 import importlib.util
 import sys
 
-spec = importlib.util.spec_from_file_location("fedseg_engine_patches", {module!r})
-patches = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(patches)
+
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+patches = load("fedseg_engine_patches", {module!r})
 patches.apply()
+load("fedseg_actor_pipeline", {pipeline!r}).apply(checker=patches.code_mismatch)
 
 from flwr.simulation.app import flwr_simulation
 
@@ -289,7 +301,9 @@ def write_launcher(bin_dir: Path) -> Path:
     """
     bin_dir.mkdir(parents=True, exist_ok=True)
     launcher = bin_dir / "flwr-simulation"
-    launcher.write_text(LAUNCHER.format(python=sys.executable, module=str(Path(__file__).resolve())))
+    here = Path(__file__).resolve()
+    launcher.write_text(LAUNCHER.format(python=sys.executable, module=str(here),
+                                        pipeline=str(here.with_name("actor_pipeline.py"))))
     launcher.chmod(launcher.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return launcher
 

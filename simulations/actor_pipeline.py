@@ -114,6 +114,7 @@ def registering_queue(original: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(original)
     def deliver(state: Any, queue: Queue, *args: Any, **kwargs: Any) -> None:
+        print(ANNOUNCEMENT, flush=True)  # here, not in apply(): flwr-simulation mirrors a run's output into its log
         ENGINE_QUEUE.register(queue)
         original(state, queue, *args, **kwargs)
 
@@ -227,5 +228,4 @@ def apply(*, checker: Checker | None = None) -> bool:
         backend._fedseg_pipelined = True
         raybackend.RayBackend = backend
         vce_api.add_messages_to_queue = registering_queue(vce_api.add_messages_to_queue)
-    print(ANNOUNCEMENT, flush=True)
     return True

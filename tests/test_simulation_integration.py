@@ -10,6 +10,7 @@ from shared.errors import ConfigError
 from shared.model_file import load_model
 from simulations.__main__ import build_parser
 from simulations.api import SimulationSpec, run_simulation
+from simulations import actor_pipeline
 from simulations.engine_patches import ANNOUNCEMENT
 from tests.conftest import TINY_RUN_CONFIG, live_processes_mentioning
 
@@ -34,7 +35,8 @@ def test_two_sites_one_round_through_flower(tmp_path):
     assert payload["final"] and payload["class_names"] == ["background", "lesion"]
     assert set(payload["per_site"]) >= {"hospital-01", "hospital-02"} and payload["sha256"]
     assert live_processes_mentioning(str(run_dir / "flwr-home")) == []
-    assert ANNOUNCEMENT in (run_dir / "flower.log").read_text()  # fedseg's engine patch was in use
+    engine_log = (run_dir / "flower.log").read_text()
+    assert ANNOUNCEMENT in engine_log and actor_pipeline.ANNOUNCEMENT in engine_log  # fedseg's engine patches ran
     assert (run_dir / "report.md").exists() and (run_dir / "plots" / "dice.png").exists()
     assert (run_dir / "plots" / "examples.png").stat().st_size > 5000 and list((run_dir / "tb").glob("events.*"))
 

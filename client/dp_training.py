@@ -11,6 +11,7 @@ those of the non-DP model.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import secrets
 from collections.abc import Sequence
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import ConfigError, DataError
+
+LOG = logging.getLogger("fedseg.client")
 
 if TYPE_CHECKING:
     import torch
@@ -165,7 +168,7 @@ def train_local_dp(model: torch.nn.Module, loader: Any, *, config: RunConfig, pl
     ``batch-size``, one patch per case, its generator from :func:`private_generator`);
     Opacus replaces its sampler by Poisson sampling at ``plan.sample_rate``.
     """
-    from client.training import make_optimizer, run_epochs
+    from client.training import make_optimizer, mean_loss, run_epochs
 
     model.to(device).train()
     optimizer = make_optimizer(model, config=config)
@@ -180,7 +183,10 @@ def train_local_dp(model: torch.nn.Module, loader: Any, *, config: RunConfig, pl
                             per_sample_grads=True)
     finally:
         hooks.cleanup()
-    return sum(losses) / len(losses), len(dp_loader) * config.local_epochs
+    if not losses:  # tiny sites: every Poisson batch of the round can come up empty
+        LOG.warning("no case was drawn in any DP-SGD step of this round: the update is noise only "
+                    "(as DP-SGD with Poisson sampling allows) and has no training loss")
+    return mean_loss(losses), len(dp_loader) * config.local_epochs
 
 
 def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Any, *,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -86,16 +87,23 @@ def train_local(model: torch.nn.Module, loader: Any, *, config: RunConfig,
     optimizer = make_optimizer(model, config=config)
     losses = run_epochs(model, loader, optimizer, epochs=config.local_epochs, device=device,
                         proximal=(global_params, proximal_mu))
-    return TrainResult(num_examples=num_examples, train_loss=sum(losses) / len(losses), steps=len(losses))
+    return TrainResult(num_examples=num_examples, train_loss=mean_loss(losses), steps=len(losses))
+
+
+def mean_loss(losses: list[float]) -> float:
+    """Mean of the step losses; NaN if no step saw an example (the server skips NaN in its means)."""
+    return sum(losses) / len(losses) if losses else math.nan
 
 
 def run_epochs(model: torch.nn.Module, loader: Any, optimizer: Any, *, epochs: int,
                device: torch.device, proximal: tuple[list[torch.Tensor], float] = ([], 0.0),
                per_sample_grads: bool = False) -> list[float]:
-    """The training loop both modes share; returns the (task) loss of every step.
+    """The training loop both modes share; returns the (task) loss of every step that saw examples.
 
     An empty batch (possible under Poisson sampling) still takes its optimizer
-    step, so a DP optimizer adds its noise as the accountant assumes.
+    step, so a DP optimizer adds its noise as the accountant assumes; it has no
+    loss, so a round whose every Poisson batch was empty returns ``[]``. Raises
+    :class:`DataError` if the loader yields no batch at all.
     ``proximal`` = (global weights, mu) adds FedProx's term to the loss.
     ``per_sample_grads``: the optimizer is Opacus' (see :func:`train_step`).
     """
@@ -103,8 +111,10 @@ def run_epochs(model: torch.nn.Module, loader: Any, optimizer: Any, *, epochs: i
 
     loss_fn = make_loss()
     losses: list[float] = []
+    steps = 0
     for _ in range(epochs):
         for batch in loader:
+            steps += 1
             optimizer.zero_grad(set_to_none=True)
             if batch and len(batch["image"]) > 0:
                 losses.append(train_step(model, batch["image"].to(device), batch["label"].to(device), loss_fn,
@@ -113,7 +123,7 @@ def run_epochs(model: torch.nn.Module, loader: Any, optimizer: Any, *, epochs: i
                 for param in model.parameters():
                     param.grad_sample = torch.zeros(0, *param.shape, device=param.device)
             optimizer.step()
-    if not losses:
+    if not steps:
         raise DataError("local training ran no step (no batches)")
     return losses
 

@@ -99,3 +99,15 @@ def test_epsilons_land_per_site_per_round_and_in_the_summary(tmp_path):
     assert [(r["epsilon"], r["epsilon-round"]) for r in a_rows] == [(1.5, 1.5), (2.25, 1.5)]
     assert [r["max-epsilon"] for r in rows if r["site"] == "global"] == [1.5, 2.25]
     assert summary["epsilon"] == {"a": {"epsilon": 2.25, "delta": 1e-5, "round": 2}, "b": None}
+
+
+def test_a_site_without_training_loss_is_left_out_of_the_mean_and_written_as_null(tmp_path):
+    # A tiny DP site whose every Poisson batch came up empty sends its (noise-only) update with train-loss NaN.
+    config = RunConfig.from_mapping(TINY_RUN_CONFIG)
+    recorder = RunRecorder(tmp_path, config=config)
+    recorder.record_phase(1, "train", SortedReplies(site_metrics={
+        "a": {"num-examples": 4, "train-loss": 1.5}, "tiny": {"num-examples": 2, "train-loss": float("nan")}}))
+    row = recorder.end_round(1, model_to_arrays(build_unet(config.model_config())))
+    assert row["train-loss"] == pytest.approx(1.5) and row["sites-train-ok"] == 2
+    rows = {r["site"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
+    assert rows["tiny"]["train-loss"] is None and rows["global"]["train-loss"] == pytest.approx(1.5)

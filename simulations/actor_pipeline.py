@@ -102,6 +102,12 @@ class ActorSlots:
                     return index
                 self._changed.wait(0.05)  # also re-reads the backlog, which grows without notifying
 
+    def add(self, num_actors: int) -> None:
+        """Actors were added to the pool (indices after the current ones)."""
+        with self._changed:
+            self.in_flight += [0] * num_actors
+            self._changed.notify_all()
+
     def release(self, index: int) -> None:
         """A message on actor ``index`` ended (replied or failed)."""
         with self._changed:
@@ -142,7 +148,7 @@ def pipelined_classes() -> tuple[type, type]:
             self.actors += [self.create_actor_fn() for _ in range(num_actors)]
             self.num_actors = len(self.actors)
             self.pool = list(self.actors)  # what Flower's terminate_all_actors() stops
-            self.slots = ActorSlots(self.num_actors, depth=self.depth, backlog=self.backlog)
+            self.slots.add(num_actors)
 
         def is_actor_available(self) -> bool:
             return any(load < self.depth for load in self.slots.in_flight)

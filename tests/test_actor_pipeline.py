@@ -59,6 +59,17 @@ def test_a_waiting_message_is_queued_once_more_work_arrives():
     assert len(got) == 1 and sum(slots.in_flight) == 3
 
 
+def test_a_message_waiting_for_an_actor_takes_one_added_to_the_pool():
+    slots = ActorSlots(1, depth=1, backlog=lambda: 0)
+    assert slots.acquire() == 0
+    thread, got = acquire_in_thread(slots)
+    thread.join(0.2)
+    assert thread.is_alive()
+    slots.add(1)
+    thread.join(2)
+    assert got == [1] and slots.in_flight == [1, 1]
+
+
 def test_depth_must_be_positive():
     with pytest.raises(ValueError, match="'depth'"):
         ActorSlots(2, depth=0, backlog=lambda: 0)

@@ -33,7 +33,9 @@ the interval nor the scan is a setting.
 
 All are guarded: on any Flower other than the version whose code was checked
 (a hash of each replaced function's source), nothing is changed and the
-engine runs stock, with a warning.
+engine runs stock, with a warning. The launcher also applies
+:mod:`simulations.actor_pipeline` (two messages in flight per Ray actor),
+guarded by the same check (:func:`code_mismatch`).
 """
 
 from __future__ import annotations

@@ -123,19 +123,16 @@ class RssSampler:
     """Samples this process's resident memory every millisecond; :meth:`stop` returns the peak above the start."""
 
     def __init__(self) -> None:
-        import os
         import threading
 
-        self._page = os.sysconf("SC_PAGE_SIZE")
+        from client.memory import resident_bytes
+
+        self._rss = resident_bytes
         self.base = self._rss()
         self.peak = self.base
         self._running = True
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * self._page
 
     def _run(self) -> None:
         import time

@@ -11,10 +11,13 @@ from simulations import actor_pipeline, engine_patches
 from simulations.actor_pipeline import ActorSlots
 
 
-def acquire_in_thread(slots: ActorSlots) -> tuple[threading.Thread, list[int]]:
+def waiting_acquire(slots: ActorSlots) -> tuple[threading.Thread, list[int]]:
+    """Start ``slots.acquire()`` in a thread and check that it waits; the thread and what it got."""
     got: list[int] = []
     thread = threading.Thread(target=lambda: got.append(slots.acquire()), daemon=True)
     thread.start()
+    thread.join(0.3)
+    assert thread.is_alive() and got == []
     return thread, got
 
 
@@ -27,9 +30,7 @@ def test_a_message_goes_to_an_idle_actor_first():
 def test_a_message_queues_behind_a_busy_actor_while_every_actor_has_more_work_coming():
     slots = ActorSlots(2, depth=2, backlog=lambda: 2)
     assert [slots.acquire() for _ in range(4)] == [0, 1, 0, 1]
-    thread, got = acquire_in_thread(slots)  # both actors hold `depth` messages: the fifth waits
-    thread.join(0.3)
-    assert thread.is_alive() and got == []
+    thread, got = waiting_acquire(slots)  # both actors hold `depth` messages: the fifth waits
     slots.release(1)
     thread.join(2)
     assert got == [1] and slots.in_flight == [2, 2]
@@ -39,9 +40,7 @@ def test_at_the_end_of_a_phase_a_message_waits_for_an_idle_actor_instead_of_queu
     backlog = [1]  # fewer messages left than actors: queueing one behind a busy actor could idle another
     slots = ActorSlots(2, depth=2, backlog=lambda: backlog[0])
     assert [slots.acquire(), slots.acquire()] == [0, 1]
-    thread, got = acquire_in_thread(slots)
-    thread.join(0.3)
-    assert thread.is_alive() and got == []
+    thread, got = waiting_acquire(slots)
     slots.release(0)
     thread.join(2)
     assert got == [0] and slots.in_flight == [1, 1]
@@ -51,9 +50,7 @@ def test_a_waiting_message_is_queued_once_more_work_arrives():
     backlog = [0]
     slots = ActorSlots(2, depth=2, backlog=lambda: backlog[0])
     slots.acquire(), slots.acquire()
-    thread, got = acquire_in_thread(slots)
-    thread.join(0.2)
-    assert thread.is_alive()
+    thread, got = waiting_acquire(slots)
     backlog[0] = 5  # a new phase's messages arrived (the queue does not notify: the wait re-reads it)
     thread.join(2)
     assert len(got) == 1 and sum(slots.in_flight) == 3
@@ -62,9 +59,7 @@ def test_a_waiting_message_is_queued_once_more_work_arrives():
 def test_a_message_waiting_for_an_actor_takes_one_added_to_the_pool():
     slots = ActorSlots(1, depth=1, backlog=lambda: 0)
     assert slots.acquire() == 0
-    thread, got = acquire_in_thread(slots)
-    thread.join(0.2)
-    assert thread.is_alive()
+    thread, got = waiting_acquire(slots)
     slots.add(1)
     thread.join(2)
     assert got == [1] and slots.in_flight == [1, 1]

@@ -128,13 +128,34 @@ def time_plain_loop(sim: dict[str, Any], *, workers: int) -> list[dict[str, floa
     spare = next((s for s in manifest if s not in used), next(iter(manifest)))
     warm_up = [work("train", spare), work("evaluate", spare)]
     timings = []
+    overlapped = bool(summary["run_config"].get("overlap-evaluation"))
     with PlainLoop(run_config=summary["run_config"], model_path=run_dir / "global_model.pt", workers=workers,
                    warm_up=warm_up) as loop:
-        for r in sim["rounds"]:
-            timing = loop.time_round(train=[work("train", s) for s in r["trained"]],
-                                     evaluate=[work("evaluate", s) for s in r["evaluated"]])
-            timings.append({"wall_s": round(timing.wall_s, 3), "cpu_s": round(timing.cpu_s, 2)})
+        for steps in round_steps(sim["rounds"], overlapped=overlapped):
+            timed = [loop.time_step(train=[work("train", s) for s in train],
+                                    evaluate=[work("evaluate", s) for s in evaluate], together=overlapped)
+                     for train, evaluate in steps]
+            timings.append({"wall_s": round(sum(t.wall_s for t in timed), 3),
+                            "cpu_s": round(sum(t.cpu_s for t in timed), 2)})
     return timings
+
+
+def round_steps(rounds: list[dict[str, Any]], *, overlapped: bool) -> list[list[tuple[list[str], list[str]]]]:
+    """Per round, the (sites trained, sites evaluated) phases that ran between its start and its end.
+
+    A round ends when its metrics are written. Without overlap that is after its own
+    training then evaluation. With ``overlap-evaluation`` round r's evaluation runs
+    with round r+1's training and the round ends after both: the first round spans
+    training 1 and (training 2 + evaluation 1), round r > 1 spans training r+1 +
+    evaluation r, and the last round only its evaluation.
+    """
+    if not overlapped:
+        return [[(r["trained"], r["evaluated"])] for r in rounds]
+    steps = []
+    for index, r in enumerate(rounds):
+        following = rounds[index + 1]["trained"] if index + 1 < len(rounds) else []
+        steps.append(([(r["trained"], [])] if index == 0 else []) + [(following, r["evaluated"])])
+    return steps
 
 
 def to_markdown(result: dict[str, Any], command: str) -> str:

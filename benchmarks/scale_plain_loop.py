@@ -3,7 +3,9 @@
 For the framework-overhead figure of ``benchmarks/scale.py``: the same sites a
 round trained and evaluated, the same work per site, on the same number of
 worker processes as the simulation has Ray actors (one torch thread each, warm),
-with the same barrier between the training and the evaluation phase.
+with the same barriers: between a round's training and evaluation phase, or,
+with ``overlap-evaluation``, one per round after a round's evaluation and the
+next round's training, sent together.
 
 Per site, the plain loop does what a site's handlers do minus everything
 fedseg and Flower add around it:
@@ -140,11 +142,19 @@ class PlainLoop:
             self.pool.terminate()
             raise
 
-    def time_round(self, *, train: list[SiteWork], evaluate: list[SiteWork]) -> LoopTiming:
-        """Train then evaluate (a barrier between the two, as in a round); return wall and CPU seconds."""
+    def time_step(self, *, train: list[SiteWork], evaluate: list[SiteWork], together: bool = False) -> LoopTiming:
+        """Train then evaluate; return wall and CPU seconds.
+
+        Without ``together`` all training finishes before any evaluation starts
+        (a round's two phases); with it, both go out at once, training first (a
+        round's evaluation overlapped with the next round's training).
+        """
         started = time.perf_counter()
-        cpu = sum(self.pool.map(do_site_work, train, chunksize=1))
-        cpu += sum(self.pool.map(do_site_work, evaluate, chunksize=1))
+        if together:
+            cpu = sum(self.pool.map(do_site_work, train + evaluate, chunksize=1))
+        else:
+            cpu = sum(self.pool.map(do_site_work, train, chunksize=1))
+            cpu += sum(self.pool.map(do_site_work, evaluate, chunksize=1))
         return LoopTiming(wall_s=time.perf_counter() - started, cpu_s=cpu)
 
     def close(self) -> None:

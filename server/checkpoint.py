@@ -33,6 +33,7 @@ MAGIC = b"fedseg-checkpoint/1\n"
 MAY_CHANGE_ON_RESUME = frozenset({
     "num-rounds", "round-timeout", "run-dir", "resume-from", "simulation-sites", "device",
     "min-train-nodes", "min-available-nodes", "min-train-replies", "fraction-train", "fraction-evaluate",
+    "overlap-evaluation",
 })
 
 

@@ -62,7 +62,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
         print(f"{PROGRESS_PREFIX} checkpoint written: round {server_round}", flush=True)
 
     run_rounds(strategy, PollingGrid(grid), arrays=arrays, first_round=first_round, num_rounds=config.num_rounds,
-               timeout=config.round_timeout, after_round=after_round)
+               timeout=config.round_timeout, after_round=after_round, overlap_evaluation=config.overlap_evaluation)
     summary = recorder.finish()
     if recorder.model_path.exists():
         export_final_model(recorder.model_path, config=config, rounds=recorder.rounds)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -135,18 +135,32 @@ class PollingGrid(Grid):
         Pulls every ``poll_interval_s`` seconds until every message has a reply or
         ``timeout`` seconds have passed (None: no limit).
         """
-        messages = list(messages)
-        if not messages:
-            return []
-        destinations = [msg.metadata.dst_node_id for msg in messages]
-        pending = dict(zip(self.push_messages(messages), destinations))
-        del messages
+        return self.exchange_phases([(messages, on_reply)], timeout=timeout)[0]
+
+    def exchange_phases(self, phases: Sequence[tuple[Iterable[Message], Callable[[Message], None]]], *,
+                        timeout: float | None) -> list[list[int]]:
+        """Like :meth:`exchange` for several phases at once: ``[(messages, on_reply), ...]``.
+
+        All messages are pushed together, in the order given; each reply goes to
+        its own phase's ``on_reply``. Returns each phase's unanswered node ids (a
+        node may be in several phases).
+        """
+        batches = [list(messages) for messages, _ in phases]
+        owners = [(phase, msg.metadata.dst_node_id) for phase, batch in enumerate(batches) for msg in batch]
+        unanswered: list[list[int]] = [[] for _ in phases]
+        if not owners:
+            return unanswered
+        pending = dict(zip(self.push_messages([msg for batch in batches for msg in batch]), owners))
+        del batches
         deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
             for reply in self.pull_messages(list(pending)):
-                if pending.pop(reply.metadata.reply_to_message_id, None) is not None:
-                    on_reply(reply)
+                owner = pending.pop(reply.metadata.reply_to_message_id, None)
+                if owner is not None:
+                    phases[owner[0]][1](reply)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
             self._wait(self.poll_interval_s)
-        return sorted(pending.values())
+        for phase, node_id in pending.values():
+            unanswered[phase].append(node_id)
+        return [sorted(nodes) for nodes in unanswered]

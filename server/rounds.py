@@ -4,7 +4,9 @@ Differences from ``Strategy.start``: it can begin at any round (to resume from
 a checkpoint); training replies are handed to the strategy's collector one by
 one as they arrive (checked and spooled, never all held in memory); a round
 closes when every sampled node answered or ``timeout`` seconds passed, and the
-nodes that did not answer are recorded as failed for that round.
+nodes that did not answer are recorded as failed for that round; and, with run
+config ``overlap-evaluation``, a round's evaluation can travel with the next
+round's training.
 """
 
 from __future__ import annotations
@@ -21,18 +23,26 @@ if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
     from server.strategies.tracking import SiteTracking
+    from server.train_collector import TrainCollector
 
 LOG = logging.getLogger("fedseg.server")
 
 
 def run_rounds(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, first_round: int, num_rounds: int,
-               timeout: float, after_round: Callable[[int, ArrayRecord], None]) -> ArrayRecord:
+               timeout: float, after_round: Callable[[int, ArrayRecord], None],
+               overlap_evaluation: bool = False) -> ArrayRecord:
     """Run rounds ``first_round..num_rounds``; call ``after_round(round, global arrays)`` after each.
 
-    Returns the final global arrays.
+    With ``overlap_evaluation``, round r's evaluation is sent together with round
+    r+1's training (both get the same global model, so every site does the same
+    work as without), and round r closes when both have answered: one wait for
+    stragglers per round instead of two. Returns the final global arrays.
     """
     if first_round < 1:
         raise ValueError(f"first_round must be >= 1, got {first_round}")
+    if overlap_evaluation:
+        return _run_overlapped(strategy, grid, arrays=arrays, first_round=first_round, num_rounds=num_rounds,
+                               timeout=timeout, after_round=after_round)
     for server_round in range(first_round, num_rounds + 1):
         arrays = train_round(strategy, grid, server_round=server_round, arrays=arrays, timeout=timeout)
         evaluate_round(strategy, grid, server_round=server_round, arrays=arrays, timeout=timeout)
@@ -40,28 +50,66 @@ def run_rounds(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, first
     return arrays
 
 
+def _run_overlapped(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, first_round: int, num_rounds: int,
+                    timeout: float, after_round: Callable[[int, ArrayRecord], None]) -> ArrayRecord:
+    """Rounds with round r's evaluation in flight next to round r+1's training (see :func:`run_rounds`)."""
+    evaluating: int | None = None  # the round whose aggregated model ``arrays`` is, not yet evaluated
+    for server_round in range(first_round, num_rounds + 1):
+        evaluation = [] if evaluating is None else _configure_evaluate(strategy, grid, evaluating, arrays)
+        training = _configure_train(strategy, grid, server_round, arrays)
+        collector, replies = strategy.train_collector(), []
+        unanswered_train, unanswered_evaluate = polling(grid).exchange_phases(
+            [(training, collector.add), (evaluation, replies.append)], timeout=timeout)
+        if evaluating is not None:  # before aggregating: after_round checkpoints the strategy's state of then
+            _close_evaluate(strategy, evaluating, replies, unanswered_evaluate, timeout=timeout)
+            after_round(evaluating, arrays)
+        arrays = _close_train(strategy, server_round, collector, unanswered_train, arrays=arrays, timeout=timeout)
+        evaluating = server_round
+    if evaluating is not None:
+        evaluate_round(strategy, grid, server_round=evaluating, arrays=arrays, timeout=timeout)
+        after_round(evaluating, arrays)
+    return arrays
+
+
 def train_round(strategy: SiteTracking, grid: Grid, *, server_round: int, arrays: ArrayRecord,
                 timeout: float) -> ArrayRecord:
     """One training phase; returns the new global arrays (unchanged if nothing was aggregated)."""
-    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+    messages = _configure_train(strategy, grid, server_round, arrays)
     collector = strategy.train_collector()
     unanswered = exchange(grid, messages, timeout=timeout, on_reply=collector.add)
-    collector.mark_unanswered(unanswered, timeout)
-    new_arrays, _ = strategy.aggregate_closed(server_round, collector.close())
-    return arrays if new_arrays is None else new_arrays
+    return _close_train(strategy, server_round, collector, unanswered, arrays=arrays, timeout=timeout)
 
 
 def evaluate_round(strategy: SiteTracking, grid: Grid, *, server_round: int, arrays: ArrayRecord,
                    timeout: float) -> None:
     """One federated evaluation phase (metrics only, so replies are kept until the end)."""
-    messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
     replies: list[Message] = []
-    unanswered = exchange(grid, messages, timeout=timeout, on_reply=replies.append)
+    unanswered = exchange(grid, _configure_evaluate(strategy, grid, server_round, arrays), timeout=timeout,
+                          on_reply=replies.append)
+    _close_evaluate(strategy, server_round, replies, unanswered, timeout=timeout)
+
+
+def _configure_train(strategy: SiteTracking, grid: Grid, server_round: int, arrays: ArrayRecord) -> list[Message]:
+    return list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+
+
+def _configure_evaluate(strategy: SiteTracking, grid: Grid, server_round: int,
+                        arrays: ArrayRecord) -> list[Message]:
+    return list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+
+
+def _close_train(strategy: SiteTracking, server_round: int, collector: TrainCollector, unanswered: list[int], *,
+                 arrays: ArrayRecord, timeout: float) -> ArrayRecord:
+    collector.mark_unanswered(unanswered, timeout)
+    new_arrays, _ = strategy.aggregate_closed(server_round, collector.close())
+    return arrays if new_arrays is None else new_arrays
+
+
+def _close_evaluate(strategy: SiteTracking, server_round: int, replies: list[Message], unanswered: list[int], *,
+                    timeout: float) -> None:
     for node_id in unanswered:
         site = strategy.known_sites.get(node_id, f"node-{node_id}")
         LOG.warning("round %d: site %s did not answer evaluation within %g s", server_round, site, timeout)
-    for node_id in unanswered:
-        site = strategy.known_sites.get(node_id, f"node-{node_id}")
         row = strategy.recorder.rounds[server_round][site]
         row["evaluate-status"] = "failed"
         row["evaluate-reason"] = f"no reply within round-timeout ({timeout:g} s)"
@@ -76,5 +124,9 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float,
     pulled at the :class:`~server.polling_grid.PollingGrid`'s interval (a plain Grid is
     wrapped in one, whose default interval depends on the Grid Flower gave).
     """
-    polling = grid if isinstance(grid, PollingGrid) else PollingGrid(grid)
-    return polling.exchange(messages, timeout=timeout, on_reply=on_reply)
+    return polling(grid).exchange(messages, timeout=timeout, on_reply=on_reply)
+
+
+def polling(grid: Grid) -> PollingGrid:
+    """``grid`` itself if it is a :class:`PollingGrid`, else wrapped in one (default interval for its kind)."""
+    return grid if isinstance(grid, PollingGrid) else PollingGrid(grid)

@@ -59,6 +59,11 @@ class RunConfig:
     and the run's remaining rounds) and ``dp-grad-sample-mode``. A site's
     budget, delta and whether it requires DP are node config (``client.site``),
     which no run config key can change.
+
+    ``overlap-evaluation`` (true) sends round r's evaluation together with round
+    r+1's training (:func:`server.rounds.run_rounds`): the same work and results,
+    one wait for the slowest site per round instead of two, but round r's
+    metrics and checkpoint are written only once round r+1's updates are in.
     """
 
     num_rounds: int = 5
@@ -84,6 +89,7 @@ class RunConfig:
     min_train_nodes: int = 1
     min_available_nodes: int = 1
     round_timeout: float = 3600.0
+    overlap_evaluation: bool = False
     min_train_replies: int = 1
     max_update_norm_factor: float = 10.0
     proximal_mu: float = 0.01

@@ -41,12 +41,15 @@ DEFAULT_CASES = {2: (60, 600), 3: (48, 80)}
 # site restarts its optimizer (momentum) every round and the model predicts "no lesion" until it has
 # taken enough consecutive steps, so longer rounds leave that plateau in round 1 and FedAvg's Dice
 # reaches 0.977x/0.982x the pooled model's on seeds 0/1 (0.962x/0.950x at 4 epochs, 0.970x/0.973x
-# at 6). BENCHMARKS.md has the measurements.
+# at 6). BENCHMARKS.md has the measurements. A simulation overlaps each round's evaluation with the
+# next round's training (overlap-evaluation): same work and results, one phase end per round instead
+# of two, which on a few cores is where the clients idle (BENCHMARKS.md, scale section).
 HARNESS_DEFAULTS: dict[int, dict[str, Any]] = {
     2: {"channels": "8,16,32", "strides": "2,2", "batch-size": 128, "local-epochs": 8,
-        "optimizer": "sgd", "learning-rate": 0.2, "dp-noise-from-budget": True},
+        "optimizer": "sgd", "learning-rate": 0.2, "dp-noise-from-budget": True, "overlap-evaluation": True},
     3: {"patch-size": 32, "channels": "8,16,32", "strides": "2,2", "batch-size": 2,
-        "local-epochs": 3, "optimizer": "adam", "learning-rate": 0.005, "dp-noise-multiplier": 1.7},
+        "local-epochs": 3, "optimizer": "adam", "learning-rate": 0.005, "dp-noise-multiplier": 1.7,
+        "overlap-evaluation": True},
 }
 
 

@@ -11,25 +11,16 @@ from flwr.serverapp import Grid
 from server.polling_grid import DEFAULT_POLL_INTERVAL_S, SIMULATION_POLL_INTERVAL_S, PollingGrid
 from server.rounds import exchange
 from tests.conftest import seconds_to_pull_a_late_object
+from tests.fake_grid import OfflineGrid
 
 
-class _LoopbackGrid(Grid):
+class _LoopbackGrid(OfflineGrid):
     """A Grid whose nodes answer after a delay each; ``None``: the node never answers."""
 
     def __init__(self, delays: dict[int, float | None]) -> None:
         self.delays = delays
         self.pulls = 0
         self._pushed: dict[str, tuple[Message, float]] = {}
-
-    def set_run(self, run) -> None:  # noqa: ANN001
-        raise NotImplementedError
-
-    @property
-    def run(self):  # noqa: ANN201
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
 
     def get_node_ids(self):  # noqa: ANN201
         return list(self.delays)
@@ -41,9 +32,6 @@ class _LoopbackGrid(Grid):
             self._pushed[msg_id] = (msg, time.monotonic())
             ids.append(msg_id)
         return ids
-
-    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
-        raise AssertionError("PollingGrid must not delegate send_and_receive (Flower's polls every 3 s)")
 
     def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
         self.pulls += 1

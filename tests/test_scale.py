@@ -101,3 +101,15 @@ def test_the_benchmark_plain_loop_fails_clearly_when_a_worker_cannot_warm_up(tmp
     missing = SiteWork(kind="train", datalist=str(tmp_path / "missing.json"), delta=1e-5, max_epsilon=8.0)
     with pytest.raises(RuntimeError, match="could not warm up"):  # not a pool re-spawning failed workers forever
         PlainLoop(run_config=RunConfig().to_mapping(), model_path=tmp_path / "model.pt", workers=1, warm_up=[missing])
+
+
+def test_the_benchmark_times_each_overlapped_round_on_the_work_that_ran_in_it():
+    from benchmarks.scale import round_steps
+
+    rounds = [{"trained": [f"t{r}"], "evaluated": [f"e{r}"]} for r in (1, 2, 3)]
+    assert round_steps(rounds, overlapped=False) == [[(["t1"], ["e1"])], [(["t2"], ["e2"])], [(["t3"], ["e3"])]]
+    overlapped = round_steps(rounds, overlapped=True)
+    # round 1 ends after round 2's training (sent with its evaluation); the last round is only its evaluation
+    assert overlapped == [[(["t1"], []), (["t2"], ["e1"])], [(["t3"], ["e2"])], [([], ["e3"])]]
+    done = [site for steps in overlapped for train, evaluate in steps for site in train + evaluate]
+    assert sorted(done) == sorted(site for r in rounds for site in r["trained"] + r["evaluated"])

@@ -70,7 +70,11 @@ class ProcessSampler(threading.Thread):
             return sum(self._cpu.values())
 
     def peak_between(self, start: float, end: float) -> int:
-        return max((rss for t, rss, _ in self.samples if start <= t <= end), default=0)
+        """Peak RSS sampled between ``start`` and ``end``; for a span shorter than the sampling
+        interval, the last sample before ``end``."""
+        within = [rss for t, rss, _ in self.samples if start <= t <= end]
+        before = [rss for t, rss, _ in self.samples if t < start]
+        return max(within) if within else (before[-1] if before else 0)
 
     def cpu_at(self, moment: float) -> float:
         """CPU seconds the tree had used at ``moment`` (a time :meth:`mark` returned, or the last sample before)."""

@@ -19,6 +19,9 @@ from server.strategies import build_strategy
 from shared.config import RunConfig
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import numpy as np
     from flwr.app import Context
     from flwr.serverapp import Grid
 
@@ -56,13 +59,19 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
     print(f"{PROGRESS_PREFIX} run folder: {run_dir.resolve()}", flush=True)
     shorten_object_pull_retry()
 
-    def after_round(server_round: int, arrays: ArrayRecord) -> None:
-        progress.report(recorder.end_round(server_round, arrays), recorder.rounds.get(server_round, {}))
-        write_round_checkpoint(run_dir, server_round, arrays, config=config, strategy=strategy, recorder=recorder)
-        print(f"{PROGRESS_PREFIX} checkpoint written: round {server_round}", flush=True)
+    def close_round(server_round: int, arrays: ArrayRecord) -> Callable[[], None]:
+        strategy_state, known_sites = strategy.strategy_state(), dict(strategy.known_sites)  # as of now
+
+        def write_out() -> None:
+            progress.report(recorder.end_round(server_round, arrays), recorder.rounds.get(server_round, {}))
+            write_round_checkpoint(run_dir, server_round, arrays, config=config, strategy_state=strategy_state,
+                                   known_sites=known_sites, recorder=recorder)
+            print(f"{PROGRESS_PREFIX} checkpoint written: round {server_round}", flush=True)
+
+        return write_out
 
     run_rounds(strategy, PollingGrid(grid), arrays=arrays, first_round=first_round, num_rounds=config.num_rounds,
-               timeout=config.round_timeout, after_round=after_round, overlap_evaluation=config.overlap_evaluation)
+               timeout=config.round_timeout, close_round=close_round, overlap_evaluation=config.overlap_evaluation)
     summary = recorder.finish()
     if recorder.model_path.exists():
         export_final_model(recorder.model_path, config=config, rounds=recorder.rounds)
@@ -99,15 +108,19 @@ def starting_point(config: RunConfig, strategy: SiteTracking, recorder: RunRecor
 
 
 def write_round_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, *, config: RunConfig,
-                           strategy: SiteTracking, recorder: RunRecorder) -> Path:
-    """Save everything a resumed run needs after ``server_round``."""
+                           strategy_state: dict[str, dict[str, np.ndarray]], known_sites: dict[int, str],
+                           recorder: RunRecorder) -> Path:
+    """Save everything a resumed run needs after ``server_round``.
+
+    ``strategy_state`` and ``known_sites`` are the strategy's as the round closed
+    (:meth:`~server.strategies.tracking.SiteTracking.strategy_state`).
+    """
     import torch
 
-    state = {name: {k: torch.from_numpy(v) for k, v in moments.items()}
-             for name, moments in strategy.strategy_state().items()}
+    state = {name: {k: torch.from_numpy(v) for k, v in moments.items()} for name, moments in strategy_state.items()}
     checkpoint = Checkpoint(round=server_round, state_dict=dict(arrays.to_torch_state_dict()),
                             run_config=config.to_mapping(), strategy_state=state,
-                            metrics_rows=recorder.written_rows, known_sites=dict(strategy.known_sites))
+                            metrics_rows=recorder.written_rows, known_sites=dict(known_sites))
     return save_checkpoint(run_dir, checkpoint)
 
 

@@ -138,21 +138,22 @@ class PollingGrid(Grid):
         return self.exchange_phases([(messages, on_reply)], timeout=timeout)[0]
 
     def exchange_phases(self, phases: Sequence[tuple[Iterable[Message], Callable[[Message], None]]], *,
-                        timeout: float | None) -> list[list[int]]:
+                        timeout: float | None, after_push: Callable[[], None] | None = None) -> list[list[int]]:
         """Like :meth:`exchange` for several phases at once: ``[(messages, on_reply), ...]``.
 
         All messages are pushed together, in the order given; each reply goes to
-        its own phase's ``on_reply``. Returns each phase's unanswered node ids (a
-        node may be in several phases).
+        its own phase's ``on_reply``. ``after_push`` (if given) is called once the
+        messages are out, before the first pull: work that can overlap the nodes'.
+        Returns each phase's unanswered node ids (a node may be in several phases).
         """
         batches = [list(messages) for messages, _ in phases]
         owners = [(phase, msg.metadata.dst_node_id) for phase, batch in enumerate(batches) for msg in batch]
         unanswered: list[list[int]] = [[] for _ in phases]
-        if not owners:
-            return unanswered
-        pending = dict(zip(self.push_messages([msg for batch in batches for msg in batch]), owners))
+        pending = dict(zip(self.push_messages([msg for batch in batches for msg in batch]), owners)) if owners else {}
         del batches
         deadline = None if timeout is None else time.monotonic() + timeout
+        if after_push is not None:
+            after_push()
         while pending:
             for reply in self.pull_messages(list(pending)):
                 owner = pending.pop(reply.metadata.reply_to_message_id, None)

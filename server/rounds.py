@@ -29,45 +29,53 @@ LOG = logging.getLogger("fedseg.server")
 
 
 def run_rounds(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, first_round: int, num_rounds: int,
-               timeout: float, after_round: Callable[[int, ArrayRecord], None],
+               timeout: float, close_round: Callable[[int, ArrayRecord], Callable[[], None]],
                overlap_evaluation: bool = False) -> ArrayRecord:
-    """Run rounds ``first_round..num_rounds``; call ``after_round(round, global arrays)`` after each.
+    """Run rounds ``first_round..num_rounds``; returns the final global arrays.
+
+    When round r has closed, ``close_round(r, global arrays)`` is called (before
+    anything of round r+1 is aggregated, so it can take the strategy's state as of
+    round r) and returns a function that writes the round out (metrics, model
+    file, checkpoint), called before the next round closes.
 
     With ``overlap_evaluation``, round r's evaluation is sent together with round
     r+1's training (both get the same global model, so every site does the same
     work as without), and round r closes when both have answered: one wait for
-    stragglers per round instead of two. Returns the final global arrays.
+    stragglers per round instead of two. Round r is then written out while the
+    sites work on the next round's messages, not while they wait for them.
     """
     if first_round < 1:
         raise ValueError(f"first_round must be >= 1, got {first_round}")
     if overlap_evaluation:
         return _run_overlapped(strategy, grid, arrays=arrays, first_round=first_round, num_rounds=num_rounds,
-                               timeout=timeout, after_round=after_round)
+                               timeout=timeout, close_round=close_round)
     for server_round in range(first_round, num_rounds + 1):
         arrays = train_round(strategy, grid, server_round=server_round, arrays=arrays, timeout=timeout)
         evaluate_round(strategy, grid, server_round=server_round, arrays=arrays, timeout=timeout)
-        after_round(server_round, arrays)
+        close_round(server_round, arrays)()
     return arrays
 
 
 def _run_overlapped(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, first_round: int, num_rounds: int,
-                    timeout: float, after_round: Callable[[int, ArrayRecord], None]) -> ArrayRecord:
+                    timeout: float, close_round: Callable[[int, ArrayRecord], Callable[[], None]]) -> ArrayRecord:
     """Rounds with round r's evaluation in flight next to round r+1's training (see :func:`run_rounds`)."""
     evaluating: int | None = None  # the round whose aggregated model ``arrays`` is, not yet evaluated
+    write_out: Callable[[], None] | None = None  # the last closed round's, run once the next messages are out
     for server_round in range(first_round, num_rounds + 1):
         evaluation = [] if evaluating is None else _configure_evaluate(strategy, grid, evaluating, arrays)
         training = _configure_train(strategy, grid, server_round, arrays)
         collector, replies = strategy.train_collector(), []
         unanswered_train, unanswered_evaluate = polling(grid).exchange_phases(
-            [(training, collector.add), (evaluation, replies.append)], timeout=timeout)
-        if evaluating is not None:  # before aggregating: after_round checkpoints the strategy's state of then
+            [(training, collector.add), (evaluation, replies.append)], timeout=timeout, after_push=write_out)
+        write_out = None
+        if evaluating is not None:  # before aggregating: close_round takes the strategy's state of then
             _close_evaluate(strategy, evaluating, replies, unanswered_evaluate, timeout=timeout)
-            after_round(evaluating, arrays)
+            write_out = close_round(evaluating, arrays)
         arrays = _close_train(strategy, server_round, collector, unanswered_train, arrays=arrays, timeout=timeout)
         evaluating = server_round
     if evaluating is not None:
-        evaluate_round(strategy, grid, server_round=evaluating, arrays=arrays, timeout=timeout)
-        after_round(evaluating, arrays)
+        evaluate_round(strategy, grid, server_round=evaluating, arrays=arrays, timeout=timeout, after_push=write_out)
+        close_round(evaluating, arrays)()
     return arrays
 
 
@@ -81,11 +89,15 @@ def train_round(strategy: SiteTracking, grid: Grid, *, server_round: int, arrays
 
 
 def evaluate_round(strategy: SiteTracking, grid: Grid, *, server_round: int, arrays: ArrayRecord,
-                   timeout: float) -> None:
-    """One federated evaluation phase (metrics only, so replies are kept until the end)."""
+                   timeout: float, after_push: Callable[[], None] | None = None) -> None:
+    """One federated evaluation phase (metrics only, so replies are kept until the end).
+
+    ``after_push`` is called once the messages are out (see :meth:`PollingGrid.exchange_phases`).
+    """
     replies: list[Message] = []
-    unanswered = exchange(grid, _configure_evaluate(strategy, grid, server_round, arrays), timeout=timeout,
-                          on_reply=replies.append)
+    [unanswered] = polling(grid).exchange_phases(
+        [(_configure_evaluate(strategy, grid, server_round, arrays), replies.append)], timeout=timeout,
+        after_push=after_push)
     _close_evaluate(strategy, server_round, replies, unanswered, timeout=timeout)
 
 

@@ -16,9 +16,10 @@ the interval nor the scan is a setting.
   of each message it stores (:class:`Arrivals`);
 - ``add_messages_to_queue`` asks the link state only for the nodes that got a
   message, as soon as one is stored, through Flower's own ``get_message_ins``
-  (so delivery marking, expiry and federation checks stay Flower's). A full
-  Flower sweep still runs every :data:`SAFETY_SWEEP_S` seconds, so a message
-  stored by any other path is delivered late rather than never;
+  (so delivery marking, expiry and federation checks stay Flower's). Every
+  :data:`SAFETY_SWEEP_S` seconds it also asks for each node that a stored
+  message not yet delivered is for, so a message stored by any other path is
+  delivered late rather than never;
 - ``InMemoryLinkState.store_message_res`` also counts the replies it stores,
   and the in-process ``InMemoryGrid`` gains ``wait_for_replies(timeout)``,
   which returns as soon as a reply was stored since its last call (or after
@@ -202,8 +203,20 @@ def add_messages_on_arrival(state: Any, queue: Queue, nodes_mapping: Any, f_stop
     while not f_stop.is_set():
         _queue_next_messages(state, queue, [n for n in arrivals.take(timeout=IDLE_WAIT_S) if n in nodes_mapping])
         if time.monotonic() >= next_sweep:
-            _queue_next_messages(state, queue, nodes_mapping.keys())
+            _queue_next_messages(state, queue, [n for n in undelivered_destinations(state) if n in nodes_mapping])
             next_sweep = time.monotonic() + SAFETY_SWEEP_S
+
+
+def undelivered_destinations(state: Any) -> list[int]:
+    """Nodes that a stored, not yet delivered message is for, in one pass over the link state's messages.
+
+    The safety sweep asks only these nodes: Flower's sweep asks all of them, and each
+    ask scans every stored message (~45 ms a sweep at 1000 nodes). Reads the fields
+    ``get_message_ins`` reads (its source is among the checked ones).
+    """
+    with state.lock:
+        return list(dict.fromkeys(message.metadata.dst_node_id for message in state.message_ins_store.values()
+                                  if message.metadata.delivered_at == ""))
 
 
 def _queue_next_messages(state: Any, queue: Queue, node_ids: Iterable[int]) -> None:

@@ -100,7 +100,8 @@ def test_resumed_server_optimiser_continues_bitwise(tmp_path, flower_identity, n
     first = build_strategy(config, recorder := RunRecorder(tmp_path / "b", config=config))
     arrays, _ = _rounds(first, initial, [1])
     recorder.end_round(1, arrays)
-    write_round_checkpoint(tmp_path / "b", 1, arrays, config=config, strategy=first, recorder=recorder)
+    write_round_checkpoint(tmp_path / "b", 1, arrays, config=config, strategy_state=first.strategy_state(),
+                           known_sites=first.known_sites, recorder=recorder)
 
     resumed_config = RunConfig.from_mapping({**config.to_mapping(), "resume-from": str(tmp_path / "b")})
     resumed = build_strategy(resumed_config, RunRecorder(tmp_path / "c", config=resumed_config))

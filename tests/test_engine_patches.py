@@ -68,6 +68,9 @@ class CountingState:
         self.asks += 1
         return self.state.get_message_ins(**kwargs)
 
+    def __getattr__(self, name: str):
+        return getattr(self.state, name)
+
 
 @contextlib.contextmanager
 def engine_loop(state, nodes):
@@ -107,11 +110,13 @@ def test_a_message_stored_behind_the_patch_is_still_delivered_by_the_safety_swee
                                                                                    monkeypatch):
     monkeypatch.setattr(engine_patches, "SAFETY_SWEEP_S", 0.3)
     state, grid, nodes = federation
-    with engine_loop(state, nodes) as (queue, _):
+    with engine_loop(state, nodes) as (queue, counting):
         message = grid.create_message(RecordDict(), "train", list(nodes)[7], "g")
         message.metadata.__dict__["_message_id"] = message.object_id  # as InMemoryGrid.push_messages does
         engine_patches._targets()["InMemoryLinkState.store_message_ins"](state, message)  # unrecorded
         assert queue.get(timeout=2.0).metadata.message_id == message.metadata.message_id
+        time.sleep(0.7)  # two more sweeps, with nothing left to deliver
+        assert counting.asks == 1  # the sweep asked only for the node that had a message, not all 300
 
 
 def test_the_grid_wakes_as_soon_as_a_reply_is_stored(patched_flower, federation):

@@ -21,6 +21,7 @@ from shared.processes import descendants, stop_process_group
 from tests.conftest import REPO, TINY_RUN_CONFIG, live_processes_mentioning
 
 SIM_ARGS = ["--sites", "2", "--seed", "4", "--min-cases", "3", "--max-cases", "4"]
+ROUNDS = 4  # of the killed and resumed runs
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -38,7 +39,8 @@ def _spec(out: Path, rounds: int, **run_config) -> SimulationSpec:
 
 def _start_and_kill_after_first_checkpoint(out: Path) -> Path:
     overrides = [f"--run-config={k}={json.dumps(v)}" for k, v in TINY_RUN_CONFIG.items() if k != "num-rounds"]
-    command = [sys.executable, "-m", "simulations", *SIM_ARGS, "--rounds", "3", "--out", str(out), *overrides]
+    command = [sys.executable, "-m", "simulations", *SIM_ARGS, "--rounds", str(ROUNDS), "--out", str(out),
+               *overrides]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     checkpoint = out / "latest" / "checkpoint.ckpt"
@@ -59,22 +61,24 @@ def _start_and_kill_after_first_checkpoint(out: Path) -> Path:
 
 @pytest.mark.integration
 def test_killed_server_resumes_bitwise_like_an_uninterrupted_run(tmp_path):
+    # the harness overlaps evaluation (round 1's checkpoint comes after round 2's training): 4 rounds leave
+    # enough of the run after the first checkpoint to be killed in it
     killed = _start_and_kill_after_first_checkpoint(tmp_path / "killed")
     done_before_kill = max(_global_digests(killed))
-    assert done_before_kill < 3
+    assert done_before_kill < ROUNDS
 
-    run_simulation(_spec(tmp_path / "resumed", 3, **{"resume-from": str(killed)}), echo=False)
+    run_simulation(_spec(tmp_path / "resumed", ROUNDS, **{"resume-from": str(killed)}), echo=False)
     resumed = (tmp_path / "resumed" / "latest").resolve()
-    run_simulation(_spec(tmp_path / "straight", 3), echo=False)
+    run_simulation(_spec(tmp_path / "straight", ROUNDS), echo=False)
     straight = (tmp_path / "straight" / "latest").resolve()
 
     assert _global_digests(resumed) == _global_digests(straight)
-    assert sorted(_global_digests(resumed)) == [1, 2, 3]
+    assert sorted(_global_digests(resumed)) == list(range(1, ROUNDS + 1))
     rounds_sites = [(r["round"], r["site"]) for r in _rows(resumed)]
-    assert len(rounds_sites) == len(set(rounds_sites)) == 9  # 3 rounds x (2 sites + global), no duplicates
+    assert len(rounds_sites) == len(set(rounds_sites)) == 3 * ROUNDS  # per round 2 sites + global, no duplicates
     resumed_model, payload = load_model(resumed / "global_model.pt")
     straight_model, _ = load_model(straight / "global_model.pt")
-    assert payload["round"] == 3
+    assert payload["round"] == ROUNDS
     for (name, a), (_, b) in zip(resumed_model.state_dict().items(), straight_model.state_dict().items()):
         assert torch.equal(a, b), name
 

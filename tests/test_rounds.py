@@ -31,6 +31,7 @@ class _SitesGrid(OfflineGrid):
     def __init__(self, silent: frozenset[tuple[int, str]] = frozenset()) -> None:
         self.silent = silent
         self.pushes: list[list[tuple[str, int]]] = []
+        self.events: list[tuple[str, int]] = []  # ("push", index), ("closed", round), ("written", round)
         self._replies: dict[str, Message] = {}
 
     def get_node_ids(self):  # noqa: ANN201
@@ -48,6 +49,7 @@ class _SitesGrid(OfflineGrid):
                 reply.metadata.__dict__["_reply_to_message_id"] = msg_id
                 self._replies[msg_id] = reply
         self.pushes.append(push)
+        self.events.append(("push", len(self.pushes)))
         return ids
 
     def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
@@ -89,17 +91,24 @@ def _run(tmp_path, name: str, *, overlap: bool, rounds: int = 3, grid: _SitesGri
                               "b": Array(np.ones(4, dtype=np.float32))})
     closed: list[tuple[int, str]] = []
 
-    def after_round(server_round: int, arrays: ArrayRecord) -> None:
-        recorder.end_round(server_round, arrays)
-        write_round_checkpoint(tmp_path / name, server_round, arrays, config=run_config, strategy=strategy,
-                               recorder=recorder)
-        closed.append((server_round, weights_digest(dict(arrays.to_torch_state_dict()))))
-        if server_round == stop_after:
-            raise _ServerDied
+    def close_round(server_round: int, arrays: ArrayRecord):
+        state, known_sites = strategy.strategy_state(), dict(strategy.known_sites)
+        grid.events.append(("closed", server_round))
+
+        def write_out() -> None:
+            recorder.end_round(server_round, arrays)
+            write_round_checkpoint(tmp_path / name, server_round, arrays, config=run_config, strategy_state=state,
+                                   known_sites=known_sites, recorder=recorder)
+            closed.append((server_round, weights_digest(dict(arrays.to_torch_state_dict()))))
+            grid.events.append(("written", server_round))
+            if server_round == stop_after:
+                raise _ServerDied
+
+        return write_out
 
     try:
         run_rounds(strategy, PollingGrid(grid, poll_interval_s=0.01), arrays=arrays, first_round=first_round,
-                   num_rounds=rounds, timeout=0.3, after_round=after_round, overlap_evaluation=overlap)
+                   num_rounds=rounds, timeout=0.3, close_round=close_round, overlap_evaluation=overlap)
     except _ServerDied:
         pass
     rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -119,6 +128,11 @@ def test_overlapped_evaluation_gives_the_same_rounds_models_and_metrics(tmp_path
     assert len({digest for _, digest in closed}) == 3  # the model does change from round to round
     assert len(grid.pushes) == 6  # train, evaluate per round
     assert len(grid_overlapped.pushes) == 4  # train 1 | train 2 + evaluate 1 | train 3 + evaluate 2 | evaluate 3
+    # each round is written out once the next messages are out, so the sites never wait for the disk
+    assert grid_overlapped.events == [("push", 1), ("push", 2), ("closed", 1), ("push", 3), ("written", 1),
+                                      ("closed", 2), ("push", 4), ("written", 2), ("closed", 3), ("written", 3)]
+    assert grid.events == [("push", 1), ("push", 2), ("closed", 1), ("written", 1), ("push", 3), ("push", 4),
+                           ("closed", 2), ("written", 2), ("push", 5), ("push", 6), ("closed", 3), ("written", 3)]
     for push in grid_overlapped.pushes[1:3]:
         kinds = [kind for kind, _ in push]
         assert kinds == sorted(kinds, key=lambda kind: kind != MessageType.TRAIN)  # training first in the queue

@@ -11,25 +11,26 @@ from shared.processes import descendants
 
 
 class ProcessSampler(threading.Thread):
-    """Samples the summed RSS and CPU seconds of every process below this one.
+    """Samples the summed RSS and CPU seconds (in total and per process role) of every process below this one.
 
     The process tree is re-read every ``refresh_every`` samples (walking /proc
     costs milliseconds); a process that ended keeps the CPU seconds it last had.
-    This process itself (the benchmark and its sampler) is left out.
+    This process itself (the benchmark and its sampler) is left out. Values at a
+    moment between two samples are interpolated, so a span can be measured
+    between any two moments of the run (such as the times the server ended its rounds).
     """
 
     def __init__(self, interval_s: float = 0.25, refresh_every: int = 4) -> None:
         super().__init__(daemon=True)
         self.interval_s = interval_s
         self.refresh_every = refresh_every
-        self.samples: list[tuple[float, int, float]] = []  # (time, RSS bytes, CPU seconds)
+        self.samples: list[tuple[float, int, float]] = []  # (time.monotonic(), RSS bytes, CPU seconds)
+        self.role_samples: list[dict[str, float]] = []  # CPU seconds per process role, one per sample
         self.stopped = threading.Event()
-        self.marks: list[tuple[float, float]] = []  # (time, CPU seconds) taken by mark()
-        self.by_role: list[dict[str, float]] = []  # CPU seconds per process role, at each mark
+        self.unix_offset = time.time() - time.monotonic()
         self._cpu: dict[int, float] = {}
         self._roles: dict[int, str] = {}
         self._pids: list[int] = []
-        self._lock = threading.Lock()
 
     def run(self) -> None:
         count = 0
@@ -40,34 +41,24 @@ class ProcessSampler(threading.Thread):
             count += 1
             rss = _rss_bytes(os.getpid())  # the harness' own memory counts, its CPU (this sampler) not
             rss += sum(_rss_bytes(pid) for pid in self._pids)
-            self.samples.append((time.monotonic(), rss, self._read_cpu()))
+            roles = self._read_cpu_by_role()
+            self.samples.append((time.monotonic(), rss, sum(roles.values())))
+            self.role_samples.append(roles)
             time.sleep(self.interval_s)
 
-    def mark(self) -> float:
-        """Record (now, CPU seconds of the tree now); return now."""
-        now = time.monotonic()
-        self.marks.append((now, self._read_cpu()))
-        self._update_roles()
-        roles: dict[str, float] = {}
-        for pid, cpu in self._cpu.items():
-            role = self._roles.get(pid, ROLES[-1][1])
-            roles[role] = roles.get(role, 0.0) + cpu
-        self.by_role.append(roles)
-        return now
+    def monotonic_of(self, unix_time: float) -> float:
+        """``unix_time`` (``time.time()`` of any process on this machine) on this sampler's clock."""
+        return unix_time - self.unix_offset
 
-    def _update_roles(self) -> None:
-        for pid in self._pids:  # re-read each time: Ray renames its worker processes once they host an actor
-            role = _role(pid)
-            if role is not None:
-                self._roles[pid] = role
+    def cpu_at(self, moment: float) -> float:
+        """CPU seconds the tree had used at ``moment`` (``time.monotonic()``), interpolated."""
+        return self._interpolate(moment, [cpu for _, _, cpu in self.samples])
 
-    def _read_cpu(self) -> float:
-        with self._lock:
-            for pid in list(self._pids):
-                cpu = _cpu_seconds(pid)
-                if cpu is not None:
-                    self._cpu[pid] = cpu
-            return sum(self._cpu.values())
+    def cpu_by_role_at(self, moment: float) -> dict[str, float]:
+        """CPU seconds per process role at ``moment``, interpolated."""
+        roles = {role for sample in self.role_samples for role in sample}
+        return {role: self._interpolate(moment, [sample.get(role, 0.0) for sample in self.role_samples])
+                for role in roles}
 
     def peak_between(self, start: float, end: float) -> int:
         """Peak RSS sampled between ``start`` and ``end``; for a span shorter than the sampling
@@ -76,10 +67,34 @@ class ProcessSampler(threading.Thread):
         before = [rss for t, rss, _ in self.samples if t < start]
         return max(within) if within else (before[-1] if before else 0)
 
-    def cpu_at(self, moment: float) -> float:
-        """CPU seconds the tree had used at ``moment`` (a time :meth:`mark` returned, or the last sample before)."""
-        taken = [cpu for t, cpu in self.marks if t == moment]
-        return taken[0] if taken else max((cpu for t, _, cpu in self.samples if t <= moment), default=0.0)
+    def _interpolate(self, moment: float, values: list[float]) -> float:
+        times = [t for t, _, _ in self.samples]
+        if not times:
+            return 0.0
+        after = next((index for index, t in enumerate(times) if t >= moment), None)
+        if after is None:
+            return values[-1]
+        if after == 0:
+            return values[0]
+        t0, t1 = times[after - 1], times[after]
+        return values[after - 1] + (values[after] - values[after - 1]) * (moment - t0) / (t1 - t0)
+
+    def _update_roles(self) -> None:
+        for pid in self._pids:  # re-read each time: Ray renames its worker processes once they host an actor
+            role = _role(pid)
+            if role is not None:
+                self._roles[pid] = role
+
+    def _read_cpu_by_role(self) -> dict[str, float]:
+        for pid in list(self._pids):
+            cpu = _cpu_seconds(pid)
+            if cpu is not None:
+                self._cpu[pid] = cpu
+        roles: dict[str, float] = {}
+        for pid, cpu in self._cpu.items():
+            role = self._roles.get(pid, ROLES[-1][1])
+            roles[role] = roles.get(role, 0.0) + cpu
+        return roles
 
 
 ROLES = (("ClientAppActor", "Ray actors (the ClientApps)"),

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,6 @@ from benchmarks.report import write_section
 from benchmarks.scale_plain_loop import PlainLoop, SiteWork
 from shared.cli import exit_on_sigterm, quiet_optional_codec_notice
 from simulations.api import SimulationSpec, run_simulation
-
-ROUND_LINE = re.compile(r"round (\d+)/\d+")
-
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """``args.repeats`` simulations and as many plain loops over their sites, in ABBA order."""
@@ -70,46 +66,43 @@ def _workers(args: argparse.Namespace) -> int:
 
 
 def simulate(args: argparse.Namespace) -> dict[str, Any]:
-    """One simulation: per round its sites, wall and CPU seconds and peak RSS; CPU by process role."""
-    marks: list[tuple[float, int]] = []
+    """One simulation: per round its sites, wall and CPU seconds and peak RSS; CPU by process role.
+
+    A round's CPU seconds and peak RSS are measured between the moments the server
+    ended the round before and this one (``ended-at`` in ``metrics.jsonl``).
+    """
     sampler = ProcessSampler()
-
-    def on_progress(line: str) -> None:
-        match = ROUND_LINE.search(line)
-        if match and "trained" in line:
-            marks.append((sampler.mark(), int(match.group(1))))
-
     spec = SimulationSpec(sites=args.sites, sites_per_round=args.per_round, rounds=args.rounds, seed=args.seed,
                           out=args.out, min_cases=args.min_cases, max_cases=args.max_cases, timeout_s=7200,
                           cpus_per_client=args.cpus_per_client, stock_engine=args.stock_engine)
     sampler.start()
     started = time.monotonic()
     try:
-        run_simulation(spec, echo=True, on_progress=on_progress)
+        run_simulation(spec, echo=True)
     finally:
         sampler.stopped.set()
         sampler.join()
     run_dir = (args.out / "latest").resolve()
-    first, last = sampler.by_role[0], sampler.by_role[-1]  # at the end of round 1 and of the last round
-    return {"run_dir": str(run_dir), "rounds": simulated_rounds(run_dir, marks, sampler, started=started),
+    rounds = simulated_rounds(run_dir, sampler, started=started)
+    first, last = (sampler.cpu_by_role_at(rounds[index]["ended"]) for index in (0, -1))
+    return {"run_dir": str(run_dir), "rounds": rounds,
             "cpu_by_role": {role: round(last[role] - first.get(role, 0.0), 2) for role in last},
             "peak_rss_gib": round(max(rss for _, rss, _ in sampler.samples) / 2**30, 3)}
 
 
-def simulated_rounds(run_dir: Path, marks: list[tuple[float, int]], sampler: ProcessSampler, *,
-                     started: float) -> list[dict[str, Any]]:
+def simulated_rounds(run_dir: Path, sampler: ProcessSampler, *, started: float) -> list[dict[str, Any]]:
     """Per round: the sites that trained and evaluated, wall seconds, CPU seconds, peak RSS."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rounds, previous = [], started
-    for mark_time, server_round in marks:
-        site_rows = [r for r in rows if r["round"] == server_round and r["site"] != "global"]
-        wall = next(r["round-seconds"] for r in rows if r["round"] == server_round and r["site"] == "global")
-        rounds.append({"round": server_round, "round_seconds": wall,
+    for row in sorted((r for r in rows if r["site"] == "global"), key=lambda r: r["round"]):
+        site_rows = [r for r in rows if r["round"] == row["round"] and r["site"] != "global"]
+        ended = sampler.monotonic_of(row["ended-at"])
+        rounds.append({"round": row["round"], "round_seconds": row["round-seconds"], "ended": ended,
                        "trained": [r["site"] for r in site_rows if r.get("train-status") == "ok"],
                        "evaluated": [r["site"] for r in site_rows if r.get("evaluate-status") == "ok"],
-                       "simulation_cpu_seconds": round(sampler.cpu_at(mark_time) - sampler.cpu_at(previous), 2),
-                       "peak_rss_gib": round(sampler.peak_between(previous, mark_time) / 2**30, 3)})
-        previous = mark_time
+                       "simulation_cpu_seconds": round(sampler.cpu_at(ended) - sampler.cpu_at(previous), 2),
+                       "peak_rss_gib": round(sampler.peak_between(previous, ended) / 2**30, 3)})
+        previous = ended
     return rounds
 
 

@@ -103,7 +103,8 @@ class RunRecorder:
         state_dict = dict(arrays.to_torch_state_dict())
         now = time.monotonic()
         row = {"round": server_round, "site": "global", **aggregate_sites(sites),
-               "weights-sha256": weights_digest(state_dict), "round-seconds": round(now - self.round_started, 3)}
+               "weights-sha256": weights_digest(state_dict), "round-seconds": round(now - self.round_started, 3),
+               "ended-at": round(time.time(), 3)}
         self.round_started = now
         self._append(row)
         self.global_rows.append(row)

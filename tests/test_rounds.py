@@ -113,7 +113,7 @@ def _run(tmp_path, name: str, *, overlap: bool, rounds: int = 3, grid: _SitesGri
         pass
     rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
-        row.pop("round-seconds", None)
+        row.pop("round-seconds", None), row.pop("ended-at", None)
     return closed, rows, grid
 
 

@@ -113,3 +113,17 @@ def test_the_benchmark_times_each_overlapped_round_on_the_work_that_ran_in_it():
     assert overlapped == [[(["t1"], []), (["t2"], ["e1"])], [(["t3"], ["e2"])], [([], ["e3"])]]
     done = [site for steps in overlapped for train, evaluate in steps for site in train + evaluate]
     assert sorted(done) == sorted(site for r in rounds for site in r["trained"] + r["evaluated"])
+
+
+def test_the_benchmark_sampler_measures_spans_between_any_two_moments():
+    from benchmarks.process_sampler import ProcessSampler
+
+    sampler = ProcessSampler()  # not started: fed two samples by hand, 1 s apart
+    sampler.samples = [(10.0, 100, 4.0), (11.0, 300, 6.0)]
+    sampler.role_samples = [{"actors": 3.0, "engine": 1.0}, {"actors": 4.5, "engine": 1.5}]
+    assert sampler.cpu_at(10.25) == pytest.approx(4.5)  # a quarter of the way: interpolated
+    assert sampler.cpu_at(9.0) == 4.0 and sampler.cpu_at(12.0) == 6.0  # before the first / after the last sample
+    assert sampler.cpu_by_role_at(10.5) == pytest.approx({"actors": 3.75, "engine": 1.25})
+    assert sampler.peak_between(9.0, 11.0) == 300 and sampler.peak_between(10.2, 10.4) == 100
+    unix_now = time.time()
+    assert sampler.monotonic_of(unix_now) == pytest.approx(time.monotonic(), abs=0.05)

@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.atomic import append_line, atomic_write, atomic_write_json
+from shared.atomic import append_lines, atomic_write, atomic_write_json
 from shared.model_file import save_model_file, weights_digest
 
 if TYPE_CHECKING:
@@ -98,15 +98,13 @@ class RunRecorder:
         import torch  # noqa: F401  (ArrayRecord.to_torch_state_dict needs torch imported)
 
         sites = self.rounds.get(server_round, {})
-        for site in sorted(sites):
-            self._append({"round": server_round, "site": site, **sites[site]})
         state_dict = dict(arrays.to_torch_state_dict())
         now = time.monotonic()
         row = {"round": server_round, "site": "global", **aggregate_sites(sites),
                "weights-sha256": weights_digest(state_dict), "round-seconds": round(now - self.round_started, 3),
                "ended-at": round(time.time(), 3)}
         self.round_started = now
-        self._append(row)
+        self._append([{"round": server_round, "site": site, **sites[site]} for site in sorted(sites)] + [row])
         self.global_rows.append(row)
         save_model_file(self.model_path, state_dict=state_dict,
                         model_config=self.config.model_config(),
@@ -138,10 +136,11 @@ class RunRecorder:
         atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
 
-    def _append(self, row: dict[str, Any]) -> None:
-        clean = {k: _json_float(v) if isinstance(v, float) else v for k, v in row.items()}
-        self.written_rows.append(clean)
-        append_line(self.metrics_path, json.dumps(clean, sort_keys=True))
+    def _append(self, rows: list[dict[str, Any]]) -> None:
+        """Append a round's rows to ``metrics.jsonl`` with one flush to disk."""
+        clean = [{k: _json_float(v) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
+        self.written_rows.extend(clean)
+        append_lines(self.metrics_path, [json.dumps(row, sort_keys=True) for row in clean])
 
 
 def final_epsilons(rounds: dict[int, dict[str, dict[str, Any]]], sites: list[str]) -> dict[str, Any]:

@@ -53,8 +53,14 @@ def atomic_write_json(path: Path | str, data: Any) -> Path:
 
 def append_line(path: Path | str, line: str) -> None:
     """Append one line and flush it to disk (for JSON-lines logs)."""
+    append_lines(path, [line])
+
+
+def append_lines(path: Path | str, lines: list[str]) -> None:
+    """Append ``lines`` in one write and flush them to disk with one fsync."""
+    payload = "".join(line.rstrip("\n") + "\n" for line in lines)
     with open(path, "a", encoding="utf-8") as handle:
-        handle.write(line.rstrip("\n") + "\n")
+        handle.write(payload)
         handle.flush()
         os.fsync(handle.fileno())
 

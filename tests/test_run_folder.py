@@ -76,6 +76,22 @@ def test_atomic_write_flushes_file_and_folder_unless_told_the_data_can_be_rebuil
     assert (tmp_path / "cache.bin").read_bytes() == b"derived"
 
 
+def test_a_rounds_metrics_lines_reach_the_disk_with_one_flush(tmp_path, monkeypatch):
+    import os
+
+    config = RunConfig.from_mapping(TINY_RUN_CONFIG)
+    recorder = RunRecorder(tmp_path, config=config)
+    recorder.record_phase(1, "train", SortedReplies(
+        site_metrics={site: {"num-examples": 4, "train-loss": 1.0} for site in "abcdef"}))
+    flushed = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: flushed.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    recorder.end_round(1, model_to_arrays(build_unet(config.model_config())))
+    assert flushed.count(str(tmp_path / "metrics.jsonl")) == 1  # not one per site
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["site"] for r in rows] == [*"abcdef", "global"]
+
+
 def test_rows_of_a_node_are_filed_under_its_site_once_known(tmp_path):
     recorder = RunRecorder(tmp_path, config=RunConfig.from_mapping(TINY_RUN_CONFIG))
     recorder.record_phase(1, "train", SortedReplies(failed={"node-5": "crashed"}))

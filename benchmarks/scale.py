@@ -14,7 +14,9 @@ The speed of these shared machines drifts by 10% and more within minutes, so
 simulations (S) and plain loops (P) alternate in an ABBA order that cancels a
 steady drift: with ``--repeats 2`` (default) S P P S, with 3 S P P S S P. The
 runs share their seed, so every simulation samples the same sites in the same
-rounds (checked), and the headline ratio pools all of them.
+rounds (checked), and the headline ratio pools all of them. Without
+``--no-write`` the run replaces the generated part of BENCHMARKS.md's scale
+section (between its markers); the notes after it are kept.
 
 Usage (from the repo root, after ``make setup``)::
 

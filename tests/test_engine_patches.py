@@ -111,12 +111,17 @@ def test_a_message_stored_behind_the_patch_is_still_delivered_by_the_safety_swee
     monkeypatch.setattr(engine_patches, "SAFETY_SWEEP_S", 0.3)
     state, grid, nodes = federation
     with engine_loop(state, nodes) as (queue, counting):
-        message = grid.create_message(RecordDict(), "train", list(nodes)[7], "g")
-        message.metadata.__dict__["_message_id"] = message.object_id  # as InMemoryGrid.push_messages does
-        engine_patches._targets()["InMemoryLinkState.store_message_ins"](state, message)  # unrecorded
-        assert queue.get(timeout=2.0).metadata.message_id == message.metadata.message_id
+        stored = []
+        for kind in ("train", "evaluate"):  # two for one node, as an overlapped round sends
+            message = grid.create_message(RecordDict(), kind, list(nodes)[7], "g")
+            message.metadata.__dict__["_message_id"] = message.object_id  # as InMemoryGrid.push_messages does
+            engine_patches._targets()["InMemoryLinkState.store_message_ins"](state, message)  # unrecorded
+            stored.append(message.metadata.message_id)
+        first = queue.get(timeout=2.0)
+        second = queue.get(timeout=0.2)  # in the same sweep, not the next one 0.3 s later
+        assert sorted(m.metadata.message_id for m in (first, second)) == sorted(stored)
         time.sleep(0.7)  # two more sweeps, with nothing left to deliver
-        assert counting.asks == 1  # the sweep asked only for the node that had a message, not all 300
+        assert counting.asks == 2  # the sweeps asked only for the node that had messages, not all 300
 
 
 def test_the_grid_wakes_as_soon_as_a_reply_is_stored(patched_flower, federation):

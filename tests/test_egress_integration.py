@@ -17,20 +17,25 @@ from tests.conftest import TINY_RUN_CONFIG
 
 @pytest.mark.integration
 def test_every_reply_of_a_simulated_round_is_audited_and_allowed(tmp_path, capsys):
-    spec = SimulationSpec(sites=2, rounds=1, seed=2, out=tmp_path / "runs", min_cases=3, max_cases=4,
-                          timeout_s=600, run_config=dict(TINY_RUN_CONFIG))
+    # two rounds with every site sampled: with the harness's overlapped evaluation each site gets round 2's
+    # training and round 1's evaluation at once, and both replies must be logged whole
+    spec = SimulationSpec(sites=2, rounds=2, seed=2, out=tmp_path / "runs", min_cases=3, max_cases=4,
+                          timeout_s=600, run_config=dict(TINY_RUN_CONFIG, **{"num-rounds": 2}))
     summary = run_simulation(spec, echo=False)
     run_dir = (tmp_path / "runs" / "latest").resolve()
     state = build_unet(RunConfig.from_mapping(TINY_RUN_CONFIG).model_config()).state_dict()
     parameters = [(name, list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in state.items()]
     rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-    server_rows = {row["site"]: row for row in rows}
+    server_rows = {row["site"]: row for row in rows if row["round"] == 1}
 
     run_ids = set()
     for site in summary["sites"]:
         entries = [entry for _, entry in read_entries(run_dir / "state" / site / "egress-audit.jsonl")]
-        assert [(e["message-type"], e["round"]) for e in entries] == [("train", 1), ("evaluate", 1)]
-        train, evaluate = entries
+        logged = [(e["message-type"], e["round"]) for e in entries]
+        assert logged[0] == ("train", 1) and logged[-1] == ("evaluate", 2)
+        assert sorted(logged) == [("evaluate", 1), ("evaluate", 2), ("train", 1), ("train", 2)]
+        train, evaluate = (next(e for e in entries if (e["message-type"], e["round"]) == (kind, 1))
+                           for kind in ("train", "evaluate"))
         assert [(a["name"], a["shape"], a["dtype"]) for a in train["arrays"]] == parameters
         assert all(a["bytes"] == state[a["name"]].numel() * state[a["name"]].element_size()
                    for a in train["arrays"])
@@ -49,5 +54,5 @@ def test_every_reply_of_a_simulated_round_is_audited_and_allowed(tmp_path, capsy
 
         assert client_main(["audit", "--state-dir", str(run_dir / "state" / site)]) == 0
         out = capsys.readouterr().out
-        assert "1 round(s) trained" in out and f"{train['array-bytes']:,} B" in out and "0 blocked" in out
+        assert "2 round(s) trained" in out and f"{2 * train['array-bytes']:,} B" in out and "0 blocked" in out
     assert len(run_ids) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 import time
@@ -68,15 +69,12 @@ class ProcessSampler(threading.Thread):
         return max(within) if within else (before[-1] if before else 0)
 
     def _interpolate(self, moment: float, values: list[float]) -> float:
-        times = [t for t, _, _ in self.samples]
-        if not times:
+        if not values:
             return 0.0
-        after = next((index for index, t in enumerate(times) if t >= moment), None)
-        if after is None:
-            return values[-1]
-        if after == 0:
-            return values[0]
-        t0, t1 = times[after - 1], times[after]
+        after = bisect.bisect_left(self.samples, moment, key=lambda sample: sample[0])
+        if after in (0, len(values)):
+            return values[min(after, len(values) - 1)]
+        t0, t1 = self.samples[after - 1][0], self.samples[after][0]
         return values[after - 1] + (values[after] - values[after - 1]) * (moment - t0) / (t1 - t0)
 
     def _update_roles(self) -> None:

@@ -38,6 +38,7 @@ from benchmarks.scale_plain_loop import PlainLoop, SiteWork
 from shared.cli import exit_on_sigterm, quiet_optional_codec_notice
 from simulations.api import SimulationSpec, run_simulation
 
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """``args.repeats`` simulations and as many plain loops over their sites, in ABBA order."""
     sims: list[dict[str, Any]] = []

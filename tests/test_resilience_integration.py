@@ -39,8 +39,10 @@ def _spec(out: Path, rounds: int, **run_config) -> SimulationSpec:
 
 def _start_and_kill_after_first_checkpoint(out: Path) -> Path:
     overrides = [f"--run-config={k}={json.dumps(v)}" for k, v in TINY_RUN_CONFIG.items() if k != "num-rounds"]
+    # one site stalls 1 s before each training (a sleep: the results stay bitwise those of the runs compared),
+    # so the rounds after the first checkpoint last long enough to be killed in, however fast the machine
     command = [sys.executable, "-m", "simulations", *SIM_ARGS, "--rounds", str(ROUNDS), "--out", str(out),
-               *overrides]
+               "--slow-sites", "1", "--slow-seconds", "1", *overrides]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     checkpoint = out / "latest" / "checkpoint.ckpt"
@@ -61,8 +63,7 @@ def _start_and_kill_after_first_checkpoint(out: Path) -> Path:
 
 @pytest.mark.integration
 def test_killed_server_resumes_bitwise_like_an_uninterrupted_run(tmp_path):
-    # the harness overlaps evaluation (round 1's checkpoint comes after round 2's training): 4 rounds leave
-    # enough of the run after the first checkpoint to be killed in it
+    # the harness overlaps evaluation: round 1's checkpoint comes after round 2's training
     killed = _start_and_kill_after_first_checkpoint(tmp_path / "killed")
     done_before_kill = max(_global_digests(killed))
     assert done_before_kill < ROUNDS

@@ -19,10 +19,13 @@ REFUSAL_TIMEOUT_S = 60.0
 
 
 @pytest.mark.integration
-def test_two_hospitals_two_rounds_over_tls_with_node_auth(tmp_path):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped-evaluation"])
+def test_two_hospitals_two_rounds_over_tls_with_node_auth(tmp_path, overlap):
+    # overlapped: round 1's evaluation and round 2's training reach each node together
     spec = DeploymentSpec(out=tmp_path / "deploy", sites=2, rounds=2, seed=1, min_cases=3, max_cases=4,
                           isolation="process",  # the warm ClientApp executor; subprocess is Flower's default
-                          run_config=dict(TINY_RUN_CONFIG, **{"num-rounds": 2}), timeout_s=900)
+                          run_config=dict(TINY_RUN_CONFIG, **{"num-rounds": 2, "overlap-evaluation": overlap}),
+                          timeout_s=900)
     summary = run_local_federation(spec, echo=False)
 
     work_dir = next((tmp_path / "deploy").iterdir())

@@ -37,6 +37,10 @@ def test_two_hospitals_two_rounds_over_tls_with_node_auth(tmp_path, overlap):
     _, payload = load_model(work_dir / "run" / "global_model.pt")
     assert payload["round"] == 2 and payload["model_config"]["channels"] == [4, 8]
     assert (work_dir / "superlink-state.db").stat().st_size > 0
+    server_steps = [line for line in (work_dir / "logs" / "flwr-run.log").read_text().splitlines()
+                    if "configure_train" in line or "aggregate_evaluate" in line]
+    second_training_sent_before_first_evaluation_in = "configure_train" in server_steps[1]
+    assert second_training_sent_before_first_evaluation_in == overlap, server_steps
     superlink_log = (work_dir / "logs" / "superlink.log").read_text()
     assert "https://127.0.0.1" in superlink_log  # the SuperLink served TLS only
     for site in summary["sites"]:  # each node ran Flower's SuperNode with the shortened waits

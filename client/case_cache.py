@@ -15,6 +15,7 @@ can drop entries no round has used for a while (e.g. of files since changed).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -59,7 +60,8 @@ class CaseCache:
             self.misses += 1
             return None
         self.hits += 1
-        os.utime(path)  # last use, for prune()
+        with contextlib.suppress(FileNotFoundError):  # pruned by the site's other handler since the load
+            os.utime(path)  # last use, for prune()
         return entry
 
     def put(self, case: dict[str, Any], preprocessed: dict[str, Any]) -> None:

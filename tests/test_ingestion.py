@@ -104,6 +104,24 @@ def test_cache_is_used_on_the_second_load_and_invalidated_by_a_changed_file(tmp_
     assert other_settings.misses == 2
 
 
+def test_an_entry_pruned_while_it_is_read_is_still_a_hit(tmp_path, monkeypatch):
+    # with overlapped evaluation a site's training and evaluation run at once: one may prune
+    # an old entry the other has just read
+    image, label = ct_volume(0)
+    case = {k: str(tmp_path / v) for k, v in write_nifti_case(tmp_path, "case0", image, label).items()}
+    cache = CaseCache(tmp_path / "cache", settings=SETTINGS)
+    preprocess_cases([case], evaluation_transforms(SETTINGS), cache=cache)
+    real_load = torch.load
+
+    def load_then_prune(path, **kwargs):
+        entry = real_load(path, **kwargs)
+        os.unlink(path)
+        return entry
+
+    monkeypatch.setattr(torch, "load", load_then_prune)
+    assert cache.get(case) is not None and cache.hits == 1
+
+
 def test_touching_one_dicom_slice_invalidates_the_case(tmp_path, same_case_twice):
     _, dicom = same_case_twice
     cache = CaseCache(tmp_path / "cache", settings=SETTINGS)

@@ -7,6 +7,8 @@ import json
 import pytest
 from flwr.app import ArrayRecord
 
+import server.federation
+from server.federation import ProgressPrinter
 from server.run_folder import RunRecorder, aggregate_sites
 from server.site_replies import SortedReplies
 from shared.atomic import atomic_write
@@ -127,3 +129,22 @@ def test_a_site_without_training_loss_is_left_out_of_the_mean_and_written_as_nul
     assert row["train-loss"] == pytest.approx(1.5) and row["sites-train-ok"] == 2
     rows = {r["site"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
     assert rows["tiny"]["train-loss"] is None and rows["global"]["train-loss"] == pytest.approx(1.5)
+
+
+def _global_row(server_round: int, **counts) -> dict:
+    row = {"round": server_round, "sites-train-ok": 3, "sites-train-refused": 0, "sites-train-failed": 1,
+           "sites-train-rejected": 0, "sites-evaluate-ok": 4, "dice": 0.5, "train-loss": None}
+    return {**row, **counts}
+
+
+def test_progress_line_estimates_the_time_left_from_the_rounds_this_run_did(monkeypatch, capsys):
+    clock = iter([100.0, 130.0, 190.0])  # start; round 4 ends after 30 s, round 5 after 90 s
+    monkeypatch.setattr(server.federation.time, "monotonic", lambda: next(clock))
+    printer = ProgressPrinter(10, first_round=4)  # resumed after round 3
+    printer.report(_global_row(4), {"hospital-01": {"train-status": "failed", "train-reason": "no reply"}})
+    printer.report(_global_row(5, **{"max-epsilon": 1.234}), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[fedseg] round 4/10 | trained 3/4 sites | evaluated 4 | dice 0.5000")
+    assert "train-loss n/a" in lines[0] and lines[0].endswith("30s elapsed, ~180s left")  # 6 rounds at 30 s
+    assert lines[1] == "[fedseg]   hospital-01 failed train: no reply"
+    assert "max epsilon 1.23" in lines[2] and lines[2].endswith("90s elapsed, ~225s left")  # 5 rounds at 45 s

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,10 +27,14 @@ def test_200_sites_with_10_sampled_per_round(tmp_path):
     spec = SimulationSpec(sites=200, sites_per_round=10, rounds=2, seed=4, out=tmp_path / "runs",
                           partition="quantity", pool_cases=450, timeout_s=900,
                           run_config=dict(TINY_RUN_CONFIG, **{"num-rounds": 2}))
-    summary = run_simulation(spec, echo=False)
+    progress: list[str] = []
+    summary = run_simulation(spec, echo=False, on_progress=progress.append)
     run_dir = (tmp_path / "runs" / "latest").resolve()
     rows = _rows(run_dir)
     assert summary["rounds"] == 2
+    round_lines = [line for line in progress if " | trained " in line]
+    assert [line.split(" | ")[0] for line in round_lines] == ["[fedseg] round 1/2", "[fedseg] round 2/2"]
+    assert all(re.search(r"\| \d+s elapsed, ~\d+s left$", line) for line in round_lines), round_lines
     for server_round in (1, 2):
         trained = [r for r in rows if r["round"] == server_round and r["site"] != "global"
                    and r.get("train-status") == "ok"]

@@ -132,3 +132,31 @@ def test_the_benchmark_sampler_measures_spans_between_any_two_moments():
     assert sampler.peak_between(9.0, 11.0) == 300 and sampler.peak_between(10.2, 10.4) == 100
     unix_now = time.time()
     assert sampler.monotonic_of(unix_now) == pytest.approx(time.monotonic(), abs=0.05)
+
+
+@pytest.mark.parametrize("keep_runs", [False, True])
+def test_the_benchmark_keeps_only_the_last_simulations_run_folder_unless_told(tmp_path, monkeypatch, keep_runs):
+    import argparse
+
+    import benchmarks.scale as scale
+
+    order = []
+
+    def simulate(args):
+        run_dir = tmp_path / f"sim{order.count('S')}"
+        (run_dir / "data").mkdir(parents=True)
+        order.append("S")
+        return {"run_dir": str(run_dir), "rounds": [], "peak_rss_gib": 1.0}
+
+    def time_plain_loop(sim, *, workers):
+        assert Path(sim["run_dir"]).is_dir()  # the plain loop reads the sites from the run folder
+        order.append("P")
+        return []
+
+    monkeypatch.setattr(scale, "simulate", simulate)
+    monkeypatch.setattr(scale, "time_plain_loop", time_plain_loop)
+    scale.run(argparse.Namespace(repeats=3, keep_runs=keep_runs, sites=4, per_round=2, cpus_per_client=1.0,
+                                 min_cases=2, max_cases=3))
+    assert order == list("SPPSSP")
+    left = sorted(path.name for path in tmp_path.iterdir())
+    assert left == (["sim0", "sim1", "sim2"] if keep_runs else ["sim2"])

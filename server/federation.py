@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -127,15 +128,17 @@ def write_round_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord
 class ProgressPrinter:
     """One console line per round: sites answered, aggregated Dice, time."""
 
-    def __init__(self, num_rounds: int, *, first_round: int = 1) -> None:
+    def __init__(self, num_rounds: int, *, first_round: int = 1,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.num_rounds = num_rounds
         self.first_round = first_round
-        self.started = time.monotonic()
+        self.clock = clock
+        self.started = clock()
 
     def report(self, row: dict[str, Any], sites: dict[str, dict[str, Any]]) -> None:
         trained = row["sites-train-ok"]
         asked = trained + row["sites-train-refused"] + row["sites-train-failed"] + row["sites-train-rejected"]
-        elapsed = time.monotonic() - self.started
+        elapsed = self.clock() - self.started
         done = row["round"] - self.first_round + 1
         remaining = elapsed / done * (self.num_rounds - row["round"])
         print(f"{PROGRESS_PREFIX} round {row['round']}/{self.num_rounds} | trained {trained}/{asked} sites"

@@ -39,8 +39,8 @@ def test_two_hospitals_two_rounds_over_tls_with_node_auth(tmp_path, overlap):
     assert (work_dir / "superlink-state.db").stat().st_size > 0
     server_steps = [line for line in (work_dir / "logs" / "flwr-run.log").read_text().splitlines()
                     if "configure_train" in line or "aggregate_evaluate" in line]
-    second_training_sent_before_first_evaluation_in = "configure_train" in server_steps[1]
-    assert second_training_sent_before_first_evaluation_in == overlap, server_steps
+    training_2_out_before_evaluation_1_in = "configure_train" in server_steps[1]
+    assert training_2_out_before_evaluation_1_in == overlap, server_steps
     superlink_log = (work_dir / "logs" / "superlink.log").read_text()
     assert "https://127.0.0.1" in superlink_log  # the SuperLink served TLS only
     for site in summary["sites"]:  # each node ran Flower's SuperNode with the shortened waits

@@ -62,7 +62,7 @@ def _start_and_kill_after_first_checkpoint(out: Path) -> Path:
 
 
 def _kill_stragglers(fragment: str, timeout_s: float = 30.0) -> list[int]:
-    """SIGKILL every process mentioning ``fragment`` until none is left; return those still alive after ``timeout_s``.
+    """SIGKILL every process mentioning ``fragment`` until none is left; return any alive after ``timeout_s``.
 
     One snapshot of the tree misses a process forked while the kill went out (a Ray worker, an app
     process), and a killed process with a large heap takes a moment to die: the resumed run must not

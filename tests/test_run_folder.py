@@ -7,7 +7,6 @@ import json
 import pytest
 from flwr.app import ArrayRecord
 
-import server.federation
 from server.federation import ProgressPrinter
 from server.run_folder import RunRecorder, aggregate_sites
 from server.site_replies import SortedReplies
@@ -137,10 +136,9 @@ def _global_row(server_round: int, **counts) -> dict:
     return {**row, **counts}
 
 
-def test_progress_line_estimates_the_time_left_from_the_rounds_this_run_did(monkeypatch, capsys):
+def test_progress_line_estimates_the_time_left_from_the_rounds_this_run_did(capsys):
     clock = iter([100.0, 130.0, 190.0])  # start; round 4 ends after 30 s, round 5 after 90 s
-    monkeypatch.setattr(server.federation.time, "monotonic", lambda: next(clock))
-    printer = ProgressPrinter(10, first_round=4)  # resumed after round 3
+    printer = ProgressPrinter(10, first_round=4, clock=lambda: next(clock))  # resumed after round 3
     printer.report(_global_row(4), {"hospital-01": {"train-status": "failed", "train-reason": "no reply"}})
     printer.report(_global_row(5, **{"max-epsilon": 1.234}), {})
     lines = capsys.readouterr().out.splitlines()

@@ -10,7 +10,7 @@ runs, and each message waits up to 0.1 s before any worker sees it. Neither
 the interval nor the scan is a setting.
 
 :func:`apply` swaps two functions, in the ``flwr-simulation`` process only
-(the harness starts it through :func:`write_launcher`):
+(the harness starts it through :mod:`simulations.engine_launcher`):
 
 - ``InMemoryLinkState.store_message_ins`` also records the destination node
   of each message it stores (:class:`Arrivals`);
@@ -34,9 +34,10 @@ the interval nor the scan is a setting.
 
 All are guarded: on any Flower other than the version whose code was checked
 (a hash of each replaced function's source), nothing is changed and the
-engine runs stock, with a warning. The launcher also applies
-:mod:`simulations.actor_pipeline` (two messages in flight per Ray actor),
-guarded by the same check (:func:`code_mismatch`).
+engine runs stock, with a warning. :mod:`simulations.engine_launcher` starts
+``flwr-simulation`` with these patches and :mod:`simulations.actor_pipeline`
+(two messages in flight per Ray actor), guarded by the same check
+(:func:`code_mismatch`).
 """
 
 from __future__ import annotations
@@ -46,15 +47,11 @@ import hashlib
 import importlib.metadata
 import inspect
 import logging
-import os
-import stat
-import sys
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from queue import Queue
 from typing import Any
 
@@ -283,47 +280,3 @@ def apply() -> bool:
     InMemoryGrid.wait_for_replies = wait_for_replies
     InMemoryGrid.sampling_order = sampling_order
     return True
-
-
-LAUNCHER = '''#!{python}
-"""flwr-simulation with fedseg's engine patches (written by simulations.engine_patches)."""
-import importlib.util
-import sys
-
-
-def load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-patches = load("fedseg_engine_patches", {module!r})
-patches.apply()
-load("fedseg_actor_pipeline", {pipeline!r}).apply(checker=patches.code_mismatch)
-
-from flwr.simulation.app import flwr_simulation
-
-sys.exit(flwr_simulation())
-'''
-
-
-def write_launcher(bin_dir: Path) -> Path:
-    """Write an executable ``flwr-simulation`` into ``bin_dir`` that applies the patches first.
-
-    Flower's SuperExec starts the simulation engine as the ``flwr-simulation``
-    found on ``PATH``; put ``bin_dir`` first there. The launcher loads this file
-    by path, so nothing is added to the engine's ``sys.path``.
-    """
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    launcher = bin_dir / "flwr-simulation"
-    here = Path(__file__).resolve()
-    launcher.write_text(LAUNCHER.format(python=sys.executable, module=str(here),
-                                        pipeline=str(here.with_name("actor_pipeline.py"))))
-    launcher.chmod(launcher.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return launcher
-
-
-def prepend_path(env: dict[str, str], bin_dir: Path) -> None:
-    """Put ``bin_dir`` first on ``env['PATH']``."""
-    env["PATH"] = str(bin_dir) + os.pathsep + env.get("PATH", "")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from shared.errors import FedSegError
 from shared.processes import flower_env, free_port, run_streaming, stop_process_group, tail
-from simulations import engine_patches
+from simulations import engine_launcher
 
 CONNECTION = "fedseg-sim"
 STARTUP_TIMEOUT_S = 60.0
@@ -65,15 +65,15 @@ def simulation_superlink(work_dir: Path, *, ray_address: str = "",
     With ``ray_address`` the simulation engine joins that existing Ray cluster
     (``ray.init`` honours ``RAY_ADDRESS``) instead of starting a private one.
     Unless ``stock_engine``, the engine process is started through
-    :func:`simulations.engine_patches.write_launcher` (messages handed over
+    :func:`simulations.engine_launcher.write_launcher` (messages handed over
     when stored instead of Flower's 0.1 s sweep over every node).
     """
     flwr_home = work_dir / "flwr-home"
     ray_tmp = Path(tempfile.mkdtemp(prefix="fsray-"))  # short: Ray's socket paths have a length limit
     env = flower_env(flwr_home, ray_tmp)
     if not stock_engine:
-        engine_patches.write_launcher(ray_tmp / "bin")
-        engine_patches.prepend_path(env, ray_tmp / "bin")
+        engine_launcher.write_launcher(ray_tmp / "bin")
+        engine_launcher.prepend_path(env, ray_tmp / "bin")
     marker = f"FEDSEG_RUN_MARKER={secrets.token_hex(8)}"
     env[marker.split("=")[0]] = marker.split("=")[1]
     if ray_address:

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from simulations import actor_pipeline, engine_patches
+from simulations import actor_pipeline, engine_launcher
 from simulations.actor_pipeline import ActorSlots
 
 
@@ -85,7 +85,7 @@ def test_other_flower_code_keeps_flowers_actor_pool(monkeypatch, caplog):
 
 
 def test_the_launcher_loads_the_pipeline_and_still_starts_flowers_entry_point(tmp_path):
-    launcher = engine_patches.write_launcher(tmp_path / "bin")
+    launcher = engine_launcher.write_launcher(tmp_path / "bin")
     assert "actor_pipeline.py" in launcher.read_text()  # that it ran: tests/test_simulation_integration.py (log)
     done = subprocess.run([str(launcher), "--help"], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr

@@ -23,7 +23,7 @@ from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
 from server.polling_grid import PollingGrid
-from simulations import engine_patches
+from simulations import engine_launcher, engine_patches
 
 NODES = 300
 
@@ -162,7 +162,7 @@ def test_other_flower_code_is_left_stock(monkeypatch, caplog):
 
 
 def test_the_launcher_starts_flowers_simulation_entry_point_with_the_patch(tmp_path):
-    launcher = engine_patches.write_launcher(tmp_path / "bin")
+    launcher = engine_launcher.write_launcher(tmp_path / "bin")
     done = subprocess.run([str(launcher), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "--runtime-api-address" in done.stdout  # Flower's own flwr-simulation argument parser

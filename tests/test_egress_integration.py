@@ -16,10 +16,12 @@ from tests.conftest import TINY_RUN_CONFIG
 
 
 @pytest.mark.integration
-def test_every_reply_of_a_simulated_round_is_audited_and_allowed(tmp_path, capsys):
+@pytest.mark.parametrize("sites", [1, 2])
+def test_every_reply_of_a_simulated_round_is_audited_and_allowed(tmp_path, capsys, sites):
     # two rounds with every site sampled: with the harness's overlapped evaluation each site gets round 2's
-    # training and round 1's evaluation at once, and both replies must be logged whole
-    spec = SimulationSpec(sites=2, rounds=2, seed=2, out=tmp_path / "runs", min_cases=3, max_cases=4,
+    # training and round 1's evaluation at once, and both replies must be logged whole. With one site the
+    # two Ray actors run both of its messages side by side (its audit log, privacy ledger and case cache)
+    spec = SimulationSpec(sites=sites, rounds=2, seed=2, out=tmp_path / "runs", min_cases=3, max_cases=4,
                           timeout_s=600, run_config=dict(TINY_RUN_CONFIG, **{"num-rounds": 2}))
     summary = run_simulation(spec, echo=False)
     run_dir = (tmp_path / "runs" / "latest").resolve()

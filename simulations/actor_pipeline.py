@@ -7,7 +7,7 @@ busy cores, BENCHMARKS.md scale section) during which the actor sits idle;
 with small sites (~80 ms of work per message) that is ~5% of a round.
 
 :func:`apply` (in the ``flwr-simulation`` process only, through the launcher
-of :mod:`simulations.engine_patches`) replaces Flower's ``RayBackend`` with a
+of :mod:`simulations.engine_launcher`) replaces Flower's ``RayBackend`` with a
 subclass whose actor pool (:class:`PipelinedActorPool`) lets each actor hold
 up to :data:`DEPTH` messages: Ray queues the second on the actor, which
 starts it the moment the first ends. A message goes to the actor with the

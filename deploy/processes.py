@@ -21,7 +21,7 @@ from pathlib import Path
 
 from deploy.supernode import DEFAULT_POLL_INTERVAL_S
 from shared.errors import FedSegError
-from shared.processes import flower_env, free_port, stop_process_group, tail
+from shared.processes import flower_env, free_port, stop_process_group, stopped_with_parent, tail
 
 CONNECTION = "fedseg-deploy"
 HOST = "127.0.0.1"
@@ -173,7 +173,7 @@ class LocalSuperLink:
             raise DeploymentError(f"a process called {name!r} is already running")
         with open(self.log_path(name), "ab") as log:
             process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True, cwd=self.work_dir)
+                                       start_new_session=True, cwd=self.work_dir, preexec_fn=stopped_with_parent())
         self.processes[name] = process
         return process
 

@@ -10,6 +10,7 @@ enough: :func:`stop_process_group` collects the whole tree first.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -54,6 +55,33 @@ def flower_env(flwr_home: Path, ray_tmp: Path | None = None) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     return env
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def stopped_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the child sent SIGTERM when the process starting it dies (Linux only).
+
+    Every process fedseg starts is stopped by :func:`stop_process_group` when its
+    command ends, but a command killed outright (SIGKILL, the OOM killer) runs no
+    clean-up: without this its SuperLink kept serving, and the run kept training,
+    with nobody left to read it. The signal follows the *thread* that started the
+    child (prctl(2)), so start a process from the thread that also stops it.
+    Between fork and exec the child only makes system calls (safe beside other
+    threads). Returns None where prctl is not available.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up now: the child only calls it
+    parent = os.getpid()
+
+    def tie_to_parent() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the tie was made
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return tie_to_parent
 
 
 def free_port() -> int:
@@ -158,7 +186,8 @@ def run_streaming(command: list[str], *, env: dict[str, str], log_path: Path, on
     deadline = time.monotonic() + timeout_s
     with open(log_path, "a", encoding="utf-8") as log:
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, bufsize=1, start_new_session=True, cwd=cwd)
+                                   text=True, bufsize=1, start_new_session=True, cwd=cwd,
+                                   preexec_fn=stopped_with_parent())
         try:
             assert process.stdout is not None
             for line in process.stdout:

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import FedSegError
-from shared.processes import flower_env, free_port, run_streaming, stop_process_group, tail
+from shared.processes import (
+    flower_env,
+    free_port,
+    run_streaming,
+    stop_process_group,
+    stopped_with_parent,
+    tail,
+)
 from simulations import engine_launcher
 
 CONNECTION = "fedseg-sim"
@@ -85,6 +92,7 @@ def simulation_superlink(work_dir: Path, *, ray_address: str = "",
         ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
          "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=stopped_with_parent(),
     )
     try:
         _wait_healthy(process, port, work_dir / "superlink.log")

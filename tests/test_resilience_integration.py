@@ -101,6 +101,42 @@ def test_killed_server_resumes_bitwise_like_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.integration
+def test_a_killed_harness_takes_its_superlink_down(tmp_path):
+    # SIGKILL (or the OOM killer) runs none of the harness's clean-up: its SuperLink must not serve on, orphaned
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "simulations", *SIM_ARGS, "--rounds", "20", "--out", str(out),
+               "--slow-sites", "1", "--slow-seconds", "1",
+               *[f"--run-config={k}={json.dumps(v)}" for k, v in TINY_RUN_CONFIG.items() if k != "num-rounds"]]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    checkpoint = out / "latest" / "checkpoint.ckpt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.kill()
+    process.wait()
+    assert checkpoint.exists(), "the run never got going"
+    flwr_home = str(checkpoint.parent.resolve() / "flwr-home")
+    try:
+        deadline = time.monotonic() + 20
+        while _flower_servers(flwr_home) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _flower_servers(flwr_home) == []
+    finally:
+        _kill_stragglers(flwr_home)  # the engine and Ray follow on their own, more slowly
+
+
+def _flower_servers(fragment: str) -> list[str]:
+    """Command names of the live SuperLink / SuperExec processes mentioning ``fragment``."""
+    names = []
+    for pid in live_processes_mentioning(fragment):
+        with contextlib.suppress(OSError):
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            names += [name for name in ("flower-superlink", "flower-superexec") if name in command]
+    return names
+
+
+@pytest.mark.integration
 def test_crashed_slow_and_poisoned_sites_do_not_stall_the_run(tmp_path):
     faults = FaultPlan(fail_sites="hospital-01", slow_sites="hospital-02", poison_sites="hospital-03",
                        poison_kind="nan", slow_seconds=50.0)

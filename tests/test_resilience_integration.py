@@ -37,19 +37,25 @@ def _spec(out: Path, rounds: int, **run_config) -> SimulationSpec:
                           run_config={**TINY_RUN_CONFIG, "num-rounds": rounds, **run_config})
 
 
-def _start_and_kill_after_first_checkpoint(out: Path) -> Path:
+def _start_until_first_checkpoint(out: Path, rounds: int) -> tuple[subprocess.Popen, Path]:
+    """Start the harness as a command; return it and its checkpoint path once that exists (or it ended)."""
     overrides = [f"--run-config={k}={json.dumps(v)}" for k, v in TINY_RUN_CONFIG.items() if k != "num-rounds"]
     # one site stalls 1 s before each training (a sleep: the results stay bitwise those of the runs compared),
     # so the rounds after the first checkpoint last long enough to be killed in, however fast the machine
-    command = [sys.executable, "-m", "simulations", *SIM_ARGS, "--rounds", str(ROUNDS), "--out", str(out),
+    command = [sys.executable, "-m", "simulations", *SIM_ARGS, "--rounds", str(rounds), "--out", str(out),
                "--slow-sites", "1", "--slow-seconds", "1", *overrides]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     checkpoint = out / "latest" / "checkpoint.ckpt"
     deadline = time.monotonic() + 300
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return process, checkpoint
+
+
+def _start_and_kill_after_first_checkpoint(out: Path) -> Path:
+    process, checkpoint = _start_until_first_checkpoint(out, ROUNDS)
     try:
-        while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
         for pid in [process.pid, *descendants(process.pid)]:  # a crash: everything dies at once, no clean-up
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -103,17 +109,8 @@ def test_killed_server_resumes_bitwise_like_an_uninterrupted_run(tmp_path):
 @pytest.mark.integration
 def test_a_killed_harness_takes_its_superlink_down(tmp_path):
     # SIGKILL (or the OOM killer) runs none of the harness's clean-up: its SuperLink must not serve on, orphaned
-    out = tmp_path / "killed"
-    command = [sys.executable, "-m", "simulations", *SIM_ARGS, "--rounds", "20", "--out", str(out),
-               "--slow-sites", "1", "--slow-seconds", "1",
-               *[f"--run-config={k}={json.dumps(v)}" for k, v in TINY_RUN_CONFIG.items() if k != "num-rounds"]]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    checkpoint = out / "latest" / "checkpoint.ckpt"
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    process.kill()
+    process, checkpoint = _start_until_first_checkpoint(tmp_path / "killed", rounds=20)
+    process.kill()  # the harness only
     process.wait()
     assert checkpoint.exists(), "the run never got going"
     flwr_home = str(checkpoint.parent.resolve() / "flwr-home")

@@ -173,7 +173,8 @@ class LocalSuperLink:
             raise DeploymentError(f"a process called {name!r} is already running")
         with open(self.log_path(name), "ab") as log:
             process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True, cwd=self.work_dir, preexec_fn=stopped_with_parent())
+                                       start_new_session=True, cwd=self.work_dir,
+                                       preexec_fn=stopped_with_parent())
         self.processes[name] = process
         return process
 

@@ -65,8 +65,8 @@ def stopped_with_parent() -> Callable[[], None] | None:
 
     Every process fedseg starts is stopped by :func:`stop_process_group` when its
     command ends, but a command killed outright (SIGKILL, the OOM killer) runs no
-    clean-up: without this its SuperLink kept serving, and the run kept training,
-    with nobody left to read it. The signal follows the *thread* that started the
+    clean-up: without this its SuperLink served on (and its run went on) with
+    nobody left to read it. The signal follows the *thread* that started the
     child (prctl(2)), so start a process from the thread that also stops it.
     Between fork and exec the child only makes system calls (safe beside other
     threads). Returns None where prctl is not available.

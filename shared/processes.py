@@ -160,6 +160,12 @@ def group_members(pids: list[int]) -> list[int]:
             if int(entry.name) != os.getpid() and _stat_field(int(entry.name), 4) in groups]
 
 
+def process_identity(pid: int) -> str | None:
+    """``"<pid> <start time>"``: names one process even after its PID is reused (None if it is gone)."""
+    started = _stat_field(pid, 21)
+    return None if started is None else f"{pid} {started}"
+
+
 def alive(pid: int) -> bool:
     """Whether ``pid`` is a running (not zombie) process."""
     state = _stat_field(pid, 2)

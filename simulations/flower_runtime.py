@@ -11,6 +11,7 @@ even on failure.
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import shutil
 import subprocess
@@ -25,6 +26,7 @@ from shared.errors import FedSegError
 from shared.processes import (
     flower_env,
     free_port,
+    process_identity,
     run_streaming,
     stop_process_group,
     stopped_with_parent,
@@ -33,6 +35,8 @@ from shared.processes import (
 from simulations import engine_launcher
 
 CONNECTION = "fedseg-sim"
+RAY_TMP_PREFIX = "fsray-"
+RAY_TMP_OWNER = "fedseg-owner"  # "<pid> <start time>" of the harness the folder belongs to
 STARTUP_TIMEOUT_S = 60.0
 
 
@@ -76,7 +80,7 @@ def simulation_superlink(work_dir: Path, *, ray_address: str = "",
     when stored instead of Flower's 0.1 s sweep over every node).
     """
     flwr_home = work_dir / "flwr-home"
-    ray_tmp = Path(tempfile.mkdtemp(prefix="fsray-"))  # short: Ray's socket paths have a length limit
+    ray_tmp = new_ray_tmp()
     env = flower_env(flwr_home, ray_tmp)
     if not stock_engine:
         engine_launcher.write_launcher(ray_tmp / "bin")
@@ -101,6 +105,34 @@ def simulation_superlink(work_dir: Path, *, ray_address: str = "",
         stop_process_group(process, marker=marker)
         log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def new_ray_tmp() -> Path:
+    """A folder for Ray's session files, owned by this process; first removes those of dead harnesses."""
+    remove_orphaned_ray_tmp(Path(tempfile.gettempdir()))
+    ray_tmp = Path(tempfile.mkdtemp(prefix=RAY_TMP_PREFIX))  # short: Ray's socket paths have a length limit
+    owner = process_identity(os.getpid())
+    if owner is not None:  # without /proc nothing is recorded, and the folder is never swept
+        (ray_tmp / RAY_TMP_OWNER).write_text(owner)
+    return ray_tmp
+
+
+def remove_orphaned_ray_tmp(root: Path) -> list[Path]:
+    """Delete the Ray folders under ``root`` whose harness died without clean-up (SIGKILL); return them.
+
+    A folder without an owner file (being created, or not ours) is left alone.
+    """
+    removed = []
+    for folder in root.glob(f"{RAY_TMP_PREFIX}*"):
+        try:
+            owner = (folder / RAY_TMP_OWNER).read_text().strip()
+        except OSError:
+            continue
+        pid = owner.split(" ")[0]
+        if not pid.isdigit() or process_identity(int(pid)) != owner:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def run_app(app_dir: Path, env: dict[str, str], *, run_config: Path, resources: Resources, log_path: Path,

@@ -1,4 +1,4 @@
-"""Processes fedseg starts: tied to the command that started them."""
+"""Processes fedseg starts: tied to the command that started them; their leftovers swept."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from shared.processes import alive
+from shared.processes import alive, process_identity
+from simulations.flower_runtime import RAY_TMP_OWNER, RAY_TMP_PREFIX, remove_orphaned_ray_tmp
 from tests.conftest import REPO
 
 PARENT = """
@@ -46,3 +47,34 @@ def test_a_child_started_with_the_tie_ends_when_its_parent_is_killed(mode, survi
     finally:
         if alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_a_process_identity_survives_pid_reuse_checks_and_ends_with_the_process():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        identity = process_identity(child.pid)
+        assert identity is not None and identity.startswith(f"{child.pid} ")
+        assert process_identity(child.pid) == identity and process_identity(os.getpid()) != identity
+    finally:
+        child.kill()
+        child.wait()
+    assert process_identity(child.pid) is None
+
+
+def test_ray_folders_of_dead_harnesses_are_swept_and_others_left(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_identity = process_identity(dead.pid) or f"{dead.pid} 1"  # it may already have ended
+    dead.wait()
+    folders = {name: tmp_path / f"{RAY_TMP_PREFIX}{name}" for name in ("dead", "live", "unowned", "reused")}
+    for folder in folders.values():
+        (folder / "session_latest").mkdir(parents=True)
+    (folders["dead"] / RAY_TMP_OWNER).write_text(dead_identity)
+    (folders["live"] / RAY_TMP_OWNER).write_text(str(process_identity(os.getpid())))
+    (folders["reused"] / RAY_TMP_OWNER).write_text(f"{os.getpid()} 1")  # our PID, another start time
+    (tmp_path / "unrelated").mkdir()
+
+    removed = remove_orphaned_ray_tmp(tmp_path)
+
+    assert sorted(removed) == sorted([folders["dead"], folders["reused"]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["unrelated", folders["live"].name, folders["unowned"].name])

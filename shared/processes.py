@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal a process gets when its parent dies
 HARDENED_FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -55,9 +56,6 @@ def flower_env(flwr_home: Path, ray_tmp: Path | None = None) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     return env
-
-
-PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def stopped_with_parent() -> Callable[[], None] | None:

@@ -6,6 +6,7 @@ This is the plain function behind ``python -m simulations``; tests call it direc
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -19,7 +20,13 @@ from server.federation import PROGRESS_PREFIX, update_latest_link
 from shared.config import RunConfig
 from shared.errors import ConfigError
 from simulations.faults import FaultPlan
-from simulations.flower_runtime import Resources, run_app, simulation_superlink
+from simulations.flower_runtime import (
+    Resources,
+    SimulationError,
+    logged_exceptions,
+    run_app,
+    simulation_superlink,
+)
 from simulations.baselines import run_baselines
 from simulations.layout import LayoutSpec, lay_out_sites
 from simulations.synthetic import LABELS
@@ -106,9 +113,12 @@ class SimulationSpec:
             raise ConfigError(f"'--max-epsilon' must be > 0, got {self.max_epsilon!r}")
         if not 0 < self.dp_delta < 1:
             raise ConfigError(f"'--dp-delta' must be in (0, 1), got {self.dp_delta!r}")
-        if self.cpus_per_client <= 0:
+        if not self.cpus_per_client > 0:
             raise ConfigError(f"'--cpus-per-client' must be > 0, got {self.cpus_per_client!r}")
-
+        if not self.gpus_per_client >= 0:
+            raise ConfigError(f"'--gpus-per-client' must be >= 0, got {self.gpus_per_client!r}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"'--timeout' must be > 0 seconds, got {self.timeout_s!r}")
 
     @property
     def num_sites(self) -> int:
@@ -186,6 +196,9 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True,
 
     Progress lines go to stdout when ``echo`` is true, and to ``on_progress`` if given.
     """
+    if not spec.ray_address:
+        gpus = _cuda_devices() if spec.gpus_per_client else 0
+        check_machine_fits(spec, cpus=os.cpu_count() or 1, gpus=gpus)
     run_dir = _new_run_dir(spec.out)
     update_latest_link(run_dir)
 
@@ -211,7 +224,9 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True,
                 on_line=lambda line: say(line) if PROGRESS_PREFIX in line else None, timeout_s=spec.timeout_s)
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
-        raise ConfigError(f"the run wrote no summary: see {run_dir / 'flower.log'}")
+        causes = "".join(f"\n  {cause}" for cause in logged_exceptions(run_dir / "flower.log"))
+        raise SimulationError(f"the run ended without a summary; see {run_dir / 'flower.log'}"
+                              + (f". It logged:{causes}" if causes else ""))
     summary = json.loads(summary_path.read_text())
     if spec.baselines or holdout:
         say(f"{PROGRESS_PREFIX} evaluating the federated model"
@@ -225,6 +240,27 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True,
     say(f"{PROGRESS_PREFIX} report: {report} (and report.html)")
     say(site_table_text(final_site_table(read_rows(run_dir))))
     return summary
+
+
+def check_machine_fits(spec: SimulationSpec, *, cpus: int, gpus: int) -> None:
+    """Refuse per-client resources that this machine's private Ray can never grant.
+
+    Flower's engine would otherwise stop at start-up with an empty actor pool.
+    """
+    if spec.cpus_per_client > cpus:
+        raise ConfigError(f"'--cpus-per-client' is {spec.cpus_per_client:g} but this machine has {cpus} "
+                          "CPUs; no virtual hospital could run")
+    if spec.gpus_per_client > gpus:
+        has = f"{gpus} GPU(s)" if gpus else "no GPU"
+        raise ConfigError(f"'--gpus-per-client' is {spec.gpus_per_client:g} but this machine has {has} that "
+                          "PyTorch can use; ask for less (0 = CPU), or use --ray-address to join a cluster "
+                          "with GPUs")
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def site_privacy(spec: SimulationSpec) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -38,6 +39,8 @@ CONNECTION = "fedseg-sim"
 RAY_TMP_PREFIX = "fsray-"
 RAY_TMP_OWNER = "fedseg-owner"  # "<pid> <start time>" of the harness the folder belongs to
 STARTUP_TIMEOUT_S = 60.0
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception)): (.+)$")
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class SimulationError(FedSegError):
@@ -146,6 +149,28 @@ def run_app(app_dir: Path, env: dict[str, str], *, run_config: Path, resources: 
         raise SimulationError(f"simulation: {exc}") from None
     if code != 0:
         raise SimulationError(f"`flwr run` exited with code {code}; last lines of {log_path}:\n{tail(log_path)}")
+
+
+def logged_exceptions(log_path: Path, *, last: int = 4) -> list[str]:
+    """The last ``last`` distinct exceptions a Flower log shows, as ``"Type: message"``, oldest first.
+
+    Flower's simulation runtime logs a crash and then ends ``flwr run`` with exit code 0,
+    so the log is the only place that says why a run stopped early. A crash's chained
+    exceptions come last, its root cause first among them.
+    """
+    try:
+        text = _ANSI_ESCAPE.sub("", log_path.read_text(errors="replace"))
+    except OSError:
+        return []
+    found: list[str] = []
+    for line in text.splitlines():
+        match = _EXCEPTION_LINE.match(line.strip())
+        if match:
+            entry = f"{match.group(1)}: {match.group(2)}"
+            if entry in found:
+                found.remove(entry)
+            found.append(entry)
+    return found[-last:]
 
 
 def _wait_healthy(process: subprocess.Popen, port: int, log_path: Path) -> None:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from simulations.api import SimulationSpec, run_simulation
+from shared.errors import ConfigError
+from simulations.api import SimulationSpec, check_machine_fits, run_simulation
+from simulations.flower_runtime import SimulationError, logged_exceptions
 from shared.processes import free_port, stop_process_group
 from tests.conftest import TINY_RUN_CONFIG
 
@@ -72,7 +74,8 @@ def ray_head():
     ray = Path(sys.executable).parent / "ray"
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     process = subprocess.Popen(
-        [str(ray), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+        [str(ray), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+         f"--temp-dir={temp_dir}",
          "--include-dashboard=false", "--disable-usage-stats"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     try:
@@ -97,6 +100,62 @@ def test_simulation_joins_an_existing_ray_cluster(tmp_path, ray_head):
     assert summary["rounds"] == 1 and len(summary["per_site"]) == 2
     drivers = list(head_dir.glob("session_*/logs/python-core-driver-*.log"))
     assert drivers, "the simulation engine did not connect to the cluster's head"
+
+
+@pytest.mark.integration
+def test_a_run_the_cluster_cannot_host_says_why(tmp_path, ray_head):
+    address, _ = ray_head  # a head without GPUs: Flower's engine stops with an empty actor pool
+    spec = SimulationSpec(sites=2, rounds=1, seed=1, out=tmp_path / "runs", min_cases=2, max_cases=2,
+                          timeout_s=300, run_config=dict(TINY_RUN_CONFIG), ray_address=address,
+                          gpus_per_client=0.5)
+    with pytest.raises(SimulationError, match=r"(?s)without a summary.*ValueError: ActorPool is empty"):
+        run_simulation(spec, echo=False)
+
+
+@pytest.mark.parametrize("cpus, gpus, match", [
+    (3.0, 0.0, "'--cpus-per-client' is 3 but this machine has 2 CPUs"),
+    (1.0, 0.5, "'--gpus-per-client' is 0.5 but this machine has no GPU"),
+    (1.0, 2.0, "'--gpus-per-client' is 2 but this machine has 1 GPU"),
+])
+def test_per_client_resources_the_machine_cannot_grant_are_named(cpus, gpus, match):
+    spec = SimulationSpec(cpus_per_client=cpus, gpus_per_client=gpus)
+    with pytest.raises(ConfigError, match=match):
+        check_machine_fits(spec, cpus=2, gpus=1 if gpus > 1 else 0)
+    check_machine_fits(spec, cpus=4, gpus=2)  # enough of both
+
+
+def test_resources_beyond_this_machine_are_refused_before_any_site_is_laid_out(tmp_path):
+    spec = SimulationSpec(sites=2, out=tmp_path / "runs", cpus_per_client=float((os.cpu_count() or 1) + 1))
+    with pytest.raises(ConfigError, match="'--cpus-per-client'"):
+        run_simulation(spec, echo=False)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("field, value", [("gpus_per_client", -0.5), ("cpus_per_client", float("nan")),
+                                          ("timeout_s", 0.0)])
+def test_bad_resource_and_timeout_values_are_named(field, value):
+    option = {"gpus_per_client": "--gpus-per-client", "cpus_per_client": "--cpus-per-client",
+              "timeout_s": "--timeout"}[field]
+    with pytest.raises(ConfigError, match=f"'{option}'"):
+        SimulationSpec(**{field: value})
+
+
+def test_the_last_distinct_exceptions_of_a_flower_log_are_read_in_order(tmp_path):
+    log = tmp_path / "flower.log"
+    log.write_text("\x1b[92mINFO \x1b[0m:      Starting\n"
+                   # not at a line's start: not counted
+                   "client failed: DataError: /data/a.nii.gz is not readable\n"
+                   "\x1b[91mERROR \x1b[0m:     An exception occured!! ActorPool is empty.\n"
+                   "ValueError: ActorPool is empty. Check `num_cpus`\n"
+                   "  raise RuntimeError(\"Simulation Runtime crashed.\") from ex\n"
+                   "RuntimeError: Simulation Runtime crashed.\n"
+                   "ValueError: ActorPool is empty. Check `num_cpus`\n"
+                   "shared.errors.ConfigError: 'batch-size' must be > 0\n")
+    assert logged_exceptions(log) == ["RuntimeError: Simulation Runtime crashed.",
+                                      "ValueError: ActorPool is empty. Check `num_cpus`",
+                                      "ConfigError: 'batch-size' must be > 0"]
+    assert logged_exceptions(log, last=1) == ["ConfigError: 'batch-size' must be > 0"]
+    assert logged_exceptions(tmp_path / "missing.log") == []
 
 
 def test_the_benchmark_plain_loop_fails_clearly_when_a_worker_cannot_warm_up(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from shared.errors import ConfigError
 from shared.model_file import load_model
-from simulations.__main__ import build_parser
+from simulations.__main__ import build_parser, spec_from_args
 from simulations.api import SimulationSpec, run_simulation
 from simulations import actor_pipeline
 from simulations.engine_patches import ANNOUNCEMENT
@@ -45,6 +45,16 @@ def test_cli_documents_the_main_options():
     text = build_parser().format_help()
     for option in ("--sites", "--rounds", "--spatial-dims", "--seed", "--out"):
         assert option in text
+
+
+def test_the_cli_defaults_are_the_specs():
+    assert spec_from_args(build_parser().parse_args([])) == SimulationSpec()
+    text = " ".join(build_parser().format_help().split())
+    assert "--sites-per-round" in text and "(default: 3)" in text and "(default: 60 in 2D, 48 in 3D)" in text
+    given = spec_from_args(build_parser().parse_args(["--sites", "7", "--gpus-per-client", "0.25",
+                                                      "--slow-seconds", "2", "--local-epochs", "3"]))
+    assert (given.sites, given.gpus_per_client, given.faults.slow_seconds) == (7, 0.25, 2.0)
+    assert given.run_config == {"local-epochs": 3}
 
 
 @pytest.mark.integration

@@ -93,13 +93,16 @@ def ray_head():
 @pytest.mark.integration
 def test_simulation_joins_an_existing_ray_cluster(tmp_path, ray_head):
     address, head_dir = ray_head
-    spec = SimulationSpec(sites=2, rounds=1, seed=1, out=tmp_path / "runs", min_cases=3, max_cases=3,
+    spec = SimulationSpec(sites=3, rounds=1, seed=1, out=tmp_path / "runs", min_cases=3, max_cases=3,
                           timeout_s=600, run_config=dict(TINY_RUN_CONFIG), ray_address=address,
-                          cpus_per_client=1.0)
+                          cpus_per_client=2.0)
     summary = run_simulation(spec, echo=False)
-    assert summary["rounds"] == 1 and len(summary["per_site"]) == 2
-    drivers = list(head_dir.glob("session_*/logs/python-core-driver-*.log"))
-    assert drivers, "the simulation engine did not connect to the cluster's head"
+    assert summary["rounds"] == 1 and len(summary["per_site"]) == 3
+    logs = head_dir / "session_latest" / "logs"
+    assert list(logs.glob("python-core-driver-*.log")), "the simulation engine did not join the cluster"
+    actor_logs = [path for path in logs.glob("worker-*.out")
+                  if ":actor_name:ClientAppActor" in path.read_text()]
+    assert len(actor_logs) == 1  # the virtual clients ran on the cluster, 2 of its 2 CPUs each
 
 
 @pytest.mark.integration

@@ -152,11 +152,11 @@ def run_app(app_dir: Path, env: dict[str, str], *, run_config: Path, resources: 
 
 
 def logged_exceptions(log_path: Path, *, last: int = 4) -> list[str]:
-    """The last ``last`` distinct exceptions a Flower log shows, as ``"Type: message"``, oldest first.
+    """The last ``last`` distinct exceptions a Flower log shows, as ``"Type: message"``.
 
-    Flower's simulation runtime logs a crash and then ends ``flwr run`` with exit code 0,
-    so the log is the only place that says why a run stopped early. A crash's chained
-    exceptions come last, its root cause first among them.
+    Ordered by where each last appears. Flower's simulation runtime logs a crash and
+    then ends ``flwr run`` with exit code 0, so the log is the only place that says why
+    a run stopped early; the crash's exceptions are the last ones logged.
     """
     try:
         text = _ANSI_ESCAPE.sub("", log_path.read_text(errors="replace"))

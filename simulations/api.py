@@ -23,7 +23,9 @@ from simulations.faults import FaultPlan
 from simulations.flower_runtime import (
     Resources,
     SimulationError,
+    check_ray_head_answers,
     logged_exceptions,
+    ray_address_parts,
     run_app,
     simulation_superlink,
 )
@@ -119,6 +121,11 @@ class SimulationSpec:
             raise ConfigError(f"'--gpus-per-client' must be >= 0, got {self.gpus_per_client!r}")
         if not self.timeout_s > 0:
             raise ConfigError(f"'--timeout' must be > 0 seconds, got {self.timeout_s!r}")
+        if self.ray_address:
+            try:
+                ray_address_parts(self.ray_address)
+            except ValueError as exc:
+                raise ConfigError(f"'--ray-address': {exc}") from None
 
     @property
     def num_sites(self) -> int:
@@ -196,7 +203,9 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True,
 
     Progress lines go to stdout when ``echo`` is true, and to ``on_progress`` if given.
     """
-    if not spec.ray_address:
+    if spec.ray_address:
+        check_ray_head_answers(spec.ray_address)
+    else:
         gpus = _cuda_devices() if spec.gpus_per_client else 0
         check_machine_fits(spec, cpus=os.cpu_count() or 1, gpus=gpus)
     run_dir = _new_run_dir(spec.out)

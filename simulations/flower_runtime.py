@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -149,6 +150,39 @@ def run_app(app_dir: Path, env: dict[str, str], *, run_config: Path, resources: 
         raise SimulationError(f"simulation: {exc}") from None
     if code != 0:
         raise SimulationError(f"`flwr run` exited with code {code}; last lines of {log_path}:\n{tail(log_path)}")
+
+
+def ray_address_parts(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``[ray://]host:port`` Ray address; None for ``auto`` (a local cluster).
+
+    Raises
+    ------
+    ValueError
+        If the address has no host or no port number in 1-65535.
+    """
+    if address == "auto":
+        return None
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port (e.g. 10.0.0.5:6379) or 'auto', got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def check_ray_head_answers(address: str, *, timeout_s: float = 5.0) -> None:
+    """Raise :class:`SimulationError` unless something accepts connections at a Ray address.
+
+    Ray's driver retries an address where nothing listens for a long time; a run
+    pointed at a stopped or mistyped cluster would wait out its whole timeout.
+    """
+    parts = ray_address_parts(address)
+    if parts is None:
+        return
+    try:
+        with socket.create_connection(parts, timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise SimulationError(f"'--ray-address' {address}: no Ray head answers there ({exc}); start the "
+                              "cluster first (`ray start --head --port 6379`) or fix the address") from None
 
 
 def logged_exceptions(log_path: Path, *, last: int = 4) -> list[str]:

@@ -15,7 +15,7 @@ import pytest
 
 from shared.errors import ConfigError
 from simulations.api import SimulationSpec, check_machine_fits, run_simulation
-from simulations.flower_runtime import SimulationError, logged_exceptions
+from simulations.flower_runtime import SimulationError, logged_exceptions, ray_address_parts
 from shared.processes import free_port, stop_process_group
 from tests.conftest import TINY_RUN_CONFIG
 
@@ -141,6 +141,25 @@ def test_bad_resource_and_timeout_values_are_named(field, value):
               "timeout_s": "--timeout"}[field]
     with pytest.raises(ConfigError, match=f"'{option}'"):
         SimulationSpec(**{field: value})
+
+
+def test_ray_addresses_are_parsed_and_bad_ones_named():
+    assert ray_address_parts("auto") is None
+    assert ray_address_parts("10.0.0.5:6379") == ("10.0.0.5", 6379)
+    assert ray_address_parts("ray://head.example.org:10001") == ("head.example.org", 10001)
+    assert ray_address_parts("[::1]:6379") == ("::1", 6379)
+    for bad in ("10.0.0.5", ":6379", "head:0", "head:port", "head:70000"):
+        with pytest.raises(ConfigError, match="'--ray-address': expected host:port"):
+            SimulationSpec(ray_address=bad)
+
+
+def test_a_ray_address_where_nothing_answers_is_refused_before_any_site_is_laid_out(tmp_path):
+    spec = SimulationSpec(sites=2, out=tmp_path / "runs", ray_address=f"127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    with pytest.raises(SimulationError, match=r"'--ray-address' 127\.0\.0\.1:\d+: no Ray head answers there"):
+        run_simulation(spec, echo=False)
+    assert time.monotonic() - started < 10  # not Ray's retries until the run's timeout
+    assert not (tmp_path / "runs").exists()
 
 
 def test_the_last_distinct_exceptions_of_a_flower_log_are_read_in_order(tmp_path):

@@ -126,6 +126,7 @@ class SimulationSpec:
                 ray_address_parts(self.ray_address)
             except ValueError as exc:
                 raise ConfigError(f"'--ray-address': {exc}") from None
+        self.layout()  # checks the partition options
 
     @property
     def num_sites(self) -> int:

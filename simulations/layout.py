@@ -60,6 +60,23 @@ class LayoutSpec:
             raise ConfigError(f"'--partition' must be one of {partitions.SCHEMES}, got {self.scheme!r}")
         if self.scheme == "feature" and self.datalists:
             raise ConfigError("'--partition feature' synthesises acquisition shifts; it does not take --datalists")
+        if not self.quantity_exponent >= 0:
+            raise ConfigError(f"'--quantity-exponent' must be >= 0, got {self.quantity_exponent!r}")
+        if not self.dirichlet_alpha > 0:
+            raise ConfigError(f"'--dirichlet-alpha' must be > 0, got {self.dirichlet_alpha!r}")
+        if self.pool_cases < 0:
+            raise ConfigError(f"'--pool-cases' must be >= 0, got {self.pool_cases!r}")
+        if not self.datalists:
+            self._check_synthetic_sizes()
+
+    def _check_synthetic_sizes(self) -> None:
+        if not partitions.MIN_CASES_PER_SITE <= self.min_cases <= self.max_cases:
+            raise ConfigError(f"'--min-cases'/'--max-cases' must satisfy {partitions.MIN_CASES_PER_SITE} <= min "
+                              f"<= max, got {self.min_cases}..{self.max_cases}")
+        needed = self.sites * partitions.MIN_CASES_PER_SITE
+        if self.scheme in ("iid", "quantity", "label") and self.pool_size < needed:
+            raise ConfigError(f"'--pool-cases' {self.pool_size} cannot give {self.sites} sites "
+                              f"{partitions.MIN_CASES_PER_SITE} cases each; use at least {needed}")
 
     @property
     def pool_size(self) -> int:

@@ -16,6 +16,7 @@ import numpy as np
 from shared.errors import ConfigError
 
 SCHEMES = ("natural", "iid", "quantity", "label", "feature")
+MIN_CASES_PER_SITE = 2  # one to train, one to validate
 
 
 def _check(num_cases: int, num_sites: int, min_per_site: int) -> None:
@@ -30,7 +31,7 @@ def _check(num_cases: int, num_sites: int, min_per_site: int) -> None:
         )
 
 
-def iid_partition(num_cases: int, num_sites: int, *, seed: int, min_per_site: int = 2) -> list[list[int]]:
+def iid_partition(num_cases: int, num_sites: int, *, seed: int, min_per_site: int = MIN_CASES_PER_SITE) -> list[list[int]]:
     """Shuffle the cases and deal them out round-robin (sizes differ by at most one)."""
     _check(num_cases, num_sites, min_per_site)
     order = np.random.default_rng(seed).permutation(num_cases)
@@ -38,7 +39,7 @@ def iid_partition(num_cases: int, num_sites: int, *, seed: int, min_per_site: in
 
 
 def quantity_skew_sizes(num_cases: int, num_sites: int, *, exponent: float, seed: int,
-                        min_per_site: int = 2) -> list[int]:
+                        min_per_site: int = MIN_CASES_PER_SITE) -> list[int]:
     """Site sizes following a power law: size of the k-th largest site ~ k^-exponent.
 
     ``exponent = 0`` gives equal sizes; 1 is Zipf-like (a few large centres,
@@ -57,7 +58,7 @@ def quantity_skew_sizes(num_cases: int, num_sites: int, *, exponent: float, seed
 
 
 def quantity_skew_partition(num_cases: int, num_sites: int, *, exponent: float = 1.0, seed: int,
-                            min_per_site: int = 2) -> list[list[int]]:
+                            min_per_site: int = MIN_CASES_PER_SITE) -> list[list[int]]:
     """Shuffle the cases, then cut them into power-law sized sites."""
     sizes = quantity_skew_sizes(num_cases, num_sites, exponent=exponent, seed=seed, min_per_site=min_per_site)
     order = np.random.default_rng(seed + 1).permutation(num_cases)
@@ -66,7 +67,7 @@ def quantity_skew_partition(num_cases: int, num_sites: int, *, exponent: float =
 
 
 def label_skew_partition(categories: Sequence[int], num_sites: int, *, alpha: float, seed: int,
-                         min_per_site: int = 2) -> list[list[int]]:
+                         min_per_site: int = MIN_CASES_PER_SITE) -> list[list[int]]:
     """Dirichlet label skew (Hsu et al. 2019) over per-case categories.
 
     For each category (e.g. lesion burden small / medium / large), the shares

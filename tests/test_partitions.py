@@ -66,6 +66,21 @@ def test_bad_partition_parameters_are_named(call, match):
         call()
 
 
+@pytest.mark.parametrize(("options", "match"), [
+    (dict(scheme="label", dirichlet_alpha=0.0), "'--dirichlet-alpha' must be > 0"),
+    (dict(scheme="quantity", quantity_exponent=float("nan")), "'--quantity-exponent' must be >= 0"),
+    (dict(scheme="iid", pool_cases=-1), "'--pool-cases' must be >= 0"),
+    (dict(scheme="iid", sites=10, pool_cases=19), "'--pool-cases' 19 cannot give 10 sites 2 cases each"),
+    (dict(scheme="natural", min_cases=1), "'--min-cases'/'--max-cases' must satisfy 2 <= min <= max"),
+    (dict(scheme="feature", min_cases=9, max_cases=8), "got 9..8"),
+])
+def test_bad_layout_options_are_named_by_their_command_line_option(options, match):
+    with pytest.raises(ConfigError, match=match):
+        LayoutSpec(**options)
+    LayoutSpec(**dict(options, dirichlet_alpha=0.5, quantity_exponent=1.0, pool_cases=20, min_cases=2,
+                      max_cases=8))  # the same layout with good values
+
+
 @pytest.mark.parametrize("scheme", ["quantity", "label", "feature"])
 def test_layout_writes_datalists_and_the_split(tmp_path, scheme):
     spec = LayoutSpec(scheme=scheme, sites=4, seed=2, min_cases=2, max_cases=4, pool_cases=14)

@@ -134,6 +134,13 @@ def test_resources_beyond_this_machine_are_refused_before_any_site_is_laid_out(t
     assert not (tmp_path / "runs").exists()
 
 
+def test_the_spec_refuses_bad_partition_options_so_no_run_folder_is_made():
+    with pytest.raises(ConfigError, match="'--dirichlet-alpha'"):
+        SimulationSpec(sites=4, partition="label", dirichlet_alpha=-1.0)
+    with pytest.raises(ConfigError, match="'--pool-cases' 7 cannot give 4 sites"):
+        SimulationSpec(sites=4, partition="quantity", pool_cases=7)
+
+
 @pytest.mark.parametrize("field, value", [("gpus_per_client", -0.5), ("cpus_per_client", float("nan")),
                                           ("timeout_s", 0.0)])
 def test_bad_resource_and_timeout_values_are_named(field, value):

@@ -174,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     except FedSegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the run's processes were stopped on the way out (context managers)
+        print("interrupted: the run's Flower and Ray processes were stopped; to go on from its last "
+              "checkpoint, run again with --run-config resume-from=<run folder>", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -144,25 +144,33 @@ def test_a_site_past_its_budget_refuses_and_the_others_train_with_dp(tmp_path):
 
 
 @pytest.mark.integration
-def test_a_harness_stopped_with_sigterm_stops_every_process_it_started(tmp_path):
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_harness_stopped_with_a_signal_stops_every_process_it_started(tmp_path, signal_name):
     import signal
     import subprocess
     import sys
     import time
 
+    signum = getattr(signal, signal_name)
     out = tmp_path / "runs"
     command = [sys.executable, "-m", "simulations", "--sites", "2", "--rounds", "50", "--min-cases", "3",
                "--max-cases", "4", "--out", str(out), "--run-config", 'channels="4,8"', "--run-config",
                'strides="2"', "--run-config", "batch-size=2", "--no-dp"]
-    harness = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # a shell's background job inherits SIGINT ignored; the harness must see it as a terminal's Ctrl-C would
+    harness = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in harness.stdout:  # wait until Flower runs rounds
             if "round 1/50" in line:
                 break
         run_dir = (out / "latest").resolve()
         assert live_processes_mentioning(str(run_dir / "flwr-home"))
-        harness.send_signal(signal.SIGTERM)
-        assert harness.wait(timeout=120) == 128 + signal.SIGTERM
+        harness.send_signal(signum)
+        assert harness.wait(timeout=120) == 128 + signum
+        rest = harness.stdout.read()
+        assert "Traceback" not in rest
+        if signum == signal.SIGINT:
+            assert "interrupted: the run's Flower and Ray processes were stopped" in rest
         deadline = time.monotonic() + 30
         while live_processes_mentioning(str(run_dir / "flwr-home")) and time.monotonic() < deadline:
             time.sleep(0.5)

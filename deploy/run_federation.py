@@ -35,6 +35,7 @@ from client.keygen import make_node_keys
 from deploy.processes import CONNECTION, DeploymentError, LocalSuperLink, NodeSettings, ServerCredentials
 from deploy.supernode import DEFAULT_POLL_INTERVAL_S, PollIntervalError, parse_poll_interval
 from server.certs import make_certificates
+from shared.cli import exit_on_sigterm
 from shared.config import RunConfig
 from shared.errors import ConfigError, FedSegError
 from shared.processes import run_streaming, tail
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m deploy.run_federation``; returns the exit code."""
     args = build_parser().parse_args(argv)
+    exit_on_sigterm()
     try:
         spec = DeploymentSpec(out=args.out, sites=args.sites, rounds=args.rounds, seed=args.seed,
                               datalists=tuple(args.datalists), isolation=args.isolation, insecure=args.insecure,
@@ -208,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     except FedSegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the SuperLink, SuperNodes and executors were stopped on the way out
+        print("interrupted: the federation's processes were stopped", file=sys.stderr)
+        return 130
     print(f"[fedseg] done: {summary['rounds']} rounds, final dice {summary['final_dice']}")
     return 0
 

@@ -138,3 +138,36 @@ def test_deployment_spec_names_bad_options(tmp_path):
         DeploymentSpec(out=tmp_path, poll_interval_s=0.0)
     with pytest.raises(ConfigError, match="'node_threads'"):
         DeploymentSpec(out=tmp_path, node_threads=0)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_stopped_deployment_runner_stops_every_process_of_the_federation(tmp_path, signal_name):
+    import signal
+    import subprocess
+    import sys
+
+    signum = getattr(signal, signal_name)
+    out = tmp_path / "deploy"
+    command = [sys.executable, "-m", "deploy.run_federation", "--sites", "2", "--rounds", "50", "--out", str(out),
+               "--isolation", "process", "--run-config", 'channels="4,8"', "--run-config", 'strides="2"',
+               "--run-config", "batch-size=2", "--run-config", "dp=false", "--run-config", "local-epochs=1"]
+    runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    try:
+        for line in runner.stdout:
+            if "round 1/50" in line:
+                break
+        assert live_processes_mentioning(str(out))
+        runner.send_signal(signum)
+        assert runner.wait(timeout=120) == 128 + signum
+        rest = runner.stdout.read()
+        assert "Traceback" not in rest
+        assert ("interrupted: the federation's processes were stopped" in rest) == (signum == signal.SIGINT)
+        deadline = time.monotonic() + 30
+        while live_processes_mentioning(str(out)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert live_processes_mentioning(str(out)) == []
+    finally:
+        runner.kill()
+        runner.wait()

@@ -31,7 +31,8 @@ def _check(num_cases: int, num_sites: int, min_per_site: int) -> None:
         )
 
 
-def iid_partition(num_cases: int, num_sites: int, *, seed: int, min_per_site: int = MIN_CASES_PER_SITE) -> list[list[int]]:
+def iid_partition(num_cases: int, num_sites: int, *, seed: int,
+                  min_per_site: int = MIN_CASES_PER_SITE) -> list[list[int]]:
     """Shuffle the cases and deal them out round-robin (sizes differ by at most one)."""
     _check(num_cases, num_sites, min_per_site)
     order = np.random.default_rng(seed).permutation(num_cases)

@@ -23,7 +23,9 @@ from simulations.faults import FaultPlan
 from simulations.flower_runtime import (
     Resources,
     SimulationError,
+    check_machine_fits,
     check_ray_head_answers,
+    cuda_devices,
     logged_exceptions,
     ray_address_parts,
     run_app,
@@ -204,11 +206,12 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True,
 
     Progress lines go to stdout when ``echo`` is true, and to ``on_progress`` if given.
     """
+    resources = Resources(num_supernodes=spec.num_sites, num_cpus=spec.cpus_per_client,
+                          num_gpus=spec.gpus_per_client)
     if spec.ray_address:
         check_ray_head_answers(spec.ray_address)
     else:
-        gpus = _cuda_devices() if spec.gpus_per_client else 0
-        check_machine_fits(spec, cpus=os.cpu_count() or 1, gpus=gpus)
+        check_machine_fits(resources, cpus=os.cpu_count() or 1, gpus=cuda_devices() if resources.num_gpus else 0)
     run_dir = _new_run_dir(spec.out)
     update_latest_link(run_dir)
 
@@ -227,7 +230,6 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True,
     config = build_run_config(spec, run_dir, manifest, num_sites=len(sites))
     run_config_path = run_dir / "run-config.toml"
     run_config_path.write_text(tomli_w.dumps(config.to_mapping()))
-    resources = Resources(num_supernodes=len(sites), num_cpus=spec.cpus_per_client, num_gpus=spec.gpus_per_client)
     started = time.monotonic()
     with simulation_superlink(run_dir, ray_address=spec.ray_address, stock_engine=spec.stock_engine) as env:
         run_app(APP_DIR, env, run_config=run_config_path, resources=resources, log_path=run_dir / "flower.log",
@@ -250,27 +252,6 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True,
     say(f"{PROGRESS_PREFIX} report: {report} (and report.html)")
     say(site_table_text(final_site_table(read_rows(run_dir))))
     return summary
-
-
-def check_machine_fits(spec: SimulationSpec, *, cpus: int, gpus: int) -> None:
-    """Refuse per-client resources that this machine's private Ray can never grant.
-
-    Flower's engine would otherwise stop at start-up with an empty actor pool.
-    """
-    if spec.cpus_per_client > cpus:
-        raise ConfigError(f"'--cpus-per-client' is {spec.cpus_per_client:g} but this machine has {cpus} "
-                          "CPUs; no virtual hospital could run")
-    if spec.gpus_per_client > gpus:
-        has = f"{gpus} GPU(s)" if gpus else "no GPU"
-        raise ConfigError(f"'--gpus-per-client' is {spec.gpus_per_client:g} but this machine has {has} that "
-                          "PyTorch can use; ask for less (0 = CPU), or use --ray-address to join a cluster "
-                          "with GPUs")
-
-
-def _cuda_devices() -> int:
-    import torch
-
-    return torch.cuda.device_count()
 
 
 def site_privacy(spec: SimulationSpec) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.errors import FedSegError
+from shared.errors import ConfigError, FedSegError
 from shared.processes import (
     flower_env,
     free_port,
@@ -150,6 +150,28 @@ def run_app(app_dir: Path, env: dict[str, str], *, run_config: Path, resources: 
         raise SimulationError(f"simulation: {exc}") from None
     if code != 0:
         raise SimulationError(f"`flwr run` exited with code {code}; last lines of {log_path}:\n{tail(log_path)}")
+
+
+def check_machine_fits(resources: Resources, *, cpus: int, gpus: int) -> None:
+    """Refuse per-client resources that this machine's private Ray can never grant.
+
+    Flower's engine would otherwise stop at start-up with an empty actor pool.
+    """
+    if resources.num_cpus > cpus:
+        raise ConfigError(f"'--cpus-per-client' is {resources.num_cpus:g} but this machine has {cpus} "
+                          "CPUs; no virtual hospital could run")
+    if resources.num_gpus > gpus:
+        has = f"{gpus} GPU(s)" if gpus else "no GPU"
+        raise ConfigError(f"'--gpus-per-client' is {resources.num_gpus:g} but this machine has {has} that "
+                          "PyTorch can use; ask for less (0 = CPU), or use --ray-address to join a cluster "
+                          "with GPUs")
+
+
+def cuda_devices() -> int:
+    """GPUs PyTorch can use here (imports torch: call only when a GPU share is asked for)."""
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def ray_address_parts(address: str) -> tuple[str, int] | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,8 +14,15 @@ from pathlib import Path
 import pytest
 
 from shared.errors import ConfigError
-from simulations.api import SimulationSpec, check_machine_fits, run_simulation
-from simulations.flower_runtime import SimulationError, logged_exceptions, ray_address_parts
+from simulations.api import SimulationSpec, run_simulation
+from simulations.flower_runtime import (
+    Resources,
+    SimulationError,
+    check_machine_fits,
+    check_ray_head_answers,
+    logged_exceptions,
+    ray_address_parts,
+)
 from shared.processes import free_port, stop_process_group
 from tests.conftest import TINY_RUN_CONFIG
 
@@ -69,8 +75,8 @@ def test_a_seed_samples_the_same_sites_in_every_run(tmp_path):
 
 def _answers(port: int) -> bool:
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
-    except OSError:
+        check_ray_head_answers(f"127.0.0.1:{port}", timeout_s=1.0)
+    except SimulationError:
         return False
     return True
 
@@ -132,10 +138,10 @@ def test_a_run_the_cluster_cannot_host_says_why(tmp_path, ray_head):
     (1.0, 2.0, "'--gpus-per-client' is 2 but this machine has 1 GPU"),
 ])
 def test_per_client_resources_the_machine_cannot_grant_are_named(cpus, gpus, match):
-    spec = SimulationSpec(cpus_per_client=cpus, gpus_per_client=gpus)
+    resources = Resources(num_supernodes=1, num_cpus=cpus, num_gpus=gpus)
     with pytest.raises(ConfigError, match=match):
-        check_machine_fits(spec, cpus=2, gpus=1 if gpus > 1 else 0)
-    check_machine_fits(spec, cpus=4, gpus=2)  # enough of both
+        check_machine_fits(resources, cpus=2, gpus=1 if gpus > 1 else 0)
+    check_machine_fits(resources, cpus=4, gpus=2)  # enough of both
 
 
 def test_resources_beyond_this_machine_are_refused_before_any_site_is_laid_out(tmp_path):

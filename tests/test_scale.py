@@ -19,7 +19,6 @@ from simulations.flower_runtime import (
     Resources,
     SimulationError,
     check_machine_fits,
-    check_ray_head_answers,
     logged_exceptions,
     ray_address_parts,
 )
@@ -73,43 +72,33 @@ def test_a_seed_samples_the_same_sites_in_every_run(tmp_path):
     assert sampled[0] == sampled[1]
 
 
-def _answers(port: int) -> bool:
-    try:
-        check_ray_head_answers(f"127.0.0.1:{port}", timeout_s=1.0)
-    except SimulationError:
-        return False
-    return True
-
-
 @pytest.fixture
 def ray_head():
     """A local Ray head node standing in for a cluster; stopped (whole tree) afterwards."""
-    port, client_port = free_port(), free_port()
+    port = free_port()
     temp_dir = Path(tempfile.mkdtemp(prefix="fsrh-"))
     ray = Path(sys.executable).parent / "ray"
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     process = subprocess.Popen(
         [str(ray), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
-         f"--ray-client-server-port={client_port}", f"--temp-dir={temp_dir}",
+         f"--temp-dir={temp_dir}",
          "--include-dashboard=false", "--disable-usage-stats"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + 60
-        while not (list(temp_dir.glob("session_*/logs/raylet.out")) and _answers(client_port)):
+        while not list(temp_dir.glob("session_*/logs/raylet.out")):
             if time.monotonic() > deadline or process.poll() is not None:
                 pytest.fail("the Ray head did not start")
             time.sleep(0.5)
-        yield {"gcs": f"127.0.0.1:{port}", "ray-client": f"ray://127.0.0.1:{client_port}"}, temp_dir
+        yield f"127.0.0.1:{port}", temp_dir
     finally:
         stop_process_group(process)
         subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("kind", ["gcs", "ray-client"])
-def test_simulation_joins_an_existing_ray_cluster(tmp_path, ray_head, kind):
-    addresses, head_dir = ray_head
-    address = addresses[kind]  # host:port of the head, or a Ray Client address
+def test_simulation_joins_an_existing_ray_cluster(tmp_path, ray_head):
+    address, head_dir = ray_head
     spec = SimulationSpec(sites=3, rounds=1, seed=1, out=tmp_path / "runs", min_cases=3, max_cases=3,
                           timeout_s=600, run_config=dict(TINY_RUN_CONFIG), ray_address=address,
                           cpus_per_client=2.0)
@@ -124,7 +113,7 @@ def test_simulation_joins_an_existing_ray_cluster(tmp_path, ray_head, kind):
 
 @pytest.mark.integration
 def test_a_run_the_cluster_cannot_host_says_why(tmp_path, ray_head):
-    address = ray_head[0]["gcs"]  # a head without GPUs: Flower's engine stops with an empty actor pool
+    address, _ = ray_head  # a head without GPUs: Flower's engine stops with an empty actor pool
     spec = SimulationSpec(sites=2, rounds=1, seed=1, out=tmp_path / "runs", min_cases=2, max_cases=2,
                           timeout_s=300, run_config=dict(TINY_RUN_CONFIG), ray_address=address,
                           gpus_per_client=0.5)

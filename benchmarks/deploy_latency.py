@@ -56,12 +56,12 @@ def local_compute_s(datalists: list[Path], run_config: dict[str, Any], *, repeat
 
     from client.handlers import handle_evaluate, handle_train
     from shared.config import RunConfig
-    from shared.model import build_unet
+    from shared.model import build_model
     from shared.weights import model_to_arrays
 
     torch.set_num_threads(1)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    arrays = model_to_arrays(build_unet(RunConfig.from_mapping(run_config).model_config()))
+    arrays = model_to_arrays(build_model(RunConfig.from_mapping(run_config).model_config()))
     per_site = []
     for datalist in datalists:
         context = Context(run_id=1, node_id=1, node_config={"site-id": datalist.parent.name, "require-dp": False,

@@ -74,11 +74,11 @@ def setup_step(model_name: str, variant: str, act: str) -> Any:
     from client.dp_training import DPPlan, make_private
     from client.training import make_loss, make_optimizer, train_step
     from shared.config import RunConfig
-    from shared.model import build_unet
+    from shared.model import build_model
 
     mode, samplers, per_sample_grads = VARIANTS[variant]
     config = RunConfig.from_mapping(model_overrides(model_name))
-    model = build_unet(dataclasses.replace(config.model_config(), act=act))
+    model = build_model(dataclasses.replace(config.model_config(), act=act))
     shape = (config.batch_size, config.in_channels) + (config.patch_size,) * config.spatial_dims
     images = torch.randn(shape)
     labels = (torch.rand((config.batch_size, 1) + shape[2:]) > 0.8).float()

@@ -27,7 +27,7 @@ from benchmarks.report import write_section
 from client.audit_log import append_entry, make_entry
 from client.egress import check_reply, expected_parameter_specs
 from client.training import make_loss
-from shared.model import ModelConfig, build_unet
+from shared.model import ModelConfig, build_model
 from shared.weights import model_to_arrays
 
 # name -> (architecture, training batch shape: batch size 4 of 64^2 patches in 2D, 2 of 64^3 in 3D)
@@ -64,7 +64,7 @@ def _train_step(model: torch.nn.Module, batch_shape: tuple[int, ...]) -> Callabl
 def measure(config: ModelConfig, batch_shape: tuple[int, ...], *, repeats: int,
             state_dir: Path) -> dict[str, float]:
     """Median seconds of serialising, guarding and auditing one train reply of ``config``."""
-    model = build_unet(config)
+    model = build_model(config)
     content = RecordDict({"arrays": model_to_arrays(model),
                           "metrics": MetricRecord({"num-examples": 10, "train-loss": 0.5, "steps": 20}),
                           "site": ConfigRecord({"site-id": "bench"})})

@@ -60,12 +60,12 @@ def measure(overrides: dict, k: int, method: str) -> dict:
     from server.run_folder import RunRecorder
     from server.strategies.fedavg import FedSegFedAvg
     from shared.config import RunConfig
-    from shared.model import build_unet
+    from shared.model import build_model
     from shared.weights import model_to_arrays
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     config = RunConfig.from_mapping(overrides)
-    global_arrays = model_to_arrays(build_unet(config.model_config()))
+    global_arrays = model_to_arrays(build_model(config.model_config()))
     model_bytes = sum(a.numpy().nbytes for a in global_arrays.values())
     rng = np.random.default_rng(0)
 

@@ -72,10 +72,10 @@ def expected_parameter_specs(model_config: ModelConfig) -> Mapping[str, ArraySpe
     """
     import torch
 
-    from shared.model import build_unet
+    from shared.model import build_model
 
     with torch.device("meta"):
-        model = build_unet(model_config)
+        model = build_model(model_config)
     return MappingProxyType({name: ArraySpec(tuple(t.shape), str(t.dtype).removeprefix("torch."))
                              for name, t in model.state_dict().items()})
 

@@ -149,7 +149,7 @@ def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig) 
     from client.site_data import load_training_cases
     from client.training import train_local
     from shared.device import resolve_device
-    from shared.model import build_unet
+    from shared.model import build_model
     from shared.weights import load_arrays, model_to_arrays
 
     server_round = int(msg.content["config"]["server-round"])
@@ -159,7 +159,7 @@ def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig) 
     seed = _site_round_seed(config.seed, site.site_id, server_round)
     set_determinism(seed=seed)
     cases, augment = load_training_cases(site.datalist, config, cache_dir=site.cache_dir)
-    model = build_unet(config.model_config())
+    model = build_model(config.model_config())
     load_arrays(model, msg.content["arrays"])
     device = resolve_device(config.device)
     proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))
@@ -188,11 +188,11 @@ def _evaluate(msg: Message, context: Context, config: RunConfig, site: SiteConfi
     from client.site_data import load_validation_cases
     from client.training import evaluate_local
     from shared.device import resolve_device
-    from shared.model import build_unet
+    from shared.model import build_model
     from shared.weights import load_arrays
 
     cases = load_validation_cases(site.datalist, config, cache_dir=site.cache_dir)
-    model = build_unet(config.model_config())
+    model = build_model(config.model_config())
     load_arrays(model, msg.content["arrays"])
     result = evaluate_local(model, cases, config=config, device=resolve_device(config.device))
     metrics = {"num-examples": result.num_examples, "dice": result.dice, "loss": result.loss, "hd95": result.hd95}

@@ -90,12 +90,12 @@ def starting_point(config: RunConfig, strategy: SiteTracking, recorder: RunRecor
     """(global arrays, first round): a fresh seeded model, or the state of run config ``resume-from``."""
     from monai.utils import set_determinism
 
-    from shared.model import build_unet
+    from shared.model import build_model
     from shared.weights import model_to_arrays
 
     if not config.resume_from:
         set_determinism(seed=config.seed)
-        return model_to_arrays(build_unet(config.model_config())), 1
+        return model_to_arrays(build_model(config.model_config())), 1
     path = checkpoint_path(config.resume_from)
     checkpoint = load_checkpoint(path)
     check_resumable(checkpoint, config, path=path)

@@ -1,4 +1,4 @@
-"""The segmentation model: a MONAI U-Net, 2D or 3D, built from a small config.
+"""The segmentation network (MONAI), 2D or 3D, built from a small config by the model factory.
 
 InstanceNorm (no running statistics) and no BatchNorm, so the same network
 trains with and without differential privacy and its weights are exactly the
@@ -12,14 +12,14 @@ Opacus can only differentiate per sample through its slow functorch fallback
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import ConfigError
 
 if TYPE_CHECKING:
-    from monai.networks.nets import UNet
+    import torch
 
 # ModelConfig.act -> MONAI activation name
 ACTIVATIONS = {"relu": "RELU", "prelu": "PRELU"}
@@ -36,8 +36,11 @@ class ModelConfig:
     strides: tuple[int, ...]
     num_res_units: int = 1
     act: str = "relu"
+    name: str = "unet"
 
     def __post_init__(self) -> None:
+        if self.name not in MODELS:
+            raise ConfigError(f"model 'name' must be one of {sorted(MODELS)}, got {self.name!r}")
         if self.spatial_dims not in (2, 3):
             raise ConfigError(f"model 'spatial_dims' must be 2 or 3, got {self.spatial_dims!r}")
         if self.in_channels < 1:
@@ -71,13 +74,18 @@ class ModelConfig:
                 strides=tuple(int(s) for s in data["strides"]),
                 num_res_units=int(data.get("num_res_units", 1)),
                 act=str(data.get("act", "prelu")),  # files written before 'act' existed used PReLU
+                name=str(data.get("name", "unet")),
             )
         except KeyError as missing:
             raise ConfigError(f"model config is missing key {missing}") from None
 
 
-def build_unet(config: ModelConfig) -> UNet:
-    """Return a freshly initialised MONAI U-Net for ``config``."""
+def build_model(config: ModelConfig) -> torch.nn.Module:
+    """Return a freshly initialised network for ``config`` (the builder :data:`MODELS` names)."""
+    return MODELS[config.name](config)
+
+
+def _build_unet(config: ModelConfig) -> torch.nn.Module:
     from monai.networks.nets import UNet
 
     return UNet(
@@ -90,3 +98,7 @@ def build_unet(config: ModelConfig) -> UNet:
         norm="INSTANCE",
         act=ACTIVATIONS[config.act],
     )
+
+
+#: Network name (run config ``model``) -> builder. Adding a network is one entry here plus its tests.
+MODELS: dict[str, Callable[[ModelConfig], torch.nn.Module]] = {"unet": _build_unet}

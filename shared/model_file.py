@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared.atomic import atomic_write
 from shared.errors import WeightsError
-from shared.model import ModelConfig, build_unet
+from shared.model import ModelConfig, build_model
 
 if TYPE_CHECKING:
     import torch
@@ -66,7 +66,7 @@ def load_model(path: Path | str) -> tuple[torch.nn.Module, dict[str, Any]]:
     from shared.weights import check_state_dict
 
     payload = read_model_file(path)
-    model = build_unet(ModelConfig.from_dict(payload["model_config"]))
+    model = build_model(ModelConfig.from_dict(payload["model_config"]))
     try:
         check_state_dict(model, payload["state_dict"])
     except WeightsError as exc:

@@ -64,7 +64,7 @@ def train_model(datalists: list[Path], config: Any, *, epochs: int, seed: int, d
     from client.loading import training_loader
     from client.site_data import load_training_cases
     from client.training import train_local
-    from shared.model import build_unet
+    from shared.model import build_model
 
     set_determinism(seed=seed)
     cases: list[dict[str, Any]] = []
@@ -72,7 +72,7 @@ def train_model(datalists: list[Path], config: Any, *, epochs: int, seed: int, d
     for datalist in datalists:
         site_cases, augment = load_training_cases(datalist, config)
         cases += site_cases
-    model = build_unet(config.model_config())
+    model = build_model(config.model_config())
     loader = training_loader(cases, augment, batch_size=config.batch_size, generator=torch.Generator().manual_seed(seed))
     train_local(model, loader, config=dataclasses.replace(config, local_epochs=epochs), device=device,
                 num_examples=len(cases))

@@ -9,7 +9,7 @@ import pytest
 
 from shared.config import RunConfig
 from shared.errors import ConfigError
-from shared.model import build_unet
+from shared.model import build_model
 from shared.model_file import save_model_file
 from simulations.baselines import bootstrap_interval, comparison_rows, parse_baselines, run_baselines
 from tests.conftest import TINY_RUN_CONFIG
@@ -33,7 +33,7 @@ def test_unknown_baseline_is_named():
 
 def test_baselines_train_and_evaluate_on_the_same_cases(tmp_path, two_sites):
     config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, **{"num-rounds": 2}))
-    save_model_file(tmp_path / "global_model.pt", state_dict=build_unet(config.model_config()).state_dict(),
+    save_model_file(tmp_path / "global_model.pt", state_dict=build_model(config.model_config()).state_dict(),
                     model_config=config.model_config())
     (tmp_path / "summary.json").write_text(json.dumps({"run_config": config.to_mapping()}))
     sites = [("a", two_sites[0])]

@@ -165,11 +165,11 @@ def test_usage_errors_exit_2(tmp_path, capsys):
 
 
 def test_settings_can_come_from_a_runs_model_file(site, tmp_path, capsys):
-    from shared.model import build_unet
+    from shared.model import build_model
     from shared.model_file import save_model_file
 
     config = RunConfig.from_mapping({"num-classes": 3, "channels": "4,8", "strides": "2"})
-    model = save_model_file(tmp_path / "global_model.pt", state_dict=build_unet(config.model_config()).state_dict(),
+    model = save_model_file(tmp_path / "global_model.pt", state_dict=build_model(config.model_config()).state_dict(),
                             model_config=config.model_config(), extra={"run_config": config.to_mapping()})
     code = main(["check-data", str(site / "datalist.json"), "--model", str(model)])
     assert code == 1 and "num-classes = 3" in capsys.readouterr().out

@@ -16,7 +16,7 @@ from client.handlers import handle_evaluate, handle_train
 from client.site import resolve_site
 from shared.config import RunConfig
 from shared.errors import ConfigError
-from shared.model import build_unet
+from shared.model import build_model
 from shared.weights import arrays_to_state_dict, model_to_arrays
 from tests.conftest import TINY_RUN_CONFIG
 
@@ -35,7 +35,7 @@ def _context(datalist, run_config=None, **node):
 
 
 def _message(kind, config=None):
-    model = build_unet(RunConfig.from_mapping(config or TINY_RUN_CONFIG).model_config())
+    model = build_model(RunConfig.from_mapping(config or TINY_RUN_CONFIG).model_config())
     content = RecordDict({"arrays": model_to_arrays(model), "config": ConfigRecord({"server-round": 1})})
     return Message(content=content, dst_node_id=7, message_type=kind), model
 

@@ -16,7 +16,7 @@ from client import handlers
 from client.egress import EgressBlocked, check_reply, expected_parameter_specs, metric_key_allowed
 from server.site_replies import sort_replies
 from shared.config import RunConfig
-from shared.model import build_unet
+from shared.model import build_model
 from shared.weights import model_to_arrays
 from tests.conftest import TINY_RUN_CONFIG
 
@@ -30,13 +30,13 @@ def expected():
 
 
 def _update(**extra_metrics) -> RecordDict:
-    arrays = model_to_arrays(build_unet(CONFIG.model_config()))
+    arrays = model_to_arrays(build_model(CONFIG.model_config()))
     metrics = MetricRecord({"num-examples": 4, "train-loss": 0.5, "steps": 2, **extra_metrics})
     return RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"site-id": "site-a"})})
 
 
 def test_specs_are_the_models_state_dict(expected):
-    state = build_unet(CONFIG.model_config()).state_dict()
+    state = build_model(CONFIG.model_config()).state_dict()
     assert list(expected) == list(state)
     assert all(expected[k].shape == tuple(v.shape) for k, v in state.items())
     assert {spec.dtype for spec in expected.values()} == {"float32"}
@@ -172,7 +172,7 @@ def test_a_training_code_path_that_adds_the_image_batch_is_blocked(two_sites, tm
 
     monkeypatch.setattr(handlers, "_train", leaky_train)
     msg = _message(MessageType.TRAIN)
-    msg.content["arrays"] = model_to_arrays(build_unet(CONFIG.model_config()))
+    msg.content["arrays"] = model_to_arrays(build_model(CONFIG.model_config()))
     reply = handlers.handle_train(msg, _context(tmp_path, two_sites[0]))
     assert reply.content.metric_records["metrics"]["refused"] == 1
     assert "EgressBlocked" in reply.content.config_records["site"]["reason"]

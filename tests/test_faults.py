@@ -12,7 +12,7 @@ from client.handlers import handle_train
 from client.site import resolve_site
 from shared.config import RunConfig
 from shared.errors import ConfigError
-from shared.model import build_unet
+from shared.model import build_model
 from shared.weights import arrays_to_state_dict, model_to_arrays
 from simulations.api import write_sites_manifest
 from simulations.faults import FaultPlan
@@ -54,7 +54,7 @@ def test_faults_apply_to_simulated_nodes_only(tmp_path, two_sites):
 def _train(tmp_path, datalist, fault, config=TINY_RUN_CONFIG):
     manifest = _manifest(tmp_path, datalist, fault)
     run_config = dict(config, **{"simulation-sites": str(manifest)})
-    model = build_unet(RunConfig.from_mapping(run_config).model_config())
+    model = build_model(RunConfig.from_mapping(run_config).model_config())
     msg = Message(content=RecordDict({"arrays": model_to_arrays(model), "config": ConfigRecord({"server-round": 1})}),
                   dst_node_id=7, message_type=MessageType.TRAIN)
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config=run_config)
@@ -83,7 +83,7 @@ def test_proximal_term_keeps_local_weights_near_the_global_model(tmp_path, two_s
     config = dict(TINY_RUN_CONFIG, **{"local-epochs": 3, "learning-rate": 0.05})
     distances = {}
     for mu in (0.0, 50.0):
-        model = build_unet(RunConfig.from_mapping(config).model_config())
+        model = build_model(RunConfig.from_mapping(config).model_config())
         content = RecordDict({"arrays": model_to_arrays(model),
                               "config": ConfigRecord({"server-round": 1, "proximal-mu": mu})})
         node_config = {"site-id": "a", "datalist": str(two_sites[0]), "require-dp": False,

@@ -17,7 +17,7 @@ from client.site_data import load_training_cases, load_validation_cases, preproc
 from client.training import evaluate_local
 from client.transforms import PreprocessSettings, evaluation_transforms, loading
 from shared.config import RunConfig
-from shared.model import build_unet
+from shared.model import build_model
 from tests.conftest import TINY_RUN_CONFIG
 from tests.data_cases import ct_volume, write_datalist, write_dicom_case, write_nifti_case
 from tests.dicom_seg_writer import write_seg
@@ -147,7 +147,7 @@ def test_a_2d_model_trains_on_slices_of_volumes_and_evaluates_slice_by_slice(tmp
     samples = augment(cases[0])
     assert [tuple(s["image"].shape) for s in samples] == [(1, 16, 16)] * 2
     validation = load_validation_cases(datalist, config, cache_dir=tmp_path / "cache")
-    result = evaluate_local(build_unet(config.model_config()), validation, config=config, device=torch.device("cpu"))
+    result = evaluate_local(build_model(config.model_config()), validation, config=config, device=torch.device("cpu"))
     assert result.num_examples == len(validation) and 0.0 <= result.dice <= 1.0
 
 

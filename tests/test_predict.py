@@ -16,7 +16,7 @@ from client.predict import _to_input_grid, predict_scan
 from client.transforms import PreprocessSettings, orienting, reading, resampling
 from shared.config import RunConfig
 from shared.errors import DataError
-from shared.model import build_unet
+from shared.model import build_model
 from shared.model_file import save_model_file
 from tests.conftest import TINY_RUN_CONFIG
 from tests.data_cases import ct_volume, write_dicom_case, write_nifti_case
@@ -24,7 +24,7 @@ from tests.data_cases import ct_volume, write_dicom_case, write_nifti_case
 
 def _model_file(tmp_path: Path, **overrides) -> Path:
     config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, **{"patch-size": 16}, **overrides))
-    return save_model_file(tmp_path / "global_model.pt", state_dict=build_unet(config.model_config()).state_dict(),
+    return save_model_file(tmp_path / "global_model.pt", state_dict=build_model(config.model_config()).state_dict(),
                            model_config=config.model_config(), extra={"round": 3, "run_config": config.to_mapping()})
 
 

@@ -20,7 +20,7 @@ from client.site import SiteConfig
 from client.training import make_loss, mean_loss, run_epochs
 from shared.config import RunConfig
 from shared.errors import ConfigError, DataError
-from shared.model import build_unet
+from shared.model import build_model
 from shared.weights import arrays_to_state_dict, model_to_arrays
 from tests.conftest import REPO, TINY_RUN_CONFIG
 
@@ -33,7 +33,7 @@ def _context(datalist, state_dir, run_config=DP_RUN, **node):
 
 
 def _train_message(server_round=1):
-    model = build_unet(RunConfig.from_mapping(DP_RUN).model_config())
+    model = build_model(RunConfig.from_mapping(DP_RUN).model_config())
     content = RecordDict({"arrays": model_to_arrays(model), "config": ConfigRecord({"server-round": server_round})})
     return Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN), model
 
@@ -219,7 +219,7 @@ def test_noise_from_budget_is_larger_where_every_step_sees_every_case():
 def test_per_sample_gradients_are_clipped_like_single_example_backward(mode):
     torch.manual_seed(0)
     config = RunConfig.from_mapping(TINY_RUN_CONFIG)
-    model = build_unet(config.model_config())
+    model = build_model(config.model_config())
     images = torch.randn(4, 1, 32, 32) * torch.tensor([1.0, 5.0, 0.2, 3.0]).view(4, 1, 1, 1)
     labels = (torch.rand(4, 1, 32, 32) > 0.7).float()
     loss_fn, clip = make_loss(), 0.05
@@ -254,7 +254,7 @@ def test_a_per_sample_backward_pass_skips_the_batch_weight_gradients():
     from client.training import train_step
 
     torch.manual_seed(0)
-    model = build_unet(RunConfig.from_mapping(TINY_RUN_CONFIG).model_config())
+    model = build_model(RunConfig.from_mapping(TINY_RUN_CONFIG).model_config())
     images, labels = torch.randn(2, 1, 32, 32), (torch.rand(2, 1, 32, 32) > 0.7).float()
     outputs = []
     model.register_full_backward_hook(lambda module, grad_in, grad_out: outputs.append(grad_out[0]))
@@ -341,7 +341,7 @@ def test_convolution_grad_sampler_matches_single_example_backward(conv, argument
 def test_optimizer_follows_run_config():
     from client.training import make_optimizer
 
-    model = build_unet(RunConfig.from_mapping(TINY_RUN_CONFIG).model_config())
+    model = build_model(RunConfig.from_mapping(TINY_RUN_CONFIG).model_config())
     sgd = make_optimizer(model, config=RunConfig.from_mapping(dict(TINY_RUN_CONFIG, optimizer="sgd")))
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
     assert isinstance(make_optimizer(model, config=RunConfig.from_mapping(TINY_RUN_CONFIG)), torch.optim.Adam)
@@ -349,7 +349,7 @@ def test_optimizer_follows_run_config():
 
 def test_an_empty_poisson_batch_still_takes_a_noisy_step():
     torch.manual_seed(0)
-    model = build_unet(RunConfig.from_mapping(TINY_RUN_CONFIG).model_config())
+    model = build_model(RunConfig.from_mapping(TINY_RUN_CONFIG).model_config())
     images, labels = torch.randn(4, 1, 32, 32), (torch.rand(4, 1, 32, 32) > 0.7).float()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=2)
     plan = DPPlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, steps=1, grad_sample_mode="hooks")

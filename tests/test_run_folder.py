@@ -12,7 +12,7 @@ from server.run_folder import RunRecorder, aggregate_sites
 from server.site_replies import SortedReplies
 from shared.atomic import atomic_write
 from shared.config import RunConfig
-from shared.model import build_unet
+from shared.model import build_model
 from shared.model_file import load_model
 from shared.weights import model_to_arrays
 from tests.conftest import TINY_RUN_CONFIG
@@ -32,7 +32,7 @@ def test_global_row_is_example_weighted_and_counts_outcomes():
 def test_recorder_writes_metrics_model_and_summary(tmp_path):
     config = RunConfig.from_mapping(TINY_RUN_CONFIG)
     recorder = RunRecorder(tmp_path, config=config)
-    arrays: ArrayRecord = model_to_arrays(build_unet(config.model_config()))
+    arrays: ArrayRecord = model_to_arrays(build_model(config.model_config()))
     for server_round, dice in ((1, 0.2), (2, 0.6)):
         recorder.record_phase(server_round, "train", SortedReplies(
             site_metrics={"a": {"num-examples": 4, "train-loss": 1.0}}, refused={"b": "no data"}))
@@ -87,7 +87,7 @@ def test_a_rounds_metrics_lines_reach_the_disk_with_one_flush(tmp_path, monkeypa
     flushed = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: flushed.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
-    recorder.end_round(1, model_to_arrays(build_unet(config.model_config())))
+    recorder.end_round(1, model_to_arrays(build_model(config.model_config())))
     assert flushed.count(str(tmp_path / "metrics.jsonl")) == 1  # not one per site
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["site"] for r in rows] == [*"abcdef", "global"]
@@ -103,7 +103,7 @@ def test_rows_of_a_node_are_filed_under_its_site_once_known(tmp_path):
 def test_epsilons_land_per_site_per_round_and_in_the_summary(tmp_path):
     config = RunConfig.from_mapping(TINY_RUN_CONFIG)
     recorder = RunRecorder(tmp_path, config=config)
-    arrays: ArrayRecord = model_to_arrays(build_unet(config.model_config()))
+    arrays: ArrayRecord = model_to_arrays(build_model(config.model_config()))
     for server_round, epsilon in ((1, 1.5), (2, 2.25)):
         recorder.record_phase(server_round, "train", SortedReplies(
             site_metrics={"a": {"num-examples": 4, "train-loss": 1.0, "epsilon": epsilon, "epsilon-round": 1.5,
@@ -124,7 +124,7 @@ def test_a_site_without_training_loss_is_left_out_of_the_mean_and_written_as_nul
     recorder = RunRecorder(tmp_path, config=config)
     recorder.record_phase(1, "train", SortedReplies(site_metrics={
         "a": {"num-examples": 4, "train-loss": 1.5}, "tiny": {"num-examples": 2, "train-loss": float("nan")}}))
-    row = recorder.end_round(1, model_to_arrays(build_unet(config.model_config())))
+    row = recorder.end_round(1, model_to_arrays(build_model(config.model_config())))
     assert row["train-loss"] == pytest.approx(1.5) and row["sites-train-ok"] == 2
     rows = {r["site"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
     assert rows["tiny"]["train-loss"] is None and rows["global"]["train-loss"] == pytest.approx(1.5)

@@ -81,7 +81,7 @@ def measure(overrides: dict, k: int, method: str) -> dict:
         return Message(content=content, dst_node_id=i + 1, message_type=MessageType.TRAIN)
 
     with tempfile.TemporaryDirectory(dir=".") as run_dir:
-        strategy = FedSegFedAvg(recorder=RunRecorder(Path(run_dir), config=config), norm_factor=10.0)
+        strategy = FedSegFedAvg(recorder=RunRecorder(Path(run_dir), config=config))
         strategy.expect_updates_of(global_arrays)
         warm_up = strategy.train_collector()  # one small round first: lazy imports are not the aggregation's memory
         for i in range(2):

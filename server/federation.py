@@ -140,12 +140,15 @@ class ProgressPrinter:
         elapsed = self.clock() - self.started
         done = row["round"] - self.first_round + 1
         remaining = elapsed / done * (self.num_rounds - row["round"])
-        print(f"{PROGRESS_PREFIX} round {row['round']}/{self.num_rounds} | trained {trained}/{asked} sites"
+        bounded = f" ({row['sites-train-bounded']} bounded)" if row.get("sites-train-bounded") else ""
+        print(f"{PROGRESS_PREFIX} round {row['round']}/{self.num_rounds} | trained {trained}/{asked} sites{bounded}"
               f" | evaluated {row['sites-evaluate-ok']} | dice {_fmt(row['dice'])}"
               f" | train-loss {_fmt(row['train-loss'])}{_epsilon(row)} | {elapsed:.0f}s elapsed,"
               f" ~{remaining:.0f}s left",
               flush=True)
         for site, site_row in sorted(sites.items()):
+            if "train-note" in site_row:
+                print(f"{PROGRESS_PREFIX}   {site} bounded train: {site_row['train-note']}", flush=True)
             for phase in ("train", "evaluate"):
                 if site_row.get(f"{phase}-status", "ok") != "ok":
                     print(f"{PROGRESS_PREFIX}   {site} {site_row[f'{phase}-status']} {phase}: "

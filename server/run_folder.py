@@ -6,7 +6,11 @@ site id; with DP it includes the site's cumulative ``epsilon`` and this round's
 aggregate and ``max-epsilon``, the largest cumulative epsilon of any site).
 ``summary.json`` has every site's final epsilon under ``epsilon``.
 A site that refused or failed a phase has ``status`` and ``reason`` instead of
-numbers for it. Every file is written atomically or appended line by line.
+numbers for it. A site whose update was scaled down to the round's norm bound
+keeps ``train-status`` "ok" and has ``update-bound``, ``update-scale`` and
+``train-note`` (every checked update has ``update-norm``); the global row counts
+those sites in ``sites-train-bounded``. Every file is written atomically or
+appended line by line.
 """
 
 from __future__ import annotations
@@ -81,6 +85,8 @@ class RunRecorder:
             for site, reason in reasons.items():
                 sites[site][f"{phase}-status"] = outcome
                 sites[site][f"{phase}-reason"] = reason
+        for site, check_fields in replies.check_fields.items():
+            sites[site].update(check_fields)
 
     def name_nodes(self, server_round: int, known_sites: dict[int, str]) -> None:
         """Re-file rows kept as ``node-<id>`` (a node that failed before its site id was known)
@@ -165,6 +171,8 @@ def aggregate_sites(sites: dict[str, dict[str, Any]]) -> dict[str, Any]:
         for outcome in ("ok", "refused", "failed", "rejected"):
             row[f"sites-{phase}-{outcome}"] = sum(
                 1 for r in sites.values() if r.get(f"{phase}-status") == outcome)
+    # bounded updates were aggregated (status "ok"), scaled down: counted apart, not instead
+    row["sites-train-bounded"] = sum(1 for r in sites.values() if r.get("train-status") == "ok" and "update-scale" in r)
     return row
 
 

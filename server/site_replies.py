@@ -21,6 +21,9 @@ class SortedReplies:
     refused: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
+    #: fields the server's update checks add to a site's row (``update-norm``; when bounded also
+    #: ``update-bound``, ``update-scale`` and ``train-note``)
+    check_fields: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def site_of(msg: Message, known: dict[int, str]) -> str:

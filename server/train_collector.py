@@ -3,9 +3,10 @@
 Refusals and failed replies are recorded per site; a reply with an update is
 checked (:mod:`server.update_checks`) and written to the round's
 :class:`~server.update_spool.UpdateSpool` at once, so the server never holds
-every site's update in memory. When the round closes, norm outliers are
-rejected against the round's median and the accepted updates are returned in
-site-id order.
+every site's update in memory. When the round closes, the round's norm rule
+(:mod:`server.norm_bounds`) rejects clear outliers and scales large updates
+down to the bound (rewriting their spool files); the accepted updates are
+returned in site-id order.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numpy as np
 from flwr.app import Message
 
 from server.site_replies import SortedReplies, failure_reason, first_metrics, site_of
-from server.update_checks import UpdateRejected, check_layout, norm_outliers, tensor_delta_norm_sq
+from server.norm_bounds import NormRule, NormVerdict, judge_norms
+from server.update_checks import UpdateRejected, check_layout, tensor_delta_norm_sq
 from server.update_spool import SpooledUpdate, UpdateSpool
 
 LOG = logging.getLogger("fedseg.server")
@@ -47,18 +49,18 @@ class TrainCollector:
         Where the round's update files go (deleted when the round is aggregated).
     known_sites : dict[int, str]
         Node id -> site id, learned from replies (shared across rounds).
-    norm_factor : float
-        Reject updates whose norm exceeds this multiple of the round's median (0: off).
+    norm_rule : NormRule
+        How large updates are bounded or rejected when the round closes.
     weighted_by : str
         Metric holding each update's weight.
     """
 
     def __init__(self, *, reference: Mapping[str, np.ndarray], spool_parent: Path, known_sites: dict[int, str],
-                 norm_factor: float, weighted_by: str = "num-examples") -> None:
+                 norm_rule: NormRule, weighted_by: str = "num-examples") -> None:
         self.reference = reference
         self.spool = UpdateSpool(spool_parent, reference=reference)
         self.known_sites = known_sites
-        self.norm_factor = norm_factor
+        self.norm_rule = norm_rule
         self.weighted_by = weighted_by
         self.outcomes = SortedReplies()
         self.updates: dict[str, SpooledUpdate] = {}
@@ -90,14 +92,28 @@ class TrainCollector:
             self.outcomes.failed[site] = f"no reply within round-timeout ({timeout:g} s)"
 
     def close(self) -> ClosedRound:
-        """Reject norm outliers; return the accepted updates in site-id order."""
-        outliers = norm_outliers({s: u.norm for s, u in self.updates.items()}, factor=self.norm_factor)
-        for site, reason in outliers.items():
+        """Apply the norm rule (reject clear outliers, bound large updates); return the accepted
+        updates in site-id order."""
+        verdict = judge_norms({s: u.norm for s, u in self.updates.items()}, rule=self.norm_rule)
+        for site, update in self.updates.items():
+            self.outcomes.check_fields[site] = {"update-norm": update.norm}
+        self._reject_outliers(verdict)
+        self._bound(verdict)
+        accepted = [self.updates[site] for site in sorted(self.updates)]
+        return ClosedRound(accepted=accepted, outcomes=self.outcomes, spool=self.spool, weighted_by=self.weighted_by)
+
+    def _reject_outliers(self, verdict: NormVerdict) -> None:
+        for site, reason in sorted(verdict.rejected.items()):
             LOG.warning("rejected the update of site %s: %s", site, reason)
             self.outcomes.rejected[site] = reason
             del self.updates[site]
-        accepted = [self.updates[site] for site in sorted(self.updates)]
-        return ClosedRound(accepted=accepted, outcomes=self.outcomes, spool=self.spool, weighted_by=self.weighted_by)
+
+    def _bound(self, verdict: NormVerdict) -> None:
+        for site, bounded in sorted(verdict.bounded.items()):
+            LOG.warning("bounded the update of site %s: %s", site, bounded.reason)
+            self.spool.scale_to_bound(self.updates[site], bound=bounded.bound)
+            self.outcomes.check_fields[site].update({
+                "update-bound": bounded.bound, "update-scale": bounded.scale, "train-note": bounded.reason})
 
     def _check_and_spool(self, site: str, msg: Message, metrics: dict) -> SpooledUpdate:
         records = list(msg.content.array_records.values())

@@ -1,16 +1,16 @@
 """Checks on one site's model update before it may reach the aggregate.
 
 An update is rejected when its weights do not have exactly the names, shapes
-and dtypes of the global model that was sent, when it holds NaN or Inf, or
-when the norm of its change to the global model is far above the round's
-(lower) median. Each check raises :class:`UpdateRejected` with a reason that
-the server logs and writes to ``metrics.jsonl``.
+and dtypes of the global model that was sent, or when it holds NaN or Inf: such
+an update is broken, whoever sent it. Each check raises :class:`UpdateRejected`
+with a reason that the server logs and writes to ``metrics.jsonl``. The norm of
+an update is judged against the whole round, once it closes
+(:mod:`server.norm_bounds`).
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -58,18 +58,3 @@ def tensor_delta_norm_sq(name: str, values: np.ndarray, reference: np.ndarray) -
     if not math.isfinite(squared):  # any NaN/Inf weight makes the sum NaN/Inf (float32 cannot overflow it)
         raise UpdateRejected(f"non-finite values (NaN or Inf) in '{name}'")
     return squared
-
-
-def norm_outliers(norms: Mapping[str, float], *, factor: float) -> dict[str, str]:
-    """Sites whose update norm exceeds ``factor`` times the round's lower median.
-
-    The lower median is used so that with two sites the smaller update is the
-    yardstick (the plain median would sit halfway to an attacker's norm).
-    ``factor`` 0 turns the check off.
-    """
-    if factor <= 0 or len(norms) < 2:
-        return {}
-    median = statistics.median_low(norms.values())
-    limit = factor * median
-    return {site: f"update norm {norm:.4g} is more than {factor:g} x the round's median {median:.4g}"
-            for site, norm in norms.items() if norm > limit}

@@ -6,6 +6,10 @@ then dropped. After the round closes, the weighted mean is accumulated one
 tensor at a time in float64 (memory: a few copies of one tensor plus the
 result), in site-id order, so the result does not depend on the order replies
 arrived in.
+
+An update the round's norm rule bounds (:mod:`server.norm_bounds`) is rewritten
+in place, scaled, before the round is aggregated: every aggregator then reads
+the update as it counts.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
+from flwr.supercore.differential_privacy import compute_clip_model_update
 
 
 CHUNK_ELEMENTS = 1 << 14  # elements averaged at a time (128 KiB of float64)
@@ -73,6 +78,20 @@ class UpdateSpool:
             path.unlink(missing_ok=True)
             raise
         return path, math.sqrt(total)
+
+    def scale_to_bound(self, update: SpooledUpdate, *, bound: float) -> None:
+        """Rewrite ``update`` so that its change to the global model has L2 norm ``bound`` (if above it).
+
+        Uses Flower's own clipping (``compute_clip_model_update``, what its DP
+        fixed-clipping strategy applies to each reply): ``global + delta * min(1,
+        bound / ||delta||)``, with the norm recomputed by Flower in the model's
+        dtype. Holds this one update in memory (a few copies), never the round's.
+        """
+        values = [np.array(tensor) for _, tensor in self.read(update.path)]
+        compute_clip_model_update(param1=values, param2=list(self.reference.values()), clipping_norm=bound)
+        with open(update.path, "wb") as handle:
+            for value, expected in zip(values, self.reference.values(), strict=True):
+                handle.write(np.ascontiguousarray(value, dtype=expected.dtype).data)
 
     def read(self, path: Path) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (name, tensor) of a spooled update, one tensor at a time."""

@@ -91,7 +91,9 @@ class RunConfig:
     round_timeout: float = 3600.0
     overlap_evaluation: bool = False
     min_train_replies: int = 1
-    max_update_norm_factor: float = 10.0
+    update_norm_bound_factor: float = 10.0
+    outlier_norm_factor: float = 100.0
+    outlier_min_sites: int = 5
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.01
     server_tau: float = 0.001
@@ -176,8 +178,17 @@ class RunConfig:
         for name in ("fraction_train", "fraction_evaluate"):
             value = getattr(self, name)
             _require(0.0 <= value <= 1.0, name, "must be in [0, 1]", value)
-        for name in ("max_update_norm_factor", "proximal_mu"):
+        for name in ("update_norm_bound_factor", "proximal_mu"):
             _require(getattr(self, name) >= 0, name, "must be >= 0 (0 turns it off)", getattr(self, name))
+        # update norm rule (server.norm_bounds): a bound below the median would scale the majority down,
+        # and a norm rejection needs a median and a MAD that two or three sites cannot give
+        bound_factor = self.update_norm_bound_factor
+        _require(bound_factor == 0 or bound_factor >= 1, "update_norm_bound_factor", "must be 0 (off) or >= 1",
+                 bound_factor)
+        _require(self.outlier_norm_factor >= max(1.0, bound_factor), "outlier_norm_factor",
+                 "must be >= 1 and >= update-norm-bound-factor", self.outlier_norm_factor)
+        _require(self.outlier_min_sites == 0 or self.outlier_min_sites >= 4, "outlier_min_sites",
+                 "must be 0 (never reject on norm) or >= 4", self.outlier_min_sites)
         for name in ("server_learning_rate", "server_tau"):
             _require(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
         _require(0.0 <= self.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)", self.trim_fraction)

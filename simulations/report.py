@@ -46,6 +46,8 @@ def final_site_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 entry[key] = row[key]
                 entry[f"{key}-round"] = row["round"]
         status = [row.get(f"{p}-status") for p in ("train", "evaluate") if row.get(f"{p}-status") not in (None, "ok")]
+        if "update-scale" in row:  # aggregated, scaled down to the round's norm bound
+            status.append(f"update bounded (x{row['update-scale']:.3g})")
         if status:
             entry["note"] = f"round {row['round']}: {', '.join(status)}"
     sites = sorted(s for s in latest if s != "global")

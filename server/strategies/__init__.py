@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 def build_strategy(config: RunConfig, recorder: RunRecorder) -> SiteTracking:
     """The strategy named by run config ``strategy``, configured from the run config."""
+    from server.norm_bounds import NormRule
     from server.strategies.fedadam import FedSegFedAdam
     from server.strategies.fedavg import FedSegFedAvg
     from server.strategies.fedmedian import FedSegFedMedian
@@ -25,7 +26,8 @@ def build_strategy(config: RunConfig, recorder: RunRecorder) -> SiteTracking:
 
     common: dict[str, Any] = {
         "recorder": recorder, "seed": config.seed, "min_train_replies": config.min_train_replies,
-        "norm_factor": config.max_update_norm_factor,
+        "norm_rule": NormRule(bound_factor=config.update_norm_bound_factor,
+                              outlier_factor=config.outlier_norm_factor, outlier_min_sites=config.outlier_min_sites),
         "fraction_train": config.fraction_train, "fraction_evaluate": config.fraction_evaluate,
         "min_train_nodes": config.min_train_nodes, "min_evaluate_nodes": config.min_train_nodes,
         "min_available_nodes": config.min_available_nodes,

@@ -6,8 +6,10 @@ sampling and the aggregation; the mixin
 
 - sorts replies into accepted / refused / failed / rejected per site and hands
   them to the :class:`~server.run_folder.RunRecorder`;
-- checks every update (keys, shapes, dtypes, NaN/Inf, norm vs the round's
-  median) and spools accepted ones to disk as they arrive;
+- checks every update (keys, shapes, dtypes, NaN/Inf) and spools accepted
+  ones to disk as they arrive; when the round closes, scales updates above the
+  round's norm bound down to it and rejects clear outliers
+  (:mod:`server.norm_bounds`);
 - feeds Flower's aggregation with accepted updates in site-id order (mean
   strategies get one pre-averaged update, so memory does not grow with the
   number of sites);
@@ -30,6 +32,7 @@ from flwr.serverapp.exception import AggregationError, InconsistentMessageReplie
 
 from server.polling_grid import sampling_order
 from server.site_replies import sort_replies
+from server.norm_bounds import NormRule
 from server.train_collector import ClosedRound, TrainCollector
 from server.update_checks import reference_arrays
 
@@ -53,8 +56,8 @@ class SiteTracking:
         Seeds node sampling per round.
     min_train_replies : int
         Fewer accepted updates than this keep the global model unchanged for the round.
-    norm_factor : float
-        Reject updates whose norm exceeds this multiple of the round's median (0: off).
+    norm_rule : NormRule
+        How large updates are bounded or rejected (default: :class:`NormRule`'s defaults).
     **kwargs
         Passed to the Flower strategy.
     """
@@ -66,12 +69,12 @@ class SiteTracking:
     post_processes_mean = False
 
     def __init__(self, *, recorder: RunRecorder, seed: int = 0, min_train_replies: int = 1,
-                 norm_factor: float = 10.0, **kwargs: Any) -> None:
+                 norm_rule: NormRule | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.recorder = recorder
         self.seed = seed
         self.min_train_replies = min_train_replies
-        self.norm_factor = norm_factor
+        self.norm_rule = norm_rule or NormRule()
         self.known_sites: dict[int, str] = {}
         self._reference: dict[str, np.ndarray] | None = None
 
@@ -107,7 +110,7 @@ class SiteTracking:
         if self._reference is None:
             raise RuntimeError("expect_updates_of() must be called before collecting updates")
         return TrainCollector(reference=self._reference, spool_parent=Path(self.recorder.run_dir),
-                              known_sites=self.known_sites, norm_factor=self.norm_factor,
+                              known_sites=self.known_sites, norm_rule=self.norm_rule,
                               weighted_by=self.weighted_by_key)
 
     def aggregate_train(self, server_round: int,

@@ -40,6 +40,9 @@ def test_from_mapping_overrides_and_keeps_defaults():
     ("local-epochs", True),
     ("class-names", "background,a,b"),
     ("optimizer", "rmsprop"),
+    ("update-norm-bound-factor", 0.5),  # a bound below the median would scale the majority down
+    ("outlier-norm-factor", 5.0),  # below the bound factor: would reject updates it does not even bound
+    ("outlier-min-sites", 3),  # two or three sites are never told apart on norm
 ])
 def test_bad_value_names_its_key(key, value):
     with pytest.raises(ConfigError, match=f"'{key}'"):
@@ -54,3 +57,8 @@ def test_unknown_key_is_named():
 def test_model_config_follows_run_config():
     model = RunConfig.from_mapping({"channels": "8,16,32", "strides": "2,2", "spatial-dims": 3}).model_config()
     assert model.channels == (8, 16, 32) and model.strides == (2, 2) and model.spatial_dims == 3
+
+
+def test_the_update_norm_rule_can_be_turned_off():
+    config = RunConfig.from_mapping({"update-norm-bound-factor": 0, "outlier-min-sites": 0, "outlier-norm-factor": 1})
+    assert (config.update_norm_bound_factor, config.outlier_min_sites) == (0.0, 0)

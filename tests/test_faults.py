@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client.faults import SimulatedCrash, SiteFault
 from client.handlers import handle_train
@@ -13,6 +13,8 @@ from client.site import resolve_site
 from shared.config import RunConfig
 from shared.errors import ConfigError
 from shared.model import build_model
+from server.run_folder import RunRecorder
+from server.strategies import build_strategy
 from shared.weights import arrays_to_state_dict, model_to_arrays
 from simulations.api import write_sites_manifest
 from simulations.faults import FaultPlan
@@ -54,6 +56,7 @@ def test_faults_apply_to_simulated_nodes_only(tmp_path, two_sites):
 def _train(tmp_path, datalist, fault, config=TINY_RUN_CONFIG):
     manifest = _manifest(tmp_path, datalist, fault)
     run_config = dict(config, **{"simulation-sites": str(manifest)})
+    torch.manual_seed(0)  # every call starts from the same global model, whatever trained before
     model = build_model(RunConfig.from_mapping(run_config).model_config())
     msg = Message(content=RecordDict({"arrays": model_to_arrays(model), "config": ConfigRecord({"server-round": 1})}),
                   dst_node_id=7, message_type=MessageType.TRAIN)
@@ -77,6 +80,37 @@ def test_poisoned_sites_send_nan_or_scaled_updates(tmp_path, two_sites, flower_i
     scaled_sd = arrays_to_state_dict(scaled.content.array_records["arrays"])
     for name, value in start.items():
         assert torch.allclose(scaled_sd[name] - value, 100.0 * (honest_sd[name] - value), atol=1e-4)
+
+
+def _as_site(reply, site, node_id):
+    """``reply``'s update and metrics as site ``site`` (node ``node_id``) would have sent them."""
+    content = RecordDict({**reply.content, "site": ConfigRecord({"site-id": site})})
+    return Message(content=content, reply_to=Message(content=RecordDict(), dst_node_id=node_id,
+                                                     message_type=MessageType.TRAIN))
+
+
+def test_the_server_bounds_a_scaled_poisoning_among_three_sites_and_rejects_it_among_five(
+        tmp_path, two_sites, flower_identity):
+    honest = [_train(tmp_path, datalist, {"kind": "slow", "slow-seconds": 0})[0] for datalist in two_sites]
+    poisoned, start = _train(tmp_path, two_sites[0], {"kind": "poison-scale", "scale": 1000.0})
+    config = RunConfig.from_mapping(TINY_RUN_CONFIG)
+    outcomes = {}
+    for sites in (3, 5):
+        replies = [_as_site(honest[i % 2], f"hospital-{i:02d}", i) for i in range(sites - 1)]
+        replies.append(_as_site(poisoned, "mallory", 99))
+        strategy = build_strategy(config, RunRecorder(tmp_path / f"run-{sites}", config=config))
+        strategy.expect_updates_of(ArrayRecord(start))
+        arrays, _ = strategy.aggregate_train(1, replies)
+        assert arrays is not None
+        outcomes[sites] = strategy.recorder.rounds[1]
+
+    bounded = outcomes[3]["mallory"]
+    median = max(outcomes[3][s]["update-norm"] for s in ("hospital-00", "hospital-01"))  # of three norms
+    assert bounded["train-status"] == "ok" and bounded["update-bound"] == pytest.approx(10 * median)
+    assert outcomes[5]["mallory"]["train-status"] == "rejected"
+    assert "clear outlier among 5 sites" in outcomes[5]["mallory"]["train-reason"]
+    for rows in outcomes.values():  # the honest sites are aggregated as they are
+        assert all(r["train-status"] == "ok" and "update-scale" not in r for s, r in rows.items() if s != "mallory")
 
 
 def test_proximal_term_keeps_local_weights_near_the_global_model(tmp_path, two_sites, flower_identity):

@@ -19,6 +19,8 @@ def _run_folder(tmp_path, with_epsilon=True):
         rows.append({"round": server_round, "site": "global", "dice": 0.4 + 0.1 * server_round,
                      "loss": 1.0 / server_round, "train-loss": 1.2 / server_round})
     rows.append({"round": 3, "site": "hospital-03", "train-status": "refused", "train-reason": "budget"})
+    bounded = next(r for r in rows if (r["round"], r["site"]) == (3, "hospital-02"))  # aggregated, scaled down
+    bounded.update({"update-norm": 0.86, "update-bound": 0.75, "update-scale": 0.872, "train-note": "scaled"})
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (tmp_path / "summary.json").write_text(json.dumps(
         {"rounds": 3, "sites": ["hospital-01", "hospital-02", "hospital-03"], "first_round_dice": 0.5,
@@ -49,6 +51,7 @@ def test_site_table_takes_each_sites_latest_values(tmp_path):
     table = {e["site"]: e for e in final_site_table(read_rows(_run_folder(tmp_path)))}
     assert abs(table["hospital-02"]["dice"] - 0.8) < 1e-9 and table["hospital-02"]["dice-round"] == 3
     assert "refused" in table["hospital-03"]["note"]
+    assert table["hospital-02"]["note"] == "round 3: update bounded (x0.872)"
     assert list(table)[-1] == "global"
 
 

@@ -146,3 +146,14 @@ def test_progress_line_estimates_the_time_left_from_the_rounds_this_run_did(caps
     assert "train-loss n/a" in lines[0] and lines[0].endswith("30s elapsed, ~180s left")  # 6 rounds at 30 s
     assert lines[1] == "[fedseg]   hospital-01 failed train: no reply"
     assert "max epsilon 1.23" in lines[2] and lines[2].endswith("90s elapsed, ~225s left")  # 5 rounds at 45 s
+
+
+def test_progress_line_names_the_bounded_sites(capsys):
+    printer = ProgressPrinter(2, clock=lambda: 10.0)
+    note = "update norm 0.86 is more than 10 x the round's median 0.075: scaled by 0.872 to 0.75"
+    sites = {"hospital-01": {"train-status": "ok"},
+             "hospital-02": {"train-status": "ok", "update-scale": 0.872, "train-note": note}}
+    printer.report(_global_row(1, **{"sites-train-ok": 2, "sites-train-failed": 0, "sites-train-bounded": 1}), sites)
+    lines = capsys.readouterr().out.splitlines()
+    assert "| trained 2/2 sites (1 bounded) |" in lines[0]
+    assert lines[1:] == [f"[fedseg]   hospital-02 bounded train: {note}"]

@@ -78,6 +78,24 @@ def test_robust_strategies_equal_flowers_own_aggregation(tmp_path, flower_identi
     assert np.array_equal(ours["w"].numpy(), theirs["w"].numpy())
 
 
+@pytest.mark.parametrize(("name", "flower_class"), [("fedmedian", FedMedian), ("fedtrimmedavg", FedTrimmedAvg)])
+def test_robust_strategies_aggregate_the_bounded_update(tmp_path, flower_identity, name, flower_class):
+    # two sites: the median is their mean and nothing is trimmed, so the bounded value shows in the result
+    config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, strategy=name))
+    strategy = build_strategy(config, RunRecorder(tmp_path, config=config))
+    strategy.expect_updates_of(ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))}))
+    values = [np.full((2, 2), v, dtype=np.float32) for v in (1.0, 500.0)]  # norms 2 and 1000
+    ours, _ = strategy.aggregate_train(1, [_update_arrays(11 + i, f"s{i}", v, 1) for i, v in enumerate(values)])
+
+    assert strategy.recorder.rounds[1]["s1"]["update-scale"] == pytest.approx(20 / 1000)
+    values[1] = np.full((2, 2), 10.0, dtype=np.float32)  # scaled to norm 20 = 10 x the smaller norm
+    kwargs = {"beta": config.trim_fraction} if name == "fedtrimmedavg" else {}
+    theirs, _ = flower_class(**kwargs).aggregate_train(
+        1, [_update_arrays(11 + i, f"s{i}", v, 1) for i, v in enumerate(values)])
+    assert np.allclose(ours["w"].numpy(), theirs["w"].numpy(), rtol=1e-6)
+    assert np.allclose(ours["w"].numpy(), 5.5)
+
+
 def test_fedavg_equals_flowers_fedavg(tmp_path, flower_identity):
     strategy = FedSegFedAvg(recorder=RunRecorder(tmp_path, config=RunConfig.from_mapping(TINY_RUN_CONFIG)))
     strategy.expect_updates_of(ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))}))

@@ -141,8 +141,8 @@ class ProgressPrinter:
         done = row["round"] - self.first_round + 1
         remaining = elapsed / done * (self.num_rounds - row["round"])
         bounded = f" ({row['sites-train-bounded']} bounded)" if row.get("sites-train-bounded") else ""
-        print(f"{PROGRESS_PREFIX} round {row['round']}/{self.num_rounds} | trained {trained}/{asked} sites{bounded}"
-              f" | evaluated {row['sites-evaluate-ok']} | dice {_fmt(row['dice'])}"
+        print(f"{PROGRESS_PREFIX} round {row['round']}/{self.num_rounds} | trained {trained}/{asked} sites"
+              f"{bounded} | evaluated {row['sites-evaluate-ok']} | dice {_fmt(row['dice'])}"
               f" | train-loss {_fmt(row['train-loss'])}{_epsilon(row)} | {elapsed:.0f}s elapsed,"
               f" ~{remaining:.0f}s left",
               flush=True)

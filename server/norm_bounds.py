@@ -117,8 +117,9 @@ def clear_outliers(norms: Mapping[str, float], *, yardstick: float, rule: NormRu
     scores = modified_z_scores(positive)
     limit = rule.outlier_factor * yardstick
     return {site: (f"update norm {norm:.4g} is a clear outlier among {len(positive)} sites: "
-                   f"{norm / yardstick:.3g} x the round's median {yardstick:.4g} (limit {rule.outlier_factor:g} x) "
-                   f"and {_score_text(scores[site])} robust deviations of log-norm above it (limit {OUTLIER_Z:g})")
+                   f"{norm / yardstick:.3g} x the round's median {yardstick:.4g} "
+                   f"(limit {rule.outlier_factor:g} x) and {_score_text(scores[site])} robust deviations "
+                   f"of log-norm above it (limit {OUTLIER_Z:g})")
             for site, norm in positive.items() if norm > limit and scores[site] > OUTLIER_Z}
 
 

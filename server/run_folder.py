@@ -172,7 +172,8 @@ def aggregate_sites(sites: dict[str, dict[str, Any]]) -> dict[str, Any]:
             row[f"sites-{phase}-{outcome}"] = sum(
                 1 for r in sites.values() if r.get(f"{phase}-status") == outcome)
     # bounded updates were aggregated (status "ok"), scaled down: counted apart, not instead
-    row["sites-train-bounded"] = sum(1 for r in sites.values() if r.get("train-status") == "ok" and "update-scale" in r)
+    row["sites-train-bounded"] = sum(
+        1 for r in sites.values() if r.get("train-status") == "ok" and "update-scale" in r)
     return row
 
 

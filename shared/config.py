@@ -183,8 +183,8 @@ class RunConfig:
         # update norm rule (server.norm_bounds): a bound below the median would scale the majority down,
         # and a norm rejection needs a median and a MAD that two or three sites cannot give
         bound_factor = self.update_norm_bound_factor
-        _require(bound_factor == 0 or bound_factor >= 1, "update_norm_bound_factor", "must be 0 (off) or >= 1",
-                 bound_factor)
+        _require(bound_factor == 0 or bound_factor >= 1, "update_norm_bound_factor",
+                 "must be 0 (off) or >= 1", bound_factor)
         _require(self.outlier_norm_factor >= max(1.0, bound_factor), "outlier_norm_factor",
                  "must be >= 1 and >= update-norm-bound-factor", self.outlier_norm_factor)
         _require(self.outlier_min_sites == 0 or self.outlier_min_sites >= 4, "outlier_min_sites",

@@ -60,5 +60,6 @@ def test_model_config_follows_run_config():
 
 
 def test_the_update_norm_rule_can_be_turned_off():
-    config = RunConfig.from_mapping({"update-norm-bound-factor": 0, "outlier-min-sites": 0, "outlier-norm-factor": 1})
+    config = RunConfig.from_mapping(
+        {"update-norm-bound-factor": 0, "outlier-min-sites": 0, "outlier-norm-factor": 1})
     assert (config.update_norm_bound_factor, config.outlier_min_sites) == (0.0, 0)

@@ -153,7 +153,8 @@ def test_progress_line_names_the_bounded_sites(capsys):
     note = "update norm 0.86 is more than 10 x the round's median 0.075: scaled by 0.872 to 0.75"
     sites = {"hospital-01": {"train-status": "ok"},
              "hospital-02": {"train-status": "ok", "update-scale": 0.872, "train-note": note}}
-    printer.report(_global_row(1, **{"sites-train-ok": 2, "sites-train-failed": 0, "sites-train-bounded": 1}), sites)
+    counts = {"sites-train-ok": 2, "sites-train-failed": 0, "sites-train-bounded": 1}
+    printer.report(_global_row(1, **counts), sites)
     lines = capsys.readouterr().out.splitlines()
     assert "| trained 2/2 sites (1 bounded) |" in lines[0]
     assert lines[1:] == [f"[fedseg]   hospital-02 bounded train: {note}"]

@@ -1,4 +1,5 @@
-"""Broken updates are rejected, large honest ones bounded (never dropped), clear outliers rejected with enough sites."""
+"""Broken updates are rejected; large honest ones are bounded, never dropped; clear outliers are
+rejected when there are enough sites to tell."""
 
 from __future__ import annotations
 
@@ -152,7 +153,8 @@ def test_with_three_sites_the_same_poisoning_is_bounded_not_rejected(strategy, f
     arrays, _ = strategy.aggregate_train(1, replies)
 
     row = strategy.recorder.rounds[1]["mallory"]
-    assert row["train-status"] == "ok" and row["update-scale"] == pytest.approx(10 * 1.1 / 1000, rel=1e-5)  # median: site-1
+    assert row["train-status"] == "ok"
+    assert row["update-scale"] == pytest.approx(10 * 1.1 / 1000, rel=1e-5)  # the median is site-1's norm
     poisoned, weight = deltas["mallory"]
     bounded = {k: d * row["update-scale"] for k, d in poisoned.items()}
     expected = _expected_mean([deltas["site-0"], deltas["site-1"], (bounded, weight)])
@@ -162,7 +164,8 @@ def test_with_three_sites_the_same_poisoning_is_bounded_not_rejected(strategy, f
 def test_the_bound_can_be_turned_off(tmp_path, flower_identity):
     strategy = _strategy(tmp_path, norm_rule=NormRule(bound_factor=0, outlier_min_sites=0))
     small, large = _delta(1, 0.01), _delta(2, 1.0)
-    arrays, _ = strategy.aggregate_train(1, [_reply(1, "a", _update(small), 1), _reply(2, "b", _update(large), 1)])
+    replies = [_reply(1, "a", _update(small), 1), _reply(2, "b", _update(large), 1)]
+    arrays, _ = strategy.aggregate_train(1, replies)
     expected = _expected_mean([(small, 1), (large, 1)])
     _assert_close(arrays, expected)
     assert "update-scale" not in strategy.recorder.rounds[1]["b"]
@@ -173,7 +176,7 @@ def test_the_bound_can_be_turned_off(tmp_path, flower_identity):
     ({"a": 1.0, "b": 1.1, "c": 1000.0}, {"c"}, set()),  # three sites: never rejected on norm
     ({"a": 1.0, "b": 1.1, "c": 0.9, "d": 1.2, "e": 1000.0}, set(), {"e"}),  # five: a clear outlier
     ({"a": 1.0, "b": 1.01, "c": 1.02, "d": 1.03, "e": 20.0}, {"e"}, set()),  # within 100x: bounded only
-    ({"a": 0.01, "b": 0.05, "c": 0.1, "d": 0.5, "e": 0.9, "f": 12.0}, {"f"}, set()),  # 120x, but norms spread widely
+    ({"a": 0.01, "b": 0.05, "c": 0.1, "d": 0.5, "e": 0.9, "f": 12.0}, {"f"}, set()),  # 120x, but widely spread
     ({"a": 0.0, "b": 1.0}, set(), set()),  # an unchanged model is no yardstick
 ])
 def test_norm_rule(norms, bounded, rejected):

@@ -26,8 +26,8 @@ def build_strategy(config: RunConfig, recorder: RunRecorder) -> SiteTracking:
 
     common: dict[str, Any] = {
         "recorder": recorder, "seed": config.seed, "min_train_replies": config.min_train_replies,
-        "norm_rule": NormRule(bound_factor=config.update_norm_bound_factor,
-                              outlier_factor=config.outlier_norm_factor, outlier_min_sites=config.outlier_min_sites),
+        "norm_rule": NormRule(bound_factor=config.update_norm_bound_factor, outlier_factor=config.outlier_norm_factor,
+                              outlier_min_sites=config.outlier_min_sites),
         "fraction_train": config.fraction_train, "fraction_evaluate": config.fraction_evaluate,
         "min_train_nodes": config.min_train_nodes, "min_evaluate_nodes": config.min_train_nodes,
         "min_available_nodes": config.min_available_nodes,

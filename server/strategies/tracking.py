@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 
+from server.norm_bounds import NormRule
 from server.polling_grid import sampling_order
 from server.site_replies import sort_replies
-from server.norm_bounds import NormRule
 from server.train_collector import ClosedRound, TrainCollector
 from server.update_checks import reference_arrays
 

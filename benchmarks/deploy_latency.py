@@ -33,6 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from shared.plan import manual_plan
+
 # overlap-evaluation off on both sides: the simulation harness turns it on by default, a deployment does not
 BENCH_RUN_CONFIG = {"channels": "4,8", "strides": "2", "num-res-units": 0, "patch-size": 32,
                     "local-epochs": 1, "batch-size": 2, "dp": False, "overlap-evaluation": False}
@@ -61,7 +63,7 @@ def local_compute_s(datalists: list[Path], run_config: dict[str, Any], *, repeat
 
     torch.set_num_threads(1)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    arrays = model_to_arrays(build_model(RunConfig.from_mapping(run_config).model_config()))
+    arrays = model_to_arrays(build_model(manual_plan(RunConfig.from_mapping(run_config)).model_config()))
     per_site = []
     for datalist in datalists:
         context = Context(run_id=1, node_id=1, node_config={"site-id": datalist.parent.name, "require-dp": False,

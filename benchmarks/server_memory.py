@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
+
+from shared.plan import manual_plan
 
 MODELS = {  # name -> (run config overrides, K values)
     "harness 3D default (8,16,32)": ({"spatial-dims": 3, "channels": "8,16,32", "strides": "2,2",
@@ -65,7 +67,7 @@ def measure(overrides: dict, k: int, method: str) -> dict:
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     config = RunConfig.from_mapping(overrides)
-    global_arrays = model_to_arrays(build_model(config.model_config()))
+    global_arrays = model_to_arrays(build_model(manual_plan(config).model_config()))
     model_bytes = sum(a.numpy().nbytes for a in global_arrays.values())
     rng = np.random.default_rng(0)
 
@@ -81,7 +83,7 @@ def measure(overrides: dict, k: int, method: str) -> dict:
         return Message(content=content, dst_node_id=i + 1, message_type=MessageType.TRAIN)
 
     with tempfile.TemporaryDirectory(dir=".") as run_dir:
-        strategy = FedSegFedAvg(recorder=RunRecorder(Path(run_dir), config=config))
+        strategy = FedSegFedAvg(recorder=RunRecorder(Path(run_dir), config=config, plan=manual_plan(config)))
         strategy.expect_updates_of(global_arrays)
         warm_up = strategy.train_collector()  # one small round first: lazy imports are not the aggregation's memory
         for i in range(2):

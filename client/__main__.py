@@ -10,6 +10,7 @@ from shared.cli import quiet_optional_codec_notice, run_commands
 COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("client.audit", "summarise the egress audit log: what left this site, per run and round"),
     "check-data": ("client.check_data", "read every case of a datalist as training would and report problems"),
+    "fingerprint": ("client.fingerprint", "show the data fingerprint this site sends for the federated plan"),
     "predict": ("client.predict", "segment a NIfTI file or DICOM series with a federated model"),
     "keygen": ("client.keygen", "make this node's authentication key pair (the public key goes to the operator)"),
 }

@@ -22,7 +22,8 @@ from client.loading import preprocess_case
 from client.site_data import check_task, preprocess_settings
 from client.transforms import loading, resampling
 from shared.config import RunConfig
-from shared.errors import ConfigError, DataError
+from shared.errors import ConfigError, DataError, WeightsError
+from shared.plan import Plan, manual_plan
 
 
 @dataclass(frozen=True)
@@ -52,17 +53,17 @@ class CheckReport:
         return not self.problems
 
 
-def check_datalist(datalist: Path | str, *, config: RunConfig) -> CheckReport:
+def check_datalist(datalist: Path | str, *, plan: Plan) -> CheckReport:
     """Read every case of ``datalist`` through the training pipeline; collect every problem."""
     report = CheckReport(datalist=Path(datalist))
     try:
         site_data = load_datalist(datalist, check_files=False)
-        check_task(site_data, config)
+        check_task(site_data, plan)
     except DataError as exc:
         report.problems.append(str(exc))
         return report
     report.modalities = site_data.modalities
-    settings = preprocess_settings(config, site_data)
+    settings = preprocess_settings(plan, site_data)
     read, resample = _compose(loading(settings)), _compose(resampling(settings))
     sections = [("training", c) for c in site_data.training] + [("validation", c) for c in site_data.validation]
     for section, case in sections:
@@ -140,16 +141,20 @@ def print_report(report: CheckReport, *, out: TextIO | None = None) -> None:
           f"{len(report.problems)} problem(s), {len(report.warnings)} warning(s)", file=out)
 
 
-def config_for_check(*, model: Path | None, overrides: dict[str, Any]) -> RunConfig:
-    """The run config to check against: a model file's, else the defaults, plus ``overrides``."""
-    values: dict[str, Any] = {}
-    if model is not None:
-        from client.predict import run_config_of_model
-        from shared.model_file import read_model_file
+def plan_for_check(*, model: Path | None, overrides: dict[str, Any]) -> Plan:
+    """The plan to check against: a model file's, else the manual plan of the defaults plus ``overrides``."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if model is None:
+        return manual_plan(RunConfig.from_mapping({"plan": "manual", "dp": False, **given}))
+    from client.predict import plan_of_model
+    from shared.model_file import read_model_file
 
-        values.update(run_config_of_model(read_model_file(model).get("run_config") or {}).to_mapping())
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return RunConfig.from_mapping(values)
+    fixed = sorted(set(given) - {"num-classes", "in-channels"})
+    if fixed:
+        raise ConfigError(f"{', '.join(fixed)}: given with --model, whose plan fixes them")
+    plan = plan_of_model(read_model_file(model), model)
+    return dataclasses.replace(plan, num_classes=given.get("num-classes", plan.num_classes),
+                               in_channels=given.get("in-channels", plan.in_channels), normalization=())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -167,13 +172,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {args.datalist}: datalist file does not exist", file=sys.stderr)
         return 2
     try:
-        config = config_for_check(model=args.model, overrides={
+        plan = plan_for_check(model=args.model, overrides={
             "num-classes": args.num_classes, "in-channels": args.in_channels,
             "spatial-dims": args.spatial_dims, "target-spacing": args.target_spacing})
-    except ConfigError as exc:
+    except (ConfigError, WeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = check_datalist(args.datalist, config=config)
+    report = check_datalist(args.datalist, plan=plan)
     if args.json:
         print(json.dumps(report_as_dict(report), indent=2))
     else:

@@ -7,6 +7,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from shared.cli import quiet_optional_codec_notice
+from shared.fingerprint import FINGERPRINT_ACTION
 
 quiet_optional_codec_notice()  # else every case read logs a notice (in a simulation, relayed by Ray and Flower)
 app = ClientApp()
@@ -30,3 +31,13 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     with memory_released():
         return handle_evaluate(msg, context)
+
+
+@app.query(FINGERPRINT_ACTION)
+def fingerprint(msg: Message, context: Context) -> Message:
+    """Send this site's data fingerprint (aggregates only) for the federated plan."""
+    from client.handlers import handle_fingerprint
+    from client.memory import memory_released
+
+    with memory_released():
+        return handle_fingerprint(msg, context)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
     from shared.config import RunConfig
+    from shared.plan import Plan
 
 # Fastest correct Opacus per-sample gradient mode, in 2D and 3D alike, measured with
 # benchmarks/dp_step.py (BENCHMARKS.md): "hooks" with fedseg's convolution samplers
@@ -46,12 +47,14 @@ class DPPlan:
     grad_sample_mode: str
 
 
-def plan_round(*, config: RunConfig, num_cases: int, delta: float, max_epsilon: float | None = None,
+def plan_round(*, config: RunConfig, plan: Plan, num_cases: int, delta: float, max_epsilon: float | None = None,
                spent: Sequence[Mechanism] = (), server_round: int = 1) -> DPPlan:
     """Sampling rate, steps and noise of one round at a site with ``num_cases`` training cases.
 
-    Opacus' Poisson loader draws each case with probability ``1 / ceil(N / B)``
-    and takes ``ceil(N / B)`` steps per epoch. The noise multiplier is, in order:
+    A round is the plan's ``local_steps`` steps; Opacus' Poisson loader draws
+    each case with probability ``1 / ceil(N / B)`` (B: the plan's batch size, so
+    a site with fewer cases than B sees all of them, each with probability 1,
+    every step). The noise multiplier is, in order:
     with run config ``dp-noise-from-budget``, the one that spends what is left
     of the site's ``max_epsilon`` (at its ``delta``; ``spent`` is every round its
     privacy ledger already holds, from this run and earlier ones) evenly over
@@ -68,9 +71,8 @@ def plan_round(*, config: RunConfig, num_cases: int, delta: float, max_epsilon: 
     """
     if num_cases < 1:
         raise DataError("the site has no training cases")
-    batches_per_epoch = math.ceil(num_cases / config.batch_size)
-    sample_rate = 1.0 / batches_per_epoch
-    steps = batches_per_epoch * config.local_epochs
+    sample_rate = 1.0 / math.ceil(num_cases / plan.batch_size)
+    steps = plan.local_steps
     noise = config.dp_noise_multiplier
     if config.dp_noise_from_budget:
         if max_epsilon is None:
@@ -162,13 +164,13 @@ def private_generator() -> torch.Generator:
 
 def train_local_dp(model: torch.nn.Module, loader: Any, *, config: RunConfig, plan: DPPlan,
                    device: torch.device) -> tuple[float, int]:
-    """Train ``model`` in place with DP-SGD; return (mean train loss, optimizer steps).
+    """Train ``model`` in place with DP-SGD for ``plan.steps`` steps; return (mean train loss, steps).
 
-    ``loader`` is a plain loader over the cases (``batch_size`` = run config
-    ``batch-size``, one patch per case, its generator from :func:`private_generator`);
-    Opacus replaces its sampler by Poisson sampling at ``plan.sample_rate``.
+    ``loader`` is one shuffled pass over the cases (the plan's batch size, one
+    patch per case, its generator from :func:`private_generator`); Opacus
+    replaces its sampler by Poisson sampling at ``plan.sample_rate``.
     """
-    from client.training import make_optimizer, mean_loss, run_epochs
+    from client.training import make_optimizer, mean_loss, run_steps
 
     model.to(device).train()
     optimizer = make_optimizer(model, config=config)
@@ -177,16 +179,15 @@ def train_local_dp(model: torch.nn.Module, loader: Any, *, config: RunConfig, pl
     # MONAI's dict-of-tensors items; without the guess it yields [] and run_epochs treats
     # that as an empty batch (noise-only step). Later empty batches copy the first batch's dict.
     dp_loader.collate_fn.sample_empty_shapes = None
-    _check_mechanism(dp_loader, plan, epochs=config.local_epochs)
+    _check_mechanism(dp_loader, plan)
     try:
-        losses = run_epochs(model, dp_loader, dp_optimizer, epochs=config.local_epochs, device=device,
-                            per_sample_grads=True)
+        losses = run_steps(model, dp_loader, dp_optimizer, steps=plan.steps, device=device, per_sample_grads=True)
     finally:
         hooks.cleanup()
     if not losses:  # tiny sites: every Poisson batch of the round can come up empty
         LOG.warning("no case was drawn in any DP-SGD step of this round: the update is noise only "
                     "(as DP-SGD with Poisson sampling allows) and has no training loss")
-    return mean_loss(losses), len(dp_loader) * config.local_epochs
+    return mean_loss(losses), plan.steps
 
 
 def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Any, *,
@@ -207,8 +208,7 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
         loss_reduction="mean", wrap_model=False, noise_generator=private_generator())
 
 
-def _check_mechanism(dp_loader: Any, plan: DPPlan, *, epochs: int) -> None:
-    """The ledger was charged for ``plan``: refuse to run any other mechanism."""
-    if not math.isclose(dp_loader.sample_rate, plan.sample_rate) or len(dp_loader) * epochs != plan.steps:
-        raise RuntimeError(f"Opacus loader (sample rate {dp_loader.sample_rate}, {len(dp_loader)} steps/epoch) "
-                           f"differs from the charged plan {plan}")
+def _check_mechanism(dp_loader: Any, plan: DPPlan) -> None:
+    """The ledger was charged for ``plan``: refuse to run any other sampling rate."""
+    if not math.isclose(dp_loader.sample_rate, plan.sample_rate):
+        raise RuntimeError(f"Opacus loader (sample rate {dp_loader.sample_rate}) differs from the charged plan {plan}")

@@ -7,7 +7,9 @@ A reply may carry only
   payload with no extra bytes;
 - ``metrics``: a ``MetricRecord`` of scalar numbers under the keys of
   :data:`METRIC_KEYS` or :data:`METRIC_KEY_PATTERNS`;
-- ``site``: a ``ConfigRecord`` with the short strings ``site-id`` and ``reason``.
+- ``site``: a ``ConfigRecord`` with the short strings ``site-id`` and ``reason``;
+- ``fingerprint`` (fingerprint query replies only): a ``MetricRecord`` of scalar
+  aggregates under the keys of :data:`shared.fingerprint.FINGERPRINT_KEY_PATTERNS`.
 
 Anything else (an extra array such as an image batch, a list-valued metric, an
 unknown key, a long string, an extra record) raises :class:`EgressBlocked`.
@@ -19,12 +21,13 @@ from __future__ import annotations
 import functools
 import io
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from shared.errors import FedSegError
+from shared.fingerprint import FINGERPRINT, FINGERPRINT_MESSAGE_TYPE, fingerprint_key_allowed
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -102,6 +105,8 @@ def check_reply(content: RecordDict, *, message_type: str,
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
     allowed = {ARRAYS: ArrayRecord, METRICS: MetricRecord, SITE: ConfigRecord}
+    if message_type == FINGERPRINT_MESSAGE_TYPE:
+        allowed[FINGERPRINT] = MetricRecord
     for name, record in content.items():
         kind = allowed.get(name)
         if kind is None or not isinstance(record, kind):
@@ -112,6 +117,8 @@ def check_reply(content: RecordDict, *, message_type: str,
         check_metrics(content[METRICS])
     if SITE in content:
         check_site(content[SITE])
+    if FINGERPRINT in content:
+        check_fingerprint(content[FINGERPRINT])
 
 
 def check_arrays(arrays: ArrayRecord, *, message_type: str, expected: Mapping[str, ArraySpec] | None) -> None:
@@ -155,11 +162,20 @@ def _check_array(name: str, array: object, spec: ArraySpec) -> None:
 
 def check_metrics(metrics: MetricRecord) -> None:
     """Raise :class:`EgressBlocked` unless every metric is an allowed key with a scalar value."""
-    for key, value in metrics.items():
-        if not metric_key_allowed(key):
-            raise EgressBlocked(f"metric key {_show(key)} is not on the allow-list")
+    _check_scalars(metrics, allowed=metric_key_allowed, kind="metric")
+
+
+def check_fingerprint(record: MetricRecord) -> None:
+    """Raise :class:`EgressBlocked` unless every entry is an allowed fingerprint key with a scalar value."""
+    _check_scalars(record, allowed=fingerprint_key_allowed, kind="fingerprint")
+
+
+def _check_scalars(record: MetricRecord, *, allowed: Callable[[str], bool], kind: str) -> None:
+    for key, value in record.items():
+        if not allowed(key):
+            raise EgressBlocked(f"{kind} key {_show(key)} is not on the allow-list")
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise EgressBlocked(f"metric {_show(key)} is not a scalar number ({type(value).__name__})")
+            raise EgressBlocked(f"{kind} {_show(key)} is not a scalar number ({type(value).__name__})")
 
 
 def check_site(site: ConfigRecord) -> None:

@@ -29,6 +29,8 @@ from client.private_round import check_dp_policy, train_private
 from client.site import SiteConfig, resolve_site
 from shared.config import RunConfig
 from shared.errors import ConfigError, FedSegError
+from shared.fingerprint import FINGERPRINT
+from shared.plan import PLAN_KEY, Plan, resolve_plan_setting
 
 LOG = logging.getLogger("fedseg.client")
 MAX_REASON_CHARS = SITE_KEYS["reason"]
@@ -36,26 +38,44 @@ MAX_REASON_CHARS = SITE_KEYS["reason"]
 #: (Flower does not tell the ClientApp); it is written into every audit entry.
 SERVER_ADDRESS_KEY = "superlink"
 
-Work = Callable[[Message, Context, RunConfig, SiteConfig], RecordDict]
+Work = Callable[[Message, Context, RunConfig, SiteConfig, "Plan | None"], RecordDict]
 
 
 def handle_train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's data and reply with the update."""
-    return _handle(msg, context, _train)
+    return _handle(msg, context, _train, needs_plan=True)
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's validation cases."""
-    return _handle(msg, context, _evaluate)
+    return _handle(msg, context, _evaluate, needs_plan=True)
 
 
-def _handle(msg: Message, context: Context, work: Work) -> Message:
+def handle_fingerprint(msg: Message, context: Context) -> Message:
+    """Reply with this site's data fingerprint (aggregates only) for the federated plan."""
+    return _handle(msg, context, _fingerprint, needs_plan=False)
+
+
+def message_plan(msg: Message, config: RunConfig) -> Plan:
+    """The plan a train or evaluate message carries; else the one the run config fixes (manual or a file)."""
+    config_record = msg.content.config_records.get("config")
+    text = config_record.get(PLAN_KEY) if config_record is not None else None
+    if isinstance(text, str) and text:
+        return Plan.from_json(text, source="the plan the server sent")
+    fixed = resolve_plan_setting(config)
+    if fixed is None:
+        raise ConfigError("run config key 'plan' = 'auto', but the server's message carries no plan")
+    return fixed
+
+
+def _handle(msg: Message, context: Context, work: Work, *, needs_plan: bool) -> Message:
     site: SiteConfig | None = None
-    config: RunConfig | None = None
+    plan: Plan | None = None
     try:
         config = RunConfig.from_mapping(context.run_config)
         site = resolve_site(context.node_config, config.simulation_sites)
-        content = work(msg, context, config, site)
+        plan = message_plan(msg, config) if needs_plan else None
+        content = work(msg, context, config, site, plan)
     except FedSegError as exc:
         content = refusal_content(msg, site, f"{type(exc).__name__}: {exc}")
     except SimulatedCrash:
@@ -63,7 +83,7 @@ def _handle(msg: Message, context: Context, work: Work) -> Message:
     except Exception as exc:  # a bug must not leak its message to the server
         LOG.exception("site %s: %s failed unexpectedly", _site_id(site), msg.metadata.message_type)
         content = refusal_content(msg, site, f"internal error ({type(exc).__name__}); see the site's log")
-    return send_reply(msg, content=content, context=context, site=site, config=config)
+    return send_reply(msg, content=content, context=context, site=site, plan=plan)
 
 
 def refusal_content(msg: Message, site: SiteConfig | None, reason: str) -> RecordDict:
@@ -90,7 +110,7 @@ def strip_directories(text: str) -> str:
 
 
 def send_reply(msg: Message, *, content: RecordDict, context: Context, site: SiteConfig | None,
-               config: RunConfig | None) -> Message:
+               plan: Plan | None) -> Message:
     """The single exit point of the ClientApp: guard, audit, then build the reply.
 
     A reply the guard blocks is replaced by a refusal (the server sees it and
@@ -101,7 +121,7 @@ def send_reply(msg: Message, *, content: RecordDict, context: Context, site: Sit
     blocked: str | None = None
     withheld: RecordDict | None = None
     try:
-        expected = expected_parameter_specs(config.model_config()) if config and ARRAYS in content else None
+        expected = expected_parameter_specs(plan.model_config()) if plan and ARRAYS in content else None
         check_reply(content, message_type=message_type, expected=expected)
     except EgressBlocked as exc:
         blocked = str(exc)
@@ -141,7 +161,7 @@ def _site_id(site: SiteConfig | None) -> str:
     return site.site_id[:SITE_KEYS["site-id"]] if site else "unknown"
 
 
-def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig) -> RecordDict:
+def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig, plan: Plan | None) -> RecordDict:
     import torch
     from monai.utils import set_determinism
 
@@ -152,25 +172,23 @@ def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig) 
     from shared.model import build_model
     from shared.weights import load_arrays, model_to_arrays
 
+    assert plan is not None
     server_round = int(msg.content["config"]["server-round"])
     check_dp_policy(config, site)
     if site.fault is not None:
         site.fault.before_training()
     seed = _site_round_seed(config.seed, site.site_id, server_round)
     set_determinism(seed=seed)
-    cases, augment = load_training_cases(site.datalist, config, cache_dir=site.cache_dir)
-    model = build_model(config.model_config())
+    cases, augment = load_training_cases(site.datalist, plan, cache_dir=site.cache_dir)
+    model = build_model(plan.model_config())
     load_arrays(model, msg.content["arrays"])
     device = resolve_device(config.device)
     proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))
-    if config.dp and proximal_mu > 0:
-        raise ConfigError("run config 'strategy' = fedprox cannot be combined with 'dp' = true: Opacus clips "
-                          "and noises per-sample gradients only, so the proximal term would be dropped")
     if config.dp:
-        metrics = train_private(model, cases, augment, config=config, site=site, device=device,
+        metrics = train_private(model, cases, augment, config=config, plan=plan, site=site, device=device,
                                 run_id=int(context.run_id), server_round=server_round)
     else:
-        loader = training_loader(cases, augment, batch_size=config.batch_size,
+        loader = training_loader(cases, augment, batch_size=plan.batch_size, steps=plan.local_steps,
                                  generator=torch.Generator().manual_seed(seed))
         result = train_local(model, loader, config=config, device=device, num_examples=len(cases),
                              proximal_mu=proximal_mu)
@@ -184,21 +202,36 @@ def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig) 
                        "site": ConfigRecord({"site-id": site.site_id})})
 
 
-def _evaluate(msg: Message, context: Context, config: RunConfig, site: SiteConfig) -> RecordDict:
+def _evaluate(msg: Message, context: Context, config: RunConfig, site: SiteConfig, plan: Plan | None) -> RecordDict:
     from client.site_data import load_validation_cases
     from client.training import evaluate_local
     from shared.device import resolve_device
     from shared.model import build_model
     from shared.weights import load_arrays
 
-    cases = load_validation_cases(site.datalist, config, cache_dir=site.cache_dir)
-    model = build_model(config.model_config())
+    assert plan is not None
+    cases = load_validation_cases(site.datalist, plan, cache_dir=site.cache_dir)
+    model = build_model(plan.model_config())
     load_arrays(model, msg.content["arrays"])
-    result = evaluate_local(model, cases, config=config, device=resolve_device(config.device))
+    result = evaluate_local(model, cases, plan=plan, device=resolve_device(config.device))
     metrics = {"num-examples": result.num_examples, "dice": result.dice, "loss": result.loss, "hd95": result.hd95}
     metrics.update({f"dice-class-{i + 1}": v for i, v in enumerate(result.dice_per_class)})
     metrics.update({f"hd95-class-{i + 1}": v for i, v in enumerate(result.hd95_per_class)})
     return RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site.site_id})})
+
+
+def _fingerprint(msg: Message, context: Context, config: RunConfig, site: SiteConfig,
+                 plan: Plan | None) -> RecordDict:
+    from client.fingerprint import site_fingerprint
+    from client.privacy_ledger import PrivacyLedger
+
+    left = None
+    if config.dp:
+        left = max(0.0, site.max_epsilon - PrivacyLedger(site.state_dir, delta=site.dp_delta).epsilon())
+    fingerprint = site_fingerprint(site.datalist, num_classes=config.num_classes, seed=config.seed,
+                                   dp_epsilon_left=left, dp_delta=site.dp_delta, dp_required=site.require_dp)
+    return RecordDict({FINGERPRINT: MetricRecord(fingerprint.to_metrics()),
+                       "site": ConfigRecord({"site-id": site.site_id})})
 
 
 def _site_round_seed(seed: int, site_id: str, server_round: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -10,7 +11,7 @@ if TYPE_CHECKING:
 SLICES_PER_BATCH = 16
 
 
-def predict_volume(model: torch.nn.Module, volume: torch.Tensor, *, spatial_dims: int, patch_size: int,
+def predict_volume(model: torch.nn.Module, volume: torch.Tensor, *, spatial_dims: int, patch_size: Sequence[int],
                    sw_batch_size: int = 4) -> torch.Tensor:
     """Return logits ``[1, K, X, Y, Z]`` for a preprocessed volume ``[C, X, Y, Z]``.
 
@@ -24,9 +25,11 @@ def predict_volume(model: torch.nn.Module, volume: torch.Tensor, *, spatial_dims
         raise ValueError(f"volume must be [C, X, Y, Z], got shape {tuple(volume.shape)}")
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    if len(patch_size) != spatial_dims:
+        raise ValueError(f"patch_size needs {spatial_dims} entries, got {tuple(patch_size)}")
 
     def run(batch: torch.Tensor) -> torch.Tensor:
-        return sliding_window_inference(batch, roi_size=(patch_size,) * spatial_dims, sw_batch_size=sw_batch_size,
+        return sliding_window_inference(batch, roi_size=tuple(patch_size), sw_batch_size=sw_batch_size,
                                         predictor=model, overlap=0.25, mode="gaussian")
 
     if spatial_dims == 3:

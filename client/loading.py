@@ -42,12 +42,22 @@ def preprocess_case(case: dict[str, Any], transform: Callable) -> dict[str, Any]
 
 
 def training_loader(cases: list[dict[str, Any]], augment: Callable, *, batch_size: int,
-                    generator: torch.Generator) -> DataLoader:
-    """A shuffling loader over preprocessed cases, sampling augmented patches."""
-    from monai.data import DataLoader, Dataset
+                    generator: torch.Generator, steps: int | None = None) -> DataLoader:
+    """A loader of augmented patches (one per case drawn).
 
-    return DataLoader(Dataset(cases, transform=augment), batch_size=batch_size, shuffle=True,
-                      num_workers=0, generator=generator)
+    With ``steps``: exactly ``steps`` batches of ``batch_size`` cases drawn with
+    replacement, whatever the number of cases (a round is a number of steps,
+    as nnU-Net counts an epoch in iterations). Without: one shuffled pass over
+    the cases, which DP-SGD turns into Poisson sampling.
+    """
+    from monai.data import DataLoader, Dataset
+    from torch.utils.data import RandomSampler
+
+    dataset = Dataset(cases, transform=augment)
+    if steps is None:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0, generator=generator)
+    sampler = RandomSampler(dataset, replacement=True, num_samples=steps * batch_size, generator=generator)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0)
 
 
 def root_cause(exc: BaseException) -> BaseException:

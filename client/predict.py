@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from client.dicom import dicom_modality
-from client.transforms import PreprocessSettings, orienting, reading, resampling
+from client.transforms import PreprocessSettings, orienting, reading, resampling, settings_for
 from shared.atomic import atomic_write
 from shared.config import RunConfig, to_key
 from shared.errors import ConfigError, DataError, WeightsError
+from shared.plan import Plan, manual_plan
 
 if TYPE_CHECKING:
     import torch
@@ -56,14 +57,12 @@ def predict_scan(*, model_path: Path, input_path: Path | Sequence[Path], output_
         if not path.exists():
             raise DataError(f"{path}: input does not exist")
     model, payload = load_model(model_path)
-    config = _run_config(payload, model_path)
-    modalities = _modalities(modality, inputs[0], config.in_channels)
-    settings = PreprocessSettings(spatial_dims=config.spatial_dims, target_spacing=config.target_spacing,
-                                  patch_size=config.patch_size, num_classes=config.num_classes,
-                                  modalities=modalities, ct_window=config.ct_window_range())
+    plan = plan_of_model(payload, model_path)
+    modalities = _modalities(modality, inputs[0], plan.in_channels)
+    settings = settings_for(plan, modalities=modalities)
     raw, was_2d = _read(inputs)
-    if raw.shape[0] != config.in_channels:
-        raise DataError(f"{inputs[0]}: scan has {raw.shape[0]} channel(s), the model expects {config.in_channels}")
+    if raw.shape[0] != plan.in_channels:
+        raise DataError(f"{inputs[0]}: scan has {raw.shape[0]} channel(s), the model expects {plan.in_channels}")
     mask = segment(model, raw, settings=settings, device=device).numpy().astype(np.uint8)
     mask_array = mask[..., 0] if was_2d else mask
     _write_nifti(output_path, mask_array, np.asarray(raw.affine, dtype=float))
@@ -71,7 +70,7 @@ def predict_scan(*, model_path: Path, input_path: Path | Sequence[Path], output_
     if dicom_seg_path is not None:
         from client.dicom_seg import write_dicom_seg
 
-        seg_path = write_dicom_seg(inputs[0], mask, dicom_seg_path, num_classes=config.num_classes)
+        seg_path = write_dicom_seg(inputs[0], mask, dicom_seg_path, num_classes=plan.num_classes)
     values, counts = np.unique(mask_array, return_counts=True)
     return Prediction(output=output_path, shape=mask_array.shape, modality=",".join(modalities), dicom_seg=seg_path,
                       voxels_per_class={int(v): int(n) for v, n in zip(values, counts)})
@@ -101,20 +100,17 @@ def _modalities(modality: str | None, first_input: Path, channels: int) -> tuple
     return tuple(names)
 
 
-def _run_config(payload: dict[str, Any], model_path: Path) -> RunConfig:
+def plan_of_model(payload: dict[str, Any], model_path: Path) -> Plan:
+    """The plan a model file was trained with: its ``plan``, or for a file written before plans existed,
+    the manual plan of its run config (only the keys that shape preprocessing and the network matter)."""
+    if isinstance(payload.get("plan"), dict):
+        return Plan.from_dict(payload["plan"], source=str(model_path))
     if not isinstance(payload.get("run_config"), dict):
-        raise WeightsError(f"{model_path}: model file carries no run config (needed for spacing and patch size)")
-    return run_config_of_model(payload["run_config"])
-
-
-def run_config_of_model(saved: dict[str, Any]) -> RunConfig:
-    """The run config saved in a model file, ignoring keys this version does not know.
-
-    A model from a run of another fedseg version stays usable: only the keys
-    that shape preprocessing and the network matter here.
-    """
+        raise WeightsError(f"{model_path}: model file carries no plan (needed for spacing and patch size)")
     known = {to_key(f.name) for f in fields(RunConfig)}
-    return RunConfig.from_mapping({k: v for k, v in saved.items() if k in known})
+    saved = {k: v for k, v in payload["run_config"].items() if k in known and k not in ("model", "preset")}
+    name = payload.get("model_config", {}).get("name", "unet")
+    return manual_plan(RunConfig.from_mapping({**saved, "model": name, "plan": "manual", "dp": False}))
 
 
 def _read(inputs: list[Path]) -> tuple[Any, bool]:

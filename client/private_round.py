@@ -8,6 +8,7 @@ from typing import Any
 from client.site import SiteConfig
 from shared.config import RunConfig
 from shared.errors import DataError, FedSegError
+from shared.plan import Plan
 
 LOG = logging.getLogger("fedseg.client")
 
@@ -24,7 +25,7 @@ def check_dp_policy(config: RunConfig, site: SiteConfig) -> None:
             "configured without it (run config 'dp' = false); not training")
 
 
-def train_private(model: Any, cases: list, augment: Any, *, config: RunConfig, site: SiteConfig,
+def train_private(model: Any, cases: list, augment: Any, *, config: RunConfig, plan: Plan, site: SiteConfig,
                   device: Any, run_id: int, server_round: int) -> dict[str, float | int]:
     """Charge the round to the site's privacy ledger (refusing past the budget), then train with DP-SGD."""
     from client.dp_training import plan_round, private_generator, train_local_dp
@@ -34,16 +35,31 @@ def train_private(model: Any, cases: list, augment: Any, *, config: RunConfig, s
     if not cases:
         raise DataError("the site has no training cases")
     ledger = PrivacyLedger(site.state_dir, delta=site.dp_delta)
-    plan = plan_round(config=config, num_cases=len(cases), delta=site.dp_delta, max_epsilon=site.max_epsilon,
-                      spent=[entry.mechanism() for entry in ledger.entries()] if config.dp_noise_from_budget else (),
-                      server_round=server_round)
+    mechanism = plan_round(config=config, plan=plan, num_cases=len(cases), delta=site.dp_delta,
+                           max_epsilon=site.max_epsilon, server_round=server_round,
+                           spent=[entry.mechanism() for entry in ledger.entries()] if config.dp_noise_from_budget else ())
     charge = ledger.charge(
-        run_id=run_id, server_round=server_round, noise_multiplier=plan.noise_multiplier,
-        sample_rate=plan.sample_rate, steps=plan.steps, max_epsilon=site.max_epsilon)
-    loader = training_loader(cases, augment, batch_size=config.batch_size, generator=private_generator())
-    train_loss, steps = train_local_dp(model, loader, config=config, plan=plan, device=device)
+        run_id=run_id, server_round=server_round, noise_multiplier=mechanism.noise_multiplier,
+        sample_rate=mechanism.sample_rate, steps=mechanism.steps, max_epsilon=site.max_epsilon)
+    _warn_if_noise_dominates(model, mechanism, cases=len(cases), site=site.site_id)
+    loader = training_loader(cases, augment, batch_size=plan.batch_size, generator=private_generator())
+    train_loss, steps = train_local_dp(model, loader, config=config, plan=mechanism, device=device)
     LOG.info("site %s: DP round %d, epsilon +%.3f -> %.3f of %.3f", site.site_id, server_round,
              charge.epsilon_round, charge.epsilon, site.max_epsilon)
     return {"num-examples": len(cases), "train-loss": train_loss, "steps": steps, "dp": 1,
             "epsilon": charge.epsilon, "epsilon-round": charge.epsilon_round, "dp-delta": site.dp_delta,
-            "dp-noise-multiplier": plan.noise_multiplier, "dp-sample-rate": plan.sample_rate}
+            "dp-noise-multiplier": mechanism.noise_multiplier, "dp-sample-rate": mechanism.sample_rate}
+
+
+def _warn_if_noise_dominates(model: Any, mechanism: Any, *, cases: int, site: str) -> None:
+    """Log (at the site) when this round's update will be mostly DP noise (:mod:`shared.dp_advice`)."""
+    from shared.dp_advice import LEARNABLE_ROUND_NOISE_RATIO, round_noise_ratio
+
+    ratio = round_noise_ratio(noise_multiplier=mechanism.noise_multiplier,
+                              weights=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                              expected_batch=mechanism.sample_rate * cases, steps=mechanism.steps)
+    if ratio > LEARNABLE_ROUND_NOISE_RATIO:
+        LOG.warning("site %s: this round's DP-SGD update is mostly noise (noise/signal %.1f > %g: %d cases, "
+                    "noise multiplier %.2f); a larger budget (node config 'max-epsilon'), fewer rounds or "
+                    "steps, or joining without DP would let it learn", site, ratio, LEARNABLE_ROUND_NOISE_RATIO,
+                    cases, mechanism.noise_multiplier)

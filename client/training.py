@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     import torch
 
     from shared.config import RunConfig
+    from shared.plan import Plan
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,9 @@ def make_optimizer(model: torch.nn.Module, *, config: RunConfig) -> torch.optim.
     return torch.optim.Adam(model.parameters(), lr=config.learning_rate)
 
 
-def train_local(model: torch.nn.Module, loader: Any, *, config: RunConfig,
-                device: torch.device, num_examples: int, proximal_mu: float = 0.0) -> TrainResult:
-    """Train ``model`` in place for ``config.local_epochs`` epochs over ``loader`` (no DP).
+def train_local(model: torch.nn.Module, loader: Any, *, config: RunConfig, device: torch.device,
+                num_examples: int, proximal_mu: float = 0.0) -> TrainResult:
+    """Train ``model`` in place for one pass over ``loader`` (no DP): its batches are the round's steps.
 
     With ``proximal_mu`` > 0 (FedProx), the loss gains ``(mu / 2) * ||w - w_global||^2``,
     where ``w_global`` are the weights ``model`` holds when this is called.
@@ -85,9 +86,9 @@ def train_local(model: torch.nn.Module, loader: Any, *, config: RunConfig,
     model.to(device).train()
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     optimizer = make_optimizer(model, config=config)
-    losses = run_epochs(model, loader, optimizer, epochs=config.local_epochs, device=device,
-                        proximal=(global_params, proximal_mu))
-    return TrainResult(num_examples=num_examples, train_loss=mean_loss(losses), steps=len(losses))
+    losses = run_steps(model, loader, optimizer, steps=len(loader), device=device,
+                       proximal=(global_params, proximal_mu))
+    return TrainResult(num_examples=num_examples, train_loss=mean_loss(losses), steps=len(loader))
 
 
 def mean_loss(losses: list[float]) -> float:
@@ -95,10 +96,11 @@ def mean_loss(losses: list[float]) -> float:
     return sum(losses) / len(losses) if losses else math.nan
 
 
-def run_epochs(model: torch.nn.Module, loader: Any, optimizer: Any, *, epochs: int,
-               device: torch.device, proximal: tuple[list[torch.Tensor], float] = ([], 0.0),
-               per_sample_grads: bool = False) -> list[float]:
-    """The training loop both modes share; returns the (task) loss of every step that saw examples.
+def run_steps(model: torch.nn.Module, loader: Any, optimizer: Any, *, steps: int,
+              device: torch.device, proximal: tuple[list[torch.Tensor], float] = ([], 0.0),
+              per_sample_grads: bool = False) -> list[float]:
+    """The training loop both modes share: ``steps`` optimizer steps over ``loader`` (re-iterated as
+    needed); returns the (task) loss of every step that saw examples.
 
     An empty batch (possible under Poisson sampling) still takes its optimizer
     step, so a DP optimizer adds its noise as the accountant assumes; it has no
@@ -111,10 +113,11 @@ def run_epochs(model: torch.nn.Module, loader: Any, optimizer: Any, *, epochs: i
 
     loss_fn = make_loss()
     losses: list[float] = []
-    steps = 0
-    for _ in range(epochs):
+    taken = 0
+    while taken < steps:
+        before = taken
         for batch in loader:
-            steps += 1
+            taken += 1
             optimizer.zero_grad(set_to_none=True)
             if batch and len(batch["image"]) > 0:
                 losses.append(train_step(model, batch["image"].to(device), batch["label"].to(device), loss_fn,
@@ -123,8 +126,10 @@ def run_epochs(model: torch.nn.Module, loader: Any, optimizer: Any, *, epochs: i
                 for param in model.parameters():
                     param.grad_sample = torch.zeros(0, *param.shape, device=param.device)
             optimizer.step()
-    if not steps:
-        raise DataError("local training ran no step (no batches)")
+            if taken == steps:
+                break
+        if taken == before:
+            raise DataError("local training ran no step (no batches)")
     return losses
 
 
@@ -157,7 +162,7 @@ def proximal_term(model: torch.nn.Module, global_params: list[torch.Tensor], *, 
     return (mu / 2.0) * squared
 
 
-def evaluate_local(model: torch.nn.Module, cases: list[dict[str, Any]], *, config: RunConfig,
+def evaluate_local(model: torch.nn.Module, cases: list[dict[str, Any]], *, plan: Plan,
                    device: torch.device) -> EvalResult:
     """Evaluate ``model`` on whole preprocessed volumes ``cases`` (one at a time)."""
     import torch
@@ -172,16 +177,16 @@ def evaluate_local(model: torch.nn.Module, cases: list[dict[str, Any]], *, confi
     with torch.no_grad():
         for case in cases:
             label = case["label"].unsqueeze(0).to(device)
-            logits = predict_volume(model, case["image"].to(device), spatial_dims=config.spatial_dims,
-                                    patch_size=config.patch_size)
+            logits = predict_volume(model, case["image"].to(device), spatial_dims=plan.spatial_dims,
+                                    patch_size=plan.patch_size)
+            spacing = tuple(case["spacing"].tolist()) if "spacing" in case else 1.0
             per_case.append({
                 "loss": float(loss_fn(logits, label)),
-                "dice": dice_per_class(logits, label, num_classes=config.num_classes)[0].tolist(),
-                "hd95": hd95_per_class(logits, label, num_classes=config.num_classes,
-                                       spacing=config.target_spacing)[0].tolist(),
+                "dice": dice_per_class(logits, label, num_classes=plan.num_classes)[0].tolist(),
+                "hd95": hd95_per_class(logits, label, num_classes=plan.num_classes, spacing=spacing)[0].tolist(),
             })
-    dice_means = [nanmean([c["dice"][k] for c in per_case]) for k in range(config.num_classes - 1)]
-    hd95_means = [nanmean([c["hd95"][k] for c in per_case]) for k in range(config.num_classes - 1)]
+    dice_means = [nanmean([c["dice"][k] for c in per_case]) for k in range(plan.num_classes - 1)]
+    hd95_means = [nanmean([c["hd95"][k] for c in per_case]) for k in range(plan.num_classes - 1)]
     return EvalResult(num_examples=len(cases), dice=nanmean(dice_means), dice_per_class=dice_means,
                       loss=sum(c["loss"] for c in per_case) / len(per_case), hd95=nanmean(hd95_means),
                       hd95_per_class=hd95_means, per_case=per_case)

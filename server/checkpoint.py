@@ -51,6 +51,7 @@ class Checkpoint:
     strategy_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     metrics_rows: list[dict[str, Any]] = field(default_factory=list)
     known_sites: dict[int, str] = field(default_factory=dict)
+    plan: str = ""  # the run's plan as JSON (shared.plan.Plan); a resumed run trains the same one
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
@@ -61,7 +62,7 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
     torch.save({"round": checkpoint.round, "state_dict": checkpoint.state_dict,
                 "run_config": checkpoint.run_config, "strategy_state": checkpoint.strategy_state,
                 "metrics_rows": checkpoint.metrics_rows,
-                "known_sites": {str(k): v for k, v in checkpoint.known_sites.items()}}, buffer)
+                "known_sites": {str(k): v for k, v in checkpoint.known_sites.items()}, "plan": checkpoint.plan}, buffer)
     payload = buffer.getvalue()
     header = MAGIC + f"{hashlib.sha256(payload).hexdigest()} {len(payload)}\n".encode()
 
@@ -91,7 +92,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
         data = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
         return Checkpoint(round=int(data["round"]), state_dict=data["state_dict"], run_config=data["run_config"],
                           strategy_state=data["strategy_state"], metrics_rows=data["metrics_rows"],
-                          known_sites={int(k): v for k, v in data["known_sites"].items()})
+                          known_sites={int(k): v for k, v in data["known_sites"].items()},
+                          plan=str(data.get("plan", "")))
     except Exception as exc:  # a payload with a valid checksum but the wrong content
         raise CheckpointError(f"checkpoint {path}: unreadable content ({exc})") from None
 

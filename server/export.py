@@ -2,7 +2,7 @@
 
 After the last round ``global_model.pt`` is rewritten (atomically) with
 everything a hospital needs to use it and a reader needs to trust it: weights,
-model config, preprocessing settings, class names, the run config, every
+model config, the plan (preprocessing, patch size: what inference repeats), class names, the run config, every
 site's final metrics (Dice, HD95, epsilon) and a sha256 of the weights, which
 ``shared.model_file.load_model`` (used by ``client predict``) verifies.
 """
@@ -14,6 +14,7 @@ from typing import Any
 
 from shared.config import RunConfig
 from shared.model_file import read_model_file, save_model_file
+from shared.plan import Plan
 
 FINAL_SITE_KEYS = ("dice", "hd95", "loss", "epsilon")
 
@@ -30,12 +31,6 @@ def final_site_metrics(rounds: dict[int, dict[str, dict[str, Any]]]) -> dict[str
     return latest
 
 
-def preprocessing_settings(config: RunConfig) -> dict[str, Any]:
-    """The preprocessing the model was trained with (what inference must repeat)."""
-    keys = ("spatial_dims", "target_spacing", "patch_size", "in_channels", "num_classes", "ct_window")
-    return {key: getattr(config, key) for key in keys if hasattr(config, key)}
-
-
 def class_names(config: RunConfig) -> list[str]:
     """Class names from run config ``class-names`` if set, else generic ones."""
     declared = [n.strip() for n in str(getattr(config, "class_names", "")).split(",") if n.strip()]
@@ -44,14 +39,14 @@ def class_names(config: RunConfig) -> list[str]:
     return ["background"] + [f"class-{k}" for k in range(1, config.num_classes)]
 
 
-def export_final_model(model_path: Path, *, config: RunConfig, rounds: dict[int, dict[str, dict[str, Any]]]
-                       ) -> dict[str, Any]:
+def export_final_model(model_path: Path, *, config: RunConfig, plan: Plan,
+                       rounds: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any]:
     """Rewrite the final ``global_model.pt`` with its provenance; return the added fields."""
     payload = read_model_file(model_path)
     extra = {
         "round": payload.get("round"),
         "run_config": config.to_mapping(),
-        "preprocessing": preprocessing_settings(config),
+        "plan": plan.to_dict(),
         "class_names": class_names(config),
         "per_site": final_site_metrics(rounds),
         "final": True,

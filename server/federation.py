@@ -12,11 +12,13 @@ from flwr.app import ArrayRecord
 
 from server.checkpoint import Checkpoint, check_resumable, checkpoint_path, load_checkpoint, save_checkpoint
 from server.export import export_final_model
+from server.plan_phase import establish_plan, write_plan_file
 from server.polling_grid import PollingGrid, shorten_object_pull_retry
 from server.rounds import run_rounds
 from server.run_folder import RunRecorder
 from server.strategies import build_strategy
 from shared.config import RunConfig
+from shared.plan import PLAN_KEY, Plan
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -47,17 +49,26 @@ def update_latest_link(run_dir: Path) -> None:
 
 
 def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
-    """Train until round ``num-rounds`` (resuming from a checkpoint if asked); return the summary."""
+    """Plan (or resume), then train until round ``num-rounds``; return the summary."""
     config = RunConfig.from_mapping(context.run_config)
     run_dir = resolve_run_dir(config, context.run_id)
     recorder = RunRecorder(run_dir, config=config)
     remove_stale_spools(run_dir)
     update_latest_link(run_dir.resolve())
     strategy = build_strategy(config, recorder)
-    arrays, first_round = starting_point(config, strategy, recorder)
-    progress = ProgressPrinter(config.num_rounds, first_round=first_round)
     print(f"{PROGRESS_PREFIX} run folder: {run_dir.resolve()}", flush=True)
     shorten_object_pull_retry()
+    grid = PollingGrid(grid)
+    checkpoint = resume_checkpoint(config)
+    if checkpoint is not None and checkpoint.plan:
+        recorder.plan = Plan.from_json(checkpoint.plan, source=f"checkpoint of {config.resume_from}")
+        write_plan_file(run_dir, recorder.plan, sites={})
+    else:
+        recorder.plan = establish_plan(grid, config, run_dir=run_dir, known_sites=strategy.known_sites,
+                                       say=lambda line: print(line, flush=True))
+    strategy.message_config[PLAN_KEY] = recorder.plan.to_json()
+    arrays, first_round = starting_point(config, strategy, recorder, checkpoint)
+    progress = ProgressPrinter(config.num_rounds, first_round=first_round)
 
     def close_round(server_round: int, arrays: ArrayRecord) -> Callable[[], None]:
         strategy_state, known_sites = strategy.strategy_state(), dict(strategy.known_sites)  # as of now
@@ -70,11 +81,11 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
 
         return write_out
 
-    run_rounds(strategy, PollingGrid(grid), arrays=arrays, first_round=first_round, num_rounds=config.num_rounds,
+    run_rounds(strategy, grid, arrays=arrays, first_round=first_round, num_rounds=config.num_rounds,
                timeout=config.round_timeout, close_round=close_round, overlap_evaluation=config.overlap_evaluation)
     summary = recorder.finish()
     if recorder.model_path.exists():
-        export_final_model(recorder.model_path, config=config, rounds=recorder.rounds)
+        export_final_model(recorder.model_path, config=config, plan=recorder.plan, rounds=recorder.rounds)
     print(f"{PROGRESS_PREFIX} done: {summary['rounds']} rounds, final dice "
           f"{_fmt(summary['final_dice'])} (round 1: {_fmt(summary['first_round_dice'])})", flush=True)
     return summary
@@ -86,24 +97,32 @@ def remove_stale_spools(run_dir: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def starting_point(config: RunConfig, strategy: SiteTracking, recorder: RunRecorder) -> tuple[ArrayRecord, int]:
-    """(global arrays, first round): a fresh seeded model, or the state of run config ``resume-from``."""
+def resume_checkpoint(config: RunConfig) -> Checkpoint | None:
+    """The checkpoint run config ``resume-from`` names, checked against this run's config (None: a fresh run)."""
+    if not config.resume_from:
+        return None
+    path = checkpoint_path(config.resume_from)
+    checkpoint = load_checkpoint(path)
+    check_resumable(checkpoint, config, path=path)
+    return checkpoint
+
+
+def starting_point(config: RunConfig, strategy: SiteTracking, recorder: RunRecorder,
+                   checkpoint: Checkpoint | None) -> tuple[ArrayRecord, int]:
+    """(global arrays, first round): a fresh seeded model of the plan, or the state of ``checkpoint``."""
     from monai.utils import set_determinism
 
     from shared.model import build_model
     from shared.weights import model_to_arrays
 
-    if not config.resume_from:
+    if checkpoint is None:
         set_determinism(seed=config.seed)
-        return model_to_arrays(build_model(config.model_config())), 1
-    path = checkpoint_path(config.resume_from)
-    checkpoint = load_checkpoint(path)
-    check_resumable(checkpoint, config, path=path)
+        return model_to_arrays(build_model(recorder.plan.model_config())), 1
     strategy.load_strategy_state({name: {k: v.numpy() for k, v in moments.items()}
                                   for name, moments in checkpoint.strategy_state.items()})
     strategy.known_sites.update(checkpoint.known_sites)
     recorder.restore(checkpoint.metrics_rows)
-    print(f"{PROGRESS_PREFIX} resuming from {path} after round {checkpoint.round}", flush=True)
+    print(f"{PROGRESS_PREFIX} resuming from {config.resume_from} after round {checkpoint.round}", flush=True)
     return ArrayRecord(checkpoint.state_dict), checkpoint.round + 1
 
 
@@ -120,7 +139,8 @@ def write_round_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord
     state = {name: {k: torch.from_numpy(v) for k, v in moments.items()} for name, moments in strategy_state.items()}
     checkpoint = Checkpoint(round=server_round, state_dict=dict(arrays.to_torch_state_dict()),
                             run_config=config.to_mapping(), strategy_state=state,
-                            metrics_rows=recorder.written_rows, known_sites=dict(known_sites))
+                            metrics_rows=recorder.written_rows, known_sites=dict(known_sites),
+                            plan=recorder.plan.to_json())
     return save_checkpoint(run_dir, checkpoint)
 
 

@@ -43,6 +43,9 @@ def run_rounds(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, first
     work as without), and round r closes when both have answered: one wait for
     stragglers per round instead of two. Round r is then written out while the
     sites work on the next round's messages, not while they wait for them.
+
+    Every train and evaluate message carries the strategy's ``message_config``
+    (the run's plan) in its config record.
     """
     if first_round < 1:
         raise ValueError(f"first_round must be >= 1, got {first_round}")
@@ -102,12 +105,16 @@ def evaluate_round(strategy: SiteTracking, grid: Grid, *, server_round: int, arr
 
 
 def _configure_train(strategy: SiteTracking, grid: Grid, server_round: int, arrays: ArrayRecord) -> list[Message]:
-    return list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+    return list(strategy.configure_train(server_round, arrays, _message_config(strategy), grid))
 
 
 def _configure_evaluate(strategy: SiteTracking, grid: Grid, server_round: int,
                         arrays: ArrayRecord) -> list[Message]:
-    return list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+    return list(strategy.configure_evaluate(server_round, arrays, _message_config(strategy), grid))
+
+
+def _message_config(strategy: SiteTracking) -> ConfigRecord:
+    return ConfigRecord(dict(strategy.message_config))
 
 
 def _close_train(strategy: SiteTracking, server_round: int, collector: TrainCollector, unanswered: list[int], *,

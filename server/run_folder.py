@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from server.site_replies import SortedReplies
     from shared.config import RunConfig
+    from shared.plan import Plan
 
 PHASE_KEYS = {
     "train": {"train-loss": "train-loss", "num-examples": "num-train-examples"},
@@ -46,12 +47,17 @@ class RunRecorder:
         Folder to write into (created if missing).
     config : RunConfig
         The run's configuration, stored with the model and the summary.
+    plan : Plan, optional
+        The run's plan (the network and preprocessing stored with the model);
+        set it here or later, before the first round ends.
     """
 
-    def __init__(self, run_dir: Path, *, config: RunConfig) -> None:
+    def __init__(self, run_dir: Path, *, config: RunConfig, plan: Plan | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config = config
+        #: The run's plan, set once it is known (before round 1).
+        self.plan = plan
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.model_path = self.run_dir / "global_model.pt"
         self.rounds: dict[int, dict[str, dict[str, Any]]] = defaultdict(lambda: defaultdict(dict))
@@ -112,9 +118,11 @@ class RunRecorder:
         self.round_started = now
         self._append([{"round": server_round, "site": site, **sites[site]} for site in sorted(sites)] + [row])
         self.global_rows.append(row)
-        save_model_file(self.model_path, state_dict=state_dict,
-                        model_config=self.config.model_config(),
-                        extra={"round": server_round, "run_config": self.config.to_mapping()})
+        if self.plan is None:
+            raise RuntimeError("RunRecorder.plan must be set before a round ends")
+        save_model_file(self.model_path, state_dict=state_dict, model_config=self.plan.model_config(),
+                        extra={"round": server_round, "run_config": self.config.to_mapping(),
+                               "plan": self.plan.to_dict()})
         return row
 
     def finish(self) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 The defaults below are the single source of truth. ``pyproject.toml`` lists the
 same keys under ``[tool.flwr.app.config]`` (Flower only accepts overrides of
-keys it lists there); a test keeps the two in agreement.
+keys it lists there); a test keeps the two in agreement. The named recipes
+(:data:`PRESETS`) live here too, so every way of starting a run begins from
+the same one.
 
 Run-config keys are flat and kebab-case (``learning-rate``); the dataclass
 fields are the same names in snake_case (``learning_rate``).
@@ -15,8 +17,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from shared.config_values import (
+    AUTO,
+    parse_float_list,
+    parse_int_list,
+    per_axis,
+    require,
+    require_together,
+    to_key,
+)
 from shared.errors import ConfigError
-from shared.model import ModelConfig
+
+__all__ = ["AUTO", "PRESETS", "RunConfig", "parse_float_list", "parse_int_list", "to_key"]
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
 DEVICES = ("auto", "cpu", "cuda")
@@ -24,41 +36,56 @@ DEVICES = ("auto", "cpu", "cuda")
 # "ghost" is excluded on purpose: it needs a per-sample loss and clips wrongly with MONAI's DiceCELoss.
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch")
 OPTIMIZERS = ("adam", "sgd")
+SLICINGS = ("lowest-resolution", "axial")
+PLAN_MODES = ("auto", "manual")
 
-
-def to_key(field_name: str) -> str:
-    """Return the run-config key of a dataclass field (``a_b`` -> ``a-b``)."""
-    return field_name.replace("_", "-")
-
-
-def parse_int_list(value: str, *, key: str) -> tuple[int, ...]:
-    """Parse a comma-separated list of positive integers such as ``"16,32,64"``."""
-    try:
-        items = tuple(int(part) for part in str(value).split(",") if part.strip())
-    except ValueError:
-        raise ConfigError(
-            f"run config key '{key}': expected comma-separated integers, got {value!r}"
-        ) from None
-    if not items or any(item <= 0 for item in items):
-        raise ConfigError(
-            f"run config key '{key}': expected positive integers, got {value!r}"
-        )
-    return items
+#: Named recipes. A preset's value is taken for every key the run config leaves unset.
+#: "default" is what ``flwr run``, ``deploy.run_federation`` and the harness train unless told
+#: otherwise: nnU-Net's network and recipe (SGD, foreground oversampling, training budgeted in
+#: steps) sized for CPU (filters from 16, at most 256). "small-unet" is the recipe tuned on the
+#: synthetic federation (BENCHMARKS.md, issue 7): a 12k-weight U-Net, batches of 128, SGD at 0.2.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {"model": "dynunet", "optimizer": "sgd", "learning-rate": 0.01, "local-steps": 50,
+                "base-filters": 16, "max-filters": 256, "memory-budget-mb": 1024,
+                "slicing": "lowest-resolution", "foreground-fraction": 0.33},
+    "small-unet": {"model": "unet", "channels": "8,16,32", "strides": "2,2", "num-res-units": 1,
+                   "batch-size": 128, "optimizer": "sgd", "learning-rate": 0.2, "local-steps": 40,
+                   "base-filters": 8, "max-filters": 32, "memory-budget-mb": 1024,
+                   "slicing": "lowest-resolution", "foreground-fraction": 0.5},
+}
+#: Keys a preset may set: their dataclass default means "unset".
+PRESET_KEYS = ("model", "local_steps", "batch_size", "learning_rate", "optimizer", "channels", "strides",
+               "num_res_units", "base_filters", "max_filters", "patch_size", "target_spacing", "slicing",
+               "memory_budget_mb", "foreground_fraction")
+#: Keys the plan derives when neither the run config nor the preset sets them.
+PLANNED_KEYS = ("batch_size", "channels", "strides", "patch_size", "target_spacing")
+#: Text keys that also accept a number (``patch-size = 64``).
+NUMERIC_TEXT_KEYS = ("patch_size", "target_spacing")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Everything the operator (or a researcher) sets for one federated run.
 
-    The ``dp*`` keys choose the DP-SGD mechanism every site trains with: ``dp``
-    (on/off), ``dp-noise-multiplier``, ``dp-max-grad-norm`` (per-case clipping
-    norm), ``dp-target-epsilon`` (> 0: each site computes the noise that spends
-    this epsilon per round, at its own delta), ``dp-noise-from-budget`` (true:
-    each site computes the noise that spends what is left of its budget, node
-    config ``max-epsilon`` minus what its privacy ledger holds, over this round
-    and the run's remaining rounds) and ``dp-grad-sample-mode``. A site's
-    budget, delta and whether it requires DP are node config (``client.site``),
-    which no run config key can change.
+    **Recipe and plan.** ``preset`` names a recipe in :data:`PRESETS`; every
+    key the preset lists and the run config leaves at its "unset" value
+    (``"auto"`` for text keys, 0 for numbers; see :data:`UNSET`) takes the
+    preset's value, so ``flwr run``, ``deploy.run_federation`` and the
+    simulation harness all train the same recipe by default. ``plan`` =
+    ``"auto"`` derives what is still unset (target spacing, patch size, batch
+    size, network topology, normalisation, 2D slicing) from the sites' data
+    fingerprints before round 1, as nnU-Net plans (``server.planning``);
+    ``"manual"`` takes it from these keys alone; a path reuses a ``plan.json``.
+
+    **DP.** The ``dp*`` keys choose the DP-SGD mechanism every site trains
+    with: ``dp`` (on/off), ``dp-max-grad-norm`` (per-case clipping norm) and
+    the noise, from exactly one source: ``dp-noise-from-budget`` (true, the
+    default: each site computes the noise that spends what is left of its
+    budget, node config ``max-epsilon`` minus what its privacy ledger holds,
+    over this round and the run's remaining rounds), ``dp-target-epsilon``
+    (> 0: the noise that spends this epsilon per round) or
+    ``dp-noise-multiplier`` (> 0). A site's budget, delta and whether it
+    requires DP are node config (``client.site``), which no run config key can change.
 
     ``overlap-evaluation`` (true) sends round r's evaluation together with round
     r+1's training (:func:`server.rounds.run_rounds`): the same work and results,
@@ -67,18 +94,26 @@ class RunConfig:
     """
 
     num_rounds: int = 5
-    local_epochs: int = 5
-    batch_size: int = 4
-    learning_rate: float = 0.005
-    optimizer: str = "adam"
+    preset: str = "default"
+    plan: str = "auto"
+    model: str = AUTO
+    local_steps: int = 0
+    batch_size: int = 0
+    learning_rate: float = 0.0
+    optimizer: str = AUTO
     spatial_dims: int = 2
     in_channels: int = 1
     num_classes: int = 2
-    channels: str = "16,32,64,128"
-    strides: str = "2,2,2"
-    num_res_units: int = 1
-    patch_size: int = 64
-    target_spacing: float = 1.0
+    channels: str = AUTO
+    strides: str = AUTO
+    num_res_units: int = -1
+    base_filters: int = 0
+    max_filters: int = 0
+    patch_size: str = AUTO
+    target_spacing: str = AUTO
+    slicing: str = AUTO
+    memory_budget_mb: int = 0
+    foreground_fraction: float = -1.0
     ct_window: str = "-1000,1000"
     class_names: str = ""
     device: str = "auto"
@@ -102,22 +137,24 @@ class RunConfig:
     run_dir: str = ""
     simulation_sites: str = ""
     dp: bool = True
-    dp_noise_multiplier: float = 1.0
+    dp_noise_multiplier: float = 0.0
     dp_max_grad_norm: float = 1.0
     dp_target_epsilon: float = 0.0
-    dp_noise_from_budget: bool = False
+    dp_noise_from_budget: bool = True
     dp_grad_sample_mode: str = "auto"
 
     def __post_init__(self) -> None:
         self._check_types()
+        require(self.preset in PRESETS, "preset", f"must be one of {sorted(PRESETS)}", self.preset)
+        self._apply_preset()
         self._check_ranges()
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
         """Build a config from run-config ``values`` (kebab-case keys).
 
-        Missing keys take their defaults. An unknown key or a bad value raises
-        :class:`ConfigError` naming the key.
+        Missing keys take their defaults, then the preset's values. An unknown
+        key or a bad value raises :class:`ConfigError` naming the key.
         """
         known = {to_key(f.name): f.name for f in fields(cls)}
         unknown = sorted(set(values) - set(known))
@@ -128,20 +165,47 @@ class RunConfig:
             )
         return cls(**{known[key]: value for key, value in values.items()})
 
+    @classmethod
+    def declared_defaults(cls) -> dict[str, Any]:
+        """The dataclass defaults as run-config values, before any preset (what ``pyproject.toml`` lists)."""
+        return {to_key(f.name): f.default for f in fields(cls)}
+
     def to_mapping(self) -> dict[str, Any]:
-        """Return the config as run-config values (kebab-case keys)."""
+        """Return the config as run-config values (kebab-case keys), the preset applied."""
         return {to_key(k): v for k, v in dataclasses.asdict(self).items()}
 
-    def model_config(self) -> ModelConfig:
-        """Return the architecture this run trains."""
-        return ModelConfig(
-            spatial_dims=self.spatial_dims,
-            in_channels=self.in_channels,
-            num_classes=self.num_classes,
-            channels=parse_int_list(self.channels, key="channels"),
-            strides=parse_int_list(self.strides, key="strides"),
-            num_res_units=self.num_res_units,
-        )
+    def is_set(self, field_name: str) -> bool:
+        """True if ``field_name`` has a value (from the run config or the preset), not "unset"."""
+        return getattr(self, field_name) != _DEFAULTS[field_name]
+
+    def ct_window_range(self) -> tuple[float, float]:
+        """The CT intensity window (HU) as (low, high) that a manual plan clips CT channels to."""
+        try:
+            low, high = (float(part) for part in self.ct_window.split(","))
+        except ValueError:
+            raise ConfigError(f"run config key 'ct-window': expected 'LOW,HIGH' in HU, got {self.ct_window!r}") from None
+        require(low < high, "ct-window", "needs LOW < HIGH", self.ct_window)
+        return low, high
+
+    def patch_size_tuple(self) -> tuple[int, ...] | None:
+        """``patch-size`` per axis, or None when the plan derives it."""
+        if self.patch_size == AUTO:
+            return None
+        return per_axis(parse_int_list(self.patch_size, key="patch-size"), dims=self.spatial_dims, key="patch-size")
+
+    def target_spacing_tuple(self) -> tuple[float, ...] | None:
+        """``target-spacing`` in mm (one value, or one per axis: 2 in 2D, 3 in 3D), or None when planned."""
+        if self.target_spacing == AUTO:
+            return None
+        return per_axis(parse_float_list(self.target_spacing, key="target-spacing"), dims=self.spatial_dims,
+                        key="target-spacing")
+
+    def _apply_preset(self) -> None:
+        for key, value in PRESETS[self.preset].items():
+            name = key.replace("-", "_")
+            if not self.is_set(name):
+                object.__setattr__(self, name, value)
+        self._check_types()
 
     def _check_types(self) -> None:
         for f in fields(self):
@@ -155,6 +219,9 @@ class RunConfig:
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, f.name, float(value))
                 continue
+            if f.name in NUMERIC_TEXT_KEYS and isinstance(value, int | float) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, str(value))
+                continue
             if not isinstance(value, expected) or isinstance(value, bool):
                 raise ConfigError(
                     f"run config key '{to_key(f.name)}': expected {expected.__name__}, "
@@ -162,22 +229,25 @@ class RunConfig:
                 )
 
     def _check_ranges(self) -> None:
-        positive = (
-            "num_rounds", "local_epochs", "batch_size", "learning_rate",
-            "in_channels", "patch_size", "target_spacing", "round_timeout",
-        )
-        for name in positive:
+        for name in ("num_rounds", "in_channels", "round_timeout"):
             _require(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
+        for name in ("local_steps", "learning_rate", "base_filters", "max_filters", "memory_budget_mb"):
+            _require(getattr(self, name) > 0, name, f"must be > 0 (preset {self.preset!r} leaves it unset)",
+                     getattr(self, name))
+        _require(self.batch_size >= 0, "batch_size", "must be > 0 (or 0: from the plan)", self.batch_size)
         _require(self.spatial_dims in (2, 3), "spatial_dims", "must be 2 or 3", self.spatial_dims)
         _require(self.num_classes >= 2, "num_classes", "must be >= 2 (background + one class)", self.num_classes)
-        _require(self.num_res_units >= 0, "num_res_units", "must be >= 0", self.num_res_units)
+        _require(self.plan in PLAN_MODES or self.plan.endswith(".json"), "plan",
+                 f"must be one of {PLAN_MODES} or the path of a plan.json", self.plan)
+        _require(self.slicing in SLICINGS, "slicing", f"must be one of {SLICINGS}", self.slicing)
+        _require(0.0 <= self.foreground_fraction <= 1.0, "foreground_fraction", "must be in [0, 1]",
+                 self.foreground_fraction)
         _require(self.device in DEVICES or self.device.startswith("cuda:"), "device",
                  f"must be one of {DEVICES} or 'cuda:N'", self.device)
         _require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}", self.optimizer)
         _require(self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}", self.strategy)
         for name in ("fraction_train", "fraction_evaluate"):
-            value = getattr(self, name)
-            _require(0.0 <= value <= 1.0, name, "must be in [0, 1]", value)
+            _require(0.0 <= getattr(self, name) <= 1.0, name, "must be in [0, 1]", getattr(self, name))
         for name in ("update_norm_bound_factor", "proximal_mu"):
             _require(getattr(self, name) >= 0, name, "must be >= 0 (0 turns it off)", getattr(self, name))
         # update norm rule (server.norm_bounds): a bound below the median would scale the majority down,
@@ -194,46 +264,60 @@ class RunConfig:
         _require(0.0 <= self.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)", self.trim_fraction)
         for name in ("min_train_nodes", "min_available_nodes", "min_train_replies"):
             _require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
-        self._check_architecture()
         names = [n for n in self.class_names.split(",") if n.strip()]
         _require(not names or len(names) == self.num_classes, "class_names",
                  f"needs one name per class ({self.num_classes}, background first)", self.class_names)
         self.ct_window_range()
+        self._check_architecture()
         self._check_privacy()
 
-    def ct_window_range(self) -> tuple[float, float]:
-        """The CT intensity window (HU) as (low, high); CT channels are clipped to it and scaled to [0, 1]."""
-        try:
-            low, high = (float(part) for part in self.ct_window.split(","))
-        except ValueError:
-            raise ConfigError(f"run config key 'ct-window': expected 'LOW,HIGH' in HU, got {self.ct_window!r}") from None
-        _require(low < high, "ct_window", "needs LOW < HIGH", self.ct_window)
-        return low, high
-
-    def _check_privacy(self) -> None:
-        for name in ("dp_noise_multiplier", "dp_max_grad_norm"):
-            _require(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
-        _require(self.dp_target_epsilon >= 0, "dp_target_epsilon",
-                 "must be >= 0 (0 = use dp-noise-multiplier)", self.dp_target_epsilon)
-        _require(not (self.dp_noise_from_budget and self.dp_target_epsilon > 0), "dp_noise_from_budget",
-                 "cannot be combined with 'dp-target-epsilon' > 0 (each names the noise's source)",
-                 self.dp_noise_from_budget)
-        _require(self.dp_grad_sample_mode in GRAD_SAMPLE_MODES, "dp_grad_sample_mode",
-                 f"must be one of {GRAD_SAMPLE_MODES}", self.dp_grad_sample_mode)
-
     def _check_architecture(self) -> None:
-        channels = parse_int_list(self.channels, key="channels")
-        strides = parse_int_list(self.strides, key="strides")
+        from shared.model import MODELS
+
+        _require(self.model in MODELS, "model", f"must be one of {sorted(MODELS)}", self.model)
+        require_together(self.model == "unet" or self.num_res_units < 0, ("num-res-units", "model"),
+                         f"'num-res-units' shapes the 'unet' only, and model is {self.model!r} (preset "
+                         f"{self.preset!r} or an explicit value sets it)")
+        _require(self.max_filters >= self.base_filters, "max_filters", f"must be >= base-filters "
+                 f"({self.base_filters})", self.max_filters)
+        patch = self.patch_size_tuple()
+        self.target_spacing_tuple()
+        channels = None if self.channels == AUTO else parse_int_list(self.channels, key="channels")
+        strides = None if self.strides == AUTO else parse_int_list(self.strides, key="strides")
+        require_together((channels is None) == (strides is None), ("channels", "strides"),
+                         "set both (the network's levels and the downsampling between them) or neither")
+        if channels is None or strides is None:
+            return
         _require(len(channels) >= 2, "channels", "needs at least two levels", self.channels)
         _require(len(strides) == len(channels) - 1, "strides",
                  f"needs one entry fewer than channels ({len(channels) - 1})", self.strides)
         divisor = 1
         for stride in strides:
             divisor *= stride
-        _require(self.patch_size % divisor == 0, "patch_size",
-                 f"must be divisible by the product of strides ({divisor})", self.patch_size)
+        for size in patch or ():
+            _require(size % divisor == 0, "patch_size", f"must be divisible by the product of strides ({divisor})",
+                     self.patch_size)
+
+    def _check_privacy(self) -> None:
+        _require(self.dp_max_grad_norm > 0, "dp_max_grad_norm", "must be > 0", self.dp_max_grad_norm)
+        for name in ("dp_noise_multiplier", "dp_target_epsilon"):
+            _require(getattr(self, name) >= 0, name, "must be >= 0 (0: not the noise's source)", getattr(self, name))
+        sources = [key for key, on in (("dp-noise-from-budget", self.dp_noise_from_budget),
+                                       ("dp-target-epsilon", self.dp_target_epsilon > 0),
+                                       ("dp-noise-multiplier", self.dp_noise_multiplier > 0)) if on]
+        require_together(not self.dp or len(sources) == 1, ("dp-noise-from-budget", "dp-target-epsilon",
+                                                            "dp-noise-multiplier"),
+                         f"exactly one must name the DP noise's source, got {sources or 'none'} (set "
+                         f"dp-noise-from-budget = false to use another)")
+        require_together(not (self.dp and self.strategy == "fedprox"), ("dp", "strategy"),
+                         "FedProx cannot be combined with DP: Opacus clips and noises per-sample gradients only, "
+                         "so the proximal term would be dropped")
+        _require(self.dp_grad_sample_mode in GRAD_SAMPLE_MODES, "dp_grad_sample_mode",
+                 f"must be one of {GRAD_SAMPLE_MODES}", self.dp_grad_sample_mode)
+
+
+_DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
 
 
 def _require(ok: bool, field_name: str, rule: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"run config key '{to_key(field_name)}': {rule}, got {value!r}")
+    require(ok, to_key(field_name), rule, value)

@@ -64,10 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "over every node; by default each message is handed over when stored)")
     parser.add_argument("--baselines", default="", metavar="pooled,local",
                         help="also train a model on all sites' data pooled and/or one per site alone (same "
-                             "model, seed and total epochs) and compare them per site in the report")
+                             "plan, seed and total steps) and compare them per site in the report")
     parser.add_argument("--holdout-sites", type=int, default=SPEC.holdout_sites,
                         help="extra sites that never train; the final models are evaluated on them")
-    parser.add_argument("--local-epochs", type=int, help="local epochs per round (run config local-epochs)")
+    parser.add_argument("--local-steps", type=int, help="optimisation steps per round (run config local-steps)")
     parser.add_argument("--cpus-per-client", type=float, default=SPEC.cpus_per_client,
                         help="CPUs Ray reserves per virtual hospital (default: %(default)s)")
     parser.add_argument("--gpus-per-client", type=float, default=SPEC.gpus_per_client,
@@ -149,8 +149,8 @@ def privacy_overrides(args: argparse.Namespace) -> dict[str, object]:
 def spec_from_args(args: argparse.Namespace) -> SimulationSpec:
     """The :class:`SimulationSpec` that parsed command-line options ask for."""
     overrides = parse_run_config(args.run_config)
-    if args.local_epochs is not None:
-        overrides["local-epochs"] = args.local_epochs
+    if args.local_steps is not None:
+        overrides["local-steps"] = args.local_steps
     overrides.update(privacy_overrides(args))
     return SimulationSpec(sites=args.sites, rounds=args.rounds, spatial_dims=args.spatial_dims,
                           seed=args.seed, out=args.out, min_cases=args.min_cases, max_cases=args.max_cases,

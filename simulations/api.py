@@ -19,6 +19,7 @@ import tomli_w
 from server.federation import PROGRESS_PREFIX, update_latest_link
 from shared.config import RunConfig
 from shared.errors import ConfigError
+from simulations.baselines import run_baselines
 from simulations.faults import FaultPlan
 from simulations.flower_runtime import (
     Resources,
@@ -31,37 +32,21 @@ from simulations.flower_runtime import (
     run_app,
     simulation_superlink,
 )
-from simulations.baselines import run_baselines
 from simulations.layout import LayoutSpec, lay_out_sites
-from simulations.synthetic import LABELS
-from simulations.run_logs import write_example_overlays, write_tensorboard
 from simulations.report import final_site_table, read_rows, site_table_text, write_report
+from simulations.run_logs import write_example_overlays, write_tensorboard
+from simulations.synthetic import LABELS
 
 APP_DIR = Path(__file__).resolve().parent.parent
 # Synthetic cases per hospital (smallest clinic, largest centre; sizes spread geometrically between
 # them, simulations.synthetic.site_sizes) when the spec leaves them unset: 2D cases are cheap, so the
 # default 2D federation has quantity skew (3 sites: 600, 190 and 60 cases) on top of its feature skew.
 DEFAULT_CASES = {2: (60, 600), 3: (48, 80)}
-# Run config the harness sends per spatial dimension (over RunConfig's defaults). DP-SGD's noise
-# per step is ~ noise * clip * sqrt(#weights) / cases-per-step, so the 2D federation is built for
-# it, with and without DP alike: batches of 128 cases, a small U-Net (8-16-32, ~12k weights), plain
-# SGD with momentum at lr 0.2 (Adam amplifies noise-only coordinates), 8 local epochs, and each
-# site's noise derived from its own budget (--max-epsilon) over the run's rounds
-# (dp-noise-from-budget): a large centre (sample rate 1/4) needs less noise than a small clinic
-# whose every step sees all its cases (sample rate 1). 8 local epochs rather than 4 (issue 7): each
-# site restarts its optimizer (momentum) every round and the model predicts "no lesion" until it has
-# taken enough consecutive steps, so longer rounds leave that plateau in round 1 and FedAvg's Dice
-# reaches 0.977x/0.982x the pooled model's on seeds 0/1 (0.962x/0.950x at 4 epochs, 0.970x/0.973x
-# at 6). BENCHMARKS.md has the measurements. A simulation overlaps each round's evaluation with the
-# next round's training (overlap-evaluation): same work and results, one phase end per round instead
-# of two, which on a few cores is where the clients idle (BENCHMARKS.md, scale section).
-HARNESS_DEFAULTS: dict[int, dict[str, Any]] = {
-    2: {"channels": "8,16,32", "strides": "2,2", "batch-size": 128, "local-epochs": 8,
-        "optimizer": "sgd", "learning-rate": 0.2, "dp-noise-from-budget": True, "overlap-evaluation": True},
-    3: {"patch-size": 32, "channels": "8,16,32", "strides": "2,2", "batch-size": 2,
-        "local-epochs": 3, "optimizer": "adam", "learning-rate": 0.005, "dp-noise-multiplier": 1.7,
-        "overlap-evaluation": True},
-}
+# What the harness adds to the run config: only how the simulation runs, never what it trains (that is
+# the run config's preset, the same in `flwr run` and a deployment). A simulation overlaps each round's
+# evaluation with the next round's training (overlap-evaluation): same work and results, one phase end
+# per round instead of two, which on a few cores is where the clients idle (BENCHMARKS.md, scale section).
+HARNESS_RUN_CONFIG: dict[str, Any] = {"overlap-evaluation": True}
 
 
 @dataclass(frozen=True)
@@ -186,7 +171,7 @@ def build_run_config(spec: SimulationSpec, run_dir: Path, sites_manifest: Path, 
         fraction = spec.sites_per_round / num_sites
         values.update({"fraction-train": fraction, "fraction-evaluate": fraction,
                        "min-train-nodes": spec.sites_per_round})
-    values.update(HARNESS_DEFAULTS[spec.spatial_dims])
+    values.update(HARNESS_RUN_CONFIG)
     values.update(task_from_datalists(spec.datalists))
     values.update(spec.run_config)
     num_classes = values.get("num-classes", RunConfig().num_classes)

@@ -1,7 +1,8 @@
 """Baselines beside the federation: one model on all data pooled, one per site alone.
 
-Same architecture, same seed, same total epochs as each site trains in the
-federation (``local-epochs x num-rounds``), same preprocessing, and all
+Same plan (network, preprocessing, patch and batch size) and seed as the
+federation, as many optimisation steps as each site takes in it
+(``local-steps x num-rounds``), and all
 models (the federated one included) are evaluated by the same function on
 the same validation cases of every site, so the comparison is like for like.
 Baselines train without differential privacy: they are the reference a
@@ -10,15 +11,17 @@ federation is judged against.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from shared.atomic import atomic_write_json
 from shared.errors import ConfigError
+
+if TYPE_CHECKING:
+    from shared.plan import Plan
 
 BASELINES = ("pooled", "local")
 
@@ -56,8 +59,8 @@ def summarise(per_case: list[dict[str, Any]], *, seed: int) -> dict[str, Any]:
             "hd95": _nanmean(hd95), "hd95-ci": bootstrap_interval(hd95, seed=seed)}
 
 
-def train_model(datalists: list[Path], config: Any, *, epochs: int, seed: int, device: Any) -> Any:
-    """Train a fresh U-Net on the training cases of ``datalists`` together."""
+def train_model(datalists: list[Path], plan: Plan, config: Any, *, steps: int, seed: int, device: Any) -> Any:
+    """Train a fresh network of ``plan`` for ``steps`` steps on the training cases of ``datalists`` together."""
     import torch
     from monai.utils import set_determinism
 
@@ -70,24 +73,25 @@ def train_model(datalists: list[Path], config: Any, *, epochs: int, seed: int, d
     cases: list[dict[str, Any]] = []
     augment = None
     for datalist in datalists:
-        site_cases, augment = load_training_cases(datalist, config)
+        site_cases, augment = load_training_cases(datalist, plan)
         cases += site_cases
-    model = build_model(config.model_config())
-    loader = training_loader(cases, augment, batch_size=config.batch_size, generator=torch.Generator().manual_seed(seed))
-    train_local(model, loader, config=dataclasses.replace(config, local_epochs=epochs), device=device,
-                num_examples=len(cases))
+    model = build_model(plan.model_config())
+    loader = training_loader(cases, augment, batch_size=plan.batch_size, steps=steps,
+                             generator=torch.Generator().manual_seed(seed))
+    train_local(model, loader, config=config, device=device, num_examples=len(cases))
     return model
 
 
-def evaluate_on_sites(model: Any, sites: list[tuple[str, Path]], config: Any, *, device: Any) -> dict[str, Any]:
+def evaluate_on_sites(model: Any, sites: list[tuple[str, Path]], plan: Plan, *, seed: int,
+                      device: Any) -> dict[str, Any]:
     """Per-case results of ``model`` on every site's validation cases."""
     from client.site_data import load_validation_cases
     from client.training import evaluate_local
 
     results = {}
     for site_id, datalist in sites:
-        result = evaluate_local(model, load_validation_cases(datalist, config), config=config, device=device)
-        results[site_id] = summarise(result.per_case, seed=config.seed)
+        result = evaluate_local(model, load_validation_cases(datalist, plan), plan=plan, device=device)
+        results[site_id] = summarise(result.per_case, seed=seed)
     return results
 
 
@@ -97,23 +101,26 @@ def run_baselines(run_dir: Path, sites: list[tuple[str, Path]], *, kinds: tuple[
     from shared.config import RunConfig
     from shared.device import resolve_device
     from shared.model_file import load_model
+    from shared.plan import read_plan_file
 
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
     config = RunConfig.from_mapping(summary["run_config"])
+    plan = read_plan_file(Path(run_dir) / "plan.json")
     device = resolve_device(config.device)
     everyone = list(sites) + list(holdout)
     federated, _ = load_model(Path(run_dir) / "global_model.pt")
-    results: dict[str, Any] = {"federated": evaluate_on_sites(federated, everyone, config, device=device),
-                               "holdout": [s for s, _ in holdout], "epochs": config.local_epochs * config.num_rounds}
-    epochs = results["epochs"]
+    steps = plan.local_steps * config.num_rounds
+    results: dict[str, Any] = {"federated": evaluate_on_sites(federated, everyone, plan, seed=config.seed,
+                                                              device=device),
+                               "holdout": [s for s, _ in holdout], "steps": steps}
     if "pooled" in kinds:
-        pooled = train_model([d for _, d in sites], config, epochs=epochs, seed=config.seed, device=device)
-        results["pooled"] = evaluate_on_sites(pooled, everyone, config, device=device)
+        pooled = train_model([d for _, d in sites], plan, config, steps=steps, seed=config.seed, device=device)
+        results["pooled"] = evaluate_on_sites(pooled, everyone, plan, seed=config.seed, device=device)
     if "local" in kinds:
         results["local"] = {}
         for site_id, datalist in sites:
-            model = train_model([datalist], config, epochs=epochs, seed=config.seed, device=device)
-            results["local"][site_id] = evaluate_on_sites(model, everyone, config, device=device)
+            model = train_model([datalist], plan, config, steps=steps, seed=config.seed, device=device)
+            results["local"][site_id] = evaluate_on_sites(model, everyone, plan, seed=config.seed, device=device)
     atomic_write_json(Path(run_dir) / "baselines.json", _json_safe(results))
     return results
 

@@ -140,7 +140,7 @@ def comparison_text(run_dir: Path) -> str:
     kinds = [k for k in ("federated", "pooled", "local") if any(k in r for r in rows)]
     head = "| site | " + " | ".join(f"{k} Dice [95% CI] | {k} HD95 mm" for k in kinds) + " |"
     lines = [f"Each model evaluated on the same validation cases of every site; baselines trained "
-             f"{results.get('epochs')} epochs (= local epochs x rounds), without DP. Intervals: bootstrap over cases.",
+             f"{results.get('steps')} steps (= local steps x rounds), without DP. Intervals: bootstrap over cases.",
              "", head, "|---" * (1 + 2 * len(kinds)) + "|"]
     for row in rows:
         cells = []

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -40,21 +39,21 @@ def write_example_overlays(run_dir: Path, sites: list[tuple[str, Path]]) -> Path
 
     from client.inference import predict_volume
     from client.site_data import load_validation_cases
-    from shared.config import RunConfig
     from shared.model_file import load_model
+    from shared.plan import read_plan_file
 
     run_dir = Path(run_dir)
-    config = RunConfig.from_mapping(json.loads((run_dir / "summary.json").read_text())["run_config"])
+    plan = read_plan_file(run_dir / "plan.json")
     model, _ = load_model(run_dir / "global_model.pt")
     shown = [(site, cases[0]) for site, datalist in sites[:EXAMPLE_SITES]
-             if (cases := load_validation_cases(datalist, config))]
+             if (cases := load_validation_cases(datalist, plan))]
     if not shown:
         return None
     figure, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4), dpi=100, squeeze=False)
     with torch.no_grad():
         for ax, (site, case) in zip(axes[0], shown):
-            logits = predict_volume(model, case["image"], spatial_dims=config.spatial_dims,
-                                    patch_size=config.patch_size)
+            logits = predict_volume(model, case["image"], spatial_dims=plan.spatial_dims,
+                                    patch_size=plan.patch_size)
             prediction = logits.argmax(dim=1)[0]
             z = int(case["label"][0].flatten(0, 1).sum(0).argmax()) if case["label"].sum() else case["label"].shape[-1] // 2
             ax.imshow(case["image"][0, :, :, z].T.cpu(), cmap="gray", origin="lower")

@@ -19,10 +19,29 @@ from shared.config import RunConfig  # noqa: E402
 from simulations.synthetic import make_site_profiles, write_hospitals  # noqa: E402
 
 TINY_RUN_CONFIG = {
-    "channels": "4,8", "strides": "2", "num-res-units": 0, "patch-size": 32,
-    "local-epochs": 1, "batch-size": 2, "num-rounds": 1,
+    "model": "unet", "channels": "4,8", "strides": "2", "num-res-units": 0, "patch-size": 32,
+    "local-steps": 2, "batch-size": 2, "num-rounds": 1, "plan": "manual",
     "dp": False,  # tests about DP switch it on explicitly
 }
+
+
+def tiny_config_with(overrides: dict | None = None) -> RunConfig:
+    """:data:`TINY_RUN_CONFIG` with ``overrides`` (run-config keys)."""
+    return RunConfig.from_mapping({**TINY_RUN_CONFIG, **(overrides or {})})
+
+
+def tiny_plan(overrides: dict | None = None):  # noqa: ANN201 - shared.plan.Plan (imported lazily)
+    """The manual plan of :data:`TINY_RUN_CONFIG` with ``overrides`` (run-config keys)."""
+    from shared.plan import manual_plan
+
+    return manual_plan(tiny_config_with(overrides))
+
+
+def tiny_recorder(run_dir: Path):  # noqa: ANN201 - server.run_folder.RunRecorder (imported lazily)
+    """A run recorder for :data:`TINY_RUN_CONFIG` and its manual plan, writing to ``run_dir``."""
+    from server.run_folder import RunRecorder
+
+    return RunRecorder(run_dir, config=tiny_config_with(), plan=tiny_plan())
 
 
 def live_processes_mentioning(fragment: str) -> list[int]:

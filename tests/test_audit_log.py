@@ -17,6 +17,7 @@ from client.audit_log import append_entry, make_entry, read_entries
 from client.handlers import handle_train
 from shared.config import RunConfig
 from shared.model import build_model
+from shared.plan import manual_plan
 from shared.weights import model_to_arrays
 from tests.conftest import TINY_RUN_CONFIG
 
@@ -24,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_a_real_training_reply_is_recorded_with_its_bytes_and_hashes(two_sites, tmp_path, flower_identity):
-    model = build_model(RunConfig.from_mapping(TINY_RUN_CONFIG).model_config())
+    model = build_model(manual_plan(RunConfig.from_mapping(TINY_RUN_CONFIG)).model_config())
     content = RecordDict({"arrays": model_to_arrays(model), "config": ConfigRecord({"server-round": 2})})
     msg = Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
     node_config = {"site-id": "site-a", "datalist": str(two_sites[0]), "state-dir": str(tmp_path / "state"),
@@ -138,7 +139,7 @@ def test_a_reply_that_cannot_be_audited_is_withheld(tmp_path, flower_identity):
     from client.site import SiteConfig
 
     config = RunConfig.from_mapping(TINY_RUN_CONFIG)
-    update = RecordDict({"arrays": model_to_arrays(build_model(config.model_config())),
+    update = RecordDict({"arrays": model_to_arrays(build_model(manual_plan(config).model_config())),
                          "metrics": MetricRecord({"num-examples": 3, "train-loss": 0.4, "steps": 2})})
     not_a_directory = tmp_path / "state"
     not_a_directory.write_text("a file where the state directory should be")
@@ -146,7 +147,7 @@ def test_a_reply_that_cannot_be_audited_is_withheld(tmp_path, flower_identity):
     msg = Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=7,
                   message_type=MessageType.TRAIN)
     context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
-    reply = send_reply(msg, content=update, context=context, site=site, config=config)
+    reply = send_reply(msg, content=update, context=context, site=site, plan=manual_plan(config))
     assert "arrays" not in reply.content.array_records
     assert reply.content["metrics"]["refused"] == 1
     assert reply.content["site"]["reason"].startswith("AuditLogError")

@@ -11,6 +11,7 @@ from shared.config import RunConfig
 from shared.errors import ConfigError
 from shared.model import build_model
 from shared.model_file import save_model_file
+from shared.plan import manual_plan
 from simulations.baselines import bootstrap_interval, comparison_rows, parse_baselines, run_baselines
 from tests.conftest import TINY_RUN_CONFIG
 
@@ -33,12 +34,13 @@ def test_unknown_baseline_is_named():
 
 def test_baselines_train_and_evaluate_on_the_same_cases(tmp_path, two_sites):
     config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, **{"num-rounds": 2}))
-    save_model_file(tmp_path / "global_model.pt", state_dict=build_model(config.model_config()).state_dict(),
-                    model_config=config.model_config())
+    save_model_file(tmp_path / "global_model.pt", state_dict=build_model(manual_plan(config).model_config()).state_dict(),
+                    model_config=manual_plan(config).model_config())
     (tmp_path / "summary.json").write_text(json.dumps({"run_config": config.to_mapping()}))
+    (tmp_path / "plan.json").write_text(json.dumps({"plan": manual_plan(config).to_dict()}))
     sites = [("a", two_sites[0])]
     results = run_baselines(tmp_path, sites, kinds=("pooled", "local"), holdout=[("h", two_sites[1])])
-    assert results["epochs"] == 2
+    assert results["steps"] == 2 * config.local_steps
     for kind in ("federated", "pooled"):
         assert set(results[kind]) == {"a", "h"}
         assert results[kind]["a"]["cases"] == len(json.loads(two_sites[0].read_text())["validation"])

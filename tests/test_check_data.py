@@ -14,10 +14,11 @@ from pydicom.data import get_testdata_file
 from client.__main__ import main
 from client.check_data import check_datalist
 from shared.config import RunConfig
+from shared.plan import manual_plan
 from tests.data_cases import AFFINE, ct_volume, write_datalist, write_dicom_case, write_nifti_case
 from tests.dicom_writer import write_series
 
-CONFIG = RunConfig.from_mapping({"spatial-dims": 3, "patch-size": 16, "channels": "4,8", "strides": "2"})
+CONFIG = RunConfig.from_mapping({"spatial-dims": 3, "patch-size": 16, "model": "unet", "channels": "4,8", "strides": "2"})
 
 
 @pytest.fixture
@@ -153,7 +154,7 @@ def test_empty_datalist_is_a_problem(tmp_path, capsys):
 
 
 def test_datalist_disagreeing_with_the_model_is_a_problem(site):
-    report = check_datalist(site / "datalist.json", config=RunConfig.from_mapping({"num-classes": 3}))
+    report = check_datalist(site / "datalist.json", plan=manual_plan(RunConfig.from_mapping({"num-classes": 3})))
     assert not report.ok and "num-classes = 3" in report.problems[0]
 
 
@@ -168,9 +169,9 @@ def test_settings_can_come_from_a_runs_model_file(site, tmp_path, capsys):
     from shared.model import build_model
     from shared.model_file import save_model_file
 
-    config = RunConfig.from_mapping({"num-classes": 3, "channels": "4,8", "strides": "2"})
-    model = save_model_file(tmp_path / "global_model.pt", state_dict=build_model(config.model_config()).state_dict(),
-                            model_config=config.model_config(), extra={"run_config": config.to_mapping()})
+    config = RunConfig.from_mapping({"num-classes": 3, "model": "unet", "channels": "4,8", "strides": "2"})
+    model = save_model_file(tmp_path / "global_model.pt", state_dict=build_model(manual_plan(config).model_config()).state_dict(),
+                            model_config=manual_plan(config).model_config(), extra={"run_config": config.to_mapping()})
     code = main(["check-data", str(site / "datalist.json"), "--model", str(model)])
     assert code == 1 and "num-classes = 3" in capsys.readouterr().out
     assert main(["check-data", str(site / "datalist.json"), "--model", str(model), "--num-classes", "2"]) == 0

@@ -8,11 +8,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from server.checkpoint import Checkpoint, CheckpointError, check_resumable, load_checkpoint, save_checkpoint
-from server.federation import starting_point, write_round_checkpoint
+from server.federation import resume_checkpoint, starting_point, write_round_checkpoint
 from server.run_folder import RunRecorder
 from server.strategies import build_strategy
 from shared.config import RunConfig
 from shared.model_file import weights_digest
+from shared.plan import manual_plan
 from tests.conftest import TINY_RUN_CONFIG
 
 
@@ -95,22 +96,22 @@ def _rounds(strategy, arrays, rounds):
 def test_resumed_server_optimiser_continues_bitwise(tmp_path, flower_identity, name):
     config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, strategy=name, **{"num-rounds": 3}))
     initial = ArrayRecord({"w": Array(np.zeros((3, 4), dtype=np.float32)), "b": Array(np.ones(4, dtype=np.float32))})
-    _, uninterrupted = _rounds(build_strategy(config, RunRecorder(tmp_path / "a", config=config)), initial, [1, 2, 3])
+    _, uninterrupted = _rounds(build_strategy(config, RunRecorder(tmp_path / "a", config=config, plan=manual_plan(config))), initial, [1, 2, 3])
 
-    first = build_strategy(config, recorder := RunRecorder(tmp_path / "b", config=config))
+    first = build_strategy(config, recorder := RunRecorder(tmp_path / "b", config=config, plan=manual_plan(config)))
     arrays, _ = _rounds(first, initial, [1])
     recorder.end_round(1, arrays)
     write_round_checkpoint(tmp_path / "b", 1, arrays, config=config, strategy_state=first.strategy_state(),
                            known_sites=first.known_sites, recorder=recorder)
 
     resumed_config = RunConfig.from_mapping({**config.to_mapping(), "resume-from": str(tmp_path / "b")})
-    resumed = build_strategy(resumed_config, RunRecorder(tmp_path / "c", config=resumed_config))
-    arrays, first_round = starting_point(resumed_config, resumed, resumed.recorder)
+    resumed = build_strategy(resumed_config, RunRecorder(tmp_path / "c", config=resumed_config, plan=manual_plan(resumed_config)))
+    arrays, first_round = starting_point(resumed_config, resumed, resumed.recorder, resume_checkpoint(resumed_config))
     assert first_round == 2 and resumed.m_t is not None and resumed.v_t is not None
     _, after_resume = _rounds(resumed, arrays, [2, 3])
     assert after_resume == {r: uninterrupted[r] for r in (2, 3)}
 
-    forgetful = build_strategy(resumed_config, RunRecorder(tmp_path / "d", config=resumed_config))
+    forgetful = build_strategy(resumed_config, RunRecorder(tmp_path / "d", config=resumed_config, plan=manual_plan(resumed_config)))
     _, without_state = _rounds(forgetful, arrays, [2, 3])
     assert without_state[2] != uninterrupted[2]  # the moments matter: losing them changes the model
 

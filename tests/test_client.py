@@ -17,9 +17,9 @@ from client.site import resolve_site
 from shared.config import RunConfig
 from shared.errors import ConfigError
 from shared.model import build_model
+from shared.plan import manual_plan
 from shared.weights import arrays_to_state_dict, model_to_arrays
 from tests.conftest import TINY_RUN_CONFIG
-
 
 NO_DP = {"dp": False}
 
@@ -35,7 +35,7 @@ def _context(datalist, run_config=None, **node):
 
 
 def _message(kind, config=None):
-    model = build_model(RunConfig.from_mapping(config or TINY_RUN_CONFIG).model_config())
+    model = build_model(manual_plan(RunConfig.from_mapping(config or TINY_RUN_CONFIG)).model_config())
     content = RecordDict({"arrays": model_to_arrays(model), "config": ConfigRecord({"server-round": 1})})
     return Message(content=content, dst_node_id=7, message_type=kind), model
 
@@ -53,9 +53,9 @@ def test_train_returns_updated_weights_with_the_same_names(two_sites, flower_ide
 
 
 def test_training_reduces_the_loss(two_sites, flower_identity):
-    config = dict(TINY_RUN_CONFIG, **NO_DP, **{"local-epochs": 1})
+    config = dict(TINY_RUN_CONFIG, **NO_DP, **{"local-steps": 2})
     short = handle_train(_message(MessageType.TRAIN, config)[0], _context(two_sites[0], config))
-    config = dict(TINY_RUN_CONFIG, **NO_DP, **{"local-epochs": 15})
+    config = dict(TINY_RUN_CONFIG, **NO_DP, **{"local-steps": 30})
     long = handle_train(_message(MessageType.TRAIN, config)[0], _context(two_sites[0], config))
     assert long.content.metric_records["metrics"]["train-loss"] < short.content.metric_records["metrics"]["train-loss"]
 

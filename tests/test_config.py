@@ -9,13 +9,14 @@ import pytest
 
 from shared.config import RunConfig
 from shared.errors import ConfigError
+from shared.plan import manual_plan
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
 def test_pyproject_defaults_equal_dataclass_defaults():
     listed = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
-    assert listed == RunConfig().to_mapping()
+    assert listed == RunConfig.declared_defaults()
 
 
 def test_from_mapping_overrides_and_keeps_defaults():
@@ -35,9 +36,15 @@ def test_from_mapping_overrides_and_keeps_defaults():
     ("fraction-train", 1.5),
     ("channels", "16,x"),
     ("strides", "2,2"),
-    ("patch-size", 60),
+    ("patch-size", "0"),
+    ("patch-size", "64,64,64"),
+    ("target-spacing", "1,x"),
+    ("preset", "fast"),
+    ("plan", "sometimes"),
+    ("model", "vnet"),
+    ("slicing", "diagonal"),
     ("batch-size", "8"),
-    ("local-epochs", True),
+    ("local-steps", True),
     ("class-names", "background,a,b"),
     ("optimizer", "rmsprop"),
     ("update-norm-bound-factor", 0.5),  # a bound below the median would scale the majority down
@@ -55,11 +62,43 @@ def test_unknown_key_is_named():
 
 
 def test_model_config_follows_run_config():
-    model = RunConfig.from_mapping({"channels": "8,16,32", "strides": "2,2", "spatial-dims": 3}).model_config()
-    assert model.channels == (8, 16, 32) and model.strides == (2, 2) and model.spatial_dims == 3
+    config = RunConfig.from_mapping({"model": "unet", "channels": "8,16,32", "strides": "2,2", "spatial-dims": 3})
+    model = manual_plan(config).model_config()
+    assert model.channels == (8, 16, 32) and model.strides == ((2, 2, 2),) * 2 and model.spatial_dims == 3
 
 
 def test_the_update_norm_rule_can_be_turned_off():
     config = RunConfig.from_mapping(
         {"update-norm-bound-factor": 0, "outlier-min-sites": 0, "outlier-norm-factor": 1})
     assert (config.update_norm_bound_factor, config.outlier_min_sites) == (0.0, 0)
+
+
+def test_the_default_preset_fills_what_the_run_config_leaves_unset():
+    from shared.config import PRESETS
+
+    config = RunConfig()
+    for key, value in PRESETS["default"].items():
+        assert config.to_mapping()[key] == value
+    assert RunConfig.from_mapping({"learning-rate": 0.5, "model": "unet"}).to_mapping()["learning-rate"] == 0.5
+    assert RunConfig.from_mapping(RunConfig().to_mapping()) == RunConfig()  # a resolved config reads back as itself
+    assert config.patch_size == "auto" and config.batch_size == 0  # left to the plan
+
+
+def test_flwr_run_and_the_harness_start_from_the_same_preset(tmp_path):
+    from simulations.api import SimulationSpec, build_run_config
+
+    listed = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    deployed = RunConfig.from_mapping(listed)  # what `flwr run` and deploy.run_federation send
+    harness = build_run_config(SimulationSpec(out=tmp_path), tmp_path, tmp_path / "sites.json", num_sites=3)
+    recipe = ("preset", "plan", "model", "optimizer", "learning-rate", "local-steps", "batch-size", "patch-size",
+              "target-spacing", "base-filters", "max-filters", "dp", "dp-noise-from-budget")
+    assert {k: harness.to_mapping()[k] for k in recipe} == {k: deployed.to_mapping()[k] for k in recipe}
+
+
+def test_a_preset_and_an_explicit_override_that_contradict_it_are_named_together():
+    small = RunConfig.from_mapping({"preset": "small-unet"})
+    assert (small.model, small.channels, small.batch_size) == ("unet", "8,16,32", 128)
+    with pytest.raises(ConfigError, match="'num-res-units', 'model'"):
+        RunConfig.from_mapping({"preset": "small-unet", "model": "dynunet"})
+    with pytest.raises(ConfigError, match="'channels', 'strides'"):
+        RunConfig.from_mapping({"channels": "8,16,32"})

@@ -150,8 +150,9 @@ def test_a_stopped_deployment_runner_stops_every_process_of_the_federation(tmp_p
     signum = getattr(signal, signal_name)
     out = tmp_path / "deploy"
     command = [sys.executable, "-m", "deploy.run_federation", "--sites", "2", "--rounds", "50", "--out", str(out),
-               "--isolation", "process", "--run-config", 'channels="4,8"', "--run-config", 'strides="2"',
-               "--run-config", "batch-size=2", "--run-config", "dp=false", "--run-config", "local-epochs=1"]
+               "--isolation", "process", "--run-config", 'model="unet"', "--run-config", 'channels="4,8"',
+               "--run-config", 'strides="2"',
+               "--run-config", "batch-size=2", "--run-config", "dp=false", "--run-config", "local-steps=2"]
     runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
     try:

@@ -17,6 +17,7 @@ from client.egress import EgressBlocked, check_reply, expected_parameter_specs, 
 from server.site_replies import sort_replies
 from shared.config import RunConfig
 from shared.model import build_model
+from shared.plan import manual_plan
 from shared.weights import model_to_arrays
 from tests.conftest import TINY_RUN_CONFIG
 
@@ -26,17 +27,17 @@ CONFIG = RunConfig.from_mapping(TINY_RUN_CONFIG)
 
 @pytest.fixture(scope="module")
 def expected():
-    return expected_parameter_specs(CONFIG.model_config())
+    return expected_parameter_specs(manual_plan(CONFIG).model_config())
 
 
 def _update(**extra_metrics) -> RecordDict:
-    arrays = model_to_arrays(build_model(CONFIG.model_config()))
+    arrays = model_to_arrays(build_model(manual_plan(CONFIG).model_config()))
     metrics = MetricRecord({"num-examples": 4, "train-loss": 0.5, "steps": 2, **extra_metrics})
     return RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"site-id": "site-a"})})
 
 
 def test_specs_are_the_models_state_dict(expected):
-    state = build_model(CONFIG.model_config()).state_dict()
+    state = build_model(manual_plan(CONFIG).model_config()).state_dict()
     assert list(expected) == list(state)
     assert all(expected[k].shape == tuple(v.shape) for k, v in state.items())
     assert {spec.dtype for spec in expected.values()} == {"float32"}
@@ -45,8 +46,8 @@ def test_specs_are_the_models_state_dict(expected):
 def test_specs_are_kept_per_architecture_and_cannot_be_changed(expected):
     import dataclasses
 
-    assert expected_parameter_specs(CONFIG.model_config()) is expected  # built once per process
-    three_classes = expected_parameter_specs(dataclasses.replace(CONFIG.model_config(), num_classes=3))
+    assert expected_parameter_specs(manual_plan(CONFIG).model_config()) is expected  # built once per process
+    three_classes = expected_parameter_specs(dataclasses.replace(manual_plan(CONFIG).model_config(), num_classes=3))
     assert list(three_classes) == list(expected)
     assert [s.shape for s in three_classes.values()] != [s.shape for s in expected.values()]
     with pytest.raises(TypeError):
@@ -145,7 +146,7 @@ def test_a_blocked_reply_becomes_a_refusal_the_server_sees(tmp_path, caplog, flo
     site = handlers.resolve_site(_context(tmp_path).node_config, "")
     with caplog.at_level(logging.CRITICAL, logger="fedseg.client"):
         reply = handlers.send_reply(msg, content=content, context=_context(tmp_path), site=site,
-                                    config=CONFIG)
+                                    plan=manual_plan(CONFIG))
 
     critical = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
     assert any("EGRESS BLOCKED" in line and logged in line for line in critical)
@@ -165,14 +166,14 @@ def test_a_training_code_path_that_adds_the_image_batch_is_blocked(two_sites, tm
                                                                    flower_identity):
     real_train = handlers._train
 
-    def leaky_train(msg, context, config, site):
-        content = real_train(msg, context, config, site)
+    def leaky_train(msg, context, config, site, plan):
+        content = real_train(msg, context, config, site, plan)
         content["arrays"]["image-batch"] = Array(np.random.default_rng(0).random((2, 1, 32, 32)))
         return content
 
     monkeypatch.setattr(handlers, "_train", leaky_train)
     msg = _message(MessageType.TRAIN)
-    msg.content["arrays"] = model_to_arrays(build_model(CONFIG.model_config()))
+    msg.content["arrays"] = model_to_arrays(build_model(manual_plan(CONFIG).model_config()))
     reply = handlers.handle_train(msg, _context(tmp_path, two_sites[0]))
     assert reply.content.metric_records["metrics"]["refused"] == 1
     assert "EgressBlocked" in reply.content.config_records["site"]["reason"]
@@ -181,7 +182,7 @@ def test_a_training_code_path_that_adds_the_image_batch_is_blocked(two_sites, tm
 
 def test_an_unexpected_exception_becomes_a_refusal_without_its_message(tmp_path, monkeypatch,
                                                                        flower_identity):
-    def crash(msg, context, config, site):
+    def crash(msg, context, config, site, plan):
         raise RuntimeError("patient Jane Doe, MRN 0042")
 
     monkeypatch.setattr(handlers, "_evaluate", crash)

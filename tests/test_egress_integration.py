@@ -11,6 +11,7 @@ from client.audit_log import read_entries
 from client.egress import SITE_KEYS, metric_key_allowed
 from shared.config import RunConfig
 from shared.model import build_model
+from shared.plan import manual_plan
 from simulations.api import SimulationSpec, run_simulation
 from tests.conftest import TINY_RUN_CONFIG
 
@@ -25,7 +26,7 @@ def test_every_reply_of_a_simulated_round_is_audited_and_allowed(tmp_path, capsy
                           timeout_s=600, run_config=dict(TINY_RUN_CONFIG, **{"num-rounds": 2}))
     summary = run_simulation(spec, echo=False)
     run_dir = (tmp_path / "runs" / "latest").resolve()
-    state = build_model(RunConfig.from_mapping(TINY_RUN_CONFIG).model_config()).state_dict()
+    state = build_model(manual_plan(RunConfig.from_mapping(TINY_RUN_CONFIG)).model_config()).state_dict()
     parameters = [(name, list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in state.items()]
     rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
     server_rows = {row["site"]: row for row in rows if row["round"] == 1}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -10,11 +9,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from client.faults import SimulatedCrash, SiteFault
 from client.handlers import handle_train
 from client.site import resolve_site
+from server.run_folder import RunRecorder
+from server.strategies import build_strategy
 from shared.config import RunConfig
 from shared.errors import ConfigError
 from shared.model import build_model
-from server.run_folder import RunRecorder
-from server.strategies import build_strategy
+from shared.plan import manual_plan
 from shared.weights import arrays_to_state_dict, model_to_arrays
 from simulations.api import write_sites_manifest
 from simulations.faults import FaultPlan
@@ -57,7 +57,7 @@ def _train(tmp_path, datalist, fault, config=TINY_RUN_CONFIG):
     manifest = _manifest(tmp_path, datalist, fault)
     run_config = dict(config, **{"simulation-sites": str(manifest)})
     torch.manual_seed(0)  # every call starts from the same global model, whatever trained before
-    model = build_model(RunConfig.from_mapping(run_config).model_config())
+    model = build_model(manual_plan(RunConfig.from_mapping(run_config)).model_config())
     msg = Message(content=RecordDict({"arrays": model_to_arrays(model), "config": ConfigRecord({"server-round": 1})}),
                   dst_node_id=7, message_type=MessageType.TRAIN)
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config=run_config)
@@ -98,7 +98,7 @@ def test_the_server_bounds_a_scaled_poisoning_among_three_sites_and_rejects_it_a
     for sites in (3, 5):
         replies = [_as_site(honest[i % 2], f"hospital-{i:02d}", i) for i in range(sites - 1)]
         replies.append(_as_site(poisoned, "mallory", 99))
-        strategy = build_strategy(config, RunRecorder(tmp_path / f"run-{sites}", config=config))
+        strategy = build_strategy(config, RunRecorder(tmp_path / f"run-{sites}", config=config, plan=manual_plan(config)))
         strategy.expect_updates_of(ArrayRecord(start))
         arrays, _ = strategy.aggregate_train(1, replies)
         assert arrays is not None
@@ -115,10 +115,10 @@ def test_the_server_bounds_a_scaled_poisoning_among_three_sites_and_rejects_it_a
 
 
 def test_proximal_term_keeps_local_weights_near_the_global_model(tmp_path, two_sites, flower_identity):
-    config = dict(TINY_RUN_CONFIG, **{"local-epochs": 3, "learning-rate": 0.05})
+    config = dict(TINY_RUN_CONFIG, **{"local-steps": 6, "learning-rate": 0.05})
     distances = {}
     for mu in (0.0, 50.0):
-        model = build_model(RunConfig.from_mapping(config).model_config())
+        model = build_model(manual_plan(RunConfig.from_mapping(config)).model_config())
         content = RecordDict({"arrays": model_to_arrays(model),
                               "config": ConfigRecord({"server-round": 1, "proximal-mu": mu})})
         node_config = {"site-id": "a", "datalist": str(two_sites[0]), "require-dp": False,

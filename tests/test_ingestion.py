@@ -15,14 +15,15 @@ from client.case_cache import CaseCache
 from client.loading import preprocess_cases
 from client.site_data import load_training_cases, load_validation_cases, preprocess_settings
 from client.training import evaluate_local
-from client.transforms import PreprocessSettings, evaluation_transforms, loading
-from shared.config import RunConfig
+from client.transforms import evaluation_transforms, loading, settings_for
 from shared.model import build_model
-from tests.conftest import TINY_RUN_CONFIG
+from shared.plan import ChannelNorm
+from tests.conftest import tiny_plan
 from tests.data_cases import ct_volume, write_datalist, write_dicom_case, write_nifti_case
 from tests.dicom_seg_writer import write_seg
 
-SETTINGS = PreprocessSettings(spatial_dims=3, target_spacing=1.0, patch_size=16, num_classes=2, modalities=("CT",))
+PLAN_3D = tiny_plan({"spatial-dims": 3, "patch-size": 16, "target-spacing": 1.0})
+SETTINGS = settings_for(PLAN_3D, modalities=("CT",))
 
 
 @pytest.fixture
@@ -98,8 +99,8 @@ def test_cache_is_used_on_the_second_load_and_invalidated_by_a_changed_file(tmp_
     reloaded = preprocess_cases(cases, transform, cache=third)
     assert (third.hits, third.misses) == (1, 1)
     assert not torch.equal(reloaded[1]["image"], cached[1]["image"])
-    other_settings = CaseCache(tmp_path / "cache", settings=PreprocessSettings(
-        spatial_dims=3, target_spacing=2.0, patch_size=16, num_classes=2, modalities=("CT",)))
+    other_settings = CaseCache(tmp_path / "cache", settings=settings_for(
+        tiny_plan({"spatial-dims": 3, "patch-size": 16, "target-spacing": 2.0}), modalities=("CT",)))
     preprocess_cases(cases, transform, cache=other_settings)
     assert other_settings.misses == 2
 
@@ -140,45 +141,45 @@ def _volume_site(tmp_path, count=5):
 
 
 def test_a_2d_model_trains_on_slices_of_volumes_and_evaluates_slice_by_slice(tmp_path):
-    config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, **{"patch-size": 16}))
+    plan = tiny_plan({"patch-size": 16})
     datalist = _volume_site(tmp_path)
-    cases, augment = load_training_cases(datalist, config, cache_dir=tmp_path / "cache")
+    cases, augment = load_training_cases(datalist, plan, cache_dir=tmp_path / "cache")
     assert cases[0]["image"].ndim == 4 and cases[0]["image"].shape[-1] > 1
     samples = augment(cases[0])
-    assert [tuple(s["image"].shape) for s in samples] == [(1, 16, 16)] * 2
-    validation = load_validation_cases(datalist, config, cache_dir=tmp_path / "cache")
-    result = evaluate_local(build_model(config.model_config()), validation, config=config, device=torch.device("cpu"))
+    assert [tuple(s["image"].shape) for s in samples] == [(1, 16, 16)]
+    validation = load_validation_cases(datalist, plan, cache_dir=tmp_path / "cache")
+    result = evaluate_local(build_model(plan.model_config()), validation, plan=plan, device=torch.device("cpu"))
     assert result.num_examples == len(validation) and 0.0 <= result.dice <= 1.0
 
 
-def test_2d_sampling_balances_foreground_and_background(tmp_path):
-    config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, **{"patch-size": 8}))
-    cases, augment = load_training_cases(_volume_site(tmp_path, 3), config)
+@pytest.mark.parametrize("fraction", [0.33, 0.8])
+def test_2d_sampling_oversamples_foreground_as_the_plan_says(tmp_path, fraction):
+    plan = tiny_plan({"patch-size": 8, "foreground-fraction": fraction})
+    cases, augment = load_training_cases(_volume_site(tmp_path, 3), plan)
     augment.set_random_state(seed=0)
-    with_lesion = [bool(s["label"].sum() > 0) for _ in range(20) for s in augment(cases[0])]
-    assert 0.25 < sum(with_lesion) / len(with_lesion) < 0.9
+    centred = [bool(s["label"][..., 3:5, 3:5].sum() > 0) for _ in range(200) for s in augment(cases[0])]
+    assert abs(sum(centred) / len(centred) - fraction) < 0.1
 
 
 def test_a_3d_model_trains_on_patches(tmp_path):
-    config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, **{"patch-size": 8, "spatial-dims": 3}))
-    cases, augment = load_training_cases(_volume_site(tmp_path, 3), config)
-    assert [tuple(s["image"].shape) for s in augment(cases[0])] == [(1, 8, 8, 8)] * 2
+    plan = tiny_plan({"patch-size": 8, "spatial-dims": 3})
+    cases, augment = load_training_cases(_volume_site(tmp_path, 3), plan)
+    assert [tuple(s["image"].shape) for s in augment(cases[0])] == [(1, 8, 8, 8)]
 
 
 def test_settings_include_the_datalists_modality_and_label_map(tmp_path):
     datalist = _volume_site(tmp_path, 2)
     from client.datalist import load_datalist
 
-    settings = preprocess_settings(RunConfig(), load_datalist(datalist))
-    assert settings.modalities == ("CT",) and settings.ct_window == (-1000.0, 1000.0)
+    settings = preprocess_settings(tiny_plan(), load_datalist(datalist))
+    assert settings.normalization == (ChannelNorm("ct", low=-1000.0, high=1000.0, mean=-1000.0, std=2000.0),)
 
 
 def test_label_map_maps_stored_values_to_classes(tmp_path):
     image, label = ct_volume(0)
     entry = write_nifti_case(tmp_path, "case", image, (label * 5).astype(np.uint8))
     case = {k: str(tmp_path / v) for k, v in entry.items()}
-    mapped = PreprocessSettings(spatial_dims=3, target_spacing=1.0, patch_size=16, num_classes=2,
-                                label_map=((5, 1),))
+    mapped = settings_for(PLAN_3D, label_map=((5, 1),))
     loaded = Compose(loading(mapped))(case)["label"]
     assert set(torch.unique(loaded).tolist()) == {0, 1}
 
@@ -193,8 +194,8 @@ def test_multimodal_image_as_a_file_list_or_a_4d_nifti(tmp_path):
     mr = np.random.default_rng(1).normal(300.0, 50.0, size=image.shape).astype(np.float32)
     nib.save(nib.Nifti1Image(mr, AFFINE), tmp_path / "mr.nii.gz")
     nib.save(nib.Nifti1Image(np.stack([image, mr], axis=-1), AFFINE), tmp_path / "both.nii.gz")
-    settings = PreprocessSettings(spatial_dims=3, target_spacing=1.0, patch_size=16, num_classes=2,
-                                  modalities=("CT", "MR"))
+    settings = settings_for(tiny_plan({"spatial-dims": 3, "patch-size": 16, "in-channels": 2}),
+                            modalities=("CT", "MR"))
     transform = Compose(loading(settings))
     as_list = transform({"image": [str(tmp_path / entry["image"]), str(tmp_path / "mr.nii.gz")],
                          "label": str(tmp_path / entry["label"])})

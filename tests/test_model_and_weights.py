@@ -8,6 +8,7 @@ import torch
 from shared.errors import ConfigError, WeightsError
 from shared.model import ModelConfig, build_model
 from shared.model_file import load_model, save_model_file
+from shared.plan import manual_plan
 from shared.weights import arrays_to_state_dict, load_arrays, model_to_arrays
 
 
@@ -114,17 +115,17 @@ def test_final_export_describes_the_model(tmp_path):
     from server.export import export_final_model
     from shared.config import RunConfig
 
-    run_config = RunConfig.from_mapping({"channels": "4,8", "strides": "2", "patch-size": 32,
+    run_config = RunConfig.from_mapping({"model": "unet", "channels": "4,8", "strides": "2", "patch-size": 32,
                                          "class-names": "background,lesion"})
-    model = build_model(run_config.model_config())
+    model = build_model(manual_plan(run_config).model_config())
     path = save_model_file(tmp_path / "global_model.pt", state_dict=model.state_dict(),
-                           model_config=run_config.model_config(), extra={"round": 2})
+                           model_config=manual_plan(run_config).model_config(), extra={"round": 2})
     rounds = {1: {"a": {"dice": 0.5, "epsilon": 1.0}}, 2: {"a": {"dice": 0.7, "hd95": 3.0, "epsilon": 2.0}}}
-    export_final_model(path, config=run_config, rounds=rounds)
+    export_final_model(path, config=run_config, plan=manual_plan(run_config), rounds=rounds)
     rebuilt, payload = load_model(path)
     assert payload["class_names"] == ["background", "lesion"] and payload["round"] == 2
     assert payload["per_site"]["a"]["dice"] == 0.7 and payload["per_site"]["a"]["epsilon"] == 2.0
-    assert payload["preprocessing"]["patch_size"] == 32 and payload["run_config"]["patch-size"] == 32
+    assert payload["plan"]["patch_size"] == [32, 32] and payload["run_config"]["patch-size"] == "32"
     image = torch.randn(1, 1, 32, 32)
     assert torch.equal(model.eval()(image), rebuilt(image))
 def test_default_activation_has_no_weights_and_old_files_rebuild_with_prelu():

@@ -13,19 +13,21 @@ from monai.transforms import Compose
 
 from client.__main__ import main
 from client.predict import _to_input_grid, predict_scan
-from client.transforms import PreprocessSettings, orienting, reading, resampling
+from client.transforms import orienting, reading, resampling, settings_for
 from shared.config import RunConfig
 from shared.errors import DataError
 from shared.model import build_model
 from shared.model_file import save_model_file
-from tests.conftest import TINY_RUN_CONFIG
+from shared.plan import manual_plan
+from tests.conftest import TINY_RUN_CONFIG, tiny_plan
 from tests.data_cases import ct_volume, write_dicom_case, write_nifti_case
 
+SETTINGS_3D = settings_for(tiny_plan({"spatial-dims": 3, "patch-size": 16, "target-spacing": 1.0}))
 
 def _model_file(tmp_path: Path, **overrides) -> Path:
     config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, **{"patch-size": 16}, **overrides))
-    return save_model_file(tmp_path / "global_model.pt", state_dict=build_model(config.model_config()).state_dict(),
-                           model_config=config.model_config(), extra={"round": 3, "run_config": config.to_mapping()})
+    return save_model_file(tmp_path / "global_model.pt", state_dict=build_model(manual_plan(config).model_config()).state_dict(),
+                           model_config=manual_plan(config).model_config(), extra={"round": 3, "run_config": config.to_mapping()})
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
@@ -55,7 +57,7 @@ def test_probabilities_map_back_onto_the_input_grid(tmp_path):
     label = np.zeros((30, 26, 10), np.uint8)
     label[8:20, 6:18, 2:8] = 1
     entry = write_nifti_case(tmp_path, "case", label.astype(np.float32), label)
-    settings = PreprocessSettings(spatial_dims=3, target_spacing=1.0, patch_size=16, num_classes=2)
+    settings = SETTINGS_3D
     raw = Compose(reading(("image",)))({"image": str(tmp_path / entry["image"])})["image"]
     pre = Compose(orienting(settings, ("image",)) + resampling(settings, ("image",)))({"image": raw})["image"]
     foreground = (pre[0] > (pre[0].max() + pre[0].min()) / 2).float()
@@ -81,9 +83,9 @@ def test_dicom_series_in_nifti_and_dicom_seg_out(tmp_path):
     assert seg.Modality == "SEG" and len(seg.SegmentSequence) == 1
     from client.readers import load_image
 
-    seg_volume = Compose(reading() + orienting(PreprocessSettings(3, 1.0, 16, 2)))(
+    seg_volume = Compose(reading() + orienting(SETTINGS_3D))(
         {"image": str(tmp_path / dicom["image"]), "label": str(tmp_path / "b.dcm")})["label"]
-    expected = Compose(reading(("image",)) + orienting(PreprocessSettings(3, 1.0, 16, 2), ("image",)))(
+    expected = Compose(reading(("image",)) + orienting(SETTINGS_3D, ("image",)))(
         {"image": str(tmp_path / "b.nii.gz")})["image"]
     assert torch.equal(seg_volume.int(), expected.int())
     assert load_image(str(tmp_path / "b.dcm")).meta["filename_or_obj"].endswith("b.dcm")
@@ -146,3 +148,22 @@ def test_a_model_from_a_run_with_other_config_keys_still_predicts(tmp_path):
     _torch.save(payload, model)
     result = predict_scan(model_path=model, input_path=tmp_path / entry["image"], output_path=tmp_path / "m.nii.gz")
     assert result.shape == image.shape
+
+
+def test_predict_with_a_planned_dynunet_uses_the_plan_in_the_model_file(tmp_path):
+    from client.fingerprint import site_fingerprint
+    from server.planning import derive_plan
+    from tests.data_cases import write_datalist
+
+    entries = [write_nifti_case(tmp_path, f"case{i}", *ct_volume(i, (24, 20, 12))) for i in range(3)]
+    fingerprint = site_fingerprint(write_datalist(tmp_path, entries[:2], validation=entries[2:]))
+    config = RunConfig.from_mapping({"spatial-dims": 3, "base-filters": 4, "max-filters": 8,
+                                     "memory-budget-mb": 64, "dp": False})
+    plan, _ = derive_plan(config, {"site": fingerprint})
+    assert plan.model == "dynunet" and plan.normalization[0].scheme == "ct"
+    model = build_model(plan.model_config())
+    path = save_model_file(tmp_path / "global_model.pt", state_dict=model.state_dict(),
+                           model_config=plan.model_config(), extra={"plan": plan.to_dict()})
+    result = predict_scan(model_path=path, input_path=tmp_path / entries[2]["image"],
+                          output_path=tmp_path / "mask.nii.gz")
+    assert result.shape == (24, 20, 12) and sum(result.voxels_per_class.values()) == 24 * 20 * 12

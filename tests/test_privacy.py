@@ -17,14 +17,17 @@ from client.dp_training import DPPlan, make_private, plan_round
 from client.handlers import handle_train
 from client.privacy_ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger, cumulative_epsilon
 from client.site import SiteConfig
-from client.training import make_loss, mean_loss, run_epochs
+from client.training import make_loss, mean_loss, run_steps
 from shared.config import RunConfig
 from shared.errors import ConfigError, DataError
 from shared.model import build_model
+from shared.plan import manual_plan
 from shared.weights import arrays_to_state_dict, model_to_arrays
 from tests.conftest import REPO, TINY_RUN_CONFIG
 
-DP_RUN = dict(TINY_RUN_CONFIG, **{"dp": True, "dp-noise-multiplier": 1.5, "batch-size": 2})
+DP_RUN = dict(TINY_RUN_CONFIG, **{"dp": True, "dp-noise-multiplier": 1.5, "dp-noise-from-budget": False,
+                                  "batch-size": 2})
+FROM_BUDGET = {"dp-noise-from-budget": True, "dp-noise-multiplier": 0.0}
 
 
 def _context(datalist, state_dir, run_config=DP_RUN, **node):
@@ -33,7 +36,7 @@ def _context(datalist, state_dir, run_config=DP_RUN, **node):
 
 
 def _train_message(server_round=1):
-    model = build_model(RunConfig.from_mapping(DP_RUN).model_config())
+    model = build_model(manual_plan(RunConfig.from_mapping(DP_RUN)).model_config())
     content = RecordDict({"arrays": model_to_arrays(model), "config": ConfigRecord({"server-round": server_round})})
     return Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN), model
 
@@ -43,7 +46,7 @@ def test_epsilon_accumulates_over_stateless_rounds_like_one_accountant(two_sites
     # a batch as large as the site: Poisson sampling at rate 1 never draws an all-empty round, which
     # the site refuses (test_an_empty_poisson_batch_still_takes_a_noisy_step); at rate 0.5 with ~4
     # cases that happened in ~1 of 60 rounds and made this test fail now and then
-    run = dict(DP_RUN, **{"batch-size": 8})
+    run = dict(DP_RUN, **{"batch-size": 8, "local-steps": 1})
     for server_round in (1, 2, 3):  # a fresh Context each round, as Flower gives a stateless ClientApp
         msg, model = _train_message(server_round)
         reply = handle_train(msg, _context(two_sites[0], tmp_path / "state", run_config=run))
@@ -131,8 +134,9 @@ def test_an_unreadable_ledger_stops_training(two_sites, tmp_path, flower_identit
 
 
 def test_target_epsilon_sets_the_noise_for_one_round():
-    config = RunConfig.from_mapping(dict(DP_RUN, **{"dp-target-epsilon": 2.0, "local-epochs": 3}))
-    plan = plan_round(config=config, num_cases=10, delta=1e-5)
+    config = RunConfig.from_mapping(dict(DP_RUN, **{"dp-target-epsilon": 2.0, "dp-noise-multiplier": 0.0,
+                                                    "local-steps": 15}))
+    plan = plan_round(config=config, plan=manual_plan(config), num_cases=10, delta=1e-5)
     one_round = RDPAccountant()
     one_round.history = [(plan.noise_multiplier, plan.sample_rate, plan.steps)]
     assert plan.sample_rate == pytest.approx(1 / 5) and plan.steps == 15
@@ -141,8 +145,8 @@ def test_target_epsilon_sets_the_noise_for_one_round():
 
 @pytest.mark.parametrize("num_cases", [10, 2])
 def test_noise_from_budget_lets_every_site_train_all_rounds_within_its_budget(num_cases, tmp_path):
-    config = RunConfig.from_mapping(dict(DP_RUN, **{"dp-noise-from-budget": True, "num-rounds": 4}))
-    plan = plan_round(config=config, num_cases=num_cases, delta=1e-5, max_epsilon=3.0)
+    config = RunConfig.from_mapping(dict(DP_RUN, **{**FROM_BUDGET, "num-rounds": 4}))
+    plan = plan_round(config=config, plan=manual_plan(config), num_cases=num_cases, delta=1e-5, max_epsilon=3.0)
     ledger = PrivacyLedger(tmp_path, delta=1e-5)
     for server_round in range(1, 5):
         charge = ledger.charge(run_id=1, server_round=server_round, noise_multiplier=plan.noise_multiplier,
@@ -158,7 +162,7 @@ def _charge_run(ledger, config, *, num_cases, max_epsilon, aware):
     noises = []
     for server_round in range(1, config.num_rounds + 1):
         spent = [e.mechanism() for e in ledger.entries()] if aware else ()
-        plan = plan_round(config=config, num_cases=num_cases, delta=1e-5, max_epsilon=max_epsilon,
+        plan = plan_round(config=config, plan=manual_plan(config), num_cases=num_cases, delta=1e-5, max_epsilon=max_epsilon,
                           spent=spent, server_round=server_round)
         charge = ledger.charge(run_id=2, server_round=server_round, noise_multiplier=plan.noise_multiplier,
                                sample_rate=plan.sample_rate, steps=plan.steps, max_epsilon=max_epsilon)
@@ -167,7 +171,7 @@ def _charge_run(ledger, config, *, num_cases, max_epsilon, aware):
 
 
 def test_noise_from_budget_spends_what_earlier_runs_left_over_the_whole_run(tmp_path):
-    config = RunConfig.from_mapping(dict(DP_RUN, **{"dp-noise-from-budget": True, "num-rounds": 4}))
+    config = RunConfig.from_mapping(dict(DP_RUN, **{**FROM_BUDGET, "num-rounds": 4}))
     for folder in ("aware", "unaware"):  # the same earlier run in two copies of the site's ledger
         PrivacyLedger(tmp_path / folder, delta=1e-5).charge(
             run_id=1, server_round=1, noise_multiplier=2.5, sample_rate=0.2, steps=15, max_epsilon=3.0)
@@ -176,7 +180,7 @@ def test_noise_from_budget_spends_what_earlier_runs_left_over_the_whole_run(tmp_
 
     charge, noises = _charge_run(PrivacyLedger(tmp_path / "aware", delta=1e-5), config, num_cases=10,
                                  max_epsilon=3.0, aware=True)
-    fresh = plan_round(config=config, num_cases=10, delta=1e-5, max_epsilon=3.0)
+    fresh = plan_round(config=config, plan=manual_plan(config), num_cases=10, delta=1e-5, max_epsilon=3.0)
     assert charge.epsilon <= 3.0 and charge.epsilon == pytest.approx(3.0, rel=0.01)
     assert min(noises) > fresh.noise_multiplier  # what is left is spread over the run: more noise per round
     assert max(noises) / min(noises) < 1.01  # evenly
@@ -186,9 +190,9 @@ def test_noise_from_budget_spends_what_earlier_runs_left_over_the_whole_run(tmp_
 
 
 def test_noise_from_budget_lets_a_site_first_sampled_in_the_last_round_spend_its_budget(tmp_path):
-    config = RunConfig.from_mapping(dict(DP_RUN, **{"dp-noise-from-budget": True, "num-rounds": 5}))
-    last = plan_round(config=config, num_cases=10, delta=1e-5, max_epsilon=3.0, server_round=5)
-    first = plan_round(config=config, num_cases=10, delta=1e-5, max_epsilon=3.0, server_round=1)
+    config = RunConfig.from_mapping(dict(DP_RUN, **{**FROM_BUDGET, "num-rounds": 5}))
+    last = plan_round(config=config, plan=manual_plan(config), num_cases=10, delta=1e-5, max_epsilon=3.0, server_round=5)
+    first = plan_round(config=config, plan=manual_plan(config), num_cases=10, delta=1e-5, max_epsilon=3.0, server_round=1)
     charge = PrivacyLedger(tmp_path, delta=1e-5).charge(
         run_id=1, server_round=5, noise_multiplier=last.noise_multiplier, sample_rate=last.sample_rate,
         steps=last.steps, max_epsilon=3.0)
@@ -197,29 +201,29 @@ def test_noise_from_budget_lets_a_site_first_sampled_in_the_last_round_spend_its
 
 
 def test_noise_from_budget_refuses_a_site_whose_ledger_holds_its_whole_budget(tmp_path):
-    config = RunConfig.from_mapping(dict(DP_RUN, **{"dp-noise-from-budget": True, "num-rounds": 3}))
+    config = RunConfig.from_mapping(dict(DP_RUN, **{**FROM_BUDGET, "num-rounds": 3}))
     ledger = PrivacyLedger(tmp_path, delta=1e-5)
     ledger.charge(run_id=1, server_round=1, noise_multiplier=0.6, sample_rate=0.2, steps=15, max_epsilon=50.0)
     with pytest.raises(PrivacyBudgetExceeded, match="max-epsilon 3"):
-        plan_round(config=config, num_cases=10, delta=1e-5, max_epsilon=3.0,
+        plan_round(config=config, plan=manual_plan(config), num_cases=10, delta=1e-5, max_epsilon=3.0,
                    spent=[e.mechanism() for e in ledger.entries()], server_round=2)
 
 
 def test_noise_from_budget_is_larger_where_every_step_sees_every_case():
-    config = RunConfig.from_mapping(dict(DP_RUN, **{"dp-noise-from-budget": True, "local-epochs": 4,
+    config = RunConfig.from_mapping(dict(DP_RUN, **{**FROM_BUDGET, "local-steps": 4,
                                                     "num-rounds": 5}))
-    large, small = (plan_round(config=config, num_cases=n, delta=1e-5, max_epsilon=8.0) for n in (8, 2))
+    large, small = (plan_round(config=config, plan=manual_plan(config), num_cases=n, delta=1e-5, max_epsilon=8.0) for n in (8, 2))
     assert small.sample_rate == 1.0 and large.sample_rate == pytest.approx(0.25)
     assert small.noise_multiplier > large.noise_multiplier
     with pytest.raises(ConfigError, match="'dp-noise-from-budget'.*'max-epsilon'"):
-        plan_round(config=config, num_cases=2, delta=1e-5)
+        plan_round(config=config, plan=manual_plan(config), num_cases=2, delta=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])
 def test_per_sample_gradients_are_clipped_like_single_example_backward(mode):
     torch.manual_seed(0)
     config = RunConfig.from_mapping(TINY_RUN_CONFIG)
-    model = build_model(config.model_config())
+    model = build_model(manual_plan(config).model_config())
     images = torch.randn(4, 1, 32, 32) * torch.tensor([1.0, 5.0, 0.2, 3.0]).view(4, 1, 1, 1)
     labels = (torch.rand(4, 1, 32, 32) > 0.7).float()
     loss_fn, clip = make_loss(), 0.05
@@ -240,8 +244,8 @@ def test_per_sample_gradients_are_clipped_like_single_example_backward(mode):
     plan = DPPlan(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=1.0, steps=1, grad_sample_mode=mode)
     hooks, dp_optimizer, _ = make_private(model, optimizer, loader, plan=plan)
     # the training loop DP training runs (backward to the input only), one step at lr 0 without noise
-    run_epochs(model, [{"image": images, "label": labels}], dp_optimizer, epochs=1, device=torch.device("cpu"),
-               per_sample_grads=True)
+    run_steps(model, [{"image": images, "label": labels}], dp_optimizer, steps=1, device=torch.device("cpu"),
+              per_sample_grads=True)
     per_sample = torch.sqrt(sum((p.grad_sample.flatten(1) ** 2).sum(1) for p in model.parameters()))
     assert per_sample.tolist() == pytest.approx(norms, rel=1e-3)
     assert min(norms) > clip, "the test needs every example above the clipping norm"
@@ -254,7 +258,7 @@ def test_a_per_sample_backward_pass_skips_the_batch_weight_gradients():
     from client.training import train_step
 
     torch.manual_seed(0)
-    model = build_model(RunConfig.from_mapping(TINY_RUN_CONFIG).model_config())
+    model = build_model(manual_plan(RunConfig.from_mapping(TINY_RUN_CONFIG)).model_config())
     images, labels = torch.randn(2, 1, 32, 32), (torch.rand(2, 1, 32, 32) > 0.7).float()
     outputs = []
     model.register_full_backward_hook(lambda module, grad_in, grad_out: outputs.append(grad_out[0]))
@@ -266,7 +270,7 @@ def test_a_per_sample_backward_pass_skips_the_batch_weight_gradients():
 
 
 @pytest.mark.parametrize(("key", "value"), [
-    ("dp-noise-multiplier", 0.0), ("dp-noise-multiplier", -1.0), ("dp-max-grad-norm", 0.0),
+    ("dp-noise-multiplier", -1.0), ("dp-max-grad-norm", 0.0),
     ("dp-target-epsilon", -1.0), ("dp-grad-sample-mode", "ghost"), ("dp", "yes"), ("dp-noise-from-budget", 1),
 ])
 def test_bad_dp_run_config_names_its_key(key, value):
@@ -274,9 +278,18 @@ def test_bad_dp_run_config_names_its_key(key, value):
         RunConfig.from_mapping({key: value})
 
 
-def test_noise_from_budget_and_a_per_round_epsilon_exclude_each_other():
-    with pytest.raises(ConfigError, match="'dp-noise-from-budget'.*'dp-target-epsilon'"):
-        RunConfig.from_mapping({"dp-noise-from-budget": True, "dp-target-epsilon": 1.0})
+@pytest.mark.parametrize("other", [{"dp-target-epsilon": 1.0}, {"dp-noise-multiplier": 1.0},
+                                   {"dp-noise-from-budget": False}])
+def test_the_noise_has_exactly_one_source_and_the_error_names_the_keys(other):
+    with pytest.raises(ConfigError, match="'dp-noise-from-budget', 'dp-target-epsilon', 'dp-noise-multiplier'"):
+        RunConfig.from_mapping({**FROM_BUDGET, **other})
+    assert RunConfig.from_mapping({**FROM_BUDGET, **other, "dp": False}).dp is False  # no DP: no noise needed
+
+
+def test_dp_with_fedprox_is_refused_naming_both_keys():
+    with pytest.raises(ConfigError, match="'dp', 'strategy'"):
+        RunConfig.from_mapping({"strategy": "fedprox"})
+    assert RunConfig.from_mapping({"strategy": "fedprox", "dp": False}).strategy == "fedprox"
 
 
 @pytest.mark.parametrize(("key", "value"), [
@@ -341,25 +354,27 @@ def test_convolution_grad_sampler_matches_single_example_backward(conv, argument
 def test_optimizer_follows_run_config():
     from client.training import make_optimizer
 
-    model = build_model(RunConfig.from_mapping(TINY_RUN_CONFIG).model_config())
+    model = build_model(manual_plan(RunConfig.from_mapping(TINY_RUN_CONFIG)).model_config())
     sgd = make_optimizer(model, config=RunConfig.from_mapping(dict(TINY_RUN_CONFIG, optimizer="sgd")))
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
-    assert isinstance(make_optimizer(model, config=RunConfig.from_mapping(TINY_RUN_CONFIG)), torch.optim.Adam)
+    assert isinstance(make_optimizer(model, config=RunConfig.from_mapping(dict(TINY_RUN_CONFIG, optimizer="adam"))),
+                      torch.optim.Adam)
+    assert RunConfig.from_mapping(TINY_RUN_CONFIG).optimizer == "sgd"  # the default preset's
 
 
 def test_an_empty_poisson_batch_still_takes_a_noisy_step():
     torch.manual_seed(0)
-    model = build_model(RunConfig.from_mapping(TINY_RUN_CONFIG).model_config())
+    model = build_model(manual_plan(RunConfig.from_mapping(TINY_RUN_CONFIG)).model_config())
     images, labels = torch.randn(4, 1, 32, 32), (torch.rand(4, 1, 32, 32) > 0.7).float()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=2)
     plan = DPPlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, steps=1, grad_sample_mode="hooks")
     hooks, dp_optimizer, _ = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0), loader, plan=plan)
     before = [p.detach().clone() for p in model.parameters()]
     # Opacus yields [] for an empty first batch; a round of only empty batches has no loss but is not refused
-    assert run_epochs(model, [[], []], dp_optimizer, epochs=1, device=torch.device("cpu")) == []
+    assert run_steps(model, [[], []], dp_optimizer, steps=2, device=torch.device("cpu")) == []
     moved = [float((p - b).abs().max()) for p, b in zip(model.parameters(), before)]
     assert all(m > 0 for m in moved), "the empty batches' steps added no noise"
     assert math.isnan(mean_loss([]))  # reported as train-loss NaN, which the server leaves out of its means
     with pytest.raises(DataError, match="no step"):  # a loader without a single batch is still an error
-        run_epochs(model, [], dp_optimizer, epochs=1, device=torch.device("cpu"))
+        run_steps(model, [], dp_optimizer, steps=1, device=torch.device("cpu"))
     hooks.cleanup()

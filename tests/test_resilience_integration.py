@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from shared.model_file import load_model
+from shared.processes import descendants, stop_process_group
 from simulations.api import SimulationSpec, run_simulation
 from simulations.faults import FaultPlan
-from shared.processes import descendants, stop_process_group
 from tests.conftest import REPO, TINY_RUN_CONFIG, live_processes_mentioning
 
 SIM_ARGS = ["--sites", "2", "--seed", "4", "--min-cases", "3", "--max-cases", "4"]

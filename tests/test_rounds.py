@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from server.federation import starting_point, write_round_checkpoint
+from server.federation import resume_checkpoint, starting_point, write_round_checkpoint
 from server.polling_grid import PollingGrid
 from server.rounds import run_rounds
 from server.run_folder import RunRecorder
 from server.strategies import build_strategy
 from shared.config import RunConfig
 from shared.model_file import weights_digest
+from shared.plan import manual_plan
 from tests.conftest import TINY_RUN_CONFIG
 from tests.fake_grid import OfflineGrid
 
@@ -82,10 +83,10 @@ def _run(tmp_path, name: str, *, overlap: bool, rounds: int = 3, grid: _SitesGri
     """
     run_config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, **{"num-rounds": rounds, "fraction-train": 0.5,
                                                                  "fraction-evaluate": 0.5, **config}))
-    recorder = RunRecorder(tmp_path / name, config=run_config)
+    recorder = RunRecorder(tmp_path / name, config=run_config, plan=manual_plan(run_config))
     strategy = build_strategy(run_config, recorder)
     grid = grid or _SitesGrid()
-    arrays, first_round = starting_point(run_config, strategy, recorder)
+    arrays, first_round = starting_point(run_config, strategy, recorder, resume_checkpoint(run_config))
     if not run_config.resume_from:
         arrays = ArrayRecord({"w": Array(np.zeros((3, 4), dtype=np.float32)),
                               "b": Array(np.ones(4, dtype=np.float32))})

@@ -14,8 +14,9 @@ from shared.atomic import atomic_write
 from shared.config import RunConfig
 from shared.model import build_model
 from shared.model_file import load_model
+from shared.plan import manual_plan
 from shared.weights import model_to_arrays
-from tests.conftest import TINY_RUN_CONFIG
+from tests.conftest import TINY_RUN_CONFIG, tiny_recorder
 
 
 def test_global_row_is_example_weighted_and_counts_outcomes():
@@ -31,8 +32,8 @@ def test_global_row_is_example_weighted_and_counts_outcomes():
 
 def test_recorder_writes_metrics_model_and_summary(tmp_path):
     config = RunConfig.from_mapping(TINY_RUN_CONFIG)
-    recorder = RunRecorder(tmp_path, config=config)
-    arrays: ArrayRecord = model_to_arrays(build_model(config.model_config()))
+    recorder = RunRecorder(tmp_path, config=config, plan=manual_plan(config))
+    arrays: ArrayRecord = model_to_arrays(build_model(manual_plan(config).model_config()))
     for server_round, dice in ((1, 0.2), (2, 0.6)):
         recorder.record_phase(server_round, "train", SortedReplies(
             site_metrics={"a": {"num-examples": 4, "train-loss": 1.0}}, refused={"b": "no data"}))
@@ -81,20 +82,20 @@ def test_a_rounds_metrics_lines_reach_the_disk_with_one_flush(tmp_path, monkeypa
     import os
 
     config = RunConfig.from_mapping(TINY_RUN_CONFIG)
-    recorder = RunRecorder(tmp_path, config=config)
+    recorder = RunRecorder(tmp_path, config=config, plan=manual_plan(config))
     recorder.record_phase(1, "train", SortedReplies(
         site_metrics={site: {"num-examples": 4, "train-loss": 1.0} for site in "abcdef"}))
     flushed = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: flushed.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
-    recorder.end_round(1, model_to_arrays(build_model(config.model_config())))
+    recorder.end_round(1, model_to_arrays(build_model(manual_plan(config).model_config())))
     assert flushed.count(str(tmp_path / "metrics.jsonl")) == 1  # not one per site
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["site"] for r in rows] == [*"abcdef", "global"]
 
 
 def test_rows_of_a_node_are_filed_under_its_site_once_known(tmp_path):
-    recorder = RunRecorder(tmp_path, config=RunConfig.from_mapping(TINY_RUN_CONFIG))
+    recorder = tiny_recorder(tmp_path)
     recorder.record_phase(1, "train", SortedReplies(failed={"node-5": "crashed"}))
     recorder.record_phase(1, "evaluate", SortedReplies(site_metrics={"site-x": {"dice": 0.5, "num-examples": 1}}))
     recorder.name_nodes(1, {5: "site-x"})
@@ -102,8 +103,8 @@ def test_rows_of_a_node_are_filed_under_its_site_once_known(tmp_path):
                                              "evaluate-status": "ok", "dice": 0.5, "num-val-examples": 1}}
 def test_epsilons_land_per_site_per_round_and_in_the_summary(tmp_path):
     config = RunConfig.from_mapping(TINY_RUN_CONFIG)
-    recorder = RunRecorder(tmp_path, config=config)
-    arrays: ArrayRecord = model_to_arrays(build_model(config.model_config()))
+    recorder = RunRecorder(tmp_path, config=config, plan=manual_plan(config))
+    arrays: ArrayRecord = model_to_arrays(build_model(manual_plan(config).model_config()))
     for server_round, epsilon in ((1, 1.5), (2, 2.25)):
         recorder.record_phase(server_round, "train", SortedReplies(
             site_metrics={"a": {"num-examples": 4, "train-loss": 1.0, "epsilon": epsilon, "epsilon-round": 1.5,
@@ -121,10 +122,10 @@ def test_epsilons_land_per_site_per_round_and_in_the_summary(tmp_path):
 def test_a_site_without_training_loss_is_left_out_of_the_mean_and_written_as_null(tmp_path):
     # A tiny DP site whose every Poisson batch came up empty sends its (noise-only) update with train-loss NaN.
     config = RunConfig.from_mapping(TINY_RUN_CONFIG)
-    recorder = RunRecorder(tmp_path, config=config)
+    recorder = RunRecorder(tmp_path, config=config, plan=manual_plan(config))
     recorder.record_phase(1, "train", SortedReplies(site_metrics={
         "a": {"num-examples": 4, "train-loss": 1.5}, "tiny": {"num-examples": 2, "train-loss": float("nan")}}))
-    row = recorder.end_round(1, model_to_arrays(build_model(config.model_config())))
+    row = recorder.end_round(1, model_to_arrays(build_model(manual_plan(config).model_config())))
     assert row["train-loss"] == pytest.approx(1.5) and row["sites-train-ok"] == 2
     rows = {r["site"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
     assert rows["tiny"]["train-loss"] is None and rows["global"]["train-loss"] == pytest.approx(1.5)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from shared.errors import ConfigError
+from shared.processes import free_port, stop_process_group
 from simulations.api import SimulationSpec, run_simulation
 from simulations.flower_runtime import (
     Resources,
@@ -22,7 +23,6 @@ from simulations.flower_runtime import (
     logged_exceptions,
     ray_address_parts,
 )
-from shared.processes import free_port, stop_process_group
 from tests.conftest import TINY_RUN_CONFIG
 
 

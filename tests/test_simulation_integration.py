@@ -8,17 +8,22 @@ import pytest
 
 from shared.errors import ConfigError
 from shared.model_file import load_model
+from simulations import actor_pipeline
 from simulations.__main__ import build_parser, spec_from_args
 from simulations.api import SimulationSpec, run_simulation
-from simulations import actor_pipeline
 from simulations.engine_patches import ANNOUNCEMENT
 from tests.conftest import TINY_RUN_CONFIG, live_processes_mentioning
+
+# nnU-Net's network at a tiny size, planned from the sites' fingerprints (what a real run does by default)
+PLANNED_TINY = {**TINY_RUN_CONFIG, "model": "dynunet", "plan": "auto", "channels": "auto", "strides": "auto",
+                "num-res-units": -1, "patch-size": "auto", "batch-size": 0, "base-filters": 4, "max-filters": 8,
+                "memory-budget-mb": 64}
 
 
 @pytest.mark.integration
 def test_two_sites_one_round_through_flower(tmp_path):
     spec = SimulationSpec(sites=2, rounds=1, seed=1, out=tmp_path / "runs", min_cases=3, max_cases=4,
-                          timeout_s=600, run_config=dict(TINY_RUN_CONFIG))
+                          timeout_s=600, run_config=dict(PLANNED_TINY))
     summary = run_simulation(spec, echo=False)
 
     run_dir = (tmp_path / "runs" / "latest").resolve()
@@ -30,8 +35,14 @@ def test_two_sites_one_round_through_flower(tmp_path):
         assert {"round", "site", "dice", "loss", "dice-class-1", "hd95", "hd95-class-1"} <= set(row)
     site_rows = [r for r in rows if r["site"] != "global"]
     assert all(r["train-status"] == "ok" and r["evaluate-status"] == "ok" for r in site_rows)
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert {site: entry["status"] for site, entry in plan["sites"].items()} == {"hospital-01": "ok", "hospital-02": "ok"}
+    assert plan["pooled-fingerprint"]["cases"] == sum(entry["cases"] for entry in plan["sites"].values())
+    audit = [json.loads(line) for line in (run_dir / "state" / "hospital-01" / "egress-audit.jsonl").open()]
+    assert audit[0]["message-type"] == "query.fingerprint" and audit[0]["metrics"]["cases"] >= 2
     model, payload = load_model(run_dir / "global_model.pt")
-    assert payload["round"] == 1 and payload["model_config"]["channels"] == [4, 8]
+    assert payload["round"] == 1 and payload["model_config"]["name"] == "dynunet"
+    assert payload["plan"] == plan["plan"] and payload["model_config"]["channels"][0] == 4
     assert payload["final"] and payload["class_names"] == ["background", "lesion"]
     assert set(payload["per_site"]) >= {"hospital-01", "hospital-02"} and payload["sha256"]
     assert live_processes_mentioning(str(run_dir / "flwr-home")) == []
@@ -52,9 +63,9 @@ def test_the_cli_defaults_are_the_specs():
     text = " ".join(build_parser().format_help().split())
     assert "--sites-per-round" in text and "(default: 3)" in text and "(default: 60 in 2D, 48 in 3D)" in text
     given = spec_from_args(build_parser().parse_args(["--sites", "7", "--gpus-per-client", "0.25",
-                                                      "--slow-seconds", "2", "--local-epochs", "3"]))
+                                                      "--slow-seconds", "2", "--local-steps", "3"]))
     assert (given.sites, given.gpus_per_client, given.faults.slow_seconds) == (7, 0.25, 2.0)
-    assert given.run_config == {"local-epochs": 3}
+    assert given.run_config == {"local-steps": 3}
 
 
 @pytest.mark.integration
@@ -154,8 +165,8 @@ def test_a_harness_stopped_with_a_signal_stops_every_process_it_started(tmp_path
     signum = getattr(signal, signal_name)
     out = tmp_path / "runs"
     command = [sys.executable, "-m", "simulations", "--sites", "2", "--rounds", "50", "--min-cases", "3",
-               "--max-cases", "4", "--out", str(out), "--run-config", 'channels="4,8"', "--run-config",
-               'strides="2"', "--run-config", "batch-size=2", "--no-dp"]
+               "--max-cases", "4", "--out", str(out), "--run-config", 'model="unet"', "--run-config",
+               'channels="4,8"', "--run-config", 'strides="2"', "--run-config", "batch-size=2", "--no-dp"]
     # a shell's background job inherits SIGINT ignored; the harness must see it as a terminal's Ctrl-C would
     harness = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -181,7 +192,7 @@ def test_a_harness_stopped_with_a_signal_stops_every_process_it_started(tmp_path
 
 
 @pytest.mark.parametrize(("options", "from_budget", "noise"), [
-    ([], True, 1.0), (["--noise-multiplier", "1.5"], False, 1.5), (["--target-epsilon", "2"], False, 1.0),
+    ([], True, 0.0), (["--noise-multiplier", "1.5"], False, 1.5), (["--target-epsilon", "2"], False, 0.0),
 ])
 def test_2d_sites_derive_their_noise_from_their_budget_unless_the_noise_is_given(tmp_path, options, from_budget,
                                                                                   noise):

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from server.run_folder import RunRecorder
 from server.strategies import build_strategy
 from server.strategies.fedavg import FedSegFedAvg
 from shared.config import RunConfig
-from tests.conftest import TINY_RUN_CONFIG
+from shared.plan import manual_plan
+from tests.conftest import TINY_RUN_CONFIG, tiny_recorder
 
 
 def _instruction(node_id):
@@ -33,7 +33,7 @@ def _refusal(node_id, site):
 
 
 def test_aggregate_uses_only_accepted_updates(tmp_path, flower_identity):
-    recorder = RunRecorder(tmp_path, config=RunConfig.from_mapping(TINY_RUN_CONFIG))
+    recorder = tiny_recorder(tmp_path)
     strategy = FedSegFedAvg(recorder=recorder)
     strategy.expect_updates_of(ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))}))
     crashed = Message(error=Error(code=1, reason="ClientApp crashed"), reply_to=_instruction(14))
@@ -47,7 +47,7 @@ def test_aggregate_uses_only_accepted_updates(tmp_path, flower_identity):
 
 
 def test_round_where_every_site_refuses_keeps_the_model(tmp_path, flower_identity):
-    recorder = RunRecorder(tmp_path, config=RunConfig.from_mapping(TINY_RUN_CONFIG))
+    recorder = tiny_recorder(tmp_path)
     strategy = FedSegFedAvg(recorder=recorder)
     strategy.expect_updates_of(ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))}))
     arrays, metrics = strategy.aggregate_train(1, [_refusal(13, "c")])
@@ -70,7 +70,7 @@ def _update_arrays(node_id, site, values, examples):
 @pytest.mark.parametrize(("name", "flower_class"), [("fedmedian", FedMedian), ("fedtrimmedavg", FedTrimmedAvg)])
 def test_robust_strategies_equal_flowers_own_aggregation(tmp_path, flower_identity, name, flower_class):
     config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, strategy=name, **{"trim-fraction": 0.34}))
-    strategy = build_strategy(config, RunRecorder(tmp_path, config=config))
+    strategy = build_strategy(config, RunRecorder(tmp_path, config=config, plan=manual_plan(config)))
     strategy.expect_updates_of(ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))}))
     ours, _ = strategy.aggregate_train(1, _three_updates())
     kwargs = {"beta": 0.34} if name == "fedtrimmedavg" else {}
@@ -82,7 +82,7 @@ def test_robust_strategies_equal_flowers_own_aggregation(tmp_path, flower_identi
 def test_robust_strategies_aggregate_the_bounded_update(tmp_path, flower_identity, name, flower_class):
     # two sites: the median is their mean and nothing is trimmed, so the bounded value shows in the result
     config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, strategy=name))
-    strategy = build_strategy(config, RunRecorder(tmp_path, config=config))
+    strategy = build_strategy(config, RunRecorder(tmp_path, config=config, plan=manual_plan(config)))
     strategy.expect_updates_of(ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))}))
     values = [np.full((2, 2), v, dtype=np.float32) for v in (1.0, 500.0)]  # norms 2 and 1000
     ours, _ = strategy.aggregate_train(1, [_update_arrays(11 + i, f"s{i}", v, 1) for i, v in enumerate(values)])
@@ -97,7 +97,7 @@ def test_robust_strategies_aggregate_the_bounded_update(tmp_path, flower_identit
 
 
 def test_fedavg_equals_flowers_fedavg(tmp_path, flower_identity):
-    strategy = FedSegFedAvg(recorder=RunRecorder(tmp_path, config=RunConfig.from_mapping(TINY_RUN_CONFIG)))
+    strategy = FedSegFedAvg(recorder=tiny_recorder(tmp_path))
     strategy.expect_updates_of(ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))}))
     ours, ours_metrics = strategy.aggregate_train(1, _three_updates())
     theirs, their_metrics = FedAvg().aggregate_train(1, _three_updates())
@@ -109,7 +109,7 @@ def test_fedavg_equals_flowers_fedavg(tmp_path, flower_identity):
 @pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg"])
 def test_run_config_selects_the_strategy(tmp_path, name):
     config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, strategy=name))
-    strategy = build_strategy(config, RunRecorder(tmp_path, config=config))
+    strategy = build_strategy(config, RunRecorder(tmp_path, config=config, plan=manual_plan(config)))
     assert type(strategy).__name__.lower() == f"fedseg{name}"
     if name == "fedprox":
         assert strategy.proximal_mu == config.proximal_mu
@@ -119,7 +119,7 @@ def test_run_config_selects_the_strategy(tmp_path, name):
 
 def test_an_aggregation_error_keeps_the_model_instead_of_stopping_the_run(tmp_path, flower_identity):
     config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, strategy="fedmedian"))
-    strategy = build_strategy(config, RunRecorder(tmp_path, config=config))
+    strategy = build_strategy(config, RunRecorder(tmp_path, config=config, plan=manual_plan(config)))
     strategy.expect_updates_of(ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))}))
     odd = _update_arrays(12, "s1", np.ones((2, 2), dtype=np.float32), 2)
     odd.content["metrics"]["extra-metric"] = 1.0  # metric keys differ between sites: Flower refuses to aggregate

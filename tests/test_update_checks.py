@@ -11,10 +11,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from server.norm_bounds import NormRule, judge_norms
-from server.run_folder import RunRecorder
 from server.strategies.fedavg import FedSegFedAvg
-from shared.config import RunConfig
-from tests.conftest import TINY_RUN_CONFIG
+from tests.conftest import tiny_recorder
 
 GLOBAL = {"w": np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3), "b": np.full(3, 0.5, dtype=np.float32)}
 
@@ -59,7 +57,7 @@ def _bad_updates():
 
 
 def _strategy(tmp_path, **kwargs):
-    recorder = RunRecorder(tmp_path, config=RunConfig.from_mapping(TINY_RUN_CONFIG))
+    recorder = tiny_recorder(tmp_path)
     strategy = FedSegFedAvg(recorder=recorder, **kwargs)
     strategy.expect_updates_of(ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}))
     return strategy
@@ -203,7 +201,7 @@ def test_result_does_not_depend_on_reply_order(strategy, flower_identity):
 
 
 def test_too_few_accepted_updates_keep_the_global_model(tmp_path, flower_identity):
-    recorder = RunRecorder(tmp_path, config=RunConfig.from_mapping(TINY_RUN_CONFIG))
+    recorder = tiny_recorder(tmp_path)
     strategy = FedSegFedAvg(recorder=recorder, min_train_replies=2)
     strategy.expect_updates_of(ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}))
     arrays, metrics = strategy.aggregate_train(1, [_reply(1, "a", _good(1), 3)])

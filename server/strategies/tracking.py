@@ -76,6 +76,8 @@ class SiteTracking:
         self.min_train_replies = min_train_replies
         self.norm_rule = norm_rule or NormRule()
         self.known_sites: dict[int, str] = {}
+        #: What every train and evaluate message carries in its config record (the run's plan).
+        self.message_config: dict[str, str] = {}
         self._reference: dict[str, np.ndarray] | None = None
 
     # --- strategy state for checkpoints -------------------------------------------------

@@ -1,0 +1,128 @@
+"""Before round 1: fix the run's plan (from the sites' fingerprints, the run config or a file), write plan.json.
+
+With run config ``plan = "auto"`` every connected site is asked for its data
+fingerprint (a ``query.fingerprint`` message; the site replies with aggregates
+only, through its egress guard). Sites that refuse, fail or do not answer in
+``round-timeout`` are recorded in ``plan.json`` and the plan is derived from
+the others; with no fingerprint at all the run stops with a clear error. With
+DP, each site's expected noise against its signal is checked
+(:mod:`shared.dp_advice`) and a site that cannot learn is warned before round 1.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from server.planning import derive_plan
+from server.site_replies import failure_reason, first_metrics, site_of
+from shared.atomic import atomic_write_json
+from shared.dp_advice import DPAdvice, dp_advice
+from shared.errors import ConfigError
+from shared.fingerprint import FINGERPRINT, FINGERPRINT_MESSAGE_TYPE, Fingerprint
+from shared.plan import Plan, resolve_plan_setting
+
+if TYPE_CHECKING:
+    from server.polling_grid import PollingGrid
+    from shared.config import RunConfig
+
+LOG = logging.getLogger("fedseg.server")
+PLAN_FILE = "plan.json"
+
+
+def establish_plan(grid: PollingGrid, config: RunConfig, *, run_dir: Path, known_sites: dict[int, str],
+                   say: Any = print) -> Plan:
+    """The run's plan (see the module docstring); ``plan.json`` is written to ``run_dir``."""
+    fixed = resolve_plan_setting(config)
+    if fixed is not None:
+        write_plan_file(run_dir, fixed, sites={})
+        say(f"[fedseg] plan: {describe(fixed)} ({fixed.source})")
+        return fixed
+    fingerprints, outcomes = collect_fingerprints(grid, config, known_sites=known_sites)
+    plan, pooled = derive_plan(config, fingerprints)
+    sites: dict[str, dict[str, Any]] = {site: {"status": status, "reason": reason}
+                                        for site, (status, reason) in outcomes.items()}
+    for site, fingerprint in fingerprints.items():
+        sites[site] = {"status": "ok", "cases": fingerprint.cases}
+        advice = site_dp_advice(config, plan, fingerprint)
+        if advice is not None:
+            sites[site]["dp"] = advice.to_dict()
+            warning = advice.warning(site)
+            if warning:
+                LOG.warning(warning)
+                say(f"[fedseg] WARNING: {warning}")
+    write_plan_file(run_dir, plan, sites=sites, pooled=pooled.to_dict())
+    say(f"[fedseg] plan from {len(fingerprints)} site fingerprint(s): {describe(plan)}")
+    for site, (status, reason) in sorted(outcomes.items()):
+        say(f"[fedseg]   {site} {status} fingerprint: {reason}")
+    return plan
+
+
+def collect_fingerprints(grid: PollingGrid, config: RunConfig, *, known_sites: dict[int, str]
+                         ) -> tuple[dict[str, Fingerprint], dict[str, tuple[str, str]]]:
+    """Ask every connected node for its fingerprint; return (fingerprints, {site: (status, reason)} of the rest)."""
+    from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+    _, node_ids = sample_nodes(grid, config.min_available_nodes, 0)
+    messages = [grid.create_message(RecordDict({"config": ConfigRecord({"server-round": 0})}),
+                                    FINGERPRINT_MESSAGE_TYPE, node_id, "plan") for node_id in sorted(node_ids)]
+    fingerprints: dict[str, Fingerprint] = {}
+    outcomes: dict[str, tuple[str, str]] = {}
+
+    def take(reply: Message) -> None:
+        site = site_of(reply, known_sites)
+        if reply.has_error():
+            outcomes[site] = ("failed", failure_reason(str(reply.error.reason)))
+        elif first_metrics(reply).get("refused"):
+            outcomes[site] = ("refused", str(reply.content.config_records["site"].get("reason", "no reason given")))
+        elif FINGERPRINT not in reply.content.metric_records:
+            outcomes[site] = ("rejected", "the reply carries no fingerprint")
+        else:
+            try:
+                fingerprints[site] = Fingerprint.from_metrics(dict(reply.content.metric_records[FINGERPRINT]),
+                                                              source=f"site {site}")
+            except ConfigError as exc:
+                outcomes[site] = ("rejected", str(exc))
+
+    for node_id in grid.exchange(messages, timeout=config.round_timeout, on_reply=take):
+        outcomes[known_sites.get(node_id, f"node-{node_id}")] = (
+            "failed", f"no reply within round-timeout ({config.round_timeout:g} s)")
+    if not fingerprints:
+        raise ConfigError("run config key 'plan' = 'auto': no site sent a usable fingerprint "
+                          f"({'; '.join(f'{s}: {r}' for s, (_, r) in sorted(outcomes.items())) or 'no site'}), "
+                          "so no plan can be derived")
+    return fingerprints, outcomes
+
+
+def site_dp_advice(config: RunConfig, plan: Plan, fingerprint: Fingerprint) -> DPAdvice | None:
+    """The site's DP-SGD outlook under ``plan`` (None without DP or when the site did not state its budget)."""
+    if not config.dp or fingerprint.dp_epsilon_left is None:
+        return None
+    import torch
+
+    from shared.model import build_model
+
+    with torch.device("meta"):
+        weights = sum(p.numel() for p in build_model(plan.model_config()).parameters())
+    return dp_advice(cases=fingerprint.cases, batch_size=plan.batch_size, steps_per_round=plan.local_steps,
+                     rounds=config.num_rounds, epsilon=fingerprint.dp_epsilon_left,
+                     delta=fingerprint.dp_delta or 1e-5, weights=weights)
+
+
+def write_plan_file(run_dir: Path, plan: Plan, *, sites: dict[str, Any], pooled: dict[str, Any] | None = None) -> Path:
+    """Write ``plan.json``: the plan, the pooled fingerprint it came from, and each site's outcome (atomically)."""
+    path = Path(run_dir) / PLAN_FILE
+    atomic_write_json(path, {"plan": plan.to_dict(), "pooled-fingerprint": pooled, "sites": sites})
+    return path
+
+
+def describe(plan: Plan) -> str:
+    """One line: network, spacing, patch, batch, steps."""
+    spacing = "x".join(f"{s:g}" for s in plan.target_spacing)
+    patch = "x".join(map(str, plan.patch_size))
+    return (f"{plan.model} {plan.spatial_dims}D, {len(plan.channels)} levels ({plan.channels[0]}-{plan.channels[-1]} "
+            f"filters), spacing {spacing} mm, patch {patch}, batch {plan.batch_size}, {plan.local_steps} steps/round, "
+            f"slicing {plan.slicing if plan.spatial_dims == 2 else '-'}")

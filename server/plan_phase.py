@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from server.planning import derive_plan
+from server.planning import derive_plan, plan_notes
 from server.site_replies import failure_reason, first_metrics, site_of
 from shared.atomic import atomic_write_json
 from shared.dp_advice import DPAdvice, dp_advice
@@ -54,8 +54,11 @@ def establish_plan(grid: PollingGrid, config: RunConfig, *, run_dir: Path, known
             if warning:
                 LOG.warning(warning)
                 say(f"[fedseg] WARNING: {warning}")
-    write_plan_file(run_dir, plan, sites=sites, pooled=pooled.to_dict())
+    notes = plan_notes(config, fingerprints)
+    write_plan_file(run_dir, plan, sites=sites, pooled=pooled.to_dict(), notes=notes)
     say(f"[fedseg] plan from {len(fingerprints)} site fingerprint(s): {describe(plan)}")
+    for note in notes:
+        say(f"[fedseg]   note: {note}")
     for site, (status, reason) in sorted(outcomes.items()):
         say(f"[fedseg]   {site} {status} fingerprint: {reason}")
     return plan
@@ -112,10 +115,13 @@ def site_dp_advice(config: RunConfig, plan: Plan, fingerprint: Fingerprint) -> D
                      delta=fingerprint.dp_delta or 1e-5, weights=weights)
 
 
-def write_plan_file(run_dir: Path, plan: Plan, *, sites: dict[str, Any], pooled: dict[str, Any] | None = None) -> Path:
-    """Write ``plan.json``: the plan, the pooled fingerprint it came from, and each site's outcome (atomically)."""
+def write_plan_file(run_dir: Path, plan: Plan, *, sites: dict[str, Any], pooled: dict[str, Any] | None = None,
+                    notes: list[str] | None = None) -> Path:
+    """Write ``plan.json``: the plan, the pooled fingerprint it came from, each site's outcome and notes
+    on the plan's fit to the data (atomically)."""
     path = Path(run_dir) / PLAN_FILE
-    atomic_write_json(path, {"plan": plan.to_dict(), "pooled-fingerprint": pooled, "sites": sites})
+    atomic_write_json(path, {"plan": plan.to_dict(), "pooled-fingerprint": pooled, "sites": sites,
+                             "notes": notes or []})
     return path
 
 

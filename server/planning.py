@@ -194,3 +194,22 @@ def _shrunk(patch: tuple[int, ...], spacing: tuple[float, ...], median_shape: tu
     if tuple(smaller) == tuple(patch):
         smaller[axis] = max(8, patch[axis] // 2)
     return pool_and_conv_props(spacing, smaller).patch_size
+
+
+def plan_notes(config: RunConfig, fingerprints: Mapping[str, Fingerprint]) -> list[str]:
+    """What the operator should know about the plan's fit to the data (written to ``plan.json``)."""
+    notes = []
+    cases = sum(f.cases for f in fingerprints.values())
+    isotropic = sum(f.isotropic_cases for f in fingerprints.values())
+    thick = {axis: sum(f.thickest_axis_cases[axis] for f in fingerprints.values()) for axis in range(3)}
+    if config.spatial_dims == 2 and isotropic > cases / 2:
+        notes.append(f"{isotropic} of {cases} cases are (near) isotropic volumes: a 3D model "
+                     "(spatial-dims = 3) sees their context in all directions and may segment better")
+    mixed = [axis for axis, n in thick.items() if n and axis != 2]
+    if config.spatial_dims == 2 and mixed:
+        names = {0: "sagittal (L-R)", 1: "coronal (A-P)"}
+        notes.append("cases with thick " + ", ".join(f"{names[a]} slices: {thick[a]}" for a in mixed)
+                     + f"; with slicing = {config.slicing!r} they are "
+                     + ("sliced across their thick axis" if config.slicing == "lowest-resolution"
+                        else "cut axially into strips (slicing = 'lowest-resolution' trains on whole slices)"))
+    return notes

@@ -104,3 +104,15 @@ def test_the_plan_derives_from_real_fingerprints_of_two_sites(tmp_path):
     assert plan.target_spacing == (1.0, 1.0) and pooled.cases == 6
     assert all(size <= 32 for size in plan.patch_size)  # clipped to the 24 mm images (then divisible)
     assert plan.model_config().name == "dynunet"
+
+
+def test_the_plan_notes_thick_coronal_sites_and_isotropic_volumes(tmp_path):
+    from server.planning import plan_notes
+    from shared.config import RunConfig
+
+    fingerprints = {"axial": site_fingerprint(_site(tmp_path / "a", 4)),
+                    "coronal": site_fingerprint(_site(tmp_path / "c", 4, affine=CORONAL_THICK, shape=(24, 10, 24)))}
+    notes = plan_notes(RunConfig.from_mapping({"slicing": "axial"}), fingerprints)
+    assert any("coronal (A-P) slices: 3" in n and "strips" in n for n in notes)
+    isotropic = plan_notes(RunConfig(), {"axial": fingerprints["axial"]})
+    assert any("spatial-dims = 3" in n for n in isotropic)

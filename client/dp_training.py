@@ -168,7 +168,7 @@ def train_local_dp(model: torch.nn.Module, loader: Any, *, config: RunConfig, pl
     ``batch-size``, one patch per case, its generator from :func:`private_generator`);
     Opacus replaces its sampler by Poisson sampling at ``plan.sample_rate``.
     """
-    from client.training import make_optimizer, mean_loss, run_epochs
+    from client.training import make_loss, make_optimizer, mean_loss, run_epochs
 
     model.to(device).train()
     optimizer = make_optimizer(model, config=config)
@@ -180,7 +180,7 @@ def train_local_dp(model: torch.nn.Module, loader: Any, *, config: RunConfig, pl
     _check_mechanism(dp_loader, plan, epochs=config.local_epochs)
     try:
         losses = run_epochs(model, dp_loader, dp_optimizer, epochs=config.local_epochs, device=device,
-                            per_sample_grads=True)
+                            per_sample_grads=True, loss_fn=make_loss(model_config=config.model_config()))
     finally:
         hooks.cleanup()
     if not losses:  # tiny sites: every Poisson batch of the round can come up empty

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from shared.errors import ConfigError
-from shared.model import ModelConfig
+from shared.model import DEFAULT_ACT, MODELS, ModelConfig, ModelConfigError, default_deep_supervision
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
 DEVICES = ("auto", "cpu", "cuda")
@@ -64,6 +64,13 @@ class RunConfig:
     r+1's training (:func:`server.rounds.run_rounds`): the same work and results,
     one wait for the slowest site per round instead of two, but round r's
     metrics and checkpoint are written only once round r+1's updates are in.
+
+    ``model`` names the network (``shared.model.MODELS``): ``unet`` (MONAI
+    UNet, ReLU) or ``dynunet`` (MONAI DynUNet, nnU-Net's network: plain
+    convolution blocks, LeakyReLU; ``num-res-units`` is the U-Net's only).
+    ``deep-supervision`` is DynUNet's number of deep-supervision heads (0 =
+    off); -1 (default) = nnU-Net's rule, ``levels - 3`` heads for dynunet
+    (``levels`` = entries of ``channels``) and none for unet.
     """
 
     num_rounds: int = 5
@@ -77,6 +84,8 @@ class RunConfig:
     channels: str = "16,32,64,128"
     strides: str = "2,2,2"
     num_res_units: int = 1
+    model: str = "unet"
+    deep_supervision: int = -1
     patch_size: int = 64
     target_spacing: float = 1.0
     ct_window: str = "-1000,1000"
@@ -132,13 +141,20 @@ class RunConfig:
 
     def model_config(self) -> ModelConfig:
         """Return the architecture this run trains."""
+        channels = parse_int_list(self.channels, key="channels")
+        deep_supervision = self.deep_supervision
+        if deep_supervision == -1:
+            deep_supervision = default_deep_supervision(self.model, levels=len(channels))
         return ModelConfig(
             spatial_dims=self.spatial_dims,
             in_channels=self.in_channels,
             num_classes=self.num_classes,
-            channels=parse_int_list(self.channels, key="channels"),
+            channels=channels,
             strides=parse_int_list(self.strides, key="strides"),
-            num_res_units=self.num_res_units,
+            num_res_units=self.num_res_units if self.model == "unet" else 0,
+            act=DEFAULT_ACT[self.model],
+            name=self.model,
+            deep_supervision=deep_supervision,
         )
 
     def _check_types(self) -> None:
@@ -221,6 +237,21 @@ class RunConfig:
             divisor *= stride
         _require(self.patch_size % divisor == 0, "patch_size",
                  f"must be divisible by the product of strides ({divisor})", self.patch_size)
+        self._check_model(divisor)
+
+    def _check_model(self, divisor: int) -> None:
+        """The network keys (``model``, ``deep-supervision``); ModelConfig's rules, named as run config keys."""
+        _require(self.model in MODELS, "model", f"must be one of {sorted(MODELS)}", self.model)
+        _require(self.deep_supervision >= -1, "deep_supervision", "must be >= 0, or -1 (nnU-Net's rule)",
+                 self.deep_supervision)
+        # instance norm normalises over the lowest level's voxels: one voxel would make it fail in training
+        _require(self.patch_size // divisor >= 2, "patch_size",
+                 f"must be at least twice the product of strides ({divisor})", self.patch_size)
+        try:
+            self.model_config()
+        except ModelConfigError as exc:
+            field = {"name": "model"}.get(exc.field, exc.field)
+            _require(False, field, exc.rule, getattr(self, field, exc.value))
 
 
 def _require(ok: bool, field_name: str, rule: str, value: Any) -> None:

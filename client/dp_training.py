@@ -163,12 +163,13 @@ def private_generator() -> torch.Generator:
 
 
 def train_local_dp(model: torch.nn.Module, loader: Any, *, config: RunConfig, plan: DPPlan,
-                   device: torch.device) -> tuple[float, int]:
+                   device: torch.device, loss_fn: torch.nn.Module | None = None) -> tuple[float, int]:
     """Train ``model`` in place with DP-SGD for ``plan.steps`` steps; return (mean train loss, steps).
 
     ``loader`` is one shuffled pass over the cases (the plan's batch size, one
     patch per case, its generator from :func:`private_generator`); Opacus
-    replaces its sampler by Poisson sampling at ``plan.sample_rate``.
+    replaces its sampler by Poisson sampling at ``plan.sample_rate``. ``loss_fn``: as
+    :func:`client.training.train_local`.
     """
     from client.training import make_optimizer, mean_loss, run_steps
 
@@ -181,7 +182,8 @@ def train_local_dp(model: torch.nn.Module, loader: Any, *, config: RunConfig, pl
     dp_loader.collate_fn.sample_empty_shapes = None
     _check_mechanism(dp_loader, plan)
     try:
-        losses = run_steps(model, dp_loader, dp_optimizer, steps=plan.steps, device=device, per_sample_grads=True)
+        losses = run_steps(model, dp_loader, dp_optimizer, steps=plan.steps, device=device, per_sample_grads=True,
+                           loss_fn=loss_fn)
     finally:
         hooks.cleanup()
     if not losses:  # tiny sites: every Poisson batch of the round can come up empty

@@ -167,7 +167,7 @@ def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig, 
 
     from client.loading import training_loader
     from client.site_data import load_training_cases
-    from client.training import train_local
+    from client.training import make_loss, train_local
     from shared.device import resolve_device
     from shared.model import build_model
     from shared.weights import load_arrays, model_to_arrays
@@ -191,7 +191,7 @@ def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig, 
         loader = training_loader(cases, augment, batch_size=plan.batch_size, steps=plan.local_steps,
                                  generator=torch.Generator().manual_seed(seed))
         result = train_local(model, loader, config=config, device=device, num_examples=len(cases),
-                             proximal_mu=proximal_mu)
+                             proximal_mu=proximal_mu, loss_fn=make_loss(model_config=plan.model_config()))
         metrics = {"num-examples": result.num_examples, "train-loss": result.train_loss,
                    "steps": result.steps, "dp": 0}
     arrays = model_to_arrays(model)

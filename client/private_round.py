@@ -31,6 +31,7 @@ def train_private(model: Any, cases: list, augment: Any, *, config: RunConfig, p
     from client.dp_training import plan_round, private_generator, train_local_dp
     from client.loading import training_loader
     from client.privacy_ledger import PrivacyLedger
+    from client.training import make_loss
 
     if not cases:
         raise DataError("the site has no training cases")
@@ -43,7 +44,8 @@ def train_private(model: Any, cases: list, augment: Any, *, config: RunConfig, p
         sample_rate=mechanism.sample_rate, steps=mechanism.steps, max_epsilon=site.max_epsilon)
     _warn_if_noise_dominates(model, mechanism, cases=len(cases), site=site.site_id)
     loader = training_loader(cases, augment, batch_size=plan.batch_size, generator=private_generator())
-    train_loss, steps = train_local_dp(model, loader, config=config, plan=mechanism, device=device)
+    train_loss, steps = train_local_dp(model, loader, config=config, plan=mechanism, device=device,
+                                       loss_fn=make_loss(model_config=plan.model_config()))
     LOG.info("site %s: DP round %d, epsilon +%.3f -> %.3f of %.3f", site.site_id, server_round,
              charge.epsilon_round, charge.epsilon, site.max_epsilon)
     return {"num-examples": len(cases), "train-loss": train_loss, "steps": steps, "dp": 1,

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     import torch
 
     from shared.config import RunConfig
+    from shared.model import ModelConfig
     from shared.plan import Plan
 
 
@@ -38,7 +39,7 @@ class EvalResult:
     per_case: list[dict[str, Any]] = field(default_factory=list)
 
 
-def make_loss() -> torch.nn.Module:
+def make_loss(*, model_config: ModelConfig | None = None) -> torch.nn.Module:
     """Dice (foreground classes only) + cross-entropy on softmax outputs, labels as class indices.
 
     The Dice term leaves the background class out (``include_background=False``,
@@ -47,10 +48,22 @@ def make_loss() -> torch.nn.Module:
     "predict nothing" plateau from three rounds to two and raised federated Dice
     (BENCHMARKS.md, issue 7). The loss is still a mean of per-case terms
     (``batch=False``), as DP-SGD's per-sample clipping needs.
+
+    With deep supervision in ``model_config`` (DynUNet), MONAI's
+    ``DeepSupervisionLoss`` wraps it (:class:`client.losses.StackedDeepSupervisionLoss`):
+    every output is scored against the target and weighted ``1, 1/2, 1/4, ...``
+    normalised to sum 1, as nnU-Net does, so the total stays on the scale of
+    one DiceCE (the same learning rate and clipping norm fit) and, a weighted
+    sum of batch means of per-case terms, is still a mean of per-case terms.
     """
     from monai.losses import DiceCELoss
 
-    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+    loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+    if model_config is None or model_config.deep_supervision == 0:
+        return loss
+    from client.losses import StackedDeepSupervisionLoss, nnunet_weights
+
+    return StackedDeepSupervisionLoss(loss, weights=nnunet_weights(model_config.deep_supervision + 1))
 
 
 SGD_MOMENTUM = 0.9
@@ -72,12 +85,13 @@ def make_optimizer(model: torch.nn.Module, *, config: RunConfig) -> torch.optim.
 
 
 def train_local(model: torch.nn.Module, loader: Any, *, config: RunConfig, device: torch.device,
-                num_examples: int, proximal_mu: float = 0.0) -> TrainResult:
+                num_examples: int, proximal_mu: float = 0.0, loss_fn: torch.nn.Module | None = None) -> TrainResult:
     """Train ``model`` in place for one pass over ``loader`` (no DP): its batches are the round's steps.
 
     With ``proximal_mu`` > 0 (FedProx), the loss gains ``(mu / 2) * ||w - w_global||^2``,
     where ``w_global`` are the weights ``model`` holds when this is called.
-    ``train_loss`` reports the task loss alone.
+    ``train_loss`` reports the task loss alone. ``loss_fn`` defaults to :func:`make_loss`
+    (pass ``make_loss(model_config=...)`` for a network with deep supervision).
     """
     if num_examples == 0:
         raise DataError("the site has no training cases")
@@ -87,7 +101,7 @@ def train_local(model: torch.nn.Module, loader: Any, *, config: RunConfig, devic
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     optimizer = make_optimizer(model, config=config)
     losses = run_steps(model, loader, optimizer, steps=len(loader), device=device,
-                       proximal=(global_params, proximal_mu))
+                       proximal=(global_params, proximal_mu), loss_fn=loss_fn)
     return TrainResult(num_examples=num_examples, train_loss=mean_loss(losses), steps=len(loader))
 
 
@@ -98,7 +112,7 @@ def mean_loss(losses: list[float]) -> float:
 
 def run_steps(model: torch.nn.Module, loader: Any, optimizer: Any, *, steps: int,
               device: torch.device, proximal: tuple[list[torch.Tensor], float] = ([], 0.0),
-              per_sample_grads: bool = False) -> list[float]:
+              per_sample_grads: bool = False, loss_fn: torch.nn.Module | None = None) -> list[float]:
     """The training loop both modes share: ``steps`` optimizer steps over ``loader`` (re-iterated as
     needed); returns the (task) loss of every step that saw examples.
 
@@ -108,10 +122,11 @@ def run_steps(model: torch.nn.Module, loader: Any, optimizer: Any, *, steps: int
     :class:`DataError` if the loader yields no batch at all.
     ``proximal`` = (global weights, mu) adds FedProx's term to the loss.
     ``per_sample_grads``: the optimizer is Opacus' (see :func:`train_step`).
+    ``loss_fn`` defaults to :func:`make_loss` (no deep supervision).
     """
     import torch
 
-    loss_fn = make_loss()
+    loss_fn = make_loss() if loss_fn is None else loss_fn
     losses: list[float] = []
     taken = 0
     while taken < steps:

@@ -91,6 +91,13 @@ class RunConfig:
     r+1's training (:func:`server.rounds.run_rounds`): the same work and results,
     one wait for the slowest site per round instead of two, but round r's
     metrics and checkpoint are written only once round r+1's updates are in.
+
+    ``model`` names the network (``shared.model.MODELS``): ``unet`` (MONAI
+    UNet, ReLU) or ``dynunet`` (MONAI DynUNet, nnU-Net's network: plain
+    convolution blocks, LeakyReLU; ``num-res-units`` is the U-Net's only).
+    ``deep-supervision`` is DynUNet's number of deep-supervision heads (0 =
+    off); -1 (default) = nnU-Net's rule, ``levels - 3`` heads for dynunet
+    (``levels`` = entries of ``channels``) and none for unet.
     """
 
     num_rounds: int = 5
@@ -107,6 +114,7 @@ class RunConfig:
     channels: str = AUTO
     strides: str = AUTO
     num_res_units: int = -1
+    deep_supervision: int = -1
     base_filters: int = 0
     max_filters: int = 0
     patch_size: str = AUTO
@@ -278,6 +286,10 @@ class RunConfig:
         require_together(self.model == "unet" or self.num_res_units < 0, ("num-res-units", "model"),
                          f"'num-res-units' shapes the 'unet' only, and model is {self.model!r} (preset "
                          f"{self.preset!r} or an explicit value sets it)")
+        _require(self.deep_supervision >= -1, "deep_supervision", "must be >= 0, or -1 (nnU-Net's rule)",
+                 self.deep_supervision)
+        require_together(self.deep_supervision <= 0 or self.model == "dynunet", ("deep-supervision", "model"),
+                         f"deep-supervision heads are DynUNet's, and model is {self.model!r}")
         _require(self.max_filters >= self.base_filters, "max_filters", f"must be >= base-filters "
                  f"({self.base_filters})", self.max_filters)
         patch = self.patch_size_tuple()
@@ -297,6 +309,23 @@ class RunConfig:
         for size in patch or ():
             _require(size % divisor == 0, "patch_size", f"must be divisible by the product of strides ({divisor})",
                      self.patch_size)
+            # instance norm normalises over the lowest level's voxels: one voxel would make it fail in training
+            _require(size // divisor >= 2, "patch_size", f"must be at least twice the product of strides ({divisor})",
+                     self.patch_size)
+        self._check_network(channels, strides)
+
+    def _check_network(self, channels: tuple[int, ...], strides: tuple[int, ...]) -> None:
+        """Hand-set levels must make a network of ``model``: ModelConfig's rules, named as run config keys."""
+        from shared.model import ModelConfig, ModelConfigError
+
+        try:
+            ModelConfig(name=self.model, spatial_dims=self.spatial_dims, in_channels=self.in_channels,
+                        num_classes=self.num_classes, channels=channels, strides=strides,
+                        num_res_units=max(self.num_res_units, 0) if self.model == "unet" else 0,
+                        deep_supervision=max(self.deep_supervision, 0))
+        except ModelConfigError as exc:
+            field = {"name": "model"}.get(exc.field, exc.field)
+            _require(False, field, exc.rule, getattr(self, field, exc.value))
 
     def _check_privacy(self) -> None:
         _require(self.dp_max_grad_norm > 0, "dp_max_grad_norm", "must be > 0", self.dp_max_grad_norm)

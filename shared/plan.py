@@ -185,7 +185,8 @@ def planned(config: RunConfig, *, spacing: Sequence[float], patch: Sequence[int]
                 slicing=config.slicing, foreground_fraction=config.foreground_fraction, normalization=normalization,
                 ct_window=config.ct_window_range(), model=config.model, channels=channels, strides=strides,
                 kernels=kernels, num_res_units=(config.num_res_units if config.num_res_units >= 0 else 1) if config.model == "unet" else 0,
-                deep_supervision=default_deep_supervision(config.model, levels=len(channels)))
+                deep_supervision=config.deep_supervision if config.deep_supervision >= 0
+                else default_deep_supervision(config.model, levels=len(channels)))
     if batch_size is None:
         batch_size = config.batch_size or batch_for_memory(plan, budget_mb=config.memory_budget_mb,
                                                            per_sample_grads=config.dp, maximum=max_batch)

@@ -66,7 +66,7 @@ def train_model(datalists: list[Path], plan: Plan, config: Any, *, steps: int, s
 
     from client.loading import training_loader
     from client.site_data import load_training_cases
-    from client.training import train_local
+    from client.training import make_loss, train_local
     from shared.model import build_model
 
     set_determinism(seed=seed)
@@ -78,7 +78,8 @@ def train_model(datalists: list[Path], plan: Plan, config: Any, *, steps: int, s
     model = build_model(plan.model_config())
     loader = training_loader(cases, augment, batch_size=plan.batch_size, steps=steps,
                              generator=torch.Generator().manual_seed(seed))
-    train_local(model, loader, config=config, device=device, num_examples=len(cases))
+    train_local(model, loader, config=config, device=device, num_examples=len(cases),
+                loss_fn=make_loss(model_config=plan.model_config()))
     return model
 
 

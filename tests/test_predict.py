@@ -167,3 +167,16 @@ def test_predict_with_a_planned_dynunet_uses_the_plan_in_the_model_file(tmp_path
     result = predict_scan(model_path=path, input_path=tmp_path / entries[2]["image"],
                           output_path=tmp_path / "mask.nii.gz")
     assert result.shape == (24, 20, 12) and sum(result.voxels_per_class.values()) == 24 * 20 * 12
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_a_dynunet_model_file_predicts_in_the_input_geometry(tmp_path, spatial_dims, capsys):
+    image, label = ct_volume(0)
+    entry = write_nifti_case(tmp_path, "case", image, label)
+    model = _model_file(tmp_path, **{"model": "dynunet", "channels": "4,8,16", "strides": "2,2", "num-res-units": -1,
+                                     "deep-supervision": 1, "spatial-dims": spatial_dims})
+    code = main(["predict", "--model", str(model), "--input", str(tmp_path / entry["image"]),
+                 "--output", str(tmp_path / "out.nii.gz"), "--device", "cpu"])
+    assert code == 0 and "wrote" in capsys.readouterr().out
+    written = nib.load(tmp_path / "out.nii.gz")
+    assert written.shape == image.shape and set(np.unique(written.get_fdata())) <= {0.0, 1.0}

@@ -24,6 +24,7 @@ from shared.model import build_model
 from shared.plan import manual_plan
 from shared.weights import arrays_to_state_dict, model_to_arrays
 from tests.conftest import REPO, TINY_RUN_CONFIG
+from tests.per_sample import clipped_mean, dp_step, single_example_grads
 
 DP_RUN = dict(TINY_RUN_CONFIG, **{"dp": True, "dp-noise-multiplier": 1.5, "dp-noise-from-budget": False,
                                   "batch-size": 2})
@@ -227,25 +228,10 @@ def test_per_sample_gradients_are_clipped_like_single_example_backward(mode):
     images = torch.randn(4, 1, 32, 32) * torch.tensor([1.0, 5.0, 0.2, 3.0]).view(4, 1, 1, 1)
     labels = (torch.rand(4, 1, 32, 32) > 0.7).float()
     loss_fn, clip = make_loss(), 0.05
+    expected, norms = clipped_mean(single_example_grads(model, loss_fn, images, labels), clip=clip)
 
-    expected = [torch.zeros_like(p) for p in model.parameters()]
-    norms = []
-    for index in range(4):  # torch, one example at a time, clipped by hand
-        model.zero_grad()
-        loss_fn(model(images[index:index + 1]), labels[index:index + 1]).backward()
-        grads = [p.grad.detach().clone() for p in model.parameters()]
-        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
-        norms.append(float(norm))
-        for total, grad in zip(expected, grads):
-            total += grad * min(1.0, clip / (float(norm) + 1e-6)) / 4
-
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    plan = DPPlan(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=1.0, steps=1, grad_sample_mode=mode)
-    hooks, dp_optimizer, _ = make_private(model, optimizer, loader, plan=plan)
     # the training loop DP training runs (backward to the input only), one step at lr 0 without noise
-    run_steps(model, [{"image": images, "label": labels}], dp_optimizer, steps=1, device=torch.device("cpu"),
-              per_sample_grads=True)
+    hooks = dp_step(model, loss_fn, images, labels, mode=mode, clip=clip)
     per_sample = torch.sqrt(sum((p.grad_sample.flatten(1) ** 2).sum(1) for p in model.parameters()))
     assert per_sample.tolist() == pytest.approx(norms, rel=1e-3)
     assert min(norms) > clip, "the test needs every example above the clipping norm"

@@ -17,27 +17,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from shared.config_checks import check_ranges
 from shared.config_values import (
     AUTO,
     parse_float_list,
     parse_int_list,
     per_axis,
     require,
-    require_together,
     to_key,
 )
 from shared.errors import ConfigError
 
 __all__ = ["AUTO", "PRESETS", "RunConfig", "parse_float_list", "parse_int_list", "to_key"]
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
-DEVICES = ("auto", "cpu", "cuda")
-# Opacus per-sample gradient modes fedseg allows; "auto" picks the fastest measured one per model.
-# "ghost" is excluded on purpose: it needs a per-sample loss and clips wrongly with MONAI's DiceCELoss.
-GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch")
-OPTIMIZERS = ("adam", "sgd")
-SLICINGS = ("lowest-resolution", "axial")
-PLAN_MODES = ("auto", "manual")
 
 #: Named recipes. A preset's value is taken for every key the run config leaves unset.
 #: "default" is what ``flwr run``, ``deploy.run_federation`` and the harness train unless told
@@ -155,7 +147,7 @@ class RunConfig:
         self._check_types()
         require(self.preset in PRESETS, "preset", f"must be one of {sorted(PRESETS)}", self.preset)
         self._apply_preset()
-        self._check_ranges()
+        check_ranges(self)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -191,7 +183,8 @@ class RunConfig:
         try:
             low, high = (float(part) for part in self.ct_window.split(","))
         except ValueError:
-            raise ConfigError(f"run config key 'ct-window': expected 'LOW,HIGH' in HU, got {self.ct_window!r}") from None
+            raise ConfigError(f"run config key 'ct-window': expected 'LOW,HIGH' in HU, "
+                              f"got {self.ct_window!r}") from None
         require(low < high, "ct-window", "needs LOW < HIGH", self.ct_window)
         return low, high
 
@@ -199,7 +192,8 @@ class RunConfig:
         """``patch-size`` per axis, or None when the plan derives it."""
         if self.patch_size == AUTO:
             return None
-        return per_axis(parse_int_list(self.patch_size, key="patch-size"), dims=self.spatial_dims, key="patch-size")
+        sizes = parse_int_list(self.patch_size, key="patch-size")
+        return per_axis(sizes, dims=self.spatial_dims, key="patch-size")
 
     def target_spacing_tuple(self) -> tuple[float, ...] | None:
         """``target-spacing`` in mm (one value, or one per axis: 2 in 2D, 3 in 3D), or None when planned."""
@@ -235,115 +229,6 @@ class RunConfig:
                     f"run config key '{to_key(f.name)}': expected {expected.__name__}, "
                     f"got {type(value).__name__} {value!r}"
                 )
-
-    def _check_ranges(self) -> None:
-        for name in ("num_rounds", "in_channels", "round_timeout"):
-            _require(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
-        for name in ("local_steps", "learning_rate", "base_filters", "max_filters", "memory_budget_mb"):
-            _require(getattr(self, name) > 0, name, f"must be > 0 (preset {self.preset!r} leaves it unset)",
-                     getattr(self, name))
-        _require(self.batch_size >= 0, "batch_size", "must be > 0 (or 0: from the plan)", self.batch_size)
-        _require(self.spatial_dims in (2, 3), "spatial_dims", "must be 2 or 3", self.spatial_dims)
-        _require(self.num_classes >= 2, "num_classes", "must be >= 2 (background + one class)", self.num_classes)
-        _require(self.plan in PLAN_MODES or self.plan.endswith(".json"), "plan",
-                 f"must be one of {PLAN_MODES} or the path of a plan.json", self.plan)
-        _require(self.slicing in SLICINGS, "slicing", f"must be one of {SLICINGS}", self.slicing)
-        _require(0.0 <= self.foreground_fraction <= 1.0, "foreground_fraction", "must be in [0, 1]",
-                 self.foreground_fraction)
-        _require(self.device in DEVICES or self.device.startswith("cuda:"), "device",
-                 f"must be one of {DEVICES} or 'cuda:N'", self.device)
-        _require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}", self.optimizer)
-        _require(self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}", self.strategy)
-        for name in ("fraction_train", "fraction_evaluate"):
-            _require(0.0 <= getattr(self, name) <= 1.0, name, "must be in [0, 1]", getattr(self, name))
-        for name in ("update_norm_bound_factor", "proximal_mu"):
-            _require(getattr(self, name) >= 0, name, "must be >= 0 (0 turns it off)", getattr(self, name))
-        # update norm rule (server.norm_bounds): a bound below the median would scale the majority down,
-        # and a norm rejection needs a median and a MAD that two or three sites cannot give
-        bound_factor = self.update_norm_bound_factor
-        _require(bound_factor == 0 or bound_factor >= 1, "update_norm_bound_factor",
-                 "must be 0 (off) or >= 1", bound_factor)
-        _require(self.outlier_norm_factor >= max(1.0, bound_factor), "outlier_norm_factor",
-                 "must be >= 1 and >= update-norm-bound-factor", self.outlier_norm_factor)
-        _require(self.outlier_min_sites == 0 or self.outlier_min_sites >= 4, "outlier_min_sites",
-                 "must be 0 (never reject on norm) or >= 4", self.outlier_min_sites)
-        for name in ("server_learning_rate", "server_tau"):
-            _require(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
-        _require(0.0 <= self.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)", self.trim_fraction)
-        for name in ("min_train_nodes", "min_available_nodes", "min_train_replies"):
-            _require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
-        names = [n for n in self.class_names.split(",") if n.strip()]
-        _require(not names or len(names) == self.num_classes, "class_names",
-                 f"needs one name per class ({self.num_classes}, background first)", self.class_names)
-        self.ct_window_range()
-        self._check_architecture()
-        self._check_privacy()
-
-    def _check_architecture(self) -> None:
-        from shared.model import MODELS
-
-        _require(self.model in MODELS, "model", f"must be one of {sorted(MODELS)}", self.model)
-        require_together(self.model == "unet" or self.num_res_units < 0, ("num-res-units", "model"),
-                         f"'num-res-units' shapes the 'unet' only, and model is {self.model!r} (preset "
-                         f"{self.preset!r} or an explicit value sets it)")
-        _require(self.deep_supervision >= -1, "deep_supervision", "must be >= 0, or -1 (nnU-Net's rule)",
-                 self.deep_supervision)
-        require_together(self.deep_supervision <= 0 or self.model == "dynunet", ("deep-supervision", "model"),
-                         f"deep-supervision heads are DynUNet's, and model is {self.model!r}")
-        _require(self.max_filters >= self.base_filters, "max_filters", f"must be >= base-filters "
-                 f"({self.base_filters})", self.max_filters)
-        patch = self.patch_size_tuple()
-        self.target_spacing_tuple()
-        channels = None if self.channels == AUTO else parse_int_list(self.channels, key="channels")
-        strides = None if self.strides == AUTO else parse_int_list(self.strides, key="strides")
-        require_together((channels is None) == (strides is None), ("channels", "strides"),
-                         "set both (the network's levels and the downsampling between them) or neither")
-        if channels is None or strides is None:
-            return
-        _require(len(channels) >= 2, "channels", "needs at least two levels", self.channels)
-        _require(len(strides) == len(channels) - 1, "strides",
-                 f"needs one entry fewer than channels ({len(channels) - 1})", self.strides)
-        divisor = 1
-        for stride in strides:
-            divisor *= stride
-        for size in patch or ():
-            _require(size % divisor == 0, "patch_size", f"must be divisible by the product of strides ({divisor})",
-                     self.patch_size)
-            # instance norm normalises over the lowest level's voxels: one voxel would make it fail in training
-            _require(size // divisor >= 2, "patch_size", f"must be at least twice the product of strides ({divisor})",
-                     self.patch_size)
-        self._check_network(channels, strides)
-
-    def _check_network(self, channels: tuple[int, ...], strides: tuple[int, ...]) -> None:
-        """Hand-set levels must make a network of ``model``: ModelConfig's rules, named as run config keys."""
-        from shared.model import ModelConfig, ModelConfigError
-
-        try:
-            ModelConfig(name=self.model, spatial_dims=self.spatial_dims, in_channels=self.in_channels,
-                        num_classes=self.num_classes, channels=channels, strides=strides,
-                        num_res_units=max(self.num_res_units, 0) if self.model == "unet" else 0,
-                        deep_supervision=max(self.deep_supervision, 0))
-        except ModelConfigError as exc:
-            field = {"name": "model"}.get(exc.field, exc.field)
-            _require(False, field, exc.rule, getattr(self, field, exc.value))
-
-    def _check_privacy(self) -> None:
-        _require(self.dp_max_grad_norm > 0, "dp_max_grad_norm", "must be > 0", self.dp_max_grad_norm)
-        for name in ("dp_noise_multiplier", "dp_target_epsilon"):
-            _require(getattr(self, name) >= 0, name, "must be >= 0 (0: not the noise's source)", getattr(self, name))
-        sources = [key for key, on in (("dp-noise-from-budget", self.dp_noise_from_budget),
-                                       ("dp-target-epsilon", self.dp_target_epsilon > 0),
-                                       ("dp-noise-multiplier", self.dp_noise_multiplier > 0)) if on]
-        require_together(not self.dp or len(sources) == 1, ("dp-noise-from-budget", "dp-target-epsilon",
-                                                            "dp-noise-multiplier"),
-                         f"exactly one must name the DP noise's source, got {sources or 'none'} (set "
-                         f"dp-noise-from-budget = false to use another)")
-        require_together(not (self.dp and self.strategy == "fedprox"), ("dp", "strategy"),
-                         "FedProx cannot be combined with DP: Opacus clips and noises per-sample gradients only, "
-                         "so the proximal term would be dropped")
-        _require(self.dp_grad_sample_mode in GRAD_SAMPLE_MODES, "dp_grad_sample_mode",
-                 f"must be one of {GRAD_SAMPLE_MODES}", self.dp_grad_sample_mode)
-
 
 _DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
 

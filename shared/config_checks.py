@@ -1,0 +1,138 @@
+"""The range checks and the rules that tie run-config keys together; every error names the key(s)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from shared.config_values import AUTO, parse_int_list, require, require_together, to_key
+
+if TYPE_CHECKING:
+    from shared.config import RunConfig
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
+DEVICES = ("auto", "cpu", "cuda")
+# Opacus per-sample gradient modes fedseg allows; "auto" picks the fastest measured one per model.
+# "ghost" is excluded on purpose: it needs a per-sample loss and clips wrongly with MONAI's DiceCELoss.
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch")
+OPTIMIZERS = ("adam", "sgd")
+SLICINGS = ("lowest-resolution", "axial")
+PLAN_MODES = ("auto", "manual")
+
+
+def check_ranges(config: RunConfig) -> None:
+    for name in ("num_rounds", "in_channels", "round_timeout"):
+        _require(getattr(config, name) > 0, name, "must be > 0", getattr(config, name))
+    for name in ("local_steps", "learning_rate", "base_filters", "max_filters", "memory_budget_mb"):
+        _require(getattr(config, name) > 0, name, f"must be > 0 (preset {config.preset!r} leaves it unset)",
+                 getattr(config, name))
+    _require(config.batch_size >= 0, "batch_size", "must be > 0 (or 0: from the plan)", config.batch_size)
+    _require(config.spatial_dims in (2, 3), "spatial_dims", "must be 2 or 3", config.spatial_dims)
+    _require(config.num_classes >= 2, "num_classes", "must be >= 2 (background + one class)",
+             config.num_classes)
+    _require(config.plan in PLAN_MODES or config.plan.endswith(".json"), "plan",
+             f"must be one of {PLAN_MODES} or the path of a plan.json", config.plan)
+    _require(config.slicing in SLICINGS, "slicing", f"must be one of {SLICINGS}", config.slicing)
+    _require(0.0 <= config.foreground_fraction <= 1.0, "foreground_fraction", "must be in [0, 1]",
+             config.foreground_fraction)
+    _require(config.device in DEVICES or config.device.startswith("cuda:"), "device",
+             f"must be one of {DEVICES} or 'cuda:N'", config.device)
+    _require(config.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}", config.optimizer)
+    _require(config.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}", config.strategy)
+    for name in ("fraction_train", "fraction_evaluate"):
+        _require(0.0 <= getattr(config, name) <= 1.0, name, "must be in [0, 1]", getattr(config, name))
+    for name in ("update_norm_bound_factor", "proximal_mu"):
+        _require(getattr(config, name) >= 0, name, "must be >= 0 (0 turns it off)", getattr(config, name))
+    # update norm rule (server.norm_bounds): a bound below the median would scale the majority down,
+    # and a norm rejection needs a median and a MAD that two or three sites cannot give
+    bound_factor = config.update_norm_bound_factor
+    _require(bound_factor == 0 or bound_factor >= 1, "update_norm_bound_factor",
+             "must be 0 (off) or >= 1", bound_factor)
+    _require(config.outlier_norm_factor >= max(1.0, bound_factor), "outlier_norm_factor",
+             "must be >= 1 and >= update-norm-bound-factor", config.outlier_norm_factor)
+    _require(config.outlier_min_sites == 0 or config.outlier_min_sites >= 4, "outlier_min_sites",
+             "must be 0 (never reject on norm) or >= 4", config.outlier_min_sites)
+    for name in ("server_learning_rate", "server_tau"):
+        _require(getattr(config, name) > 0, name, "must be > 0", getattr(config, name))
+    _require(0.0 <= config.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)", config.trim_fraction)
+    for name in ("min_train_nodes", "min_available_nodes", "min_train_replies"):
+        _require(getattr(config, name) >= 1, name, "must be >= 1", getattr(config, name))
+    names = [n for n in config.class_names.split(",") if n.strip()]
+    _require(not names or len(names) == config.num_classes, "class_names",
+             f"needs one name per class ({config.num_classes}, background first)", config.class_names)
+    config.ct_window_range()
+    check_architecture(config)
+    check_privacy(config)
+
+
+def check_architecture(config: RunConfig) -> None:
+    from shared.model import MODELS
+
+    _require(config.model in MODELS, "model", f"must be one of {sorted(MODELS)}", config.model)
+    require_together(config.model == "unet" or config.num_res_units < 0, ("num-res-units", "model"),
+                     f"'num-res-units' shapes the 'unet' only, and model is {config.model!r} (preset "
+                     f"{config.preset!r} or an explicit value sets it)")
+    _require(config.deep_supervision >= -1, "deep_supervision", "must be >= 0, or -1 (nnU-Net's rule)",
+             config.deep_supervision)
+    require_together(config.deep_supervision <= 0 or config.model == "dynunet", ("deep-supervision", "model"),
+                     f"deep-supervision heads are DynUNet's, and model is {config.model!r}")
+    _require(config.max_filters >= config.base_filters, "max_filters", f"must be >= base-filters "
+             f"({config.base_filters})", config.max_filters)
+    patch = config.patch_size_tuple()
+    config.target_spacing_tuple()
+    channels = None if config.channels == AUTO else parse_int_list(config.channels, key="channels")
+    strides = None if config.strides == AUTO else parse_int_list(config.strides, key="strides")
+    require_together((channels is None) == (strides is None), ("channels", "strides"),
+                     "set both (the network's levels and the downsampling between them) or neither")
+    if channels is None or strides is None:
+        return
+    _require(len(channels) >= 2, "channels", "needs at least two levels", config.channels)
+    _require(len(strides) == len(channels) - 1, "strides",
+             f"needs one entry fewer than channels ({len(channels) - 1})", config.strides)
+    divisor = 1
+    for stride in strides:
+        divisor *= stride
+    for size in patch or ():
+        _require(size % divisor == 0, "patch_size",
+                 f"must be divisible by the product of strides ({divisor})",
+                 config.patch_size)
+        # instance norm normalises over the lowest level's voxels: one voxel would make it fail in training
+        _require(size // divisor >= 2, "patch_size",
+                 f"must be at least twice the product of strides ({divisor})",
+                 config.patch_size)
+    check_network(config, channels, strides)
+
+
+def check_network(config: RunConfig, channels: tuple[int, ...], strides: tuple[int, ...]) -> None:
+    """Hand-set levels must make a network of ``model``: ModelConfig's rules, named as run config keys."""
+    from shared.model import ModelConfig, ModelConfigError
+
+    try:
+        ModelConfig(name=config.model, spatial_dims=config.spatial_dims, in_channels=config.in_channels,
+                    num_classes=config.num_classes, channels=channels, strides=strides,
+                    num_res_units=max(config.num_res_units, 0) if config.model == "unet" else 0,
+                    deep_supervision=max(config.deep_supervision, 0))
+    except ModelConfigError as exc:
+        field = {"name": "model"}.get(exc.field, exc.field)
+        _require(False, field, exc.rule, getattr(config, field, exc.value))
+
+
+def check_privacy(config: RunConfig) -> None:
+    _require(config.dp_max_grad_norm > 0, "dp_max_grad_norm", "must be > 0", config.dp_max_grad_norm)
+    for name in ("dp_noise_multiplier", "dp_target_epsilon"):
+        _require(getattr(config, name) >= 0, name, "must be >= 0 (0: not the noise's source)", getattr(config, name))
+    sources = [key for key, on in (("dp-noise-from-budget", config.dp_noise_from_budget),
+                                   ("dp-target-epsilon", config.dp_target_epsilon > 0),
+                                   ("dp-noise-multiplier", config.dp_noise_multiplier > 0)) if on]
+    require_together(not config.dp or len(sources) == 1, ("dp-noise-from-budget", "dp-target-epsilon",
+                                                        "dp-noise-multiplier"),
+                     f"exactly one must name the DP noise's source, got {sources or 'none'} (set "
+                     f"dp-noise-from-budget = false to use another)")
+    require_together(not (config.dp and config.strategy == "fedprox"), ("dp", "strategy"),
+                     "FedProx cannot be combined with DP: Opacus clips and noises per-sample gradients only, "
+                     "so the proximal term would be dropped")
+    _require(config.dp_grad_sample_mode in GRAD_SAMPLE_MODES, "dp_grad_sample_mode",
+             f"must be one of {GRAD_SAMPLE_MODES}", config.dp_grad_sample_mode)
+
+
+def _require(ok: bool, field_name: str, rule: str, value: Any) -> None:
+    require(ok, to_key(field_name), rule, value)

@@ -136,7 +136,8 @@ def test_a_site_past_its_budget_refuses_and_the_others_train_with_dp(tmp_path):
     spec = SimulationSpec(sites=2, rounds=2, seed=2, out=tmp_path / "runs", min_cases=3, max_cases=4,
                           timeout_s=600, max_epsilon=20.0, site_node_config={"hospital-02": {"max-epsilon": 0.5}},
                           # a fixed noise (a budget-derived one would fit any site's budget)
-                          run_config=dict(TINY_RUN_CONFIG, **{"dp": True, "num-rounds": 2, "dp-noise-from-budget": False}))
+                          run_config=dict(TINY_RUN_CONFIG, **{"dp": True, "num-rounds": 2, "dp-noise-from-budget": False,
+                                                              "dp-noise-multiplier": 1.0}))
     summary = run_simulation(spec, echo=False)
 
     run_dir = (tmp_path / "runs" / "latest").resolve()

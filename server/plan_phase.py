@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
+from server.dp_sizing import site_dp_advice
 from server.planning import derive_plan, plan_notes
 from server.site_replies import failure_reason, first_metrics, site_of
 from shared.atomic import atomic_write_json
-from shared.dp_advice import DPAdvice, dp_advice
 from shared.errors import ConfigError
 from shared.fingerprint import FINGERPRINT, FINGERPRINT_MESSAGE_TYPE, Fingerprint
 from shared.plan import Plan, resolve_plan_setting
@@ -54,7 +54,7 @@ def establish_plan(grid: PollingGrid, config: RunConfig, *, run_dir: Path, known
             if warning:
                 LOG.warning(warning)
                 say(f"[fedseg] WARNING: {warning}")
-    notes = plan_notes(config, fingerprints)
+    notes = plan_notes(config, fingerprints, plan)
     write_plan_file(run_dir, plan, sites=sites, pooled=pooled.to_dict(), notes=notes)
     say(f"[fedseg] plan from {len(fingerprints)} site fingerprint(s): {describe(plan)}")
     for note in notes:
@@ -98,21 +98,6 @@ def collect_fingerprints(grid: PollingGrid, config: RunConfig, *, known_sites: d
                           f"({'; '.join(f'{s}: {r}' for s, (_, r) in sorted(outcomes.items())) or 'no site'}), "
                           "so no plan can be derived")
     return fingerprints, outcomes
-
-
-def site_dp_advice(config: RunConfig, plan: Plan, fingerprint: Fingerprint) -> DPAdvice | None:
-    """The site's DP-SGD outlook under ``plan`` (None without DP or when the site did not state its budget)."""
-    if not config.dp or fingerprint.dp_epsilon_left is None:
-        return None
-    import torch
-
-    from shared.model import build_model
-
-    with torch.device("meta"):
-        weights = sum(p.numel() for p in build_model(plan.model_config()).parameters())
-    return dp_advice(cases=fingerprint.cases, batch_size=plan.batch_size, steps_per_round=plan.local_steps,
-                     rounds=config.num_rounds, epsilon=fingerprint.dp_epsilon_left,
-                     delta=fingerprint.dp_delta or 1e-5, weights=weights)
 
 
 def write_plan_file(run_dir: Path, plan: Plan, *, sites: dict[str, Any], pooled: dict[str, Any] | None = None,

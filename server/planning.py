@@ -42,6 +42,8 @@ from shared.topology import pool_and_conv_props
 ANISOTROPY_THRESHOLD = 3.0
 #: nnU-Net caps a batch at this fraction of the dataset's voxels (an overfitting precaution).
 MAX_DATASET_FRACTION_PER_STEP = 0.05
+#: Cases with at least this many slices are volumes (a 3D model may suit them); fewer: 2D images or slabs.
+VOLUME_SLICES = 16
 #: nnU-Net's starting patch volumes (voxels) before clipping and shrinking.
 INITIAL_PATCH_VOXELS = {3: 256 ** 3, 2: 2048 ** 2}
 
@@ -138,7 +140,30 @@ def initial_patch(spacing: tuple[float, ...], median_shape: tuple[float, ...]) -
 
 
 def derive_plan(config: RunConfig, fingerprints: Mapping[str, Fingerprint]) -> tuple[Plan, PooledFingerprint]:
-    """The federated plan (see the module docstring) and the pooled view it came from."""
+    """The federated plan (see the module docstring) and the pooled view it came from.
+
+    Under DP with the preset's width, the network is narrowed until DP-SGD can
+    learn at the sites holding most cases (:mod:`server.dp_sizing`).
+    """
+    from server.dp_sizing import (
+        LEARNABLE_CASE_SHARE,
+        learnable_case_share,
+        narrower_widths,
+        width_is_the_presets,
+    )
+
+    plan, pooled = derive_sized_plan(config, fingerprints)
+    if not config.dp or not width_is_the_presets(config):
+        return plan, pooled
+    for narrower in narrower_widths(config):
+        if learnable_case_share(config, plan, fingerprints) >= LEARNABLE_CASE_SHARE:
+            break
+        plan, pooled = derive_sized_plan(narrower, fingerprints)
+    return plan, pooled
+
+
+def derive_sized_plan(config: RunConfig, fingerprints: Mapping[str, Fingerprint]) -> tuple[Plan, PooledFingerprint]:
+    """The plan for the network width the run config gives (see :func:`derive_plan`)."""
     dims = config.spatial_dims
     pooled = pool_fingerprints(fingerprints, spatial_dims=dims)
     first = next(iter(fingerprints.values()))
@@ -196,13 +221,18 @@ def _shrunk(patch: tuple[int, ...], spacing: tuple[float, ...], median_shape: tu
     return pool_and_conv_props(spacing, smaller).patch_size
 
 
-def plan_notes(config: RunConfig, fingerprints: Mapping[str, Fingerprint]) -> list[str]:
+def plan_notes(config: RunConfig, fingerprints: Mapping[str, Fingerprint], plan: Plan | None = None) -> list[str]:
     """What the operator should know about the plan's fit to the data (written to ``plan.json``)."""
     notes = []
+    if plan is not None and config.channels == "auto" and plan.channels[0] < config.base_filters:
+        notes.append(f"DP: the network was narrowed from {config.base_filters}-{config.max_filters} to "
+                     f"{plan.channels[0]}-{max(plan.channels)} filters so that DP-SGD can learn where most cases "
+                     "are (server.dp_sizing)")
     cases = sum(f.cases for f in fingerprints.values())
     isotropic = sum(f.isotropic_cases for f in fingerprints.values())
     thick = {axis: sum(f.thickest_axis_cases[axis] for f in fingerprints.values()) for axis in range(3)}
-    if config.spatial_dims == 2 and isotropic > cases / 2:
+    slices = [f.sliced_extent[50][2] / f.sliced_spacing[50][2] for f in fingerprints.values()]
+    if config.spatial_dims == 2 and isotropic > cases / 2 and float(np.median(slices)) >= VOLUME_SLICES:
         notes.append(f"{isotropic} of {cases} cases are (near) isotropic volumes: a 3D model "
                      "(spatial-dims = 3) sees their context in all directions and may segment better")
     mixed = [axis for axis, n in thick.items() if n and axis != 2]

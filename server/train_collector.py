@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Message
 
-from server.site_replies import SortedReplies, failure_reason, first_metrics, site_of
 from server.norm_bounds import NormRule, NormVerdict, judge_norms
+from server.site_replies import SortedReplies, failure_reason, first_metrics, site_of
 from server.update_checks import UpdateRejected, check_layout, tensor_delta_norm_sq
 from server.update_spool import SpooledUpdate, UpdateSpool
 

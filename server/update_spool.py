@@ -26,7 +26,6 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
-
 CHUNK_ELEMENTS = 1 << 14  # elements averaged at a time (128 KiB of float64)
 
 

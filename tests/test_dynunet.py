@@ -132,6 +132,9 @@ def test_per_sample_gradients_of_every_parameter_equal_single_example_backward(c
     model = build_model(config)
     layer_types = {type(m) for m in model.modules() if list(m.parameters(recurse=False))}
     assert layer_types <= set(GradSampleHooks.GRAD_SAMPLERS), "a layer would fall back to functorch"
+    convolutions = [m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    assert all(isinstance(m.padding, tuple) and m.padding_mode == "zeros" for m in convolutions), \
+        "a convolution would go to Opacus' unfold sampler (client/dp_grad_samplers.py)"
     images, labels = _batch(config, n=3, size=size)
     loss_fn, clip = make_loss(model_config=config), 0.01
     grads = single_example_grads(model, loss_fn, images, labels)

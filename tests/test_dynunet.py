@@ -122,8 +122,10 @@ def test_deep_supervision_loss_is_nnunets_weighted_dice_ce_and_a_mean_over_cases
     torch.testing.assert_close(loss(outputs[:, 0], labels), dice_ce(outputs[:, 0], labels))  # eval-mode output
 
 
-@pytest.mark.parametrize(("config", "size"), [(DYNUNET_2D, 16), (DYNUNET_3D, 8)], ids=["2D", "3D"])
-def test_per_sample_gradients_of_every_parameter_equal_single_example_backward(config, size):
+@pytest.mark.parametrize(("config", "size", "mode"), [(DYNUNET_2D, 16, "hooks"), (DYNUNET_3D, 8, "hooks"),
+                                                      (DYNUNET_3D, 8, "functorch")],
+                         ids=["2D", "3D", "3D-functorch"])
+def test_per_sample_gradients_of_every_parameter_equal_single_example_backward(config, size, mode):
     from opacus.grad_sample.grad_sample_module import GradSampleHooks
 
     import client.dp_grad_samplers  # noqa: F401  (registers fedseg's samplers, as make_private does)
@@ -139,7 +141,7 @@ def test_per_sample_gradients_of_every_parameter_equal_single_example_backward(c
     loss_fn, clip = make_loss(model_config=config), 0.01
     grads = single_example_grads(model, loss_fn, images, labels)
     expected, norms = clipped_mean(grads, clip=clip)
-    hooks = dp_step(model, loss_fn, images, labels, mode="hooks", clip=clip)
+    hooks = dp_step(model, loss_fn, images, labels, mode=mode, clip=clip)
     for index, (name, param) in enumerate(model.named_parameters()):
         want = torch.stack([example[index] for example in grads])
         torch.testing.assert_close(param.grad_sample, want, rtol=1e-4, atol=1e-6, msg=name)

@@ -1,6 +1,9 @@
 """DP-SGD cost per training step: time and peak memory, DP vs non-DP, on fedseg's default models.
 
-    .venv/bin/python -m benchmarks.dp_step [--repeats 20] [--threads 1] [--models ...] [--write]
+    .venv/bin/python -m benchmarks.dp_step [--repeats 20] [--threads 1] [--models ...] [--variants ...] [--write]
+
+``--models 2D-dynunet 3D-dynunet`` measures DynUNet (nnU-Net's network) at
+nnU-Net-like planned sizes (:data:`DYNUNET_PLANS`) into its own section.
 
 Each model is trained on a fixed random batch of its run's patch and batch size
 with the run's optimizer; a step is :func:`client.training.train_step` (forward,
@@ -38,12 +41,23 @@ VARIANTS: dict[str, tuple[str | None, str, bool]] = {
     "stock": ("hooks", "stock", False),
 }
 MODEL_NAMES = ("2D-harness", "2D-runconfig", "3D-harness")
+# DynUNet as an nnU-Net plan sizes it for a CPU: 2D 5 levels up to 320 features on 128x128 patches
+# in batches of 12 (nnU-Net's 2D reference batch), 3D 4 levels on 64^3 patches in batches of 2 (its 3D
+# batch); plain blocks, LeakyReLU, deep supervision by nnU-Net's rule (levels - 3 heads: 2 in 2D, 1 in 3D).
+DYNUNET_PLANS: dict[str, dict[str, Any]] = {
+    "2D-dynunet": {"model": "dynunet", "channels": "32,64,128,256,320", "strides": "2,2,2,2", "patch-size": 128,
+                   "batch-size": 12, "optimizer": "sgd", "learning-rate": 0.01},
+    "3D-dynunet": {"model": "dynunet", "spatial-dims": 3, "channels": "32,64,128,256", "strides": "2,2,2",
+                   "patch-size": 64, "batch-size": 2, "optimizer": "sgd", "learning-rate": 0.01},
+}
 
 
 def model_overrides(model_name: str) -> dict[str, Any]:
-    """Run config of a model: RunConfig defaults, or what the simulation harness sends (``make run``)."""
+    """Run config of a model: RunConfig defaults, what the simulation harness sends (``make run``), a DynUNet plan."""
     from simulations.api import HARNESS_DEFAULTS
 
+    if model_name in DYNUNET_PLANS:
+        return dict(DYNUNET_PLANS[model_name])
     return {"2D-runconfig": {}, "2D-harness": dict(HARNESS_DEFAULTS[2]),
             "3D-harness": dict(HARNESS_DEFAULTS[3], **{"spatial-dims": 3})}[model_name]
 
@@ -65,8 +79,8 @@ def use_samplers(kind: str) -> None:
             GradSampleHooks.GRAD_SAMPLERS[layer_type] = compute_conv_grad_sample
 
 
-def setup_step(model_name: str, variant: str, act: str) -> Any:
-    """Return a function running one training step of ``model_name`` in ``variant``."""
+def setup_step(model_name: str, variant: str, act: str | None) -> Any:
+    """Return a function running one training step of ``model_name`` in ``variant`` (``act`` None: the model's)."""
     import dataclasses
 
     import torch
@@ -78,7 +92,8 @@ def setup_step(model_name: str, variant: str, act: str) -> Any:
 
     mode, samplers, per_sample_grads = VARIANTS[variant]
     config = RunConfig.from_mapping(model_overrides(model_name))
-    model = build_model(dataclasses.replace(config.model_config(), act=act))
+    model_config = dataclasses.replace(config.model_config(), act=act or config.model_config().act)
+    model = build_model(model_config)
     shape = (config.batch_size, config.in_channels) + (config.patch_size,) * config.spatial_dims
     images = torch.randn(shape)
     labels = (torch.rand((config.batch_size, 1) + shape[2:]) > 0.8).float()
@@ -89,7 +104,7 @@ def setup_step(model_name: str, variant: str, act: str) -> Any:
         plan = DPPlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, steps=1, grad_sample_mode=mode)
         use_samplers(samplers)  # Opacus prepares functorch for layers without a sampler when hooks attach
         _, optimizer, _ = make_private(model, optimizer, loader, plan=plan)
-    loss_fn = make_loss()
+    loss_fn = make_loss(model_config=model_config)
 
     def step() -> None:
         use_samplers(samplers)  # the registry is global: set it for this variant
@@ -100,13 +115,14 @@ def setup_step(model_name: str, variant: str, act: str) -> Any:
     return step
 
 
-def time_model(model_name: str, *, repeats: int, act: str) -> dict[str, dict[str, float]]:
+def time_model(model_name: str, *, repeats: int, act: str | None,
+               variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, dict[str, float]]:
     """Median wall and CPU seconds of a step per variant, measured interleaved."""
-    steps = {variant: setup_step(model_name, variant, act) for variant in VARIANTS}
+    steps = {variant: setup_step(model_name, variant, act) for variant in variants}
     for step in steps.values():
         step()  # warm-up
-    wall: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    cpu: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    wall: dict[str, list[float]] = {variant: [] for variant in variants}
+    cpu: dict[str, list[float]] = {variant: [] for variant in variants}
     for _ in range(repeats):
         for variant, step in steps.items():
             started, started_cpu = time.perf_counter(), time.thread_time()
@@ -114,10 +130,10 @@ def time_model(model_name: str, *, repeats: int, act: str) -> dict[str, dict[str
             cpu[variant].append(time.thread_time() - started_cpu)
             wall[variant].append(time.perf_counter() - started)
     return {variant: {"wall": statistics.median(wall[variant]), "cpu": statistics.median(cpu[variant])}
-            for variant in VARIANTS}
+            for variant in variants}
 
 
-def peak_memory_mb(model_name: str, variant: str, act: str, threads: int) -> float:
+def peak_memory_mb(model_name: str, variant: str, act: str | None, threads: int) -> float:
     """Peak RSS growth (MB) over a few steps of one variant, in a fresh process (Linux)."""
     code = (f"import torch; torch.set_num_threads({threads}); import json\n"
             f"from benchmarks.dp_step import setup_step, _status_kb\n"
@@ -139,11 +155,16 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
-def measure(model_name: str, *, repeats: int, act: str, threads: int) -> list[dict[str, Any]]:
-    """One row per variant of ``model_name``: times, ratios to non-DP, peak memory."""
-    seconds = time_model(model_name, repeats=repeats, act=act)
-    memory = {variant: peak_memory_mb(model_name, variant, act, threads) for variant in VARIANTS}
+def measure(model_name: str, *, repeats: int, act: str | None, threads: int,
+            variants: tuple[str, ...] = tuple(VARIANTS)) -> list[dict[str, Any]]:
+    """One row per variant of ``model_name`` (``non-DP`` always): times, ratios to non-DP, peak memory."""
+    from shared.config import RunConfig
+
+    variants = ("non-DP", *(v for v in variants if v != "non-DP"))
+    seconds = time_model(model_name, repeats=repeats, act=act, variants=variants)
+    memory = {variant: peak_memory_mb(model_name, variant, act, threads) for variant in variants}
     base = seconds["non-DP"]
+    act = act or RunConfig.from_mapping(model_overrides(model_name)).model_config().act
     return [{"model": model_name, "act": act, "variant": variant,
              "wall_ms": round(seconds[variant]["wall"] * 1000, 1),
              "wall_ratio": round(seconds[variant]["wall"] / base["wall"], 2),
@@ -151,7 +172,7 @@ def measure(model_name: str, *, repeats: int, act: str, threads: int) -> list[di
              "cpu_ratio": round(seconds[variant]["cpu"] / base["cpu"], 2),
              "peak_mb": round(memory[variant], 1),
              "memory_ratio": round(memory[variant] / memory["non-DP"], 2) if memory["non-DP"] > 0 else None}
-            for variant in VARIANTS]
+            for variant in variants]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -178,21 +199,33 @@ thread for every variant (as one simulated site). Variants: `non-DP`; `auto` = D
 input only); `stock` = Opacus as shipped (unfold Conv sampler, functorch for transposed
 convolutions, full backward), the baseline. Medians over the repeats, all variants of a model
 interleaved in one process; CPU = thread time (less sensitive to other jobs on the shared cores)."""
+DYNUNET_SETUP_TEXT = """Models (run config, `benchmarks.dp_step.DYNUNET_PLANS`): MONAI DynUNet (`model = "dynunet"`:
+nnU-Net's plain convolution blocks, affine instance norm, LeakyReLU, deep supervision by nnU-Net's
+rule, `levels - 3` heads, trained through MONAI's `DeepSupervisionLoss`) at sizes an nnU-Net plan
+gives on a CPU: **2D-dynunet** = 5 levels, filters 32-64-128-256-320, 128x128 patches, batches of 12
+(nnU-Net's 2D reference batch), 2 deep-supervision heads, 5.7 M weights; **3D-dynunet** = 4 levels,
+filters 32-64-128-256, 64^3 patches, batches of 2 (nnU-Net's 3D batch), 1 head, 5.6 M weights; SGD.
+One torch thread for every variant. Variants as in the U-Net section: `non-DP`; `auto` = DP-SGD as
+shipped (Opacus hooks + fedseg's convolution grad samplers + Opacus' instance-norm sampler + backward
+to the input only); `samplers-only` = the same with a full backward; `stock` = Opacus as shipped
+(unfold Conv sampler, functorch for the transposed convolutions, full backward). Medians over the
+repeats, all variants of a model interleaved in one process; CPU = thread time."""
 
 
 def section(rows: list[dict[str, Any]], *, command: str, loads: tuple[str, str]) -> str:
     """The BENCHMARKS.md section: command, date, load, setup, table and the target verdict."""
     verdicts = []
-    for r in rows:
-        if r["variant"] == "auto" and r["model"].startswith("2D"):
+    for r in rows:  # the target is judged on the 2D U-Net default and on DynUNet at its planned sizes
+        if r["variant"] == "auto" and (r["model"].startswith("2D") or r["model"] in DYNUNET_PLANS):
             met = "met" if r["wall_ratio"] <= TARGET else "NOT met"
+            stock = [s["wall_ratio"] for s in rows if s["model"] == r["model"] and s["variant"] == "stock"]
             verdicts.append(f"- {r['model']}: DP/non-DP {r['wall_ratio']}x wall, {r['cpu_ratio']}x CPU "
-                            f"(stock Opacus in the same run: "
-                            f"{next(s['wall_ratio'] for s in rows if s['model'] == r['model'] and s['variant'] == 'stock')}x)"
+                            f"(stock Opacus in the same run: {stock[0] if stock else 'not run'}x)"
                             f": target <= {TARGET}x {met}.")
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    setup = DYNUNET_SETUP_TEXT if all(r["model"] in DYNUNET_PLANS for r in rows) else SETUP_TEXT
     return (f"```bash\n{command}\n```\n\nMeasured {date}, 2 shared CPU cores, load average {loads[0]} before and "
-            f"{loads[1]} after.\n\n{SETUP_TEXT}\n\n{markdown(rows)}\n\n" + "\n".join(verdicts) + "\n")
+            f"{loads[1]} after.\n\n{setup}\n\n{markdown(rows)}\n\n" + "\n".join(verdicts) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,10 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.dp_step", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20, help="timed steps per variant (default: 20)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as a simulated site)")
-    parser.add_argument("--act", default="relu", choices=("relu", "prelu"),
-                        help="U-Net activation (default: relu, fedseg's; prelu is MONAI's default)")
-    parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
-    parser.add_argument("--write", action="store_true", help="write the table to BENCHMARKS.md (section dp-step)")
+    parser.add_argument("--act", choices=("relu", "prelu"),
+                        help="U-Net activation (default: the model's, relu; prelu is MONAI's default)")
+    parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES + tuple(DYNUNET_PLANS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=tuple(VARIANTS),
+                        help="variants to time (non-DP always; default: all)")
+    parser.add_argument("--write", action="store_true",
+                        help="write the table to BENCHMARKS.md (section dp-step, or dp-step-dynunet for DynUNet)")
     args = parser.parse_args(argv)
 
     import torch
@@ -214,14 +250,17 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load_average(sep=" / ")
     rows = []
     for model_name in args.models:
-        for row in measure(model_name, repeats=args.repeats, act=args.act, threads=args.threads):
+        for row in measure(model_name, repeats=args.repeats, act=args.act, threads=args.threads,
+                           variants=tuple(args.variants)):
             rows.append(row)
             print(json.dumps(row), flush=True)
     text = section(rows, command=" ".join([".venv/bin/python -m benchmarks.dp_step"] + (argv or sys.argv[1:])),
                    loads=(load_before, load_average(sep=" / ")))
     print("\n" + text)
-    if args.write:
-
+    if args.write and all(model_name in DYNUNET_PLANS for model_name in args.models):
+        write_section("dp-step-dynunet", "Differential privacy: DP-SGD step time of DynUNet (nnU-Net's network)",
+                      text)
+    elif args.write:
         write_section("dp-step", "Differential privacy (issue 3): DP-SGD step time and peak memory", text)
     return 0
 

@@ -10,8 +10,9 @@ trains with and without differential privacy and its weights are exactly the
 ``state_dict`` that travels between hospitals and the server.
 
 The U-Net's activation is ReLU, not MONAI's default PReLU (DynUNet: LeakyReLU,
-never PReLU): PReLU has a weight that Opacus can only differentiate per sample through its slow functorch fallback
-(one per layer), and ReLU is also faster without DP (benchmarks/dp_step.py).
+never PReLU): PReLU has a weight that Opacus can only differentiate per sample
+through its slow functorch fallback (one per layer), and ReLU is also faster
+without DP (benchmarks/dp_step.py).
 """
 
 from __future__ import annotations
@@ -206,8 +207,9 @@ def _register_blocks_once(model: torch.nn.Module) -> torch.nn.Module:
     runs. Opacus (1.6) attaches its hooks per registration, so every per-sample
     gradient came out twice its value (wrong clipping); and ``state_dict``
     held every weight twice (twice the bytes in each update and model file).
-    ``skip_layers`` owns no tensor of its own, so unregistering it changes
-    neither the forward pass nor ``parameters()``, ``to()``, ``train()``.
+    ``skip_layers`` owns no tensor of its own and its layers do not depend on
+    train/eval mode, so unregistering it changes neither the forward pass nor
+    what ``parameters()``, ``to()`` and ``train()`` reach.
     """
     skip_layers = model._modules.pop("skip_layers")
     object.__setattr__(model, "skip_layers", skip_layers)  # bypasses nn.Module's registration

@@ -128,8 +128,10 @@ def test_deep_supervision_loss_is_nnunets_weighted_dice_ce_and_a_mean_over_cases
     torch.testing.assert_close(loss(outputs[:, 0], labels), dice_ce(outputs[:, 0], labels))  # eval-mode output
 
 
-@pytest.mark.parametrize(("config", "size"), [(DYNUNET_2D, 16), (DYNUNET_3D, 8)], ids=["2D", "3D"])
-def test_per_sample_gradients_of_every_parameter_equal_single_example_backward(config, size):
+@pytest.mark.parametrize(("config", "size", "mode"), [(DYNUNET_2D, 16, "hooks"), (DYNUNET_3D, 8, "hooks"),
+                                                      (DYNUNET_3D, 8, "functorch")],
+                         ids=["2D", "3D", "3D-functorch"])
+def test_per_sample_gradients_of_every_parameter_equal_single_example_backward(config, size, mode):
     from opacus.grad_sample.grad_sample_module import GradSampleHooks
 
     import client.dp_grad_samplers  # noqa: F401  (registers fedseg's samplers, as make_private does)
@@ -138,11 +140,14 @@ def test_per_sample_gradients_of_every_parameter_equal_single_example_backward(c
     model = build_model(config)
     layer_types = {type(m) for m in model.modules() if list(m.parameters(recurse=False))}
     assert layer_types <= set(GradSampleHooks.GRAD_SAMPLERS), "a layer would fall back to functorch"
+    convolutions = [m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    assert all(isinstance(m.padding, tuple) and m.padding_mode == "zeros" for m in convolutions), \
+        "a convolution would go to Opacus' unfold sampler (client/dp_grad_samplers.py)"
     images, labels = _batch(config, n=3, size=size)
     loss_fn, clip = make_loss(model_config=config), 0.01
     grads = single_example_grads(model, loss_fn, images, labels)
     expected, norms = clipped_mean(grads, clip=clip)
-    hooks = dp_step(model, loss_fn, images, labels, mode="hooks", clip=clip)
+    hooks = dp_step(model, loss_fn, images, labels, mode=mode, clip=clip)
     for index, (name, param) in enumerate(model.named_parameters()):
         want = torch.stack([example[index] for example in grads])
         torch.testing.assert_close(param.grad_sample, want, rtol=1e-4, atol=1e-6, msg=name)

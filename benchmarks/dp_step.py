@@ -45,21 +45,36 @@ MODEL_NAMES = ("2D-harness", "2D-runconfig", "3D-harness")
 # in batches of 12 (nnU-Net's 2D reference batch), 3D 4 levels on 64^3 patches in batches of 2 (its 3D
 # batch); plain blocks, LeakyReLU, deep supervision by nnU-Net's rule (levels - 3 heads: 2 in 2D, 1 in 3D).
 DYNUNET_PLANS: dict[str, dict[str, Any]] = {
-    "2D-dynunet": {"model": "dynunet", "channels": "32,64,128,256,320", "strides": "2,2,2,2", "patch-size": 128,
+    "2D-dynunet": {"model": "dynunet", "num-res-units": -1, "channels": "32,64,128,256,320", "strides": "2,2,2,2", "patch-size": 128,
                    "batch-size": 12, "optimizer": "sgd", "learning-rate": 0.01},
-    "3D-dynunet": {"model": "dynunet", "spatial-dims": 3, "channels": "32,64,128,256", "strides": "2,2,2",
+    "3D-dynunet": {"model": "dynunet", "num-res-units": -1, "spatial-dims": 3, "channels": "32,64,128,256", "strides": "2,2,2",
                    "patch-size": 64, "batch-size": 2, "optimizer": "sgd", "learning-rate": 0.01},
 }
 
 
-def model_overrides(model_name: str) -> dict[str, Any]:
-    """Run config of a model: RunConfig defaults, what the simulation harness sends (``make run``), a DynUNet plan."""
-    from simulations.api import HARNESS_DEFAULTS
+# The U-Nets measured since issue 3, by their old names: the synthetic harness' recipe (now preset
+# "small-unet") in 2D and 3D, and RunConfig's defaults before presets (U-Net 16-32-64-128, batch 4, Adam).
+UNET_RUNS: dict[str, dict[str, Any]] = {
+    "2D-harness": {"preset": "small-unet", "patch-size": 64},
+    "2D-runconfig": {"model": "unet", "channels": "16,32,64,128", "strides": "2,2,2", "num-res-units": 1,
+                     "patch-size": 64, "batch-size": 4, "optimizer": "adam", "learning-rate": 0.005},
+    "3D-harness": {"preset": "small-unet", "spatial-dims": 3, "patch-size": 32, "batch-size": 2,
+                   "optimizer": "adam", "learning-rate": 0.005},
+}
 
-    if model_name in DYNUNET_PLANS:
-        return dict(DYNUNET_PLANS[model_name])
-    return {"2D-runconfig": {}, "2D-harness": dict(HARNESS_DEFAULTS[2]),
-            "3D-harness": dict(HARNESS_DEFAULTS[3], **{"spatial-dims": 3})}[model_name]
+
+def model_overrides(model_name: str) -> dict[str, Any]:
+    """Run config of a measured model (a manual plan: no data needed)."""
+    return {"plan": "manual", "dp": False, **(DYNUNET_PLANS.get(model_name) or UNET_RUNS[model_name])}
+
+
+def model_plan(model_name: str) -> Any:
+    """(run config, plan) of a measured model."""
+    from shared.config import RunConfig
+    from shared.plan import manual_plan
+
+    config = RunConfig.from_mapping(model_overrides(model_name))
+    return config, manual_plan(config)
 
 
 def use_samplers(kind: str) -> None:
@@ -87,20 +102,19 @@ def setup_step(model_name: str, variant: str, act: str | None) -> Any:
 
     from client.dp_training import DPPlan, make_private
     from client.training import make_loss, make_optimizer, train_step
-    from shared.config import RunConfig
     from shared.model import build_model
 
     mode, samplers, per_sample_grads = VARIANTS[variant]
-    config = RunConfig.from_mapping(model_overrides(model_name))
-    model_config = dataclasses.replace(config.model_config(), act=act or config.model_config().act)
+    config, plan_of_model = model_plan(model_name)
+    model_config = dataclasses.replace(plan_of_model.model_config(), act=act or plan_of_model.model_config().act)
     model = build_model(model_config)
-    shape = (config.batch_size, config.in_channels) + (config.patch_size,) * config.spatial_dims
+    shape = (plan_of_model.batch_size, config.in_channels) + plan_of_model.patch_size
     images = torch.randn(shape)
-    labels = (torch.rand((config.batch_size, 1) + shape[2:]) > 0.8).float()
+    labels = (torch.rand((plan_of_model.batch_size, 1) + shape[2:]) > 0.8).float()
     optimizer = make_optimizer(model, config=config)
     if mode is not None:
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels),
-                                             batch_size=config.batch_size)
+                                             batch_size=plan_of_model.batch_size)
         plan = DPPlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, steps=1, grad_sample_mode=mode)
         use_samplers(samplers)  # Opacus prepares functorch for layers without a sampler when hooks attach
         _, optimizer, _ = make_private(model, optimizer, loader, plan=plan)
@@ -158,13 +172,11 @@ def _status_kb(field: str) -> int:
 def measure(model_name: str, *, repeats: int, act: str | None, threads: int,
             variants: tuple[str, ...] = tuple(VARIANTS)) -> list[dict[str, Any]]:
     """One row per variant of ``model_name`` (``non-DP`` always): times, ratios to non-DP, peak memory."""
-    from shared.config import RunConfig
-
     variants = ("non-DP", *(v for v in variants if v != "non-DP"))
     seconds = time_model(model_name, repeats=repeats, act=act, variants=variants)
     memory = {variant: peak_memory_mb(model_name, variant, act, threads) for variant in variants}
     base = seconds["non-DP"]
-    act = act or RunConfig.from_mapping(model_overrides(model_name)).model_config().act
+    act = act or model_plan(model_name)[1].model_config().act
     return [{"model": model_name, "act": act, "variant": variant,
              "wall_ms": round(seconds[variant]["wall"] * 1000, 1),
              "wall_ratio": round(seconds[variant]["wall"] / base["wall"], 2),
@@ -190,7 +202,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 TARGET = 1.6  # issue 3: DP/non-DP step time on the 2D default
 SETUP_TEXT = """Models (run config): **2D-harness** = what `make run` trains with DP, the simulation harness'
-2D defaults (`simulations.api.HARNESS_DEFAULTS[2]`: U-Net 8-16-32, 64x64 patches, batches of 128
+2D recipe (now preset `small-unet`: U-Net 8-16-32, 64x64 patches, batches of 128
 cases, SGD); **2D-runconfig** = `RunConfig` / pyproject defaults (U-Net 16-32-64-128, 64x64,
 batch 4, Adam); **3D-harness** = the harness' 3D defaults (8-16-32, 32^3, batch 2, Adam). One torch
 thread for every variant (as one simulated site). Variants: `non-DP`; `auto` = DP-SGD as shipped

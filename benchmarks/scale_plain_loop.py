@@ -57,13 +57,16 @@ _WORKER: dict[str, Any] = {}
 def _init_worker(run_config: dict[str, Any], model_path: str, warm_up: list[SiteWork], barrier: Any) -> None:
     import torch
 
+    from client.predict import plan_of_model
     from shared.cli import quiet_optional_codec_notice
     from shared.config import RunConfig
+    from shared.model_file import read_model_file
 
     quiet_optional_codec_notice()
     torch.set_num_threads(1)  # as a simulated client: Ray gives an actor with num_cpus=1 one thread
     _WORKER.update(config=RunConfig.from_mapping(run_config), model_path=Path(model_path), barrier=barrier)
     try:
+        _WORKER["plan"] = plan_of_model(read_model_file(model_path), Path(model_path))
         for work in warm_up:  # imports and first-call costs, as in a warm Ray actor
             do_site_work(work)
     except Exception as exc:  # noqa: BLE001 - raised by _rendezvous: a pool re-spawns workers whose initializer fails
@@ -85,34 +88,36 @@ def do_site_work(work: SiteWork) -> float:
     from shared.model_file import load_model
     from shared.weights import model_to_arrays
 
-    config, device = _WORKER["config"], torch.device("cpu")
+    config, plan, device = _WORKER["config"], _WORKER["plan"], torch.device("cpu")
     started = time.process_time()
     model, _ = load_model(_WORKER["model_path"])
     if work.kind == "train":
-        cases, augment = load_training_cases(Path(work.datalist), config)
-        _train(model, cases, augment, config=config, delta=work.delta, max_epsilon=work.max_epsilon, device=device)
+        cases, augment = load_training_cases(Path(work.datalist), plan)
+        _train(model, cases, augment, config=config, plan=plan, delta=work.delta, max_epsilon=work.max_epsilon,
+               device=device)
         model_to_arrays(model)
     else:
-        evaluate_local(model, load_validation_cases(Path(work.datalist), config), config=config, device=device)
+        evaluate_local(model, load_validation_cases(Path(work.datalist), plan), plan=plan, device=device)
     return time.process_time() - started
 
 
-def _train(model: Any, cases: list, augment: Any, *, config: Any, delta: float, max_epsilon: float,
+def _train(model: Any, cases: list, augment: Any, *, config: Any, plan: Any, delta: float, max_epsilon: float,
            device: Any) -> None:
     import torch
 
     from client.dp_training import plan_round, private_generator, train_local_dp
     from client.loading import training_loader
-    from client.training import train_local
+    from client.training import make_loss, train_local
 
+    loss_fn = make_loss(model_config=plan.model_config())
     if config.dp:
-        plan = plan_round(config=config, num_cases=len(cases), delta=delta, max_epsilon=max_epsilon)
-        loader = training_loader(cases, augment, batch_size=config.batch_size, generator=private_generator())
-        train_local_dp(model, loader, config=config, plan=plan, device=device)
+        mechanism = plan_round(config=config, plan=plan, num_cases=len(cases), delta=delta, max_epsilon=max_epsilon)
+        loader = training_loader(cases, augment, batch_size=plan.batch_size, generator=private_generator())
+        train_local_dp(model, loader, config=config, plan=mechanism, device=device, loss_fn=loss_fn)
     else:
-        loader = training_loader(cases, augment, batch_size=config.batch_size,
+        loader = training_loader(cases, augment, batch_size=plan.batch_size, steps=plan.local_steps,
                                  generator=torch.Generator().manual_seed(0))
-        train_local(model, loader, config=config, device=device, num_examples=len(cases))
+        train_local(model, loader, config=config, device=device, num_examples=len(cases), loss_fn=loss_fn)
 
 
 class PlainLoop:

@@ -24,7 +24,9 @@ if str(REPO) not in sys.path:
 from benchmarks.report import write_section  # noqa: E402
 from client.case_cache import CaseCache  # noqa: E402
 from client.loading import preprocess_cases  # noqa: E402
-from client.transforms import PreprocessSettings, evaluation_transforms  # noqa: E402
+from client.transforms import evaluation_transforms, settings_for  # noqa: E402
+from shared.config import RunConfig  # noqa: E402
+from shared.plan import manual_plan  # noqa: E402
 from tests.data_cases import write_dicom_case  # noqa: E402
 
 
@@ -53,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--slices", type=int, default=48)
     args = parser.parse_args(argv)
-    settings = PreprocessSettings(spatial_dims=3, target_spacing=1.0, patch_size=64, num_classes=2,
-                                  modalities=("CT",))
+    plan = manual_plan(RunConfig.from_mapping({"spatial-dims": 3, "target-spacing": 1.0, "patch-size": 64,
+                                               "plan": "manual", "dp": False}))
+    settings = settings_for(plan, modalities=("CT",))
     transform = evaluation_transforms(settings)
     with tempfile.TemporaryDirectory() as tmp:
         cases = _write_cases(Path(tmp), cases=args.cases, size=args.size, slices=args.slices)

@@ -36,8 +36,8 @@ from typing import Any
 from shared.plan import manual_plan
 
 # overlap-evaluation off on both sides: the simulation harness turns it on by default, a deployment does not
-BENCH_RUN_CONFIG = {"channels": "4,8", "strides": "2", "num-res-units": 0, "patch-size": 32,
-                    "local-epochs": 1, "batch-size": 2, "dp": False, "overlap-evaluation": False}
+BENCH_RUN_CONFIG = {"model": "unet", "channels": "4,8", "strides": "2", "num-res-units": 0, "patch-size": 32,
+                    "local-steps": 2, "batch-size": 2, "dp": False, "overlap-evaluation": False, "plan": "manual"}
 VARIANTS = ("simulation", "deploy-subprocess-stock", "deploy-process-stock", "deploy-process-fast")
 TARGET_OVERHEAD_S = 3.0
 

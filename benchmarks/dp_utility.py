@@ -25,8 +25,8 @@ def spec_from(args: argparse.Namespace, *, dp: bool) -> SimulationSpec:
     """The simulation ``args`` describe, with DP on or off."""
     args.dp = dp
     overrides = parse_run_config(args.run_config)
-    if args.local_epochs is not None:
-        overrides["local-epochs"] = args.local_epochs
+    if args.local_steps is not None:
+        overrides["local-steps"] = args.local_steps
     overrides.update(privacy_overrides(args))
     return SimulationSpec(sites=args.sites, rounds=args.rounds, spatial_dims=args.spatial_dims, seed=args.seed,
                           out=args.out, min_cases=args.min_cases, max_cases=args.max_cases,

@@ -7,7 +7,7 @@ For a 2D and a 3D U-Net it times, side by side and taking the median of
 the guard (``check_reply`` with the parameter list built on the meta device),
 the audit entry (hashing every array + one fsync'ed append), and for scale one
 local training step (forward + backward + Adam on one batch of patches; a
-round runs local-epochs x batches of them).
+round runs local-steps of them).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ The guard decodes every array and re-serialises it to prove the payload holds
 nothing beyond its values; the audit entry hashes every array (sha256) and
 fsyncs one line. Together they cost a few times what serialising the weights
 costs, but a few percent of a *single* training step (batch 4 of 64x64 patches
-in 2D, 2 of 64x64x64 in 3D), and a round runs local-epochs x batches of those
+in 2D, 2 of 64x64x64 in 3D), and a round runs local-steps of those
 steps: per round the overhead is well under 1%.
 """
 

@@ -35,7 +35,7 @@ def write_dicom_seg(source: Path, mask: np.ndarray, path: Path, *, num_classes: 
         segmented_property_type=hd.sr.CodedConcept("85756007", "SCT", "Tissue"),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name="fedseg U-Net", version="1", family=hd.sr.CodedConcept("123109", "DCM", "Artificial Intelligence")),
+            name="fedseg segmentation network", version="1", family=hd.sr.CodedConcept("123109", "DCM", "Artificial Intelligence")),
     ) for number in range(1, num_classes)]
     seg = hd.seg.Segmentation(
         source_images=datasets, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,

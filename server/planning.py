@@ -44,6 +44,9 @@ ANISOTROPY_THRESHOLD = 3.0
 MAX_DATASET_FRACTION_PER_STEP = 0.05
 #: Cases with at least this many slices are volumes (a 3D model may suit them); fewer: 2D images or slabs.
 VOLUME_SLICES = 16
+#: Under DP a patch shrinks until this many cases fit a batch (or the median site's cases, if fewer), not
+#: below MIN_DP_PATCH voxels along its longest axis.
+DP_BATCH, MIN_DP_PATCH = 32, 32
 #: nnU-Net's starting patch volumes (voxels) before clipping and shrinking.
 INITIAL_PATCH_VOXELS = {3: 256 ** 3, 2: 2048 ** 2}
 
@@ -180,21 +183,32 @@ def derive_sized_plan(config: RunConfig, fingerprints: Mapping[str, Fingerprint]
         return planned(config, spacing=spacing, patch=patch, normalization=normalization, source="auto",
                        max_batch=max_batch), pooled
     patch = pool_and_conv_props(spacing, initial_patch(spacing, median_shape)).patch_size
+    batch, smallest = smallest_batch(config, fingerprints), MIN_DP_PATCH if config.dp else 8
+    budget = config.memory_budget_mb * 2**20
     while True:
         plan = planned(config, spacing=spacing, patch=patch, normalization=normalization, source="auto",
                        max_batch=max_batch, batch_size=config.batch_size or MIN_BATCH)
         if config.batch_size:
             break
         per_example = bytes_per_example(plan, per_sample_grads=config.dp)
-        if MIN_BATCH * per_example <= config.memory_budget_mb * 2**20 or max(patch) <= 8:
+        if batch * per_example <= budget or max(patch) <= smallest:
             break
         # memory grows about linearly with the patch's voxels: shrink (cheaply) until the estimate fits,
         # then measure again (nnU-Net measures at every step; this measures two or three times)
         per_voxel = per_example / math.prod(patch)
-        while MIN_BATCH * per_voxel * math.prod(patch) > config.memory_budget_mb * 2**20 and max(patch) > 8:
+        while batch * per_voxel * math.prod(patch) > budget and max(patch) > smallest:
             patch = _shrunk(patch, spacing, median_shape)
     return planned(config, spacing=spacing, patch=patch, normalization=normalization, source="auto",
                    max_batch=max_batch), pooled
+
+
+def smallest_batch(config: RunConfig, fingerprints: Mapping[str, Fingerprint]) -> int:
+    """The batch a patch must leave room for: nnU-Net's 2; under DP, as many cases as the median site
+    has, up to :data:`DP_BATCH` (DP-SGD's noise is divided by the batch: a large one matters more than
+    a large patch)."""
+    if not config.dp:
+        return MIN_BATCH
+    return max(MIN_BATCH, min(DP_BATCH, int(np.median([f.cases for f in fingerprints.values()]))))
 
 
 def channel_norm(stats: Mapping[str, float], *, ct: bool) -> ChannelNorm:

@@ -31,7 +31,7 @@ def wait_until(check: Callable[[], Any], *, seconds: float, what: str) -> float:
 def assert_only_loopback(driver: Any, base_url: str) -> None:
     urls = requested_urls(driver)
     assert urls, "the browser's request log is empty"
-    assert all(u.startswith(base_url) or u.startswith("data:") for u in urls), [
+    assert all(u.startswith((base_url, "data:")) for u in urls), [
         u for u in urls if not u.startswith(base_url)]
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors  # also catches Content-Security-Policy violations
@@ -43,7 +43,10 @@ def test_live_page_shows_a_new_round_and_its_refusals_within_seconds(tmp_path):
     with running_dashboard(runs=tmp_path / "runs", refresh_seconds=0.5) as url, chromium() as driver:
         driver.get(url + "runs/live")
         wait_until(lambda: driver.execute_script(FIGURES_DRAWN) >= 3, seconds=20, what="the plots are drawn")
-        rounds = lambda: driver.find_element("id", "panel-rounds").text  # noqa: E731
+
+        def rounds() -> str:
+            return driver.find_element("id", "panel-rounds").text
+
         assert REFUSAL in rounds() and "round-2" not in driver.page_source
         close_round(recorder, 2, refusal=BUDGET_REFUSAL)
         took = wait_until(lambda: driver.find_elements("id", "round-2"), seconds=5, what="round 2 appears")

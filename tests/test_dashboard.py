@@ -153,3 +153,11 @@ def test_tls_with_client_certificates_from_server_certs(runs, tmp_path):
         with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
             httpx.get(url + "api/runs", verify=trusted)  # no client certificate: the handshake fails
     assert (certs / "client-operator.p12").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_site_cannot_put_markup_into_the_operators_page(tmp_path):
+    recorder = start_run(tmp_path / "runs" / "x")
+    close_round(recorder, 1, refusal='<img src=x onerror="alert(1)">')
+    with running_dashboard(runs=tmp_path / "runs") as url, httpx.Client(base_url=url) as client:
+        panels = get_state(client, "x")["panels"]
+    assert "&lt;img src=x onerror=" in panels["rounds"] and "<img" not in panels["rounds"] + panels["sites"]

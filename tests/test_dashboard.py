@@ -15,6 +15,7 @@ import pytest
 from server.__main__ import main as server_main
 from server.dashboard.command import running_dashboard
 from server.dashboard.pages import run_page
+from server.dashboard.rounds_view import round_views, site_views
 from server.dashboard.run_status import GRACE_SECONDS
 from server.dashboard.security import TlsFiles, check_exposure
 from shared.errors import ConfigError
@@ -103,6 +104,29 @@ def test_only_the_run_files_on_the_list_are_served(runs):
         assert client.get("/runs/done/files/checkpoint.ckpt").status_code == 404
         assert client.get("/runs/done/files/../going/plan.json").status_code == 404
         assert client.get("/runs/latest").status_code == 404  # no `latest` link in this runs folder
+
+
+def test_rounds_and_sites_count_every_outcome():
+    rows = [
+        {"round": 1, "site": "a", "train-status": "ok", "evaluate-status": "ok", "dice": 0.5, "epsilon": 3.0,
+         "epsilon-round": 1.0},
+        {"round": 1, "site": "b", "train-status": "failed", "train-reason": "no reply within round-timeout (60 s)"},
+        {"round": 1, "site": "c", "train-status": "rejected", "train-reason": "NaN in weights",
+         "evaluate-status": "refused", "evaluate-reason": "busy"},
+        {"round": 1, "site": "d", "train-status": "ok", "update-scale": 0.5, "train-note": "scaled to the bound"},
+        {"round": 1, "site": "global", "dice": 0.5, "round-seconds": 3.0, "ended-at": 100.0},
+    ]
+    (view,) = round_views(rows)
+    assert (view.sampled, view.answered, view.trained, view.evaluated) == (4, 3, 2, 1)
+    assert view.outcomes["timed out"] == ["b (train): no reply within round-timeout (60 s)"]
+    assert view.outcomes["rejected"] == ["c (train): NaN in weights"] and view.outcomes["refused"] == [
+        "c (evaluate): busy"]
+    assert view.bounded == ["d: scaled to the bound"] and view.seconds == 3.0
+    plan_sites = {"a": {"status": "ok", "dp": {"epsilon": 5.0}}, "e": {"status": "refused", "reason": "no data"}}
+    sites = {s.site: s for s in site_views(rows, plan_sites=plan_sites)}
+    assert sites["b"].status == "timed out (train)" and sites["b"].last_contact is None
+    assert sites["a"].last_contact == 100.0 and sites["a"].budget == 7.0  # 5 left at plan time + 2 spent before
+    assert sites["e"].status == "fingerprint refused" and sites["e"].reason == "no data"
 
 
 def test_a_run_silent_for_longer_than_a_round_can_take_is_failed(runs):

@@ -89,11 +89,19 @@ def _count_site(view: RoundView, site: str, row: dict[str, Any]) -> None:
     view.answered += "timed out" not in outcomes.values()
     view.trained += outcomes["train"] == "ok"
     view.evaluated += outcomes["evaluate"] == "ok"
-    for phase, result in outcomes.items():
-        if result in view.outcomes:
-            view.outcomes[result].append(f"{site} ({phase}): {row.get(f'{phase}-reason', 'no reason given')}")
+    for (result, reason), phases in _phases_by_outcome(row, outcomes).items():
+        view.outcomes[result].append(f"{site} ({', '.join(phases)}): {reason}")
     if "update-scale" in row:
         view.bounded.append(f"{site}: {row.get('train-note', '')}")
+
+
+def _phases_by_outcome(row: dict[str, Any], outcomes: dict[str, str | None]) -> dict[tuple[str, str], list[str]]:
+    """``{(outcome, reason): [phase, ...]}`` of the phases that went wrong (one line when both did alike)."""
+    grouped: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for phase, result in outcomes.items():
+        if result in OUTCOMES:
+            grouped[(result, str(row.get(f"{phase}-reason", "no reason given")))].append(phase)
+    return grouped
 
 
 def site_views(rows: Iterable[dict[str, Any]], *, plan_sites: dict[str, Any] | None = None) -> list[SiteView]:
@@ -123,7 +131,7 @@ def _follow_site(view: SiteView, row: dict[str, Any], *, ended_at: float | None)
     view.trained += outcome(row, "train") == "ok"
     bad = [(phase, result) for phase, result in outcomes if result != "ok"]
     view.status = ", ".join(f"{result} ({phase})" for phase, result in bad) if bad else "ok"
-    view.reason = "; ".join(str(row.get(f"{phase}-reason", "")) for phase, _ in bad)
+    view.reason = "; ".join(dict.fromkeys(str(row.get(f"{phase}-reason", "")) for phase, _ in bad))
     if any(result != "timed out" for _, result in outcomes):
         view.last_contact = ended_at
     for key in ("dice", "hd95", "epsilon"):

@@ -1,8 +1,8 @@
 """Read one run folder for the dashboard: what is there, and what is missing or unreadable.
 
 Nothing here writes. Each file is parsed once per version: the readers are
-memoised on the file's ``(mtime_ns, size)``, so a poll of an unchanged run
-costs a few ``stat`` calls. A run folder is read while the server writes it:
+memoised on the file's ``(mtime_ns, size)`` (:func:`latest_version`), so a poll
+of an unchanged run costs a few ``stat`` calls. A run folder is read while the server writes it:
 ``metrics.jsonl`` grows by whole lines, every other file is replaced
 atomically, so a reader sees an old or a new version, never a mix, except for
 the last line of ``metrics.jsonl`` while it is being appended (skipped and
@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,32 @@ class RunFolder:
 
     def has(self, name: str) -> bool:
         return self.stamps.get(name) is not None
+
+
+def latest_version(reader: Callable[[str, Stamp], Any]) -> Callable[[str, Stamp], Any]:
+    """Memoise ``reader(path, stamp)`` for the latest version of each file only.
+
+    A file is parsed again only when its stamp changes, and an old version is
+    dropped then (an LRU cache would keep every version of a growing
+    ``metrics.jsonl``). A failure is remembered too, so a corrupt checkpoint is
+    not reloaded at every poll.
+    """
+    cache: dict[str, tuple[Stamp, Any, Exception | None]] = {}
+
+    @functools.wraps(reader)
+    def read(path: str, stamp: Stamp) -> Any:
+        hit = cache.get(path)
+        if hit is None or hit[0] != stamp:
+            try:
+                hit = (stamp, reader(path, stamp), None)
+            except (OSError, ValueError, TypeError, FedSegError) as exc:
+                hit = (stamp, None, exc)
+            cache[path] = hit
+        if hit[2] is not None:
+            raise hit[2].with_traceback(None)
+        return hit[1]
+
+    return read
 
 
 def stamp_of(path: Path) -> Stamp:
@@ -150,7 +177,7 @@ def _run_config(run: RunFolder) -> dict[str, Any]:
     return _guarded(run, RUN_CONFIG_TOML, _read_toml) or {}
 
 
-@functools.lru_cache(maxsize=512)
+@latest_version
 def _read_metrics(path: str, stamp: Stamp) -> MetricsFile:
     rows, problems = [], []
     with open(path, encoding="utf-8", errors="replace") as handle:
@@ -170,7 +197,7 @@ def _read_metrics(path: str, stamp: Stamp) -> MetricsFile:
     return MetricsFile(rows=tuple(rows), problems=tuple(problems))
 
 
-@functools.lru_cache(maxsize=512)
+@latest_version
 def _read_json(path: str, stamp: Stamp) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -181,13 +208,13 @@ def _read_json(path: str, stamp: Stamp) -> dict[str, Any]:
     return data
 
 
-@functools.lru_cache(maxsize=64)
+@latest_version
 def _read_toml(path: str, stamp: Stamp) -> dict[str, Any]:
     with open(path, "rb") as handle:
         return tomllib.load(handle)
 
 
-@functools.lru_cache(maxsize=64)
+@latest_version
 def _read_checkpoint(path: str, stamp: Stamp) -> dict[str, Any]:
     """The checkpoint's facts (checksum verified) and its run config."""
     from server.check_checkpoint import checkpoint_facts
@@ -197,7 +224,7 @@ def _read_checkpoint(path: str, stamp: Stamp) -> dict[str, Any]:
     return {**checkpoint_facts(checkpoint, path=Path(path)), "run_config": checkpoint.run_config}
 
 
-@functools.lru_cache(maxsize=64)
+@latest_version
 def _read_model(path: str, stamp: Stamp) -> ModelFacts:
     from shared.model_file import read_model_file
 

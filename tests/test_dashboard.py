@@ -185,3 +185,13 @@ def test_a_site_cannot_put_markup_into_the_operators_page(tmp_path):
     with running_dashboard(runs=tmp_path / "runs") as url, httpx.Client(base_url=url) as client:
         panels = get_state(client, "x")["panels"]
     assert "&lt;img src=x onerror=" in panels["rounds"] and "<img" not in panels["rounds"] + panels["sites"]
+
+
+def test_non_finite_numbers_in_metrics_do_not_break_the_page(tmp_path):
+    run = tmp_path / "runs" / "nan"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"round": 1, "site": "a", "dice": NaN, "hd95": Infinity, "train-status": "ok"}\n'
+                                       '{"round": 1, "site": "global", "dice": NaN, "ended-at": 1.0}\n')
+    with running_dashboard(runs=tmp_path / "runs") as url, httpx.Client(base_url=url) as client:
+        state = get_state(client, "nan")
+    assert 'id="round-1"' in state["panels"]["rounds"] and "plan.json is missing" in state["panels"]["status"]

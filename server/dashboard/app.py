@@ -102,12 +102,12 @@ def create_app(*, runs_dir: Path, token: str | None = None, refresh_seconds: flo
         return JSONResponse({"signature": signature, "panels": {"runs": str(panels.runs(entries, **shared))}})
 
     def run(request: Request) -> Response:
-        page = run_page(run_dir_of(runs_dir, request.path_params["run_id"]), now=clock())
+        page = run_page(run_dir_of(runs_dir, run_id=request.path_params["run_id"]), now=clock())
         context = {**shared, "page": page, "panels": RUN_PANELS, "signature": ""}
         return _remember_token(request) or templates.TemplateResponse(request, "run.html", context)
 
     def run_state(request: Request) -> Response:
-        page = run_page(run_dir_of(runs_dir, request.path_params["run_id"]), now=clock())
+        page = run_page(run_dir_of(runs_dir, run_id=request.path_params["run_id"]), now=clock())
         if request.query_params.get("since") == page.signature:
             return JSONResponse({"signature": page.signature, "unchanged": True})
         return JSONResponse({"signature": page.signature, "figures": page.figures(),
@@ -115,7 +115,7 @@ def create_app(*, runs_dir: Path, token: str | None = None, refresh_seconds: flo
 
     def run_file(request: Request) -> Response:
         run_id, name = request.path_params["run_id"], request.path_params["name"]
-        path = served_file(run_dir_of(runs_dir, run_id), name)
+        path = served_file(run_dir_of(runs_dir, run_id=run_id), name=name)
         if path is None:
             return PlainTextResponse(f"404: {name} is not in run {run_id}, or not served", status_code=404)
         download = f"{run_id}-{path.name}" if path.suffix == ".pt" else None

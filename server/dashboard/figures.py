@@ -42,7 +42,7 @@ def per_site_figure(data: dict[str, list[tuple[int, float]]], *, title: str, uni
     return figure.to_plotly_json()
 
 
-def class_label(key: str, class_names: list[str]) -> str:
+def class_label(key: str, *, class_names: list[str]) -> str:
     """``Dice, class 1 (lesion)`` for ``dice-class-1``."""
     match = PER_CLASS.match(key)
     metric = "Dice" if key.startswith("dice") else "HD95"
@@ -53,7 +53,7 @@ def class_label(key: str, class_names: list[str]) -> str:
     return f"{metric}, class {index}{name}"
 
 
-def global_dice_figure(rows: Iterable[dict[str, Any]], baselines: dict[str, Any] | None) -> dict[str, Any]:
+def global_dice_figure(rows: Iterable[dict[str, Any]], *, baselines: dict[str, Any] | None) -> dict[str, Any]:
     """The global model's Dice per round, with the baselines' mean Dice over sites as dashed lines."""
     points = series(rows, "dice").get("global", [])
     figure = go.Figure(layout={**LAYOUT, "title": {"text": "Global model: Dice per round"},
@@ -81,7 +81,7 @@ def baseline_means(baselines: dict[str, Any] | None) -> dict[str, float]:
     return means
 
 
-def epsilon_figure(rows: Iterable[dict[str, Any]], sites: list[SiteView]) -> dict[str, Any] | None:
+def epsilon_figure(rows: Iterable[dict[str, Any]], *, sites: list[SiteView]) -> dict[str, Any] | None:
     """Cumulative epsilon per site, each site's budget dotted; None without DP."""
     data = {site: points for site, points in series(rows, "epsilon").items() if site != "global"}
     if not data:
@@ -97,13 +97,13 @@ def epsilon_figure(rows: Iterable[dict[str, Any]], sites: list[SiteView]) -> dic
 def run_figures(rows: tuple[dict[str, Any], ...], *, baselines: dict[str, Any] | None, sites: list[SiteView],
                 class_names: list[str]) -> dict[str, dict[str, Any]]:
     """Every figure of a run page by id, in page order (figures without data are left out)."""
-    figures = {"global-dice": global_dice_figure(rows, baselines)}
+    figures = {"global-dice": global_dice_figure(rows, baselines=baselines)}
     for key in metric_keys(rows):
         data = series(rows, key)
         if data:
             unit = "Dice" if key.startswith("dice") else "HD95 (mm)"
-            figures[key] = per_site_figure(data, title=class_label(key, class_names), unit=unit)
-    epsilon = epsilon_figure(rows, sites)
+            figures[key] = per_site_figure(data, title=class_label(key, class_names=class_names), unit=unit)
+    epsilon = epsilon_figure(rows, sites=sites)
     if epsilon is not None:
         figures["epsilon"] = epsilon
     seconds = {s: p for s, p in series(rows, "round-seconds").items() if s == "global"}

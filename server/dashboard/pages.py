@@ -67,7 +67,7 @@ class RunEntry:
     is_latest: bool
 
 
-def run_dir_of(runs_dir: Path, run_id: str) -> Path:
+def run_dir_of(runs_dir: Path, *, run_id: str) -> Path:
     """The folder of ``run_id`` under ``runs_dir`` (``latest`` follows the link); raise if it is no run."""
     if not RUN_ID.match(run_id):
         raise UnknownRunError(f"{run_id!r} is not a run id")
@@ -107,7 +107,7 @@ def runs_signature(entries: list[RunEntry]) -> str:
     return _digest([(e.run_id, e.last_change, e.status.state, e.problems) for e in entries])
 
 
-def served_file(run_dir: Path, name: str) -> Path | None:
+def served_file(run_dir: Path, *, name: str) -> Path | None:
     """The run folder's file ``name`` if the dashboard may serve it and it exists, else None."""
     if not SERVED_FILE.match(name):
         return None

@@ -52,7 +52,7 @@ class SiteView:
     budget: float | None = None
 
 
-def outcome(row: dict[str, Any], phase: str) -> str | None:
+def outcome(row: dict[str, Any], *, phase: str) -> str | None:
     """``ok``, ``refused``, ``rejected``, ``timed out``, ``failed`` or None (phase not asked)."""
     status = row.get(f"{phase}-status")
     if status == "failed" and str(row.get(f"{phase}-reason", "")).startswith(TIMEOUT_REASON):
@@ -84,7 +84,7 @@ def round_views(rows: Iterable[dict[str, Any]]) -> list[RoundView]:
 
 
 def _count_site(view: RoundView, site: str, row: dict[str, Any]) -> None:
-    outcomes = {phase: outcome(row, phase) for phase in PHASES}
+    outcomes = {phase: outcome(row, phase=phase) for phase in PHASES}
     view.sampled += 1
     view.answered += "timed out" not in outcomes.values()
     view.trained += outcomes["train"] == "ok"
@@ -126,9 +126,9 @@ def site_views(rows: Iterable[dict[str, Any]], *, plan_sites: dict[str, Any] | N
 
 def _follow_site(view: SiteView, row: dict[str, Any], *, ended_at: float | None) -> None:
     """Fold one round's row into the site's view (rounds come in order)."""
-    outcomes = [(phase, outcome(row, phase)) for phase in PHASES if outcome(row, phase) is not None]
+    outcomes = [(phase, outcome(row, phase=phase)) for phase in PHASES if outcome(row, phase=phase) is not None]
     view.sampled += 1
-    view.trained += outcome(row, "train") == "ok"
+    view.trained += outcome(row, phase="train") == "ok"
     bad = [(phase, result) for phase, result in outcomes if result != "ok"]
     view.status = ", ".join(f"{result} ({phase})" for phase, result in bad) if bad else "ok"
     view.reason = "; ".join(dict.fromkeys(str(row.get(f"{phase}-reason", "")) for phase, _ in bad))

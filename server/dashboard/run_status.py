@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from server.dashboard.run_reader import SUMMARY, RunFolder
@@ -44,8 +45,9 @@ def run_status(run: RunFolder, *, now: float) -> RunStatus:
     if silent > 2 * timeout + GRACE_SECONDS:
         return RunStatus(FAILED, f"stopped: nothing written for {_duration(silent)}, longer than a round can "
                                  f"take (2 x round-timeout {timeout:g} s), and no {SUMMARY}")
-    return RunStatus(RUNNING, f"running: round {rounds_closed(run)} of {planned} closed, "
-                              f"last write {_duration(silent)} ago")
+    # an absolute time: the page re-renders this line only when the run changes
+    written = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last)) if last is not None else "never"
+    return RunStatus(RUNNING, f"running: round {rounds_closed(run)} of {planned} closed, last write {written}")
 
 
 def _round_timeout(run: RunFolder) -> float:

@@ -18,6 +18,8 @@ from server.dashboard.rounds_view import SiteView
 from shared.baselines import comparison_rows, finite_mean
 from shared.run_rows import series
 
+#: Where each baseline's label sits on its line (federated, pooled, local): apart when the means are close.
+BASELINE_LABEL_POSITIONS = ("bottom right", "top left", "top right")
 PER_CLASS = re.compile(r"^(dice|hd95)-class-(\d+)$")
 LAYOUT = {"height": 300, "margin": {"l": 55, "r": 15, "t": 40, "b": 40}, "template": "plotly_white",
           "xaxis": {"title": {"text": "round"}, "dtick": 1}, "legend": {"font": {"size": 10}}}
@@ -62,9 +64,9 @@ def global_dice_figure(rows: Iterable[dict[str, Any]], *, baselines: dict[str, A
         rounds, values = zip(*points)
         figure.add_scatter(x=rounds, y=values, name="federated (per round)", mode="lines+markers",
                            line={"width": 3, "color": "black"})
-    for kind, mean in baseline_means(baselines).items():
+    for (kind, mean), position in zip(baseline_means(baselines).items(), BASELINE_LABEL_POSITIONS):
         figure.add_hline(y=mean, line_dash="dash", annotation_text=f"{kind}: {mean:.3f}",
-                         annotation_position="top left")
+                         annotation_position=position)
     return figure.to_plotly_json()
 
 

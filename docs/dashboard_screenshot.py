@@ -2,13 +2,21 @@
 
 Serves RUNS_DIR with the dashboard on loopback, opens RUN_ID in the tests'
 headless Chromium (tests/browser.py) once its plots are drawn, and saves the
-whole page. docs/dashboard.png was made from a 3-site simulated DP run in which
-one site's datalist names a missing label file, so it refuses every round:
+whole page. docs/dashboard.png was made from a real 3-site simulated DP run in
+which hospital-03's datalist names a label file that does not exist, so it
+refuses the fingerprint and every round:
 
-    python -m simulations --rounds 3 --run-config preset=small-unet \\
-        --datalists site-dirs/hospital-0{1,2,3}.json ...   # one broken
-    # then baselines for the two sites that trained (simulations.baselines.run_baselines)
-    # and the report (simulations.report.write_report)
+    python -m simulations --sites 3 --rounds 3 --run-config preset=small-unet \
+        --min-cases 4 --max-cases 6 --out /tmp/a          # three hospitals' data
+    # copy /tmp/a/<run>/data/hospital-0K/ to sites/hospital-0K/, its datalist.json to
+    # sites/hospital-0K/hospital-0K.json, and delete sites/hospital-03/labels/case_001.nii.gz
+    python -m simulations --rounds 3 --run-config preset=small-unet --out /tmp/b \
+        --datalists sites/hospital-01/hospital-01.json sites/hospital-02/hospital-02.json \
+                    sites/hospital-03/hospital-03.json
+    # the harness' report step then stops at hospital-03's missing file, so the baselines
+    # (simulations.baselines.run_baselines with kinds pooled,local, for the two sites that
+    # trained) and the report (simulations.report.write_report) were made afterwards
+    python docs/dashboard_screenshot.py /tmp/b <run-id> docs/dashboard.png
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from shared.cli import run_commands
 COMMANDS: dict[str, tuple[str, str]] = {
     "certs": ("server.certs", "make the consortium CA and the SuperLink TLS certificate"),
     "check-checkpoint": ("server.check_checkpoint", "verify a run's checkpoint and show where a resume continues"),
+    "dashboard": ("server.dashboard.command", "serve the web dashboard of the run folders (read-only, live)"),
 }
 
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from server.checkpoint import checkpoint_path, load_checkpoint
+from server.checkpoint import Checkpoint, checkpoint_path, load_checkpoint
 
 
 def describe_checkpoint(*, path: Path | str) -> dict[str, Any]:
@@ -16,9 +16,13 @@ def describe_checkpoint(*, path: Path | str) -> dict[str, Any]:
     missing, truncated or corrupt.
     """
     resolved = checkpoint_path(path)
-    checkpoint = load_checkpoint(resolved)
+    return checkpoint_facts(load_checkpoint(resolved), path=resolved)
+
+
+def checkpoint_facts(checkpoint: Checkpoint, *, path: Path) -> dict[str, Any]:
+    """The main facts of a loaded (verified) ``checkpoint`` read from ``path``."""
     sites = sorted({row["site"] for row in checkpoint.metrics_rows if row.get("site") != "global"})
-    return {"file": str(resolved), "round": checkpoint.round, "strategy": checkpoint.run_config.get("strategy"),
+    return {"file": str(path), "round": checkpoint.round, "strategy": checkpoint.run_config.get("strategy"),
             "num-rounds": checkpoint.run_config.get("num-rounds"), "seed": checkpoint.run_config.get("seed"),
             "tensors": len(checkpoint.state_dict), "strategy-state": sorted(checkpoint.strategy_state),
             "sites": sites}

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from shared.atomic import atomic_write_json
+from shared.baselines import comparison_rows, finite_mean  # noqa: F401  (comparison_rows: re-exported)
 from shared.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -55,8 +56,8 @@ def case_scores(per_case: list[dict[str, Any]]) -> tuple[list[float], list[float
 def summarise(per_case: list[dict[str, Any]], *, seed: int) -> dict[str, Any]:
     """Mean Dice/HD95 over cases with bootstrap 95% intervals."""
     dice, hd95 = case_scores(per_case)
-    return {"cases": len(per_case), "dice": _nanmean(dice), "dice-ci": bootstrap_interval(dice, seed=seed),
-            "hd95": _nanmean(hd95), "hd95-ci": bootstrap_interval(hd95, seed=seed)}
+    return {"cases": len(per_case), "dice": finite_mean(dice), "dice-ci": bootstrap_interval(dice, seed=seed),
+            "hd95": finite_mean(hd95), "hd95-ci": bootstrap_interval(hd95, seed=seed)}
 
 
 def train_model(datalists: list[Path], plan: Plan, config: Any, *, steps: int, seed: int, device: Any) -> Any:
@@ -124,31 +125,6 @@ def run_baselines(run_dir: Path, sites: list[tuple[str, Path]], *, kinds: tuple[
             results["local"][site_id] = evaluate_on_sites(model, everyone, plan, seed=config.seed, device=device)
     atomic_write_json(Path(run_dir) / "baselines.json", _json_safe(results))
     return results
-
-
-def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per site: federated, pooled and local-only (the site's own model) Dice and HD95.
-
-    For a held-out site, "local" is the mean over the sites' local models.
-    """
-    rows = []
-    for site, fed in results["federated"].items():
-        row = {"site": site, "holdout": site in results.get("holdout", []), "federated": fed}
-        if "pooled" in results:
-            row["pooled"] = results["pooled"][site]
-        local = results.get("local", {})
-        if site in local:
-            row["local"] = local[site][site]
-        elif local:
-            row["local"] = {"dice": _nanmean([m[site]["dice"] for m in local.values()]),
-                            "hd95": _nanmean([m[site]["hd95"] for m in local.values()])}
-        rows.append(row)
-    return rows
-
-
-def _nanmean(values: list[float]) -> float:
-    finite = [v for v in values if v is not None and not np.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
 
 
 def _json_safe(value: Any) -> Any:

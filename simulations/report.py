@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import html
 import json
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from shared.atomic import atomic_write
+from shared.run_rows import series
 
 SITE_COLUMNS = (("dice", "Dice"), ("hd95", "HD95 mm"), ("loss", "val loss"), ("train-loss", "train loss"),
                 ("epsilon", "epsilon"))
@@ -24,16 +24,6 @@ SITE_COLUMNS = (("dice", "Dice"), ("hd95", "HD95 mm"), ("loss", "val loss"), ("t
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:
     """All rows of ``metrics.jsonl``."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def series(rows: list[dict[str, Any]], key: str) -> dict[str, list[tuple[int, float]]]:
-    """``{site: [(round, value), ...]}`` for every row that has a number under ``key``."""
-    found: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for row in rows:
-        value = row.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            found[row["site"]].append((int(row["round"]), float(value)))
-    return dict(found)
 
 
 def final_site_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -133,7 +123,7 @@ def comparison_text(run_dir: Path) -> str:
     path = run_dir / "baselines.json"
     if not path.exists():
         return ""
-    from simulations.baselines import comparison_rows
+    from shared.baselines import comparison_rows
 
     results = json.loads(path.read_text())
     rows = comparison_rows(results)

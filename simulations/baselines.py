@@ -60,7 +60,8 @@ def summarise(per_case: list[dict[str, Any]], *, seed: int) -> dict[str, Any]:
             "hd95": finite_mean(hd95), "hd95-ci": bootstrap_interval(hd95, seed=seed)}
 
 
-def train_model(datalists: list[Path], plan: Plan, config: Any, *, steps: int, seed: int, device: Any) -> Any:
+def train_model(datalists: list[Path], plan: Plan, config: Any, *, steps: int, seed: int, device: Any,
+                caches: dict[Path, Path] | None = None) -> Any:
     """Train a fresh network of ``plan`` for ``steps`` steps on the training cases of ``datalists`` together."""
     import torch
     from monai.utils import set_determinism
@@ -74,7 +75,7 @@ def train_model(datalists: list[Path], plan: Plan, config: Any, *, steps: int, s
     cases: list[dict[str, Any]] = []
     augment = None
     for datalist in datalists:
-        site_cases, augment = load_training_cases(datalist, plan)
+        site_cases, augment = load_training_cases(datalist, plan, cache_dir=(caches or {}).get(datalist))
         cases += site_cases
     model = build_model(plan.model_config())
     loader = training_loader(cases, augment, batch_size=plan.batch_size, steps=steps,
@@ -85,14 +86,15 @@ def train_model(datalists: list[Path], plan: Plan, config: Any, *, steps: int, s
 
 
 def evaluate_on_sites(model: Any, sites: list[tuple[str, Path]], plan: Plan, *, seed: int,
-                      device: Any) -> dict[str, Any]:
+                      device: Any, caches: dict[Path, Path] | None = None) -> dict[str, Any]:
     """Per-case results of ``model`` on every site's validation cases."""
     from client.site_data import load_validation_cases
     from client.training import evaluate_local
 
     results = {}
     for site_id, datalist in sites:
-        result = evaluate_local(model, load_validation_cases(datalist, plan), plan=plan, device=device)
+        cases = load_validation_cases(datalist, plan, cache_dir=(caches or {}).get(datalist))
+        result = evaluate_local(model, cases, plan=plan, device=device)
         results[site_id] = summarise(result.per_case, seed=seed)
     return results
 
@@ -109,22 +111,48 @@ def run_baselines(run_dir: Path, sites: list[tuple[str, Path]], *, kinds: tuple[
     config = RunConfig.from_mapping(summary["run_config"])
     plan = read_plan_file(Path(run_dir) / "plan.json")
     device = resolve_device(config.device)
-    everyone = list(sites) + list(holdout)
+    # the sites' own case caches (a simulation's state folders): preprocessed with this plan already
+    caches = {d: Path(run_dir) / "state" / s / "cache" for s, d in list(sites) + list(holdout)
+              if (Path(run_dir) / "state" / s / "cache").is_dir()}
+    unreadable = unreadable_sites(list(sites) + list(holdout), plan, caches=caches)
+    sites = [(s, d) for s, d in sites if s not in unreadable]
+    everyone = sites + [(s, d) for s, d in holdout if s not in unreadable]
     federated, _ = load_model(Path(run_dir) / "global_model.pt")
     steps = plan.local_steps * config.num_rounds
     results: dict[str, Any] = {"federated": evaluate_on_sites(federated, everyone, plan, seed=config.seed,
-                                                              device=device),
-                               "holdout": [s for s, _ in holdout], "steps": steps}
+                                                              device=device, caches=caches),
+                               "holdout": [s for s, _ in holdout], "steps": steps, "unreadable": unreadable}
     if "pooled" in kinds:
-        pooled = train_model([d for _, d in sites], plan, config, steps=steps, seed=config.seed, device=device)
-        results["pooled"] = evaluate_on_sites(pooled, everyone, plan, seed=config.seed, device=device)
+        pooled = train_model([d for _, d in sites], plan, config, steps=steps, seed=config.seed, device=device,
+                             caches=caches)
+        results["pooled"] = evaluate_on_sites(pooled, everyone, plan, seed=config.seed, device=device,
+                                              caches=caches)
     if "local" in kinds:
         results["local"] = {}
         for site_id, datalist in sites:
-            model = train_model([datalist], plan, config, steps=steps, seed=config.seed, device=device)
-            results["local"][site_id] = evaluate_on_sites(model, everyone, plan, seed=config.seed, device=device)
+            model = train_model([datalist], plan, config, steps=steps, seed=config.seed, device=device,
+                                caches=caches)
+            results["local"][site_id] = evaluate_on_sites(model, everyone, plan, seed=config.seed, device=device,
+                                                          caches=caches)
     atomic_write_json(Path(run_dir) / "baselines.json", _json_safe(results))
     return results
+
+
+def unreadable_sites(sites: list[tuple[str, Path]], plan: Plan, *,
+                     caches: dict[Path, Path] | None = None) -> dict[str, str]:
+    """Sites whose cases cannot be read (their problem, as the site itself reported it when it refused):
+    left out of every baseline instead of failing them all."""
+    from client.site_data import load_training_cases, load_validation_cases
+    from shared.errors import FedSegError
+
+    problems = {}
+    for site_id, datalist in sites:
+        try:
+            load_training_cases(datalist, plan, cache_dir=(caches or {}).get(datalist))
+            load_validation_cases(datalist, plan, cache_dir=(caches or {}).get(datalist))
+        except FedSegError as exc:
+            problems[site_id] = f"{type(exc).__name__}: {exc}"
+    return problems
 
 
 def _json_safe(value: Any) -> Any:

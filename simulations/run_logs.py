@@ -29,6 +29,19 @@ def write_tensorboard(run_dir: Path, rows: list[dict[str, Any]]) -> Path:
     return log_dir
 
 
+def _first_case(datalist: Path, plan: Any) -> dict[str, Any] | None:
+    """A site's first validation case, or None when it has none or its data cannot be read (a site whose
+    data is broken refused the run; its problem is in metrics.jsonl, not a reason to fail the report)."""
+    from client.site_data import load_validation_cases
+    from shared.errors import FedSegError
+
+    try:
+        cases = load_validation_cases(datalist, plan)
+    except FedSegError:
+        return None
+    return cases[0] if cases else None
+
+
 def write_example_overlays(run_dir: Path, sites: list[tuple[str, Path]]) -> Path | None:
     """Plot one validation case per site (up to six) with ground truth and prediction outlined."""
     import matplotlib
@@ -45,8 +58,8 @@ def write_example_overlays(run_dir: Path, sites: list[tuple[str, Path]]) -> Path
     run_dir = Path(run_dir)
     plan = read_plan_file(run_dir / "plan.json")
     model, _ = load_model(run_dir / "global_model.pt")
-    shown = [(site, cases[0]) for site, datalist in sites[:EXAMPLE_SITES]
-             if (cases := load_validation_cases(datalist, plan))]
+    shown = [(site, case) for site, datalist in sites if (case := _first_case(datalist, plan)) is not None]
+    shown = shown[:EXAMPLE_SITES]
     if not shown:
         return None
     figure, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4), dpi=100, squeeze=False)

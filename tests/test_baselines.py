@@ -49,3 +49,22 @@ def test_baselines_train_and_evaluate_on_the_same_cases(tmp_path, two_sites):
     assert rows["h"]["holdout"] and not rows["a"]["holdout"]
     assert rows["a"]["local"] == results["local"]["a"]["a"]
     assert (tmp_path / "baselines.json").exists()
+
+
+def test_a_site_whose_data_cannot_be_read_is_left_out_of_the_baselines_and_the_overlays(tmp_path, two_sites):
+    from simulations.run_logs import write_example_overlays
+
+    config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, **{"num-rounds": 1}))
+    plan = manual_plan(config)
+    save_model_file(tmp_path / "global_model.pt", state_dict=build_model(plan.model_config()).state_dict(),
+                    model_config=plan.model_config())
+    (tmp_path / "summary.json").write_text(json.dumps({"run_config": config.to_mapping()}))
+    (tmp_path / "plan.json").write_text(json.dumps({"plan": plan.to_dict()}))
+    broken = json.loads(two_sites[1].read_text())
+    broken["validation"][0]["label"] = "labels/missing.nii.gz"
+    (tmp_path / "broken.json").write_text(json.dumps(broken).replace('"images/', f'"{two_sites[1].parent}/images/')
+                                          .replace('"labels/', f'"{two_sites[1].parent}/labels/'))
+    sites = [("good", two_sites[0]), ("broken", tmp_path / "broken.json")]
+    results = run_baselines(tmp_path, sites, kinds=("pooled",))
+    assert set(results["federated"]) == {"good"} and "missing.nii.gz" in results["unreadable"]["broken"]
+    assert write_example_overlays(tmp_path, sites).exists()

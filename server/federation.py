@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord
 
 from server.checkpoint import Checkpoint, check_resumable, checkpoint_path, load_checkpoint, save_checkpoint
 from server.export import export_final_model
-from server.plan_phase import establish_plan, write_plan_file
+from server.plan_phase import establish_plan, keep_or_write_plan_file
 from server.polling_grid import PollingGrid, shorten_object_pull_retry
 from server.rounds import run_rounds
 from server.run_folder import RunRecorder
@@ -62,7 +62,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
     checkpoint = resume_checkpoint(config)
     if checkpoint is not None and checkpoint.plan:
         recorder.plan = Plan.from_json(checkpoint.plan, source=f"checkpoint of {config.resume_from}")
-        write_plan_file(run_dir, recorder.plan, sites={})
+        keep_or_write_plan_file(run_dir, recorder.plan)
     else:
         recorder.plan = establish_plan(grid, config, run_dir=run_dir, known_sites=strategy.known_sites,
                                        say=lambda line: print(line, flush=True))

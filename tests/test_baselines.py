@@ -11,7 +11,13 @@ from shared.config import RunConfig
 from shared.errors import ConfigError
 from shared.model import build_model
 from shared.model_file import save_model_file
-from simulations.baselines import bootstrap_interval, comparison_rows, parse_baselines, run_baselines, summarise
+from simulations.baselines import (
+    bootstrap_interval,
+    comparison_rows,
+    parse_baselines,
+    run_baselines,
+    summarise,
+)
 from tests.conftest import TINY_RUN_CONFIG
 
 

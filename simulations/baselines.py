@@ -54,10 +54,16 @@ def case_scores(per_case: list[dict[str, Any]]) -> tuple[list[float], list[float
 
 
 def summarise(per_case: list[dict[str, Any]], *, seed: int) -> dict[str, Any]:
-    """Mean Dice/HD95 over cases with bootstrap 95% intervals."""
+    """Mean Dice/HD95 over cases with bootstrap 95% intervals, overall and per foreground class."""
     dice, hd95 = case_scores(per_case)
+    classes = len(per_case[0]["dice"]) if per_case else 0
+    per_class = []
+    for k in range(classes):
+        class_dice, class_hd95 = [float(c["dice"][k]) for c in per_case], [float(c["hd95"][k]) for c in per_case]
+        per_class.append({"dice": finite_mean(class_dice), "dice-ci": bootstrap_interval(class_dice, seed=seed),
+                          "hd95": finite_mean(class_hd95), "hd95-ci": bootstrap_interval(class_hd95, seed=seed)})
     return {"cases": len(per_case), "dice": finite_mean(dice), "dice-ci": bootstrap_interval(dice, seed=seed),
-            "hd95": finite_mean(hd95), "hd95-ci": bootstrap_interval(hd95, seed=seed)}
+            "hd95": finite_mean(hd95), "hd95-ci": bootstrap_interval(hd95, seed=seed), "per-class": per_class}
 
 
 def train_model(datalists: list[Path], plan: Plan, config: Any, *, steps: int, seed: int, device: Any,

@@ -12,7 +12,13 @@ from shared.errors import ConfigError
 from shared.model import build_model
 from shared.model_file import save_model_file
 from shared.plan import manual_plan
-from simulations.baselines import bootstrap_interval, comparison_rows, parse_baselines, run_baselines
+from simulations.baselines import (
+    bootstrap_interval,
+    comparison_rows,
+    parse_baselines,
+    run_baselines,
+    summarise,
+)
 from tests.conftest import TINY_RUN_CONFIG
 
 
@@ -24,6 +30,16 @@ def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_cases():
     low_many, high_many = bootstrap_interval(many, seed=1)
     assert high_many - low_many < high - low
     assert bootstrap_interval([float("nan")]) != bootstrap_interval([float("nan")])  # NaN, NaN
+
+
+def test_summary_has_each_foreground_class_with_its_interval():
+    per_case = [{"dice": [0.9, 0.1], "hd95": [1.0, float("nan")]}, {"dice": [0.7, 0.3], "hd95": [3.0, 5.0]}]
+    summary = summarise(per_case, seed=0)
+    assert summary["dice"] == pytest.approx(0.5)
+    first, second = summary["per-class"]
+    assert first["dice"] == pytest.approx(0.8) and second["dice"] == pytest.approx(0.2)
+    assert first["dice-ci"][0] <= 0.8 <= first["dice-ci"][1]
+    assert second["hd95"] == pytest.approx(5.0)  # a NaN case (class absent) is left out, not counted as 0
 
 
 def test_unknown_baseline_is_named():

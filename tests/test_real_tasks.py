@@ -241,3 +241,32 @@ def test_the_report_headline_gives_the_issues_ratios():
     assert "federated / pooled Dice (mean of sites): **0.875x**" in text
     assert "at **1 of 2** sites" in text and "DP / no DP federated Dice: **1.000x**" in text
     assert "deployment / harness (federated-dp) Dice: **0.900x**" in text
+
+
+def test_sections_are_written_from_the_results_of_separate_runs(tmp_path, capsys):
+    from benchmarks.real_tasks import write_from_results
+
+    summary = {"dice": 0.5, "dice-ci": [0.4, 0.6], "hd95": 3.0, "hd95-ci": [2.0, 4.0],
+               "per-class": [{"dice": 0.5, "hd95": 3.0}] * 8}
+    result = {"task": "donors", "spatial_dims": 2, "variant": "defaults", "seed": 0, "rounds": 3, "seconds": 60.0,
+              "run_dir": "runs/x", "run_config": {}, "statuses": {"a": {"ok": 3}},
+              "cases": {"training": 100, "validation": 6}}
+    plain = {**result, "dp": False, "epsilon": {}, "command": "python -m benchmarks.real_tasks --dp off",
+             "baselines": {"federated": {"a": summary}, "pooled": {"a": summary}, "local": {"a": {"a": summary}}}}
+    private = {**result, "dp": True, "epsilon": {"a": {"epsilon": 7.5, "delta": 1e-5}},
+               "command": "python -m benchmarks.real_tasks --dp on", "baselines": {"federated": {"a": {**summary, "dice": 0.45}}}}
+    (tmp_path / "off.json").write_text(json.dumps([plain]))
+    (tmp_path / "on.json").write_text(json.dumps([private]))
+    md = tmp_path / "BENCHMARKS.md"
+    assert write_from_results([tmp_path / "off.json", tmp_path / "on.json"], benchmarks_md=md) == 0
+    text = md.read_text()
+    assert "`python -m benchmarks.real_tasks --dp off` and `python -m benchmarks.real_tasks --dp on`" in text
+    assert "100 training and 6 validation cases per site" in text and "DP / no DP federated Dice: **0.900x**" in text
+
+    (tmp_path / "other.json").write_text(json.dumps([{**private, "cases": {"training": 12, "validation": 4}}]))
+    assert write_from_results([tmp_path / "off.json", tmp_path / "other.json"], benchmarks_md=md) == 1
+    assert "task 'donors' results come from different data" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text("[{")
+    assert write_from_results([tmp_path / "broken.json"], benchmarks_md=md) == 1
+    assert "broken.json" in capsys.readouterr().err
+    assert md.read_text() == text  # refused inputs leave the file as it was

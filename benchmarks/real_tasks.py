@@ -39,8 +39,13 @@ DEFAULT_OUT = Path("benchmarks/out/real_tasks")
 
 
 def run_once(*, task: str, datalists: list[Path], spatial_dims: int, rounds: int, seed: int, dp: bool,
-             run_config: dict[str, Any], max_epsilon: float, out: Path, runner: str = "harness") -> dict[str, Any]:
+             run_config: dict[str, Any], max_epsilon: float, out: Path, runner: str = "harness",
+             resume: bool = False) -> dict[str, Any]:
     """One federation through the harness; without DP also the pooled and local-only baselines.
+
+    With ``resume``, a harness run cut short in ``out`` goes on: a federation that finished only
+    (re)runs its baselines (which go on from the last model done), one with a checkpoint resumes from
+    it (``resume-from``; each site's state and privacy ledger carried over).
 
     ``runner = "deployment"`` runs it as a real deployment instead (``deploy.run_federation``: a
     SuperLink with TLS and node authentication, one SuperNode per site, default node config: each
@@ -59,15 +64,23 @@ def run_once(*, task: str, datalists: list[Path], spatial_dims: int, rounds: int
     if runner == "deployment":
         return run_deployed(task=task, datalists=datalists, spatial_dims=spatial_dims, rounds=rounds, seed=seed,
                             dp=dp, run_config=run_config, out=out)
-    spec = SimulationSpec(datalists=tuple(datalists), rounds=rounds, spatial_dims=spatial_dims, seed=seed,
-                          out=out, baselines=() if dp else ("pooled", "local"), max_epsilon=max_epsilon,
-                          run_config={**TASK_RUN_CONFIG[task], **run_config, "dp": dp})
+    kinds = () if dp else ("pooled", "local")  # the baselines are trained once, in the run without DP
+    earlier = (out / "latest").resolve() if resume and (out / "latest").is_dir() else None
     started = time.monotonic()
-    summary = run_simulation(spec, echo=True)
+    finished_before = earlier is not None and (earlier / "summary.json").is_file()
+    if finished_before:
+        print(f"[real_tasks] resuming: the federation in {earlier} finished; its baselines go on", flush=True)
+        summary = json.loads((earlier / "summary.json").read_text())
+    else:
+        carry_on = {"resume-from": str(earlier)} if earlier and (earlier / "checkpoint.ckpt").is_file() else {}
+        spec = SimulationSpec(datalists=tuple(datalists), rounds=rounds, spatial_dims=spatial_dims, seed=seed,
+                              out=out, baselines=kinds, max_epsilon=max_epsilon,
+                              run_config={**TASK_RUN_CONFIG[task], **run_config, "dp": dp, **carry_on})
+        summary = run_simulation(spec, echo=True)
     run_dir = (out / "latest").resolve()
-    if dp:  # the federated model only: the baselines are trained once, in the run without DP
-        run_baselines(run_dir, [(Path(d).stem, Path(d)) for d in datalists], kinds=())
-    return {"run_dir": str(run_dir), "seconds": round(time.monotonic() - started, 1),
+    if dp or finished_before:  # DP: the federated model only; a finished federation: the baselines left
+        run_baselines(run_dir, [(Path(d).stem, Path(d)) for d in datalists], kinds=kinds)
+    return {"run_dir": str(run_dir), "seconds": round(time.monotonic() - started, 1), "resumed": earlier is not None,
             "baselines": json.loads((run_dir / "baselines.json").read_text()),
             "statuses": train_statuses(run_dir / "metrics.jsonl"), "epsilon": summary.get("epsilon", {}),
             "run_config": summary.get("run_config", {})}
@@ -111,20 +124,32 @@ def parse_variants(items: list[str]) -> list[tuple[str, dict[str, Any]]]:
 def run_all(*, tasks: list[str], spatial_dims: list[int], variants: list[tuple[str, dict[str, Any]]],
             run_config: dict[str, Any], rounds: int, seed: int, dp_modes: list[bool], max_epsilon: float,
             out: Path, cases: tuple[int, int], on_result: Any = None,
-            runners: tuple[str, ...] = ("harness",)) -> list[dict[str, Any]]:
-    """Every task x spatial dims x variant x DP mode x runner; ``on_result(results)`` after each run."""
+            runners: tuple[str, ...] = ("harness",), resume: bool = False,
+            done: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """Every task x spatial dims x variant x DP mode x runner; ``on_result(results)`` after each run.
+
+    With ``resume`` (``--resume``), the runs in ``done`` (an earlier invocation's results) are kept,
+    not run again, and a harness run cut short goes on (:func:`run_once`).
+    """
     results: list[dict[str, Any]] = []
+    finished = {_run_key(r): r for r in done} if resume else {}
     for task in tasks:
         datalists = prepare_task(task, seed=seed, training=cases[0], validation=cases[1])
         for dims in spatial_dims:
             for name, overrides in variants:
                 for dp, runner in ((dp, runner) for dp in dp_modes for runner in runners):
+                    key = _run_key({"task": task, "spatial_dims": dims, "variant": name, "dp": dp, "runner": runner,
+                                    "rounds": rounds, "seed": seed, "cases": {"training": cases[0],
+                                                                              "validation": cases[1]}})
+                    if key in finished:
+                        results.append(finished[key])
+                        continue
                     print(f"[real_tasks] {task}, {dims}D, {name}, {'DP' if dp else 'no DP'}, {runner}", flush=True)
                     suffix = "" if runner == "harness" else f"-{runner}"
                     result = run_once(task=task, datalists=datalists, spatial_dims=dims, rounds=rounds, seed=seed,
                                       dp=dp, run_config={**run_config, **overrides}, max_epsilon=max_epsilon,
                                       out=out / task / f"{dims}d-{_slug(name)}-{'dp' if dp else 'nodp'}{suffix}",
-                                      runner=runner)
+                                      runner=runner, resume=resume)
                     results.append({"task": task, "spatial_dims": dims, "variant": name, "dp": dp, "runner": runner,
                                     "rounds": rounds, "seed": seed, "max_epsilon": max_epsilon,
                                     "cases": {"training": cases[0], "validation": cases[1]},
@@ -154,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-cases", type=int, default=4, help="validation cases per site")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="run folders and results.json")
     parser.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on with an earlier invocation in --out: keep its finished runs (results.json), "
+                             "resume a federation from its checkpoint, finish its baselines")
     parser.add_argument("--from-results", type=Path, nargs="+", default=[], metavar="RESULTS_JSON",
                         help="run nothing: write BENCHMARKS.md from the results.json of earlier runs (their own "
                              "commands are quoted), e.g. a run without DP and a later one with --dp on")
@@ -211,12 +239,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.write:
             write_benchmarks_sections(results, command=command.strip())
 
+    earlier = out / "results.json"
+    done = json.loads(earlier.read_text()) if args.resume and earlier.is_file() else []
     try:
         run_all(tasks=args.tasks, spatial_dims=args.spatial_dims, variants=parse_variants(args.compare),
                 run_config=parse_run_config(args.run_config), rounds=args.rounds, seed=args.seed,
                 dp_modes={"both": [False, True], "on": [True], "off": [False]}[args.dp],
                 max_epsilon=args.max_epsilon, out=out, cases=(args.train_cases, args.val_cases), on_result=save,
-                runners=tuple(args.runners))
+                runners=tuple(args.runners), resume=args.resume, done=done)
     except MissingRequirements as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -225,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"[real_tasks] results in {out / 'results.json'}")
     return 0
+
+
+def _run_key(result: dict[str, Any]) -> str:
+    """What makes two runs the same run (task, dims, variant, DP, runner, rounds, seed, data)."""
+    return json.dumps([result.get(k) for k in ("task", "spatial_dims", "variant", "dp", "runner", "rounds", "seed",
+                                                "cases")], sort_keys=True)
 
 
 def _slug(text: str) -> str:

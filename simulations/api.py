@@ -16,6 +16,7 @@ from typing import Any
 
 import tomli_w
 
+from server.checkpoint import checkpoint_path
 from server.federation import PROGRESS_PREFIX, update_latest_link
 from shared.config import RunConfig
 from shared.errors import ConfigError
@@ -163,6 +164,25 @@ def task_from_datalists(datalists: tuple[Path, ...]) -> dict[str, int]:
     return task
 
 
+def carry_site_state(previous_run: Path, run_dir: Path, site_ids: list[str]) -> list[str]:
+    """Copy each site's state folder of the interrupted run into the resumed one; return the sites copied.
+
+    A deployment's sites keep their state folders across a server restart; a resumed simulation
+    does the same, so each site's privacy ledger goes on counting (a fresh ledger would let a site
+    spend its budget twice) and its preprocessed-case cache is reused. Copied, not linked: the
+    audit log is appended to, and the interrupted run's own record must stay as it was.
+    """
+    import shutil
+
+    carried = []
+    for site_id in site_ids:
+        source = Path(previous_run) / "state" / site_id
+        if source.is_dir():
+            shutil.copytree(source, run_dir / "state" / site_id, dirs_exist_ok=True)
+            carried.append(site_id)
+    return carried
+
+
 def build_run_config(spec: SimulationSpec, run_dir: Path, sites_manifest: Path, *, num_sites: int) -> RunConfig:
     """The run config the harness sends: spec values over the datalists' task over per-dimension defaults."""
     values: dict[str, Any] = {"num-rounds": spec.rounds, "spatial-dims": spec.spatial_dims,
@@ -213,6 +233,11 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True,
     manifest = write_sites_manifest(run_dir, sites, faults=spec.faults.assign([site for site, _ in sites]),
                                     privacy=site_privacy(spec), overrides=spec.site_node_config)
     config = build_run_config(spec, run_dir, manifest, num_sites=len(sites))
+    if config.resume_from:
+        carried = carry_site_state(checkpoint_path(config.resume_from).parent, run_dir,
+                                   [site for site, _ in sites + holdout])
+        say(f"{PROGRESS_PREFIX} resuming: {len(carried)} site state folder(s) carried over from "
+            f"{checkpoint_path(config.resume_from).parent}")
     run_config_path = run_dir / "run-config.toml"
     run_config_path.write_text(tomli_w.dumps(config.to_mapping()))
     started = time.monotonic()

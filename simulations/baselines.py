@@ -105,43 +105,72 @@ def evaluate_on_sites(model: Any, sites: list[tuple[str, Path]], plan: Plan, *, 
     return results
 
 
+#: Each model's results as it is done: a baseline run cut short (a session, a machine) goes on from there.
+PROGRESS_FILE = "baselines.partial.json"
+
+
 def run_baselines(run_dir: Path, sites: list[tuple[str, Path]], *, kinds: tuple[str, ...],
                   holdout: list[tuple[str, Path]] = ()) -> dict[str, Any]:
-    """Evaluate the federated model and train/evaluate the baselines; write ``baselines.json``."""
+    """Evaluate the federated model and train/evaluate the baselines; write ``baselines.json``.
+
+    Every model's results are kept in :data:`PROGRESS_FILE` as soon as they exist, and a later call
+    on the same run folder (same sites, steps and seed) takes them from there instead of training
+    that model again; ``baselines.json`` is written once, complete (its readers never see a part).
+    """
     from shared.config import RunConfig
     from shared.device import resolve_device
     from shared.model_file import load_model
     from shared.plan import read_plan_file
 
-    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
     config = RunConfig.from_mapping(summary["run_config"])
-    plan = read_plan_file(Path(run_dir) / "plan.json")
+    plan = read_plan_file(run_dir / "plan.json")
     device = resolve_device(config.device)
     # the sites' own case caches (a simulation's state folders): preprocessed with this plan already
-    caches = {d: Path(run_dir) / "state" / s / "cache" for s, d in list(sites) + list(holdout)
-              if (Path(run_dir) / "state" / s / "cache").is_dir()}
+    caches = {d: run_dir / "state" / s / "cache" for s, d in list(sites) + list(holdout)
+              if (run_dir / "state" / s / "cache").is_dir()}
     unreadable = unreadable_sites(list(sites) + list(holdout), plan, caches=caches)
     sites = [(s, d) for s, d in sites if s not in unreadable]
     everyone = sites + [(s, d) for s, d in holdout if s not in unreadable]
-    federated, _ = load_model(Path(run_dir) / "global_model.pt")
     steps = plan.local_steps * config.num_rounds
-    results: dict[str, Any] = {"federated": evaluate_on_sites(federated, everyone, plan, seed=config.seed,
-                                                              device=device, caches=caches),
-                               "holdout": [s for s, _ in holdout], "steps": steps, "unreadable": unreadable}
+    setting = {"holdout": [s for s, _ in holdout], "steps": steps, "unreadable": unreadable,
+               "sites": [s for s, _ in everyone], "seed": config.seed}
+    results = _progress(run_dir, setting)
+
+    def done(key: str, make: Any) -> Any:
+        if key not in results:
+            results[key] = _json_safe(make())
+            atomic_write_json(run_dir / PROGRESS_FILE, results)
+        return results[key]
+
+    def trained_on(datalists: list[Path]) -> Any:
+        model = train_model(datalists, plan, config, steps=steps, seed=config.seed, device=device, caches=caches)
+        return evaluate_on_sites(model, everyone, plan, seed=config.seed, device=device, caches=caches)
+
+    done("federated", lambda: evaluate_on_sites(load_model(run_dir / "global_model.pt")[0], everyone, plan,
+                                                seed=config.seed, device=device, caches=caches))
     if "pooled" in kinds:
-        pooled = train_model([d for _, d in sites], plan, config, steps=steps, seed=config.seed, device=device,
-                             caches=caches)
-        results["pooled"] = evaluate_on_sites(pooled, everyone, plan, seed=config.seed, device=device,
-                                              caches=caches)
+        done("pooled", lambda: trained_on([d for _, d in sites]))
+    for site_id, datalist in sites if "local" in kinds else []:
+        done(f"local/{site_id}", lambda datalist=datalist: trained_on([datalist]))
+    final = {key: value for key, value in results.items() if not key.startswith("local/") and key != "sites"}
+    final.pop("seed")
     if "local" in kinds:
-        results["local"] = {}
-        for site_id, datalist in sites:
-            model = train_model([datalist], plan, config, steps=steps, seed=config.seed, device=device,
-                                caches=caches)
-            results["local"][site_id] = evaluate_on_sites(model, everyone, plan, seed=config.seed, device=device,
-                                                          caches=caches)
-    atomic_write_json(Path(run_dir) / "baselines.json", _json_safe(results))
-    return results
+        final["local"] = {site_id: results[f"local/{site_id}"] for site_id, _ in sites}
+    atomic_write_json(run_dir / "baselines.json", final)
+    (run_dir / PROGRESS_FILE).unlink(missing_ok=True)
+    return final
+
+
+def _progress(run_dir: Path, setting: dict[str, Any]) -> dict[str, Any]:
+    """The models already done for this run folder under the same setting (else nothing)."""
+    try:
+        kept = json.loads((run_dir / PROGRESS_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return dict(setting)
+    same = isinstance(kept, dict) and all(kept.get(k) == _json_safe(v) for k, v in setting.items())
+    return kept if same else dict(setting)
 
 
 def unreadable_sites(sites: list[tuple[str, Path]], plan: Plan, *,

@@ -84,3 +84,36 @@ def test_a_site_whose_data_cannot_be_read_is_left_out_of_the_baselines_and_the_o
     results = run_baselines(tmp_path, sites, kinds=("pooled",))
     assert set(results["federated"]) == {"good"} and "missing.nii.gz" in results["unreadable"]["broken"]
     assert write_example_overlays(tmp_path, sites).exists()
+
+
+def test_baselines_cut_short_go_on_from_the_last_model_done(tmp_path, two_sites, monkeypatch):
+    import simulations.baselines as baselines
+
+    config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, **{"num-rounds": 1}))
+    plan = manual_plan(config)
+    save_model_file(tmp_path / "global_model.pt", state_dict=build_model(plan.model_config()).state_dict(),
+                    model_config=plan.model_config())
+    (tmp_path / "summary.json").write_text(json.dumps({"run_config": config.to_mapping()}))
+    (tmp_path / "plan.json").write_text(json.dumps({"plan": plan.to_dict()}))
+    sites = [("a", two_sites[0]), ("b", two_sites[1])]
+    trained, real_train = [], baselines.train_model
+
+    def train_until_cut(datalists, *args, **kwargs):
+        if len(trained) == 2:  # the machine goes away while the second local model trains
+            raise KeyboardInterrupt
+        trained.append(list(datalists))
+        return real_train(datalists, *args, **kwargs)
+
+    monkeypatch.setattr(baselines, "train_model", train_until_cut)
+    with pytest.raises(KeyboardInterrupt):
+        run_baselines(tmp_path, sites, kinds=("pooled", "local"))
+    assert not (tmp_path / "baselines.json").exists()  # readers never see a part
+    assert trained == [[two_sites[0], two_sites[1]], [two_sites[0]]]
+
+    monkeypatch.setattr(baselines, "train_model", lambda datalists, *a, **k: trained.append(list(datalists))
+                        or real_train(datalists, *a, **k))
+    results = run_baselines(tmp_path, sites, kinds=("pooled", "local"))
+    assert trained[2:] == [[two_sites[1]]]  # only the model not done before
+    assert set(results["local"]) == {"a", "b"} and set(results["pooled"]) == {"a", "b"}
+    assert json.loads((tmp_path / "baselines.json").read_text()) == results
+    assert not (tmp_path / baselines.PROGRESS_FILE).exists()

@@ -270,3 +270,55 @@ def test_sections_are_written_from_the_results_of_separate_runs(tmp_path, capsys
     assert write_from_results([tmp_path / "broken.json"], benchmarks_md=md) == 1
     assert "broken.json" in capsys.readouterr().err
     assert md.read_text() == text  # refused inputs leave the file as it was
+
+
+def test_a_resumed_benchmark_keeps_finished_runs_and_goes_on_with_the_rest(tmp_path, monkeypatch):
+    import benchmarks.real_tasks as real_tasks
+
+    monkeypatch.setattr(real_tasks, "prepare_task", lambda task, **kwargs: [tmp_path / "a.json"])
+    calls = []
+    monkeypatch.setattr(real_tasks, "run_once", lambda **kwargs: calls.append(kwargs) or {"seconds": 1.0})
+    common = dict(tasks=["donors"], spatial_dims=[2], variants=[("defaults", {})], run_config={}, rounds=5, seed=0,
+                  dp_modes=[False, True], max_epsilon=8.0, out=tmp_path, cases=(100, 6))
+    first = real_tasks.run_all(**common)
+    assert [(c["dp"], c["resume"]) for c in calls] == [(False, False), (True, False)]
+
+    calls.clear()
+    finished = {**first[0], "seconds": 1234.0}
+    again = real_tasks.run_all(**common, resume=True, done=[finished])
+    assert [(c["dp"], c["resume"]) for c in calls] == [(True, True)]  # only the run not finished, resumed
+    assert again[0] == finished and again[1]["dp"]
+
+    calls.clear()
+    other_data = {**finished, "cases": {"training": 12, "validation": 4}}
+    real_tasks.run_all(**common, resume=True, done=[other_data])
+    assert len(calls) == 2  # results of other data are not this run's
+
+
+def test_a_resumed_run_finishes_baselines_or_resumes_its_federation_from_the_checkpoint(tmp_path, monkeypatch):
+    import simulations.api
+    import simulations.baselines
+    from benchmarks.real_tasks import run_once
+
+    run_dir = tmp_path / "out" / "20261207-000000-0000"
+    run_dir.mkdir(parents=True)
+    (tmp_path / "out" / "latest").symlink_to(run_dir.name)
+    (tmp_path / "a.json").write_text("{}")
+    for name, text in (("metrics.jsonl", json.dumps({"site": "a", "train-status": "ok"})),
+                       ("baselines.json", "{}"), ("checkpoint.ckpt", "x")):
+        (run_dir / name).write_text(text)
+    simulated, baselined = [], []
+    monkeypatch.setattr(simulations.api, "run_simulation", lambda spec, **kw: simulated.append(spec) or {})
+    monkeypatch.setattr(simulations.baselines, "run_baselines", lambda d, s, kinds: baselined.append((d, kinds)))
+    kwargs = dict(task="donors", datalists=[tmp_path / "a.json"], spatial_dims=2, rounds=5, seed=0, dp=False,
+                  run_config={}, max_epsilon=8.0, out=tmp_path / "out", resume=True)
+
+    result = run_once(**kwargs)  # cut short during its rounds: resumed from the checkpoint
+    assert simulated[0].run_config["resume-from"] == str(run_dir) and simulated[0].baselines == ("pooled", "local")
+    assert result["resumed"] and baselined == []
+
+    (run_dir / "summary.json").write_text(json.dumps({"epsilon": {}}))
+    simulated.clear()
+    result = run_once(**kwargs)  # cut short during its baselines: only they go on
+    assert simulated == [] and baselined == [(run_dir, ("pooled", "local"))]
+    assert result["statuses"] == {"a": {"ok": 1}}

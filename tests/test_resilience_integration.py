@@ -89,9 +89,14 @@ def test_killed_server_resumes_bitwise_like_an_uninterrupted_run(tmp_path):
     killed = _start_and_kill_after_first_checkpoint(tmp_path / "killed")
     done_before_kill = max(_global_digests(killed))
     assert done_before_kill < ROUNDS
+    audits = {p.parent.name: p.read_text() for p in killed.glob("state/*/egress-audit.jsonl")}
 
     run_simulation(_spec(tmp_path / "resumed", ROUNDS, **{"resume-from": str(killed)}), echo=False)
     resumed = (tmp_path / "resumed" / "latest").resolve()
+    assert len(audits) == 2  # each site's state went on from where it was (as a deployed site's would)
+    for site, before in audits.items():
+        assert (resumed / "state" / site / "egress-audit.jsonl").read_text().startswith(before)
+        assert (killed / "state" / site / "egress-audit.jsonl").read_text() == before
     run_simulation(_spec(tmp_path / "straight", ROUNDS), echo=False)
     straight = (tmp_path / "straight" / "latest").resolve()
 

@@ -48,12 +48,19 @@ def test_unknown_baseline_is_named():
         parse_baselines("pooled,centralised")
 
 
+def _finished_run(run_dir, *, rounds: int) -> RunConfig:
+    """What a finished federation leaves in its run folder for the baselines: model, summary, plan."""
+    config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, **{"num-rounds": rounds}))
+    plan = manual_plan(config)
+    save_model_file(run_dir / "global_model.pt", state_dict=build_model(plan.model_config()).state_dict(),
+                    model_config=plan.model_config())
+    (run_dir / "summary.json").write_text(json.dumps({"run_config": config.to_mapping()}))
+    (run_dir / "plan.json").write_text(json.dumps({"plan": plan.to_dict()}))
+    return config
+
+
 def test_baselines_train_and_evaluate_on_the_same_cases(tmp_path, two_sites):
-    config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, **{"num-rounds": 2}))
-    save_model_file(tmp_path / "global_model.pt", state_dict=build_model(manual_plan(config).model_config()).state_dict(),
-                    model_config=manual_plan(config).model_config())
-    (tmp_path / "summary.json").write_text(json.dumps({"run_config": config.to_mapping()}))
-    (tmp_path / "plan.json").write_text(json.dumps({"plan": manual_plan(config).to_dict()}))
+    config = _finished_run(tmp_path, rounds=2)
     sites = [("a", two_sites[0])]
     results = run_baselines(tmp_path, sites, kinds=("pooled", "local"), holdout=[("h", two_sites[1])])
     assert results["steps"] == 2 * config.local_steps
@@ -70,12 +77,7 @@ def test_baselines_train_and_evaluate_on_the_same_cases(tmp_path, two_sites):
 def test_a_site_whose_data_cannot_be_read_is_left_out_of_the_baselines_and_the_overlays(tmp_path, two_sites):
     from simulations.run_logs import write_example_overlays
 
-    config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, **{"num-rounds": 1}))
-    plan = manual_plan(config)
-    save_model_file(tmp_path / "global_model.pt", state_dict=build_model(plan.model_config()).state_dict(),
-                    model_config=plan.model_config())
-    (tmp_path / "summary.json").write_text(json.dumps({"run_config": config.to_mapping()}))
-    (tmp_path / "plan.json").write_text(json.dumps({"plan": plan.to_dict()}))
+    _finished_run(tmp_path, rounds=1)
     broken = json.loads(two_sites[1].read_text())
     broken["validation"][0]["label"] = "labels/missing.nii.gz"
     (tmp_path / "broken.json").write_text(json.dumps(broken).replace('"images/', f'"{two_sites[1].parent}/images/')
@@ -87,14 +89,9 @@ def test_a_site_whose_data_cannot_be_read_is_left_out_of_the_baselines_and_the_o
 
 
 def test_baselines_cut_short_go_on_from_the_last_model_done(tmp_path, two_sites, monkeypatch):
-    import simulations.baselines as baselines
+    from simulations import baselines
 
-    config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, **{"num-rounds": 1}))
-    plan = manual_plan(config)
-    save_model_file(tmp_path / "global_model.pt", state_dict=build_model(plan.model_config()).state_dict(),
-                    model_config=plan.model_config())
-    (tmp_path / "summary.json").write_text(json.dumps({"run_config": config.to_mapping()}))
-    (tmp_path / "plan.json").write_text(json.dumps({"plan": plan.to_dict()}))
+    _finished_run(tmp_path, rounds=1)
     sites = [("a", two_sites[0]), ("b", two_sites[1])]
     trained, real_train = [], baselines.train_model
 

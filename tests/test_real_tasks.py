@@ -273,13 +273,13 @@ def test_sections_are_written_from_the_results_of_separate_runs(tmp_path, capsys
 
 
 def test_a_resumed_benchmark_keeps_finished_runs_and_goes_on_with_the_rest(tmp_path, monkeypatch):
-    import benchmarks.real_tasks as real_tasks
+    from benchmarks import real_tasks
 
     monkeypatch.setattr(real_tasks, "prepare_task", lambda task, **kwargs: [tmp_path / "a.json"])
     calls = []
     monkeypatch.setattr(real_tasks, "run_once", lambda **kwargs: calls.append(kwargs) or {"seconds": 1.0})
-    common = dict(tasks=["donors"], spatial_dims=[2], variants=[("defaults", {})], run_config={}, rounds=5, seed=0,
-                  dp_modes=[False, True], max_epsilon=8.0, out=tmp_path, cases=(100, 6))
+    common = {"tasks": ["donors"], "spatial_dims": [2], "variants": [("defaults", {})], "run_config": {}, "rounds": 5,
+              "seed": 0, "dp_modes": [False, True], "max_epsilon": 8.0, "out": tmp_path, "cases": (100, 6)}
     first = real_tasks.run_all(**common)
     assert [(c["dp"], c["resume"]) for c in calls] == [(False, False), (True, False)]
 
@@ -310,8 +310,8 @@ def test_a_resumed_run_finishes_baselines_or_resumes_its_federation_from_the_che
     simulated, baselined = [], []
     monkeypatch.setattr(simulations.api, "run_simulation", lambda spec, **kw: simulated.append(spec) or {})
     monkeypatch.setattr(simulations.baselines, "run_baselines", lambda d, s, kinds: baselined.append((d, kinds)))
-    kwargs = dict(task="donors", datalists=[tmp_path / "a.json"], spatial_dims=2, rounds=5, seed=0, dp=False,
-                  run_config={}, max_epsilon=8.0, out=tmp_path / "out", resume=True)
+    kwargs = {"task": "donors", "datalists": [tmp_path / "a.json"], "spatial_dims": 2, "rounds": 5, "seed": 0,
+              "dp": False, "run_config": {}, "max_epsilon": 8.0, "out": tmp_path / "out", "resume": True}
 
     result = run_once(**kwargs)  # cut short during its rounds: resumed from the checkpoint
     assert simulated[0].run_config["resume-from"] == str(run_dir) and simulated[0].baselines == ("pooled", "local")

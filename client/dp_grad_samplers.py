@@ -73,3 +73,23 @@ def conv_grad_sample(layer: ConvLayer, activations: list[torch.Tensor],
 
 
 register_grad_sampler(list(CONV_LAYER_TYPES))(conv_grad_sample)
+
+
+def prelu_grad_sample(layer: nn.PReLU, activations: list[torch.Tensor],
+                      backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradient of PReLU's slope(s): ``min(x, 0) * dL/dy`` summed over every position of its channel.
+
+    Opacus has no PReLU sampler (functorch re-runs the layer per sample); MONAI
+    puts a PReLU in every ``Convolution`` block by default (AttentionUnet's
+    merge blocks, the U-Net with ``act = "prelu"``).
+    """
+    if not layer.weight.requires_grad:
+        return {}
+    contribution = activations[0].to(backprops.dtype).clamp(max=0) * backprops
+    n = contribution.shape[0]
+    if layer.num_parameters == 1:
+        return {layer.weight: contribution.reshape(n, -1).sum(dim=1, keepdim=True)}
+    return {layer.weight: contribution.reshape(n, layer.num_parameters, -1).sum(dim=2)}
+
+
+register_grad_sampler(nn.PReLU)(prelu_grad_sample)

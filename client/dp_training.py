@@ -198,16 +198,23 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
 
     Hooks are attached to ``model`` itself (``wrap_model=False``), the loss is a
     batch mean (``loss_reduction="mean"``; DiceCE with ``batch=False`` is a mean
-    of per-case losses), noise comes from :func:`private_generator`.
+    of per-case losses), noise comes from :func:`private_generator`. fedseg's
+    own hooks come with them: in-place operations on hooked outputs run out of
+    place (:mod:`client.dp_inplace`) and shifted-window attention gets
+    per-example gradients (:mod:`client.dp_windows`).
     """
     from opacus import PrivacyEngine
 
-    import client.dp_grad_samplers  # noqa: F401  (registers fedseg's convolution grad samplers)
+    import client.dp_grad_samplers  # noqa: F401  (registers fedseg's convolution and PReLU grad samplers)
+    from client import dp_inplace, dp_windows  # dp_windows registers the windowed-attention samplers
 
-    return PrivacyEngine(accountant="rdp").make_private(
+    hooks, dp_optimizer, dp_loader = PrivacyEngine(accountant="rdp").make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm, poisson_sampling=True, grad_sample_mode=plan.grad_sample_mode,
         loss_reduction="mean", wrap_model=False, noise_generator=private_generator())
+    # fedseg's forward hooks join Opacus' own, so hooks.cleanup() removes them too
+    hooks.autograd_grad_sample_hooks.extend(dp_inplace.attach(model) + dp_windows.attach(model))
+    return hooks, dp_optimizer, dp_loader
 
 
 def _check_mechanism(dp_loader: Any, plan: DPPlan) -> None:

@@ -104,7 +104,7 @@ def test_run_config_model_keys():
 
 
 @pytest.mark.parametrize(("changes", "key"), [
-    ({"model": "segresnet"}, "model"),
+    ({"model": "vnet"}, "model"),
     ({"model": 1}, "model"),
     ({"deep-supervision": 2}, "deep-supervision"),      # 3 levels: at most 1
     ({"deep-supervision": -2}, "deep-supervision"),

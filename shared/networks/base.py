@@ -87,7 +87,8 @@ class Network:
     (called with keywords ``max_filters``, the run config's, and ``backbone``); ``fixed_halvings`` is the
     number of downsamplings by 2 MONAI fixes (None: the plan's strides);
     ``norm_conversion`` names what replaced MONAI's hard-coded BatchNorm
-    (recorded in every ``ModelConfig`` and so in the model file). A network
+    (recorded in every ``ModelConfig`` and so in the model file); ``dp_modes``
+    limits run config ``dp-grad-sample-mode`` (None: every mode). A network
     with fixed downsampling takes no run config ``channels`` or ``strides``.
     """
 
@@ -98,6 +99,7 @@ class Network:
     levels: Callable[..., Levels] = same_levels
     fixed_halvings: int | None = None
     norm_conversion: str = ""
+    dp_modes: tuple[str, ...] | None = None
 
     @property
     def act(self) -> str:

@@ -45,11 +45,17 @@ def check_swinunetr(config: ModelConfig) -> None:
 def build_swinunetr(config: ModelConfig) -> torch.nn.Module:
     """``monai.networks.nets.SwinUNETR`` with MONAI's defaults (window 7, depths 2-2-2-2, heads 3-6-12-24,
     instance norm and LeakyReLU in the convolutional blocks) and ``feature_size`` = the first features."""
+    import torch
     from monai.networks.nets import SwinUNETR
+    from monai.utils import optional_import
 
-    model = SwinUNETR(in_channels=config.in_channels, out_channels=config.num_classes,
-                      feature_size=config.channels[0], spatial_dims=config.spatial_dims)
-    return _index_as_constant(model)
+    require(optional_import("einops")[1], "name", "'swinunetr' needs einops, MONAI's optional dependency for "
+            "SwinUNETR, which is not installed (pip install einops)", config.name)
+    device = torch.get_default_device()
+    with torch.device("cpu"):  # MONAI reads its drop-path rates with .item() while building: not on "meta"
+        model = SwinUNETR(in_channels=config.in_channels, out_channels=config.num_classes,
+                          feature_size=config.channels[0], spatial_dims=config.spatial_dims)
+    return _index_as_constant(model).to(device)
 
 
 def _index_as_constant(model: torch.nn.Module) -> torch.nn.Module:
@@ -71,5 +77,6 @@ def _index_as_constant(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+# functorch would take each attention window for an example (client/dp_windows.py): hooks only
 SWINUNETR = Network(build=build_swinunetr, acts=("leakyrelu",), check=check_swinunetr, levels=swinunetr_levels,
-                    fixed_halvings=HALVINGS)
+                    fixed_halvings=HALVINGS, dp_modes=("auto", "hooks"))

@@ -1,0 +1,99 @@
+"""Every network under DP-SGD: exact per-sample gradients of every layer, fedseg's samplers, in-place ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from client.dp_inplace import OutOfPlaceOnHookedOutputs, out_of_place
+from client.training import make_loss
+from shared.model import build_model
+from tests.networks import CASES, batch, needs_einops, tiny_config
+from tests.per_sample import clipped_mean, dp_step, single_example_grads
+
+
+def _registered_samplers() -> set[type]:
+    from opacus.grad_sample.grad_sample_module import GradSampleHooks
+
+    import client.dp_grad_samplers  # noqa: F401  (registers fedseg's samplers, as make_private does)
+    import client.dp_windows  # noqa: F401
+
+    return set(GradSampleHooks.GRAD_SAMPLERS)
+
+
+@pytest.mark.parametrize(("name", "dims"), CASES)
+def test_per_sample_gradients_of_every_parameter_equal_single_example_backward(name, dims):
+    needs_einops(name)
+    torch.manual_seed(0)
+    config = tiny_config(name, dims)
+    model = build_model(config)
+    layer_types = {type(m) for m in model.modules() if list(m.parameters(recurse=False))}
+    assert layer_types <= _registered_samplers(), f"falls back to functorch: {layer_types - _registered_samplers()}"
+    convolutions = [m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    assert all(isinstance(m.padding, tuple) and m.padding_mode == "zeros" for m in convolutions), \
+        "a convolution would go to Opacus' unfold sampler (client/dp_grad_samplers.py)"
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    images, labels = batch(config, n=3)
+    loss_fn, clip = make_loss(model_config=config), 1e-3
+    grads = single_example_grads(model, loss_fn, images, labels)
+    expected, norms = clipped_mean(grads, clip=clip)
+    hooks = dp_step(model, loss_fn, images, labels, mode="hooks", clip=clip)
+    for index, (param_name, param) in enumerate(model.named_parameters()):
+        want = torch.stack([example[index] for example in grads])
+        torch.testing.assert_close(param.grad_sample, want, rtol=1e-4, atol=1e-6, msg=param_name)
+    assert min(norms) > clip, "the test needs every example above the clipping norm"
+    for got, want in zip((p.grad for p in model.parameters()), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-7)
+    hooks.cleanup()
+    assert not model._forward_hooks and not model._forward_pre_hooks, "fedseg's hooks leave with Opacus'"
+
+
+def test_swin_window_attention_uses_fedseg_samplers_and_no_buffer():
+    pytest.importorskip("einops")
+    from monai.networks.nets.swin_unetr import WindowAttention
+
+    model = build_model(tiny_config("swinunetr", 2))
+    attentions = [m for m in model.modules() if isinstance(m, WindowAttention)]
+    assert attentions and not any(list(m.buffers()) for m in attentions)  # Opacus refuses layers with buffers
+    assert not any("relative_position_index" in key for key in model.state_dict())
+
+
+def test_prelu_sampler_with_one_and_per_channel_slopes():
+    from client.dp_grad_samplers import prelu_grad_sample
+
+    for slopes in (1, 4):
+        layer = torch.nn.PReLU(slopes)
+        layer.weight.data.uniform_(0.1, 0.3)
+        inputs, backprops = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+        want = []
+        for i in range(3):
+            layer.zero_grad()
+            layer(inputs[i:i + 1]).backward(backprops[i:i + 1])
+            want.append(layer.weight.grad.clone())
+        got = prelu_grad_sample(layer, [inputs], backprops)[layer.weight]
+        torch.testing.assert_close(got, torch.stack(want))
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.GroupNorm(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.norm(self.conv(x))
+        out += x  # as MONAI's residual blocks: in place on a hooked layer's output
+        return torch.nn.functional.relu(out, inplace=True)
+
+
+def test_in_place_ops_on_hooked_outputs_run_out_of_place_with_the_same_values():
+    assert out_of_place(torch.Tensor.add_) is torch.Tensor.add and out_of_place(torch.relu_) is torch.relu
+    assert out_of_place(torch.Tensor.add) is None
+    model, x = _Residual(), torch.randn(2, 2, 6, 6)
+    plain = model(x)
+    model.conv.register_full_backward_hook(lambda *_: None)
+    model.norm.register_full_backward_hook(lambda *_: None)
+    with pytest.raises(RuntimeError, match="modified inplace"):
+        model(x)
+    with OutOfPlaceOnHookedOutputs():
+        hooked = model(x)
+    torch.testing.assert_close(hooked, plain)

@@ -13,6 +13,7 @@ from flwr.app import MessageType
 from client.egress import check_reply, expected_parameter_specs
 from client.handlers import handle_train
 from client.predict import predict_scan
+from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from shared.config import RunConfig
 from shared.errors import ConfigError
 from shared.model import ModelConfig, build_model
@@ -122,6 +123,20 @@ def test_weights_model_file_and_egress_specs_round_trip(name, dims, tmp_path):
     image = torch.randn(1, 1, *SHAPES[name, dims])
     with torch.no_grad():
         assert torch.equal(source.eval()(image), rebuilt(image))
+
+
+@pytest.mark.parametrize("name", NEW_NETWORKS)
+def test_a_checkpoint_resumes_each_network_from_its_plan(name, tmp_path):
+    needs_einops(name)
+    config = RunConfig.from_mapping(RUNS[name])
+    plan = manual_plan(config)
+    weights = build_model(plan.model_config()).state_dict()
+    saved = Checkpoint(round=1, state_dict=weights, run_config=config.to_mapping(), strategy_state={},
+                       metrics_rows=[], known_sites={}, plan=plan.to_json())
+    loaded = load_checkpoint(save_checkpoint(tmp_path, saved))
+    resumed = build_model(Plan.from_json(loaded.plan).model_config())  # what the resumed server builds
+    resumed.load_state_dict(loaded.state_dict, strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), weights.values(), strict=True))
 
 
 @pytest.mark.parametrize("name", NEW_NETWORKS)

@@ -9,16 +9,7 @@ from client.dp_inplace import OutOfPlaceOnHookedOutputs, out_of_place
 from client.training import make_loss
 from shared.model import build_model
 from tests.networks import CASES, batch, needs_einops, tiny_config
-from tests.per_sample import clipped_mean, dp_step, single_example_grads
-
-
-def _registered_samplers() -> set[type]:
-    from opacus.grad_sample.grad_sample_module import GradSampleHooks
-
-    import client.dp_grad_samplers  # noqa: F401  (registers fedseg's samplers, as make_private does)
-    import client.dp_windows  # noqa: F401
-
-    return set(GradSampleHooks.GRAD_SAMPLERS)
+from tests.per_sample import assert_exact_dp_step, assert_on_fast_samplers
 
 
 @pytest.mark.parametrize(("name", "dims"), CASES)
@@ -27,24 +18,10 @@ def test_per_sample_gradients_of_every_parameter_equal_single_example_backward(n
     torch.manual_seed(0)
     config = tiny_config(name, dims)
     model = build_model(config)
-    layer_types = {type(m) for m in model.modules() if list(m.parameters(recurse=False))}
-    assert layer_types <= _registered_samplers(), f"falls back to functorch: {layer_types - _registered_samplers()}"
-    convolutions = [m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
-    assert all(isinstance(m.padding, tuple) and m.padding_mode == "zeros" for m in convolutions), \
-        "a convolution would go to Opacus' unfold sampler (client/dp_grad_samplers.py)"
+    assert_on_fast_samplers(model)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     images, labels = batch(config, n=3)
-    loss_fn, clip = make_loss(model_config=config), 1e-3
-    grads = single_example_grads(model, loss_fn, images, labels)
-    expected, norms = clipped_mean(grads, clip=clip)
-    hooks = dp_step(model, loss_fn, images, labels, mode="hooks", clip=clip)
-    for index, (param_name, param) in enumerate(model.named_parameters()):
-        want = torch.stack([example[index] for example in grads])
-        torch.testing.assert_close(param.grad_sample, want, rtol=1e-4, atol=1e-6, msg=param_name)
-    assert min(norms) > clip, "the test needs every example above the clipping norm"
-    for got, want in zip((p.grad for p in model.parameters()), expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-7)
-    hooks.cleanup()
+    assert_exact_dp_step(model, make_loss(model_config=config), images, labels, mode="hooks", clip=1e-3)
     assert not model._forward_hooks and not model._forward_pre_hooks, "fedseg's hooks leave with Opacus'"
 
 

@@ -69,29 +69,45 @@ def layer_report(model: Any) -> dict[str, list[str]]:
     return {kind: sorted(names) for kind, names in report.items()}
 
 
-def profile_samplers(step: Any, *, steps: int) -> dict[str, float]:
-    """Seconds per step spent in each layer type's grad sampler while ``step`` (an ``auto`` DP step) runs."""
+def profile_samplers(step: Any, *, steps: int, top: int = 3) -> dict[str, Any]:
+    """CPU seconds per step of ``step`` (an ``auto`` DP step) in each layer type's grad sampler, in its ``top``
+    costliest layers, and in Opacus' clipping and noise (``DPOptimizer.pre_step``)."""
     from opacus.grad_sample.grad_sample_module import GradSampleHooks
+    from opacus.optimizers.optimizer import DPOptimizer
 
-    seconds: dict[str, float] = collections.defaultdict(float)
-    originals = dict(GradSampleHooks.GRAD_SAMPLERS)
+    by_type: dict[str, float] = collections.defaultdict(float)
+    by_layer: dict[str, float] = collections.defaultdict(float)
+    originals, pre_step = dict(GradSampleHooks.GRAD_SAMPLERS), DPOptimizer.pre_step
 
     def timed(sampler: Any) -> Any:
         @functools.wraps(sampler)
         def wrapper(layer: Any, activations: Any, backprops: Any) -> Any:
             started = time.thread_time()
             result = sampler(layer, activations, backprops)
-            seconds[type(layer).__name__] += time.thread_time() - started
+            elapsed = time.thread_time() - started
+            by_type[type(layer).__name__] += elapsed
+            by_layer[f"{type(layer).__name__}{tuple(layer.weight.shape)} at {tuple(backprops.shape[2:])}"] += elapsed
             return result
         return wrapper
+
+    def timed_pre_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        started = time.thread_time()
+        result = pre_step(self, *args, **kwargs)
+        by_type["Opacus clip + noise"] += time.thread_time() - started
+        return result
 
     try:
         for layer_type, sampler in originals.items():
             GradSampleHooks.GRAD_SAMPLERS[layer_type] = timed(sampler)
-        step()  # warm-up
-        seconds.clear()
+        DPOptimizer.pre_step = timed_pre_step
+        step()  # warm-up (fedseg's convolution sampler measures its methods on first use)
+        by_type.clear()
+        by_layer.clear()
         for _ in range(steps):
             step()
     finally:
         GradSampleHooks.GRAD_SAMPLERS.update(originals)
-    return {name: round(total / steps, 3) for name, total in sorted(seconds.items(), key=lambda kv: -kv[1])}
+        DPOptimizer.pre_step = pre_step
+    costliest = sorted(by_layer.items(), key=lambda kv: -kv[1])[:top]
+    return {"by type": {name: round(total / steps, 3) for name, total in sorted(by_type.items(), key=lambda kv: -kv[1])},
+            "costliest layers": {name: round(total / steps, 3) for name, total in costliest}}

@@ -74,3 +74,25 @@ def test_in_place_ops_on_hooked_outputs_run_out_of_place_with_the_same_values():
     with OutOfPlaceOnHookedOutputs():
         hooked = model(x)
     torch.testing.assert_close(hooked, plain)
+
+
+@pytest.mark.parametrize(("layer", "shape"), [
+    (torch.nn.Conv2d(3, 4, 3, padding=1, stride=2), (3, 3, 12, 12)),
+    (torch.nn.Conv2d(3, 4, 3, padding=1), (3, 12, 12, -3)),  # a channels-last view, as SwinUNETR's hidden states
+    (torch.nn.Conv3d(2, 4, (3, 3, 1), padding=(1, 1, 0), dilation=(2, 1, 1), groups=2), (2, 2, 8, 6, 4)),
+    (torch.nn.ConvTranspose3d(4, 2, 2, stride=2), (2, 4, 3, 3, 3)),
+], ids=["strided-2D", "channels-last-2D", "grouped-dilated-3D", "transposed-3D"])
+def test_every_convolution_method_equals_single_example_backward(layer, shape):
+    from client.dp_grad_samplers import folded_weight_grad, per_example_weight_grad, unfolded_weight_grad
+
+    inputs = torch.randn(shape) if shape[-1] > 0 else torch.randn(*shape[:-1], -shape[-1]).permute(0, 3, 1, 2)
+    shape = inputs.shape
+    backprops = torch.randn_like(layer(inputs))
+    want = []
+    for i in range(shape[0]):
+        layer.zero_grad()
+        layer(inputs[i:i + 1]).backward(backprops[i:i + 1])
+        want.append(layer.weight.grad.clone())
+    methods = [folded_weight_grad, per_example_weight_grad] + ([] if layer.transposed else [unfolded_weight_grad])
+    for method in methods:
+        torch.testing.assert_close(method(layer, inputs, backprops), torch.stack(want), msg=method.__name__)

@@ -86,7 +86,8 @@ def profile_samplers(step: Any, *, steps: int, top: int = 3) -> dict[str, Any]:
             result = sampler(layer, activations, backprops)
             elapsed = time.thread_time() - started
             by_type[type(layer).__name__] += elapsed
-            by_layer[f"{type(layer).__name__}{tuple(layer.weight.shape)} at {tuple(backprops.shape[2:])}"] += elapsed
+            weights = tuple(next(layer.parameters(recurse=False)).shape)
+            by_layer[f"{type(layer).__name__}{weights} at {tuple(backprops.shape[1:])}"] += elapsed
             return result
         return wrapper
 

@@ -47,6 +47,8 @@ VARIANTS: dict[str, tuple[str | None, str, bool]] = {
     "stock": ("hooks", "stock", False),
 }
 MODEL_NAMES = ("2D-harness", "2D-runconfig", "3D-harness")
+#: Parameter-name prefixes trained by no variant (``--frozen``): what a DP step costs without those layers.
+FROZEN: list[str] = []
 # DynUNet as an nnU-Net plan sizes it for a CPU: 2D 5 levels up to 320 features on 128x128 patches
 # in batches of 12 (nnU-Net's 2D reference batch), 3D 4 levels on 64^3 patches in batches of 2 (its 3D
 # batch); plain blocks, LeakyReLU, deep supervision by nnU-Net's rule (levels - 3 heads: 2 in 2D, 1 in 3D).
@@ -85,17 +87,26 @@ def model_plan(model_name: str) -> Any:
 
 
 def use_samplers(kind: str) -> None:
-    """Register fedseg's grad samplers (``fedseg``) or Opacus' own (``stock``: unfold convolutions, its Linear,
-    functorch for transposed convolutions, PReLU and window attention)."""
+    """Register fedseg's grad samplers and per-sample bookkeeping (``fedseg``) or Opacus' own (``stock``: unfold
+    convolutions, its Linear and norm samplers, functorch for transposed convolutions, PReLU and window
+    attention, a zero-filled copy of every per-sample gradient)."""
     from opacus.grad_sample.conv import compute_conv_grad_sample
     from opacus.grad_sample.grad_sample_module import GradSampleHooks
+    from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
+    from opacus.grad_sample.instance_norm import compute_instance_norm_grad_sample
     from opacus.grad_sample.linear import compute_linear_grad_sample
     from torch import nn
 
+    from client import opacus_patches
     from client.dp_grad_samplers import CONV_LAYER_TYPES, conv_grad_sample, prelu_grad_sample
+    from client.dp_norm_samplers import INSTANCE_NORM_TYPES, norm_grad_sample
     from client.dp_windows import WindowAttention, window_attention_grad_sample, windowed_linear_grad_sample
 
+    (opacus_patches.apply if kind == "fedseg" else opacus_patches.restore)()
     samplers = GradSampleHooks.GRAD_SAMPLERS
+    samplers[nn.GroupNorm] = norm_grad_sample if kind == "fedseg" else compute_group_norm_grad_sample
+    for layer_type in INSTANCE_NORM_TYPES:
+        samplers[layer_type] = norm_grad_sample if kind == "fedseg" else compute_instance_norm_grad_sample
     for layer_type in CONV_LAYER_TYPES:
         if kind == "fedseg":
             samplers[layer_type] = conv_grad_sample
@@ -126,6 +137,8 @@ def setup_step(model_name: str, variant: str, act: str | None, *, keep_samplers:
     config, plan_of_model = model_plan(model_name)
     model_config = dataclasses.replace(plan_of_model.model_config(), act=act or plan_of_model.model_config().act)
     model = build_model(model_config)
+    for name, param in model.named_parameters():
+        param.requires_grad_(not any(name.startswith(prefix) for prefix in FROZEN))
     shape = (plan_of_model.batch_size, config.in_channels) + plan_of_model.patch_size
     images = torch.randn(shape)
     labels = (torch.rand((plan_of_model.batch_size, 1) + shape[2:]) > 0.8).float()
@@ -175,6 +188,7 @@ def time_model(model_name: str, *, repeats: int, act: str | None,
 def peak_memory_mb(model_name: str, variant: str, act: str | None, threads: int) -> float:
     """Peak RSS growth (MB) over a few steps of one variant, in a fresh process (Linux)."""
     code = (f"import torch; torch.set_num_threads({threads}); import json\n"
+            f"from benchmarks import dp_step; dp_step.FROZEN[:] = {FROZEN!r}\n"
             f"from benchmarks.dp_step import setup_step, _status_kb\n"
             f"step = setup_step({model_name!r}, {variant!r}, {act!r})\n"
             "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak RSS (VmHWM)\n"
@@ -252,7 +266,7 @@ gives on a CPU: **2D-dynunet** = 5 levels, filters 32-64-128-256-320, 128x128 pa
 (nnU-Net's 2D reference batch), 2 deep-supervision heads, 5.7 M weights; **3D-dynunet** = 4 levels,
 filters 32-64-128-256, 64^3 patches, batches of 2 (nnU-Net's 3D batch), 1 head, 5.6 M weights; SGD.
 One torch thread for every variant. Variants as in the U-Net section: `non-DP`; `auto` = DP-SGD as
-shipped (Opacus hooks + fedseg's convolution grad samplers + Opacus' instance-norm sampler + backward
+shipped (Opacus hooks + fedseg's convolution and instance-norm grad samplers + backward
 to the input only); `samplers-only` = the same with a full backward; `stock` = Opacus as shipped
 (unfold Conv sampler, functorch for the transposed convolutions, full backward). Medians over the
 repeats, all variants of a model interleaved in one process; CPU = thread time."""
@@ -307,12 +321,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="write the table to BENCHMARKS.md (section dp-step, dp-step-dynunet for DynUNet, "
                              "dp-step-networks for the networks of issue 20)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes (faster)")
+    parser.add_argument("--frozen", nargs="+", default=[], metavar="PREFIX",
+                        help="freeze the parameters whose names start with PREFIX in every variant")
     parser.add_argument("--profile", action="store_true",
                         help="networks: where stock Opacus sends each layer type, and fedseg's sampler seconds")
     args = parser.parse_args(argv)
+    if args.frozen and args.write:
+        parser.error("--frozen measures a probe, not the table: use it without --write")
 
     import torch
 
+    FROZEN[:] = args.frozen
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_before = load_average(sep=" / ")

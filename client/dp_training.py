@@ -200,13 +200,16 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
     batch mean (``loss_reduction="mean"``; DiceCE with ``batch=False`` is a mean
     of per-case losses), noise comes from :func:`private_generator`. fedseg's
     own hooks come with them: in-place operations on hooked outputs run out of
-    place (:mod:`client.dp_inplace`) and shifted-window attention gets
-    per-example gradients (:mod:`client.dp_windows`).
+    place (:mod:`client.dp_inplace`), shifted-window attention gets
+    per-example gradients (:mod:`client.dp_windows`), and Opacus keeps each
+    per-sample gradient without a copy (:mod:`client.opacus_patches`).
     """
     from opacus import PrivacyEngine
 
-    import client.dp_grad_samplers  # noqa: F401  (registers fedseg's convolution and PReLU grad samplers)
-    from client import dp_inplace, dp_windows  # dp_windows registers the windowed-attention samplers
+    # importing them registers fedseg's grad samplers: convolutions and PReLU, group and instance norm, windows
+    from client import dp_grad_samplers, dp_inplace, dp_norm_samplers, dp_windows, opacus_patches  # noqa: F401
+
+    opacus_patches.apply()
 
     hooks, dp_optimizer, dp_loader = PrivacyEngine(accountant="rdp").make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,

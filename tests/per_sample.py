@@ -33,7 +33,7 @@ def clipped_mean(grads: list[list[torch.Tensor]], *, clip: float) -> tuple[list[
 
 
 def dp_step(model: torch.nn.Module, loss_fn: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
-            mode: str, clip: float):  # noqa: ANN201 - Opacus' hooks object
+            mode: str, clip: float):
     """One DP-SGD step through fedseg's ``make_private`` and training loop, at lr 0 without noise.
 
     Leaves each parameter's ``grad_sample`` (per example) and ``grad`` (clipped
@@ -48,19 +48,18 @@ def dp_step(model: torch.nn.Module, loss_fn: torch.nn.Module, images: torch.Tens
 
 
 def assert_on_fast_samplers(model: torch.nn.Module) -> None:
-    """Every layer with weights has a registered grad sampler (no functorch fallback) and no convolution goes to
-    Opacus' unfold sampler (string padding or a padding mode other than zeros; client/dp_grad_samplers.py)."""
+    """Every layer with weights has a registered grad sampler (no functorch fallback) and no convolution is bound
+    to Opacus' unfold sampler (string padding or a padding mode other than zeros; client/dp_grad_samplers.py)."""
     from opacus.grad_sample.grad_sample_module import GradSampleHooks
 
-    import client.dp_grad_samplers  # noqa: F401  (registers fedseg's samplers, as make_private does)
-    import client.dp_windows  # noqa: F401
+    from client import dp_grad_samplers, dp_norm_samplers, dp_windows  # noqa: F401 - registers them, as make_private
 
     layer_types = {type(m) for m in model.modules() if list(m.parameters(recurse=False))}
     fallback = layer_types - set(GradSampleHooks.GRAD_SAMPLERS)
     assert not fallback, f"would fall back to functorch: {fallback}"
     convolutions = [m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
     assert all(isinstance(m.padding, tuple) and m.padding_mode == "zeros" for m in convolutions), \
-        "a convolution would go to Opacus' unfold sampler"
+        "a convolution would be bound to Opacus' unfold sampler"
 
 
 def assert_exact_dp_step(model: torch.nn.Module, loss_fn: torch.nn.Module, images: torch.Tensor,

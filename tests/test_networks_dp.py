@@ -96,3 +96,55 @@ def test_every_convolution_method_equals_single_example_backward(layer, shape):
     methods = [folded_weight_grad, per_example_weight_grad] + ([] if layer.transposed else [unfolded_weight_grad])
     for method in methods:
         torch.testing.assert_close(method(layer, inputs, backprops), torch.stack(want), msg=method.__name__)
+
+
+@pytest.mark.parametrize("layer", [torch.nn.GroupNorm(2, 4), torch.nn.InstanceNorm3d(4, affine=True)],
+                         ids=["group", "instance-3D"])
+def test_norm_sampler_equals_single_example_backward(layer):
+    from client.dp_norm_samplers import norm_grad_sample
+
+    layer.weight.data.uniform_(0.5, 1.5)
+    shape = (3, 4, 6, 5) if isinstance(layer, torch.nn.GroupNorm) else (3, 4, 4, 5, 3)
+    inputs, backprops = torch.randn(shape) * 3 + 1, torch.randn(shape)
+    want = {p: [] for p in (layer.weight, layer.bias)}
+    for i in range(3):
+        layer.zero_grad()
+        layer(inputs[i:i + 1]).backward(backprops[i:i + 1])
+        for param, grads in want.items():
+            grads.append(param.grad.clone())
+    got = norm_grad_sample(layer, [inputs], backprops)
+    for param, grads in want.items():
+        torch.testing.assert_close(got[param], torch.stack(grads), rtol=1e-4, atol=1e-5)
+
+
+def test_opacus_keeps_a_full_batch_per_sample_gradient_and_pads_a_short_one():
+    from client.opacus_patches import create_or_accumulate_grad_sample
+
+    param = torch.nn.Parameter(torch.zeros(2, 3))
+    full, short = torch.randn(4, 2, 3), torch.randn(3, 2, 3)
+    accumulated = full.clone()
+    accumulated[:3] += short
+    create_or_accumulate_grad_sample(param=param, grad_sample=full, max_batch_len=4)
+    assert param._current_grad_sample is full  # kept, no zero fill and copy
+    create_or_accumulate_grad_sample(param=param, grad_sample=short, max_batch_len=4)  # a second call accumulates
+    torch.testing.assert_close(param._current_grad_sample, accumulated)
+    del param._current_grad_sample
+    create_or_accumulate_grad_sample(param=param, grad_sample=short, max_batch_len=4)
+    torch.testing.assert_close(param._current_grad_sample, torch.cat([short, torch.zeros(1, 2, 3)]))
+
+
+class _Twice(torch.nn.Module):
+    """One convolution called twice in a forward pass: Opacus accumulates its per-sample gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.GroupNorm(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.tanh(self.norm(self.conv(x))))
+
+
+def test_a_layer_called_twice_has_exact_per_sample_gradients():
+    torch.manual_seed(0)
+    images = torch.randn(3, 2, 6, 6) * torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1)
+    assert_exact_dp_step(_Twice(), torch.nn.MSELoss(), images, torch.randn(3, 2, 6, 6), mode="hooks", clip=1e-3)

@@ -71,7 +71,7 @@ def all_twos(strides: tuple[Axes, ...]) -> bool:
     return all(a == 2 for s in strides for a in (s if isinstance(s, tuple) else (s,)))
 
 
-def no_rules(config: ModelConfig) -> None:  # noqa: ARG001 - networks without rules of their own
+def no_rules(config: ModelConfig) -> None:
     """A network whose common ModelConfig rules are all it needs."""
 
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from shared.networks.base import ACTIVATIONS, Levels, Network, all_twos, doubling, halvings, levels_within, require
+from shared.networks.base import (
+    ACTIVATIONS,
+    Levels,
+    Network,
+    all_twos,
+    doubling,
+    halvings,
+    levels_within,
+    require,
+)
 
 if TYPE_CHECKING:
     import torch

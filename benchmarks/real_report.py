@@ -13,8 +13,8 @@ from benchmarks.report import load_average, write_section
 MODELS = ("federated", "federated-dp", "pooled", "local")
 TITLES = {"donors": "Real anatomy (six donors, synthetic contrast)",
           "template": "Real T1 image, acquisition shift only (MNI152 template, four scanners)"}
-SHOWN_RUN_CONFIG = ("target-spacing", "patch-size", "channels", "strides", "batch-size", "local-epochs",
-                    "optimizer", "learning-rate", "dp-noise-from-budget", "dp-max-grad-norm", "max-update-norm-factor")
+SHOWN_RUN_CONFIG = ("preset", "plan", "model", "local-steps", "optimizer", "learning-rate", "memory-budget-mb",
+                    "dp-noise-from-budget", "dp-max-grad-norm", "update-norm-bound-factor")
 
 
 def write_benchmarks_sections(results: list[dict[str, Any]], *, command: str) -> None:
@@ -66,12 +66,16 @@ def task_section(results: list[dict[str, Any]], *, command: str) -> str:
 
 def block(results: list[dict[str, Any]], *, class_names: tuple[str, ...]) -> list[str]:
     """Tables of one (spatial dims, variant): per site, per class, statuses and epsilon, times."""
-    plain = next((r for r in results if not r["dp"]), None)
-    private = next((r for r in results if r["dp"]), None)
+    plain = next((r for r in results if not r["dp"] and r.get("runner", "harness") == "harness"), None)
+    private = next((r for r in results if r["dp"] and r.get("runner", "harness") == "harness"), None)
+    deployed = next((r for r in results if r.get("runner") == "deployment"), None)
     models = model_summaries(plain, private)
-    config = (plain or private)["run_config"]
+    if deployed is not None:
+        models[f"deployed{'-dp' if deployed['dp'] else ''}"] = deployed["baselines"]["federated"]
+    config = (plain or private or deployed)["run_config"]
     shown = ", ".join(f"{k}={config[k]}" for k in SHOWN_RUN_CONFIG if k in config)
     lines = [f"### {results[0]['spatial_dims']}D, {results[0]['variant']}", "", f"Run config: {shown}.", "",
+             f"Plan: {plan_line((plain or private or deployed)['run_dir'])}.", "", *headline(models), "",
              (f"Mean Dice over the {len(class_names) - 1} structures per validation case, then over cases [bootstrap 95% interval]; "
              "HD95 in mm likewise:"), "",
              "| site | " + " | ".join(f"{m} Dice" for m in models) + " | " + " | ".join(f"{m} HD95" for m in models)
@@ -98,6 +102,41 @@ def block(results: list[dict[str, Any]], *, class_names: tuple[str, ...]) -> lis
                       for r in results)
     lines += ["", f"Wall time per run (harness, data already written): {times}. Run folders: "
               + ", ".join(f"`{r['run_dir']}`" for r in results) + "."]
+    return lines
+
+
+def plan_line(run_dir: str) -> str:
+    """The run's plan in one line (``plan.json``), with its notes."""
+    from pathlib import Path
+
+    from server.plan_phase import describe
+    from shared.plan import read_plan_file
+
+    try:
+        plan = read_plan_file(Path(run_dir) / "plan.json")
+    except Exception as exc:  # noqa: BLE001 - a report line, never a failed report
+        return f"not readable ({exc})"
+    return describe(plan)
+
+
+def headline(models: dict[str, dict[str, Any]]) -> list[str]:
+    """The issue's ratios: federated vs pooled (mean of sites), sites where federated beats local-only,
+    DP vs no DP, deployment vs harness."""
+    mean = {name: _site_mean(sites, "dice") for name, sites in models.items()}
+    lines = []
+    if "federated" in mean and "pooled" in mean:
+        lines.append(f"- federated / pooled Dice (mean of sites): **{mean['federated'] / mean['pooled']:.3f}x**")
+    if "federated" in models and "local" in models:
+        wins = [s for s in models["local"] if models["federated"].get(s, {}).get("dice", float("nan"))
+                > models["local"][s]["dice"]]
+        lines.append(f"- federated above the site's own local-only model at **{len(wins)} of "
+                     f"{len(models['local'])}** sites")
+    if "federated" in mean and "federated-dp" in mean:
+        lines.append(f"- DP / no DP federated Dice: **{mean['federated-dp'] / mean['federated']:.3f}x**")
+    for name in ("deployed-dp", "deployed"):
+        reference = "federated-dp" if name.endswith("dp") else "federated"
+        if name in mean and reference in mean:
+            lines.append(f"- deployment / harness ({reference}) Dice: **{mean[name] / mean[reference]:.3f}x**")
     return lines
 
 

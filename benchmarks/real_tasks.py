@@ -38,8 +38,12 @@ DEFAULT_OUT = Path("benchmarks/out/real_tasks")
 
 
 def run_once(*, task: str, datalists: list[Path], spatial_dims: int, rounds: int, seed: int, dp: bool,
-             run_config: dict[str, Any], max_epsilon: float, out: Path) -> dict[str, Any]:
+             run_config: dict[str, Any], max_epsilon: float, out: Path, runner: str = "harness") -> dict[str, Any]:
     """One federation through the harness; without DP also the pooled and local-only baselines.
+
+    ``runner = "deployment"`` runs it as a real deployment instead (``deploy.run_federation``: a
+    SuperLink with TLS and node authentication, one SuperNode per site, default node config: each
+    site's budget is the default 8) and evaluates its final model the same way.
 
     Returns
     -------
@@ -51,6 +55,9 @@ def run_once(*, task: str, datalists: list[Path], spatial_dims: int, rounds: int
     from simulations.api import SimulationSpec, run_simulation
     from simulations.baselines import run_baselines
 
+    if runner == "deployment":
+        return run_deployed(task=task, datalists=datalists, spatial_dims=spatial_dims, rounds=rounds, seed=seed,
+                            dp=dp, run_config=run_config, out=out)
     spec = SimulationSpec(datalists=tuple(datalists), rounds=rounds, spatial_dims=spatial_dims, seed=seed,
                           out=out, baselines=() if dp else ("pooled", "local"), max_epsilon=max_epsilon,
                           run_config={**TASK_RUN_CONFIG[task], **run_config, "dp": dp})
@@ -59,6 +66,24 @@ def run_once(*, task: str, datalists: list[Path], spatial_dims: int, rounds: int
     run_dir = (out / "latest").resolve()
     if dp:  # the federated model only: the baselines are trained once, in the run without DP
         run_baselines(run_dir, [(Path(d).stem, Path(d)) for d in datalists], kinds=())
+    return {"run_dir": str(run_dir), "seconds": round(time.monotonic() - started, 1),
+            "baselines": json.loads((run_dir / "baselines.json").read_text()),
+            "statuses": train_statuses(run_dir / "metrics.jsonl"), "epsilon": summary.get("epsilon", {}),
+            "run_config": summary.get("run_config", {})}
+
+
+def run_deployed(*, task: str, datalists: list[Path], spatial_dims: int, rounds: int, seed: int, dp: bool,
+                 run_config: dict[str, Any], out: Path) -> dict[str, Any]:
+    """One federation as a real deployment on this machine; the result as :func:`run_once` gives it."""
+    from deploy.run_federation import DeploymentSpec, run_local_federation
+    from simulations.baselines import run_baselines
+
+    spec = DeploymentSpec(out=out, datalists=tuple(datalists), rounds=rounds, seed=seed, timeout_s=6 * 3600.0,
+                          run_config={**TASK_RUN_CONFIG[task], **run_config, "spatial-dims": spatial_dims, "dp": dp})
+    started = time.monotonic()
+    summary = run_local_federation(spec)
+    run_dir = max(out.glob("*/run"), key=lambda p: p.stat().st_mtime)
+    run_baselines(run_dir, [(Path(d).stem, Path(d)) for d in datalists], kinds=())
     return {"run_dir": str(run_dir), "seconds": round(time.monotonic() - started, 1),
             "baselines": json.loads((run_dir / "baselines.json").read_text()),
             "statuses": train_statuses(run_dir / "metrics.jsonl"), "epsilon": summary.get("epsilon", {}),
@@ -84,19 +109,22 @@ def parse_variants(items: list[str]) -> list[tuple[str, dict[str, Any]]]:
 
 def run_all(*, tasks: list[str], spatial_dims: list[int], variants: list[tuple[str, dict[str, Any]]],
             run_config: dict[str, Any], rounds: int, seed: int, dp_modes: list[bool], max_epsilon: float,
-            out: Path, cases: tuple[int, int], on_result: Any = None) -> list[dict[str, Any]]:
-    """Every task x spatial dims x variant x DP mode; ``on_result(results)`` after each run."""
+            out: Path, cases: tuple[int, int], on_result: Any = None,
+            runners: tuple[str, ...] = ("harness",)) -> list[dict[str, Any]]:
+    """Every task x spatial dims x variant x DP mode x runner; ``on_result(results)`` after each run."""
     results: list[dict[str, Any]] = []
     for task in tasks:
         datalists = prepare_task(task, seed=seed, training=cases[0], validation=cases[1])
         for dims in spatial_dims:
             for name, overrides in variants:
-                for dp in dp_modes:
-                    print(f"[real_tasks] {task}, {dims}D, {name}, {'DP' if dp else 'no DP'}", flush=True)
+                for dp, runner in ((dp, runner) for dp in dp_modes for runner in runners):
+                    print(f"[real_tasks] {task}, {dims}D, {name}, {'DP' if dp else 'no DP'}, {runner}", flush=True)
+                    suffix = "" if runner == "harness" else f"-{runner}"
                     result = run_once(task=task, datalists=datalists, spatial_dims=dims, rounds=rounds, seed=seed,
                                       dp=dp, run_config={**run_config, **overrides}, max_epsilon=max_epsilon,
-                                      out=out / task / f"{dims}d-{_slug(name)}-{'dp' if dp else 'nodp'}")
-                    results.append({"task": task, "spatial_dims": dims, "variant": name, "dp": dp,
+                                      out=out / task / f"{dims}d-{_slug(name)}-{'dp' if dp else 'nodp'}{suffix}",
+                                      runner=runner)
+                    results.append({"task": task, "spatial_dims": dims, "variant": name, "dp": dp, "runner": runner,
                                     "rounds": rounds, "seed": seed, "max_epsilon": max_epsilon,
                                     "datalists": [str(d) for d in datalists], **result})
                     if on_result is not None:
@@ -118,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run config for every run (repeatable), e.g. --run-config local-steps=100")
     parser.add_argument("--compare", nargs="+", default=[], metavar="KEY=VALUE",
                         help="one set of runs per value, e.g. --compare model=unet model=dynunet")
+    parser.add_argument("--runners", nargs="+", choices=("harness", "deployment"), default=["harness"],
+                        help="'deployment' also runs each federation as a real TLS deployment (deploy.run_federation)")
     parser.add_argument("--train-cases", type=int, default=12, help="training cases per site")
     parser.add_argument("--val-cases", type=int, default=4, help="validation cases per site")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="run folders and results.json")
@@ -146,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         run_all(tasks=args.tasks, spatial_dims=args.spatial_dims, variants=parse_variants(args.compare),
                 run_config=parse_run_config(args.run_config), rounds=args.rounds, seed=args.seed,
                 dp_modes={"both": [False, True], "on": [True], "off": [False]}[args.dp],
-                max_epsilon=args.max_epsilon, out=out, cases=(args.train_cases, args.val_cases), on_result=save)
+                max_epsilon=args.max_epsilon, out=out, cases=(args.train_cases, args.val_cases), on_result=save,
+                runners=tuple(args.runners))
     except MissingRequirements as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -70,8 +70,9 @@ def collect_fingerprints(grid: PollingGrid, config: RunConfig, *, known_sites: d
     from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
     _, node_ids = sample_nodes(grid, config.min_available_nodes, 0)
-    messages = [grid.create_message(RecordDict({"config": ConfigRecord({"server-round": 0})}),
-                                    FINGERPRINT_MESSAGE_TYPE, node_id, "plan") for node_id in sorted(node_ids)]
+    messages = [Message(content=RecordDict({"config": ConfigRecord({"server-round": 0})}),
+                        message_type=FINGERPRINT_MESSAGE_TYPE, dst_node_id=node_id, group_id="plan")
+                for node_id in sorted(node_ids)]
     fingerprints: dict[str, Fingerprint] = {}
     outcomes: dict[str, tuple[str, str]] = {}
 

@@ -208,7 +208,11 @@ def topology_for(config: RunConfig, *, spacing: Sequence[float],
     if config.channels != AUTO:
         channels = parse_int_list(config.channels, key="channels")
         strides = tuple((s,) * dims for s in parse_int_list(config.strides, key="strides"))
-        return strides, ((3,) * dims,) * len(channels), channels, tuple(patch)
+        if config.patch_size_tuple() is None:
+            # a derived patch must pass through every hand-set stride (a hand-set patch that does not is refused)
+            divisor = math.prod(level[0] for level in strides)
+            patch = tuple(max(divisor, size // divisor * divisor) for size in patch)
+        return strides, ((3,) * dims,) * len(channels), channels, patch
     topology = pool_and_conv_props(spacing, patch)
     channels = filters_per_level(topology.levels, base=config.base_filters, maximum=config.max_filters)
     return topology.strides, topology.kernels, channels, topology.patch_size

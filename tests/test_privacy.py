@@ -345,7 +345,7 @@ def test_optimizer_follows_run_config():
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
     assert isinstance(make_optimizer(model, config=RunConfig.from_mapping(dict(TINY_RUN_CONFIG, optimizer="adam"))),
                       torch.optim.Adam)
-    assert RunConfig.from_mapping(TINY_RUN_CONFIG).optimizer == "sgd"  # the default preset's
+    assert RunConfig.from_mapping(TINY_RUN_CONFIG).optimizer == "adam"  # the default preset's
 
 
 def test_an_empty_poisson_batch_still_takes_a_noisy_step():

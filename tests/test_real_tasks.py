@@ -228,3 +228,16 @@ def test_runner_helpers_read_statuses_and_render_a_section(tmp_path):
     text = task_section([plain, private], command="python -m benchmarks.real_tasks --rounds 3")
     assert "| a | 0.500 [0.400, 0.600] |" in text and "7.99 (1e-05)" in text and "| a | 3 / 0 / 0 / 0 |" in text
     assert "1-34, 42-75" in text  # the cortex grouping
+
+
+def test_the_report_headline_gives_the_issues_ratios():
+    from benchmarks.real_report import headline
+
+    site = {"a": {"dice": 0.8}, "b": {"dice": 0.6}}
+    models = {"federated": site, "pooled": {"a": {"dice": 0.8}, "b": {"dice": 0.8}},
+              "local": {"a": {"dice": 0.7}, "b": {"dice": 0.7}}, "federated-dp": {"a": {"dice": 0.7}, "b": {"dice": 0.7}},
+              "deployed-dp": {"a": {"dice": 0.7}, "b": {"dice": 0.56}}}
+    text = "\n".join(headline(models))
+    assert "federated / pooled Dice (mean of sites): **0.875x**" in text
+    assert "at **1 of 2** sites" in text and "DP / no DP federated Dice: **1.000x**" in text
+    assert "deployment / harness (federated-dp) Dice: **0.900x**" in text

@@ -16,7 +16,8 @@ backward) plus the optimizer step, as local training runs it. Variants:
 - ``auto``: DP-SGD as fedseg ships it (Opacus hooks, fedseg's convolution grad
   samplers, backward to the input only);
 - ``samplers-only``: fedseg's samplers, full backward (autograd also computes the
-  batch weight gradients the DP optimizer discards);
+  batch weight gradients the DP optimizer discards; timing only: its backward
+  starts from the mean loss, so its per-sample gradients are 1/batch of DP's);
 - ``functorch``: Opacus' functorch mode (backward to the input only);
 - ``stock``: Opacus as shipped (its unfold Conv sampler, functorch for transposed
   convolutions, full backward): the baseline of issue 3.

@@ -76,12 +76,10 @@ def window_attention_grad_sample(layer: WindowAttention, activations: list[torch
                                  backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
     """Per-example gradient of the relative position bias table (``qkv`` and ``proj`` have their own hooks).
 
-    The stored gradient is of the batch's mean loss; Opacus scales ``backprops``
-    by the number of examples for ``loss_reduction="mean"`` (the reduction
-    fedseg's ``make_private`` always uses) and so is it here.
+    The stored gradient is already each example's own: fedseg's DP backward
+    pass starts from the batch's summed loss (``client.dp_training.make_private``).
     """
-    grads = layer.__dict__[TABLE_GRADS].pop()
-    return {layer.relative_position_bias_table: grads * layer.max_batch_len}
+    return {layer.relative_position_bias_table: layer.__dict__[TABLE_GRADS].pop()}
 
 
 def windowed_linear_grad_sample(layer: nn.Linear, activations: list[torch.Tensor],

@@ -131,6 +131,15 @@ def test_opacus_keeps_a_full_batch_per_sample_gradient_and_pads_a_short_one():
     del param._current_grad_sample
     create_or_accumulate_grad_sample(param=param, grad_sample=short, max_batch_len=4)
     torch.testing.assert_close(param._current_grad_sample, torch.cat([short, torch.zeros(1, 2, 3)]))
+    del param._current_grad_sample
+    autograds = torch.randn(4, 2, 3)  # a buffer someone else holds (Opacus' Linear bias sampler returns one)
+    create_or_accumulate_grad_sample(param=param, grad_sample=autograds.detach(), max_batch_len=4)
+    assert param._current_grad_sample.data_ptr() != autograds.data_ptr()
+    torch.testing.assert_close(param._current_grad_sample, autograds)
+    del param._current_grad_sample
+    private_view = torch.randn(4 * 6).view(4, 2, 3)  # a view of the sampler's own result, as the samplers return
+    create_or_accumulate_grad_sample(param=param, grad_sample=private_view, max_batch_len=4)
+    assert param._current_grad_sample is private_view
 
 
 class _Twice(torch.nn.Module):

@@ -13,12 +13,16 @@ shape in the process (:func:`per_sample_weight_grad`):
   ``n * C`` channels and the convolution gets ``n`` times the groups, so group
   ``i`` sees only sample ``i`` (torch's expanded weights group the same way);
 - *per example*: that kernel once per example, ungrouped;
+- *channels-last per example*: the same on channels-last copies of the input
+  and output gradient (2D and 3D), where oneDNN has a much faster kernel for
+  few channels at large sizes;
 - *unfold*: Opacus' own sampler (not for transposed convolutions).
 
 No one of them wins everywhere on a CPU: oneDNN picks very different kernels
 by shape (one thread: 16 -> 8 channels at 64^3, batch 2: folded 272 ms, per
 example 62 ms; 16 -> 16 at 32^3: folded 8 ms, per example 85 ms; 512 -> 512 at
-4x4, batch 8: unfold 33 ms, folded 95 ms). Registered through Opacus' own
+4x4, batch 8: unfold 33 ms, folded 95 ms; 8 -> 8 at 64^3, batch 2: channels-last
+30 ms, the others 135 ms and more, as much as autograd's own batch weight gradient). Registered through Opacus' own
 ``register_grad_sampler``; tests compare every layer type with single-example
 backward. Convolutions with string padding (``"same"``) or a ``padding_mode``
 other than zeros always go to Opacus' own sampler.
@@ -79,6 +83,14 @@ def per_example_weight_grad(layer: ConvLayer, inputs: torch.Tensor, backprops: t
         for i in range(inputs.shape[0])])
 
 
+def channels_last_weight_grad(layer: ConvLayer, inputs: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+    """Every sample's weight gradient by the kernel called once per example on channels-last copies (2D, 3D)."""
+    memory_format = torch.channels_last_3d if inputs.dim() == 5 else torch.channels_last
+    grads = per_example_weight_grad(layer, inputs.contiguous(memory_format=memory_format),
+                                    backprops.contiguous(memory_format=memory_format))
+    return grads.contiguous()
+
+
 def unfolded_weight_grad(layer: ConvLayer, inputs: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
     """Every sample's weight gradient by Opacus' unfold sampler, on a contiguous copy of a permuted input.
 
@@ -102,6 +114,8 @@ def per_sample_weight_grad(layer: ConvLayer, inputs: torch.Tensor, backprops: to
     if method is not None:
         return method(layer, inputs, backprops)
     candidates: list[WeightGrad] = [folded_weight_grad, per_example_weight_grad]
+    if inputs.dim() in (4, 5):
+        candidates.append(channels_last_weight_grad)
     kernel_volume = layer.weight[0, 0].numel()
     if not layer.transposed and inputs[0].numel() * kernel_volume * inputs.shape[0] <= UNFOLD_MAX_ELEMENTS:
         candidates.append(unfolded_weight_grad)

@@ -83,7 +83,12 @@ def test_in_place_ops_on_hooked_outputs_run_out_of_place_with_the_same_values():
     (torch.nn.ConvTranspose3d(4, 2, 2, stride=2), (2, 4, 3, 3, 3)),
 ], ids=["strided-2D", "channels-last-2D", "grouped-dilated-3D", "transposed-3D"])
 def test_every_convolution_method_equals_single_example_backward(layer, shape):
-    from client.dp_grad_samplers import folded_weight_grad, per_example_weight_grad, unfolded_weight_grad
+    from client.dp_grad_samplers import (
+        channels_last_weight_grad,
+        folded_weight_grad,
+        per_example_weight_grad,
+        unfolded_weight_grad,
+    )
 
     inputs = torch.randn(shape) if shape[-1] > 0 else torch.randn(*shape[:-1], -shape[-1]).permute(0, 3, 1, 2)
     shape = inputs.shape
@@ -93,7 +98,8 @@ def test_every_convolution_method_equals_single_example_backward(layer, shape):
         layer.zero_grad()
         layer(inputs[i:i + 1]).backward(backprops[i:i + 1])
         want.append(layer.weight.grad.clone())
-    methods = [folded_weight_grad, per_example_weight_grad] + ([] if layer.transposed else [unfolded_weight_grad])
+    methods = [folded_weight_grad, per_example_weight_grad, channels_last_weight_grad]
+    methods += [] if layer.transposed else [unfolded_weight_grad]
     for method in methods:
         torch.testing.assert_close(method(layer, inputs, backprops), torch.stack(want), msg=method.__name__)
 

@@ -42,10 +42,14 @@ SETUP_TEXT = """Models (run config, `benchmarks.dp_networks.NETWORK_PLANS`, CPU-
 PReLU in the merge blocks; **flexibleunet** = MONAI FlexibleUNet, resnet10 encoder (BatchNorm -> GroupNorm),
 decoder 16-...-256 (2D, MONAI's default) / 8-...-128 (3D); **swinunetr** = MONAI SwinUNETR, feature size 24
 (2D, MONAI's default) / 12 (3D), window 7, depths 2-2-2-2. One torch thread for every variant. Variants:
-`non-DP`; `auto` = DP-SGD as shipped (Opacus hooks + fedseg's samplers: folded convolutions, PReLU, windowed
-Linear, window attention's bias table; in-place ops on hooked outputs out of place; backward to the input
-only); `stock` = Opacus' own samplers (unfold convolution, functorch for layers without a sampler) with a full
-backward, fedseg's in-place fix kept (without it SegResNet and FlexibleUNet do not run at all under Opacus).
+`non-DP`; `auto` = DP-SGD as shipped (Opacus hooks + fedseg's samplers: convolutions by the fastest of four exact
+methods per layer and shape, group and instance norm on the batch folded into the groups, PReLU, windowed Linear,
+window attention's bias table; per-sample gradients kept without Opacus' zero fill and copy; backward from the
+summed loss to the input only; in-place ops on hooked outputs out of place); `stock` = Opacus' own samplers
+(unfold convolution, its norm samplers, functorch for layers without a sampler) and bookkeeping with a full
+backward, fedseg's in-place fix kept (without it SegResNet and FlexibleUNet do not run at all under Opacus) and
+its hooks in fedseg's "sum" mode (so stock skips the pass Opacus' "mean" makes over every output gradient: a
+little faster than Opacus as shipped).
 Medians over the repeats, all variants of a model interleaved in one process; CPU = thread time."""
 
 

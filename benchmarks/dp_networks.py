@@ -116,3 +116,17 @@ def profile_samplers(step: Any, *, steps: int, top: int = 3) -> dict[str, Any]:
     costliest = sorted(by_layer.items(), key=lambda kv: -kv[1])[:top]
     return {"by type": {name: round(total / steps, 3) for name, total in sorted(by_type.items(), key=lambda kv: -kv[1])},
             "costliest layers": {name: round(total / steps, 3) for name, total in costliest}}
+
+
+def layers_and_profile(model_name: str, *, profile: bool) -> str:
+    """A markdown paragraph: which layer types stock Opacus sends where, and (``profile``) per-layer-type sampler
+    seconds of one ``auto`` DP step of ``model_name``."""
+    from benchmarks.dp_step import model_plan, setup_step, use_samplers
+    from shared.model import build_model
+
+    use_samplers("stock")
+    text = f"- {model_name}: stock Opacus {layer_report(build_model(model_plan(model_name)[1].model_config()))}"
+    if profile:
+        step = setup_step(model_name, "auto", None, keep_samplers=True)  # profile_samplers times the registry's
+        text += f"; fedseg's samplers, CPU s per DP step: {profile_samplers(step, steps=2)}"
+    return text + "\n"

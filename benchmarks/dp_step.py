@@ -38,7 +38,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from benchmarks.dp_networks import NETWORK_PLANS, layer_report, profile_samplers
+from benchmarks.dp_models import DYNUNET_PLANS, DYNUNET_SETUP_TEXT, MODEL_NAMES, SETUP_TEXT, UNET_RUNS
+from benchmarks.dp_networks import NETWORK_PLANS, layers_and_profile
 from benchmarks.dp_networks import SETUP_TEXT as NETWORK_SETUP_TEXT
 
 # (mode, grad samplers, backward to the input only) per variant; mode None = no DP
@@ -47,31 +48,8 @@ VARIANTS: dict[str, tuple[str | None, str, bool]] = {
     "samplers-only": ("hooks", "fedseg", False), "functorch": ("functorch", "fedseg", True),
     "stock": ("hooks", "stock", False),
 }
-MODEL_NAMES = ("2D-harness", "2D-runconfig", "3D-harness")
 #: Parameter-name prefixes trained by no variant (``--frozen``): what a DP step costs without those layers.
 FROZEN: list[str] = []
-# DynUNet as an nnU-Net plan sizes it for a CPU: 2D 5 levels up to 320 features on 128x128 patches
-# in batches of 12 (nnU-Net's 2D reference batch), 3D 4 levels on 64^3 patches in batches of 2 (its 3D
-# batch); plain blocks, LeakyReLU, deep supervision by nnU-Net's rule (levels - 3 heads: 2 in 2D, 1 in 3D).
-DYNUNET_PLANS: dict[str, dict[str, Any]] = {
-    "2D-dynunet": {"model": "dynunet", "num-res-units": -1, "channels": "32,64,128,256,320", "strides": "2,2,2,2", "patch-size": 128,
-                   "batch-size": 12, "optimizer": "sgd", "learning-rate": 0.01},
-    "3D-dynunet": {"model": "dynunet", "num-res-units": -1, "spatial-dims": 3, "channels": "32,64,128,256", "strides": "2,2,2",
-                   "patch-size": 64, "batch-size": 2, "optimizer": "sgd", "learning-rate": 0.01},
-}
-
-
-# The U-Nets measured since issue 3, by their old names: the synthetic harness' recipe (now preset
-# "small-unet") in 2D and 3D, and RunConfig's defaults before presets (U-Net 16-32-64-128, batch 4, Adam).
-UNET_RUNS: dict[str, dict[str, Any]] = {
-    "2D-harness": {"preset": "small-unet", "patch-size": 64},
-    "2D-runconfig": {"model": "unet", "channels": "16,32,64,128", "strides": "2,2,2", "num-res-units": 1,
-                     "patch-size": 64, "batch-size": 4, "optimizer": "adam", "learning-rate": 0.005},
-    "3D-harness": {"preset": "small-unet", "spatial-dims": 3, "patch-size": 32, "batch-size": 2,
-                   "optimizer": "adam", "learning-rate": 0.005},
-}
-
-
 def model_overrides(model_name: str) -> dict[str, Any]:
     """Run config of a measured model (a manual plan: no data needed)."""
     runs = {**UNET_RUNS, **DYNUNET_PLANS, **NETWORK_PLANS}
@@ -250,29 +228,6 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 TARGET = 1.6  # issue 3: DP/non-DP step time on the 2D default
 NETWORK_TARGET = 1.25  # issue 20: DP/non-DP step time of every network, 2D and 3D
-SETUP_TEXT = """Models (run config): **2D-harness** = what `make run` trains with DP, the simulation harness'
-2D recipe (now preset `small-unet`: U-Net 8-16-32, 64x64 patches, batches of 128
-cases, SGD); **2D-runconfig** = `RunConfig` / pyproject defaults (U-Net 16-32-64-128, 64x64,
-batch 4, Adam); **3D-harness** = the harness' 3D defaults (8-16-32, 32^3, batch 2, Adam). One torch
-thread for every variant (as one simulated site). Variants: `non-DP`; `auto` = DP-SGD as shipped
-(Opacus hooks + fedseg's convolution grad samplers + backward to the input only); `samplers-only`
-= fedseg's samplers with a full backward; `functorch` = Opacus functorch mode (backward to the
-input only); `stock` = Opacus as shipped (unfold Conv sampler, functorch for transposed
-convolutions, full backward), the baseline. Medians over the repeats, all variants of a model
-interleaved in one process; CPU = thread time (less sensitive to other jobs on the shared cores)."""
-DYNUNET_SETUP_TEXT = """Models (run config, `benchmarks.dp_step.DYNUNET_PLANS`): MONAI DynUNet (`model = "dynunet"`:
-nnU-Net's plain convolution blocks, affine instance norm, LeakyReLU, deep supervision by nnU-Net's
-rule, `levels - 3` heads, trained through MONAI's `DeepSupervisionLoss`) at sizes an nnU-Net plan
-gives on a CPU: **2D-dynunet** = 5 levels, filters 32-64-128-256-320, 128x128 patches, batches of 12
-(nnU-Net's 2D reference batch), 2 deep-supervision heads, 5.7 M weights; **3D-dynunet** = 4 levels,
-filters 32-64-128-256, 64^3 patches, batches of 2 (nnU-Net's 3D batch), 1 head, 5.6 M weights; SGD.
-One torch thread for every variant. Variants as in the U-Net section: `non-DP`; `auto` = DP-SGD as
-shipped (Opacus hooks + fedseg's convolution and instance-norm grad samplers + backward
-to the input only); `samplers-only` = the same with a full backward; `stock` = Opacus as shipped
-(unfold Conv sampler, functorch for the transposed convolutions, full backward). Medians over the
-repeats, all variants of a model interleaved in one process; CPU = thread time."""
-
-
 def section(rows: list[dict[str, Any]], *, command: str, loads: tuple[str, str], notes: str = "") -> str:
     """The BENCHMARKS.md section: command, date, load, setup, table, the target verdict and ``notes``."""
     networks = all(r["model"] in NETWORK_PLANS for r in rows)
@@ -291,19 +246,6 @@ def section(rows: list[dict[str, Any]], *, command: str, loads: tuple[str, str],
         r["model"] in DYNUNET_PLANS for r in rows) else SETUP_TEXT
     return (f"```bash\n{command}\n```\n\nMeasured {date}, 2 shared CPU cores, load average {loads[0]} before and "
             f"{loads[1]} after.\n\n{setup}\n\n{markdown(rows)}\n\n" + "\n".join(verdicts) + "\n" + notes)
-
-
-def layers_and_profile(model_name: str, *, profile: bool) -> str:
-    """A markdown paragraph: which layer types stock Opacus sends where, and (``profile``) per-layer-type sampler
-    seconds of one ``auto`` DP step of ``model_name``."""
-    from shared.model import build_model
-
-    use_samplers("stock")
-    text = f"- {model_name}: stock Opacus {layer_report(build_model(model_plan(model_name)[1].model_config()))}"
-    if profile:
-        step = setup_step(model_name, "auto", None, keep_samplers=True)  # profile_samplers times the registry's
-        text += f"; fedseg's samplers, CPU s per DP step: {profile_samplers(step, steps=2)}"
-    return text + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,7 +106,8 @@ def per_sample_weight_grad(layer: ConvLayer, inputs: torch.Tensor, backprops: to
 
     The first call for a (layer configuration, input shape, output shape) runs
     every candidate once, keeps the fastest for the rest of the process and
-    returns its result; all candidates are exact.
+    returns its result (holding no more than the best result so far beside the
+    one being computed); all candidates are exact.
     """
     key = (type(layer), tuple(layer.weight.shape), layer.stride, layer.padding, layer.dilation, layer.groups,
            layer.output_padding, tuple(inputs.shape), tuple(backprops.shape), inputs.dtype, inputs.device)
@@ -119,12 +120,15 @@ def per_sample_weight_grad(layer: ConvLayer, inputs: torch.Tensor, backprops: to
     kernel_volume = layer.weight[0, 0].numel()
     if not layer.transposed and inputs[0].numel() * kernel_volume * inputs.shape[0] <= UNFOLD_MAX_ELEMENTS:
         candidates.append(unfolded_weight_grad)
-    timed = []
+    best: tuple[float, WeightGrad, torch.Tensor] | None = None
     for candidate in candidates:
         started = time.perf_counter()
         result = candidate(layer, inputs, backprops)
-        timed.append((time.perf_counter() - started, candidate, result))
-    _, _FASTEST[key], result = min(timed, key=lambda entry: entry[0])
+        elapsed = time.perf_counter() - started
+        if best is None or elapsed < best[0]:
+            best = (elapsed, candidate, result)
+        del result  # a slower result goes at once: two batches of this layer's gradients at most, not four
+    _, _FASTEST[key], result = best
     return result
 
 

@@ -13,7 +13,9 @@ from tests.per_sample import assert_exact_dp_step, assert_on_fast_samplers
 
 
 @pytest.mark.parametrize(("name", "dims"), CASES)
-def test_per_sample_gradients_of_every_parameter_equal_single_example_backward(name, dims):
+def test_per_sample_gradients_of_every_parameter_equal_single_example_backward(name, dims, monkeypatch):
+    from client import opacus_patches
+
     needs_einops(name)
     torch.manual_seed(0)
     config = tiny_config(name, dims)
@@ -21,7 +23,11 @@ def test_per_sample_gradients_of_every_parameter_equal_single_example_backward(n
     assert_on_fast_samplers(model)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     images, labels = batch(config, n=3)
+    copied, opacus_copy = [], opacus_patches._OPACUS_CREATE_OR_ACCUMULATE
+    monkeypatch.setattr(opacus_patches, "_OPACUS_CREATE_OR_ACCUMULATE",
+                        lambda **kwargs: copied.append(kwargs) or opacus_copy(**kwargs))
     assert_exact_dp_step(model, make_loss(model_config=config), images, labels, mode="hooks", clip=1e-3)
+    assert not copied, "every per-sample gradient is kept as its sampler returned it (client/opacus_patches.py)"
     assert not model._forward_hooks and not model._forward_pre_hooks, "fedseg's hooks leave with Opacus'"
 
 

@@ -75,20 +75,21 @@ def folded_weight_grad(layer: ConvLayer, inputs: torch.Tensor, backprops: torch.
 
 
 def per_example_weight_grad(layer: ConvLayer, inputs: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
-    """Every sample's weight gradient by the weight-gradient kernel called once per example."""
-    return torch.stack([
-        torch.ops.aten.convolution_backward(
+    """Every sample's weight gradient by the weight-gradient kernel called once per example, each written into one
+    contiguous batch (no second copy of the batch, as stacking them would hold)."""
+    grads = backprops.new_empty((inputs.shape[0], *layer.weight.shape))
+    for i in range(inputs.shape[0]):
+        grads[i] = torch.ops.aten.convolution_backward(
             backprops[i:i + 1], inputs[i:i + 1], layer.weight, None, layer.stride, layer.padding, layer.dilation,
             layer.transposed, layer.output_padding, layer.groups, [False, True, False])[1]
-        for i in range(inputs.shape[0])])
+    return grads
 
 
 def channels_last_weight_grad(layer: ConvLayer, inputs: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
     """Every sample's weight gradient by the kernel called once per example on channels-last copies (2D, 3D)."""
     memory_format = torch.channels_last_3d if inputs.dim() == 5 else torch.channels_last
-    grads = per_example_weight_grad(layer, inputs.contiguous(memory_format=memory_format),
-                                    backprops.contiguous(memory_format=memory_format))
-    return grads.contiguous()
+    return per_example_weight_grad(layer, inputs.contiguous(memory_format=memory_format),
+                                   backprops.contiguous(memory_format=memory_format))
 
 
 def unfolded_weight_grad(layer: ConvLayer, inputs: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:

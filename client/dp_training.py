@@ -196,18 +196,35 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
                  plan: DPPlan) -> tuple[Any, Any, Any]:
     """Opacus ``make_private`` as fedseg uses it: (hooks, DP optimizer, Poisson loader).
 
-    Hooks are attached to ``model`` itself (``wrap_model=False``), the loss is a
-    batch mean (``loss_reduction="mean"``; DiceCE with ``batch=False`` is a mean
-    of per-case losses), noise comes from :func:`private_generator`.
+    Hooks are attached to ``model`` itself (``wrap_model=False``), noise comes
+    from :func:`private_generator`. The loss is a batch mean (DiceCE with
+    ``batch=False`` is a mean of per-case losses) and the optimizer divides the
+    clipped sum by the expected batch size (Opacus' ``"mean"``), but the
+    backward pass starts from the summed loss (:func:`client.training.train_step`
+    multiplies by the batch length) and the hooks run Opacus' ``"sum"``: Opacus'
+    ``"mean"`` multiplies the output gradient of every hooked layer by the batch
+    length instead, a pass over each (2D SegResNet, batches of 8: 46 ms of a
+    0.7 s DP step). fedseg's
+    own hooks come with them: in-place operations on hooked outputs run out of
+    place (:mod:`client.dp_inplace`), shifted-window attention gets
+    per-example gradients (:mod:`client.dp_windows`), and Opacus keeps each
+    per-sample gradient without a copy (:mod:`client.opacus_patches`).
     """
     from opacus import PrivacyEngine
 
-    import client.dp_grad_samplers  # noqa: F401  (registers fedseg's convolution grad samplers)
+    # importing them registers fedseg's grad samplers: convolutions and PReLU, group and instance norm, windows
+    from client import dp_grad_samplers, dp_inplace, dp_norm_samplers, dp_windows, opacus_patches  # noqa: F401
 
-    return PrivacyEngine(accountant="rdp").make_private(
+    opacus_patches.apply()
+
+    hooks, dp_optimizer, dp_loader = PrivacyEngine(accountant="rdp").make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm, poisson_sampling=True, grad_sample_mode=plan.grad_sample_mode,
-        loss_reduction="mean", wrap_model=False, noise_generator=private_generator())
+        loss_reduction="sum", wrap_model=False, noise_generator=private_generator())
+    dp_optimizer.loss_reduction = "mean"  # the update is the clipped sum over the expected batch size
+    # fedseg's forward hooks join Opacus' own, so hooks.cleanup() removes them too
+    hooks.autograd_grad_sample_hooks.extend(dp_inplace.attach(model) + dp_windows.attach(model))
+    return hooks, dp_optimizer, dp_loader
 
 
 def _check_mechanism(dp_loader: Any, plan: DPPlan) -> None:

@@ -158,6 +158,9 @@ def train_step(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor,
     gradient reaching the input image (``backward(inputs=[image])``): every
     layer's backward hook still fires with its output gradient, but autograd
     skips the batch weight gradients, which the DP optimizer would discard.
+    That pass starts from the loss times the batch length, the sum of the
+    per-case losses, so that each layer's output gradient holds every example's
+    own gradient, as the hooks of :func:`client.dp_training.make_private` need.
     """
     if per_sample_grads and proximal[0]:
         raise ValueError("FedProx's proximal term has no per-sample gradients: not supported with per_sample_grads")
@@ -167,6 +170,8 @@ def train_step(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor,
     task_loss = float(loss.detach())
     if proximal[0]:
         loss = loss + proximal_term(model, proximal[0], mu=proximal[1])
+    if per_sample_grads:
+        loss = loss * len(image)
     loss.backward(inputs=[image] if per_sample_grads else None)
     return task_loss
 

@@ -86,12 +86,23 @@ class RunConfig:
     one wait for the slowest site per round instead of two, but round r's
     metrics and checkpoint are written only once round r+1's updates are in.
 
-    ``model`` names the network (``shared.model.MODELS``): ``unet`` (MONAI
-    UNet, ReLU) or ``dynunet`` (MONAI DynUNet, nnU-Net's network: plain
-    convolution blocks, LeakyReLU; ``num-res-units`` is the U-Net's only).
+    ``model`` names the network (``shared.model.MODELS``, one module each in
+    ``shared/networks/``), every one MONAI's: ``unet`` (UNet, ReLU),
+    ``dynunet`` (DynUNet, nnU-Net's network: plain convolution blocks,
+    LeakyReLU), ``segresnet`` (SegResNet: init filters = the first level's,
+    features doubling per level, as many of the plan's levels as stay within
+    ``max-filters``; ``strides`` all 2), ``attentionunet`` (AttentionUnet:
+    ``channels`` and per-axis ``strides`` as the U-Net's), ``flexibleunet``
+    (FlexibleUNet, a ResNet encoder named by ``flexible-backbone``, default
+    ``resnet10``; decoder widths from ``base-filters`` doubling up to
+    ``max-filters``) and ``swinunetr`` (SwinUNETR, 2D or 3D: feature size =
+    ``base-filters`` rounded up to a multiple of 12). FlexibleUNet and
+    SwinUNETR downsample every axis 5 times (MONAI fixes it): they take no
+    ``channels`` or ``strides``, and every ``patch-size`` edge must be a
+    multiple of 32 and at least 64. ``num-res-units`` is the U-Net's only.
     ``deep-supervision`` is DynUNet's number of deep-supervision heads (0 =
     off); -1 (default) = nnU-Net's rule, ``levels - 3`` heads for dynunet
-    (``levels`` = entries of ``channels``) and none for unet.
+    (``levels`` = entries of ``channels``) and none for the others.
     """
 
     num_rounds: int = 5
@@ -109,6 +120,7 @@ class RunConfig:
     strides: str = AUTO
     num_res_units: int = -1
     deep_supervision: int = -1
+    flexible_backbone: str = AUTO
     base_filters: int = 0
     max_filters: int = 0
     patch_size: str = AUTO

@@ -77,6 +77,7 @@ def check_architecture(config: RunConfig) -> None:
                      f"deep-supervision heads are DynUNet's, and model is {config.model!r}")
     _require(config.max_filters >= config.base_filters, "max_filters", f"must be >= base-filters "
              f"({config.base_filters})", config.max_filters)
+    check_network_keys(config)
     patch = config.patch_size_tuple()
     config.target_spacing_tuple()
     channels = None if config.channels == AUTO else parse_int_list(config.channels, key="channels")
@@ -100,6 +101,32 @@ def check_architecture(config: RunConfig) -> None:
                  f"must be at least twice the product of strides ({divisor})",
                  config.patch_size)
     check_network(config, channels, strides)
+
+
+def check_network_keys(config: RunConfig) -> None:
+    """The keys only some networks take (``flexible-backbone``, ``channels``/``strides``), and the patch of a
+    network whose downsampling MONAI fixes (FlexibleUNet, SwinUNETR: 2**5 along every axis)."""
+    from shared.model import MODELS
+    from shared.networks.flexibleunet import BACKBONES
+
+    network = MODELS[config.model]
+    require_together(config.flexible_backbone == AUTO or "backbone" in network.takes, ("flexible-backbone", "model"),
+                     f"'flexible-backbone' chooses FlexibleUNet's encoder, and model is {config.model!r}")
+    _require(config.flexible_backbone in (AUTO, *BACKBONES), "flexible_backbone", f"must be one of {BACKBONES}",
+             config.flexible_backbone)
+    require_together(not config.dp or network.dp_modes is None or config.dp_grad_sample_mode in network.dp_modes,
+                     ("dp-grad-sample-mode", "model"), f"model {config.model!r} has exact per-sample gradients in "
+                     f"modes {network.dp_modes} only (fedseg's samplers; see client/dp_windows.py)")
+    divisor = network.divisor(dims=config.spatial_dims)
+    if divisor is None:
+        return
+    require_together(config.channels == AUTO and config.strides == AUTO, ("channels", "strides", "model"),
+                     f"model {config.model!r} fixes its levels (MONAI halves every axis {network.fixed_halvings} "
+                     "times): set its width with base-filters, not channels or strides")
+    for size, d in zip(config.patch_size_tuple() or (), divisor):
+        require_together(size % d == 0 and size // d >= 2, ("patch-size", "model"),
+                         f"model {config.model!r} halves every axis {network.fixed_halvings} times: every patch "
+                         f"edge must be a multiple of {d} and at least {2 * d}, got {config.patch_size!r}")
 
 
 def check_network(config: RunConfig, channels: tuple[int, ...], strides: tuple[int, ...]) -> None:

@@ -22,7 +22,9 @@ from typing import Any
 
 from shared.config import AUTO, RunConfig, parse_int_list
 from shared.errors import ConfigError
-from shared.model import DEFAULT_ACT, ModelConfig, default_deep_supervision
+from shared.model import DEFAULT_ACT, MODELS, ModelConfig, default_deep_supervision
+from shared.networks.base import Levels
+from shared.networks.flexibleunet import DEFAULT_BACKBONE
 from shared.topology import filters_per_level, pool_and_conv_props, training_bytes_per_example
 
 PLAN_FORMAT = "fedseg-plan/1"
@@ -87,6 +89,7 @@ class Plan:
     kernels: tuple[tuple[int, ...], ...]
     num_res_units: int = 1
     deep_supervision: int = 0
+    backbone: str = ""
 
     def __post_init__(self) -> None:
         dims = self.spatial_dims
@@ -100,7 +103,8 @@ class Plan:
                               f"{self.local_steps}")
         divisor = [math.prod(level[a] for level in self.strides) for a in range(dims)]
         if any(size % d for size, d in zip(self.patch_size, divisor)):
-            raise ConfigError(f"plan 'patch_size' {self.patch_size} is not divisible by the strides' product {divisor}")
+            raise ConfigError(f"plan 'patch_size' {self.patch_size} (run config 'patch-size') is not divisible by "
+                              f"the strides' product {divisor} of model {self.model!r}")
 
     def model_config(self) -> ModelConfig:
         """The network this plan trains."""
@@ -140,11 +144,12 @@ class Plan:
 
 
 def build_model_config(plan: Plan) -> ModelConfig:
-    """The :class:`ModelConfig` of a plan's network."""
+    """The :class:`ModelConfig` of a plan's network (the plan's levels are the network's own, see :func:`planned`)."""
     return ModelConfig(name=plan.model, spatial_dims=plan.spatial_dims, in_channels=plan.in_channels,
                        num_classes=plan.num_classes, channels=plan.channels, strides=plan.strides,
-                       kernels=plan.kernels if plan.model == "dynunet" else (), num_res_units=plan.num_res_units,
-                       deep_supervision=plan.deep_supervision, act=DEFAULT_ACT[plan.model])
+                       kernels=plan.kernels if "kernels" in MODELS[plan.model].takes else (),
+                       num_res_units=plan.num_res_units, deep_supervision=plan.deep_supervision,
+                       act=DEFAULT_ACT[plan.model], backbone=plan.backbone)
 
 
 def read_plan_file(path: Path | str) -> Plan:
@@ -179,6 +184,8 @@ def planned(config: RunConfig, *, spacing: Sequence[float], patch: Sequence[int]
     ``max_batch`` caps a derived batch size (nnU-Net: at most 5% of the dataset's voxels per step).
     """
     strides, kernels, channels, patch = topology_for(config, spacing=spacing, patch=patch)
+    strides, kernels, channels = network_levels(config, Levels(strides, kernels, channels))
+    patch = patch_for_network(config, patch=patch, strides=strides)
     plan = Plan(source=source, spatial_dims=config.spatial_dims, in_channels=config.in_channels,
                 num_classes=config.num_classes, target_spacing=tuple(float(s) for s in spacing),
                 patch_size=tuple(patch), batch_size=config.batch_size or MIN_BATCH, local_steps=config.local_steps,
@@ -186,7 +193,7 @@ def planned(config: RunConfig, *, spacing: Sequence[float], patch: Sequence[int]
                 ct_window=config.ct_window_range(), model=config.model, channels=channels, strides=strides,
                 kernels=kernels, num_res_units=(config.num_res_units if config.num_res_units >= 0 else 1) if config.model == "unet" else 0,
                 deep_supervision=config.deep_supervision if config.deep_supervision >= 0
-                else default_deep_supervision(config.model, levels=len(channels)))
+                else default_deep_supervision(config.model, levels=len(channels)), backbone=backbone_of(config))
     if batch_size is None:
         batch_size = config.batch_size or batch_for_memory(plan, budget_mb=config.memory_budget_mb,
                                                            per_sample_grads=config.dp, maximum=max_batch)
@@ -209,6 +216,34 @@ def topology_for(config: RunConfig, *, spacing: Sequence[float],
     topology = pool_and_conv_props(spacing, patch)
     channels = filters_per_level(topology.levels, base=config.base_filters, maximum=config.max_filters)
     return topology.strides, topology.kernels, channels, topology.patch_size
+
+
+def backbone_of(config: RunConfig) -> str:
+    """FlexibleUNet's encoder: run config ``flexible-backbone``, else the default; empty for other networks."""
+    if "backbone" not in MODELS[config.model].takes:
+        return ""
+    return DEFAULT_BACKBONE if config.flexible_backbone == AUTO else config.flexible_backbone
+
+
+def network_levels(config: RunConfig, levels: Levels) -> Levels:
+    """The network's own levels for the plan's (derived) ones; hand-set ``channels`` are the network's already
+    (checked with the run config)."""
+    if config.channels != AUTO:
+        return levels
+    return MODELS[config.model].levels(levels, max_filters=config.max_filters, backbone=backbone_of(config))
+
+
+def patch_for_network(config: RunConfig, *, patch: Sequence[int],
+                      strides: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
+    """A derived patch rounded up until the network's strides divide it (twice, at least: instance norm needs
+    more than one voxel at the lowest level); a hand-set ``patch-size`` that does not fit is refused."""
+    divisor = [math.prod(level[axis] for level in strides) for axis in range(len(patch))]
+    fitted = tuple(max(-(-size // d), 2) * d for size, d in zip(patch, divisor))
+    if fitted != tuple(patch) and config.patch_size_tuple() is not None:
+        raise ConfigError(f"run config keys 'patch-size', 'model': model {config.model!r} downsamples each axis by "
+                          f"{divisor} in all; every patch edge must be a multiple of it and at least twice it, got "
+                          f"{config.patch_size!r}")
+    return fitted
 
 
 def bytes_per_example(plan: Plan, *, per_sample_grads: bool) -> int:

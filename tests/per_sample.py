@@ -33,7 +33,7 @@ def clipped_mean(grads: list[list[torch.Tensor]], *, clip: float) -> tuple[list[
 
 
 def dp_step(model: torch.nn.Module, loss_fn: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
-            mode: str, clip: float):  # noqa: ANN201 - Opacus' hooks object
+            mode: str, clip: float):
     """One DP-SGD step through fedseg's ``make_private`` and training loop, at lr 0 without noise.
 
     Leaves each parameter's ``grad_sample`` (per example) and ``grad`` (clipped
@@ -45,3 +45,33 @@ def dp_step(model: torch.nn.Module, loss_fn: torch.nn.Module, images: torch.Tens
     run_steps(model, [{"image": images, "label": labels}], dp_optimizer, steps=1, device=torch.device("cpu"),
               per_sample_grads=True, loss_fn=loss_fn)
     return hooks
+
+
+def assert_on_fast_samplers(model: torch.nn.Module) -> None:
+    """Every layer with weights has a registered grad sampler (no functorch fallback) and no convolution is bound
+    to Opacus' unfold sampler (string padding or a padding mode other than zeros; client/dp_grad_samplers.py)."""
+    from opacus.grad_sample.grad_sample_module import GradSampleHooks
+
+    from client import dp_grad_samplers, dp_norm_samplers, dp_windows  # noqa: F401 - registers them, as make_private
+
+    layer_types = {type(m) for m in model.modules() if list(m.parameters(recurse=False))}
+    fallback = layer_types - set(GradSampleHooks.GRAD_SAMPLERS)
+    assert not fallback, f"would fall back to functorch: {fallback}"
+    convolutions = [m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    assert all(isinstance(m.padding, tuple) and m.padding_mode == "zeros" for m in convolutions), \
+        "a convolution would be bound to Opacus' unfold sampler"
+
+
+def assert_exact_dp_step(model: torch.nn.Module, loss_fn: torch.nn.Module, images: torch.Tensor,
+                         labels: torch.Tensor, *, mode: str, clip: float) -> None:
+    """One DP-SGD step's per-sample gradients equal single-example backward, and its update the clipped mean."""
+    grads = single_example_grads(model, loss_fn, images, labels)
+    expected, norms = clipped_mean(grads, clip=clip)
+    hooks = dp_step(model, loss_fn, images, labels, mode=mode, clip=clip)
+    for index, (name, param) in enumerate(model.named_parameters()):
+        want = torch.stack([example[index] for example in grads])
+        torch.testing.assert_close(param.grad_sample, want, rtol=1e-4, atol=1e-6, msg=name)
+    assert min(norms) > clip, "the test needs every example above the clipping norm"
+    for got, want in zip((p.grad for p in model.parameters()), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-7)
+    hooks.cleanup()

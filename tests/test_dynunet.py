@@ -18,7 +18,7 @@ from shared.model_file import load_model, save_model_file
 from shared.weights import arrays_to_state_dict, load_arrays, model_to_arrays
 from shared.plan import manual_plan
 from tests.conftest import TINY_RUN_CONFIG
-from tests.per_sample import clipped_mean, dp_step, single_example_grads
+from tests.per_sample import assert_exact_dp_step, assert_on_fast_samplers
 from tests.test_client import _context, _message
 
 # 2D: isotropic; 3D: anisotropic first stride and kernel (nnU-Net plans these for thick slices)
@@ -104,7 +104,7 @@ def test_run_config_model_keys():
 
 
 @pytest.mark.parametrize(("changes", "key"), [
-    ({"model": "segresnet"}, "model"),
+    ({"model": "vnet"}, "model"),
     ({"model": 1}, "model"),
     ({"deep-supervision": 2}, "deep-supervision"),      # 3 levels: at most 1
     ({"deep-supervision": -2}, "deep-supervision"),
@@ -132,29 +132,11 @@ def test_deep_supervision_loss_is_nnunets_weighted_dice_ce_and_a_mean_over_cases
                                                       (DYNUNET_3D, 8, "functorch")],
                          ids=["2D", "3D", "3D-functorch"])
 def test_per_sample_gradients_of_every_parameter_equal_single_example_backward(config, size, mode):
-    from opacus.grad_sample.grad_sample_module import GradSampleHooks
-
-    import client.dp_grad_samplers  # noqa: F401  (registers fedseg's samplers, as make_private does)
-
     torch.manual_seed(0)
     model = build_model(config)
-    layer_types = {type(m) for m in model.modules() if list(m.parameters(recurse=False))}
-    assert layer_types <= set(GradSampleHooks.GRAD_SAMPLERS), "a layer would fall back to functorch"
-    convolutions = [m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
-    assert all(isinstance(m.padding, tuple) and m.padding_mode == "zeros" for m in convolutions), \
-        "a convolution would go to Opacus' unfold sampler (client/dp_grad_samplers.py)"
+    assert_on_fast_samplers(model)
     images, labels = _batch(config, n=3, size=size)
-    loss_fn, clip = make_loss(model_config=config), 0.01
-    grads = single_example_grads(model, loss_fn, images, labels)
-    expected, norms = clipped_mean(grads, clip=clip)
-    hooks = dp_step(model, loss_fn, images, labels, mode=mode, clip=clip)
-    for index, (name, param) in enumerate(model.named_parameters()):
-        want = torch.stack([example[index] for example in grads])
-        torch.testing.assert_close(param.grad_sample, want, rtol=1e-4, atol=1e-6, msg=name)
-    assert min(norms) > clip, "the test needs every example above the clipping norm"
-    for got, want in zip((p.grad for p in model.parameters()), expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-7)
-    hooks.cleanup()
+    assert_exact_dp_step(model, make_loss(model_config=config), images, labels, mode=mode, clip=0.01)
 
 
 def test_weights_model_file_and_egress_specs(tmp_path):

@@ -41,12 +41,6 @@ RUNS = {
 }
 
 
-def needs_einops(name: str) -> None:
-    """Skip a SwinUNETR test where MONAI's optional dependency einops is missing (the builder refuses)."""
-    if name == "swinunetr":
-        pytest.importorskip("einops", reason="SwinUNETR needs einops (MONAI's optional dependency)")
-
-
 def tiny_config(name: str, dims: int) -> ModelConfig:
     """The tiny :class:`ModelConfig` of ``name`` in ``dims`` dimensions (3D AttentionUnet: anisotropic strides)."""
     fields = dict(FIELDS[name])

@@ -21,13 +21,12 @@ from shared.model_file import load_model, read_model_file, save_model_file
 from shared.plan import Plan, manual_plan
 from shared.weights import arrays_to_state_dict, load_arrays, model_to_arrays
 from tests.data_cases import ct_volume, write_nifti_case
-from tests.networks import CASES, NEW_NETWORKS, RUNS, SHAPES, needs_einops, tiny_config
+from tests.networks import CASES, NEW_NETWORKS, RUNS, SHAPES, tiny_config
 from tests.test_client import _context, _message
 
 
 @pytest.mark.parametrize(("name", "dims"), CASES)
 def test_a_manual_plan_builds_the_network_at_its_patch(name, dims):
-    needs_einops(name)
     plan = manual_plan(RunConfig.from_mapping(dict(RUNS[name], **{"spatial-dims": dims})))
     config = plan.model_config()
     assert config.name == name and Plan.from_json(plan.to_json()) == plan
@@ -48,17 +47,10 @@ def test_each_network_maps_the_plans_levels_to_its_own():
     flex = plan_of("flexibleunet", **{"base-filters": 16, "max-filters": 256, "flexible-backbone": "resnet50"})
     assert flex.channels == (16, 32, 64, 128, 256, 2048) and flex.backbone == "resnet50"  # MONAI's default decoder
     assert flex.norm_conversion == "batchnorm-to-groupnorm"
-    if _has_einops():
-        swin = plan_of("swinunetr", **{"base-filters": 16})
-        assert swin.channels == (24, 24, 48, 96, 192, 384)  # feature size: 16 rounded up to a multiple of 12
+    swin = plan_of("swinunetr", **{"base-filters": 16})
+    assert swin.channels == (24, 24, 48, 96, 192, 384)  # feature size: 16 rounded up to a multiple of 12
     derived = manual_plan(RunConfig.from_mapping(dict(RUNS["flexibleunet"], **{"patch-size": "auto"})))
     assert derived.patch_size == (64, 64)  # the manual 64 already fits 2**5, twice
-
-
-def _has_einops() -> bool:
-    from monai.utils import optional_import
-
-    return optional_import("einops")[1]
 
 
 @pytest.mark.parametrize(("name", "changes", "keys"), [
@@ -106,7 +98,6 @@ def test_bad_model_config_names_its_field(name, changes, field):
 
 @pytest.mark.parametrize(("name", "dims"), CASES)
 def test_weights_model_file_and_egress_specs_round_trip(name, dims, tmp_path):
-    needs_einops(name)
     torch.manual_seed(0)
     config = tiny_config(name, dims)
     source, target = build_model(config), build_model(config)
@@ -127,7 +118,6 @@ def test_weights_model_file_and_egress_specs_round_trip(name, dims, tmp_path):
 
 @pytest.mark.parametrize("name", NEW_NETWORKS)
 def test_a_checkpoint_resumes_each_network_from_its_plan(name, tmp_path):
-    needs_einops(name)
     config = RunConfig.from_mapping(RUNS[name])
     plan = manual_plan(config)
     weights = build_model(plan.model_config()).state_dict()
@@ -141,7 +131,6 @@ def test_a_checkpoint_resumes_each_network_from_its_plan(name, tmp_path):
 
 @pytest.mark.parametrize("name", NEW_NETWORKS)
 def test_predict_writes_a_mask_with_each_network(name, tmp_path):
-    needs_einops(name)
     config = RunConfig.from_mapping(RUNS[name])
     model_config = manual_plan(config).model_config()
     path = save_model_file(tmp_path / "global_model.pt", state_dict=build_model(model_config).state_dict(),
@@ -156,7 +145,6 @@ def test_predict_writes_a_mask_with_each_network(name, tmp_path):
 
 @pytest.mark.parametrize("name", NEW_NETWORKS)
 def test_a_site_trains_each_network_with_dp(name, two_sites, flower_identity):
-    needs_einops(name)
     run = dict(RUNS[name], **{"dp": True, "dp-noise-multiplier": 0.5, "dp-noise-from-budget": False})
     msg, model = _message(MessageType.TRAIN, run)
     reply = handle_train(msg, _context(two_sites[0], run, **{"max-epsilon": 1e4}))

@@ -8,7 +8,7 @@ import torch
 from client.dp_inplace import OutOfPlaceOnHookedOutputs, out_of_place
 from client.training import make_loss
 from shared.model import build_model
-from tests.networks import CASES, batch, needs_einops, tiny_config
+from tests.networks import CASES, batch, tiny_config
 from tests.per_sample import assert_exact_dp_step, assert_on_fast_samplers
 
 
@@ -16,7 +16,6 @@ from tests.per_sample import assert_exact_dp_step, assert_on_fast_samplers
 def test_per_sample_gradients_of_every_parameter_equal_single_example_backward(name, dims, monkeypatch):
     from client import opacus_patches
 
-    needs_einops(name)
     torch.manual_seed(0)
     config = tiny_config(name, dims)
     model = build_model(config)

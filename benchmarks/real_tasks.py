@@ -80,10 +80,7 @@ def run_once(*, task: str, datalists: list[Path], spatial_dims: int, rounds: int
     run_dir = (out / "latest").resolve()
     if dp or finished_before:  # DP: the federated model only; a finished federation: the baselines left
         run_baselines(run_dir, [(Path(d).stem, Path(d)) for d in datalists], kinds=kinds)
-    return {"run_dir": str(run_dir), "seconds": round(time.monotonic() - started, 1), "resumed": earlier is not None,
-            "baselines": json.loads((run_dir / "baselines.json").read_text()),
-            "statuses": train_statuses(run_dir / "metrics.jsonl"), "epsilon": summary.get("epsilon", {}),
-            "run_config": summary.get("run_config", {})}
+    return {**run_result(run_dir, summary, started=started), "resumed": earlier is not None}
 
 
 def run_deployed(*, task: str, datalists: list[Path], spatial_dims: int, rounds: int, seed: int, dp: bool,
@@ -98,6 +95,11 @@ def run_deployed(*, task: str, datalists: list[Path], spatial_dims: int, rounds:
     summary = run_local_federation(spec)
     run_dir = max(out.glob("*/run"), key=lambda p: p.stat().st_mtime)
     run_baselines(run_dir, [(Path(d).stem, Path(d)) for d in datalists], kinds=())
+    return run_result(run_dir, summary, started=started)
+
+
+def run_result(run_dir: Path, summary: dict[str, Any], *, started: float) -> dict[str, Any]:
+    """What a finished run (federation and its baselines) gives the report, read from its run folder."""
     return {"run_dir": str(run_dir), "seconds": round(time.monotonic() - started, 1),
             "baselines": json.loads((run_dir / "baselines.json").read_text()),
             "statuses": train_statuses(run_dir / "metrics.jsonl"), "epsilon": summary.get("epsilon", {}),

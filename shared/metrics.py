@@ -27,9 +27,12 @@ def hd95_per_class(logits: torch.Tensor, label: torch.Tensor, *, num_classes: in
                    spacing: float | tuple[float, ...] = 1.0) -> torch.Tensor:
     """Return the 95th-percentile Hausdorff distance (mm) of each foreground class, ``[B, C-1]``.
 
-    Computed by MONAI on one-hot maps with the voxel ``spacing``. NaN where the
-    class is absent from the ground truth or the prediction (the distance is
-    undefined there); callers skip NaN when averaging.
+    Computed by MONAI on one-hot maps with the voxel ``spacing``. A class absent
+    from both prediction and ground truth is NaN (nothing to measure; callers skip
+    NaN when averaging). A class in only one of them (missed entirely, or predicted
+    where there is none) scores the image's diagonal in mm, the largest distance
+    the image allows, as challenge evaluations do: skipping it would let a model
+    that never finds a structure look better than one that finds it roughly.
     """
     import torch
     from monai.metrics import compute_hausdorff_distance
@@ -37,11 +40,21 @@ def hd95_per_class(logits: torch.Tensor, label: torch.Tensor, *, num_classes: in
 
     prediction = one_hot(logits.argmax(dim=1, keepdim=True), num_classes=num_classes)
     truth = one_hot(label.long(), num_classes=num_classes)
-    empty = (prediction.flatten(2).sum(-1) == 0) | (truth.flatten(2).sum(-1) == 0)
+    predicted_empty = (prediction.flatten(2).sum(-1) == 0)[:, 1:]
+    truth_empty = (truth.flatten(2).sum(-1) == 0)[:, 1:]
     distances = compute_hausdorff_distance(prediction, truth, include_background=False, percentile=95,
                                            spacing=spacing).float()
-    distances[empty[:, 1:] | ~torch.isfinite(distances)] = float("nan")
+    distances[predicted_empty != truth_empty] = image_diagonal_mm(label.shape[2:], spacing)
+    distances[predicted_empty & truth_empty] = float("nan")
     return distances
+
+
+def image_diagonal_mm(shape: tuple[int, ...] | torch.Size, spacing: float | tuple[float, ...]) -> float:
+    """Length in mm of the diagonal of an image of ``shape`` voxels of ``spacing`` mm."""
+    steps = (spacing,) * len(shape) if isinstance(spacing, (int, float)) else tuple(spacing)
+    if len(steps) != len(shape):
+        raise ValueError(f"spacing has {len(steps)} values for an image of {len(shape)} dimensions")
+    return math.sqrt(sum((n * float(d)) ** 2 for n, d in zip(shape, steps, strict=True)))
 
 
 def nanmean(values: list[float]) -> float:

@@ -75,19 +75,25 @@ def test_corrupt_model_file_is_refused_with_its_name(tmp_path):
         load_model(path)
 
 
-def test_hd95_is_in_millimetres_and_nan_for_an_absent_class():
+def test_hd95_is_in_millimetres_nan_where_absent_and_the_diagonal_where_missed():
     from shared.metrics import hd95_per_class
 
     label = torch.zeros(1, 1, 32, 32, dtype=torch.long)
     label[0, 0, 10:20, 10:20] = 1
-    shifted = torch.zeros(1, 3, 32, 32)
+    label[0, 0, 25:28, 25:28] = 3
+    shifted = torch.zeros(1, 4, 32, 32)
     shifted[0, 0] = 1.0
     shifted[0, 0, 13:23, 10:20] = 0.0
     shifted[0, 1, 13:23, 10:20] = 5.0  # class 1 predicted 3 voxels off; class 2 absent everywhere
-    distances = hd95_per_class(shifted, label, num_classes=3, spacing=2.0)
-    assert distances.shape == (1, 2)
+    distances = hd95_per_class(shifted, label, num_classes=4, spacing=2.0)
+    assert distances.shape == (1, 3)
     assert distances[0, 0].item() == pytest.approx(6.0, abs=0.5)
     assert torch.isnan(distances[0, 1])
+    diagonal = (2 * (32 * 2.0) ** 2) ** 0.5
+    assert distances[0, 2].item() == pytest.approx(diagonal)  # class 3 is there but never predicted
+    spurious = shifted.clone()
+    spurious[0, 2, 0:2, 0:2] = 9.0  # class 2 predicted where there is none
+    assert hd95_per_class(spurious, label, num_classes=4, spacing=(2.0, 2.0))[0, 1].item() == pytest.approx(diagonal)
 
 
 def test_content_hash_changes_with_a_weight_and_tampering_is_refused(tmp_path):

@@ -15,6 +15,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
+from client.audit import summarise_audit_log
 from client.handlers import refusal_content, send_reply
 from client.secagg import SecureStep, run_secure_stage
 from client.site import SiteConfig
@@ -154,6 +155,9 @@ def test_the_secure_mean_equals_the_plain_weighted_mean_within_the_quantisation_
     masking = audit[2]
     assert masking["site-checks"]["update-norm"] > 0 and masking["array-bytes"] == 0
     assert masking["secagg"][Key.MASKED_PARAMETERS]["items"] == len(start) + 1
+    summary = summarise_audit_log(path=tmp_path / "state" / "site-a" / "egress-audit.jsonl").runs[7]
+    assert summary.rounds[1].outcomes["train"] == "masked" and summary.rounds_trained == [1]
+    assert summary.array_bytes == 0 and summary.masked_bytes == masking["secagg"][Key.MASKED_PARAMETERS]["bytes"]
 
 
 def test_a_site_dropping_after_key_sharing_is_recovered_above_the_threshold(tmp_path, flower_identity):

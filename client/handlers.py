@@ -27,7 +27,7 @@ from client.audit_log import AuditLogError, append_entry, make_entry
 from client.egress import ARRAYS, SITE_KEYS, EgressBlocked, check_reply, expected_parameter_specs
 from client.faults import SimulatedCrash
 from client.private_round import check_dp_policy, train_private
-from client.secagg import SecureStep, run_secure_stage
+from client.secagg import SecureStep, check_plain_training_allowed, run_secure_stage
 from client.site import SiteConfig, resolve_site
 from shared.config import RunConfig
 from shared.errors import ConfigError, FedSegError
@@ -51,7 +51,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     """
     step = SecureStep.of(msg)
     if step is None:
-        return _handle(msg, context, _train, needs_plan=True)
+        return _handle(msg, context, _plain_train, needs_plan=True)
     return _handle(msg, context, functools.partial(_secure_train, step=step), needs_plan=step.carries_model,
                    step=step)
 
@@ -215,6 +215,12 @@ def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig, 
         arrays = ArrayRecord(site.fault.poison(dict(arrays.to_torch_state_dict()), dict(received)))
     return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
                        "site": ConfigRecord({"site-id": site.site_id})})
+
+
+def _plain_train(msg: Message, context: Context, config: RunConfig, site: SiteConfig,
+                 plan: Plan | None) -> RecordDict:
+    check_plain_training_allowed(config, site)
+    return _train(msg, context, config, site, plan)
 
 
 def _secure_train(msg: Message, context: Context, config: RunConfig, site: SiteConfig, plan: Plan | None, *,

@@ -51,6 +51,7 @@ class SiteChecks:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
+        """The checks as the audit entry's ``site-checks`` field."""
         return {"update-norm": self.update_norm, "update-scale": self.update_scale,
                 "clipped-coordinates": self.clipped_coordinates, "notes": list(self.notes)}
 
@@ -80,6 +81,22 @@ def message_stage(msg: Message) -> str:
     """The protocol stage ``msg`` asks for ("" if it names none: the protocol then refuses it)."""
     stage = msg.content.config_records[SECAGG].get(Key.STAGE)
     return str(stage) if stage in Stage.all() else ""
+
+
+def check_plain_training_allowed(config: RunConfig, site: SiteConfig) -> None:
+    """Refuse to send a plain update when the run is secure or the site requires it to be.
+
+    Run config ``secure-aggregation`` is the operator's; node config
+    ``require-secure-aggregation`` is the hospital's own policy, which no run
+    config can change.
+    """
+    if config.secure_aggregation:
+        raise SecureAggregationError("run config 'secure-aggregation' is true, but the server asked for a plain "
+                                     "update; not sending one")
+    if site.require_secure_aggregation:
+        raise SecureAggregationError("this site sends its update only through secure aggregation (node config "
+                                     "'require-secure-aggregation') and the run is configured without it (run "
+                                     "config 'secure-aggregation' = false); not training")
 
 
 def check_setup(msg: Message, config: RunConfig) -> None:

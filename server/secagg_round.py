@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
@@ -60,7 +60,7 @@ def secure_train_round(strategy: SiteTracking, grid: PollingGrid, *, server_roun
 
     messages = list(strategy.configure_train(server_round, arrays, message_config(strategy), grid))
     secure = SecureRound(grid=grid, server_round=server_round, settings=settings, timeout=timeout,
-                         known_sites=strategy.known_sites)
+                         known_sites=strategy.known_sites, shapes=[tuple(a.shape) for a in arrays.values()])
     new_arrays, _ = strategy.aggregate_secure(server_round, secure.run(messages))
     return arrays if new_arrays is None else new_arrays
 
@@ -80,17 +80,23 @@ class SecureRound:
         Seconds to wait for the replies of each stage.
     known_sites : dict[int, str]
         Node id -> site id, learned from replies (shared across rounds).
+    shapes : list of tuple of int
+        The global model's array shapes, in order (a masked vector is the weight, then these).
     """
 
     def __init__(self, *, grid: PollingGrid, server_round: int, settings: SecAggSettings, timeout: float,
-                 known_sites: dict[int, str]) -> None:
+                 known_sites: dict[int, str], shapes: list[tuple[int, ...]]) -> None:
         self.grid = grid
         self.server_round = server_round
         self.settings = settings
         self.timeout = timeout
         self.known_sites = known_sites
         self.outcomes = SortedReplies()
+        self.shapes = [(1,), *shapes]
         self.public_keys: dict[int, tuple[bytes, bytes]] = {}
+        #: destination node -> (source nodes, their encrypted share packets for it)
+        self.forward: dict[int, tuple[list[int], list[bytes]]] = {}
+        self.sampled: list[int] = []
 
     def run(self, train_messages: list[Message]) -> SecureRoundResult:
         """Run the protocol with the nodes the strategy sampled (``train_messages``: what each would get)."""
@@ -99,7 +105,7 @@ class SecureRound:
         try:
             self._require(len(contents), "site(s) sampled")
             keyed = self._share_keys(self._setup(sorted(contents)))
-            masked = MaskedSum(self.settings.modulus_range)
+            masked = MaskedSum(self.settings.modulus_range, shapes=self.shapes)
             survivors = self._collect(keyed, contents, masked)
             shares = self._unmask(survivors, dropped=set(keyed) - survivors)
             mean = unmask_mean(masked, shares=shares, survivors=survivors, dropped=set(keyed) - survivors,
@@ -125,7 +131,7 @@ class SecureRound:
         keys = {str(node): list(self.public_keys[node]) for node in nodes}
         replies = self._exchange(Stage.SHARE_KEYS, {node: keys for node in nodes})
         self._require(len(replies), "site(s) shared their keys")
-        self.forward: dict[int, tuple[list[int], list[bytes]]] = {node: ([], []) for node in replies}
+        self.forward = {node: ([], []) for node in replies}
         for src, record in sorted(replies.items()):
             for dst, ciphertext in zip(record[Key.DESTINATION_LIST], record[Key.CIPHERTEXT_LIST], strict=True):
                 if dst in self.forward:
@@ -160,7 +166,7 @@ class SecureRound:
         return shares
 
     # --- plumbing ---------------------------------------------------------------------
-    def _exchange(self, stage: str, configs: dict[int, dict], *, contents: dict[int, RecordDict] | None = None,
+    def _exchange(self, stage: str, configs: dict[int, dict[str, Any]], *, contents: dict[int, RecordDict] | None = None,
                   on_record: Callable[[int, ConfigRecord], None] | None = None, keep_metrics: bool = False,
                   outcomes: bool = True) -> dict[int, ConfigRecord]:
         """Send one stage's messages; return the protocol record of every node that answered it properly.

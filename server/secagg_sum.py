@@ -55,16 +55,21 @@ class SecAggSettings:
 class MaskedSum:
     """The running sum (mod ``modulus``) of the masked vectors received; each is added and dropped."""
 
-    def __init__(self, modulus: int) -> None:
+    def __init__(self, modulus: int, *, shapes: Sequence[tuple[int, ...]]) -> None:
         self.modulus = modulus
+        self.shapes = [tuple(shape) for shape in shapes]
         self.total: list[np.ndarray] | None = None
         self.count = 0
 
     def add(self, payloads: Sequence[bytes]) -> None:
-        """Add one site's masked vector (Flower's serialised integer arrays)."""
-        vector = [bytes_to_ndarray(b).astype(np.int64) for b in payloads]
-        if self.total is not None and get_parameters_shape(vector) != get_parameters_shape(self.total):
-            raise SecureRoundSkipped("a masked vector's shapes differ from the others'")
+        """Add one site's masked vector (Flower's serialised integer arrays, ``shapes``).
+
+        Raises ``ValueError`` (and adds nothing) for a vector of other shapes or non-integers.
+        """
+        vector = [bytes_to_ndarray(b) for b in payloads]
+        if get_parameters_shape(vector) != self.shapes or any(v.dtype.kind not in "iu" for v in vector):
+            raise ValueError("a masked vector must be integers of the weight's and the model's shapes")
+        vector = [v.astype(np.int64) for v in vector]
         self.total = vector if self.total is None else parameters_mod(parameters_addition(self.total, vector),
                                                                      self.modulus)
         self.count += 1

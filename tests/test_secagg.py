@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from client.audit import summarise_audit_log
@@ -42,11 +42,13 @@ def _offset(node: int) -> float:
 class _SecureSitesGrid(OfflineGrid):
     """Nodes running the site side of SecAgg+ for real; each keeps its Flower Context across stages.
 
-    ``silent`` holds (node, stage) pairs that never answer; ``tamper`` alters the masked
-    vector of that node in transit.
+    ``silent`` holds (node, stage) pairs that never answer; ``tamper`` = (what, node) alters that
+    node's reply in transit: "vector" replaces its masked vector's values, "share" its first
+    unmasking share, "shape" drops the last array of its masked vector.
     """
 
-    def __init__(self, run_config: dict, tmp_path, *, silent=frozenset(), tamper: int | None = None) -> None:
+    def __init__(self, run_config: dict, tmp_path, *, silent=frozenset(),
+                 tamper: tuple[str, int] | None = None) -> None:
         self.run_config, self.tmp_path, self.silent, self.tamper = run_config, tmp_path, silent, tamper
         self.contexts = {node: Context(run_id=7, node_id=node, node_config={}, state=RecordDict(),
                                        run_config=run_config) for node in NODES}
@@ -70,9 +72,8 @@ class _SecureSitesGrid(OfflineGrid):
             if (node, step.stage) in self.silent:
                 continue
             reply = self._answer(node, msg, step)
-            if self.tamper == node and step.stage == Stage.COLLECT_MASKED_VECTORS:
-                masked = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
-                masked[-1] = _altered(masked[-1])
+            if self.tamper is not None and self.tamper[1] == node:
+                _tamper(self.tamper[0], step.stage, reply.content.config_records[RECORD_KEY_CONFIGS])
             reply.metadata.__dict__["_reply_to_message_id"] = msg_id
             self._replies[msg_id] = reply
         return ids
@@ -99,6 +100,17 @@ class _SecureSitesGrid(OfflineGrid):
         reply = send_reply(msg, content=content, context=context, site=site, plan=self.plan, step=step)
         self.sent_content.append(reply.content)
         return reply
+
+
+def _tamper(what: str, stage: str, record: ConfigRecord) -> None:
+    if stage == Stage.COLLECT_MASKED_VECTORS and what == "vector":
+        masked = record[Key.MASKED_PARAMETERS]
+        record[Key.MASKED_PARAMETERS] = [*masked[:-1], _altered(masked[-1])]
+    elif stage == Stage.COLLECT_MASKED_VECTORS and what == "shape":
+        record[Key.MASKED_PARAMETERS] = record[Key.MASKED_PARAMETERS][:-1]
+    elif stage == Stage.UNMASK and what == "share":
+        shares = record[Key.SHARE_LIST]
+        record[Key.SHARE_LIST] = [shares[0][:4] + bytes(b ^ 0x5A for b in shares[0][4:]), *shares[1:]]
 
 
 def _altered(payload: bytes) -> bytes:
@@ -189,12 +201,42 @@ def test_below_the_threshold_the_round_is_skipped_with_its_reason(tmp_path, flow
                                                      "masked vector, fewer than secagg-threshold = 3")
 
 
-def test_an_altered_masked_vector_fails_the_round_cleanly(tmp_path, flower_identity):
-    grid = _SecureSitesGrid(SECURE, tmp_path, tamper=12)
+@pytest.mark.parametrize("what", ["vector", "share"])
+def test_an_altered_masked_vector_or_share_fails_the_round_cleanly(tmp_path, flower_identity, what):
+    grid = _SecureSitesGrid(SECURE, tmp_path, tamper=(what, 12))
     start, new, rows, _ = _secure_round(tmp_path, grid, SECURE)
 
     assert all(np.array_equal(new[k].numpy(), a.numpy()) for k, a in start.items())
-    assert "was altered" in rows["site-a"]["train-reason"]
+    assert rows["site-a"]["train-status"] == "rejected"
+    assert "altered" in rows["site-a"]["train-reason"] and "skipped" in rows["site-a"]["train-reason"]
+
+
+def test_a_malformed_masked_vector_drops_only_its_site(tmp_path, flower_identity):
+    grid = _SecureSitesGrid(SECURE, tmp_path, tamper=("shape", 12))
+    start, new, rows, _ = _secure_round(tmp_path, grid, SECURE)
+
+    assert _max_error(new, _plain_mean(start, [11, 13])) <= _tolerance(grid.config, [11, 13])
+    assert rows["site-b"]["train-status"] == "rejected" and "malformed" in rows["site-b"]["train-reason"]
+
+
+@pytest.mark.parametrize(("run_config", "node_config", "why"), [
+    ({"secure-aggregation": True}, {}, "run config 'secure-aggregation' is true"),
+    ({}, {"require-secure-aggregation": True}, "node config 'require-secure-aggregation'"),
+])
+def test_a_plain_update_is_refused_when_the_run_or_the_site_wants_secure_aggregation(
+        tmp_path, flower_identity, run_config, node_config, why):
+    from client.handlers import handle_train
+
+    config = RunConfig.from_mapping({**TINY_RUN_CONFIG, **run_config})
+    start = model_to_arrays(build_model(manual_plan(config).model_config()))
+    msg = Message(content=RecordDict({"arrays": start, "config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=11, message_type=MessageType.TRAIN)
+    node = {"datalist": str(tmp_path / "d.json"), "state-dir": str(tmp_path / "state"), **node_config}
+    reply = handle_train(msg, Context(run_id=7, node_id=11, node_config=node, state=RecordDict(),
+                                      run_config={**TINY_RUN_CONFIG, **run_config}))
+
+    assert reply.content["metrics"]["refused"] == 1 and not reply.content.array_records
+    assert why in reply.content["site"]["reason"]
 
 
 def test_a_site_refuses_a_setup_that_differs_from_the_run_config(tmp_path, flower_identity):

@@ -41,6 +41,14 @@ class SecureAggregationError(FedSegError):
     """A secure-aggregation message or update this site will not take part with; names the problem."""
 
 
+class _SiteWorkFailed(Exception):
+    """Carries an error of the site's own training through Flower's mod, apart from the protocol's errors."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(type(error).__name__)
+        self.error = error
+
+
 @dataclass
 class SiteChecks:
     """What the site checked on its plain update before masking (written to its audit log only)."""
@@ -173,11 +181,14 @@ def run_secure_stage(msg: Message, context: Context, *, step: SecureStep, config
     metrics: dict[str, Any] = {}
 
     def masked_training(inner_msg: Message, inner_context: Context) -> Message:
-        content = train()
-        metrics.update(content["metrics"])
-        trained = {name: array.numpy() for name, array in content["arrays"].items()}
-        delta, found = check_update(trained, reference(), config=config,
-                                    num_examples=float(metrics["num-examples"]))
+        try:
+            content = train()
+            metrics.update(content["metrics"])
+            trained = {name: array.numpy() for name, array in content["arrays"].items()}
+            delta, found = check_update(trained, reference(), config=config,
+                                        num_examples=float(metrics["num-examples"]))
+        except Exception as exc:  # noqa: BLE001 - handed on unchanged, not mistaken for a protocol error
+            raise _SiteWorkFailed(exc) from exc
         step.checks = found
         fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters(delta),
                         num_examples=int(metrics["num-examples"]), metrics={})
@@ -185,6 +196,8 @@ def run_secure_stage(msg: Message, context: Context, *, step: SecureStep, config
 
     try:
         out = secaggplus_mod(msg, context, masked_training)
+    except _SiteWorkFailed as failed:
+        raise failed.error from None  # the ClientApp handles it as for a plain round (refusal, no text leaks)
     except (ValueError, KeyError, TypeError) as exc:  # Flower's protocol checks; their text names no data
         raise SecureAggregationError(f"secure aggregation ({stage}): {type(exc).__name__}: {exc}"[:250]) from None
     reply = RecordDict({SECAGG: out.content.config_records[SECAGG],

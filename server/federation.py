@@ -15,8 +15,8 @@ from server.export import export_final_model
 from server.plan_phase import establish_plan, keep_or_write_plan_file
 from server.polling_grid import PollingGrid, shorten_object_pull_retry
 from server.rounds import run_rounds
-from server.secagg_sum import SecAggSettings
 from server.run_folder import RunRecorder
+from server.secagg_sum import SecAggSettings
 from server.strategies import build_strategy
 from shared.config import RunConfig
 from shared.plan import PLAN_KEY, Plan

@@ -44,12 +44,14 @@ class _SecureSitesGrid(OfflineGrid):
 
     ``silent`` holds (node, stage) pairs that never answer; ``tamper`` = (what, node) alters that
     node's reply in transit: "vector" replaces its masked vector's values, "share" its first
-    unmasking share, "shape" drops the last array of its masked vector.
+    unmasking share, "shape" drops the last array of its masked vector. The training of the
+    nodes in ``crash`` raises an unexpected error.
     """
 
     def __init__(self, run_config: dict, tmp_path, *, silent=frozenset(),
-                 tamper: tuple[str, int] | None = None) -> None:
+                 tamper: tuple[str, int] | None = None, crash=frozenset()) -> None:
         self.run_config, self.tmp_path, self.silent, self.tamper = run_config, tmp_path, silent, tamper
+        self.crash = crash
         self.contexts = {node: Context(run_id=7, node_id=node, node_config={}, state=RecordDict(),
                                        run_config=run_config) for node in NODES}
         self.config = RunConfig.from_mapping(run_config)
@@ -87,6 +89,8 @@ class _SecureSitesGrid(OfflineGrid):
                           state_dir=self.tmp_path / "state" / site_id)
 
         def train() -> RecordDict:
+            if node in self.crash:
+                raise RuntimeError("patient Jane Doe")
             trained = {k: Array(v.numpy() + np.float32(_offset(node))) for k, v in msg.content["arrays"].items()}
             return RecordDict({"arrays": ArrayRecord(trained), "site": ConfigRecord({"site-id": site_id}),
                                "metrics": MetricRecord({"num-examples": examples, "train-loss": float(node)})})
@@ -179,6 +183,16 @@ def test_a_site_dropping_after_key_sharing_is_recovered_above_the_threshold(tmp_
     assert _max_error(new, _plain_mean(start, [11, 12])) <= _tolerance(grid.config, [11, 12])
     assert rows["site-c"]["train-status"] == "failed" and "collect_masked_vectors" in rows["site-c"]["train-reason"]
     assert rows["site-a"]["train-status"] == rows["site-b"]["train-status"] == "ok"
+
+
+def test_a_site_whose_training_fails_is_recovered_and_its_error_is_not_taken_for_the_protocols(
+        tmp_path, flower_identity):
+    grid = _SecureSitesGrid(SECURE, tmp_path, crash={11})
+    start, new, rows, _ = _secure_round(tmp_path, grid, SECURE)
+
+    assert _max_error(new, _plain_mean(start, [12, 13])) <= _tolerance(grid.config, [12, 13])
+    # the error reaches the ClientApp's own handling unchanged (which sends only its type, test_egress)
+    assert rows["site-a"]["train-reason"] == "collect_masked_vectors: RuntimeError: patient Jane Doe"
 
 
 def test_a_site_silent_while_unmasking_still_counts_its_update(tmp_path, flower_identity):

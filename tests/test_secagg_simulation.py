@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from server.checkpoint import load_checkpoint
+from shared.model_file import weights_digest
 from simulations.api import SimulationSpec, run_simulation
 from tests.conftest import TINY_RUN_CONFIG
 
@@ -27,6 +29,9 @@ def test_three_sites_two_secure_rounds_through_flower(tmp_path):
     digests = [r["weights-sha256"] for r in rows if r["site"] == "global"]
     assert len(set(digests)) == 2  # each secure round changed the model
     assert not list(run_dir.glob(".spool-*"))
+    checkpoint = load_checkpoint(run_dir / "checkpoint.ckpt")  # the global model, no site's update
+    assert weights_digest(checkpoint.state_dict) == digests[-1] and checkpoint.strategy_state == {}
+    assert all("update-norm" not in row for row in checkpoint.metrics_rows)
     for site in summary["sites"]:
         audit = [json.loads(line) for line in (run_dir / "state" / site / "egress-audit.jsonl").open()]
         train = [e for e in audit if e["message-type"] == "train"]

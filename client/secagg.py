@@ -200,8 +200,20 @@ def run_secure_stage(msg: Message, context: Context, *, step: SecureStep, config
         raise failed.error from None  # the ClientApp handles it as for a plain round (refusal, no text leaks)
     except (ValueError, KeyError, TypeError) as exc:  # Flower's protocol checks; their text names no data
         raise SecureAggregationError(f"secure aggregation ({stage}): {type(exc).__name__}: {exc}"[:250]) from None
-    reply = RecordDict({SECAGG: out.content.config_records[SECAGG],
-                        "site": ConfigRecord({"site-id": site.site_id})})
+    record = out.content.config_records[SECAGG]
+    reply = RecordDict({SECAGG: record, "site": ConfigRecord({"site-id": site.site_id})})
     if stage == Stage.COLLECT_MASKED_VECTORS:
+        record[Key.MASKED_PARAMETERS] = as_uint32(record[Key.MASKED_PARAMETERS])
         reply["metrics"] = MetricRecord(metrics)
     return reply
+
+
+def as_uint32(payloads: list[bytes]) -> list[bytes]:
+    """Flower's masked arrays (int64, every value reduced modulo at most 2**32) as uint32: the same
+    values in half the bytes (run config keeps ``secagg-modulus-range`` <= 2**32)."""
+    from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+
+    arrays = [bytes_to_ndarray(payload) for payload in payloads]
+    if any(a.size and (a.min() < 0 or a.max() >= 2**32) for a in arrays):
+        raise SecureAggregationError("a masked value lies outside [0, 2**32)")
+    return [ndarray_to_bytes(a.astype(np.uint32)) for a in arrays]

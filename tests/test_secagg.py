@@ -279,3 +279,17 @@ def test_secure_aggregation_cannot_overlap_evaluation():
 def test_bad_secure_aggregation_settings_name_their_key(key, value):
     with pytest.raises(ConfigError, match=key):
         RunConfig.from_mapping({key: value})
+
+
+def test_the_harness_turns_overlap_off_for_secure_aggregation_unless_asked(tmp_path):
+    from simulations.api import SimulationSpec, build_run_config
+
+    def config(run_config: dict) -> RunConfig:
+        spec = SimulationSpec(out=tmp_path, run_config=run_config)
+        return build_run_config(spec, tmp_path, tmp_path / "sites.json", num_sites=3)
+
+    assert config({}).overlap_evaluation  # the harness' default
+    secure = config({"secure-aggregation": True})
+    assert secure.secure_aggregation and not secure.overlap_evaluation
+    with pytest.raises(ConfigError, match="'secure-aggregation', 'overlap-evaluation'"):
+        config({"secure-aggregation": True, "overlap-evaluation": True})

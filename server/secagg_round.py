@@ -121,19 +121,26 @@ class SecureRound:
         setup = {Key.SAMPLE_NUMBER: len(nodes), Key.SHARE_NUMBER: len(nodes), Key.THRESHOLD: s.threshold,
                  Key.CLIPPING_RANGE: s.clipping_range, Key.TARGET_RANGE: s.quantization_range,
                  Key.MOD_RANGE: s.modulus_range, Key.MAX_WEIGHT: s.max_weight}
-        replies = self._exchange(Stage.SETUP, {node: setup for node in nodes})
-        for node, record in replies.items():
-            self.public_keys[node] = (bytes(record[Key.PUBLIC_KEY_1]), bytes(record[Key.PUBLIC_KEY_2]))
+        def keep_keys(node: int, record: ConfigRecord) -> None:
+            self.public_keys[node] = (_bytes(record[Key.PUBLIC_KEY_1]), _bytes(record[Key.PUBLIC_KEY_2]))
+
+        replies = self._exchange(Stage.SETUP, {node: setup for node in nodes}, on_record=keep_keys)
         self._require(len(replies), "site(s) sent public keys")
         return sorted(replies)
 
     def _share_keys(self, nodes: list[int]) -> list[int]:
         keys = {str(node): list(self.public_keys[node]) for node in nodes}
-        replies = self._exchange(Stage.SHARE_KEYS, {node: keys for node in nodes})
+        packets: dict[int, list[tuple[int, bytes]]] = {}
+
+        def keep_packets(node: int, record: ConfigRecord) -> None:
+            packets[node] = [(int(dst), _bytes(ciphertext)) for dst, ciphertext in
+                             zip(record[Key.DESTINATION_LIST], record[Key.CIPHERTEXT_LIST], strict=True)]
+
+        replies = self._exchange(Stage.SHARE_KEYS, {node: keys for node in nodes}, on_record=keep_packets)
         self._require(len(replies), "site(s) shared their keys")
         self.forward = {node: ([], []) for node in replies}
-        for src, record in sorted(replies.items()):
-            for dst, ciphertext in zip(record[Key.DESTINATION_LIST], record[Key.CIPHERTEXT_LIST], strict=True):
+        for src in sorted(replies):
+            for dst, ciphertext in packets[src]:
                 if dst in self.forward:
                     self.forward[dst][0].append(src)
                     self.forward[dst][1].append(ciphertext)
@@ -157,12 +164,19 @@ class SecureRound:
     def _unmask(self, survivors: set[int], *, dropped: set[int]) -> dict[int, list[bytes]]:
         request = {Key.ACTIVE_NODE_ID_LIST: sorted(survivors), Key.DEAD_NODE_ID_LIST: sorted(dropped)}
         # a survivor that misses this stage still counts: its vector is in the sum, its seed rebuilt from shares
-        replies = self._exchange(Stage.UNMASK, {node: request for node in sorted(survivors)}, outcomes=False)
+        returned: dict[int, list[tuple[int, bytes]]] = {}
+
+        def keep_shares(node: int, record: ConfigRecord) -> None:
+            returned[node] = [(int(owner), _bytes(share)) for owner, share in
+                              zip(record[Key.NODE_ID_LIST], record[Key.SHARE_LIST], strict=True)]
+
+        replies = self._exchange(Stage.UNMASK, {node: request for node in sorted(survivors)}, on_record=keep_shares,
+                                 outcomes=False)
         self._require(len(replies), "site(s) returned key shares to unmask the sum")
         shares: dict[int, list[bytes]] = {}
-        for record in replies.values():
-            for owner, share in zip(record[Key.NODE_ID_LIST], record[Key.SHARE_LIST], strict=True):
-                shares.setdefault(int(owner), []).append(bytes(share))
+        for node in sorted(replies):
+            for owner, share in returned[node]:
+                shares.setdefault(owner, []).append(share)
         return shares
 
     # --- plumbing ---------------------------------------------------------------------
@@ -236,3 +250,9 @@ class SecureRound:
             if site not in settled:
                 self.outcomes.rejected[site] = text
         return SecureRoundResult(mean_delta=None, outcomes=self.outcomes, skipped=text)
+
+
+def _bytes(value: object) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError(f"expected bytes, got {type(value).__name__}")
+    return value

@@ -44,7 +44,7 @@ class _SecureSitesGrid(OfflineGrid):
 
     ``silent`` holds (node, stage) pairs that never answer; ``tamper`` = (what, node) alters that
     node's reply in transit: "vector" replaces its masked vector's values, "share" its first
-    unmasking share, "shape" drops the last array of its masked vector. The training of the
+    unmasking share, "shape" drops the last array of its masked vector, "keys" its second public key. The training of the
     nodes in ``crash`` raises an unexpected error.
     """
 
@@ -112,6 +112,8 @@ def _tamper(what: str, stage: str, record: ConfigRecord) -> None:
         record[Key.MASKED_PARAMETERS] = [*masked[:-1], _altered(masked[-1])]
     elif stage == Stage.COLLECT_MASKED_VECTORS and what == "shape":
         record[Key.MASKED_PARAMETERS] = record[Key.MASKED_PARAMETERS][:-1]
+    elif stage == Stage.SETUP and what == "keys":
+        del record[Key.PUBLIC_KEY_2]
     elif stage == Stage.UNMASK and what == "share":
         shares = record[Key.SHARE_LIST]
         record[Key.SHARE_LIST] = [shares[0][:4] + bytes(b ^ 0x5A for b in shares[0][4:]), *shares[1:]]
@@ -225,12 +227,14 @@ def test_an_altered_masked_vector_or_share_fails_the_round_cleanly(tmp_path, flo
     assert "altered" in rows["site-a"]["train-reason"] and "skipped" in rows["site-a"]["train-reason"]
 
 
-def test_a_malformed_masked_vector_drops_only_its_site(tmp_path, flower_identity):
-    grid = _SecureSitesGrid(SECURE, tmp_path, tamper=("shape", 12))
+@pytest.mark.parametrize(("what", "stage"), [("shape", "collect_masked_vectors"), ("keys", "setup")])
+def test_a_malformed_protocol_reply_drops_only_its_site(tmp_path, flower_identity, what, stage):
+    grid = _SecureSitesGrid(SECURE, tmp_path, tamper=(what, 12))
     start, new, rows, _ = _secure_round(tmp_path, grid, SECURE)
 
     assert _max_error(new, _plain_mean(start, [11, 13])) <= _tolerance(grid.config, [11, 13])
-    assert rows["site-b"]["train-status"] == "rejected" and "malformed" in rows["site-b"]["train-reason"]
+    assert rows["site-b"]["train-status"] == "rejected"
+    assert rows["site-b"]["train-reason"].startswith(f"{stage}: malformed protocol reply")
 
 
 @pytest.mark.parametrize(("run_config", "node_config", "why"), [

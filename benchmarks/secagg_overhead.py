@@ -53,9 +53,9 @@ def _bytes(entry: dict[str, Any], key: str | None) -> int:
 
 
 def table(results: dict[int, dict[str, dict[str, Any]]]) -> str:
-    lines = ["| sites | plain round s | secure round s | secure / plain | update bytes per site per round "
-             "(plain / secure) | keys and shares per site per round | sites trained (plain / secure) |",
-             "|---|---|---|---|---|---|---|"]
+    header = ("| sites | plain round s | secure round s | secure / plain | update bytes per site per round "
+              "(plain / secure) | keys and shares per site per round | sites trained (plain / secure) |")
+    lines = [header, "|---|---|---|---|---|---|---|"]
     for sites, pair in sorted(results.items()):
         plain, secure = pair["plain"], pair["secure"]
         lines.append(f"| {sites} | {plain['round_s']:.2f} | {secure['round_s']:.2f} | "

@@ -297,3 +297,31 @@ def test_the_harness_turns_overlap_off_for_secure_aggregation_unless_asked(tmp_p
     assert secure.secure_aggregation and not secure.overlap_evaluation
     with pytest.raises(ConfigError, match="'secure-aggregation', 'overlap-evaluation'"):
         config({"secure-aggregation": True, "overlap-evaluation": True})
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "fedyogi"])
+def test_every_mean_strategy_aggregates_the_secure_mean_as_it_would_the_plain_one(tmp_path, flower_identity,
+                                                                                    strategy):
+    from flwr.serverapp.strategy import FedAdam, FedYogi
+
+    run_config = {**SECURE, "strategy": strategy}
+    grid = _SecureSitesGrid(run_config, tmp_path)
+    start, new, rows, _ = _secure_round(tmp_path, grid, run_config)
+
+    mean = _plain_mean(start, NODES)
+    if strategy == "fedprox":
+        expected = mean
+    else:  # Flower's own optimiser step on the plain mean
+        config = grid.config
+        flower = {"fedadam": FedAdam, "fedyogi": FedYogi}[strategy](
+            eta=config.server_learning_rate, eta_l=config.learning_rate, tau=config.server_tau)
+        flower.current_arrays = {k: a.numpy() for k, a in start.items()}
+        reply = Message(content=RecordDict({"arrays": ArrayRecord({k: Array(v.astype(np.float32)) for k, v in
+                                                                    mean.items()}),
+                                            "metrics": MetricRecord({"num-examples": 200})}),
+                        dst_node_id=0, message_type=MessageType.TRAIN)
+        arrays, _ = flower.aggregate_train(1, [reply])
+        expected = {k: a.numpy() for k, a in arrays.items()}
+    assert all(new[k].dtype == start[k].dtype for k in start)
+    assert _max_error(new, expected) <= 2 * _tolerance(grid.config, NODES)
+    assert all(row["train-status"] == "ok" for row in rows.values())

@@ -102,6 +102,9 @@ class SecureRound:
         """Run the protocol with the nodes the strategy sampled (``train_messages``: what each would get)."""
         contents = {m.metadata.dst_node_id: m.content for m in train_messages}
         self.sampled = sorted(contents)
+        if len(contents) == 2:
+            LOG.warning("round %d: secure aggregation of two sites hides little: each site can subtract its own "
+                        "update from the sum (README, Secure aggregation)", self.server_round)
         try:
             self._require(len(contents), "site(s) sampled")
             keyed = self._share_keys(self._setup(sorted(contents)))

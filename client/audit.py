@@ -2,7 +2,9 @@
 
 Per run and round: bytes of model weights sent, whether the site trained,
 evaluated, refused or had a reply blocked, and the privacy budget (epsilon)
-reported as spent. Exit code 1 when a reply was blocked or a log line is
+reported as spent. A round of secure aggregation shows its training as
+``masked`` (the masked vector left, never the weights) and counts the masked
+vector's bytes apart from weights. Exit code 1 when a reply was blocked or a log line is
 unreadable (something to look at), else 0.
 """
 
@@ -24,7 +26,7 @@ class RoundTotals:
     """What left the site in one round of one run."""
 
     array_bytes: int = 0
-    outcomes: dict[str, str] = field(default_factory=dict)  # message type -> sent / refused / blocked
+    outcomes: dict[str, str] = field(default_factory=dict)  # message type -> sent / masked / refused / blocked
 
 
 @dataclass
@@ -37,6 +39,7 @@ class RunTotals:
     last_time: str = ""
     replies: int = 0
     array_bytes: int = 0
+    masked_bytes: int = 0
     refusals: int = 0
     blocked: int = 0
     epsilon: float | None = None
@@ -44,9 +47,9 @@ class RunTotals:
 
     @property
     def rounds_trained(self) -> list[int]:
-        """Rounds in which this site sent a model update."""
+        """Rounds in which this site sent a model update (plain or masked)."""
         return sorted(number for number, totals in self.rounds.items()
-                      if number is not None and totals.outcomes.get("train") == "sent")
+                      if number is not None and totals.outcomes.get("train") in ("sent", "masked"))
 
 
 @dataclass
@@ -97,6 +100,14 @@ def _add_entry(run: RunTotals, entry: dict[str, Any]) -> None:
         run.epsilon = max(run.epsilon or 0.0, float(entry["epsilon"]))
     totals = run.rounds.setdefault(entry.get("round"), RoundTotals())
     totals.array_bytes += sent_bytes
+    stage = entry.get("secagg-stage")
+    if stage is not None and outcome == "sent":  # a protocol step: only the masking step stands for the round
+        masked = (entry.get("secagg") or {}).get("masked_params")
+        run.masked_bytes += int(masked.get("bytes") or 0) if isinstance(masked, dict) else 0
+        if stage != "collect_masked_vectors":
+            totals.outcomes.setdefault(str(entry.get("message-type")), "keys")
+            return
+        outcome = "masked"
     totals.outcomes[str(entry.get("message-type"))] = outcome
 
 
@@ -106,6 +117,7 @@ def format_summary(summary: AuditSummary) -> str:
     replies = sum(r.replies for r in runs)
     header = (f"egress audit log {summary.path}: {replies} replies in {len(runs)} run(s), "
               f"{_bytes(sum(r.array_bytes for r in runs))} of model weights sent, "
+              f"{_masked(sum(r.masked_bytes for r in runs))}"
               f"{sum(r.refusals for r in runs)} refusal(s), {summary.blocked} blocked")
     lines = [header]
     for run in runs:
@@ -131,6 +143,10 @@ def _format_run(run: RunTotals) -> list[str]:
                  f"{_bytes(run.array_bytes)} of weights, epsilon spent {epsilon}, "
                  f"{run.refusals} refusal(s), {run.blocked} blocked")
     return lines
+
+
+def _masked(count: int) -> str:
+    return f"{_bytes(count)} of masked vectors (secure aggregation), " if count else ""
 
 
 def _bytes(count: int) -> str:

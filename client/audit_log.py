@@ -24,7 +24,10 @@ from shared.errors import FedSegError
 if TYPE_CHECKING:
     from flwr.app import RecordDict
 
+    from client.secagg import SecureStep
+
 AUDIT_LOG_NAME = "egress-audit.jsonl"
+SECAGG_RECORD = "secaggplus_configs"  # Flower's SecAgg+ record name (the protocol's messages)
 FORMAT = "fedseg-egress-audit/1"
 MAX_LOGGED_STRING = 300
 
@@ -39,7 +42,8 @@ def audit_log_path(state_dir: Path | str) -> Path:
 
 
 def describe_reply(content: RecordDict) -> dict[str, Any]:
-    """Return what ``content`` sends: arrays (name/shape/dtype/bytes/sha256), metrics, site values."""
+    """Return what ``content`` sends: arrays (name/shape/dtype/bytes/sha256), metrics, site values,
+    and for a secure-aggregation reply what its protocol record holds (per key: items, bytes, sha256)."""
     arrays = []
     for record in content.array_records.values():
         for name, array in record.items():
@@ -49,20 +53,37 @@ def describe_reply(content: RecordDict) -> dict[str, Any]:
                            "sha256": hashlib.sha256(values.tobytes(order="C")).hexdigest()})
     metrics = {key: _jsonable(value) for record in content.metric_records.values()
                for key, value in record.items()}
-    site = {key: _jsonable(value) for record in content.config_records.values()
+    site = {key: _jsonable(value) for name, record in content.config_records.items() if name != SECAGG_RECORD
             for key, value in record.items()}
     total = sum(a["bytes"] for a in arrays)
-    return {"arrays": arrays, "array-bytes": total, "metrics": metrics, "site": site}
+    described = {"arrays": arrays, "array-bytes": total, "metrics": metrics, "site": site}
+    if SECAGG_RECORD in content.config_records:
+        described["secagg"] = {key: _describe_protocol_value(value)
+                               for key, value in content.config_records[SECAGG_RECORD].items()}
+    return described
+
+
+def _describe_protocol_value(value: Any) -> Any:
+    """A protocol value as the log keeps it: node ids verbatim, bytes by count and sha256."""
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(item, bytes) for item in items):
+        return _jsonable(value)
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(item)
+    return {"items": len(items), "bytes": sum(len(item) for item in items), "sha256": digest.hexdigest()}
 
 
 def make_entry(*, content: RecordDict, run_id: int, server_round: int | None, message_type: str,
                server: str | None, blocked_reason: str | None = None,
-               withheld: RecordDict | None = None) -> dict[str, Any]:
+               withheld: RecordDict | None = None, step: SecureStep | None = None) -> dict[str, Any]:
     """Build one audit entry for a reply about to leave (``content`` is what is actually sent).
 
     ``blocked_reason`` is set when the guard blocked the original reply
     (``withheld``, described under ``"withheld"`` for the site's eyes only) and
-    ``content`` is the refusal that replaced it.
+    ``content`` is the refusal that replaced it. ``step`` is the secure-aggregation
+    step answered: its stage is logged, and at the masking stage what the site checked
+    on its plain update before masking (``site-checks``: norm, scaling, clipped coordinates).
     """
     described = describe_reply(content)
     epsilon = described["metrics"].get("epsilon")
@@ -80,7 +101,17 @@ def make_entry(*, content: RecordDict, run_id: int, server_round: int | None, me
         "blocked": blocked_reason is not None,
         "blocked-reason": blocked_reason,
         "withheld": _describe_withheld(withheld),
+        **_secure_fields(step),
     }
+
+
+def _secure_fields(step: SecureStep | None) -> dict[str, Any]:
+    if step is None:
+        return {}
+    fields: dict[str, Any] = {"secagg-stage": step.stage}
+    if step.carries_model:
+        fields["site-checks"] = step.checks.to_json()
+    return fields
 
 
 def _describe_withheld(content: RecordDict | None) -> dict[str, Any] | None:

@@ -9,7 +9,9 @@ A reply may carry only
   :data:`METRIC_KEYS` or :data:`METRIC_KEY_PATTERNS`;
 - ``site``: a ``ConfigRecord`` with the short strings ``site-id`` and ``reason``;
 - ``fingerprint`` (fingerprint query replies only): a ``MetricRecord`` of scalar
-  aggregates under the keys of :data:`shared.fingerprint.FINGERPRINT_KEY_PATTERNS`.
+  aggregates under the keys of :data:`shared.fingerprint.FINGERPRINT_KEY_PATTERNS`;
+- ``secaggplus_configs`` (replies to a secure-aggregation step only, never with
+  ``arrays``): what that stage of SecAgg+ sends (:mod:`client.egress_secagg`).
 
 Anything else (an extra array such as an image batch, a list-valued metric, an
 unknown key, a long string, an extra record) raises :class:`EgressBlocked`.
@@ -32,6 +34,7 @@ from shared.fingerprint import FINGERPRINT, FINGERPRINT_MESSAGE_TYPE, fingerprin
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+    from client.secagg import SecureStep
     from shared.model import ModelConfig
 
 #: Scalar metric keys a reply may carry.
@@ -47,7 +50,7 @@ METRIC_KEYS = frozenset({
 METRIC_KEY_PATTERNS = (re.compile(r"dice-class-\d{1,3}"), re.compile(r"hd95-class-\d{1,3}"))
 #: ConfigRecord ``site`` keys and the longest string each may hold.
 SITE_KEYS = {"site-id": 128, "reason": 300}
-ARRAYS, METRICS, SITE = "arrays", "metrics", "site"
+ARRAYS, METRICS, SITE, SECAGG = "arrays", "metrics", "site", "secaggplus_configs"
 NUMPY_STYPE = "numpy.ndarray"
 _SHOWN_NAME_CHARS = 60
 
@@ -89,7 +92,7 @@ def metric_key_allowed(key: str) -> bool:
 
 
 def check_reply(content: RecordDict, *, message_type: str,
-                expected: Mapping[str, ArraySpec] | None) -> None:
+                expected: Mapping[str, ArraySpec] | None, step: SecureStep | None = None) -> None:
     """Raise :class:`EgressBlocked` unless ``content`` may leave the site.
 
     Parameters
@@ -101,16 +104,21 @@ def check_reply(content: RecordDict, *, message_type: str,
     expected : Mapping[str, ArraySpec] or None
         The model's parameters (:func:`expected_parameter_specs`); ``None`` when
         the model is unknown, in which case no array may leave.
+    step : SecureStep or None
+        The secure-aggregation step the reply answers (None: a plain message).
     """
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
     allowed = {ARRAYS: ArrayRecord, METRICS: MetricRecord, SITE: ConfigRecord}
     if message_type == FINGERPRINT_MESSAGE_TYPE:
         allowed[FINGERPRINT] = MetricRecord
+    if step is not None and message_type == "train":
+        del allowed[ARRAYS]  # a protocol reply sends the masked vector, never the weights
+        allowed[SECAGG] = ConfigRecord
     for name, record in content.items():
         kind = allowed.get(name)
         if kind is None or not isinstance(record, kind):
-            raise EgressBlocked(f"record {_show(name)} ({type(record).__name__}) is not allowed to leave")
+            raise EgressBlocked(f"record {show(name)} ({type(record).__name__}) is not allowed to leave")
     if ARRAYS in content:
         check_arrays(content[ARRAYS], message_type=message_type, expected=expected)
     if METRICS in content:
@@ -119,20 +127,25 @@ def check_reply(content: RecordDict, *, message_type: str,
         check_site(content[SITE])
     if FINGERPRINT in content:
         check_fingerprint(content[FINGERPRINT])
+    if SECAGG in content:
+        from client.egress_secagg import check_secagg
+
+        assert step is not None
+        check_secagg(content[SECAGG], step=step, expected=expected)
 
 
 def check_arrays(arrays: ArrayRecord, *, message_type: str, expected: Mapping[str, ArraySpec] | None) -> None:
     """Raise :class:`EgressBlocked` unless ``arrays`` is exactly the model's parameters."""
     if message_type != "train":
-        raise EgressBlocked(f"a {_show(message_type)} reply may not carry arrays")
+        raise EgressBlocked(f"a {show(message_type)} reply may not carry arrays")
     if expected is None:
         raise EgressBlocked("arrays cannot be checked: the model's parameter list is unknown")
     extra = [name for name in arrays if name not in expected]
     if extra:
-        raise EgressBlocked(f"array {_show(extra[0])} is not a model parameter ({len(extra)} extra)")
+        raise EgressBlocked(f"array {show(extra[0])} is not a model parameter ({len(extra)} extra)")
     missing = [name for name in expected if name not in arrays]
     if missing:
-        raise EgressBlocked(f"model parameter {_show(missing[0])} is missing ({len(missing)} missing)")
+        raise EgressBlocked(f"model parameter {show(missing[0])} is missing ({len(missing)} missing)")
     if list(arrays) != list(expected):
         raise EgressBlocked("arrays are not in the model's parameter order")
     for name, spec in expected.items():
@@ -143,21 +156,21 @@ def _check_array(name: str, array: object, spec: ArraySpec) -> None:
     import numpy as np
 
     if getattr(array, "stype", None) != NUMPY_STYPE:
-        raise EgressBlocked(f"array {_show(name)}: serialisation {getattr(array, 'stype', None)!r} "
+        raise EgressBlocked(f"array {show(name)}: serialisation {getattr(array, 'stype', None)!r} "
                             f"is not {NUMPY_STYPE!r}")
     try:
         values = array.numpy()  # type: ignore[attr-defined]
     except Exception as exc:  # noqa: BLE001 - any decoding failure blocks the reply
-        raise EgressBlocked(f"array {_show(name)} cannot be decoded: {type(exc).__name__}") from None
+        raise EgressBlocked(f"array {show(name)} cannot be decoded: {type(exc).__name__}") from None
     declared = (tuple(array.shape), str(array.dtype))  # type: ignore[attr-defined]
     actual = (tuple(values.shape), str(values.dtype))
     if declared != actual or actual != (spec.shape, spec.dtype):
-        raise EgressBlocked(f"array {_show(name)}: expected {spec.shape} {spec.dtype}, "
+        raise EgressBlocked(f"array {show(name)}: expected {spec.shape} {spec.dtype}, "
                             f"declared {declared[0]} {declared[1]}, holds {actual[0]} {actual[1]}")
     canonical = io.BytesIO()
     np.save(canonical, values, allow_pickle=False)
     if canonical.getvalue() != array.data:  # type: ignore[attr-defined]
-        raise EgressBlocked(f"array {_show(name)}: payload carries bytes beyond its values")
+        raise EgressBlocked(f"array {show(name)}: payload carries bytes beyond its values")
 
 
 def check_metrics(metrics: MetricRecord) -> None:
@@ -173,9 +186,9 @@ def check_fingerprint(record: MetricRecord) -> None:
 def _check_scalars(record: MetricRecord, *, allowed: Callable[[str], bool], kind: str) -> None:
     for key, value in record.items():
         if not allowed(key):
-            raise EgressBlocked(f"{kind} key {_show(key)} is not on the allow-list")
+            raise EgressBlocked(f"{kind} key {show(key)} is not on the allow-list")
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise EgressBlocked(f"{kind} {_show(key)} is not a scalar number ({type(value).__name__})")
+            raise EgressBlocked(f"{kind} {show(key)} is not a scalar number ({type(value).__name__})")
 
 
 def check_site(site: ConfigRecord) -> None:
@@ -183,14 +196,14 @@ def check_site(site: ConfigRecord) -> None:
     for key, value in site.items():
         limit = SITE_KEYS.get(key)
         if limit is None:
-            raise EgressBlocked(f"site key {_show(key)} is not on the allow-list")
+            raise EgressBlocked(f"site key {show(key)} is not on the allow-list")
         if not isinstance(value, str):
-            raise EgressBlocked(f"site key {_show(key)} is not a string ({type(value).__name__})")
+            raise EgressBlocked(f"site key {show(key)} is not a string ({type(value).__name__})")
         if len(value) > limit:
-            raise EgressBlocked(f"site key {_show(key)} holds {len(value)} characters (limit {limit})")
+            raise EgressBlocked(f"site key {show(key)} holds {len(value)} characters (limit {limit})")
 
 
-def _show(name: object) -> str:
+def show(name: object) -> str:
     """Quote a name for a message, cut short: a blocked key must not smuggle data out in the reason."""
     text = str(name)
     return repr(text if len(text) <= _SHOWN_NAME_CHARS else text[:_SHOWN_NAME_CHARS] + "...")

@@ -13,6 +13,7 @@ hold anything) reaches the server through Flower's error reply.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import zlib
@@ -26,6 +27,7 @@ from client.audit_log import AuditLogError, append_entry, make_entry
 from client.egress import ARRAYS, SITE_KEYS, EgressBlocked, check_reply, expected_parameter_specs
 from client.faults import SimulatedCrash
 from client.private_round import check_dp_policy, train_private
+from client.secagg import SecureStep, check_plain_training_allowed, run_secure_stage
 from client.site import SiteConfig, resolve_site
 from shared.config import RunConfig
 from shared.errors import ConfigError, FedSegError
@@ -42,8 +44,16 @@ Work = Callable[[Message, Context, RunConfig, SiteConfig, "Plan | None"], Record
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this site's data and reply with the update."""
-    return _handle(msg, context, _train, needs_plan=True)
+    """Train the received global model on this site's data and reply with the update.
+
+    A message of the secure-aggregation protocol (:mod:`client.secagg`) is one
+    step of it: only its masking step trains, and its reply holds a masked vector.
+    """
+    step = SecureStep.of(msg)
+    if step is None:
+        return _handle(msg, context, _plain_train, needs_plan=True)
+    return _handle(msg, context, functools.partial(_secure_train, step=step), needs_plan=step.carries_model,
+                   step=step)
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
@@ -68,7 +78,8 @@ def message_plan(msg: Message, config: RunConfig) -> Plan:
     return fixed
 
 
-def _handle(msg: Message, context: Context, work: Work, *, needs_plan: bool) -> Message:
+def _handle(msg: Message, context: Context, work: Work, *, needs_plan: bool,
+            step: SecureStep | None = None) -> Message:
     site: SiteConfig | None = None
     plan: Plan | None = None
     try:
@@ -83,7 +94,7 @@ def _handle(msg: Message, context: Context, work: Work, *, needs_plan: bool) -> 
     except Exception as exc:  # a bug must not leak its message to the server
         LOG.exception("site %s: %s failed unexpectedly", _site_id(site), msg.metadata.message_type)
         content = refusal_content(msg, site, f"internal error ({type(exc).__name__}); see the site's log")
-    return send_reply(msg, content=content, context=context, site=site, plan=plan)
+    return send_reply(msg, content=content, context=context, site=site, plan=plan, step=step)
 
 
 def refusal_content(msg: Message, site: SiteConfig | None, reason: str) -> RecordDict:
@@ -110,8 +121,11 @@ def strip_directories(text: str) -> str:
 
 
 def send_reply(msg: Message, *, content: RecordDict, context: Context, site: SiteConfig | None,
-               plan: Plan | None) -> Message:
+               plan: Plan | None, step: SecureStep | None = None) -> Message:
     """The single exit point of the ClientApp: guard, audit, then build the reply.
+
+    ``step`` is the secure-aggregation step ``msg`` asked for (None: a plain
+    message); only then may the reply carry the protocol's record.
 
     A reply the guard blocks is replaced by a refusal (the server sees it and
     logs the reason) and the event is logged at CRITICAL level. A reply that
@@ -121,8 +135,9 @@ def send_reply(msg: Message, *, content: RecordDict, context: Context, site: Sit
     blocked: str | None = None
     withheld: RecordDict | None = None
     try:
-        expected = expected_parameter_specs(plan.model_config()) if plan and ARRAYS in content else None
-        check_reply(content, message_type=message_type, expected=expected)
+        wants_specs = ARRAYS in content or (step is not None and step.carries_model)
+        expected = expected_parameter_specs(plan.model_config()) if plan and wants_specs else None
+        check_reply(content, message_type=message_type, expected=expected, step=step)
     except EgressBlocked as exc:
         blocked = str(exc)
         LOG.critical("EGRESS BLOCKED at site %s: %s reply of run %s withheld and replaced by a refusal: %s",
@@ -131,7 +146,7 @@ def send_reply(msg: Message, *, content: RecordDict, context: Context, site: Sit
     state_dir = site.state_dir if site else context.node_config.get("state-dir")
     try:
         _audit(msg, content=content, context=context, state_dir=state_dir,
-               blocked=blocked, withheld=withheld)
+               blocked=blocked, withheld=withheld, step=step)
     except AuditLogError as exc:
         LOG.critical("site %s: %s; the %s reply is withheld", _site_id(site), exc, message_type)
         content = refusal_content(msg, site, "AuditLogError: the site's egress audit log cannot be "
@@ -140,14 +155,14 @@ def send_reply(msg: Message, *, content: RecordDict, context: Context, site: Sit
 
 
 def _audit(msg: Message, *, content: RecordDict, context: Context, state_dir: Any,
-           blocked: str | None, withheld: RecordDict | None) -> None:
+           blocked: str | None, withheld: RecordDict | None, step: SecureStep | None) -> None:
     if not state_dir:
         LOG.warning("site state directory unknown (node config 'state-dir'): this reply is not audited")
         return
     server = context.node_config.get(SERVER_ADDRESS_KEY)
     entry = make_entry(content=content, run_id=context.run_id, server_round=_server_round(msg),
                        message_type=msg.metadata.message_type, server=str(server) if server else None,
-                       blocked_reason=blocked, withheld=withheld)
+                       blocked_reason=blocked, withheld=withheld, step=step)
     append_entry(Path(str(state_dir)), entry)
 
 
@@ -200,6 +215,19 @@ def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig, 
         arrays = ArrayRecord(site.fault.poison(dict(arrays.to_torch_state_dict()), dict(received)))
     return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
                        "site": ConfigRecord({"site-id": site.site_id})})
+
+
+def _plain_train(msg: Message, context: Context, config: RunConfig, site: SiteConfig,
+                 plan: Plan | None) -> RecordDict:
+    check_plain_training_allowed(config, site)
+    return _train(msg, context, config, site, plan)
+
+
+def _secure_train(msg: Message, context: Context, config: RunConfig, site: SiteConfig, plan: Plan | None, *,
+                  step: SecureStep) -> RecordDict:
+    return run_secure_stage(msg, context, step=step, config=config, site=site,
+                            train=lambda: _train(msg, context, config, site, plan),
+                            reference=lambda: {name: a.numpy() for name, a in msg.content["arrays"].items()})
 
 
 def _evaluate(msg: Message, context: Context, config: RunConfig, site: SiteConfig, plan: Plan | None) -> RecordDict:

@@ -45,6 +45,7 @@ class SiteConfig:
     max_epsilon: float = DEFAULT_MAX_EPSILON
     dp_delta: float = DEFAULT_DP_DELTA
     require_dp: bool = True
+    require_secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
@@ -58,7 +59,7 @@ class SiteConfig:
 
         Keys: ``site-id``, ``datalist`` (required), ``state-dir``, ``cache-dir``
         (preprocessed cases; defaults to ``<state-dir>/cache``), ``max-epsilon``,
-        ``dp-delta``, ``require-dp``.
+        ``dp-delta``, ``require-dp``, ``require-secure-aggregation``.
         """
         datalist = node_config.get("datalist")
         if not datalist:
@@ -71,7 +72,8 @@ class SiteConfig:
         return cls(site_id=site_id, datalist=datalist_path, state_dir=state_path, cache_dir=cache_dir,
                    max_epsilon=_number(node_config, "max-epsilon", DEFAULT_MAX_EPSILON),
                    dp_delta=_number(node_config, "dp-delta", DEFAULT_DP_DELTA),
-                   require_dp=_flag(node_config, "require-dp", True))
+                   require_dp=_flag(node_config, "require-dp", True),
+                   require_secure_aggregation=_flag(node_config, "require-secure-aggregation", False))
 
 
 def _number(node_config: Mapping[str, Any], key: str, default: float) -> float:

@@ -16,6 +16,7 @@ from server.plan_phase import establish_plan, keep_or_write_plan_file
 from server.polling_grid import PollingGrid, shorten_object_pull_retry
 from server.rounds import run_rounds
 from server.run_folder import RunRecorder
+from server.secagg_sum import SecAggSettings
 from server.strategies import build_strategy
 from shared.config import RunConfig
 from shared.plan import PLAN_KEY, Plan
@@ -82,7 +83,8 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
         return write_out
 
     run_rounds(strategy, grid, arrays=arrays, first_round=first_round, num_rounds=config.num_rounds,
-               timeout=config.round_timeout, close_round=close_round, overlap_evaluation=config.overlap_evaluation)
+               timeout=config.round_timeout, close_round=close_round, overlap_evaluation=config.overlap_evaluation,
+               secure=SecAggSettings.from_config(config) if config.secure_aggregation else None)
     summary = recorder.finish()
     if recorder.model_path.exists():
         export_final_model(recorder.model_path, config=config, plan=recorder.plan, rounds=recorder.rounds)

@@ -22,6 +22,7 @@ from server.polling_grid import PollingGrid
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
+    from server.secagg_sum import SecAggSettings
     from server.strategies.tracking import SiteTracking
     from server.train_collector import TrainCollector
 
@@ -30,7 +31,7 @@ LOG = logging.getLogger("fedseg.server")
 
 def run_rounds(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, first_round: int, num_rounds: int,
                timeout: float, close_round: Callable[[int, ArrayRecord], Callable[[], None]],
-               overlap_evaluation: bool = False) -> ArrayRecord:
+               overlap_evaluation: bool = False, secure: SecAggSettings | None = None) -> ArrayRecord:
     """Run rounds ``first_round..num_rounds``; returns the final global arrays.
 
     When round r has closed, ``close_round(r, global arrays)`` is called (before
@@ -46,14 +47,26 @@ def run_rounds(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, first
 
     Every train and evaluate message carries the strategy's ``message_config``
     (the run's plan) in its config record.
+
+    With ``secure`` settings every training phase is a SecAgg+ round
+    (:func:`server.secagg_round.secure_train_round`); run config forbids
+    combining it with ``overlap_evaluation``.
     """
     if first_round < 1:
         raise ValueError(f"first_round must be >= 1, got {first_round}")
+    if overlap_evaluation and secure is not None:
+        raise ValueError("secure aggregation cannot overlap evaluation with training")
     if overlap_evaluation:
         return _run_overlapped(strategy, grid, arrays=arrays, first_round=first_round, num_rounds=num_rounds,
                                timeout=timeout, close_round=close_round)
     for server_round in range(first_round, num_rounds + 1):
-        arrays = train_round(strategy, grid, server_round=server_round, arrays=arrays, timeout=timeout)
+        if secure is None:
+            arrays = train_round(strategy, grid, server_round=server_round, arrays=arrays, timeout=timeout)
+        else:
+            from server.secagg_round import secure_train_round
+
+            arrays = secure_train_round(strategy, polling(grid), server_round=server_round, arrays=arrays,
+                                        timeout=timeout, settings=secure)
         evaluate_round(strategy, grid, server_round=server_round, arrays=arrays, timeout=timeout)
         close_round(server_round, arrays)()
     return arrays
@@ -105,15 +118,16 @@ def evaluate_round(strategy: SiteTracking, grid: Grid, *, server_round: int, arr
 
 
 def _configure_train(strategy: SiteTracking, grid: Grid, server_round: int, arrays: ArrayRecord) -> list[Message]:
-    return list(strategy.configure_train(server_round, arrays, _message_config(strategy), grid))
+    return list(strategy.configure_train(server_round, arrays, message_config(strategy), grid))
 
 
 def _configure_evaluate(strategy: SiteTracking, grid: Grid, server_round: int,
                         arrays: ArrayRecord) -> list[Message]:
-    return list(strategy.configure_evaluate(server_round, arrays, _message_config(strategy), grid))
+    return list(strategy.configure_evaluate(server_round, arrays, message_config(strategy), grid))
 
 
-def _message_config(strategy: SiteTracking) -> ConfigRecord:
+def message_config(strategy: SiteTracking) -> ConfigRecord:
+    """The config record every train and evaluate message carries (the strategy's ``message_config``)."""
     return ConfigRecord(dict(strategy.message_config))
 
 

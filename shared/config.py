@@ -103,6 +103,17 @@ class RunConfig:
     ``deep-supervision`` is DynUNet's number of deep-supervision heads (0 =
     off); -1 (default) = nnU-Net's rule, ``levels - 3`` heads for dynunet
     (``levels`` = entries of ``channels``) and none for the others.
+
+    **Secure aggregation.** ``secure-aggregation`` (false) runs every training
+    round as Flower's SecAgg+ protocol (``server.secagg``, ``client.secagg``):
+    the server learns only the sum of the sites' updates. ``secagg-threshold``
+    is the number of sites whose key shares rebuild a secret (Shamir), hence
+    the fewest sites a round can finish with; each site clips every coordinate
+    of its example-weighted change to the model to ``secagg-clipping-range``
+    and quantises it to ``secagg-quantization-range`` levels, masked modulo
+    ``secagg-modulus-range`` (a power of 2); ``secagg-max-weight`` is the
+    largest ``num-examples`` a site may weigh with; ``secagg-update-norm-bound``
+    (> 0) scales a site's change down to this L2 norm before masking (0: off).
     """
 
     num_rounds: int = 5
@@ -156,6 +167,13 @@ class RunConfig:
     dp_target_epsilon: float = 0.0
     dp_noise_from_budget: bool = True
     dp_grad_sample_mode: str = "auto"
+    secure_aggregation: bool = False
+    secagg_threshold: int = 2
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 4194304
+    secagg_modulus_range: int = 4294967296
+    secagg_max_weight: float = 1000.0
+    secagg_update_norm_bound: float = 0.0
 
     def __post_init__(self) -> None:
         self._check_types()

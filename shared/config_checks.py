@@ -62,6 +62,7 @@ def check_ranges(config: RunConfig) -> None:
     config.ct_window_range()
     check_architecture(config)
     check_privacy(config)
+    check_secure_aggregation(config)
 
 
 def check_architecture(config: RunConfig) -> None:
@@ -159,6 +160,33 @@ def check_privacy(config: RunConfig) -> None:
                      "so the proximal term would be dropped")
     _require(config.dp_grad_sample_mode in GRAD_SAMPLE_MODES, "dp_grad_sample_mode",
              f"must be one of {GRAD_SAMPLE_MODES}", config.dp_grad_sample_mode)
+
+
+#: Strategies whose aggregate is not a weighted mean: they need every update in the clear.
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg")
+
+
+def check_secure_aggregation(config: RunConfig) -> None:
+    _require(config.secagg_threshold >= 2, "secagg_threshold",
+             "must be >= 2 (one share would reveal a site's secret)", config.secagg_threshold)
+    for name in ("secagg_clipping_range", "secagg_max_weight"):
+        _require(getattr(config, name) > 0, name, "must be > 0", getattr(config, name))
+    _require(config.secagg_update_norm_bound >= 0, "secagg_update_norm_bound", "must be >= 0 (0 turns it off)",
+             config.secagg_update_norm_bound)
+    _require(config.secagg_quantization_range >= 2, "secagg_quantization_range", "must be >= 2",
+             config.secagg_quantization_range)
+    modulus = config.secagg_modulus_range
+    _require(modulus > config.secagg_quantization_range and modulus & (modulus - 1) == 0 and modulus <= 2**32,
+             "secagg_modulus_range", "must be a power of 2, above secagg-quantization-range and at most 2**32",
+             modulus)
+    if not config.secure_aggregation:
+        return
+    require_together(config.strategy not in ROBUST_STRATEGIES, ("secure-aggregation", "strategy"),
+                     f"strategy {config.strategy!r} needs every site's update in the clear (a median or "
+                     f"trimmed mean is no sum); secure aggregation works with fedavg, fedprox, fedadam, fedyogi")
+    require_together(not config.overlap_evaluation, ("secure-aggregation", "overlap-evaluation"),
+                     "a secure round exchanges four messages with every site; evaluation cannot travel with "
+                     "its training message (set overlap-evaluation = false)")
 
 
 def _require(ok: bool, field_name: str, rule: str, value: Any) -> None:

@@ -194,6 +194,8 @@ def build_run_config(spec: SimulationSpec, run_dir: Path, sites_manifest: Path, 
     values.update(HARNESS_RUN_CONFIG)
     values.update(task_from_datalists(spec.datalists))
     values.update(spec.run_config)
+    if values.get("secure-aggregation") and "overlap-evaluation" not in spec.run_config:
+        values["overlap-evaluation"] = False  # a secure round's four exchanges cannot carry an evaluation
     num_classes = values.get("num-classes", RunConfig().num_classes)
     if "class-names" not in values and num_classes == len(LABELS):
         values["class-names"] = ",".join(LABELS[k] for k in sorted(LABELS))

@@ -19,12 +19,14 @@ REFUSAL_TIMEOUT_S = 60.0
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped-evaluation"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential-secure-aggregation", "overlapped-evaluation"])
 def test_two_hospitals_two_rounds_over_tls_with_node_auth(tmp_path, overlap):
-    # overlapped: round 1's evaluation and round 2's training reach each node together
+    # overlapped: round 1's evaluation and round 2's training reach each node together;
+    # sequential: every training round is secure aggregation (which cannot overlap)
     spec = DeploymentSpec(out=tmp_path / "deploy", sites=2, rounds=2, seed=1, min_cases=3, max_cases=4,
                           isolation="process",  # the warm ClientApp executor; subprocess is Flower's default
-                          run_config=dict(TINY_RUN_CONFIG, **{"num-rounds": 2, "overlap-evaluation": overlap}),
+                          run_config=dict(TINY_RUN_CONFIG, **{"num-rounds": 2, "overlap-evaluation": overlap,
+                                                              "secure-aggregation": not overlap}),
                           timeout_s=900)
     summary = run_local_federation(spec, echo=False)
 
@@ -47,6 +49,11 @@ def test_two_hospitals_two_rounds_over_tls_with_node_auth(tmp_path, overlap):
         assert "fedseg: SuperNode polls every 0.25 s" in (work_dir / "logs" / f"supernode-{site}.log").read_text()
     for site in summary["sites"]:
         assert (work_dir / "nodes" / site / "keys" / "supernode_key").stat().st_mode & 0o077 == 0
+        audit = [json.loads(line) for line in (work_dir / "nodes" / site / "state" / "egress-audit.jsonl").open()]
+        stages = [e.get("secagg-stage") for e in audit if e["message-type"] == "train"]
+        assert stages == (["setup", "share_keys", "collect_masked_vectors", "unmask"] * 2 if not overlap
+                          else [None, None])
+        assert all(e["array-bytes"] == 0 for e in audit if e["message-type"] == "train") != overlap
     time.sleep(1.0)
     assert live_processes_mentioning(str(work_dir)) == []
 

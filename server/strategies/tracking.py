@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 
@@ -37,10 +38,10 @@ from server.train_collector import ClosedRound, TrainCollector
 from server.update_checks import reference_arrays
 
 if TYPE_CHECKING:
-    import numpy as np
     from flwr.serverapp import Grid
 
     from server.run_folder import RunRecorder
+    from server.secagg_round import SecureRoundResult
 
 LOG = logging.getLogger("fedseg.server")
 
@@ -142,6 +143,31 @@ class SiteTracking:
             return self._in_model_dtypes(arrays), metrics
         finally:
             closed.spool.close()
+
+    def aggregate_secure(self, server_round: int,
+                         result: SecureRoundResult) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Record a secure round's outcomes; turn its mean change into the new global model.
+
+        The sites' mean change is added to the model sent this round; FedAdam and
+        FedYogi then apply their server optimiser to that mean, as to a plain round's.
+        """
+        self.recorder.record_phase(server_round, "train", result.outcomes)
+        if result.mean_delta is None:
+            return None, None
+        if len(result.contributors) < self.min_train_replies:
+            LOG.warning("round %d: %d site(s) in the secure sum, fewer than min-train-replies=%d; "
+                        "the global model is kept", server_round, len(result.contributors), self.min_train_replies)
+            return None, None
+        assert self._reference is not None
+        mean = ArrayRecord({name: Array((ref.astype(np.float64) + delta.reshape(ref.shape)).astype(ref.dtype))
+                            for (name, ref), delta in zip(self._reference.items(), result.mean_delta, strict=True)})
+        replies = [RecordDict({"metrics": MetricRecord(m)}) for m in result.outcomes.site_metrics.values()]
+        metrics = self.train_metrics_aggr_fn(replies, self.weighted_by_key)
+        if not self.post_processes_mean:
+            return mean, metrics
+        metrics[self.weighted_by_key] = sum(m[self.weighted_by_key] for m in result.outcomes.site_metrics.values())
+        arrays, metrics = super().aggregate_train(server_round, [_reply_like(mean, metrics)])
+        return self._in_model_dtypes(arrays), metrics
 
     def _in_model_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
         """Cast back to the model's dtypes: Flower's FedAdam/FedYogi return float64 arrays,

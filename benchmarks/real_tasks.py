@@ -14,7 +14,7 @@ Usage (from the repo root, after ``make setup``)::
 
     .venv/bin/python -m pip install --no-deps --require-hashes \\
         --target benchmarks/.data/real_tasks/packages -r benchmarks/requirements-real.txt   # once
-    .venv/bin/python -m benchmarks.real_tasks --rounds 5 --write
+    .venv/bin/python -m benchmarks.real_tasks --write
     .venv/bin/python -m benchmarks.real_tasks --compare model=unet model=dynunet --spatial-dims 2 3
     .venv/bin/python -m benchmarks.real_tasks --from-results out/a/results.json out/b/results.json  # runs done apart
 
@@ -33,6 +33,7 @@ from typing import Any
 
 from benchmarks.real_data import TASK_RUN_CONFIG, TASKS, MissingRequirements, prepare_task
 from shared.cli import exit_on_sigterm, quiet_optional_codec_notice
+from shared.config import RunConfig
 from shared.errors import FedSegError
 
 DEFAULT_OUT = Path("benchmarks/out/real_tasks")
@@ -166,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.real_tasks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=RunConfig().num_rounds,
+                        help="federated rounds (default: the default preset's, %(default)s)")
     parser.add_argument("--spatial-dims", type=int, nargs="+", choices=(2, 3), default=[2])
     parser.add_argument("--seed", type=int, default=0, help="data, initial weights and sampling")
     parser.add_argument("--dp", choices=("both", "on", "off"), default="both", help="federated runs with/without DP")

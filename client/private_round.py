@@ -42,7 +42,7 @@ def train_private(model: Any, cases: list, augment: Any, *, config: RunConfig, p
     charge = ledger.charge(
         run_id=run_id, server_round=server_round, noise_multiplier=mechanism.noise_multiplier,
         sample_rate=mechanism.sample_rate, steps=mechanism.steps, max_epsilon=site.max_epsilon)
-    _warn_if_noise_dominates(model, mechanism, cases=len(cases), site=site.site_id)
+    _warn_if_noise_dominates(model, mechanism, cases=len(cases), rounds=config.num_rounds, site=site.site_id)
     loader = training_loader(cases, augment, batch_size=plan.batch_size, generator=private_generator())
     train_loss, steps = train_local_dp(model, loader, config=config, plan=mechanism, device=device,
                                        loss_fn=make_loss(model_config=plan.model_config()))
@@ -53,15 +53,15 @@ def train_private(model: Any, cases: list, augment: Any, *, config: RunConfig, p
             "dp-noise-multiplier": mechanism.noise_multiplier, "dp-sample-rate": mechanism.sample_rate}
 
 
-def _warn_if_noise_dominates(model: Any, mechanism: Any, *, cases: int, site: str) -> None:
-    """Log (at the site) when this round's update will be mostly DP noise (:mod:`shared.dp_advice`)."""
-    from shared.dp_advice import LEARNABLE_ROUND_NOISE_RATIO, round_noise_ratio
+def _warn_if_noise_dominates(model: Any, mechanism: Any, *, cases: int, rounds: int, site: str) -> None:
+    """Log (at the site) when the run's updates will be mostly DP noise (:mod:`shared.dp_advice`)."""
+    from shared.dp_advice import LEARNABLE_NOISE_RATIO, noise_ratio
 
-    ratio = round_noise_ratio(noise_multiplier=mechanism.noise_multiplier,
-                              weights=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                              expected_batch=mechanism.sample_rate * cases, steps=mechanism.steps)
-    if ratio > LEARNABLE_ROUND_NOISE_RATIO:
-        LOG.warning("site %s: this round's DP-SGD update is mostly noise (noise/signal %.1f > %g: %d cases, "
-                    "noise multiplier %.2f); a larger budget (node config 'max-epsilon'), fewer rounds or "
-                    "steps, or joining without DP would let it learn", site, ratio, LEARNABLE_ROUND_NOISE_RATIO,
+    ratio = noise_ratio(noise_multiplier=mechanism.noise_multiplier,
+                        weights=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                        expected_batch=mechanism.sample_rate * cases, steps=mechanism.steps * rounds)
+    if ratio > LEARNABLE_NOISE_RATIO:
+        LOG.warning("site %s: this run's DP-SGD updates are mostly noise (noise/signal over the run %.1f > %.1f: "
+                    "%d cases, noise multiplier %.2f); a larger budget (node config 'max-epsilon'), fewer rounds "
+                    "or steps, or joining without DP would let it learn", site, ratio, LEARNABLE_NOISE_RATIO,
                     cases, mechanism.noise_multiplier)

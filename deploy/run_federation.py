@@ -52,7 +52,7 @@ class DeploymentSpec:
 
     out: Path
     sites: int = 2
-    rounds: int = 2
+    rounds: int = 0  # 0: the preset's num-rounds
     seed: int = 0
     datalists: tuple[Path, ...] = ()
     run_config: dict[str, Any] = field(default_factory=dict)
@@ -65,8 +65,9 @@ class DeploymentSpec:
     timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
-        if self.sites < 1 or self.rounds < 1:
-            raise ConfigError(f"'sites' and 'rounds' must be >= 1, got {self.sites}, {self.rounds}")
+        if self.sites < 1 or self.rounds < 0:
+            raise ConfigError(f"'sites' must be >= 1 and 'rounds' >= 1 (or 0: the preset's), "
+                              f"got {self.sites}, {self.rounds}")
         if self.isolation not in ISOLATIONS:
             raise ConfigError(f"'isolation' must be one of {ISOLATIONS}, got {self.isolation!r}")
         if self.node_threads is not None and self.node_threads < 1:
@@ -145,8 +146,9 @@ def _node_threads(spec: DeploymentSpec) -> int:
 
 
 def _write_run_config(spec: DeploymentSpec, work_dir: Path, run_dir: Path, *, num_sites: int) -> Path:
-    values: dict[str, Any] = {"num-rounds": spec.rounds, "seed": spec.seed, "min-available-nodes": num_sites,
-                              "min-train-nodes": num_sites}
+    values: dict[str, Any] = {"seed": spec.seed, "min-available-nodes": num_sites, "min-train-nodes": num_sites}
+    if spec.rounds:
+        values["num-rounds"] = spec.rounds
     values.update(spec.run_config)
     values["run-dir"] = str(run_dir)
     path = work_dir / "run-config.toml"
@@ -177,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m deploy.run_federation", description=__doc__.split("\n")[0])
     parser.add_argument("--sites", type=int, default=2, help="synthetic hospitals (ignored with --datalists)")
     parser.add_argument("--datalists", type=Path, nargs="+", default=[], help="one datalist JSON per hospital")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="federated rounds (default: the preset's run config num-rounds, 25 for 'default')")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/deploy"))
     parser.add_argument("--isolation", choices=ISOLATIONS, default="subprocess",

@@ -33,22 +33,25 @@ __all__ = ["AUTO", "PRESETS", "RunConfig", "parse_float_list", "parse_int_list",
 
 #: Named recipes. A preset's value is taken for every key the run config leaves unset.
 #: "default" is what ``flwr run``, ``deploy.run_federation`` and the harness train unless told
-#: otherwise: nnU-Net's network and recipe (foreground oversampling, deep supervision, a round of
-#: 250 steps, nnU-Net's epoch) sized for CPU (filters from 16, at most 256, 256 MiB per site). Adam
-#: at 1e-3, not nnU-Net's SGD: in 1500 steps on the six-donor task Adam reached Dice 0.75 where SGD
-#: (lr 0.05, momentum 0.9) reached 0.61 and lr 0.01 less (BENCHMARKS.md, "Real anatomy"). "small-unet" is the recipe tuned on the
-#: synthetic federation (BENCHMARKS.md, issue 7): a 12k-weight U-Net, batches of 128, SGD at 0.2.
+#: otherwise: nnU-Net's network and recipe (foreground oversampling, deep supervision) sized for CPU
+#: (filters from 16, at most 256, 256 MiB per site), with a budget of 1250 steps per site (nnU-Net
+#: counts 250 per epoch) split into 25 rounds of 50: on the six-donor task, 50-step rounds kept the
+#: sites that differ from the majority (thick sagittal slices, T2 contrast) where 250-step rounds let
+#: each site drift to its own data between averagings (BENCHMARKS.md, "Real anatomy"). Adam at 1e-3,
+#: not nnU-Net's SGD: in 1500 steps on the same task Adam reached Dice 0.75 where SGD (lr 0.05,
+#: momentum 0.9) reached 0.61. "small-unet" is the recipe tuned on the synthetic federation
+#: (BENCHMARKS.md, issue 7): a 12k-weight U-Net, batches of 128, SGD at 0.2.
 PRESETS: dict[str, dict[str, Any]] = {
-    "default": {"model": "dynunet", "optimizer": "adam", "learning-rate": 0.001, "local-steps": 250,
-                "base-filters": 16, "max-filters": 256, "memory-budget-mb": 256,
+    "default": {"model": "dynunet", "optimizer": "adam", "learning-rate": 0.001, "num-rounds": 25,
+                "local-steps": 50, "base-filters": 16, "max-filters": 256, "memory-budget-mb": 256,
                 "slicing": "lowest-resolution", "foreground-fraction": 0.33},
     "small-unet": {"model": "unet", "channels": "8,16,32", "strides": "2,2", "num-res-units": 1,
-                   "batch-size": 128, "optimizer": "sgd", "learning-rate": 0.2, "local-steps": 40,
-                   "base-filters": 8, "max-filters": 32, "memory-budget-mb": 1024,
+                   "batch-size": 128, "optimizer": "sgd", "learning-rate": 0.2, "num-rounds": 5,
+                   "local-steps": 40, "base-filters": 8, "max-filters": 32, "memory-budget-mb": 1024,
                    "slicing": "lowest-resolution", "foreground-fraction": 0.5},
 }
 #: Keys a preset may set: their dataclass default means "unset".
-PRESET_KEYS = ("model", "local_steps", "batch_size", "learning_rate", "optimizer", "channels", "strides",
+PRESET_KEYS = ("model", "num_rounds", "local_steps", "batch_size", "learning_rate", "optimizer", "channels", "strides",
                "num_res_units", "base_filters", "max_filters", "patch_size", "target_spacing", "slicing",
                "memory_budget_mb", "foreground_fraction")
 #: Keys the plan derives when neither the run config nor the preset sets them.
@@ -116,7 +119,7 @@ class RunConfig:
     (> 0) scales a site's change down to this L2 norm before masking (0: off).
     """
 
-    num_rounds: int = 5
+    num_rounds: int = 0
     preset: str = "default"
     plan: str = "auto"
     model: str = AUTO

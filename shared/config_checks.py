@@ -20,11 +20,11 @@ PLAN_MODES = ("auto", "manual")
 
 
 def check_ranges(config: RunConfig) -> None:
-    for name in ("num_rounds", "in_channels", "round_timeout"):
+    for name in ("in_channels", "round_timeout"):
         _require(getattr(config, name) > 0, name, "must be > 0", getattr(config, name))
-    for name in ("local_steps", "learning_rate", "base_filters", "max_filters", "memory_budget_mb"):
-        _require(getattr(config, name) > 0, name, f"must be > 0 (preset {config.preset!r} leaves it unset)",
-                 getattr(config, name))
+    for name in ("num_rounds", "local_steps", "learning_rate", "base_filters", "max_filters", "memory_budget_mb"):
+        unset = f" (preset {config.preset!r} leaves it unset)" if not config.is_set(name) else ""
+        _require(getattr(config, name) > 0, name, f"must be > 0{unset}", getattr(config, name))
     _require(config.batch_size >= 0, "batch_size", "must be > 0 (or 0: from the plan)", config.batch_size)
     _require(config.spatial_dims in (2, 3), "spatial_dims", "must be 2 or 3", config.spatial_dims)
     _require(config.num_classes >= 2, "num_classes", "must be >= 2 (background + one class)",

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sites", type=int, default=SPEC.sites,
                         help="number of virtual hospitals (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=SPEC.rounds,
-                        help="federated rounds (default: %(default)s)")
+                        help="federated rounds (default: the preset's run config num-rounds, 25 for 'default')")
     parser.add_argument("--spatial-dims", type=int, choices=(2, 3), default=SPEC.spatial_dims,
                         help="2D images or 3D volumes (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=SPEC.seed,

@@ -55,7 +55,7 @@ class SimulationSpec:
     """What a researcher asks of one simulated federation."""
 
     sites: int = 3
-    rounds: int = 5
+    rounds: int = 0  # 0: the preset's num-rounds
     spatial_dims: int = 2
     seed: int = 0
     out: Path = Path("runs")
@@ -81,9 +81,10 @@ class SimulationSpec:
     site_node_config: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("sites", "rounds"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"'--{name}' must be >= 1, got {getattr(self, name)!r}")
+        if self.sites < 1:
+            raise ConfigError(f"'--sites' must be >= 1, got {self.sites!r}")
+        if self.rounds < 0:
+            raise ConfigError(f"'--rounds' must be >= 1 (or 0: the preset's), got {self.rounds!r}")
         if self.spatial_dims not in (2, 3):
             raise ConfigError(f"'--spatial-dims' must be 2 or 3, got {self.spatial_dims!r}")
         if self.datalists:
@@ -185,8 +186,9 @@ def carry_site_state(previous_run: Path, run_dir: Path, site_ids: list[str]) -> 
 
 def build_run_config(spec: SimulationSpec, run_dir: Path, sites_manifest: Path, *, num_sites: int) -> RunConfig:
     """The run config the harness sends: spec values over the datalists' task over per-dimension defaults."""
-    values: dict[str, Any] = {"num-rounds": spec.rounds, "spatial-dims": spec.spatial_dims,
-                              "seed": spec.seed, "min-available-nodes": num_sites}
+    values: dict[str, Any] = {"spatial-dims": spec.spatial_dims, "seed": spec.seed, "min-available-nodes": num_sites}
+    if spec.rounds:
+        values["num-rounds"] = spec.rounds
     if spec.sites_per_round:
         fraction = spec.sites_per_round / num_sites
         values.update({"fraction-train": fraction, "fraction-evaluate": fraction,

@@ -29,7 +29,7 @@ def start_run(run_dir: Path, *, num_rounds: int = 3) -> RunRecorder:
     """A run folder with its plan (each site's fingerprint outcome and DP outlook) and no round yet."""
     config = tiny_config_with({"num-rounds": num_rounds, "dp": True, "class-names": "background,lesion"})
     recorder = RunRecorder(run_dir, config=config, plan=tiny_plan())
-    outlook = {"cases": 4, "epsilon": BUDGET, "delta": 1e-5, "noise_multiplier": 1.2, "round_noise_ratio": 4.0,
+    outlook = {"cases": 4, "epsilon": BUDGET, "delta": 1e-5, "noise_multiplier": 1.2, "noise_ratio": 4.0,
                "learnable": True}
     sites: dict[str, Any] = {site: {"status": "ok", "cases": 4, "dp": outlook} for site in SITES[:2]}
     sites[SITES[2]] = {"status": "refused", "reason": REFUSAL}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import RunConfig
+from shared.config import PRESETS, RunConfig
 from shared.errors import ConfigError
 from shared.plan import manual_plan
 
@@ -27,7 +27,7 @@ def test_from_mapping_overrides_and_keeps_defaults():
 
 
 @pytest.mark.parametrize(("key", "value"), [
-    ("num-rounds", 0),
+    ("num-rounds", -1),
     ("learning-rate", -0.1),
     ("spatial-dims", 4),
     ("num-classes", 1),
@@ -90,9 +90,18 @@ def test_flwr_run_and_the_harness_start_from_the_same_preset(tmp_path):
     listed = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
     deployed = RunConfig.from_mapping(listed)  # what `flwr run` and deploy.run_federation send
     harness = build_run_config(SimulationSpec(out=tmp_path), tmp_path, tmp_path / "sites.json", num_sites=3)
-    recipe = ("preset", "plan", "model", "optimizer", "learning-rate", "local-steps", "batch-size", "patch-size",
-              "target-spacing", "base-filters", "max-filters", "dp", "dp-noise-from-budget")
+    recipe = ("preset", "plan", "model", "optimizer", "learning-rate", "num-rounds", "local-steps", "batch-size",
+              "patch-size", "target-spacing", "base-filters", "max-filters", "dp", "dp-noise-from-budget")
     assert {k: harness.to_mapping()[k] for k in recipe} == {k: deployed.to_mapping()[k] for k in recipe}
+    assert (harness.num_rounds, harness.local_steps) == (PRESETS["default"]["num-rounds"],
+                                                         PRESETS["default"]["local-steps"])
+
+
+def test_the_preset_owns_the_number_of_rounds_unless_the_run_config_sets_it():
+    assert RunConfig.from_mapping({"preset": "small-unet"}).num_rounds == PRESETS["small-unet"]["num-rounds"]
+    assert RunConfig.from_mapping({"num-rounds": 3}).num_rounds == 3
+    with pytest.raises(ConfigError, match="'num-rounds': must be > 0, got -2"):
+        RunConfig.from_mapping({"num-rounds": -2})
 
 
 def test_a_preset_and_an_explicit_override_that_contradict_it_are_named_together():

@@ -12,7 +12,7 @@ from client.__main__ import main
 from client.egress import EgressBlocked, check_reply
 from client.fingerprint import site_fingerprint
 from client.site_data import load_training_cases, load_validation_cases
-from shared.dp_advice import LEARNABLE_ROUND_NOISE_RATIO, dp_advice
+from shared.dp_advice import LEARNABLE_NOISE_RATIO, dp_advice
 from shared.fingerprint import FINGERPRINT, FINGERPRINT_MESSAGE_TYPE, Fingerprint, fingerprint_key_allowed
 from tests.conftest import tiny_plan
 from tests.data_cases import ct_volume, write_datalist, write_nifti_case
@@ -88,7 +88,7 @@ def test_dp_advice_warns_a_small_site_with_a_large_network_and_not_a_large_site(
                       weights=2_000_000)
     large = dp_advice(cases=2000, batch_size=256, steps_per_round=50, rounds=5, epsilon=8.0, delta=1e-5,
                       weights=12_000)
-    assert small.sample_rate == 1.0 and small.round_noise_ratio > LEARNABLE_ROUND_NOISE_RATIO
+    assert small.sample_rate == 1.0 and small.noise_ratio > LEARNABLE_NOISE_RATIO
     assert large.learnable and large.warning("big") is None
     warning = small.warning("clinic")
     assert "clinic" in warning and "'max-epsilon'" in warning and "'require-dp'" in warning
@@ -116,3 +116,12 @@ def test_the_plan_notes_thick_coronal_sites_and_isotropic_volumes(tmp_path):
     assert any("coronal (A-P) slices: 3" in n and "strips" in n for n in notes)
     isotropic = plan_notes(RunConfig(), {"axial": fingerprints["axial"]})
     assert any("spatial-dims = 3" in n for n in isotropic)
+
+
+def test_dp_outlook_depends_on_the_runs_steps_not_on_how_they_are_split_into_rounds():
+    long_rounds = dp_advice(cases=100, batch_size=32, steps_per_round=250, rounds=5, epsilon=8.0, delta=1e-5,
+                            weights=500_000)
+    short_rounds = dp_advice(cases=100, batch_size=32, steps_per_round=50, rounds=25, epsilon=8.0, delta=1e-5,
+                             weights=500_000)
+    assert short_rounds.noise_multiplier == pytest.approx(long_rounds.noise_multiplier)
+    assert short_rounds.noise_ratio == pytest.approx(long_rounds.noise_ratio)

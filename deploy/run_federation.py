@@ -24,6 +24,7 @@ import os
 import secrets
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,7 @@ class DeploymentSpec:
     insecure: bool = False
     min_cases: int = 4
     max_cases: int = 6
-    timeout_s: float = 1800.0
+    timeout_s: float = 0.0  # 0: as long as the run's phases may take (RunConfig.run_timeout_s)
 
     def __post_init__(self) -> None:
         if self.sites < 1 or self.rounds < 0:
@@ -166,7 +167,8 @@ def _flwr_run(link: LocalSuperLink, run_config: Path, spec: DeploymentSpec, say:
             say(line)
 
     try:
-        code = run_streaming(command, env=link.env, log_path=log_path, on_line=on_line, timeout_s=spec.timeout_s,
+        timeout_s = spec.timeout_s or RunConfig.from_mapping(tomllib.loads(run_config.read_text())).run_timeout_s()
+        code = run_streaming(command, env=link.env, log_path=log_path, on_line=on_line, timeout_s=timeout_s,
                              cwd=link.work_dir)
     except TimeoutError as exc:
         raise DeploymentError(f"the run: {exc}") from None

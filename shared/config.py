@@ -213,6 +213,13 @@ class RunConfig:
         """True if ``field_name`` has a value (from the run config or the preset), not "unset"."""
         return getattr(self, field_name) != _DEFAULTS[field_name]
 
+    def run_timeout_s(self) -> float:
+        """The longest a run may take when the fingerprint phase and each round's training and
+        evaluation all use their whole ``round-timeout``. A hung site is already cut off by
+        ``round-timeout``: a whole-run limit only catches a run that stopped making progress and
+        must not stop a slow one (25 rounds on CPU take hours)."""
+        return (2 * self.num_rounds + 1) * self.round_timeout
+
     def ct_window_range(self) -> tuple[float, float]:
         """The CT intensity window (HU) as (low, high) that a manual plan clips CT channels to."""
         try:

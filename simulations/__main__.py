@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus-per-client", type=float, default=SPEC.gpus_per_client,
                         help="GPU share per virtual hospital, e.g. 0.25 (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=SPEC.timeout_s,
-                        help="give up after this many seconds (default: %(default)s)")
+                        help="give up after this many seconds (default: 0, as long as every phase may take: "
+                             "(2 x num-rounds + 1) x round-timeout)")
     faults = parser.add_argument_group(
         "fault injection", "make simulated hospitals misbehave (N sites drawn with --fault-seed, or site ids "
                            "such as hospital-02,hospital-03)")

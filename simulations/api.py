@@ -63,7 +63,7 @@ class SimulationSpec:
     max_cases: int | None = None
     cpus_per_client: float = 1.0
     gpus_per_client: float = 0.0
-    timeout_s: float = 3600.0
+    timeout_s: float = 0.0  # 0: as long as the run's phases may take (RunConfig.run_timeout_s)
     run_config: dict[str, Any] = field(default_factory=dict)
     datalists: tuple[Path, ...] = ()
     partition: str = "natural"
@@ -108,8 +108,8 @@ class SimulationSpec:
             raise ConfigError(f"'--cpus-per-client' must be > 0, got {self.cpus_per_client!r}")
         if not self.gpus_per_client >= 0:
             raise ConfigError(f"'--gpus-per-client' must be >= 0, got {self.gpus_per_client!r}")
-        if not self.timeout_s > 0:
-            raise ConfigError(f"'--timeout' must be > 0 seconds, got {self.timeout_s!r}")
+        if not self.timeout_s >= 0:
+            raise ConfigError(f"'--timeout' must be > 0 seconds (or 0: from the rounds), got {self.timeout_s!r}")
         if self.ray_address:
             try:
                 ray_address_parts(self.ray_address)
@@ -247,7 +247,8 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True,
     started = time.monotonic()
     with simulation_superlink(run_dir, ray_address=spec.ray_address, stock_engine=spec.stock_engine) as env:
         run_app(APP_DIR, env, run_config=run_config_path, resources=resources, log_path=run_dir / "flower.log",
-                on_line=lambda line: say(line) if PROGRESS_PREFIX in line else None, timeout_s=spec.timeout_s)
+                on_line=lambda line: say(line) if PROGRESS_PREFIX in line else None,
+                timeout_s=spec.timeout_s or config.run_timeout_s())
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         causes = "".join(f"\n  {cause}" for cause in logged_exceptions(run_dir / "flower.log"))

@@ -148,7 +148,7 @@ def test_the_spec_refuses_bad_partition_options_so_no_run_folder_is_made():
 
 
 @pytest.mark.parametrize("field, value", [("gpus_per_client", -0.5), ("cpus_per_client", float("nan")),
-                                          ("timeout_s", 0.0)])
+                                          ("timeout_s", -1.0)])
 def test_bad_resource_and_timeout_values_are_named(field, value):
     option = {"gpus_per_client": "--gpus-per-client", "cpus_per_client": "--cpus-per-client",
               "timeout_s": "--timeout"}[field]

@@ -22,8 +22,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-#: The threshold used to be 10 per round, on runs of 5 rounds; over such a run that is 10 / sqrt(5).
-#: Uncalibrated beyond that: it separates a dozen cases from a few hundred (README, the DP outlook).
+#: 10 per 250-step round on a 5-round run, i.e. 10 / sqrt(5) over the run. Uncalibrated beyond that:
+#: it separates a dozen cases from a few hundred (README, the DP outlook).
 LEARNABLE_NOISE_RATIO = 10.0 / math.sqrt(5)
 
 

@@ -22,6 +22,13 @@ def write_section(key: str, title: str, body: str, *, path: Path = BENCHMARKS_MD
     atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
+def publish(key: str, title: str, body: str, *, write: bool) -> None:
+    """Print a benchmark's section and, with ``write``, put it into BENCHMARKS.md."""
+    print(body)
+    if write:
+        write_section(key, title, body)
+
+
 def load_average(*, sep: str = ", ", digits: int = 1) -> str:
     """This machine's 1, 5 and 15 minute load averages, e.g. ``"0.3, 1.3, 3.1"``."""
     return sep.join(f"{value:.{digits}f}" for value in os.getloadavg())

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import load_average, write_section
+from benchmarks.report import load_average, publish
 from simulations.api import SimulationSpec, run_simulation
 
 TINY = {"model": "unet", "channels": "4,8", "strides": "2", "num-res-units": 0, "patch-size": 32,
@@ -87,9 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             f"every site in every round, overlap-evaluation off in both; round seconds are the median of the "
             f"rounds after the first. Load average at the start / end: {load} / {load_average()}.\n\n"
             f"{table(results)}\n")
-    print(body)
-    if not args.no_write:
-        write_section("secagg-overhead", "Secure aggregation: round time and bytes per site (issue 22)", body)
+    publish("secagg-overhead", "Secure aggregation: round time and bytes per site (issue 22)", body,
+            write=not args.no_write)
     return 0
 
 

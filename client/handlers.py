@@ -199,7 +199,7 @@ def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig, 
     load_arrays(model, msg.content["arrays"])
     device = resolve_device(config.device)
     proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))
-    if config.dp:
+    if config.patient_dp:
         metrics = train_private(model, cases, augment, config=config, plan=plan, site=site, device=device,
                                 run_id=int(context.run_id), server_round=server_round)
     else:
@@ -254,7 +254,7 @@ def _fingerprint(msg: Message, context: Context, config: RunConfig, site: SiteCo
     from client.privacy_ledger import PrivacyLedger
 
     left = None
-    if config.dp:
+    if config.patient_dp:
         left = max(0.0, site.max_epsilon - PrivacyLedger(site.state_dir, delta=site.dp_delta).epsilon())
     fingerprint = site_fingerprint(site.datalist, num_classes=config.num_classes, seed=config.seed,
                                    dp_epsilon_left=left, dp_delta=site.dp_delta, dp_required=site.require_dp)

@@ -19,10 +19,11 @@ class PrivacyPolicyError(FedSegError):
 
 def check_dp_policy(config: RunConfig, site: SiteConfig) -> None:
     """Refuse a run without DP at a site whose policy (node config ``require-dp``) requires it."""
-    if site.require_dp and not config.dp:
+    if site.require_dp and not config.patient_dp:
         raise PrivacyPolicyError(
-            "this site requires differential privacy (node config 'require-dp') and the run is "
-            "configured without it (run config 'dp' = false); not training")
+            "this site requires differential privacy for its patients (node config 'require-dp') and the run "
+            f"trains without DP-SGD (run config 'dp' = {str(config.dp).lower()}, 'dp-level' = "
+            f"{config.dp_level!r}); not training")
 
 
 def train_private(model: Any, cases: list, augment: Any, *, config: RunConfig, plan: Plan, site: SiteConfig,

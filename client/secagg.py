@@ -146,12 +146,11 @@ def check_update(trained: dict[str, np.ndarray], received: dict[str, np.ndarray]
         raise SecureAggregationError(f"the trained model holds NaN or Inf (first in '{bad}'); "
                                      "the update is not sent")
     checks = SiteChecks(update_norm=math.sqrt(squared))
-    bound = config.secagg_update_norm_bound
+    key, bound = update_bound(config)
     if bound > 0 and checks.update_norm > bound:
         checks.update_scale = bound / checks.update_norm
         delta = [d * checks.update_scale for d in delta]
-        checks.notes.append(f"update norm {checks.update_norm:.4g} scaled down to secagg-update-norm-bound "
-                            f"{bound:g}")
+        checks.notes.append(f"update norm {checks.update_norm:.4g} scaled down to {key} {bound:g}")
     ratio = num_examples / config.secagg_max_weight  # Flower's mod weighs the change by this before quantising
     limit = config.secagg_clipping_range
     checks.clipped_coordinates = int(sum(np.count_nonzero(np.abs(d * ratio) > limit) for d in delta))
@@ -159,6 +158,23 @@ def check_update(trained: dict[str, np.ndarray], received: dict[str, np.ndarray]
         checks.notes.append(f"{checks.clipped_coordinates} coordinate(s) of the weighted change clipped to "
                             f"secagg-clipping-range {limit:g}")
     return delta, checks
+
+
+def update_bound(config: RunConfig) -> tuple[str, float]:
+    """(run config key, L2 bound) a site scales its change down to before masking (0: none).
+
+    Hospital-level DP's clipping norm is the sensitivity its noise is sized for,
+    so it applies whenever it is the tighter bound.
+    """
+    bound = ("secagg-update-norm-bound", config.secagg_update_norm_bound)
+    if config.site_dp and (bound[1] <= 0 or config.dp_site_clipping_norm < bound[1]):
+        return "dp-site-clipping-norm", config.dp_site_clipping_norm
+    return bound
+
+
+def secure_weight(config: RunConfig, num_examples: float) -> float:
+    """A site's weight in the secure sum: 1 under hospital-level DP (sites weigh equally), else its examples."""
+    return 1.0 if config.site_dp else num_examples
 
 
 def run_secure_stage(msg: Message, context: Context, *, step: SecureStep, config: RunConfig, site: SiteConfig,
@@ -185,13 +201,13 @@ def run_secure_stage(msg: Message, context: Context, *, step: SecureStep, config
             content = train()
             metrics.update(content["metrics"])
             trained = {name: array.numpy() for name, array in content["arrays"].items()}
-            delta, found = check_update(trained, reference(), config=config,
-                                        num_examples=float(metrics["num-examples"]))
+            weight = secure_weight(config, float(metrics["num-examples"]))
+            delta, found = check_update(trained, reference(), config=config, num_examples=weight)
         except Exception as exc:  # noqa: BLE001 - handed on unchanged, not mistaken for a protocol error
             raise _SiteWorkFailed(exc) from exc
         step.checks = found
         fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters(delta),
-                        num_examples=int(metrics["num-examples"]), metrics={})
+                        num_examples=int(weight), metrics={})
         return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=inner_msg)
 
     try:

@@ -156,7 +156,7 @@ def derive_plan(config: RunConfig, fingerprints: Mapping[str, Fingerprint]) -> t
     )
 
     plan, pooled = derive_sized_plan(config, fingerprints)
-    if not config.dp or not width_is_the_presets(config):
+    if not config.patient_dp or not width_is_the_presets(config):
         return plan, pooled
     for narrower in narrower_widths(config):
         if learnable_case_share(config, plan, fingerprints) >= LEARNABLE_CASE_SHARE:
@@ -177,20 +177,20 @@ def derive_sized_plan(config: RunConfig, fingerprints: Mapping[str, Fingerprint]
     median_shape = tuple(e / s for e, s in zip(pooled.median_extent[:dims], spacing))
     voxels = pooled.cases * float(np.prod(median_shape))
     normalization = tuple(channel_norm(stats, ct=bool(ct)) for stats, ct in zip(pooled.intensity, _ct_flags(fingerprints)))
-    max_batch = None if config.dp else int(voxels * MAX_DATASET_FRACTION_PER_STEP)
+    max_batch = None if config.patient_dp else int(voxels * MAX_DATASET_FRACTION_PER_STEP)
     patch = config.patch_size_tuple()
     if patch is not None:
         return planned(config, spacing=spacing, patch=patch, normalization=normalization, source="auto",
                        max_batch=max_batch), pooled
     patch = pool_and_conv_props(spacing, initial_patch(spacing, median_shape)).patch_size
-    batch, smallest = smallest_batch(config, fingerprints), MIN_DP_PATCH if config.dp else 8
+    batch, smallest = smallest_batch(config, fingerprints), MIN_DP_PATCH if config.patient_dp else 8
     budget = config.memory_budget_mb * 2**20
     while True:
         plan = planned(config, spacing=spacing, patch=patch, normalization=normalization, source="auto",
                        max_batch=max_batch, batch_size=config.batch_size or MIN_BATCH)
         if config.batch_size:
             break
-        per_example = bytes_per_example(plan, per_sample_grads=config.dp)
+        per_example = bytes_per_example(plan, per_sample_grads=config.patient_dp)
         if batch * per_example <= budget or max(patch) <= smallest:
             break
         # memory grows about linearly with the patch's voxels: shrink (cheaply) until the estimate fits,
@@ -206,7 +206,7 @@ def smallest_batch(config: RunConfig, fingerprints: Mapping[str, Fingerprint]) -
     """The batch a patch must leave room for: nnU-Net's 2; under DP, as many cases as the median site
     has, up to :data:`DP_BATCH` (DP-SGD's noise is divided by the batch: a large one matters more than
     a large patch)."""
-    if not config.dp:
+    if not config.patient_dp:
         return MIN_BATCH
     return max(MIN_BATCH, min(DP_BATCH, int(np.median([f.cases for f in fingerprints.values()]))))
 

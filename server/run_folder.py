@@ -4,7 +4,10 @@
 site id; with DP it includes the site's cumulative ``epsilon`` and this round's
 ``epsilon-round``) plus one per round with ``site = "global"`` (the weighted
 aggregate and ``max-epsilon``, the largest cumulative epsilon of any site).
-``summary.json`` has every site's final epsilon under ``epsilon``.
+With hospital-level DP (run config ``dp-level``) the global row also has
+``site-epsilon`` (cumulative, at ``site-dp-delta``), ``site-dp-noise-std`` and
+``site-dp-sampled``. ``summary.json`` has every site's final epsilon under
+``epsilon`` and hospital-level DP's under ``site_dp``.
 A site that refused or failed a phase has ``status`` and ``reason`` instead of
 numbers for it. A site whose update was scaled down to the round's norm bound
 keeps ``train-status`` "ok" and has ``update-bound``, ``update-scale`` and
@@ -63,6 +66,8 @@ class RunRecorder:
         self.rounds: dict[int, dict[str, dict[str, Any]]] = defaultdict(lambda: defaultdict(dict))
         self.global_rows: list[dict[str, Any]] = []
         self.written_rows: list[dict[str, Any]] = []
+        #: Server-side figures of a round for its global row (e.g. hospital-level DP's epsilon).
+        self.round_notes: dict[int, dict[str, Any]] = {}
         self.started = time.time()
         self.round_started = time.monotonic()
 
@@ -105,6 +110,10 @@ class RunRecorder:
                 merged.update(sites.get(site, {}))
                 sites[site] = merged
 
+    def note_round(self, server_round: int, values: dict[str, Any]) -> None:
+        """Add server-side figures to round ``server_round``'s global row."""
+        self.round_notes.setdefault(server_round, {}).update(values)
+
     def end_round(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
         """Write the round's metrics lines and the current global model; return the global row."""
         import torch  # noqa: F401  (ArrayRecord.to_torch_state_dict needs torch imported)
@@ -113,7 +122,7 @@ class RunRecorder:
         state_dict = dict(arrays.to_torch_state_dict())
         now = time.monotonic()
         row = {"round": server_round, "site": "global", **aggregate_sites(sites),
-               "weights-sha256": weights_digest(state_dict), "round-seconds": round(now - self.round_started, 3),
+               **self.round_notes.pop(server_round, {}), "weights-sha256": weights_digest(state_dict), "round-seconds": round(now - self.round_started, 3),
                "ended-at": round(time.time(), 3)}
         self.round_started = now
         self._append([{"round": server_round, "site": site, **sites[site]} for site in sorted(sites)] + [row])
@@ -143,6 +152,7 @@ class RunRecorder:
             "final_loss": last.get("loss"),
             "per_site": per_site_final,
             "epsilon": final_epsilons(self.rounds, sites),
+            "site_dp": site_dp_summary(self.global_rows),
             "seconds": round(time.time() - self.started, 1),
             "model": self.model_path.name,
             "run_config": self.config.to_mapping(),
@@ -166,6 +176,15 @@ def final_epsilons(rounds: dict[int, dict[str, dict[str, Any]]], sites: list[str
                 final[site] = {"epsilon": _json_float(row["epsilon"]), "delta": row.get("dp-delta"),
                                "round": server_round}
     return final
+
+
+def site_dp_summary(global_rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Hospital-level DP at the end of the run: epsilon over every released round, at its delta (None: off)."""
+    released = [row for row in global_rows if "site-epsilon" in row]
+    if not released:
+        return None
+    last = released[-1]
+    return {"epsilon": last["site-epsilon"], "delta": last["site-dp-delta"], "rounds": len(released)}
 
 
 def aggregate_sites(sites: dict[str, dict[str, Any]]) -> dict[str, Any]:

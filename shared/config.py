@@ -84,6 +84,16 @@ class RunConfig:
     ``dp-noise-multiplier`` (> 0). A site's budget, delta and whether it
     requires DP are node config (``client.site``), which no run config key can change.
 
+    ``dp-level`` says whom DP protects: ``patient`` (DP-SGD at every site, the
+    keys above), ``site`` (a whole hospital: DP-FedAvg, :mod:`server.site_dp`:
+    each site's change to the model is clipped to ``dp-site-clipping-norm``, the
+    sites weigh equally, and Gaussian noise of ``dp-site-noise-multiplier`` x
+    the clipping norm is added to their sum, with Flower's accountant reporting
+    the epsilon at ``dp-site-delta`` every round) or ``patient+site`` (both).
+    ``dp = false`` turns every level off. The clipping norm has no safe default
+    (it must sit near the sites' update norms, which ``update-norm`` in a run's
+    ``metrics.jsonl`` shows): a site-level run without it is refused.
+
     ``overlap-evaluation`` (true) sends round r's evaluation together with round
     r+1's training (:func:`server.rounds.run_rounds`): the same work and results,
     one wait for the slowest site per round instead of two, but round r's
@@ -170,6 +180,10 @@ class RunConfig:
     dp_target_epsilon: float = 0.0
     dp_noise_from_budget: bool = True
     dp_grad_sample_mode: str = "auto"
+    dp_level: str = "patient"
+    dp_site_noise_multiplier: float = 1.0
+    dp_site_clipping_norm: float = 0.0
+    dp_site_delta: float = 1e-5
     secure_aggregation: bool = False
     secagg_threshold: int = 2
     secagg_clipping_range: float = 8.0
@@ -212,6 +226,16 @@ class RunConfig:
     def is_set(self, field_name: str) -> bool:
         """True if ``field_name`` has a value (from the run config or the preset), not "unset"."""
         return getattr(self, field_name) != _DEFAULTS[field_name]
+
+    @property
+    def patient_dp(self) -> bool:
+        """True when every site trains with DP-SGD (``dp`` on, ``dp-level`` patient or patient+site)."""
+        return self.dp and "patient" in self.dp_level
+
+    @property
+    def site_dp(self) -> bool:
+        """True when the aggregate gets hospital-level DP (``dp`` on, ``dp-level`` site or patient+site)."""
+        return self.dp and "site" in self.dp_level
 
     def run_timeout_s(self) -> float:
         """The longest a run may take when the fingerprint phase and each round's training and

@@ -14,6 +14,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # Opacus per-sample gradient modes fedseg allows; "auto" picks the fastest measured one per model.
 # "ghost" is excluded on purpose: it needs a per-sample loss and clips wrongly with MONAI's DiceCELoss.
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch")
+DP_LEVELS = ("patient", "site", "patient+site")
 OPTIMIZERS = ("adam", "sgd")
 SLICINGS = ("lowest-resolution", "axial")
 PLAN_MODES = ("auto", "manual")
@@ -151,11 +152,12 @@ def check_privacy(config: RunConfig) -> None:
     sources = [key for key, on in (("dp-noise-from-budget", config.dp_noise_from_budget),
                                    ("dp-target-epsilon", config.dp_target_epsilon > 0),
                                    ("dp-noise-multiplier", config.dp_noise_multiplier > 0)) if on]
-    require_together(not config.dp or len(sources) == 1, ("dp-noise-from-budget", "dp-target-epsilon",
+    require_together(not config.patient_dp or len(sources) == 1, ("dp-noise-from-budget", "dp-target-epsilon",
                                                         "dp-noise-multiplier"),
                      f"exactly one must name the DP noise's source, got {sources or 'none'} (set "
                      f"dp-noise-from-budget = false to use another)")
-    require_together(not (config.dp and config.strategy == "fedprox"), ("dp", "strategy"),
+    check_site_privacy(config)
+    require_together(not (config.patient_dp and config.strategy == "fedprox"), ("dp", "strategy"),
                      "FedProx cannot be combined with DP: Opacus clips and noises per-sample gradients only, "
                      "so the proximal term would be dropped")
     _require(config.dp_grad_sample_mode in GRAD_SAMPLE_MODES, "dp_grad_sample_mode",
@@ -164,6 +166,23 @@ def check_privacy(config: RunConfig) -> None:
 
 #: Strategies whose aggregate is not a weighted mean: they need every update in the clear.
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg")
+
+
+def check_site_privacy(config: RunConfig) -> None:
+    _require(config.dp_level in DP_LEVELS, "dp_level", f"must be one of {DP_LEVELS}", config.dp_level)
+    _require(config.dp_site_noise_multiplier > 0, "dp_site_noise_multiplier", "must be > 0",
+             config.dp_site_noise_multiplier)
+    _require(0 < config.dp_site_delta < 1, "dp_site_delta", "must be in (0, 1)", config.dp_site_delta)
+    _require(config.dp_site_clipping_norm >= 0, "dp_site_clipping_norm", "must be >= 0",
+             config.dp_site_clipping_norm)
+    if not config.site_dp:
+        return
+    _require(config.dp_site_clipping_norm > 0, "dp_site_clipping_norm",
+             "must be > 0 with dp-level site or patient+site: set it near the sites' update norms "
+             "('update-norm' in a run's metrics.jsonl)", config.dp_site_clipping_norm)
+    require_together(config.strategy not in ROBUST_STRATEGIES, ("dp-level", "strategy"),
+                     f"hospital-level DP adds noise to the sum of clipped updates: strategy {config.strategy!r} "
+                     "is no sum; use fedavg, fedprox, fedadam or fedyogi")
 
 
 def check_secure_aggregation(config: RunConfig) -> None:

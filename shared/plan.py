@@ -196,7 +196,7 @@ def planned(config: RunConfig, *, spacing: Sequence[float], patch: Sequence[int]
                 else default_deep_supervision(config.model, levels=len(channels)), backbone=backbone_of(config))
     if batch_size is None:
         batch_size = config.batch_size or batch_for_memory(plan, budget_mb=config.memory_budget_mb,
-                                                           per_sample_grads=config.dp, maximum=max_batch)
+                                                           per_sample_grads=config.patient_dp, maximum=max_batch)
     return dataclasses.replace(plan, batch_size=batch_size)
 
 

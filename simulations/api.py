@@ -272,9 +272,10 @@ def run_simulation(spec: SimulationSpec, *, echo: bool = True,
 def site_privacy(spec: SimulationSpec) -> dict[str, Any]:
     """The privacy policy every virtual hospital gets (node config, not run config).
 
-    Simulated sites require DP only when the run uses it, so ``--no-dp`` baselines run.
+    Simulated sites require (patient-level) DP only when the run trains with DP-SGD, so ``--no-dp``
+    baselines and hospital-level-only runs (``dp-level = "site"``) run.
     """
-    dp = bool(spec.run_config.get("dp", True))
+    dp = bool(spec.run_config.get("dp", True)) and "patient" in str(spec.run_config.get("dp-level", "patient"))
     return {"max-epsilon": spec.max_epsilon, "dp-delta": spec.dp_delta, "require-dp": dp}
 
 

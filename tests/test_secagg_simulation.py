@@ -38,3 +38,34 @@ def test_three_sites_two_secure_rounds_through_flower(tmp_path):
         assert [(e["round"], e["secagg-stage"]) for e in train] == [(r, s) for r in (1, 2) for s in STAGES]
         assert all(e["array-bytes"] == 0 and not e["blocked"] and not e["refused"] for e in train)
         assert all(e["site-checks"]["update-norm"] > 0 for e in train if e["secagg-stage"] == STAGES[2])
+
+
+@pytest.mark.integration
+def test_hospital_level_dp_over_the_secure_sum(tmp_path):
+    """dp-level = site with secure aggregation: sites clip before masking, the server noises the sum and
+    accounts one release per round; no DP-SGD runs at the sites (no privacy ledger is charged)."""
+    from opacus.accountants import RDPAccountant
+
+    run_config = {**TINY_RUN_CONFIG, "num-rounds": 2, "secure-aggregation": True, "dp": True, "dp-level": "site",
+                  "dp-site-clipping-norm": 0.05, "dp-site-noise-multiplier": 2.0}
+    spec = SimulationSpec(sites=3, rounds=2, seed=1, out=tmp_path / "runs", min_cases=3, max_cases=4,
+                          timeout_s=600, run_config=run_config)
+    summary = run_simulation(spec, echo=False)
+
+    run_dir = (tmp_path / "runs" / "latest").resolve()
+    independent = RDPAccountant()
+    independent.history = [(2.0, 1.0, 2)]
+    assert summary["site_dp"]["rounds"] == 2
+    assert summary["site_dp"]["epsilon"] == pytest.approx(independent.get_epsilon(1e-5), rel=0.02)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    global_rows = [r for r in rows if r["site"] == "global"]
+    assert [r["site-dp-sampled"] for r in global_rows] == [3, 3]
+    assert global_rows[0]["site-dp-noise-std"] == pytest.approx(2.0 * 0.05 / 3)
+    assert all(r.get("epsilon") is None for r in rows if r["site"] != "global")  # no patient-level DP-SGD
+    checkpoint = load_checkpoint(run_dir / "checkpoint.ckpt")
+    assert int(checkpoint.strategy_state["site-dp"]["releases"].numpy()[0]) == 2
+    for site in summary["sites"]:
+        audit = [json.loads(line) for line in (run_dir / "state" / site / "egress-audit.jsonl").open()]
+        masked = [e for e in audit if e.get("secagg-stage") == STAGES[2]]
+        assert len(masked) == 2 and all("dp-site-clipping-norm" in " ".join(e["site-checks"].get("notes", []))
+                                        or e["site-checks"]["update-norm"] <= 0.05 for e in masked)

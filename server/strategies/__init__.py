@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 def build_strategy(config: RunConfig, recorder: RunRecorder) -> SiteTracking:
     """The strategy named by run config ``strategy``, configured from the run config."""
     from server.norm_bounds import NormRule
+    from server.site_dp import SiteDP, SiteDPSettings
     from server.strategies.fedadam import FedSegFedAdam
     from server.strategies.fedavg import FedSegFedAvg
     from server.strategies.fedmedian import FedSegFedMedian
@@ -32,6 +33,9 @@ def build_strategy(config: RunConfig, recorder: RunRecorder) -> SiteTracking:
         "min_train_nodes": config.min_train_nodes, "min_evaluate_nodes": config.min_train_nodes,
         "min_available_nodes": config.min_available_nodes,
     }
+    site_dp = SiteDPSettings.from_config(config)
+    if site_dp is not None:
+        common["site_dp"] = SiteDP(site_dp)
     server_optimiser = {"eta": config.server_learning_rate, "eta_l": config.learning_rate, "tau": config.server_tau}
     builders = {
         "fedavg": lambda: FedSegFedAvg(**common),

@@ -20,7 +20,7 @@ class ServerOptimiserState:
 
     def strategy_state(self) -> dict[str, dict[str, np.ndarray]]:
         """The first and second moment estimates (empty before the first aggregation)."""
-        state: dict[str, Any] = {}
+        state: dict[str, Any] = super().strategy_state()  # type: ignore[misc]
         for name in MOMENTS:
             moments = getattr(self, name)
             if moments:
@@ -29,6 +29,7 @@ class ServerOptimiserState:
 
     def load_strategy_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
         """Restore the moments saved by :meth:`strategy_state`."""
+        super().load_strategy_state(state)  # type: ignore[misc]
         for name in MOMENTS:
             moments = state.get(name)
             setattr(self, name, {k: np.asarray(v) for k, v in moments.items()} if moments else None)

@@ -21,6 +21,7 @@ sampling and the aggregation; the mixin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import Iterable
@@ -42,8 +43,10 @@ if TYPE_CHECKING:
 
     from server.run_folder import RunRecorder
     from server.secagg_round import SecureRoundResult
+    from server.site_dp import SiteDP
 
 LOG = logging.getLogger("fedseg.server")
+SITE_DP_STATE = "site-dp"
 
 
 class SiteTracking:
@@ -59,6 +62,8 @@ class SiteTracking:
         Fewer accepted updates than this keep the global model unchanged for the round.
     norm_rule : NormRule
         How large updates are bounded or rejected (default: :class:`NormRule`'s defaults).
+    site_dp : SiteDP, optional
+        Hospital-level DP (:mod:`server.site_dp`): clip, weigh sites equally, add noise, account.
     **kwargs
         Passed to the Flower strategy.
     """
@@ -70,8 +75,10 @@ class SiteTracking:
     post_processes_mean = False
 
     def __init__(self, *, recorder: RunRecorder, seed: int = 0, min_train_replies: int = 1,
-                 norm_rule: NormRule | None = None, **kwargs: Any) -> None:
+                 norm_rule: NormRule | None = None, site_dp: SiteDP | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.site_dp = site_dp
+        self._sampled = 0
         self.recorder = recorder
         self.seed = seed
         self.min_train_replies = min_train_replies
@@ -83,11 +90,13 @@ class SiteTracking:
 
     # --- strategy state for checkpoints -------------------------------------------------
     def strategy_state(self) -> dict[str, dict[str, np.ndarray]]:
-        """State beyond the global weights that a resumed run needs (none for FedAvg)."""
-        return {}
+        """State beyond the global weights that a resumed run needs (FedAvg: hospital-level DP's releases)."""
+        return {SITE_DP_STATE: self.site_dp.state()} if self.site_dp is not None else {}
 
     def load_strategy_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
         """Restore what :meth:`strategy_state` returned."""
+        if self.site_dp is not None and SITE_DP_STATE in state:
+            self.site_dp.load_state(state[SITE_DP_STATE])
 
     # --- sampling -----------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -95,7 +104,9 @@ class SiteTracking:
         """Flower's sampling, made reproducible; remember the model sent for the update checks."""
         self.expect_updates_of(arrays)
         with _seeded_sampling(self.seed, server_round, "train"):
-            return list(super().configure_train(server_round, arrays, config, _SortedNodes(grid)))
+            messages = list(super().configure_train(server_round, arrays, config, _SortedNodes(grid)))
+        self._sampled = len(messages)
+        return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -133,6 +144,10 @@ class SiteTracking:
                 LOG.warning("round %d: %d accepted update(s), fewer than min-train-replies=%d; "
                             "the global model is kept", server_round, len(closed.accepted), self.min_train_replies)
                 return None, None
+            if self.site_dp is not None:
+                mean = self._site_dp_mean(server_round, closed)
+                return self._finish_mean(server_round, mean, self._mean_metrics(closed),
+                                         examples=sum(u.num_examples for u in closed.accepted))
             if self.mean_aggregation and not self.post_processes_mean:
                 return closed.spool.weighted_mean(closed.accepted), self._mean_metrics(closed)
             try:
@@ -158,16 +173,51 @@ class SiteTracking:
             LOG.warning("round %d: %d site(s) in the secure sum, fewer than min-train-replies=%d; "
                         "the global model is kept", server_round, len(result.contributors), self.min_train_replies)
             return None, None
-        assert self._reference is not None
-        mean = ArrayRecord({name: Array((ref.astype(np.float64) + delta.reshape(ref.shape)).astype(ref.dtype))
-                            for (name, ref), delta in zip(self._reference.items(), result.mean_delta, strict=True)})
+        mean_delta = result.mean_delta
+        if self.site_dp is not None:  # the sites clipped and weighed 1 each: the mean times k is their sum
+            k = len(result.contributors)
+            mean_delta = self._release(server_round, [d * k for d in mean_delta], answered=k)
+        mean = self._model_plus(mean_delta)
         replies = [RecordDict({"metrics": MetricRecord(m)}) for m in result.outcomes.site_metrics.values()]
         metrics = self.train_metrics_aggr_fn(replies, self.weighted_by_key)
+        return self._finish_mean(server_round, mean, metrics, examples=sum(
+            m[self.weighted_by_key] for m in result.outcomes.site_metrics.values()))
+
+    def _finish_mean(self, server_round: int, mean: ArrayRecord, metrics: MetricRecord, *,
+                     examples: float) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The new global model from the round's mean: itself, or FedAdam/FedYogi's step along it."""
         if not self.post_processes_mean:
             return mean, metrics
-        metrics[self.weighted_by_key] = sum(m[self.weighted_by_key] for m in result.outcomes.site_metrics.values())
+        metrics[self.weighted_by_key] = examples
         arrays, metrics = super().aggregate_train(server_round, [_reply_like(mean, metrics)])
         return self._in_model_dtypes(arrays), metrics
+
+    def _site_dp_mean(self, server_round: int, closed: ClosedRound) -> ArrayRecord:
+        """Clip every accepted change to the site-level norm, sum them with equal weights, release the mean."""
+        assert self.site_dp is not None and self._reference is not None
+        bound = self.site_dp.settings.clipping_norm
+        for update in closed.accepted:
+            if update.norm > bound:
+                closed.spool.scale_to_bound(update, bound=bound)
+                self.recorder.rounds[server_round][update.site]["site-dp-scale"] = bound / update.norm
+        k = len(closed.accepted)
+        mean = closed.spool.weighted_mean([dataclasses.replace(u, num_examples=1.0) for u in closed.accepted])
+        total = [(mean[name].numpy().astype(np.float64) - ref) * k for name, ref in self._reference.items()]
+        return self._model_plus(self._release(server_round, total, answered=k))
+
+    def _release(self, server_round: int, total: list[np.ndarray], *, answered: int) -> list[np.ndarray]:
+        assert self.site_dp is not None
+        noisy = self.site_dp.release(total, sampled=max(self._sampled, answered))
+        self.recorder.note_round(server_round, {
+            "site-epsilon": self.site_dp.epsilon(), "site-dp-delta": self.site_dp.settings.delta,
+            "site-dp-noise-std": self.site_dp.last_noise_std, "site-dp-sampled": max(self._sampled, answered)})
+        return noisy
+
+    def _model_plus(self, delta: list[np.ndarray]) -> ArrayRecord:
+        """The global model sent this round plus ``delta`` (one array per tensor), in the model's dtypes."""
+        assert self._reference is not None
+        return ArrayRecord({name: Array((ref.astype(np.float64) + d.reshape(ref.shape)).astype(ref.dtype))
+                            for (name, ref), d in zip(self._reference.items(), delta, strict=True)})
 
     def _in_model_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
         """Cast back to the model's dtypes: Flower's FedAdam/FedYogi return float64 arrays,
@@ -220,7 +270,7 @@ class _SortedNodes:
         return getattr(self._grid, name)
 
 
-class _seeded_sampling:  # noqa: N801 - used as a context manager
+class _seeded_sampling:
     """Seed Python's ``random`` (Flower samples with it) from (seed, round, phase); restore after."""
 
     def __init__(self, seed: int, server_round: int, phase: str) -> None:

@@ -17,7 +17,7 @@ def write_section(key: str, title: str, body: str, *, path: Path = BENCHMARKS_MD
     """Replace (or append) the section delimited by ``<!-- key:begin -->`` / ``<!-- key:end -->``."""
     text = path.read_text() if path.exists() else HEADER
     section = f"<!-- {key}:begin -->\n## {title}\n\n{body.rstrip()}\n<!-- {key}:end -->"
-    pattern = re.compile(rf"<!-- {re.escape(key)}:begin -->.*?<!-- {re.escape(key)}:end -->", re.S)
+    pattern = re.compile(rf"<!-- {re.escape(key)}:begin -->.*?<!-- {re.escape(key)}:end -->", re.DOTALL)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     atomic_write(path, lambda handle: handle.write(text.encode()))
 

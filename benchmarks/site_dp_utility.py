@@ -3,7 +3,8 @@
 Run from the repo root: ``.venv/bin/python -m benchmarks.site_dp_utility --sites 10 --rounds 5``;
 it prints a table and writes it to its section of BENCHMARKS.md (``--no-write``: print only).
 On synthetic sites (the harness's discs, ``small-unet`` preset, no patient-level DP) it runs the
-same federation (same seed and sites) first without DP, then with hospital-level DP at each
+same federation (same seed and sites; 10 local steps of 32 slices per round, to keep it short)
+first without DP, then with hospital-level DP at each
 ``--noise`` multiplier. The clipping norm is the median ``update-norm`` of the plain run's
 site updates (the rule the README gives: near the sites' typical norm). Each run reports its
 final mean Dice over sites, the epsilon at delta 1e-5 after its rounds (Flower's accountant, from
@@ -26,7 +27,8 @@ from simulations.api import SimulationSpec, run_simulation
 
 def simulate(*, sites: int, rounds: int, out: Path, site_dp: dict[str, Any]) -> dict[str, Any]:
     """One federation; its final Dice, update norms and hospital-level DP figures."""
-    run_config = {"preset": "small-unet", "num-rounds": rounds, "dp": bool(site_dp), **site_dp}
+    run_config = {"preset": "small-unet", "num-rounds": rounds, "local-steps": 10, "batch-size": 32,
+                  "dp": bool(site_dp), **site_dp}
     spec = SimulationSpec(sites=sites, rounds=rounds, seed=2, out=out, min_cases=8, max_cases=12,
                           run_config=run_config)
     summary = run_simulation(spec, echo=False)
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     text = table(plain, noisy, clip=clip, sites=args.sites, rounds=args.rounds)
     command = (f".venv/bin/python -m benchmarks.site_dp_utility --sites {args.sites} --rounds {args.rounds} "
                f"--noise {' '.join(f'{z:g}' for z in args.noise)}")
-    body = (f"Synthetic data (the harness's discs), {args.sites} sites, {args.rounds} rounds, preset small-unet, "
+    body = (f"Synthetic data (the harness's discs), {args.sites} sites, {args.rounds} rounds of 10 steps of 32 "
+            "slices, preset small-unet, "
             f"no patient-level DP; load average at the start / end: {load} / {load_average()}. "
             f"Command: `{command}`.\n\n{text}")
     publish("site-dp-utility", "Hospital-level DP: utility against noise (issue 22)", body, write=not args.no_write)

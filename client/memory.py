@@ -20,11 +20,12 @@ import ctypes
 import ctypes.util
 import gc
 import os
+import sys
 from collections.abc import Callable, Iterator
 
 _LIBC_NAME = ctypes.util.find_library("c")
 TRIM_SLACK_BYTES = 64 * 2**20
-_STATE: dict[str, float] = {"frozen": False, "trimmed_rss": 0}
+_STATE: dict[str, float] = {"frozen_modules": 0, "trimmed_rss": 0}
 
 
 def resident_bytes() -> int:
@@ -40,14 +41,17 @@ def release_memory(*, rss: Callable[[], int] = resident_bytes, slack: int = TRIM
     """Collect garbage; return freed heap pages to the OS (glibc) if the process grew past ``slack``.
 
     A full collection over everything torch, MONAI and Flower keep alive costs
-    hundreds of milliseconds; after the first one those long-lived objects are
-    frozen (``gc.freeze``) so that later collections only walk what the last
-    message allocated (well under a millisecond). Returns True if the heap was trimmed.
+    hundreds of milliseconds; those long-lived objects are frozen (``gc.freeze``)
+    so that later collections only walk what the last message allocated (well
+    under a millisecond). They are frozen again whenever the message imported
+    modules: a process whose first message imports little (a secure-aggregation
+    key exchange) and whose next one imports torch would otherwise walk all of
+    torch and MONAI at every later message (~0.2 s each). Returns True if the heap was trimmed.
     """
     gc.collect()
-    if not _STATE["frozen"]:
+    if len(sys.modules) > _STATE["frozen_modules"]:
         gc.freeze()
-        _STATE["frozen"] = True
+        _STATE["frozen_modules"] = len(sys.modules)
     resident = rss()
     if resident and resident <= _STATE["trimmed_rss"] + slack:
         return False

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ctypes.util
+import gc
+import sys
+import types
 
 import pytest
 
@@ -11,7 +14,7 @@ from client import memory
 
 @pytest.fixture(autouse=True)
 def fresh_state(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(memory, "_STATE", {"frozen": True, "trimmed_rss": 0})
+    monkeypatch.setattr(memory, "_STATE", {"frozen_modules": 10**9, "trimmed_rss": 0})  # never freeze pytest
 
 
 def test_the_heap_is_trimmed_only_after_the_process_grew_past_the_slack() -> None:
@@ -46,3 +49,17 @@ def test_resident_bytes_reads_this_process() -> None:
     block = bytearray(80 * 2**20)
     block[::4096] = b"x" * len(block[::4096])  # touch every page
     assert memory.resident_bytes() > before + 60 * 2**20
+
+
+def test_what_a_message_imported_is_frozen_so_later_collections_skip_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(memory._STATE, "frozen_modules", len(sys.modules))
+    try:
+        before = gc.get_freeze_count()
+        memory.release_memory()
+        assert gc.get_freeze_count() == before  # nothing imported since the last freeze: nothing frozen
+        monkeypatch.setitem(sys.modules, "fedseg_imported_by_a_message", types.ModuleType("imported"))
+        memory.release_memory()
+        assert gc.get_freeze_count() > before
+        assert memory._STATE["frozen_modules"] == len(sys.modules)
+    finally:
+        gc.unfreeze()

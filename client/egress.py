@@ -68,8 +68,11 @@ class ArraySpec:
 
 
 @functools.lru_cache(maxsize=4)
-def expected_parameter_specs(model_config: ModelConfig) -> Mapping[str, ArraySpec]:
+def expected_parameter_specs(model_config: ModelConfig, *, local_norm: bool = False) -> Mapping[str, ArraySpec]:
     """Return ``{name: ArraySpec}`` (read-only) of the model's ``state_dict`` for ``model_config``.
+
+    With ``local_norm`` (run config ``local-norm``) the normalisation layers'
+    weights are left out: they stay at the site, so a reply carrying one is blocked.
 
     The model is built on torch's ``meta`` device: shapes and dtypes without
     allocating or initialising any weight. Building a MONAI U-Net costs a few
@@ -78,12 +81,14 @@ def expected_parameter_specs(model_config: ModelConfig) -> Mapping[str, ArraySpe
     """
     import torch
 
+    from shared.local_weights import norm_weight_names_of
     from shared.model import build_model
 
     with torch.device("meta"):
         model = build_model(model_config)
+    local = norm_weight_names_of(model) if local_norm else ()
     return MappingProxyType({name: ArraySpec(tuple(t.shape), str(t.dtype).removeprefix("torch."))
-                             for name, t in model.state_dict().items()})
+                             for name, t in model.state_dict().items() if name not in local})
 
 
 def metric_key_allowed(key: str) -> bool:

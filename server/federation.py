@@ -19,6 +19,7 @@ from server.run_folder import RunRecorder
 from server.secagg_sum import SecAggSettings
 from server.strategies import build_strategy
 from shared.config import RunConfig
+from shared.local_weights import local_weight_names
 from shared.plan import PLAN_KEY, Plan
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
         recorder.plan = establish_plan(grid, config, run_dir=run_dir, known_sites=strategy.known_sites,
                                        say=lambda line: print(line, flush=True))
     strategy.message_config[PLAN_KEY] = recorder.plan.to_json()
+    strategy.local_weights = local_weight_names(recorder.plan.model_config(), local_norm=config.local_norm)
     arrays, first_round = starting_point(config, strategy, recorder, checkpoint)
     progress = ProgressPrinter(config.num_rounds, first_round=first_round)
 

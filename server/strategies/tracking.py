@@ -16,7 +16,11 @@ sampling and the aggregation; the mixin
 - samples nodes reproducibly from (seed, round), so a resumed run asks the same
   nodes as the uninterrupted one would have (in a simulation, through the
   engine's partition order: virtual node ids change every run);
-- exposes the strategy's own state for checkpoints.
+- exposes the strategy's own state for checkpoints;
+- with run config ``local-norm``, leaves the sites' own weights
+  (:attr:`SiteTracking.local_weights`) out of every check and aggregate: an
+  update holds only the travelling weights, and the global model keeps the
+  starting values of the local ones.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from server.polling_grid import sampling_order
 from server.site_replies import sort_replies
 from server.train_collector import ClosedRound, TrainCollector
 from server.update_checks import reference_arrays
+from shared.local_weights import travelling
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
@@ -79,7 +84,10 @@ class SiteTracking:
         self.known_sites: dict[int, str] = {}
         #: What every train and evaluate message carries in its config record (the run's plan).
         self.message_config: dict[str, str] = {}
+        #: Weights that stay at the sites (run config ``local-norm``): never in an update, never averaged.
+        self.local_weights: frozenset[str] = frozenset()
         self._reference: dict[str, np.ndarray] | None = None
+        self._sent: ArrayRecord | None = None
 
     # --- strategy state for checkpoints -------------------------------------------------
     def strategy_state(self) -> dict[str, dict[str, np.ndarray]]:
@@ -95,7 +103,11 @@ class SiteTracking:
         """Flower's sampling, made reproducible; remember the model sent for the update checks."""
         self.expect_updates_of(arrays)
         with _seeded_sampling(self.seed, server_round, "train"):
-            return list(super().configure_train(server_round, arrays, config, _SortedNodes(grid)))
+            messages = list(super().configure_train(server_round, arrays, config, _SortedNodes(grid)))
+        if self.local_weights and getattr(self, "current_arrays", None) is not None:
+            # FedAdam/FedYogi take the server step on what was averaged: the travelling weights
+            self.current_arrays = travelling(self.current_arrays, self.local_weights)
+        return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -105,8 +117,9 @@ class SiteTracking:
 
     # --- training replies ---------------------------------------------------------------
     def expect_updates_of(self, arrays: ArrayRecord) -> None:
-        """Set the global model that this round's updates are checked against."""
-        self._reference = reference_arrays(arrays)
+        """Set the global model that this round's updates are checked against (its travelling weights)."""
+        self._sent = arrays
+        self._reference = travelling(reference_arrays(arrays), self.local_weights)
 
     def train_collector(self) -> TrainCollector:
         """A collector for this round's training replies (after :meth:`expect_updates_of`)."""
@@ -134,13 +147,13 @@ class SiteTracking:
                             "the global model is kept", server_round, len(closed.accepted), self.min_train_replies)
                 return None, None
             if self.mean_aggregation and not self.post_processes_mean:
-                return closed.spool.weighted_mean(closed.accepted), self._mean_metrics(closed)
+                return self._whole(closed.spool.weighted_mean(closed.accepted)), self._mean_metrics(closed)
             try:
                 arrays, metrics = super().aggregate_train(server_round, self._aggregation_input(closed))
             except (AggregationError, InconsistentMessageReplies) as exc:
                 LOG.error("round %d: aggregation failed (%s); the global model is kept", server_round, exc)
                 return None, None
-            return self._in_model_dtypes(arrays), metrics
+            return self._whole(self._in_model_dtypes(arrays)), metrics
         finally:
             closed.spool.close()
 
@@ -164,10 +177,18 @@ class SiteTracking:
         replies = [RecordDict({"metrics": MetricRecord(m)}) for m in result.outcomes.site_metrics.values()]
         metrics = self.train_metrics_aggr_fn(replies, self.weighted_by_key)
         if not self.post_processes_mean:
-            return mean, metrics
+            return self._whole(mean), metrics
         metrics[self.weighted_by_key] = sum(m[self.weighted_by_key] for m in result.outcomes.site_metrics.values())
         arrays, metrics = super().aggregate_train(server_round, [_reply_like(mean, metrics)])
-        return self._in_model_dtypes(arrays), metrics
+        return self._whole(self._in_model_dtypes(arrays)), metrics
+
+    def _whole(self, aggregated: ArrayRecord | None) -> ArrayRecord | None:
+        """The new global model: ``aggregated`` travelling weights, the local ones as sent (in model order)."""
+        if aggregated is None or not self.local_weights:
+            return aggregated
+        assert self._sent is not None
+        return ArrayRecord({name: aggregated.get(name, array)
+                            for name, array in self._sent.items()})
 
     def _in_model_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
         """Cast back to the model's dtypes: Flower's FedAdam/FedYogi return float64 arrays,

@@ -58,6 +58,8 @@ class RunRecorder:
         self.config = config
         #: The run's plan, set once it is known (before round 1).
         self.plan = plan
+        #: Where the run started (run config ``initial-model``: path, kind, sha256); None: a fresh model.
+        self.initial_model: dict[str, str] | None = None
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.model_path = self.run_dir / "global_model.pt"
         self.rounds: dict[int, dict[str, dict[str, Any]]] = defaultdict(lambda: defaultdict(dict))
@@ -122,7 +124,7 @@ class RunRecorder:
             raise RuntimeError("RunRecorder.plan must be set before a round ends")
         save_model_file(self.model_path, state_dict=state_dict, model_config=self.plan.model_config(),
                         extra={"round": server_round, "run_config": self.config.to_mapping(),
-                               "plan": self.plan.to_dict()})
+                               "plan": self.plan.to_dict(), "initial_model": self.initial_model})
         return row
 
     def finish(self) -> dict[str, Any]:
@@ -146,6 +148,7 @@ class RunRecorder:
             "seconds": round(time.time() - self.started, 1),
             "model": self.model_path.name,
             "run_config": self.config.to_mapping(),
+            "initial_model": self.initial_model,
         }
         atomic_write_json(self.run_dir / "summary.json", summary)
         return summary

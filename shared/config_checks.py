@@ -70,8 +70,6 @@ def check_transfer(config: RunConfig) -> None:
     """``initial-model``, its key map and ``evaluate-only`` must fit together (the files are read by the server)."""
     require_together(not config.evaluate_only or bool(config.initial_model), ("evaluate-only", "initial-model"),
                      "an evaluate-only run validates a given model: name it in initial-model")
-    require_together(not (config.initial_model and config.resume_from), ("initial-model", "resume-from"),
-                     "a resumed run starts from its checkpoint; initial-model would be ignored")
     require_together(not config.initial_model_key_map or bool(config.initial_model),
                      ("initial-model-key-map", "initial-model"), "a key map renames the initial model's weights")
 

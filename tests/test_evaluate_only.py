@@ -1,0 +1,50 @@
+"""Run config ``evaluate-only``: one model evaluated at every site, nothing trained, no privacy budget spent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from client.privacy_ledger import PrivacyLedger
+from server.federation import run_federation
+from shared.config import RunConfig
+from shared.errors import ConfigError
+from shared.model import build_model
+from shared.model_file import read_model_file, save_model_file
+from tests.conftest import TINY_RUN_CONFIG, tiny_plan
+from tests.local_federation import HandlerGrid, server_context
+
+
+def test_evaluate_only_trains_nothing_and_leaves_the_ledger_unchanged(two_sites, tmp_path, flower_identity):
+    torch.manual_seed(2)
+    model = build_model(tiny_plan().model_config())
+    save_model_file(tmp_path / "model.pt", state_dict=model.state_dict(), model_config=tiny_plan().model_config(),
+                    extra={"plan": tiny_plan().to_dict()})
+    run = dict(TINY_RUN_CONFIG, **{"evaluate-only": True, "initial-model": str(tmp_path / "model.pt"),
+                                   "dp": True, "run-dir": str(tmp_path / "run"), "class-names": "bg,lesion"})
+    grid = HandlerGrid(two_sites, tmp_path / "sites", run, **{"require-dp": True})
+    ledger = PrivacyLedger(tmp_path / "sites" / "site-0", delta=1e-5)  # spent in an earlier run
+    ledger.charge(run_id=1, server_round=1, noise_multiplier=2.0, sample_rate=0.5, steps=10, max_epsilon=8.0)
+    before = ledger.path.read_bytes()
+
+    run_federation(grid, server_context(run))
+
+    assert {kind for _, kind in grid.received} == {"evaluate"} and len(grid.received) == 2
+    assert ledger.path.read_bytes() == before
+    assert not PrivacyLedger(tmp_path / "sites" / "site-1", delta=1e-5).entries()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    sites = {row["site"]: row for row in rows if row["site"] != "global"}
+    assert set(sites) == {"site-0", "site-1"}
+    for row in sites.values():
+        assert row["evaluate-status"] == "ok" and "train-status" not in row
+        assert 0 <= row["dice-class-1"] <= 1 and "hd95-class-1" in row and "epsilon" not in row
+    final = read_model_file(tmp_path / "run" / "global_model.pt")
+    assert all(torch.equal(final["state_dict"][k], v) for k, v in model.state_dict().items())  # unchanged
+    assert final["per_site"]["site-0"]["dice"] == sites["site-0"]["dice"]
+
+
+def test_evaluate_only_needs_a_model():
+    with pytest.raises(ConfigError, match="'evaluate-only', 'initial-model'"):
+        RunConfig.from_mapping({"evaluate-only": True})

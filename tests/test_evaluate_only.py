@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,3 +49,16 @@ def test_evaluate_only_trains_nothing_and_leaves_the_ledger_unchanged(two_sites,
 def test_evaluate_only_needs_a_model():
     with pytest.raises(ConfigError, match="'evaluate-only', 'initial-model'"):
         RunConfig.from_mapping({"evaluate-only": True})
+
+
+def test_the_harness_options_set_the_run_config(tmp_path):
+    from shared.errors import FedSegError
+    from simulations.__main__ import build_parser, spec_from_args
+    from simulations.api import build_run_config
+
+    with pytest.raises(FedSegError, match="--evaluate-only needs .*--model"):
+        spec_from_args(build_parser().parse_args(["--evaluate-only"]))
+    spec = spec_from_args(build_parser().parse_args(["--evaluate-only", "--model", "runs/7/global_model.pt"]))
+    assert spec.run_config == {"initial-model": "runs/7/global_model.pt", "evaluate-only": True}
+    config = build_run_config(spec, tmp_path, tmp_path / "sites.json", num_sites=3)
+    assert config.evaluate_only and config.initial_model == str(Path.cwd() / "runs/7/global_model.pt")

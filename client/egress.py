@@ -68,11 +68,13 @@ class ArraySpec:
 
 
 @functools.lru_cache(maxsize=4)
-def expected_parameter_specs(model_config: ModelConfig, *, local_norm: bool = False) -> Mapping[str, ArraySpec]:
+def expected_parameter_specs(model_config: ModelConfig, *,
+                             staying: frozenset[str] = frozenset()) -> Mapping[str, ArraySpec]:
     """Return ``{name: ArraySpec}`` (read-only) of the model's ``state_dict`` for ``model_config``.
 
-    With ``local_norm`` (run config ``local-norm``) the normalisation layers'
-    weights are left out: they stay at the site, so a reply carrying one is blocked.
+    The ``staying`` weights (:func:`shared.local_weights.staying_weight_names`:
+    a site's own norm weights, frozen weights) are left out, so a reply
+    carrying one is blocked.
 
     The model is built on torch's ``meta`` device: shapes and dtypes without
     allocating or initialising any weight. Building a MONAI U-Net costs a few
@@ -81,14 +83,12 @@ def expected_parameter_specs(model_config: ModelConfig, *, local_norm: bool = Fa
     """
     import torch
 
-    from shared.local_weights import norm_weight_names_of
     from shared.model import build_model
 
     with torch.device("meta"):
         model = build_model(model_config)
-    local = norm_weight_names_of(model) if local_norm else ()
     return MappingProxyType({name: ArraySpec(tuple(t.shape), str(t.dtype).removeprefix("torch."))
-                             for name, t in model.state_dict().items() if name not in local})
+                             for name, t in model.state_dict().items() if name not in staying})
 
 
 def metric_key_allowed(key: str) -> bool:

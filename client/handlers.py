@@ -32,7 +32,7 @@ from client.site import SiteConfig, resolve_site
 from shared.config import RunConfig
 from shared.errors import ConfigError, FedSegError
 from shared.fingerprint import FINGERPRINT
-from shared.local_weights import local_weight_names, travelling
+from shared.local_weights import frozen_weight_names, local_weight_names, staying_weight_names, travelling
 from shared.plan import PLAN_KEY, Plan, resolve_plan_setting
 
 LOG = logging.getLogger("fedseg.client")
@@ -96,8 +96,8 @@ def _handle(msg: Message, context: Context, work: Work, *, needs_plan: bool,
     except Exception as exc:  # a bug must not leak its message to the server
         LOG.exception("site %s: %s failed unexpectedly", _site_id(site), msg.metadata.message_type)
         content = refusal_content(msg, site, f"internal error ({type(exc).__name__}); see the site's log")
-    local_norm = config.local_norm if config is not None else False
-    return send_reply(msg, content=content, context=context, site=site, plan=plan, step=step, local_norm=local_norm)
+    return send_reply(msg, content=content, context=context, site=site, plan=plan, step=step,
+                      staying=_staying_or_none(config, plan))
 
 
 def refusal_content(msg: Message, site: SiteConfig | None, reason: str) -> RecordDict:
@@ -124,13 +124,15 @@ def strip_directories(text: str) -> str:
 
 
 def send_reply(msg: Message, *, content: RecordDict, context: Context, site: SiteConfig | None,
-               plan: Plan | None, step: SecureStep | None = None, local_norm: bool = False) -> Message:
+               plan: Plan | None, step: SecureStep | None = None,
+               staying: frozenset[str] | None = frozenset()) -> Message:
     """The single exit point of the ClientApp: guard, audit, then build the reply.
 
     ``step`` is the secure-aggregation step ``msg`` asked for (None: a plain
-    message); only then may the reply carry the protocol's record. With
-    ``local_norm`` (run config) the weights a reply may carry are the model's
-    without its normalisation layers' (they stay at the site).
+    message); only then may the reply carry the protocol's record. The weights
+    a reply may carry are the model's without the ``staying`` ones
+    (:func:`shared.local_weights.staying_weight_names`); None (the run config
+    could not say which) lets no weight leave.
 
     A reply the guard blocks is replaced by a refusal (the server sees it and
     logs the reason) and the event is logged at CRITICAL level. A reply that
@@ -141,8 +143,8 @@ def send_reply(msg: Message, *, content: RecordDict, context: Context, site: Sit
     withheld: RecordDict | None = None
     try:
         wants_specs = ARRAYS in content or (step is not None and step.carries_model)
-        expected = (expected_parameter_specs(plan.model_config(), local_norm=local_norm)
-                    if plan and wants_specs else None)
+        expected = (expected_parameter_specs(plan.model_config(), staying=staying)
+                    if plan and wants_specs and staying is not None else None)
         check_reply(content, message_type=message_type, expected=expected, step=step)
     except EgressBlocked as exc:
         blocked = str(exc)
@@ -202,6 +204,7 @@ def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig, 
     set_determinism(seed=seed)
     cases, augment = load_training_cases(site.datalist, plan, cache_dir=site.cache_dir)
     model, local, local_path = _received_model(msg, context, config, site, plan)
+    staying = staying_weight_names(plan.model_config(), local_norm=config.local_norm, train_layers=config.train_layers)
     device = resolve_device(config.device)
     proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))
     if config.dp:
@@ -216,9 +219,9 @@ def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig, 
                    "steps": result.steps, "dp": 0}
     if local:  # kept before replying: the next round and every evaluation start from them
         keep_local_weights(model, local_path, names=local, model_config=plan.model_config())
-    arrays = model_to_arrays(model, exclude=local)
+    arrays = model_to_arrays(model, exclude=staying)
     if site.fault is not None:
-        received = travelling(msg.content["arrays"].to_torch_state_dict(), local)
+        received = travelling(msg.content["arrays"].to_torch_state_dict(), staying)
         arrays = ArrayRecord(site.fault.poison(dict(arrays.to_torch_state_dict()), dict(received)))
     return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
                        "site": ConfigRecord({"site-id": site.site_id})})
@@ -235,8 +238,7 @@ def _secure_train(msg: Message, context: Context, config: RunConfig, site: SiteC
     return run_secure_stage(msg, context, step=step, config=config, site=site,
                             train=lambda: _train(msg, context, config, site, plan),
                             reference=lambda: travelling({name: a.numpy() for name, a in msg.content["arrays"].items()},
-                                                         local_weight_names(plan.model_config(),
-                                                                            local_norm=config.local_norm)))
+                                                         _staying_or_none(config, plan) or frozenset()))
 
 
 def _evaluate(msg: Message, context: Context, config: RunConfig, site: SiteConfig, plan: Plan | None) -> RecordDict:
@@ -256,7 +258,8 @@ def _evaluate(msg: Message, context: Context, config: RunConfig, site: SiteConfi
 
 def _received_model(msg: Message, context: Context, config: RunConfig, site: SiteConfig,
                     plan: Plan) -> tuple[Any, frozenset[str], Path]:
-    """The global model of ``msg`` with the site's own weights laid over it (run config ``local-norm``).
+    """The global model of ``msg`` with the site's own weights laid over it (run config ``local-norm``) and
+    the weights run config ``train-layers`` leaves out frozen (``requires_grad`` off).
 
     Returns (model, names of the site's own weights, the file that keeps them).
     """
@@ -269,7 +272,21 @@ def _received_model(msg: Message, context: Context, config: RunConfig, site: Sit
     local = local_weight_names(plan.model_config(), local_norm=config.local_norm)
     path = local_weights_path(site.state_dir, run_id=int(context.run_id))
     restore_local_weights(model, path, names=local, model_config=plan.model_config())
+    frozen = frozen_weight_names(plan.model_config(), train_layers=config.train_layers)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name not in frozen)
     return model, local, path
+
+
+def _staying_or_none(config: RunConfig | None, plan: Plan | None) -> frozenset[str] | None:
+    """The weights no reply may carry; None when the run config cannot say (then none may leave)."""
+    if config is None or plan is None:
+        return None
+    try:
+        return staying_weight_names(plan.model_config(), local_norm=config.local_norm,
+                                    train_layers=config.train_layers)
+    except ConfigError:
+        return None
 
 
 def _fingerprint(msg: Message, context: Context, config: RunConfig, site: SiteConfig,

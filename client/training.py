@@ -79,9 +79,10 @@ def make_optimizer(model: torch.nn.Module, *, config: RunConfig) -> torch.optim.
     """
     import torch
 
+    trained = [p for p in model.parameters() if p.requires_grad]  # run config train-layers freezes the others
     if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=SGD_MOMENTUM)
-    return torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+        return torch.optim.SGD(trained, lr=config.learning_rate, momentum=SGD_MOMENTUM)
+    return torch.optim.Adam(trained, lr=config.learning_rate)
 
 
 def train_local(model: torch.nn.Module, loader: Any, *, config: RunConfig, device: torch.device,

@@ -19,7 +19,7 @@ from server.run_folder import RunRecorder
 from server.secagg_sum import SecAggSettings
 from server.strategies import build_strategy
 from shared.config import RunConfig
-from shared.local_weights import local_weight_names
+from shared.local_weights import staying_weight_names
 from shared.plan import PLAN_KEY, Plan
 
 if TYPE_CHECKING:
@@ -78,7 +78,8 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
         recorder.plan = establish_plan(grid, config, run_dir=run_dir, known_sites=strategy.known_sites,
                                        say=lambda line: print(line, flush=True))
     strategy.message_config[PLAN_KEY] = recorder.plan.to_json()
-    strategy.local_weights = local_weight_names(recorder.plan.model_config(), local_norm=config.local_norm)
+    strategy.staying_weights = staying_weight_names(recorder.plan.model_config(), local_norm=config.local_norm,
+                                                    train_layers=config.train_layers)
     arrays, first_round = starting_point(config, strategy, recorder, checkpoint, initial=initial)
     progress = ProgressPrinter(1 if config.evaluate_only else config.num_rounds, first_round=first_round)
 

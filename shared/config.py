@@ -129,7 +129,10 @@ class RunConfig:
     ``initial-model-key-map``; names, shapes and architecture are checked before
     round 1 (:mod:`server.initial_model`). ``evaluate-only`` (false) sends the
     ``initial-model`` to every site for evaluation and trains nothing (no
-    privacy budget is spent).
+    privacy budget is spent). ``train-layers`` (``all``) names what trains:
+    ``+``/``,``-separated groups ``all``, ``decoder``, ``norm`` or ``fnmatch``
+    patterns over weight names; every other weight stays as the server sent it
+    (no gradient step, no DP noise) and is neither sent back nor averaged.
     """
 
     num_rounds: int = 0
@@ -194,6 +197,7 @@ class RunConfig:
     initial_model: str = ""
     initial_model_key_map: str = ""
     evaluate_only: bool = False
+    train_layers: str = "all"
 
     def __post_init__(self) -> None:
         self._check_types()

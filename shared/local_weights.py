@@ -1,4 +1,4 @@
-"""Which of a model's weights stay at each site and which travel (run config ``local-norm``, FedBN).
+"""Which of a model's weights stay at each site and which travel (run config ``local-norm``, ``train-layers``).
 
 With ``local-norm = true`` every normalisation layer's state (affine weight and
 bias, running statistics where a layer keeps them) is a site's own: it is
@@ -12,11 +12,20 @@ norm is odd in its input, ``IN(conv(-x)) = -IN(conv(x))``, so a site whose
 contrast is inverted (T2-like where the others are T1-like) can absorb the
 inversion in the sign of its first norm layer's affine weight, which a shared
 average cannot.
+
+With ``train-layers`` other than ``all`` only the weights it names train: the
+rest are frozen at the model the server sends (the starting model), take no
+gradient step and no DP noise, and are not sent back either. A value is
+``+``- or ``,``-separated: the groups ``all``, ``decoder`` (the network's
+decoder, :attr:`shared.networks.base.Network.decoder`) and ``norm``, or
+``fnmatch`` patterns over weight names (``upsamples.*``).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import functools
+import re
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
@@ -46,6 +55,17 @@ def norm_weight_names_of(model: torch.nn.Module) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=8)
+def weight_names(model_config: ModelConfig) -> tuple[str, ...]:
+    """``state_dict`` names of the network ``model_config`` builds (built on the meta device, cached)."""
+    import torch
+
+    from shared.model import build_model
+
+    with torch.device("meta"):
+        return tuple(build_model(model_config).state_dict())
+
+
+@functools.lru_cache(maxsize=8)
 def norm_weight_names(model_config: ModelConfig) -> frozenset[str]:
     """:func:`norm_weight_names_of` the network ``model_config`` builds (built on the meta device, cached)."""
     import torch
@@ -55,6 +75,55 @@ def norm_weight_names(model_config: ModelConfig) -> frozenset[str]:
     with torch.device("meta"):
         model = build_model(model_config)
     return frozenset(norm_weight_names_of(model))
+
+
+@functools.lru_cache(maxsize=16)
+def frozen_weight_names(model_config: ModelConfig, *, train_layers: str) -> frozenset[str]:
+    """The weights run config ``train-layers`` leaves untrained (empty for ``all``).
+
+    Raises :class:`ConfigError` naming the key for a part that matches no weight
+    or a ``decoder`` the network does not define.
+    """
+    from shared.model import MODELS
+
+    names = weight_names(model_config)
+    trained: set[str] = set()
+    for part in split_train_layers(train_layers):
+        if part == "all":
+            matched = set(names)
+        elif part == "norm":
+            matched = set(norm_weight_names(model_config))
+        elif part == "decoder":
+            rule = MODELS[model_config.name].decoder
+            if rule is None:
+                raise ConfigError(f"run config key 'train-layers': model {model_config.name!r} has no decoder "
+                                  "defined in fedseg; name its weights with patterns instead")
+            matched = {name for name in names if re.fullmatch(rule, name)}
+        else:
+            matched = set(fnmatch.filter(names, part))
+        if not matched:
+            raise ConfigError(f"run config key 'train-layers': {part!r} matches no weight of model "
+                              f"{model_config.name!r} (e.g. {names[0]!r})")
+        trained |= matched
+    return frozenset(names) - trained
+
+
+def split_train_layers(value: str) -> list[str]:
+    """The parts of a ``train-layers`` value (split at ``+`` and ``,``)."""
+    return [part.strip() for part in re.split(r"[+,]", value) if part.strip()]
+
+
+def staying_weight_names(model_config: ModelConfig, *, local_norm: bool, train_layers: str) -> frozenset[str]:
+    """Every weight that is never sent or averaged: the site's own norm weights and the frozen ones.
+
+    Raises :class:`ConfigError` when nothing would travel.
+    """
+    staying = (local_weight_names(model_config, local_norm=local_norm)
+               | frozen_weight_names(model_config, train_layers=train_layers))
+    if staying >= set(weight_names(model_config)):
+        raise ConfigError("run config keys 'train-layers', 'local-norm': no weight would be trained and shared "
+                          f"(train-layers = {train_layers!r} with local-norm = {str(local_norm).lower()})")
+    return staying
 
 
 def local_weight_names(model_config: ModelConfig, *, local_norm: bool) -> frozenset[str]:

@@ -60,7 +60,8 @@ def test_egress_guard_blocks_a_norm_weight_when_norms_are_local():
     model = build_model(_model_config())
     content = RecordDict({"arrays": model_to_arrays(model)})
     with pytest.raises(EgressBlocked, match="norm"):
-        check_reply(content, message_type="train", expected=expected_parameter_specs(_model_config(), local_norm=True))
+        check_reply(content, message_type="train", expected=expected_parameter_specs(
+            _model_config(), staying=local_weight_names(_model_config(), local_norm=True)))
     check_reply(content, message_type="train", expected=expected_parameter_specs(_model_config()))  # FedAvg: all
 
 
@@ -108,7 +109,7 @@ def test_global_aggregation_leaves_norm_weights_out(two_sites, tmp_path, flower_
     replies = [handle_train(_message(MessageType.TRAIN, sent), _context(d, tmp_path / d.parent.name))
                for d in two_sites]
     strategy = FedSegFedAvg(recorder=tiny_recorder(tmp_path / "run"))
-    strategy.local_weights = local
+    strategy.staying_weights = local
     strategy.expect_updates_of(sent)
     arrays, _ = strategy.aggregate_train(1, replies)
     assert list(arrays) == list(sent)
@@ -123,7 +124,7 @@ def test_global_aggregation_leaves_norm_weights_out(two_sites, tmp_path, flower_
 def test_an_update_carrying_a_norm_weight_is_rejected(tmp_path, flower_identity):
     sent = ArrayRecord({"conv.weight": Array(np.zeros(3, np.float32)), "norm.weight": Array(np.ones(3, np.float32))})
     strategy = FedSegFedAvg(recorder=tiny_recorder(tmp_path))
-    strategy.local_weights = frozenset({"norm.weight"})
+    strategy.staying_weights = frozenset({"norm.weight"})
     strategy.expect_updates_of(sent)
     update = RecordDict({"arrays": sent, "metrics": MetricRecord({"num-examples": 2, "train-loss": 1.0}), "site": ConfigRecord({"site-id": "a"})})
     reply = Message(content=update, reply_to=Message(content=RecordDict(), dst_node_id=1,
@@ -158,7 +159,7 @@ def test_secure_aggregation_sums_only_the_travelling_weights(two_sites, tmp_path
 
     config = RunConfig.from_mapping(run)
     strategy = build_strategy(config, RunRecorder(tmp_path / "run", config=config, plan=manual_plan(config)))
-    local = strategy.local_weights = local_weight_names(_model_config(run), local_norm=True)
+    local = strategy.staying_weights = local_weight_names(_model_config(run), local_norm=True)
     start = _global(run)
     new = secure_train_round(strategy, PollingGrid(TrainingSites(), poll_interval_s=0.005), server_round=1,
                              arrays=start, timeout=60, settings=SecAggSettings.from_config(config))

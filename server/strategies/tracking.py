@@ -17,10 +17,10 @@ sampling and the aggregation; the mixin
   nodes as the uninterrupted one would have (in a simulation, through the
   engine's partition order: virtual node ids change every run);
 - exposes the strategy's own state for checkpoints;
-- with run config ``local-norm``, leaves the sites' own weights
-  (:attr:`SiteTracking.local_weights`) out of every check and aggregate: an
-  update holds only the travelling weights, and the global model keeps the
-  starting values of the local ones.
+- with run config ``local-norm`` or ``train-layers``, leaves the weights that
+  never travel (:attr:`SiteTracking.staying_weights`: the sites' own norm
+  weights, frozen weights) out of every check and aggregate: an update holds
+  only the travelling weights, and the global model keeps the values it sent.
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ class SiteTracking:
         self.known_sites: dict[int, str] = {}
         #: What every train and evaluate message carries in its config record (the run's plan).
         self.message_config: dict[str, str] = {}
-        #: Weights that stay at the sites (run config ``local-norm``): never in an update, never averaged.
-        self.local_weights: frozenset[str] = frozenset()
+        #: Weights that never travel (run config ``local-norm``, ``train-layers``): not in an update, not averaged.
+        self.staying_weights: frozenset[str] = frozenset()
         self._reference: dict[str, np.ndarray] | None = None
         self._sent: ArrayRecord | None = None
 
@@ -104,9 +104,9 @@ class SiteTracking:
         self.expect_updates_of(arrays)
         with _seeded_sampling(self.seed, server_round, "train"):
             messages = list(super().configure_train(server_round, arrays, config, _SortedNodes(grid)))
-        if self.local_weights and getattr(self, "current_arrays", None) is not None:
+        if self.staying_weights and getattr(self, "current_arrays", None) is not None:
             # FedAdam/FedYogi take the server step on what was averaged: the travelling weights
-            self.current_arrays = travelling(self.current_arrays, self.local_weights)
+            self.current_arrays = travelling(self.current_arrays, self.staying_weights)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -119,7 +119,7 @@ class SiteTracking:
     def expect_updates_of(self, arrays: ArrayRecord) -> None:
         """Set the global model that this round's updates are checked against (its travelling weights)."""
         self._sent = arrays
-        self._reference = travelling(reference_arrays(arrays), self.local_weights)
+        self._reference = travelling(reference_arrays(arrays), self.staying_weights)
 
     def train_collector(self) -> TrainCollector:
         """A collector for this round's training replies (after :meth:`expect_updates_of`)."""
@@ -184,7 +184,7 @@ class SiteTracking:
 
     def _whole(self, aggregated: ArrayRecord | None) -> ArrayRecord | None:
         """The new global model: ``aggregated`` travelling weights, the local ones as sent (in model order)."""
-        if aggregated is None or not self.local_weights:
+        if aggregated is None or not self.staying_weights:
             return aggregated
         assert self._sent is not None
         return ArrayRecord({name: aggregated.get(name, array)

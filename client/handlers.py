@@ -264,6 +264,7 @@ def _received_model(msg: Message, context: Context, config: RunConfig, site: Sit
     Returns (model, names of the site's own weights, the file that keeps them).
     """
     from client.local_state import local_weights_path, restore_local_weights
+    from client.training import freeze_weights
     from shared.model import build_model
     from shared.weights import load_arrays
 
@@ -272,9 +273,7 @@ def _received_model(msg: Message, context: Context, config: RunConfig, site: Sit
     local = local_weight_names(plan.model_config(), local_norm=config.local_norm)
     path = local_weights_path(site.state_dir, run_id=int(context.run_id))
     restore_local_weights(model, path, names=local, model_config=plan.model_config())
-    frozen = frozen_weight_names(plan.model_config(), train_layers=config.train_layers)
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name not in frozen)
+    freeze_weights(model, frozen_weight_names(plan.model_config(), train_layers=config.train_layers))
     return model, local, path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +68,17 @@ def make_loss(*, model_config: ModelConfig | None = None) -> torch.nn.Module:
 
 
 SGD_MOMENTUM = 0.9
+
+
+def freeze_weights(model: torch.nn.Module, frozen: Collection[str]) -> None:
+    """Turn gradients off for the ``frozen`` parameters (run config ``train-layers``), on for the others.
+
+    A frozen weight then takes no optimiser step (:func:`make_optimizer` leaves
+    it out) and, under DP, no per-sample gradient and no noise (Opacus noises
+    only parameters that require a gradient).
+    """
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name not in frozen)
 
 
 def make_optimizer(model: torch.nn.Module, *, config: RunConfig) -> torch.optim.Optimizer:

@@ -32,7 +32,13 @@ from client.site import SiteConfig, resolve_site
 from shared.config import RunConfig
 from shared.errors import ConfigError, FedSegError
 from shared.fingerprint import FINGERPRINT
-from shared.local_weights import frozen_weight_names, local_weight_names, staying_weight_names, travelling
+from shared.local_weights import (
+    FEDERATION_ID_KEY,
+    frozen_weight_names,
+    local_weight_names,
+    staying_weight_names,
+    travelling,
+)
 from shared.plan import PLAN_KEY, Plan, resolve_plan_setting
 
 LOG = logging.getLogger("fedseg.client")
@@ -271,10 +277,17 @@ def _received_model(msg: Message, context: Context, config: RunConfig, site: Sit
     model = build_model(plan.model_config())
     load_arrays(model, msg.content["arrays"])
     local = local_weight_names(plan.model_config(), local_norm=config.local_norm)
-    path = local_weights_path(site.state_dir, run_id=int(context.run_id))
+    path = local_weights_path(site.state_dir, run_id=_federation_id(msg, context))
     restore_local_weights(model, path, names=local, model_config=plan.model_config())
     freeze_weights(model, frozen_weight_names(plan.model_config(), train_layers=config.train_layers))
     return model, local, path
+
+
+def _federation_id(msg: Message, context: Context) -> int:
+    """The run id that began this federation (kept across resumes), else this run's."""
+    config = msg.content.config_records.get("config")
+    value = config.get(FEDERATION_ID_KEY) if config is not None else None
+    return int(value) if isinstance(value, str) and value.isdigit() else int(context.run_id)
 
 
 def _staying_or_none(config: RunConfig | None, plan: Plan | None) -> frozenset[str] | None:

@@ -2,7 +2,8 @@
 
 ClientApps are stateless between rounds, so the weights that never travel
 (:func:`shared.local_weights.local_weight_names`) are written to
-``<state-dir>/local-weights/run-<run id>.pt`` after each round's training and
+``<state-dir>/local-weights/run-<id>.pt`` (``id``: the run id of the run that began
+the federation, which a resumed run keeps) after each round's training and
 laid over the received global model before the next round's training and every
 evaluation. Until a site has trained once, the global model's own values serve
 (the starting model's norm weights). The file is written atomically and holds

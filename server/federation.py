@@ -19,7 +19,7 @@ from server.run_folder import RunRecorder
 from server.secagg_sum import SecAggSettings
 from server.strategies import build_strategy
 from shared.config import RunConfig
-from shared.local_weights import staying_weight_names
+from shared.local_weights import FEDERATION_ID_KEY, staying_weight_names
 from shared.plan import PLAN_KEY, Plan
 
 if TYPE_CHECKING:
@@ -78,6 +78,8 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
         recorder.plan = establish_plan(grid, config, run_dir=run_dir, known_sites=strategy.known_sites,
                                        say=lambda line: print(line, flush=True))
     strategy.message_config[PLAN_KEY] = recorder.plan.to_json()
+    federation_id = (checkpoint.federation_id if checkpoint is not None else 0) or int(context.run_id)
+    strategy.message_config[FEDERATION_ID_KEY] = str(federation_id)
     strategy.staying_weights = staying_weight_names(recorder.plan.model_config(), local_norm=config.local_norm,
                                                     train_layers=config.train_layers)
     arrays, first_round = starting_point(config, strategy, recorder, checkpoint, initial=initial)
@@ -89,7 +91,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
         def write_out() -> None:
             progress.report(recorder.end_round(server_round, arrays), recorder.rounds.get(server_round, {}))
             write_round_checkpoint(run_dir, server_round, arrays, config=config, strategy_state=strategy_state,
-                                   known_sites=known_sites, recorder=recorder)
+                                   known_sites=known_sites, recorder=recorder, federation_id=federation_id)
             print(f"{PROGRESS_PREFIX} checkpoint written: round {server_round}", flush=True)
 
         return write_out
@@ -163,6 +165,7 @@ def starting_point(config: RunConfig, strategy: SiteTracking, recorder: RunRecor
 
 
 def write_round_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, *, config: RunConfig,
+                           federation_id: int = 0,
                            strategy_state: dict[str, dict[str, np.ndarray]], known_sites: dict[int, str],
                            recorder: RunRecorder) -> Path:
     """Save everything a resumed run needs after ``server_round``.
@@ -176,7 +179,7 @@ def write_round_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord
     checkpoint = Checkpoint(round=server_round, state_dict=dict(arrays.to_torch_state_dict()),
                             run_config=config.to_mapping(), strategy_state=state,
                             metrics_rows=recorder.written_rows, known_sites=dict(known_sites),
-                            plan=recorder.plan.to_json())
+                            plan=recorder.plan.to_json(), federation_id=federation_id)
     return save_checkpoint(run_dir, checkpoint)
 
 

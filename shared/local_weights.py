@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     from shared.model import ModelConfig
 
 T = TypeVar("T")
+#: Message config key naming the federation a train or evaluate message belongs to: the run id of the run
+#: that began it, kept across resumes, so a site finds its own weights again in a resumed run.
+FEDERATION_ID_KEY = "federation-id"
 
 
 def norm_layer_types() -> tuple[type, ...]:

@@ -172,3 +172,27 @@ def test_secure_aggregation_sums_only_the_travelling_weights(two_sites, tmp_path
         masked = [e["secagg"][Key.MASKED_PARAMETERS]["items"] for e in entries if e.get("secagg-stage") == Stage.COLLECT_MASKED_VECTORS]
         assert masked == [len(start) - len(local) + 1]
         assert local_weights_path(tmp_path / site, run_id=3).exists()
+
+
+def test_a_resumed_federation_goes_on_from_each_sites_own_norm_weights(two_sites, tmp_path, flower_identity):
+    from flwr.app import Context
+
+    from server.federation import run_federation
+    from tests.local_federation import HandlerGrid, server_context
+
+    run = dict(FEDBN, **{"num-rounds": 1, "run-dir": str(tmp_path / "run")})
+    run_federation(HandlerGrid(two_sites, tmp_path / "sites", run), server_context(run))
+    kept = local_weights_path(tmp_path / "sites" / "site-0", run_id=5)  # the first run's id
+    first = torch.load(kept, weights_only=True)["state_dict"]
+
+    resumed = dict(run, **{"num-rounds": 2, "resume-from": str(tmp_path / "run"), "run-dir": str(tmp_path / "run2")})
+    grid = HandlerGrid(two_sites, tmp_path / "sites", resumed)
+    for node, context in grid.contexts.items():  # a resumed run has a new run id
+        grid.contexts[node] = Context(run_id=6, node_id=node, node_config=context.node_config, state=RecordDict(),
+                                      run_config=context.run_config)
+    server = server_context(resumed)
+    run_federation(grid, Context(run_id=6, node_id=0, node_config={}, state=RecordDict(),
+                                 run_config=server.run_config))
+    assert [p.name for p in kept.parent.iterdir()] == ["run-5.pt"]
+    second = torch.load(kept, weights_only=True)["state_dict"]
+    assert any(not torch.equal(first[n], second[n]) for n in first)  # round 2 trained on from them

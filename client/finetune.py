@@ -47,12 +47,11 @@ def finetune(*, model_path: Path, site: SiteConfig, out: Path, epochs: int, dp: 
              local_weights: Path | None = None, device: str = "auto") -> FinetuneResult:
     """Fine-tune the model in ``model_path`` on ``site``'s training cases and write it to ``out``."""
 
-    from client.local_state import restore_local_weights
-    from client.predict import plan_of_model
+    from client.predict import plan_of_model, use_local_weights
     from client.site_data import load_training_cases
     from client.training import freeze_weights
     from shared.device import resolve_device
-    from shared.local_weights import frozen_weight_names, norm_weight_names
+    from shared.local_weights import frozen_weight_names
     from shared.model_file import load_model, save_model_file
     from shared.model_sources import file_sha256
 
@@ -64,9 +63,8 @@ def finetune(*, model_path: Path, site: SiteConfig, out: Path, epochs: int, dp: 
     plan = plan_of_model(payload, model_path)
     config = training_config(payload, dp=dp, epsilon=epsilon, train_layers=train_layers,
                              learning_rate=learning_rate, device=device)
-    if local_weights is not None and not restore_local_weights(model, local_weights, names=norm_weight_names(
-            plan.model_config()), model_config=plan.model_config()):
-        raise ConfigError(f"'--local-weights': {local_weights} does not exist")
+    if local_weights is not None:
+        use_local_weights(model, local_weights, plan=plan)
     cases, augment = load_training_cases(site.datalist, plan, cache_dir=site.cache_dir)
     plan = dataclasses.replace(plan, local_steps=epochs * math.ceil(len(cases) / plan.batch_size))
     freeze_weights(model, frozen_weight_names(plan.model_config(), train_layers=train_layers))

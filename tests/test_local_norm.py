@@ -196,3 +196,26 @@ def test_a_resumed_federation_goes_on_from_each_sites_own_norm_weights(two_sites
     assert [p.name for p in kept.parent.iterdir()] == ["run-5.pt"]
     second = torch.load(kept, weights_only=True)["state_dict"]
     assert any(not torch.equal(first[n], second[n]) for n in first)  # round 2 trained on from them
+
+
+def test_predict_lays_the_sites_own_norm_weights_over_the_global_model(tmp_path):
+    from client.local_state import keep_local_weights
+    from client.predict import use_local_weights
+    from shared.errors import WeightsError
+
+    plan = manual_plan(RunConfig.from_mapping(FEDBN))
+    local = local_weight_names(plan.model_config(), local_norm=True)
+    mine = build_model(plan.model_config())
+    with torch.no_grad():
+        for name, parameter in mine.named_parameters():
+            if name in local:
+                parameter.mul_(-1.0).add_(0.5)
+    keep_local_weights(mine, tmp_path / "run-1.pt", names=local, model_config=plan.model_config())
+    model = build_model(plan.model_config())
+    use_local_weights(model, tmp_path / "run-1.pt", plan=plan)
+    assert all(torch.equal(model.state_dict()[n], mine.state_dict()[n]) for n in local)
+    with pytest.raises(ConfigError, match="'--local-weights'"):
+        use_local_weights(model, tmp_path / "none.pt", plan=plan)
+    other = manual_plan(RunConfig.from_mapping(dict(FEDBN, channels="4,16,32")))
+    with pytest.raises(WeightsError, match="belong to another model"):
+        use_local_weights(build_model(other.model_config()), tmp_path / "run-1.pt", plan=other)

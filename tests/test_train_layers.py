@@ -122,3 +122,14 @@ def test_a_federation_fine_tunes_the_decoder_of_a_starting_model(two_sites, tmp_
     assert any(not torch.equal(final[n], start[n]) for n in set(start) - frozen)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert {r["train-status"] for r in rows if r["site"] != "global"} == {"ok"}
+
+
+def test_the_dp_outlook_counts_only_the_trained_weights():
+    from server.dp_sizing import trained_weights
+
+    plan = manual_plan(RunConfig.from_mapping(DYNUNET))
+    model = build_model(plan.model_config())
+    frozen = _frozen(DECODER)
+    assert trained_weights(plan) == sum(p.numel() for p in model.parameters())
+    assert trained_weights(plan, train_layers="decoder") == sum(
+        p.numel() for n, p in model.named_parameters() if n not in frozen) < trained_weights(plan)

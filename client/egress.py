@@ -46,8 +46,10 @@ METRIC_KEYS = frozenset({
     "refused",                                      # 1 when the site declines a round
     "train-seconds", "evaluate-seconds",            # timings
 })
-#: Per-class metric keys (``dice-class-1``, ``hd95-class-2``, ...).
-METRIC_KEY_PATTERNS = (re.compile(r"dice-class-\d{1,3}"), re.compile(r"hd95-class-\d{1,3}"))
+#: Per-class metric keys (``dice-class-1``, ``hd95-class-2``, ...) and the 95% intervals of a site's means
+#: (``dice-ci-low``, ``hd95-class-2-ci-high``, ...; run config ``evaluate-only``).
+METRIC_KEY_PATTERNS = (re.compile(r"dice-class-\d{1,3}"), re.compile(r"hd95-class-\d{1,3}"),
+                       re.compile(r"(dice|hd95)(-class-\d{1,3})?-ci-(low|high)"))
 #: ConfigRecord ``site`` keys and the longest string each may hold.
 SITE_KEYS = {"site-id": 128, "reason": 300}
 ARRAYS, METRICS, SITE, SECAGG = "arrays", "metrics", "site", "secaggplus_configs"

@@ -259,6 +259,10 @@ def _evaluate(msg: Message, context: Context, config: RunConfig, site: SiteConfi
     metrics = {"num-examples": result.num_examples, "dice": result.dice, "loss": result.loss, "hd95": result.hd95}
     metrics.update({f"dice-class-{i + 1}": v for i, v in enumerate(result.dice_per_class)})
     metrics.update({f"hd95-class-{i + 1}": v for i, v in enumerate(result.hd95_per_class)})
+    if config.evaluate_only:  # validating a model: how sure each site's figure is, from its cases' spread
+        from shared.metrics import case_intervals
+
+        metrics.update(case_intervals(result.per_case, seed=config.seed))
     return RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site.site_id})})
 
 

@@ -173,8 +173,9 @@ def final_epsilons(rounds: dict[int, dict[str, dict[str, Any]]], sites: list[str
 
 def aggregate_sites(sites: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Example-weighted means over the sites that answered, and outcome counts."""
-    evaluation_keys = {"dice", "loss", "hd95"} | {
-        key for r in sites.values() for key in r if key.startswith(("dice-class-", "hd95-class-"))}
+    evaluation_keys = {"dice", "loss", "hd95"} | {  # a site's interval is its own: no mean over sites
+        key for r in sites.values() for key in r
+        if key.startswith(("dice-class-", "hd95-class-")) and not key.endswith(("-ci-low", "-ci-high"))}
     row: dict[str, Any] = {key: _weighted(sites, key, "num-val-examples") for key in sorted(evaluation_keys)}
     row["train-loss"] = _weighted(sites, "train-loss", "num-train-examples")
     row["max-epsilon"] = max((float(r["epsilon"]) for r in sites.values() if "epsilon" in r), default=None)

@@ -219,3 +219,31 @@ def test_predict_lays_the_sites_own_norm_weights_over_the_global_model(tmp_path)
     other = manual_plan(RunConfig.from_mapping(dict(FEDBN, channels="4,16,32")))
     with pytest.raises(WeightsError, match="belong to another model"):
         use_local_weights(build_model(other.model_config()), tmp_path / "run-1.pt", plan=other)
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedmedian"])
+def test_server_optimisers_and_robust_strategies_leave_norm_weights_out(tmp_path, flower_identity, name):
+    from server.run_folder import RunRecorder
+    from server.strategies import build_strategy
+    from tests.fake_grid import AnsweringGrid
+
+    class TwoNodes(AnsweringGrid):
+        def get_node_ids(self):
+            return [1, 2]
+
+    config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, strategy=name))
+    strategy = build_strategy(config, RunRecorder(tmp_path, config=config, plan=manual_plan(config)))
+    strategy.staying_weights = frozenset({"norm.weight"})
+    sent = ArrayRecord({"conv.weight": Array(np.zeros(3, np.float32)), "norm.weight": Array(np.ones(3, np.float32))})
+    strategy.configure_train(1, sent, ConfigRecord(), TwoNodes())
+    replies = []
+    for node, value in ((1, 1.0), (2, 3.0)):
+        content = RecordDict({"arrays": ArrayRecord({"conv.weight": Array(np.full(3, value, np.float32))}),
+                              "metrics": MetricRecord({"num-examples": 2, "train-loss": 1.0}),
+                              "site": ConfigRecord({"site-id": f"s{node}"})})
+        replies.append(Message(content=content, reply_to=Message(content=RecordDict(), dst_node_id=node,
+                                                                  message_type=MessageType.TRAIN)))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert list(arrays) == ["conv.weight", "norm.weight"]
+    assert np.array_equal(arrays["norm.weight"].numpy(), np.ones(3, np.float32))
+    assert arrays["conv.weight"].dtype == "float32" and np.all(arrays["conv.weight"].numpy() > 0)

@@ -46,8 +46,10 @@ METRIC_KEYS = frozenset({
     "refused",                                      # 1 when the site declines a round
     "train-seconds", "evaluate-seconds",            # timings
 })
-#: Per-class metric keys (``dice-class-1``, ``hd95-class-2``, ...).
-METRIC_KEY_PATTERNS = (re.compile(r"dice-class-\d{1,3}"), re.compile(r"hd95-class-\d{1,3}"))
+#: Per-class metric keys (``dice-class-1``, ``hd95-class-2``, ...) and the 95% intervals of a site's means
+#: (``dice-ci-low``, ``hd95-class-2-ci-high``, ...; run config ``evaluate-only``).
+METRIC_KEY_PATTERNS = (re.compile(r"dice-class-\d{1,3}"), re.compile(r"hd95-class-\d{1,3}"),
+                       re.compile(r"(dice|hd95)(-class-\d{1,3})?-ci-(low|high)"))
 #: ConfigRecord ``site`` keys and the longest string each may hold.
 SITE_KEYS = {"site-id": 128, "reason": 300}
 ARRAYS, METRICS, SITE, SECAGG = "arrays", "metrics", "site", "secaggplus_configs"
@@ -68,8 +70,13 @@ class ArraySpec:
 
 
 @functools.lru_cache(maxsize=4)
-def expected_parameter_specs(model_config: ModelConfig) -> Mapping[str, ArraySpec]:
+def expected_parameter_specs(model_config: ModelConfig, *,
+                             staying: frozenset[str] = frozenset()) -> Mapping[str, ArraySpec]:
     """Return ``{name: ArraySpec}`` (read-only) of the model's ``state_dict`` for ``model_config``.
+
+    The ``staying`` weights (:func:`shared.local_weights.staying_weight_names`:
+    a site's own norm weights, frozen weights) are left out, so a reply
+    carrying one is blocked.
 
     The model is built on torch's ``meta`` device: shapes and dtypes without
     allocating or initialising any weight. Building a MONAI U-Net costs a few
@@ -83,7 +90,7 @@ def expected_parameter_specs(model_config: ModelConfig) -> Mapping[str, ArraySpe
     with torch.device("meta"):
         model = build_model(model_config)
     return MappingProxyType({name: ArraySpec(tuple(t.shape), str(t.dtype).removeprefix("torch."))
-                             for name, t in model.state_dict().items()})
+                             for name, t in model.state_dict().items() if name not in staying})
 
 
 def metric_key_allowed(key: str) -> bool:

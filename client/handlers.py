@@ -32,6 +32,13 @@ from client.site import SiteConfig, resolve_site
 from shared.config import RunConfig
 from shared.errors import ConfigError, FedSegError
 from shared.fingerprint import FINGERPRINT
+from shared.local_weights import (
+    FEDERATION_ID_KEY,
+    frozen_weight_names,
+    local_weight_names,
+    staying_weight_names,
+    travelling,
+)
 from shared.plan import PLAN_KEY, Plan, resolve_plan_setting
 
 LOG = logging.getLogger("fedseg.client")
@@ -82,6 +89,7 @@ def _handle(msg: Message, context: Context, work: Work, *, needs_plan: bool,
             step: SecureStep | None = None) -> Message:
     site: SiteConfig | None = None
     plan: Plan | None = None
+    config: RunConfig | None = None
     try:
         config = RunConfig.from_mapping(context.run_config)
         site = resolve_site(context.node_config, config.simulation_sites)
@@ -94,7 +102,8 @@ def _handle(msg: Message, context: Context, work: Work, *, needs_plan: bool,
     except Exception as exc:  # a bug must not leak its message to the server
         LOG.exception("site %s: %s failed unexpectedly", _site_id(site), msg.metadata.message_type)
         content = refusal_content(msg, site, f"internal error ({type(exc).__name__}); see the site's log")
-    return send_reply(msg, content=content, context=context, site=site, plan=plan, step=step)
+    return send_reply(msg, content=content, context=context, site=site, plan=plan, step=step,
+                      staying=_staying_or_none(config, plan))
 
 
 def refusal_content(msg: Message, site: SiteConfig | None, reason: str) -> RecordDict:
@@ -121,11 +130,15 @@ def strip_directories(text: str) -> str:
 
 
 def send_reply(msg: Message, *, content: RecordDict, context: Context, site: SiteConfig | None,
-               plan: Plan | None, step: SecureStep | None = None) -> Message:
+               plan: Plan | None, step: SecureStep | None = None,
+               staying: frozenset[str] | None = frozenset()) -> Message:
     """The single exit point of the ClientApp: guard, audit, then build the reply.
 
     ``step`` is the secure-aggregation step ``msg`` asked for (None: a plain
-    message); only then may the reply carry the protocol's record.
+    message); only then may the reply carry the protocol's record. The weights
+    a reply may carry are the model's without the ``staying`` ones
+    (:func:`shared.local_weights.staying_weight_names`); None (the run config
+    could not say which) lets no weight leave.
 
     A reply the guard blocks is replaced by a refusal (the server sees it and
     logs the reason) and the event is logged at CRITICAL level. A reply that
@@ -136,7 +149,8 @@ def send_reply(msg: Message, *, content: RecordDict, context: Context, site: Sit
     withheld: RecordDict | None = None
     try:
         wants_specs = ARRAYS in content or (step is not None and step.carries_model)
-        expected = expected_parameter_specs(plan.model_config()) if plan and wants_specs else None
+        expected = (expected_parameter_specs(plan.model_config(), staying=staying)
+                    if plan and wants_specs and staying is not None else None)
         check_reply(content, message_type=message_type, expected=expected, step=step)
     except EgressBlocked as exc:
         blocked = str(exc)
@@ -181,11 +195,11 @@ def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig, 
     from monai.utils import set_determinism
 
     from client.loading import training_loader
+    from client.local_state import keep_local_weights
     from client.site_data import load_training_cases
     from client.training import make_loss, train_local
     from shared.device import resolve_device
-    from shared.model import build_model
-    from shared.weights import load_arrays, model_to_arrays
+    from shared.weights import model_to_arrays
 
     assert plan is not None
     server_round = int(msg.content["config"]["server-round"])
@@ -195,8 +209,8 @@ def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig, 
     seed = _site_round_seed(config.seed, site.site_id, server_round)
     set_determinism(seed=seed)
     cases, augment = load_training_cases(site.datalist, plan, cache_dir=site.cache_dir)
-    model = build_model(plan.model_config())
-    load_arrays(model, msg.content["arrays"])
+    model, local, local_path = _received_model(msg, context, config, site, plan)
+    staying = staying_weight_names(plan.model_config(), local_norm=config.local_norm, train_layers=config.train_layers)
     device = resolve_device(config.device)
     proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))
     if config.patient_dp:
@@ -209,9 +223,11 @@ def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig, 
                              proximal_mu=proximal_mu, loss_fn=make_loss(model_config=plan.model_config()))
         metrics = {"num-examples": result.num_examples, "train-loss": result.train_loss,
                    "steps": result.steps, "dp": 0}
-    arrays = model_to_arrays(model)
+    if local:  # kept before replying: the next round and every evaluation start from them
+        keep_local_weights(model, local_path, names=local, model_config=plan.model_config())
+    arrays = model_to_arrays(model, exclude=staying)
     if site.fault is not None:
-        received = msg.content["arrays"].to_torch_state_dict()
+        received = travelling(msg.content["arrays"].to_torch_state_dict(), staying)
         arrays = ArrayRecord(site.fault.poison(dict(arrays.to_torch_state_dict()), dict(received)))
     return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
                        "site": ConfigRecord({"site-id": site.site_id})})
@@ -227,25 +243,66 @@ def _secure_train(msg: Message, context: Context, config: RunConfig, site: SiteC
                   step: SecureStep) -> RecordDict:
     return run_secure_stage(msg, context, step=step, config=config, site=site,
                             train=lambda: _train(msg, context, config, site, plan),
-                            reference=lambda: {name: a.numpy() for name, a in msg.content["arrays"].items()})
+                            reference=lambda: travelling({name: a.numpy() for name, a in msg.content["arrays"].items()},
+                                                         _staying_or_none(config, plan) or frozenset()))
 
 
 def _evaluate(msg: Message, context: Context, config: RunConfig, site: SiteConfig, plan: Plan | None) -> RecordDict:
     from client.site_data import load_validation_cases
     from client.training import evaluate_local
     from shared.device import resolve_device
-    from shared.model import build_model
-    from shared.weights import load_arrays
 
     assert plan is not None
     cases = load_validation_cases(site.datalist, plan, cache_dir=site.cache_dir)
-    model = build_model(plan.model_config())
-    load_arrays(model, msg.content["arrays"])
+    model, _, _ = _received_model(msg, context, config, site, plan)
     result = evaluate_local(model, cases, plan=plan, device=resolve_device(config.device))
     metrics = {"num-examples": result.num_examples, "dice": result.dice, "loss": result.loss, "hd95": result.hd95}
     metrics.update({f"dice-class-{i + 1}": v for i, v in enumerate(result.dice_per_class)})
     metrics.update({f"hd95-class-{i + 1}": v for i, v in enumerate(result.hd95_per_class)})
+    if config.evaluate_only:  # validating a model: how sure each site's figure is, from its cases' spread
+        from shared.metrics import case_intervals
+
+        metrics.update(case_intervals(result.per_case, seed=config.seed))
     return RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site.site_id})})
+
+
+def _received_model(msg: Message, context: Context, config: RunConfig, site: SiteConfig,
+                    plan: Plan) -> tuple[Any, frozenset[str], Path]:
+    """The global model of ``msg`` with the site's own weights laid over it (run config ``local-norm``) and
+    the weights run config ``train-layers`` leaves out frozen (``requires_grad`` off).
+
+    Returns (model, names of the site's own weights, the file that keeps them).
+    """
+    from client.local_state import local_weights_path, restore_local_weights
+    from client.training import freeze_weights
+    from shared.model import build_model
+    from shared.weights import load_arrays
+
+    model = build_model(plan.model_config())
+    load_arrays(model, msg.content["arrays"])
+    local = local_weight_names(plan.model_config(), local_norm=config.local_norm)
+    path = local_weights_path(site.state_dir, run_id=_federation_id(msg, context))
+    restore_local_weights(model, path, names=local, model_config=plan.model_config())
+    freeze_weights(model, frozen_weight_names(plan.model_config(), train_layers=config.train_layers))
+    return model, local, path
+
+
+def _federation_id(msg: Message, context: Context) -> int:
+    """The run id that began this federation (kept across resumes), else this run's."""
+    config = msg.content.config_records.get("config")
+    value = config.get(FEDERATION_ID_KEY) if config is not None else None
+    return int(value) if isinstance(value, str) and value.isdigit() else int(context.run_id)
+
+
+def _staying_or_none(config: RunConfig | None, plan: Plan | None) -> frozenset[str] | None:
+    """The weights no reply may carry; None when the run config cannot say (then none may leave)."""
+    if config is None or plan is None:
+        return None
+    try:
+        return staying_weight_names(plan.model_config(), local_norm=config.local_norm,
+                                    train_layers=config.train_layers)
+    except ConfigError:
+        return None
 
 
 def _fingerprint(msg: Message, context: Context, config: RunConfig, site: SiteConfig,

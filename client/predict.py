@@ -39,11 +39,14 @@ class Prediction:
 
 
 def predict_scan(*, model_path: Path, input_path: Path | Sequence[Path], output_path: Path, device: str = "auto",
-                 modality: str | None = None, dicom_seg_path: Path | None = None) -> Prediction:
+                 modality: str | None = None, dicom_seg_path: Path | None = None,
+                 local_weights: Path | None = None) -> Prediction:
     """Segment ``input_path`` with the model in ``model_path``; write the mask to ``output_path``.
 
     ``input_path`` is one scan, or one scan per input channel (same grid);
-    ``modality`` is one name or one per channel, comma-separated (``"T1,FLAIR"``).
+    ``modality`` is one name or one per channel, comma-separated (``"T1,FLAIR"``);
+    ``local_weights`` is this site's own norm weights of a ``local-norm`` run
+    (``<state-dir>/local-weights/run-N.pt``), laid over the global model: the site's personal model.
     """
     import numpy as np
 
@@ -58,6 +61,8 @@ def predict_scan(*, model_path: Path, input_path: Path | Sequence[Path], output_
             raise DataError(f"{path}: input does not exist")
     model, payload = load_model(model_path)
     plan = plan_of_model(payload, model_path)
+    if local_weights is not None:
+        use_local_weights(model, local_weights, plan=plan)
     modalities = _modalities(modality, inputs[0], plan.in_channels)
     settings = settings_for(plan, modalities=modalities)
     raw, was_2d = _read(inputs)
@@ -89,6 +94,16 @@ def segment(model: torch.nn.Module, raw: Any, *, settings: PreprocessSettings, d
         logits = predict_volume(model.to(torch_device).eval(), image.as_tensor().to(torch_device),
                                 spatial_dims=settings.spatial_dims, patch_size=settings.patch_size)
     return _to_input_grid(torch.softmax(logits[0].cpu(), dim=0), image.affine, raw)
+
+
+def use_local_weights(model: torch.nn.Module, path: Path, *, plan: Plan) -> None:
+    """Lay a site's own norm weights (run config ``local-norm``) from ``path`` over ``model``."""
+    from client.local_state import restore_local_weights
+    from shared.local_weights import norm_weight_names
+
+    if not restore_local_weights(model, Path(path), names=norm_weight_names(plan.model_config()),
+                                 model_config=plan.model_config()):
+        raise ConfigError(f"'--local-weights': {path} does not exist")
 
 
 def _modalities(modality: str | None, first_input: Path, channels: int) -> tuple[str, ...]:
@@ -162,11 +177,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modality", help="CT (HU window) or another name (z-score), one or one per channel, "
                                            "comma-separated (default: the DICOM Modality tag, else MR)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--local-weights", type=Path,
+                        help="this site's own norm weights of a local-norm run (<state-dir>/local-weights/run-N.pt)")
 
 
 def run(args: argparse.Namespace) -> int:
     result = predict_scan(model_path=args.model, input_path=args.input, output_path=args.output,
-                          device=args.device, modality=args.modality, dicom_seg_path=args.dicom_seg)
+                          device=args.device, modality=args.modality, dicom_seg_path=args.dicom_seg,
+                          local_weights=args.local_weights)
     counts = ", ".join(f"class {k}: {v}" for k, v in result.voxels_per_class.items())
     print(f"wrote {result.output} (shape {'x'.join(map(str, result.shape))}, {result.modality} normalisation; "
           f"{counts})")

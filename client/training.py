@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,17 @@ def make_loss(*, model_config: ModelConfig | None = None) -> torch.nn.Module:
 SGD_MOMENTUM = 0.9
 
 
+def freeze_weights(model: torch.nn.Module, frozen: Collection[str]) -> None:
+    """Turn gradients off for the ``frozen`` parameters (run config ``train-layers``), on for the others.
+
+    A frozen weight then takes no optimiser step (:func:`make_optimizer` leaves
+    it out) and, under DP, no per-sample gradient and no noise (Opacus noises
+    only parameters that require a gradient).
+    """
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name not in frozen)
+
+
 def make_optimizer(model: torch.nn.Module, *, config: RunConfig) -> torch.optim.Optimizer:
     """The local optimizer named by run config ``optimizer``: Adam, or SGD with momentum 0.9.
 
@@ -79,9 +91,10 @@ def make_optimizer(model: torch.nn.Module, *, config: RunConfig) -> torch.optim.
     """
     import torch
 
+    trained = [p for p in model.parameters() if p.requires_grad]  # run config train-layers freezes the others
     if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=SGD_MOMENTUM)
-    return torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+        return torch.optim.SGD(trained, lr=config.learning_rate, momentum=SGD_MOMENTUM)
+    return torch.optim.Adam(trained, lr=config.learning_rate)
 
 
 def train_local(model: torch.nn.Module, loader: Any, *, config: RunConfig, device: torch.device,

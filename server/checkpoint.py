@@ -52,6 +52,7 @@ class Checkpoint:
     metrics_rows: list[dict[str, Any]] = field(default_factory=list)
     known_sites: dict[int, str] = field(default_factory=dict)
     plan: str = ""  # the run's plan as JSON (shared.plan.Plan); a resumed run trains the same one
+    federation_id: int = 0  # the run id of the run that began it (sites key their own weights by it); 0: unknown
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
@@ -62,7 +63,8 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
     torch.save({"round": checkpoint.round, "state_dict": checkpoint.state_dict,
                 "run_config": checkpoint.run_config, "strategy_state": checkpoint.strategy_state,
                 "metrics_rows": checkpoint.metrics_rows,
-                "known_sites": {str(k): v for k, v in checkpoint.known_sites.items()}, "plan": checkpoint.plan}, buffer)
+                "known_sites": {str(k): v for k, v in checkpoint.known_sites.items()}, "plan": checkpoint.plan,
+                "federation_id": checkpoint.federation_id}, buffer)
     payload = buffer.getvalue()
     header = MAGIC + f"{hashlib.sha256(payload).hexdigest()} {len(payload)}\n".encode()
 
@@ -93,7 +95,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         return Checkpoint(round=int(data["round"]), state_dict=data["state_dict"], run_config=data["run_config"],
                           strategy_state=data["strategy_state"], metrics_rows=data["metrics_rows"],
                           known_sites={int(k): v for k, v in data["known_sites"].items()},
-                          plan=str(data.get("plan", "")))
+                          plan=str(data.get("plan", "")), federation_id=int(data.get("federation_id", 0)))
     except Exception as exc:  # a payload with a valid checksum but the wrong content
         raise CheckpointError(f"checkpoint {path}: unreadable content ({exc})") from None
 

@@ -34,17 +34,22 @@ def site_dp_advice(config: RunConfig, plan: Plan, fingerprint: Fingerprint) -> D
         return None
     return dp_advice(cases=fingerprint.cases, batch_size=plan.batch_size, steps_per_round=plan.local_steps,
                      rounds=config.num_rounds, epsilon=max(fingerprint.dp_epsilon_left, 1e-3),
-                     delta=fingerprint.dp_delta or 1e-5, weights=trained_weights(plan))
+                     delta=fingerprint.dp_delta or 1e-5,
+                     weights=trained_weights(plan, train_layers=config.train_layers))
 
 
-def trained_weights(plan: Plan) -> int:
-    """Number of weights the plan's network trains (counted on torch's ``meta`` device)."""
+def trained_weights(plan: Plan, *, train_layers: str = "all") -> int:
+    """Number of weights the plan's network trains (run config ``train-layers``; counted on torch's ``meta``
+    device): DP-SGD noises only those."""
     import torch
 
+    from shared.local_weights import frozen_weight_names
     from shared.model import build_model
 
+    frozen = frozen_weight_names(plan.model_config(), train_layers=train_layers)
     with torch.device("meta"):
-        return sum(p.numel() for p in build_model(plan.model_config()).parameters())
+        model = build_model(plan.model_config())
+    return sum(p.numel() for name, p in model.named_parameters() if name not in frozen)
 
 
 def learnable_case_share(config: RunConfig, plan: Plan, fingerprints: Mapping[str, Fingerprint]) -> float:

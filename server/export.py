@@ -49,6 +49,7 @@ def export_final_model(model_path: Path, *, config: RunConfig, plan: Plan,
         "plan": plan.to_dict(),
         "class_names": class_names(config),
         "per_site": final_site_metrics(rounds),
+        "initial_model": payload.get("initial_model"),
         "final": True,
     }
     from shared.model import ModelConfig

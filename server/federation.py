@@ -12,13 +12,14 @@ from flwr.app import ArrayRecord
 
 from server.checkpoint import Checkpoint, check_resumable, checkpoint_path, load_checkpoint, save_checkpoint
 from server.export import export_final_model
-from server.plan_phase import establish_plan, keep_or_write_plan_file
+from server.plan_phase import establish_plan, keep_or_write_plan_file, write_plan_file
 from server.polling_grid import PollingGrid, shorten_object_pull_retry
-from server.rounds import run_rounds
+from server.rounds import evaluate_round, run_rounds
 from server.run_folder import RunRecorder
 from server.secagg_sum import SecAggSettings
 from server.strategies import build_strategy
 from shared.config import RunConfig
+from shared.local_weights import FEDERATION_ID_KEY, staying_weight_names
 from shared.plan import PLAN_KEY, Plan
 
 if TYPE_CHECKING:
@@ -29,8 +30,11 @@ if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
     from server.strategies.tracking import SiteTracking
+    from shared.model_sources import ModelSource
 
 PROGRESS_PREFIX = "[fedseg]"
+#: Where a run started from (run config ``initial-model``): path, kind and sha256, written before round 1.
+INITIAL_MODEL_FILE = "initial_model.json"
 
 
 def resolve_run_dir(config: RunConfig, run_id: int) -> Path:
@@ -61,15 +65,25 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
     shorten_object_pull_retry()
     grid = PollingGrid(grid)
     checkpoint = resume_checkpoint(config)
+    initial = open_initial_model(config, run_dir=run_dir)  # on resume too: the run folder says where it began
+    recorder.initial_model = initial.provenance() if initial is not None else None
     if checkpoint is not None and checkpoint.plan:
         recorder.plan = Plan.from_json(checkpoint.plan, source=f"checkpoint of {config.resume_from}")
         keep_or_write_plan_file(run_dir, recorder.plan)
+    elif initial is not None and initial.plan is not None and config.plan == "auto" and checkpoint is None:
+        recorder.plan = Plan.from_dict(initial.plan, source=f"initial-model {initial.path}")
+        write_plan_file(run_dir, recorder.plan, sites={})
+        print(f"{PROGRESS_PREFIX} plan: the one {initial.path} was trained with", flush=True)
     else:
         recorder.plan = establish_plan(grid, config, run_dir=run_dir, known_sites=strategy.known_sites,
                                        say=lambda line: print(line, flush=True))
     strategy.message_config[PLAN_KEY] = recorder.plan.to_json()
-    arrays, first_round = starting_point(config, strategy, recorder, checkpoint)
-    progress = ProgressPrinter(config.num_rounds, first_round=first_round)
+    federation_id = (checkpoint.federation_id if checkpoint is not None else 0) or int(context.run_id)
+    strategy.message_config[FEDERATION_ID_KEY] = str(federation_id)
+    strategy.staying_weights = staying_weight_names(recorder.plan.model_config(), local_norm=config.local_norm,
+                                                    train_layers=config.train_layers)
+    arrays, first_round = starting_point(config, strategy, recorder, checkpoint, initial=initial)
+    progress = ProgressPrinter(1 if config.evaluate_only else config.num_rounds, first_round=first_round)
 
     def close_round(server_round: int, arrays: ArrayRecord) -> Callable[[], None]:
         strategy_state, known_sites = strategy.strategy_state(), dict(strategy.known_sites)  # as of now
@@ -77,14 +91,19 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
         def write_out() -> None:
             progress.report(recorder.end_round(server_round, arrays), recorder.rounds.get(server_round, {}))
             write_round_checkpoint(run_dir, server_round, arrays, config=config, strategy_state=strategy_state,
-                                   known_sites=known_sites, recorder=recorder)
+                                   known_sites=known_sites, recorder=recorder, federation_id=federation_id)
             print(f"{PROGRESS_PREFIX} checkpoint written: round {server_round}", flush=True)
 
         return write_out
 
-    run_rounds(strategy, grid, arrays=arrays, first_round=first_round, num_rounds=config.num_rounds,
-               timeout=config.round_timeout, close_round=close_round, overlap_evaluation=config.overlap_evaluation,
-               secure=SecAggSettings.from_config(config) if config.secure_aggregation else None)
+    if config.evaluate_only:  # one evaluation of the given model at every site; nothing trains, no budget spent
+        evaluate_round(strategy, grid, server_round=1, arrays=arrays, timeout=config.round_timeout)
+        progress.report(recorder.end_round(1, arrays), recorder.rounds.get(1, {}))
+    else:
+        run_rounds(strategy, grid, arrays=arrays, first_round=first_round, num_rounds=config.num_rounds,
+                   timeout=config.round_timeout, close_round=close_round,
+                   overlap_evaluation=config.overlap_evaluation,
+                   secure=SecAggSettings.from_config(config) if config.secure_aggregation else None)
     summary = recorder.finish()
     if recorder.model_path.exists():
         export_final_model(recorder.model_path, config=config, plan=recorder.plan, rounds=recorder.rounds)
@@ -109,14 +128,31 @@ def resume_checkpoint(config: RunConfig) -> Checkpoint | None:
     return checkpoint
 
 
+def open_initial_model(config: RunConfig, *, run_dir: Path) -> ModelSource | None:
+    """The model run config ``initial-model`` names (None: none); its provenance goes to ``initial_model.json``."""
+    from shared.atomic import atomic_write_json
+    from shared.model_sources import open_model_source
+
+    if not config.initial_model:
+        return None
+    source = open_model_source(config.initial_model, key_map=config.initial_model_key_map)
+    atomic_write_json(run_dir / INITIAL_MODEL_FILE, source.provenance())
+    print(f"{PROGRESS_PREFIX} initial model: {source.kind} {source.path} (sha256 {source.sha256[:12]}...)", flush=True)
+    return source
+
+
 def starting_point(config: RunConfig, strategy: SiteTracking, recorder: RunRecorder,
-                   checkpoint: Checkpoint | None) -> tuple[ArrayRecord, int]:
-    """(global arrays, first round): a fresh seeded model of the plan, or the state of ``checkpoint``."""
+                   checkpoint: Checkpoint | None, *, initial: ModelSource | None = None) -> tuple[ArrayRecord, int]:
+    """(global arrays, first round): the ``initial`` model checked against the plan's network, a fresh seeded
+    model of the plan, or the state of ``checkpoint``."""
     from monai.utils import set_determinism
 
     from shared.model import build_model
+    from shared.model_sources import fit_to_network
     from shared.weights import model_to_arrays
 
+    if checkpoint is None and initial is not None:
+        return ArrayRecord(fit_to_network(initial, recorder.plan.model_config())), 1
     if checkpoint is None:
         set_determinism(seed=config.seed)
         return model_to_arrays(build_model(recorder.plan.model_config())), 1
@@ -129,6 +165,7 @@ def starting_point(config: RunConfig, strategy: SiteTracking, recorder: RunRecor
 
 
 def write_round_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, *, config: RunConfig,
+                           federation_id: int = 0,
                            strategy_state: dict[str, dict[str, np.ndarray]], known_sites: dict[int, str],
                            recorder: RunRecorder) -> Path:
     """Save everything a resumed run needs after ``server_round``.
@@ -142,7 +179,7 @@ def write_round_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord
     checkpoint = Checkpoint(round=server_round, state_dict=dict(arrays.to_torch_state_dict()),
                             run_config=config.to_mapping(), strategy_state=state,
                             metrics_rows=recorder.written_rows, known_sites=dict(known_sites),
-                            plan=recorder.plan.to_json())
+                            plan=recorder.plan.to_json(), federation_id=federation_id)
     return save_checkpoint(run_dir, checkpoint)
 
 

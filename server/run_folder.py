@@ -61,6 +61,8 @@ class RunRecorder:
         self.config = config
         #: The run's plan, set once it is known (before round 1).
         self.plan = plan
+        #: Where the run started (run config ``initial-model``: path, kind, sha256); None: a fresh model.
+        self.initial_model: dict[str, str] | None = None
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.model_path = self.run_dir / "global_model.pt"
         self.rounds: dict[int, dict[str, dict[str, Any]]] = defaultdict(lambda: defaultdict(dict))
@@ -131,7 +133,7 @@ class RunRecorder:
             raise RuntimeError("RunRecorder.plan must be set before a round ends")
         save_model_file(self.model_path, state_dict=state_dict, model_config=self.plan.model_config(),
                         extra={"round": server_round, "run_config": self.config.to_mapping(),
-                               "plan": self.plan.to_dict()})
+                               "plan": self.plan.to_dict(), "initial_model": self.initial_model})
         return row
 
     def finish(self) -> dict[str, Any]:
@@ -156,6 +158,7 @@ class RunRecorder:
             "seconds": round(time.time() - self.started, 1),
             "model": self.model_path.name,
             "run_config": self.config.to_mapping(),
+            "initial_model": self.initial_model,
         }
         atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
@@ -189,8 +192,9 @@ def site_dp_summary(global_rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def aggregate_sites(sites: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Example-weighted means over the sites that answered, and outcome counts."""
-    evaluation_keys = {"dice", "loss", "hd95"} | {
-        key for r in sites.values() for key in r if key.startswith(("dice-class-", "hd95-class-"))}
+    evaluation_keys = {"dice", "loss", "hd95"} | {  # a site's interval is its own: no mean over sites
+        key for r in sites.values() for key in r
+        if key.startswith(("dice-class-", "hd95-class-")) and not key.endswith(("-ci-low", "-ci-high"))}
     row: dict[str, Any] = {key: _weighted(sites, key, "num-val-examples") for key in sorted(evaluation_keys)}
     row["train-loss"] = _weighted(sites, "train-loss", "num-train-examples")
     row["max-epsilon"] = max((float(r["epsilon"]) for r in sites.values() if "epsilon" in r), default=None)

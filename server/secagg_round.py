@@ -60,7 +60,9 @@ def secure_train_round(strategy: SiteTracking, grid: PollingGrid, *, server_roun
 
     messages = list(strategy.configure_train(server_round, arrays, message_config(strategy), grid))
     secure = SecureRound(grid=grid, server_round=server_round, settings=settings, timeout=timeout,
-                         known_sites=strategy.known_sites, shapes=[tuple(a.shape) for a in arrays.values()])
+                         known_sites=strategy.known_sites,
+                         shapes=[tuple(a.shape) for name, a in arrays.items()
+                                 if name not in strategy.staying_weights])
     new_arrays, _ = strategy.aggregate_secure(server_round, secure.run(messages))
     return arrays if new_arrays is None else new_arrays
 

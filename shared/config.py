@@ -127,6 +127,22 @@ class RunConfig:
     ``secagg-modulus-range`` (a power of 2); ``secagg-max-weight`` is the
     largest ``num-examples`` a site may weigh with; ``secagg-update-norm-bound``
     (> 0) scales a site's change down to this L2 norm before masking (0: off).
+
+    **Transfer learning and personal models.** ``local-norm`` (false) keeps
+    every normalisation layer's weights at each site (FedBN,
+    :mod:`shared.local_weights`): trained and stored in the site's state
+    directory, never sent, left out of the average; each site evaluates with its
+    own. ``initial-model`` (empty: a fresh seeded model) starts round 1 from a
+    fedseg ``global_model.pt``, a MONAI bundle folder (``configs/*.json`` +
+    ``models/model.pt``) or a torch state dict file, whose names may be renamed
+    by the JSON object ``{"file's name": "fedseg's name"}`` in
+    ``initial-model-key-map``; names, shapes and architecture are checked before
+    round 1 (:mod:`server.initial_model`). ``evaluate-only`` (false) sends the
+    ``initial-model`` to every site for evaluation and trains nothing (no
+    privacy budget is spent). ``train-layers`` (``all``) names what trains:
+    ``+``/``,``-separated groups ``all``, ``decoder``, ``norm`` or ``fnmatch``
+    patterns over weight names; every other weight stays as the server sent it
+    (no gradient step, no DP noise) and is neither sent back nor averaged.
     """
 
     num_rounds: int = 0
@@ -191,6 +207,11 @@ class RunConfig:
     secagg_modulus_range: int = 4294967296
     secagg_max_weight: float = 1000.0
     secagg_update_norm_bound: float = 0.0
+    local_norm: bool = False
+    initial_model: str = ""
+    initial_model_key_map: str = ""
+    evaluate_only: bool = False
+    train_layers: str = "all"
 
     def __post_init__(self) -> None:
         self._check_types()

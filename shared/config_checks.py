@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from shared.config_values import AUTO, parse_int_list, require, require_together, to_key
+from shared.local_weights import split_train_layers
 
 if TYPE_CHECKING:
     from shared.config import RunConfig
@@ -64,6 +65,18 @@ def check_ranges(config: RunConfig) -> None:
     check_architecture(config)
     check_privacy(config)
     check_secure_aggregation(config)
+    check_transfer(config)
+
+
+def check_transfer(config: RunConfig) -> None:
+    """``initial-model``, its key map and ``evaluate-only`` must fit together (the files are read by the server)."""
+    require_together(not config.evaluate_only or bool(config.initial_model), ("evaluate-only", "initial-model"),
+                     "an evaluate-only run validates a given model: name it in initial-model")
+    _require(bool(split_train_layers(config.train_layers)), "train_layers",
+             "must name what trains: 'all', 'decoder', 'norm' or weight name patterns, joined by '+' or ','",
+             config.train_layers)
+    require_together(not config.initial_model_key_map or bool(config.initial_model),
+                     ("initial-model-key-map", "initial-model"), "a key map renames the initial model's weights")
 
 
 def check_architecture(config: RunConfig) -> None:

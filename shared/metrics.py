@@ -60,3 +60,40 @@ def nanmean(values: list[float]) -> float:
     """Mean of the finite values, NaN when there are none."""
     finite = [v for v in values if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else float("nan")
+
+
+def mean_interval(values: list[float], *, confidence: float = 0.95, seed: int = 0) -> tuple[float, float] | None:
+    """A bootstrap (BCa, scipy) confidence interval of the mean of ``values``, NaN and Inf left out.
+
+    None when fewer than two values remain or they are all equal (no spread to resample).
+    """
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    finite = np.asarray([v for v in values if math.isfinite(v)], dtype=float)
+    if finite.size < 2 or np.all(finite == finite[0]):
+        return None
+    result = bootstrap((finite,), np.mean, confidence_level=confidence, n_resamples=2000, method="BCa",
+                       random_state=np.random.default_rng(seed))
+    low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+    return (low, high) if math.isfinite(low) and math.isfinite(high) else None
+
+
+def case_intervals(per_case: list[dict[str, list[float]]], *, keys: tuple[str, ...] = ("dice", "hd95"),
+                   seed: int = 0) -> dict[str, float]:
+    """95% intervals of a site's mean per metric and class over its cases, as metric keys.
+
+    ``per_case`` holds each case's per-class values under ``keys``; the result has
+    ``{key}-ci-low``/``-ci-high`` for the mean over classes and
+    ``{key}-class-K-ci-low``/``-ci-high`` per class (only where an interval exists).
+    """
+    out: dict[str, float] = {}
+    for key in keys:
+        classes = len(per_case[0][key]) if per_case else 0
+        columns = {f"{key}-class-{k + 1}": [case[key][k] for case in per_case] for k in range(classes)}
+        columns[key] = [nanmean(case[key]) for case in per_case]
+        for name, values in columns.items():
+            interval = mean_interval(values, seed=seed)
+            if interval is not None:
+                out[f"{name}-ci-low"], out[f"{name}-ci-high"] = interval
+    return out

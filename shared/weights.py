@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from shared.errors import WeightsError
@@ -11,11 +12,11 @@ if TYPE_CHECKING:
     from flwr.app import ArrayRecord
 
 
-def model_to_arrays(model: torch.nn.Module) -> ArrayRecord:
-    """Return the model's ``state_dict`` as an ``ArrayRecord`` (CPU tensors)."""
+def model_to_arrays(model: torch.nn.Module, *, exclude: Collection[str] = ()) -> ArrayRecord:
+    """Return the model's ``state_dict`` as an ``ArrayRecord`` (CPU tensors), without the names in ``exclude``."""
     from flwr.app import ArrayRecord
 
-    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items() if name not in exclude}
     return ArrayRecord(state)
 
 

@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--holdout-sites", type=int, default=SPEC.holdout_sites,
                         help="extra sites that never train; the final models are evaluated on them")
     parser.add_argument("--local-steps", type=int, help="optimisation steps per round (run config local-steps)")
+    parser.add_argument("--model", type=Path, metavar="FILE",
+                        help="start from this model (run config initial-model): a fedseg global_model.pt, a MONAI "
+                             "bundle folder or a torch state dict")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="evaluate --model at every site and train nothing (run config evaluate-only)")
     parser.add_argument("--cpus-per-client", type=float, default=SPEC.cpus_per_client,
                         help="CPUs Ray reserves per virtual hospital (default: %(default)s)")
     parser.add_argument("--gpus-per-client", type=float, default=SPEC.gpus_per_client,
@@ -153,6 +158,12 @@ def spec_from_args(args: argparse.Namespace) -> SimulationSpec:
     if args.local_steps is not None:
         overrides["local-steps"] = args.local_steps
     overrides.update(privacy_overrides(args))
+    if args.model is not None:
+        overrides["initial-model"] = str(args.model)
+    if args.evaluate_only:
+        if "initial-model" not in overrides:
+            raise FedSegError("--evaluate-only needs the model to evaluate: --model FILE")
+        overrides["evaluate-only"] = True
     return SimulationSpec(sites=args.sites, rounds=args.rounds, spatial_dims=args.spatial_dims,
                           seed=args.seed, out=args.out, min_cases=args.min_cases, max_cases=args.max_cases,
                           cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client,

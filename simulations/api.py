@@ -203,8 +203,9 @@ def build_run_config(spec: SimulationSpec, run_dir: Path, sites_manifest: Path, 
         values["class-names"] = ",".join(LABELS[k] for k in sorted(LABELS))
     if "class-names" not in spec.run_config and len(str(values.get("class-names", "")).split(",")) != num_classes:
         values.pop("class-names", None)  # the datalists' names no longer fit an overridden num-classes
-    if values.get("resume-from"):  # the ServerApp runs elsewhere: give it an absolute path
-        values["resume-from"] = str(Path(str(values["resume-from"])).expanduser().resolve())
+    for key in ("resume-from", "initial-model", "initial-model-key-map"):  # the ServerApp runs elsewhere
+        if values.get(key):
+            values[key] = str(Path(str(values[key])).expanduser().resolve())
     values.update({"run-dir": str(run_dir), "simulation-sites": str(sites_manifest)})
     return RunConfig.from_mapping(values)
 

@@ -13,36 +13,24 @@ from server.polling_grid import PollingGrid
 from shared.config import RunConfig
 from shared.errors import ConfigError
 from tests.conftest import TINY_RUN_CONFIG
-from tests.fake_grid import OfflineGrid
+from tests.fake_grid import AnsweringGrid
 
 
-class _HospitalsGrid(OfflineGrid):
+class _HospitalsGrid(AnsweringGrid):
     """Nodes that answer a fingerprint query with fedseg's own ClientApp handler and their node config."""
 
     def __init__(self, node_configs: dict[int, dict], run_config: dict) -> None:
+        super().__init__()
         self.node_configs, self.run_config = node_configs, run_config
-        self._replies: dict[str, Message] = {}
-        self.pushed = 0
 
     def get_node_ids(self):  # noqa: ANN201
         return list(self.node_configs)
 
-    def push_messages(self, messages):  # noqa: ANN001, ANN201
-        ids = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            context = Context(run_id=5, node_id=node, node_config=self.node_configs[node], state=RecordDict(),
-                              run_config=self.run_config)
-            reply = handle_fingerprint(msg, context)
-            msg_id = f"m{self.pushed}"
-            self.pushed += 1
-            reply.metadata.__dict__["_reply_to_message_id"] = msg_id
-            self._replies[msg_id] = reply
-            ids.append(msg_id)
-        return ids
-
-    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+    def answer(self, msg: Message) -> Message:
+        node = msg.metadata.dst_node_id
+        context = Context(run_id=5, node_id=node, node_config=self.node_configs[node], state=RecordDict(),
+                          run_config=self.run_config)
+        return handle_fingerprint(msg, context)
 
 
 def _node(site: str, datalist, tmp_path) -> dict:

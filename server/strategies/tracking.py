@@ -16,7 +16,11 @@ sampling and the aggregation; the mixin
 - samples nodes reproducibly from (seed, round), so a resumed run asks the same
   nodes as the uninterrupted one would have (in a simulation, through the
   engine's partition order: virtual node ids change every run);
-- exposes the strategy's own state for checkpoints.
+- exposes the strategy's own state for checkpoints;
+- with run config ``local-norm`` or ``train-layers``, leaves the weights that
+  never travel (:attr:`SiteTracking.staying_weights`: the sites' own norm
+  weights, frozen weights) out of every check and aggregate: an update holds
+  only the travelling weights, and the global model keeps the values it sent.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from server.polling_grid import sampling_order
 from server.site_replies import sort_replies
 from server.train_collector import ClosedRound, TrainCollector
 from server.update_checks import reference_arrays
+from shared.local_weights import travelling
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
@@ -86,7 +91,10 @@ class SiteTracking:
         self.known_sites: dict[int, str] = {}
         #: What every train and evaluate message carries in its config record (the run's plan).
         self.message_config: dict[str, str] = {}
+        #: Weights that never travel (run config ``local-norm``, ``train-layers``): not in an update, not averaged.
+        self.staying_weights: frozenset[str] = frozenset()
         self._reference: dict[str, np.ndarray] | None = None
+        self._sent: ArrayRecord | None = None
 
     # --- strategy state for checkpoints -------------------------------------------------
     def strategy_state(self) -> dict[str, dict[str, np.ndarray]]:
@@ -106,6 +114,9 @@ class SiteTracking:
         with _seeded_sampling(self.seed, server_round, "train"):
             messages = list(super().configure_train(server_round, arrays, config, _SortedNodes(grid)))
         self._sampled = len(messages)
+        if self.staying_weights and getattr(self, "current_arrays", None) is not None:
+            # FedAdam/FedYogi take the server step on what was averaged: the travelling weights
+            self.current_arrays = travelling(self.current_arrays, self.staying_weights)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -116,8 +127,9 @@ class SiteTracking:
 
     # --- training replies ---------------------------------------------------------------
     def expect_updates_of(self, arrays: ArrayRecord) -> None:
-        """Set the global model that this round's updates are checked against."""
-        self._reference = reference_arrays(arrays)
+        """Set the global model that this round's updates are checked against (its travelling weights)."""
+        self._sent = arrays
+        self._reference = travelling(reference_arrays(arrays), self.staying_weights)
 
     def train_collector(self) -> TrainCollector:
         """A collector for this round's training replies (after :meth:`expect_updates_of`)."""
@@ -149,13 +161,13 @@ class SiteTracking:
                 return self._finish_mean(server_round, mean, self._mean_metrics(closed),
                                          examples=sum(u.num_examples for u in closed.accepted))
             if self.mean_aggregation and not self.post_processes_mean:
-                return closed.spool.weighted_mean(closed.accepted), self._mean_metrics(closed)
+                return self._whole(closed.spool.weighted_mean(closed.accepted)), self._mean_metrics(closed)
             try:
                 arrays, metrics = super().aggregate_train(server_round, self._aggregation_input(closed))
             except (AggregationError, InconsistentMessageReplies) as exc:
                 LOG.error("round %d: aggregation failed (%s); the global model is kept", server_round, exc)
                 return None, None
-            return self._in_model_dtypes(arrays), metrics
+            return self._whole(self._in_model_dtypes(arrays)), metrics
         finally:
             closed.spool.close()
 
@@ -187,10 +199,18 @@ class SiteTracking:
                      examples: float) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The new global model from the round's mean: itself, or FedAdam/FedYogi's step along it."""
         if not self.post_processes_mean:
-            return mean, metrics
+            return self._whole(mean), metrics
         metrics[self.weighted_by_key] = examples
         arrays, metrics = super().aggregate_train(server_round, [_reply_like(mean, metrics)])
-        return self._in_model_dtypes(arrays), metrics
+        return self._whole(self._in_model_dtypes(arrays)), metrics
+
+    def _whole(self, aggregated: ArrayRecord | None) -> ArrayRecord | None:
+        """The new global model: ``aggregated`` travelling weights, the local ones as sent (in model order)."""
+        if aggregated is None or not self.staying_weights:
+            return aggregated
+        assert self._sent is not None
+        return ArrayRecord({name: aggregated.get(name, array)
+                            for name, array in self._sent.items()})
 
     def _site_dp_mean(self, server_round: int, closed: ClosedRound) -> ArrayRecord:
         """Clip every accepted change to the site-level norm, sum them with equal weights, release the mean."""

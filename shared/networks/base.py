@@ -88,7 +88,9 @@ class Network:
     number of downsamplings by 2 MONAI fixes (None: the plan's strides);
     ``norm_conversion`` names what replaced MONAI's hard-coded BatchNorm
     (recorded in every ``ModelConfig`` and so in the model file); ``dp_modes``
-    limits run config ``dp-grad-sample-mode`` (None: every mode). A network
+    limits run config ``dp-grad-sample-mode`` (None: every mode); ``decoder``
+    is a regular expression matching the names of the decoder's weights (run
+    config ``train-layers = "decoder"``; None: not defined). A network
     with fixed downsampling takes no run config ``channels`` or ``strides``.
     """
 
@@ -100,6 +102,7 @@ class Network:
     fixed_halvings: int | None = None
     norm_conversion: str = ""
     dp_modes: tuple[str, ...] | None = None
+    decoder: str | None = None
 
     @property
     def act(self) -> str:

@@ -67,4 +67,4 @@ def _register_blocks_once(model: torch.nn.Module) -> torch.nn.Module:
 
 
 DYNUNET = Network(build=build_dynunet, acts=("leakyrelu", "relu"), takes=frozenset({"kernels", "deep_supervision"}),
-                  check=check_dynunet)
+                  check=check_dynunet, decoder=r"(upsamples|output_block|deep_supervision_heads)\..*")

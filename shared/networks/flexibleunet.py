@@ -60,4 +60,4 @@ def build_flexibleunet(config: ModelConfig) -> torch.nn.Module:
 
 FLEXIBLEUNET = Network(build=build_flexibleunet, acts=("relu",), takes=frozenset({"backbone"}),
                        check=check_flexibleunet, levels=flexibleunet_levels, fixed_halvings=HALVINGS,
-                       norm_conversion=GROUPNORM)
+                       norm_conversion=GROUPNORM, decoder=r"(decoder|segmentation_head)\..*")

@@ -66,4 +66,4 @@ def build_segresnet(config: ModelConfig) -> torch.nn.Module:
 
 
 SEGRESNET = Network(build=build_segresnet, acts=("relu", "leakyrelu", "prelu"), check=check_segresnet,
-                    levels=segresnet_levels)
+                    levels=segresnet_levels, decoder=r"(up_layers|up_samples|conv_final)\..*")

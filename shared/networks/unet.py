@@ -26,4 +26,6 @@ def build_unet(config: ModelConfig) -> torch.nn.Module:
                 norm="INSTANCE", act=ACTIVATIONS[config.act])
 
 
-UNET = Network(build=build_unet, acts=("relu", "prelu", "leakyrelu"), takes=frozenset({"num_res_units"}))
+# MONAI nests each level as Sequential(down, SkipConnection(next level), up): the "up" halves are the decoder
+UNET = Network(build=build_unet, acts=("relu", "prelu", "leakyrelu"), takes=frozenset({"num_res_units"}),
+               decoder=r"model(\.1\.submodule)*\.2\..*")

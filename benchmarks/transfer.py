@@ -1,0 +1,153 @@
+"""Benchmark (issue 21): starting from a trained model, training part of it, personal norm layers.
+
+On the real-anatomy task ``donors`` (``benchmarks/real_data.py``: six real donors' brains, each
+hospital its own synthetic scanner, one T2-weighted), every run through fedseg's harness:
+
+- ``transfer``: a federation of the first three sites trains a model ("pretrained"); the other
+  three sites then train from a random start and from that model, for the same rounds. Reported:
+  the round at which each reaches the random start's final Dice, and both final Dice.
+- ``dp-decoder``: the other three sites with DP (each site's budget ``--max-epsilon``) from a
+  random start (every weight) and from the pretrained model training ``decoder+norm`` only, next
+  to the pretrained start without DP.
+- ``fedbn``: all six sites without DP, ``local-norm`` false and true: per-site final Dice (the
+  T2 site can absorb its inverted contrast in its own first norm layer).
+
+Usage (after the set-up step of ``benchmarks/README.md``, real images)::
+
+    .venv/bin/python -m benchmarks.transfer --parts transfer dp-decoder fedbn --rounds 25
+
+Results go to ``--out``/results.json and are printed as Markdown tables. Each federation takes what
+a ``benchmarks.real_tasks`` run of the same rounds takes (hours for 25 rounds on CPU): 7 federations
+in all (pretrain once, then 3 + 2 + 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.real_data import DATA_DIR, PACKAGES_DIR, MissingRequirements, prepare_task
+from shared.cli import exit_on_sigterm, quiet_optional_codec_notice
+from shared.config import RunConfig
+from shared.errors import FedSegError
+
+DEFAULT_OUT = Path("benchmarks/out/transfer")
+PARTS = ("transfer", "dp-decoder", "fedbn")
+
+
+def federate(name: str, datalists: list[Path], *, out: Path, rounds: int, seed: int, max_epsilon: float,
+             run_config: dict[str, Any]) -> dict[str, Any]:
+    """One federation through the harness; its global Dice per round, final per-site Dice and model file."""
+    from simulations.api import SimulationSpec, run_simulation
+
+    spec = SimulationSpec(datalists=tuple(datalists), rounds=rounds, seed=seed, out=out / name,
+                          max_epsilon=max_epsilon, run_config=dict(run_config))
+    print(f"[transfer] {name}: {len(datalists)} sites, {rounds} rounds, {run_config}", flush=True)
+    run_simulation(spec, echo=True)
+    run_dir = (out / name / "latest").resolve()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    curve = [row["dice"] for row in rows if row["site"] == "global"]
+    final_round = max(row["round"] for row in rows)
+    sites = {row["site"]: row.get("dice") for row in rows if row["site"] != "global" and row["round"] == final_round}
+    return {"run_dir": str(run_dir), "model": str(run_dir / "global_model.pt"), "dice_per_round": curve,
+            "final_dice": curve[-1] if curve else None, "site_dice": sites, "run_config": run_config}
+
+
+def rounds_to(curve: list[float | None], target: float) -> int | None:
+    """The first round (1-based) whose global Dice reaches ``target`` (None: never)."""
+    return next((r for r, dice in enumerate(curve, start=1) if dice is not None and dice >= target), None)
+
+
+def run_parts(parts: list[str], *, datalists: list[Path], out: Path, rounds: int, seed: int,
+              max_epsilon: float, run_config: dict[str, Any]) -> dict[str, Any]:
+    """Run the asked parts; the pretrained model is trained once for those that need it."""
+    source, target = datalists[:3], datalists[3:]
+    plain = {**run_config, "dp": False}
+    results: dict[str, Any] = {}
+
+    def run(name: str, sites: list[Path], extra: dict[str, Any]) -> dict[str, Any]:
+        results[name] = federate(name, sites, out=out, rounds=rounds, seed=seed, max_epsilon=max_epsilon,
+                                 run_config=extra)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        return results[name]
+
+    if {"transfer", "dp-decoder"} & set(parts):
+        pretrained = run("pretrain", source, plain)["model"]
+        from_model = run("target-pretrained", target, {**plain, "initial-model": pretrained})
+        if "transfer" in parts:
+            random = run("target-random", target, plain)
+            goal = random["final_dice"]
+            results["transfer-summary"] = {
+                "rounds_random": rounds_to(random["dice_per_round"], goal),
+                "rounds_pretrained": rounds_to(from_model["dice_per_round"], goal)}
+        if "dp-decoder" in parts:
+            dp = {**run_config, "dp": True}
+            run("target-dp-random", target, dp)
+            run("target-dp-pretrained-decoder", target,
+                {**dp, "initial-model": pretrained, "train-layers": "decoder+norm"})
+    if "fedbn" in parts:
+        run("all-fedavg", datalists, plain)
+        run("all-fedbn", datalists, {**plain, "local-norm": True})
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results as Markdown: final global Dice per run, then per-site Dice."""
+    runs = {name: r for name, r in results.items() if "final_dice" in r}
+    lines = ["| run | final Dice | Dice per round |", "|---|---|---|"]
+    lines += [f"| {name} | {_fmt(r['final_dice'])} | {' '.join(_fmt(d) for d in r['dice_per_round'])} |"
+              for name, r in runs.items()]
+    if "transfer-summary" in results:
+        s = results["transfer-summary"]
+        lines += ["", (f"Rounds to the random start's final Dice: random {s['rounds_random']}, "
+                       f"pretrained {s['rounds_pretrained']}.")]
+    sites = sorted({site for r in runs.values() for site in r["site_dice"]})
+    lines += ["", "| site | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+    lines += [f"| {site} | " + " | ".join(_fmt(r["site_dice"].get(site)) for r in runs.values()) + " |"
+              for site in sites]
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_optional_codec_notice()
+    exit_on_sigterm()
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.transfer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--rounds", type=int, default=RunConfig().num_rounds, help="rounds of every federation")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-epsilon", type=float, default=8.0, help="each site's budget in the DP runs")
+    parser.add_argument("--train-cases", type=int, default=12, help="training cases per site")
+    parser.add_argument("--val-cases", type=int, default=4, help="validation cases per site")
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="where the task's sites are written")
+    parser.add_argument("--packages", type=Path, default=PACKAGES_DIR, help="the set-up step's packages folder")
+    parser.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE",
+                        help="run config for every run (repeatable), e.g. --run-config local-steps=20")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    from simulations.__main__ import parse_run_config
+
+    try:
+        datalists = prepare_task("donors", seed=args.seed, training=args.train_cases, validation=args.val_cases,
+                                 data_dir=args.data_dir, packages=args.packages)
+        args.out.mkdir(parents=True, exist_ok=True)
+        results = run_parts(args.parts, datalists=datalists, out=args.out.resolve(), rounds=args.rounds,
+                            seed=args.seed, max_epsilon=args.max_epsilon,
+                            run_config=parse_run_config(args.run_config))
+    except (FedSegError, MissingRequirements) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -204,8 +204,9 @@ def derive_sized_plan(config: RunConfig, fingerprints: Mapping[str, Fingerprint]
 
 def smallest_batch(config: RunConfig, fingerprints: Mapping[str, Fingerprint]) -> int:
     """The batch a patch must leave room for: nnU-Net's 2; under DP, as many cases as the median site
-    has, up to :data:`DP_BATCH` (DP-SGD's noise is divided by the batch: a large one matters more than
-    a large patch)."""
+    has, up to :data:`DP_BATCH` (DP-SGD's noise on the averaged gradient is sigma / B: at a fixed budget
+    it falls with B while B is a small fraction of the site's cases, and hardly at all beyond; see
+    BENCHMARKS.md, "DP-SGD: noise per step by site size")."""
     if not config.patient_dp:
         return MIN_BATCH
     return max(MIN_BATCH, min(DP_BATCH, int(np.median([f.cases for f in fingerprints.values()]))))

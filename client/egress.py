@@ -24,11 +24,11 @@ import functools
 import io
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from shared.errors import FedSegError
+from client.egress_secagg import check_secagg
+from client.egress_types import ArraySpec, EgressBlocked, show
 from shared.fingerprint import FINGERPRINT, FINGERPRINT_MESSAGE_TYPE, fingerprint_key_allowed
 
 if TYPE_CHECKING:
@@ -54,19 +54,6 @@ METRIC_KEY_PATTERNS = (re.compile(r"dice-class-\d{1,3}"), re.compile(r"hd95-clas
 SITE_KEYS = {"site-id": 128, "reason": 300}
 ARRAYS, METRICS, SITE, SECAGG = "arrays", "metrics", "site", "secaggplus_configs"
 NUMPY_STYPE = "numpy.ndarray"
-_SHOWN_NAME_CHARS = 60
-
-
-class EgressBlocked(FedSegError):
-    """A reply carries something the egress guard does not allow; it must not leave."""
-
-
-@dataclass(frozen=True)
-class ArraySpec:
-    """Name-independent description of one model parameter: shape and numpy dtype name."""
-
-    shape: tuple[int, ...]
-    dtype: str
 
 
 @functools.lru_cache(maxsize=4)
@@ -135,8 +122,6 @@ def check_reply(content: RecordDict, *, message_type: str,
     if FINGERPRINT in content:
         check_fingerprint(content[FINGERPRINT])
     if SECAGG in content:
-        from client.egress_secagg import check_secagg
-
         assert step is not None
         check_secagg(content[SECAGG], step=step, expected=expected)
 
@@ -208,9 +193,3 @@ def check_site(site: ConfigRecord) -> None:
             raise EgressBlocked(f"site key {show(key)} is not a string ({type(value).__name__})")
         if len(value) > limit:
             raise EgressBlocked(f"site key {show(key)} holds {len(value)} characters (limit {limit})")
-
-
-def show(name: object) -> str:
-    """Quote a name for a message, cut short: a blocked key must not smuggle data out in the reason."""
-    text = str(name)
-    return repr(text if len(text) <= _SHOWN_NAME_CHARS else text[:_SHOWN_NAME_CHARS] + "...")

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 
-from client.egress import ArraySpec, EgressBlocked, show
+from client.egress_types import ArraySpec, EgressBlocked, show
 
 if TYPE_CHECKING:
     from flwr.app import ConfigRecord

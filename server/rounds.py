@@ -15,9 +15,10 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, Message
 
 from server.polling_grid import PollingGrid
+from server.secagg_round import secure_train_round
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
@@ -63,8 +64,6 @@ def run_rounds(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, first
         if secure is None:
             arrays = train_round(strategy, grid, server_round=server_round, arrays=arrays, timeout=timeout)
         else:
-            from server.secagg_round import secure_train_round
-
             arrays = secure_train_round(strategy, polling(grid), server_round=server_round, arrays=arrays,
                                         timeout=timeout, settings=secure)
         evaluate_round(strategy, grid, server_round=server_round, arrays=arrays, timeout=timeout)
@@ -118,17 +117,12 @@ def evaluate_round(strategy: SiteTracking, grid: Grid, *, server_round: int, arr
 
 
 def _configure_train(strategy: SiteTracking, grid: Grid, server_round: int, arrays: ArrayRecord) -> list[Message]:
-    return list(strategy.configure_train(server_round, arrays, message_config(strategy), grid))
+    return list(strategy.configure_train(server_round, arrays, strategy.message_record(), grid))
 
 
 def _configure_evaluate(strategy: SiteTracking, grid: Grid, server_round: int,
                         arrays: ArrayRecord) -> list[Message]:
-    return list(strategy.configure_evaluate(server_round, arrays, message_config(strategy), grid))
-
-
-def message_config(strategy: SiteTracking) -> ConfigRecord:
-    """The config record every train and evaluate message carries (the strategy's ``message_config``)."""
-    return ConfigRecord(dict(strategy.message_config))
+    return list(strategy.configure_evaluate(server_round, arrays, strategy.message_record(), grid))
 
 
 def _close_train(strategy: SiteTracking, server_round: int, collector: TrainCollector, unanswered: list[int], *,

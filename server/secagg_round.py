@@ -56,9 +56,7 @@ class SecureRoundResult:
 def secure_train_round(strategy: SiteTracking, grid: PollingGrid, *, server_round: int, arrays: ArrayRecord,
                        timeout: float, settings: SecAggSettings) -> ArrayRecord:
     """One training phase as SecAgg+ with the nodes the strategy samples; returns the new global arrays."""
-    from server.rounds import message_config
-
-    messages = list(strategy.configure_train(server_round, arrays, message_config(strategy), grid))
+    messages = list(strategy.configure_train(server_round, arrays, strategy.message_record(), grid))
     secure = SecureRound(grid=grid, server_round=server_round, settings=settings, timeout=timeout,
                          known_sites=strategy.known_sites,
                          shapes=[tuple(a.shape) for name, a in arrays.items()

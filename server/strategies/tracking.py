@@ -106,6 +106,10 @@ class SiteTracking:
         if self.site_dp is not None and SITE_DP_STATE in state:
             self.site_dp.load_state(state[SITE_DP_STATE])
 
+    def message_record(self) -> ConfigRecord:
+        """The config record every train and evaluate message carries (:attr:`message_config`)."""
+        return ConfigRecord(dict(self.message_config))
+
     # --- sampling -----------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

@@ -4,7 +4,7 @@ Any problem fedseg diagnoses (bad data, bad config, mismatched weights) becomes
 a *refusal*: a normal reply with ``refused = 1`` and a short reason that the
 server logs and counts. The federation goes on without this site's update.
 
-Every reply, refusals included, leaves through :func:`send_reply`: the egress
+Every reply, refusals included, leaves through :func:`client.replies.send_reply`: the egress
 guard (:mod:`client.egress`) checks it and the site's audit log
 (:mod:`client.audit_log`) records it before Flower sends it. An unexpected
 exception also becomes a refusal here, so that no exception text (which could
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -23,10 +22,9 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.audit_log import AuditLogError, append_entry, make_entry
-from client.egress import ARRAYS, SITE_KEYS, EgressBlocked, check_reply, expected_parameter_specs
 from client.faults import SimulatedCrash
 from client.private_round import check_dp_policy, train_private
+from client.replies import refusal_content, send_reply, site_label
 from client.secagg import SecureStep, check_plain_training_allowed, run_secure_stage
 from client.site import SiteConfig, resolve_site
 from shared.config import RunConfig
@@ -42,10 +40,6 @@ from shared.local_weights import (
 from shared.plan import PLAN_KEY, Plan, resolve_plan_setting
 
 LOG = logging.getLogger("fedseg.client")
-MAX_REASON_CHARS = SITE_KEYS["reason"]
-#: Node config key under which a site may record the SuperLink address it connects to
-#: (Flower does not tell the ClientApp); it is written into every audit entry.
-SERVER_ADDRESS_KEY = "superlink"
 
 Work = Callable[[Message, Context, RunConfig, SiteConfig, "Plan | None"], RecordDict]
 
@@ -100,94 +94,10 @@ def _handle(msg: Message, context: Context, work: Work, *, needs_plan: bool,
     except SimulatedCrash:
         raise  # fault injection (simulations only): the ClientApp must really crash
     except Exception as exc:  # a bug must not leak its message to the server
-        LOG.exception("site %s: %s failed unexpectedly", _site_id(site), msg.metadata.message_type)
+        LOG.exception("site %s: %s failed unexpectedly", site_label(site), msg.metadata.message_type)
         content = refusal_content(msg, site, f"internal error ({type(exc).__name__}); see the site's log")
     return send_reply(msg, content=content, context=context, site=site, plan=plan, step=step,
                       staying=_staying_or_none(config, plan))
-
-
-def refusal_content(msg: Message, site: SiteConfig | None, reason: str) -> RecordDict:
-    """A reply content that declines this round with a short, loggable reason.
-
-    The site's log keeps the full reason; what is sent names files by their
-    base name only, so folder names (often patient or study identifiers) stay
-    at the site.
-    """
-    LOG.error("site %s refuses %s: %s", _site_id(site), msg.metadata.message_type, reason)
-    reason = strip_directories(reason)[:MAX_REASON_CHARS]
-    return RecordDict({
-        "metrics": MetricRecord({"num-examples": 0, "refused": 1}),
-        "site": ConfigRecord({"site-id": _site_id(site), "reason": reason}),
-    })
-
-
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][^/\\\s:'\"]+)+[/\\]([^/\\\s:'\"]+)")
-
-
-def strip_directories(text: str) -> str:
-    """Replace every absolute file path in ``text`` by its base name."""
-    return _PATH.sub(lambda match: match.group(1), text)
-
-
-def send_reply(msg: Message, *, content: RecordDict, context: Context, site: SiteConfig | None,
-               plan: Plan | None, step: SecureStep | None = None,
-               staying: frozenset[str] | None = frozenset()) -> Message:
-    """The single exit point of the ClientApp: guard, audit, then build the reply.
-
-    ``step`` is the secure-aggregation step ``msg`` asked for (None: a plain
-    message); only then may the reply carry the protocol's record. The weights
-    a reply may carry are the model's without the ``staying`` ones
-    (:func:`shared.local_weights.staying_weight_names`); None (the run config
-    could not say which) lets no weight leave.
-
-    A reply the guard blocks is replaced by a refusal (the server sees it and
-    logs the reason) and the event is logged at CRITICAL level. A reply that
-    cannot be recorded in the audit log is withheld the same way.
-    """
-    message_type = msg.metadata.message_type
-    blocked: str | None = None
-    withheld: RecordDict | None = None
-    try:
-        wants_specs = ARRAYS in content or (step is not None and step.carries_model)
-        expected = (expected_parameter_specs(plan.model_config(), staying=staying)
-                    if plan and wants_specs and staying is not None else None)
-        check_reply(content, message_type=message_type, expected=expected, step=step)
-    except EgressBlocked as exc:
-        blocked = str(exc)
-        LOG.critical("EGRESS BLOCKED at site %s: %s reply of run %s withheld and replaced by a refusal: %s",
-                     _site_id(site), message_type, context.run_id, blocked)
-        withheld, content = content, refusal_content(msg, site, f"EgressBlocked: {blocked}")
-    state_dir = site.state_dir if site else context.node_config.get("state-dir")
-    try:
-        _audit(msg, content=content, context=context, state_dir=state_dir,
-               blocked=blocked, withheld=withheld, step=step)
-    except AuditLogError as exc:
-        LOG.critical("site %s: %s; the %s reply is withheld", _site_id(site), exc, message_type)
-        content = refusal_content(msg, site, "AuditLogError: the site's egress audit log cannot be "
-                                             "written; reply withheld")
-    return Message(content=content, reply_to=msg)
-
-
-def _audit(msg: Message, *, content: RecordDict, context: Context, state_dir: Any,
-           blocked: str | None, withheld: RecordDict | None, step: SecureStep | None) -> None:
-    if not state_dir:
-        LOG.warning("site state directory unknown (node config 'state-dir'): this reply is not audited")
-        return
-    server = context.node_config.get(SERVER_ADDRESS_KEY)
-    entry = make_entry(content=content, run_id=context.run_id, server_round=_server_round(msg),
-                       message_type=msg.metadata.message_type, server=str(server) if server else None,
-                       blocked_reason=blocked, withheld=withheld, step=step)
-    append_entry(Path(str(state_dir)), entry)
-
-
-def _server_round(msg: Message) -> int | None:
-    config = msg.content.config_records.get("config")
-    value = config.get("server-round") if config is not None else None
-    return int(value) if isinstance(value, int) else None
-
-
-def _site_id(site: SiteConfig | None) -> str:
-    return site.site_id[:SITE_KEYS["site-id"]] if site else "unknown"
 
 
 def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig, plan: Plan | None) -> RecordDict:

@@ -206,7 +206,7 @@ def test_every_message_the_client_builds_is_built_in_send_reply():
                     builders.append((path.name, function.name))
     # besides send_reply, only the plain reply handed to Flower's secaggplus_mod inside the site (which
     # masks it; what leaves is rebuilt from the masked record and goes through send_reply)
-    assert builders == [("handlers.py", "send_reply"), ("secagg.py", "run_secure_stage"),
+    assert builders == [("replies.py", "send_reply"), ("secagg.py", "run_secure_stage"),
                         ("secagg.py", "masked_training")]
 
 

@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-data": ("client.check_data", "read every case of a datalist as training would and report problems"),
     "fingerprint": ("client.fingerprint", "show the data fingerprint this site sends for the federated plan"),
     "predict": ("client.predict", "segment a NIfTI file or DICOM series with a federated model"),
+    "export": ("client.export", "write the model as TorchScript with its preprocessing as JSON, checked against predict"),
     "keygen": ("client.keygen", "make this node's authentication key pair (the public key goes to the operator)"),
 }
 

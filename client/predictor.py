@@ -87,17 +87,17 @@ class Predictor:
         inputs, output = [Path(p) for p in inputs], Path(output)
         _check_paths(inputs, output)
         seconds: dict[str, float] = {}
-        with _stage(seconds, "read"):
+        with timed_stage(seconds, "read"):
             raw, was_2d = read_scan(inputs)
         if raw.shape[0] != self.plan.in_channels:
             raise DataError(f"{inputs[0]}: scan has {raw.shape[0]} channel(s), the model expects {self.plan.in_channels}")
         modalities = _modalities(modality, inputs[0], self.plan.in_channels)
-        with _stage(seconds, "preprocess"):
+        with timed_stage(seconds, "preprocess"):
             settings = settings_for(self.plan, modalities=modalities)
             image = _compose(orienting(settings, ("image",)) + resampling(settings, ("image",)))({"image": raw})["image"]
         mask, entropy = self._segment(image, raw, seconds=seconds, uncertainty=uncertainty)
         affine = np.asarray(raw.affine, dtype=float)
-        with _stage(seconds, "write"):
+        with timed_stage(seconds, "write"):
             unc_path = None
             if entropy is not None:  # written before the mask: a mask on disk means the scan is done
                 unc_path = write_nifti(uncertainty_path(output), entropy[..., 0] if was_2d else entropy, affine)
@@ -123,7 +123,7 @@ class Predictor:
         from client.inference import flip_probabilities, inference_context, normalised_entropy, predict_volume
 
         plan = self.plan
-        with _stage(seconds, "network"), inference_context(self.device):
+        with timed_stage(seconds, "network"), inference_context(self.device):
             volume = image.as_tensor().to(self.device)
             window = {"spatial_dims": plan.spatial_dims, "patch_size": plan.patch_size, "overlap": self.overlap,
                       "sw_batch_size": self.sw_batch_size, "progress": self.progress}
@@ -131,7 +131,7 @@ class Predictor:
                 values = flip_probabilities(self.network, volume, flips=True, **window).cpu()
             else:  # logits: their argmax is the probabilities' argmax
                 values = predict_volume(self.network, volume, **window)[0].float().cpu()
-        with _stage(seconds, "resample back"), torch.inference_mode():
+        with timed_stage(seconds, "resample back"), torch.inference_mode():
             view = exact_view(image.affine, raw.affine, tuple(image.shape[1:]), tuple(raw.shape[1:]))
             if view is None:
                 values = resample_to_match(values if uncertainty else torch.softmax(values, dim=0), image.affine, raw)
@@ -184,7 +184,8 @@ def _modalities(modality: str | None, first_input: Path, channels: int) -> tuple
 
 
 @contextlib.contextmanager
-def _stage(seconds: dict[str, float], name: str) -> Iterator[None]:
+def timed_stage(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Add the seconds the ``with`` block takes to ``seconds[name]``."""
     started = time.perf_counter()
     try:
         yield

@@ -1,12 +1,14 @@
-"""``python -m client export``: the model as TorchScript, runnable without fedseg, its preprocessing as JSON.
+"""``python -m client export``: the model as TorchScript or ONNX, runnable without fedseg, its preprocessing as JSON.
 
-The export folder holds ``model.torchscript.pt`` (the network traced by
-``torch.jit.trace``; ``torch.jit.load`` runs it with torch alone) and
-``preprocessing.json`` (the plan: orientation, spacing, intensity
-normalisation, patch size, and the sliding-window settings ``predict`` uses).
-Before the JSON is written, the exported network segments a test volume
-through ``predict``'s pipeline and must give the same mask as the model file;
-a folder without the JSON is not an export. ``predict --model FOLDER`` runs it.
+The export folder holds the network (``model.torchscript.pt``, traced by
+``torch.jit.trace``, which ``torch.jit.load`` runs with torch alone; or
+``model.onnx``, which onnxruntime runs) and ``preprocessing.json`` (the plan:
+orientation, spacing, intensity normalisation, patch size, and the
+sliding-window settings ``predict`` uses). Before the JSON is written, the
+exported network segments a test volume through ``predict``'s pipeline and must
+give the mask the model file gives (ONNX: up to :data:`MAX_MISMATCH` of voxels
+may differ, where float rounding tips a near-tie between classes); a folder
+without the JSON is not an export. ``predict --model FOLDER`` runs it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ if TYPE_CHECKING:
 
 EXPORT_FORMAT = "fedseg-export/1"
 PREPROCESSING_FILE = "preprocessing.json"
-NETWORK_FILES = {"torchscript": "model.torchscript.pt"}
+NETWORK_FILES = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
+#: Share of the check volume's voxels an export's mask may differ in (0 for TorchScript, which computes alike).
+MAX_MISMATCH = {"torchscript": 0.0, "onnx": 1e-4}
+ONNX_OPSET = 17
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,6 @@ def load_network(path: Path) -> tuple[torch.nn.Module, Plan]:
 
 def load_exported(folder: Path) -> tuple[torch.nn.Module, Plan]:
     """Load an export folder; raise :class:`WeightsError` naming the file if it is incomplete."""
-    import torch
 
     spec_path = folder / PREPROCESSING_FILE
     try:
@@ -67,11 +71,20 @@ def load_exported(folder: Path) -> tuple[torch.nn.Module, Plan]:
     if not isinstance(spec, dict) or spec.get("format") != EXPORT_FORMAT:
         raise WeightsError(f"{spec_path}: not a fedseg export (expected format {EXPORT_FORMAT!r})")
     network_path = folder / str(spec.get("network", ""))
+    return _load_file(network_path).eval(), Plan.from_dict(spec.get("plan"), source=str(spec_path))
+
+
+def _load_file(network_path: Path) -> torch.nn.Module:
+    import torch
+
+    if network_path.suffix == ".onnx":
+        from client.onnx_engine import OnnxNetwork
+
+        return OnnxNetwork(network_path)
     try:
-        network = torch.jit.load(str(network_path), map_location="cpu")
+        return torch.jit.load(str(network_path), map_location="cpu")
     except (RuntimeError, ValueError, OSError) as exc:
         raise WeightsError(f"{network_path}: not a loadable TorchScript network ({exc})") from None
-    return network.eval(), Plan.from_dict(spec.get("plan"), source=str(spec_path))
 
 
 def export_model(*, model_path: Path, out_dir: Path, fmt: str = "torchscript",
@@ -81,31 +94,43 @@ def export_model(*, model_path: Path, out_dir: Path, fmt: str = "torchscript",
     ``check_input`` is the scan both segment (default: a synthetic volume at the plan's spacing).
     Raises :class:`WeightsError` if the masks differ (no ``preprocessing.json`` is written then).
     """
-    import torch
 
     from client.predict import plan_of_model
     from shared.model_file import load_model
 
     if fmt not in NETWORK_FILES:
-        raise ConfigError(f"'--format': {fmt!r} is not available; choose one of {sorted(NETWORK_FILES)} "
-                          f"(ONNX needs onnx and onnxruntime, which fedseg does not install)")
+        raise ConfigError(f"'--format': {fmt!r} is not available; choose one of {sorted(NETWORK_FILES)}")
     model, payload = load_model(model_path)
     plan = plan_of_model(payload, model_path)
-    example = torch.zeros(1, plan.in_channels, *plan.patch_size)
-    with torch.no_grad(), warnings.catch_warnings():
-        # the tracer warns of shape checks (channel counts) it fixes as constants: they are constant
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(model.eval(), example, check_trace=False)
+    network_path = _write_network(model.eval(), plan, Path(out_dir) / NETWORK_FILES[fmt], fmt=fmt)
     out_dir = Path(out_dir)
-    network_path = atomic_write(out_dir / NETWORK_FILES[fmt], lambda handle: torch.jit.save(traced, handle))
-    checked, total, mismatched = _check(model, torch.jit.load(str(network_path)), plan, check_input, modality)
-    if mismatched:
+    checked, total, mismatched = _check(model, _load_file(network_path), plan, check_input, modality)
+    if mismatched > MAX_MISMATCH[fmt] * total:
         raise WeightsError(f"{network_path}: the exported network's mask differs from predict's on {checked} "
                            f"in {mismatched} of {total} voxels; {PREPROCESSING_FILE} not written")
     atomic_write_json(out_dir / PREPROCESSING_FILE, preprocessing_spec(plan, network=network_path.name,
                                                                        sha256=str(payload.get("sha256", ""))))
     return ExportResult(folder=out_dir, network=network_path, check_input=checked, check_voxels=total,
                         mismatched_voxels=mismatched)
+
+
+def _write_network(model: torch.nn.Module, plan: Plan, path: Path, *, fmt: str) -> Path:
+    """Trace ``model`` on one patch and write it atomically (ONNX: the batch axis left free)."""
+    import io
+
+    import torch
+
+    example = torch.zeros(1, plan.in_channels, *plan.patch_size)
+    with torch.no_grad(), warnings.catch_warnings():
+        # the tracer warns of shape checks (channel counts) it fixes as constants: they are constant
+        warnings.simplefilter("ignore")
+        if fmt == "torchscript":
+            traced = torch.jit.trace(model, example, check_trace=False)
+            return atomic_write(path, lambda handle: torch.jit.save(traced, handle))
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=ONNX_OPSET, input_names=["image"],
+                          output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    return atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
 
 
 def preprocessing_spec(plan: Plan, *, network: str, sha256: str) -> dict[str, Any]:
@@ -127,7 +152,7 @@ def preprocessing_spec(plan: Plan, *, network: str, sha256: str) -> dict[str, An
         "sliding_window": {"roi_size": list(plan.patch_size), "overlap": OVERLAP, "mode": "gaussian",
                            "spatial_dims": plan.spatial_dims,
                            "note": "a 2D network runs over each slice along the last axis"},
-        "input": f"float32 [B, {plan.in_channels}, *roi_size]",
+        "input": f"float32 [B, {plan.in_channels}, *roi_size] (ONNX input 'image', output 'logits')",
         "output": f"logits [B, {plan.num_classes}, *roi_size]; the mask is the argmax over classes, mapped back "
                   f"onto the scan's own grid",
     }
@@ -180,7 +205,9 @@ def _test_volume(plan: Plan, path: Path) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="global_model.pt written by a run")
-    parser.add_argument("--format", default="torchscript", choices=sorted(NETWORK_FILES), help="export format")
+    parser.add_argument("--format", default="torchscript", choices=sorted(NETWORK_FILES),
+                        help="torchscript (runs with torch alone) or onnx (onnxruntime; faster on CPU for small "
+                             "U-Nets, see BENCHMARKS.md)")
     parser.add_argument("--out", type=Path, required=True, help="folder to write the export into")
     parser.add_argument("--check-input", type=Path, help="a scan both must segment alike (default: a synthetic one)")
     parser.add_argument("--modality", help="the check scan's modality (as for predict)")
@@ -190,5 +217,5 @@ def run(args: argparse.Namespace) -> int:
     result = export_model(model_path=args.model, out_dir=args.out, fmt=args.format, check_input=args.check_input,
                           modality=args.modality)
     print(f"wrote {result.network} and {result.folder / PREPROCESSING_FILE}: same mask as predict on "
-          f"{result.check_input} ({result.check_voxels} voxels)")
+          f"{result.check_input} ({result.check_voxels} voxels, {result.mismatched_voxels} differ)")
     return 0

@@ -7,8 +7,8 @@ it (``--train-steps`` Adam steps on patches, so the mask is a plausible one and
 not the noise of untrained weights), then times side by side in one run:
 ``before`` (the pipeline as it was: windows 4 at a time under ``no_grad``,
 class probabilities always resampled back, gzip level 9), ``after`` (``predict``
-now), ``after`` at ``--overlap 0.125`` and the TorchScript export (``predict
---model EXPORT``). Networks: ``small-unet`` (the harness's 8-16-32 U-Net on
+now), ``after`` at ``--overlap 0.125``, the TorchScript export (``predict
+--model EXPORT``) and the ONNX export (onnxruntime). Networks: ``small-unet`` (the harness's 8-16-32 U-Net on
 32^3 patches, manual 1 mm plan) and ``planned`` (the default preset's
 nnU-Net-style DynUNet as ``derive_plan`` sizes it for this CT's fingerprint).
 """
@@ -33,7 +33,7 @@ from client.predictor import STAGES, Predictor, read_scan, timed_stage
 from shared.config import RunConfig
 from shared.plan import Plan, manual_plan
 
-ROWS = ("before", "after", "after, overlap 0.125", "after, TorchScript export")
+ROWS = ("before", "after", "after, overlap 0.125", "after, TorchScript export", "after, ONNX export")
 
 
 def ct_volume(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -138,13 +138,15 @@ def measure(name: str, plan: Plan, scan: Path, label: np.ndarray, folder: Path, 
     from client.export import export_model
 
     model_path = trained_model_file(plan, scan, label, folder / f"{name}.pt", steps=steps)
-    if ROWS[3] in rows:
-        export_model(model_path=model_path, out_dir=folder / f"{name}-export")
+    for row, fmt in ((ROWS[3], "torchscript"), (ROWS[4], "onnx")):
+        if row in rows:
+            export_model(model_path=model_path, out_dir=folder / f"{name}-{fmt}", fmt=fmt)
     results: dict[str, dict] = {}
     outputs = {row: folder / f"{name}-{index}.nii.gz" for index, row in enumerate(ROWS)}
     results["before"] = {"seconds": before(model_path, scan, outputs["before"])}
     for row, model, overlap in ((ROWS[1], model_path, 0.25), (ROWS[2], model_path, 0.125),
-                                (ROWS[3], folder / f"{name}-export", 0.25)):
+                                (ROWS[3], folder / f"{name}-torchscript", 0.25),
+                                (ROWS[4], folder / f"{name}-onnx", 0.25)):
         if row not in rows:
             continue
         started = time.perf_counter()

@@ -34,6 +34,8 @@ NETWORK_FILES = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
 #: Share of the check volume's voxels an export's mask may differ in (0 for TorchScript, which computes alike).
 MAX_MISMATCH = {"torchscript": 0.0, "onnx": 1e-4}
 ONNX_OPSET = 17
+#: What runs the network in ``predict``: torch, or onnxruntime on CPU.
+ENGINES = ("torch", "onnx")
 
 
 @dataclass(frozen=True)
@@ -47,15 +49,26 @@ class ExportResult:
     mismatched_voxels: int
 
 
-def load_network(path: Path) -> tuple[torch.nn.Module, Plan]:
-    """The network and plan in ``path``: a fedseg model file, or an export folder written by :func:`export_model`."""
+def load_network(path: Path, *, engine: str = "torch") -> tuple[torch.nn.Module, Plan]:
+    """The network and plan in ``path``: a fedseg model file, or an export folder written by :func:`export_model`.
+
+    With ``engine="onnx"`` a model file's network is converted to ONNX in memory and run by onnxruntime
+    (an export folder runs on the engine of the file it holds).
+    """
     from client.predict import plan_of_model
     from shared.model_file import load_model
 
+    if engine not in ENGINES:
+        raise ConfigError(f"'--engine': expected one of {ENGINES}, got {engine!r}")
     if path.is_dir():
         return load_exported(path)
     model, payload = load_model(path)
-    return model, plan_of_model(payload, path)
+    plan = plan_of_model(payload, path)
+    if engine == "onnx":
+        from client.onnx_engine import OnnxNetwork
+
+        return OnnxNetwork(onnx_bytes(model.eval(), plan)), plan
+    return model, plan
 
 
 def load_exported(folder: Path) -> tuple[torch.nn.Module, Plan]:
@@ -116,8 +129,6 @@ def export_model(*, model_path: Path, out_dir: Path, fmt: str = "torchscript",
 
 def _write_network(model: torch.nn.Module, plan: Plan, path: Path, *, fmt: str) -> Path:
     """Trace ``model`` on one patch and write it atomically (ONNX: the batch axis left free)."""
-    import io
-
     import torch
 
     example = torch.zeros(1, plan.in_channels, *plan.patch_size)
@@ -127,10 +138,23 @@ def _write_network(model: torch.nn.Module, plan: Plan, path: Path, *, fmt: str) 
         if fmt == "torchscript":
             traced = torch.jit.trace(model, example, check_trace=False)
             return atomic_write(path, lambda handle: torch.jit.save(traced, handle))
-        buffer = io.BytesIO()
-        torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=ONNX_OPSET, input_names=["image"],
-                          output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
-    return atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+    payload = onnx_bytes(model, plan)
+    return atomic_write(path, lambda handle: handle.write(payload))
+
+
+def onnx_bytes(model: torch.nn.Module, plan: Plan) -> bytes:
+    """``model`` as an ONNX graph (input ``image``, output ``logits``, the batch axis free)."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on shape checks it fixes as constants
+        torch.onnx.export(model, (torch.zeros(1, plan.in_channels, *plan.patch_size),), buffer, dynamo=False,
+                          opset_version=ONNX_OPSET, input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    return buffer.getvalue()
 
 
 def preprocessing_spec(plan: Plan, *, network: str, sha256: str) -> dict[str, Any]:

@@ -12,18 +12,21 @@ from shared.errors import WeightsError
 
 
 class OnnxNetwork(torch.nn.Module):
-    """``forward(x)`` runs ``model.onnx`` on CPU with one thread per core the process may run on."""
+    """``forward(x)`` runs an ONNX graph (a file, or its bytes) on CPU with one thread per core the process
+    may run on."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | bytes) -> None:
         super().__init__()
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = max(1, len(os.sched_getaffinity(0)))
         try:
-            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            source = path if isinstance(path, bytes) else str(path)
+            self.session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 (onnxruntime raises its own types: Fail, InvalidGraph, NoSuchFile)
-            raise WeightsError(f"{path}: not a loadable ONNX network ({exc})") from None
+            name = "the converted network" if isinstance(path, bytes) else path
+            raise WeightsError(f"{name}: not a loadable ONNX network ({exc})") from None
         self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:

@@ -80,12 +80,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"overlap of neighbouring sliding windows (default: {OVERLAP})")
     parser.add_argument("--sw-batch-size", type=int, default=SW_BATCH_SIZE,
                         help=f"windows per forward pass (default: {SW_BATCH_SIZE})")
+    parser.add_argument("--engine", default="torch", choices=("torch", "onnx"),
+                        help="torch (default), or onnx: the network converted at load and run by onnxruntime on "
+                             "CPU (faster for small U-Nets, see BENCHMARKS.md)")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
 
 
 def run(args: argparse.Namespace) -> int:
     use_all_cores()
     options: dict[str, Any] = {"device": args.device, "overlap": args.overlap, "sw_batch_size": args.sw_batch_size,
+                               "engine": args.engine,
                                "progress": None if args.quiet else ProgressLine()}
     if args.input_list is not None:
         if args.output_dir is None or args.output is not None or args.dicom_seg is not None:

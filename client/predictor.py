@@ -72,11 +72,12 @@ class Predictor:
         self.overlap, self.sw_batch_size, self.progress = overlap, sw_batch_size, progress
 
     @classmethod
-    def load(cls, *, model_path: Path, **options: Any) -> Predictor:
-        """Load ``model_path`` (a fedseg model file or an export folder) once; ``options`` as for the class."""
+    def load(cls, *, model_path: Path, engine: str = "torch", **options: Any) -> Predictor:
+        """Load ``model_path`` (a fedseg model file or an export folder) once, to run on ``engine``
+        (:func:`client.export.load_network`); ``options`` as for the class."""
         from client.export import load_network
 
-        network, plan = load_network(Path(model_path))
+        network, plan = load_network(Path(model_path), engine=engine)
         return cls(network=network, plan=plan, **options)
 
     def predict(self, *, inputs: Sequence[Path], output: Path, modality: str | None = None,

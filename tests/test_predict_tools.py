@@ -153,3 +153,13 @@ def test_export_cli_and_an_incomplete_export_folder(tmp_path, capsys):
     (tmp_path / "ex" / PREPROCESSING_FILE).unlink()
     with pytest.raises(WeightsError, match=PREPROCESSING_FILE):
         load_exported(tmp_path / "ex")
+
+
+def test_predict_engine_onnx_gives_the_torch_mask(tmp_path, capsys):
+    model_path, scan = _model_file(tmp_path), _scan(tmp_path / "scan.nii.gz")
+    for engine in ("torch", "onnx"):
+        assert main(["predict", "--model", str(model_path), "--input", str(scan), "--engine", engine,
+                     "--output", str(tmp_path / f"{engine}.nii.gz")]) == 0
+    masks = [nib.load(tmp_path / f"{engine}.nii.gz").get_fdata() for engine in ("torch", "onnx")]
+    assert (masks[0] != masks[1]).mean() <= 1e-4 and 0 < masks[0].mean() < 1
+    assert "network: 100%" in capsys.readouterr().err  # the progress line

@@ -17,6 +17,7 @@ from client.grid import exact_view, resample_to_match
 from client.inference import predict_volume
 from client.predict import predict_scan
 from client.predict_batch import predict_list
+from client.predictor import STAGES
 from client.transforms import orienting, reading, resampling, settings_for
 from shared.config import RunConfig
 from shared.errors import WeightsError
@@ -70,7 +71,7 @@ def test_uncertainty_has_the_input_geometry_and_is_higher_where_flips_change_the
     result = predict_scan(model_path=model_path, input_path=scan, output_path=tmp_path / "m.nii.gz",
                           uncertainty=True, device="cpu")
     written = nib.load(result.uncertainty)
-    assert result.uncertainty == tmp_path / "m_uncertainty.nii.gz"
+    assert result.uncertainty == tmp_path / "m_uncertainty.nii.gz" and set(result.seconds) == set(STAGES)
     assert written.shape == nib.load(scan).shape and np.allclose(written.affine, nib.load(scan).affine)
     entropy = written.get_fdata()
     assert entropy.min() >= 0.0 and entropy.max() <= 1.0 + 1e-6

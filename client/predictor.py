@@ -121,7 +121,13 @@ class Predictor:
         import torch
 
         from client.grid import exact_view, resample_to_match
-        from client.inference import flip_probabilities, inference_context, normalised_entropy, predict_volume
+        from client.inference import (
+            class_indices,
+            flip_probabilities,
+            inference_context,
+            normalised_entropy,
+            predict_volume,
+        )
 
         plan = self.plan
         with timed_stage(seconds, "network"), inference_context(self.device):
@@ -137,7 +143,7 @@ class Predictor:
             if view is None:
                 values = resample_to_match(values if uncertainty else torch.softmax(values, dim=0), image.affine, raw)
                 view = _identity
-            mask = view(values.argmax(dim=0).to(torch.uint8)).numpy()
+            mask = view(class_indices(values)).numpy()
             entropy = view(normalised_entropy(values)).numpy().astype(np.float32) if uncertainty else None
         return mask, entropy
 

@@ -164,3 +164,11 @@ def test_predict_engine_onnx_gives_the_torch_mask(tmp_path, capsys):
     masks = [nib.load(tmp_path / f"{engine}.nii.gz").get_fdata() for engine in ("torch", "onnx")]
     assert (masks[0] != masks[1]).mean() <= 1e-4 and 0 < masks[0].mean() < 1
     assert "network: 100%" in capsys.readouterr().err  # the progress line
+
+
+def test_class_indices_is_argmax_over_classes():
+    from client.inference import class_indices
+
+    values = torch.randn(3, 7, 6, 5)
+    values[:, 0, 0, 0] = 1.0  # a tie goes to the lower class, as argmax
+    assert torch.equal(class_indices(values), values.argmax(dim=0).to(torch.uint8))

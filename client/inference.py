@@ -15,8 +15,8 @@ if TYPE_CHECKING:
     import torch
 
 SLICES_PER_BATCH = 16
-#: Patches per forward pass. On 2 CPU cores 8 patches ran as fast per patch as 16 and 4 was slower
-#: (benchmarks/inference.py); larger batches only cost memory.
+#: Patches per forward pass (was 4). On a loaded 2-core machine 4, 8 and 16 were within the noise of each
+#: other; larger batches help a GPU and cost only memory.
 SW_BATCH_SIZE = 8
 #: MONAI's default overlap of neighbouring windows (Gaussian-weighted where they overlap).
 OVERLAP = 0.25
@@ -85,7 +85,7 @@ def class_indices(values: torch.Tensor) -> torch.Tensor:
     lower class, as ``argmax``.
 
     ``values.argmax(dim=0)`` reduces across the outermost, strided axis: on a 512x512x200 CT with 2 classes it
-    took 10.8 s where these K - 1 elementwise passes take a fraction of that (benchmarks/inference.py).
+    took 10.8 s where these K - 1 elementwise passes take a fraction of that (a probe; BENCHMARKS.md, inference).
     """
     import torch
 

@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fingerprint": ("client.fingerprint", "show the data fingerprint this site sends for the federated plan"),
     "predict": ("client.predict", "segment a NIfTI file or DICOM series with a federated model"),
     "finetune": ("client.finetune", "fine-tune a federated model on this site's data (DP charged to its ledger)"),
+    "export": ("client.export", "write the model as TorchScript with its preprocessing as JSON, checked against predict"),
     "keygen": ("client.keygen", "make this node's authentication key pair (the public key goes to the operator)"),
 }
 

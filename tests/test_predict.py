@@ -12,7 +12,8 @@ import torch
 from monai.transforms import Compose
 
 from client.__main__ import main
-from client.predict import _to_input_grid, predict_scan
+from client.grid import resample_to_match
+from client.predict import predict_scan
 from client.transforms import orienting, reading, resampling, settings_for
 from shared.config import RunConfig
 from shared.errors import DataError
@@ -61,7 +62,7 @@ def test_probabilities_map_back_onto_the_input_grid(tmp_path):
     raw = Compose(reading(("image",)))({"image": str(tmp_path / entry["image"])})["image"]
     pre = Compose(orienting(settings, ("image",)) + resampling(settings, ("image",)))({"image": raw})["image"]
     foreground = (pre[0] > (pre[0].max() + pre[0].min()) / 2).float()
-    mask = _to_input_grid(torch.stack([1 - foreground, foreground]), pre.affine, raw)
+    mask = resample_to_match(torch.stack([1 - foreground, foreground]), pre.affine, raw).argmax(dim=0)
     assert tuple(mask.shape) == label.shape
     agreement = float((mask.numpy() == label).mean())
     assert agreement > 0.98, agreement  # only boundary voxels may differ after two resamplings

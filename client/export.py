@@ -1,0 +1,252 @@
+"""``python -m client export``: the model as TorchScript or ONNX, runnable without fedseg, its preprocessing as JSON.
+
+The export folder holds the network (``model.torchscript.pt``, traced by
+``torch.jit.trace``, which ``torch.jit.load`` runs with torch alone; or
+``model.onnx``, which onnxruntime runs) and ``preprocessing.json`` (the plan:
+orientation, spacing, intensity normalisation, patch size, and the
+sliding-window settings ``predict`` uses). Before the JSON is written, the
+exported network segments a test volume through ``predict``'s pipeline and must
+give the mask the model file gives (ONNX: up to :data:`MAX_MISMATCH` of voxels
+may differ, where float rounding tips a near-tie between classes); a folder
+without the JSON is not an export. ``predict --model FOLDER`` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shared.atomic import atomic_write, atomic_write_json
+from shared.errors import ConfigError, WeightsError
+from shared.plan import Plan
+
+if TYPE_CHECKING:
+    import torch
+
+EXPORT_FORMAT = "fedseg-export/1"
+PREPROCESSING_FILE = "preprocessing.json"
+NETWORK_FILES = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
+#: Share of the check volume's voxels an export's mask may differ in (0 for TorchScript, which computes alike).
+MAX_MISMATCH = {"torchscript": 0.0, "onnx": 1e-4}
+ONNX_OPSET = 17
+#: What runs the network in ``predict``: torch, or onnxruntime on CPU.
+ENGINES = ("torch", "onnx")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What ``export`` wrote and how its check went."""
+
+    folder: Path
+    network: Path
+    check_input: str
+    check_voxels: int
+    mismatched_voxels: int
+
+
+def load_network(path: Path, *, engine: str = "torch",
+                 local_weights: Path | None = None) -> tuple[torch.nn.Module, Plan]:
+    """The network and plan in ``path``: a fedseg model file, or an export folder written by :func:`export_model`.
+
+    With ``engine="onnx"`` a model file's network is converted to ONNX in memory and run by onnxruntime
+    (an export folder runs on the engine of the file it holds). ``local_weights`` (a site's own norm
+    weights, run config ``local-norm``) are laid over a model file's network before any conversion.
+    """
+    from client.predict import plan_of_model, use_local_weights
+    from shared.model_file import load_model
+
+    if engine not in ENGINES:
+        raise ConfigError(f"'--engine': expected one of {ENGINES}, got {engine!r}")
+    if path.is_dir():
+        if local_weights is not None:
+            raise ConfigError(f"'--local-weights': needs a fedseg model file, not the export folder {path} "
+                              "(export the personal model instead)")
+        return load_exported(path)
+    model, payload = load_model(path)
+    plan = plan_of_model(payload, path)
+    if local_weights is not None:
+        use_local_weights(model, local_weights, plan=plan)
+    if engine == "onnx":
+        from client.onnx_engine import OnnxNetwork
+
+        return OnnxNetwork(onnx_bytes(model.eval(), plan)), plan
+    return model, plan
+
+
+def load_exported(folder: Path) -> tuple[torch.nn.Module, Plan]:
+    """Load an export folder; raise :class:`WeightsError` naming the file if it is incomplete."""
+
+    spec_path = folder / PREPROCESSING_FILE
+    try:
+        spec = json.loads(spec_path.read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{spec_path}: not an export folder (no {PREPROCESSING_FILE})") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{spec_path}: not readable JSON ({exc})") from None
+    if not isinstance(spec, dict) or spec.get("format") != EXPORT_FORMAT:
+        raise WeightsError(f"{spec_path}: not a fedseg export (expected format {EXPORT_FORMAT!r})")
+    network_path = folder / str(spec.get("network", ""))
+    return _load_file(network_path).eval(), Plan.from_dict(spec.get("plan"), source=str(spec_path))
+
+
+def _load_file(network_path: Path) -> torch.nn.Module:
+    import torch
+
+    if network_path.suffix == ".onnx":
+        from client.onnx_engine import OnnxNetwork
+
+        return OnnxNetwork(network_path)
+    try:
+        return torch.jit.load(str(network_path), map_location="cpu")
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise WeightsError(f"{network_path}: not a loadable TorchScript network ({exc})") from None
+
+
+def export_model(*, model_path: Path, out_dir: Path, fmt: str = "torchscript",
+                 check_input: Path | None = None, modality: str | None = None) -> ExportResult:
+    """Export the model file ``model_path`` into ``out_dir`` and check it against ``predict``.
+
+    ``check_input`` is the scan both segment (default: a synthetic volume at the plan's spacing).
+    Raises :class:`WeightsError` if the masks differ (no ``preprocessing.json`` is written then).
+    """
+
+    from client.predict import plan_of_model
+    from shared.model_file import load_model
+
+    if fmt not in NETWORK_FILES:
+        raise ConfigError(f"'--format': {fmt!r} is not available; choose one of {sorted(NETWORK_FILES)}")
+    model, payload = load_model(model_path)
+    plan = plan_of_model(payload, model_path)
+    network_path = _write_network(model.eval(), plan, Path(out_dir) / NETWORK_FILES[fmt], fmt=fmt)
+    out_dir = Path(out_dir)
+    checked, total, mismatched = _check(model, _load_file(network_path), plan, check_input, modality)
+    if mismatched > MAX_MISMATCH[fmt] * total:
+        raise WeightsError(f"{network_path}: the exported network's mask differs from predict's on {checked} "
+                           f"in {mismatched} of {total} voxels; {PREPROCESSING_FILE} not written")
+    atomic_write_json(out_dir / PREPROCESSING_FILE, preprocessing_spec(plan, network=network_path.name,
+                                                                       sha256=str(payload.get("sha256", ""))))
+    return ExportResult(folder=out_dir, network=network_path, check_input=checked, check_voxels=total,
+                        mismatched_voxels=mismatched)
+
+
+def _write_network(model: torch.nn.Module, plan: Plan, path: Path, *, fmt: str) -> Path:
+    """Trace ``model`` on one patch and write it atomically (ONNX: the batch axis left free)."""
+    import torch
+
+    example = torch.zeros(1, plan.in_channels, *plan.patch_size)
+    with torch.no_grad(), warnings.catch_warnings():
+        # the tracer warns of shape checks (channel counts) it fixes as constants: they are constant
+        warnings.simplefilter("ignore")
+        if fmt == "torchscript":
+            traced = torch.jit.trace(model, example, check_trace=False)
+            return atomic_write(path, lambda handle: torch.jit.save(traced, handle))
+    payload = onnx_bytes(model, plan)
+    return atomic_write(path, lambda handle: handle.write(payload))
+
+
+def onnx_bytes(model: torch.nn.Module, plan: Plan) -> bytes:
+    """``model`` as an ONNX graph (input ``image``, output ``logits``, the batch axis free)."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on shape checks it fixes as constants
+        torch.onnx.export(model, (torch.zeros(1, plan.in_channels, *plan.patch_size),), buffer, dynamo=False,
+                          opset_version=ONNX_OPSET, input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    return buffer.getvalue()
+
+
+def preprocessing_spec(plan: Plan, *, network: str, sha256: str) -> dict[str, Any]:
+    """What a program without fedseg must do to a scan before and after the network (``preprocessing.json``)."""
+    from client.inference import OVERLAP
+
+    return {
+        "format": EXPORT_FORMAT, "network": network, "source_model_sha256": sha256, "plan": plan.to_dict(),
+        "steps": [
+            "read the scan channel-first [C, X, Y, Z] (a 2D image: Z = 1); one file per input channel",
+            ("reorient to RAS (MONAI Orientation axcodes='RAS'); a 2D plan with slicing 'lowest-resolution' then "
+             "turns the case's coarsest axis last"),
+            "resample to plan.target_spacing (bilinear; a 2D plan keeps the slice spacing)",
+            ("normalise each channel as plan.normalization says ('ct': clip to [low, high], subtract mean, divide "
+             "by std; 'zscore': per-case mean and std); empty: CT channels clip to plan.ct_window and scale, "
+             "others z-score"),
+            "pad to at least plan.patch_size (centred, zeros)",
+        ],
+        "sliding_window": {"roi_size": list(plan.patch_size), "overlap": OVERLAP, "mode": "gaussian",
+                           "spatial_dims": plan.spatial_dims,
+                           "note": "a 2D network runs over each slice along the last axis"},
+        "input": f"float32 [B, {plan.in_channels}, *roi_size] (ONNX input 'image', output 'logits')",
+        "output": f"logits [B, {plan.num_classes}, *roi_size]; the mask is the argmax over classes, mapped back "
+                  f"onto the scan's own grid",
+    }
+
+
+def _check(model: Any, exported: Any, plan: Plan, check_input: Path | None,
+           modality: str | None) -> tuple[str, int, int]:
+    """(input used, voxels, voxels whose class differs) between the model file and the exported network."""
+    import numpy as np
+
+    from client.predictor import Predictor
+
+    with tempfile.TemporaryDirectory(prefix="fedseg-export-") as tmp:
+        folder = Path(tmp)
+        if check_input is None:
+            check_input, modality = _test_volume(plan, folder / "check.nii.gz"), modality or _modality_of(plan)
+        masks = []
+        for name, network in (("model", model), ("exported", exported)):
+            out = folder / f"{name}.nii.gz"
+            Predictor(network=network, plan=plan, device="cpu").predict(inputs=[check_input], output=out,
+                                                                        modality=modality)
+            masks.append(np.asarray(_read_mask(out)))
+    return str(check_input), int(masks[0].size), int((masks[0] != masks[1]).sum())
+
+
+def _read_mask(path: Path) -> Any:
+    import nibabel as nib
+
+    return nib.load(path).get_fdata()
+
+
+def _modality_of(plan: Plan) -> str:
+    return "CT" if plan.normalization and plan.normalization[0].scheme == "ct" else "MR"
+
+
+def _test_volume(plan: Plan, path: Path) -> Path:
+    """A noise volume with a brighter box, 1.5 patches wide (2D: 3 slices), at the plan's spacing."""
+    import nibabel as nib
+    import numpy as np
+
+    shape = [int(p * 1.5) for p in plan.patch_size] + ([3] if plan.spatial_dims == 2 else [])
+    spacing = list(plan.target_spacing) + ([1.0] if plan.spatial_dims == 2 else [])
+    rng = np.random.default_rng(0)
+    volume = rng.normal(0.0, 100.0, size=(*shape, plan.in_channels)).astype(np.float32)
+    volume[tuple(slice(s // 4, s // 2) for s in shape)] += 300.0
+    array = volume[..., 0] if plan.in_channels == 1 else volume
+    nib.save(nib.Nifti1Image(array, np.diag([*spacing, 1.0])), path)
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="global_model.pt written by a run")
+    parser.add_argument("--format", default="torchscript", choices=sorted(NETWORK_FILES),
+                        help="torchscript (runs with torch alone) or onnx (onnxruntime; faster on CPU for small "
+                             "U-Nets, see BENCHMARKS.md)")
+    parser.add_argument("--out", type=Path, required=True, help="folder to write the export into")
+    parser.add_argument("--check-input", type=Path, help="a scan both must segment alike (default: a synthetic one)")
+    parser.add_argument("--modality", help="the check scan's modality (as for predict)")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = export_model(model_path=args.model, out_dir=args.out, fmt=args.format, check_input=args.check_input,
+                          modality=args.modality)
+    print(f"wrote {result.network} and {result.folder / PREPROCESSING_FILE}: same mask as predict on "
+          f"{result.check_input} ({result.check_voxels} voxels, {result.mismatched_voxels} differ)")
+    return 0

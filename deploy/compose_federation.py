@@ -56,19 +56,20 @@ class ComposeResult:
     """What a compose federation left: the run folder's files and each hospital's state files."""
 
     summary: dict[str, Any]
-    run_files: list[str]
-    state: dict[str, dict[str, str]]  # hospital -> {file name: text}
+    run_dir: Path  # the ServerApp's run folder (the SuperLink's bind-mounted runs/<run-id>)
+    state_dirs: dict[str, Path]  # hospital -> copy of the files of STATE_FILES its state volume held
+    containers: dict[str, dict[str, str]]  # container -> {"uid": ..., "root_fs": "read-only" or "writable"}
     seconds: float
     leftovers: list[str] = field(default_factory=list)  # containers/volumes still there after `down`
 
 
-def prepare_work_dir(work: Path, *, seed: int = 0) -> None:
+def prepare_work_dir(work: Path, *, seed: int = 0, min_cases: int = 4, max_cases: int = 6) -> None:
     """The compose file's folder as an operator and two hospitals set it up (step 1 above)."""
     work.mkdir(parents=True, exist_ok=True)
     shutil.copy(COMPOSE_FILE, work / "compose.yaml")
     paths = make_certificates(out=work / "certs", hosts=["superlink", "localhost", "127.0.0.1"])
     os.chown(paths.server_key, APP_UID, -1)  # 0600, read by the SuperLink's user only
-    profiles = make_site_profiles(len(HOSPITALS), seed=seed, min_cases=4, max_cases=6)
+    profiles = make_site_profiles(len(HOSPITALS), seed=seed, min_cases=min_cases, max_cases=max_cases)
     for hospital, profile in zip(HOSPITALS, profiles):
         keys = make_node_keys(out=work / "keys" / hospital, comment=hospital)
         for path in (keys.private_key, keys.private_key.parent):  # 0600 key in a 0700 folder
@@ -115,11 +116,27 @@ class ComposeFederation:
                                 env=self.env, capture_output=True, text=True)
         return f"--- {service} ---\n{result.stdout}{result.stderr}"
 
-    def state_files(self, hospital: str) -> dict[str, str]:
-        """The hospital's state volume's files of :data:`STATE_FILES` that exist."""
+    def copy_state(self, hospital: str) -> Path:
+        """Copy the files of :data:`STATE_FILES` from the hospital's state volume to ``state-copy/<hospital>``."""
         mountpoint = Path(self.podman.run(["volume", "inspect", "--format", "{{.Mountpoint}}",
                                            f"{PROJECT}_{hospital}-state"]).strip())
-        return {name: (mountpoint / name).read_text() for name in STATE_FILES if (mountpoint / name).is_file()}
+        out = self.work / "state-copy" / hospital
+        out.mkdir(parents=True)
+        for name in STATE_FILES:
+            if (mountpoint / name).is_file():
+                shutil.copy(mountpoint / name, out / name)
+        return out
+
+    def container_checks(self) -> dict[str, dict[str, str]]:
+        """Per running container: the uid its processes run as, and whether its root filesystem is writable."""
+        names = self.podman.run(["ps", "--filter", f"label=io.podman.compose.project={PROJECT}",
+                                 "--format", "{{.Names}}"]).split()
+        probe = "id -u; touch /app/.probe 2>/dev/null && echo writable || echo read-only"
+        checks = {}
+        for name in names:
+            uid, root_fs = (self.podman.run(["exec", name, "sh", "-c", probe], check=False).split() + ["?", "?"])[:2]
+            checks[name] = {"uid": uid, "root_fs": root_fs}
+        return checks
 
     def down(self) -> list[str]:
         """Remove every container, network and volume of the project; return what is still there."""
@@ -136,33 +153,38 @@ class ComposeFederation:
 
 
 def run_compose_federation(work: Path, podman: Podman, *, rounds: int = 2, run_config: dict[str, Any] | None = None,
-                           say: Any = print) -> ComposeResult:
-    """Steps 1-4 of the module docstring in ``work`` (a new folder); the images must exist."""
+                           seed: int = 0, cases: tuple[int, int] = (4, 6), say: Any = print) -> ComposeResult:
+    """Steps 1-4 of the module docstring in ``work`` (a new folder); the images must exist.
+
+    ``seed`` and ``cases`` (fewest, most per hospital): the synthetic hospitals, as in
+    ``deploy.run_federation``, so that both runners can train on the same sites.
+    """
     missing = [tag for tag in IMAGES.values() if not podman.exists(tag)]
     if missing:
         raise DeploymentError(f"images not built: {', '.join(missing)} (python -m deploy.images build)")
     start = time.monotonic()
-    prepare_work_dir(work)
+    prepare_work_dir(work, seed=seed, min_cases=cases[0], max_cases=cases[1])
     federation = ComposeFederation(work, podman)
     try:
         federation.start()
         say(f"[fedseg] compose federation up (SuperLink on localhost:{federation.port}, TLS and node auth on)")
-        _flwr_run(federation, _run_config(work, rounds, run_config or {}), say)
-        runs = sorted(p for p in (work / "runs").iterdir() if p.is_dir())
+        containers = federation.container_checks()
+        _flwr_run(federation, _run_config(work, rounds, seed, run_config or {}), say)
+        runs = sorted(p for p in (work / "runs").iterdir() if p.is_dir() and not p.is_symlink())
         if not runs or not (runs[-1] / "summary.json").is_file():
             raise DeploymentError(f"the run wrote no summary.json under {work / 'runs'}\n"
                                   + "\n".join(federation.logs(s) for s in ("superlink", *HOSPITALS)))
         summary = json.loads((runs[-1] / "summary.json").read_text())
-        state = {hospital: federation.state_files(hospital) for hospital in HOSPITALS}
+        state_dirs = {hospital: federation.copy_state(hospital) for hospital in HOSPITALS}
         seconds = time.monotonic() - start
-        run_files = sorted(p.name for p in runs[-1].iterdir())
     finally:
         leftovers = federation.down()
-    return ComposeResult(summary=summary, run_files=run_files, state=state, seconds=seconds, leftovers=leftovers)
+    return ComposeResult(summary=summary, run_dir=runs[-1], state_dirs=state_dirs, containers=containers,
+                         seconds=seconds, leftovers=leftovers)
 
 
-def _run_config(work: Path, rounds: int, overrides: dict[str, Any]) -> Path:
-    values = {"num-rounds": rounds, "min-available-nodes": len(HOSPITALS), "min-train-nodes": len(HOSPITALS),
+def _run_config(work: Path, rounds: int, seed: int, overrides: dict[str, Any]) -> Path:
+    values = {"num-rounds": rounds, "seed": seed, "min-available-nodes": len(HOSPITALS), "min-train-nodes": len(HOSPITALS),
               **overrides}
     path = work / "run-config.toml"
     path.write_text(tomli_w.dumps(RunConfig.from_mapping(values).to_mapping()))

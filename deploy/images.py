@@ -18,6 +18,7 @@ of small VMs, cgroupfs and file events (no systemd needed).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -104,8 +105,8 @@ def engine_problem(*, install: bool) -> str | None:
                 f"apt-get install {' '.join(DEBIAN_PACKAGES)})")
     if os.geteuid() != 0:
         return "not root: the test runs rootful Podman (runc, cgroupfs); rootless Podman is not set up for it"
-    if shutil.which("podman-compose") is None:
-        return "podman-compose missing (pip install -r requirements.txt)"
+    if importlib.util.find_spec("podman_compose") is None:
+        return "podman-compose missing in this Python (pip install -r requirements.txt)"
     return None
 
 
@@ -124,15 +125,28 @@ def build_debian_image(podman: Podman, *, work: Path) -> float:
 
 
 def build_wheelhouse(out: Path, *, torch_spec: str) -> float:
-    """Every package the images install, as wheels in ``out`` (this machine's pip settings and cache)."""
+    """Every package the images install, as wheels in ``out`` (this machine's pip settings and cache).
+
+    Skipped when ``out`` already holds the wheels of the same requirements (its ``requirements.txt``).
+    Returns the seconds it took.
+    """
+    requirements = [torch_spec, *(line.split("#")[0].strip().replace("flwr[simulation]", "flwr")
+                                  for line in (REPO / "requirements.txt").read_text().splitlines()
+                                  if line.split("#")[0].strip() and not line.startswith(TEST_ONLY))]
+    stamp = out / "requirements.txt"
+    if stamp.is_file() and stamp.read_text().split() == requirements:
+        return 0.0
     start = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    requirements = [line.split("#")[0].strip().replace("flwr[simulation]", "flwr")
-                    for line in (REPO / "requirements.txt").read_text().splitlines()
-                    if line.split("#")[0].strip() and not line.startswith(TEST_ONLY)]
     _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "-w", str(out),
-          torch_spec, *requirements], step="pip wheel")
+          *requirements], step="pip wheel")
+    stamp.write_text("\n".join(requirements) + "\n")  # only once every wheel is there
     return time.monotonic() - start
+
+
+def wheel_cache_dir() -> Path:
+    """Where the tests keep the wheelhouse between runs (``$XDG_CACHE_HOME/fedseg/image-wheels``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedseg" / "image-wheels"
 
 
 def build_images(podman: Podman, *, wheels: Path, torch_spec: str) -> dict[str, float]:
@@ -198,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m deploy.images build``: the Debian base, the wheelhouse and both images; prints timings."""
     parser = argparse.ArgumentParser(prog="python -m deploy.images", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["build"])
-    parser.add_argument("--work", type=Path, default=Path("runs/images"), help="wheelhouse and engine settings")
+    parser.add_argument("--work", type=Path, default=Path("runs/images"), help="engine settings, Debian root fs")
+    parser.add_argument("--wheels", type=Path, default=None, help="wheelhouse (default: the tests' cache)")
     parser.add_argument("--torch-spec", default=os.environ.get("TORCH_SPEC", "torch==2.13.0+cpu"))
     args = parser.parse_args(argv)
     try:
@@ -207,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ImageError(problem)
         podman = Podman.configured(conf_dir=args.work)
         print(f"debian base: {build_debian_image(podman, work=args.work):.0f} s")
-        print(f"wheelhouse: {build_wheelhouse(args.work / 'wheels', torch_spec=args.torch_spec):.0f} s")
-        for name, seconds in build_images(podman, wheels=args.work / "wheels", torch_spec=args.torch_spec).items():
+        wheels = args.wheels or wheel_cache_dir()
+        print(f"wheelhouse: {build_wheelhouse(wheels, torch_spec=args.torch_spec):.0f} s")
+        for name, seconds in build_images(podman, wheels=wheels, torch_spec=args.torch_spec).items():
             print(f"{name}: {seconds:.0f} s")
         for tag in IMAGES.values():
             print(f"{tag}: {image_size_mb(podman, tag):.0f} MB")

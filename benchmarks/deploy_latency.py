@@ -12,7 +12,12 @@ Runs, one after the other on the same two synthetic hospitals and tiny U-Net
 - ``deploy-process-stock``: stock ``flower-supernode``, ``--isolation process``
   with the warm ClientApp executor (``deploy/clientapp_executor.py``);
 - ``deploy-process-fast``: the same through ``deploy/supernode.py`` (Flower's
-  SuperNode with its fixed waits shortened, ``deploy/flower_patches.py``).
+  SuperNode with its fixed waits shortened, ``deploy/flower_patches.py``);
+- ``compose``: ``deploy/compose/compose.yaml`` as shipped, in Podman containers
+  (``deploy/compose_federation.py``; the images from ``python -m deploy.images build``),
+  which runs the hospitals as ``deploy-process-fast`` does. Not in the default
+  variants (it needs root, Podman and the images); asked for, its table goes to its
+  own section.
 
 Every deployment node gets one CPU thread (``OMP_NUM_THREADS=1``), like a
 simulated hospital. A round's wall time is the server's ``round-seconds``
@@ -38,8 +43,9 @@ from shared.plan import manual_plan
 # overlap-evaluation off on both sides: the simulation harness turns it on by default, a deployment does not
 BENCH_RUN_CONFIG = {"model": "unet", "channels": "4,8", "strides": "2", "num-res-units": 0, "patch-size": 32,
                     "local-steps": 2, "batch-size": 2, "dp": False, "overlap-evaluation": False, "plan": "manual"}
-VARIANTS = ("simulation", "deploy-subprocess-stock", "deploy-process-stock", "deploy-process-fast")
+VARIANTS = ("simulation", "deploy-subprocess-stock", "deploy-process-stock", "deploy-process-fast", "compose")
 TARGET_OVERHEAD_S = 3.0
+TARGET_COMPOSE_RATIO = 1.10  # the containers should add < 10% to a round (issue 26)
 
 
 def round_seconds(out: Path) -> list[float]:
@@ -85,7 +91,9 @@ def variant_runners(names: list[str], *, out: Path, rounds: int) -> dict[str, Ca
     from deploy.run_federation import DeploymentSpec, run_local_federation
     from simulations.api import SimulationSpec, run_simulation
 
-    config = dict(BENCH_RUN_CONFIG, **{"num-rounds": rounds})
+    # the shipped compose file's hospitals require DP: with compose, every variant runs with DP on
+    # (noise sized from the sites' budget over the run's rounds, so no round is refused)
+    config = dict(BENCH_RUN_CONFIG, **{"num-rounds": rounds}, **({"dp": True} if "compose" in names else {}))
     common = {"seed": 1, "rounds": rounds, "min_cases": 3, "max_cases": 4, "run_config": config}
     deploy_options = {
         "deploy-subprocess-stock": {"isolation": "subprocess", "poll_interval_s": None},
@@ -98,10 +106,26 @@ def variant_runners(names: list[str], *, out: Path, rounds: int) -> dict[str, Ca
             DeploymentSpec(out=out / name, sites=2, node_threads=1, **deploy_options[name], **common), echo=False)
 
     runners = {name: deployment(name) for name in names if name in deploy_options}
+    if "compose" in names:
+        runners["compose"] = lambda: _compose(out / "compose", config, seed=common["seed"],
+                                              cases=(common["min_cases"], common["max_cases"]))
     if "simulation" in names:
         runners["simulation"] = lambda: run_simulation(
             SimulationSpec(sites=2, out=out / "simulation", **common), echo=False)
     return {name: runners[name] for name in names}
+
+
+def _compose(out: Path, config: dict[str, Any], *, seed: int, cases: tuple[int, int]) -> Any:
+    from deploy.compose_federation import run_compose_federation
+    from deploy.images import Podman
+
+    work = out / time.strftime("%Y%m%d-%H%M%S")
+    result = run_compose_federation(work.resolve(), Podman.configured(conf_dir=work / "engine"),
+                                    rounds=config["num-rounds"], run_config=config, seed=seed, cases=cases,
+                                    say=lambda _: None)
+    if result.leftovers:
+        raise RuntimeError(f"containers or volumes left after the compose run: {result.leftovers}")
+    return result
 
 
 def to_markdown(results: dict[str, list[float]], *, compute_s: float, command: str, loads: list[str]) -> str:
@@ -117,7 +141,12 @@ def to_markdown(results: dict[str, list[float]], *, compute_s: float, command: s
         median = statistics.median(times)
         lines.append(f"| {name} | {median:.1f} s ({', '.join(f'{t:.1f}' for t in times)}) "
                      f"| {median - compute_s:.1f} s |")
-    if "deploy-process-fast" in results:
+    if "compose" in results and "deploy-process-fast" in results:
+        ratio = statistics.median(results["compose"]) / statistics.median(results["deploy-process-fast"])
+        verdict = "met" if ratio < TARGET_COMPOSE_RATIO else "NOT met"
+        lines += ["", (f"Containers / processes, median round: {ratio:.2f}x (target < {TARGET_COMPOSE_RATIO:g}x): "
+                       f"**{verdict}** in this run.")]
+    elif "deploy-process-fast" in results:
         overhead = statistics.median(results["deploy-process-fast"]) - compute_s
         verdict = "met" if overhead < TARGET_OVERHEAD_S else "NOT met"
         lines += ["", (f"Target (< {TARGET_OVERHEAD_S:g} s overhead per round, deploy-process-fast): "
@@ -133,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()  # a killed benchmark still stops the processes it started
     parser = argparse.ArgumentParser(prog="python -m benchmarks.deploy_latency", description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS[:-1]))
     parser.add_argument("--out", type=Path, default=Path("runs/bench-latency"))
     parser.add_argument("--write", action="store_true", help="write the result into BENCHMARKS.md")
     args = parser.parse_args(argv)
@@ -147,12 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         args.out.glob("simulation/**/datalist.json"))[:2]
     compute = local_compute_s(datalists, dict(BENCH_RUN_CONFIG, **{"num-rounds": args.rounds}))
     command = (f".venv/bin/python -m benchmarks.deploy_latency --rounds {args.rounds}"
-               + ("" if args.variants == list(VARIANTS) else f" --variants {' '.join(args.variants)}")
+               + ("" if args.variants == list(VARIANTS[:-1]) else f" --variants {' '.join(args.variants)}")
                + (" --write" if args.write else ""))
     text = to_markdown(results, compute_s=compute, command=command, loads=loads)
     print(text)
-    if args.write:
-
+    if args.write and "compose" in args.variants:
+        write_section("compose-latency", "Round latency: containers (compose file) vs processes (issue 26)",
+                      text + "\n" + COMPOSE_NOTES)
+    elif args.write:
         write_section("deploy-latency", "Round latency: process deployment vs simulation (issue 5, deployment)",
                       text + "\n" + NOTES)
     return 0
@@ -192,8 +223,21 @@ each way), the ClientApp process itself (fork, FAB install, importing the app:
 next lever would be fewer messages per round (evaluation carried in the train
 reply), which changes what a round's metrics mean; not done.
 
-The container images were not built or run here (no container engine on this
-machine); `tests/test_deploy_files.py` checks them statically.
+The container images are built and run by `tests/test_container_images.py`; their
+round latency beside these processes: section *Round latency: containers*.
+"""
+
+COMPOSE_NOTES = """\
+*deploy-process-fast*: `python -m deploy.run_federation --isolation process` (SuperLink,
+SuperNodes through `deploy/supernode.py`, warm executors; one CPU thread per node).
+*compose*: `deploy/compose/compose.yaml` as shipped under rootful Podman 4.3 (runc,
+netavark bridge network, read-only root filesystems), the same hospitals' data and run
+config, started by `python -m deploy.compose_federation`'s code; the shipped file sets no
+`OMP_NUM_THREADS`, so each node may use both cores. A round's time is the ServerApp's
+own `round-seconds` (round 1, with start-up, left out). DP on in both (the shipped
+hospitals require it); the local compute line is measured without DP, so the overhead
+column overstates both variants alike: compare the two rows. Image builds and container
+start-up are not in these figures (`tests/test_container_images.py` prints them).
 """
 
 

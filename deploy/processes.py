@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,69 @@ class NodeSettings:
                 f"state-dir='{self.state_dir.resolve()}' require-dp={str(self.require_dp).lower()}")
 
 
+class Operator:
+    """The operator's ``flwr`` CLI: its own ``FLWR_HOME`` with one connection to a SuperLink.
+
+    Shared by the process federation (:class:`LocalSuperLink`) and the compose federation
+    (``deploy/compose_federation.py``), whose SuperLink runs in a container.
+    """
+
+    def __init__(self, work_dir: Path, *, address: str, ca_cert: Path | None) -> None:
+        self.work_dir = Path(work_dir)
+        self.address = address
+        self.ca_cert = ca_cert  # None: insecure (no TLS)
+        self.flwr_home = self.work_dir / "operator-flwr-home"
+        self.env = flower_env(self.flwr_home)
+
+    def write_connection(self) -> None:
+        """Write ``$FLWR_HOME/config.toml`` with the connection :data:`CONNECTION` as the default."""
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        if self.ca_cert is None:
+            security = "insecure = true"
+        else:
+            security = f'root-certificates = "{Path(self.ca_cert).resolve()}"'
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n{security}\n')
+
+    def register_node(self, public_key: Path, *, name: str) -> int:
+        """``flwr supernode register``: allow the node holding this key; returns its node id."""
+        out = self.flwr(["supernode", "register", str(public_key), CONNECTION, "--name", name,
+                         "--format", "json"])
+        try:
+            return int(_last_json(out)["node-id"])
+        except (KeyError, TypeError, ValueError):
+            raise DeploymentError(f"`flwr supernode register {public_key}` gave no node id:\n{out}") from None
+
+    def flwr(self, args: list[str], *, timeout_s: float = 120.0) -> str:
+        """Run a ``flwr`` CLI command against this SuperLink; return its output; raise on failure."""
+        result = subprocess.run(["flwr", *args], check=False, env=self.env, capture_output=True, text=True,
+                                timeout=timeout_s, cwd=self.work_dir)
+        if result.returncode != 0:
+            raise DeploymentError(f"`flwr {' '.join(args)}` failed ({result.returncode}):\n"
+                                  f"{result.stdout[-2000:]}{result.stderr[-2000:]}")
+        return result.stdout
+
+    def wait_healthy(self, *, failure: Callable[[], str | None], timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        """Wait until the SuperLink's ``/health`` answers 200; ``failure()`` says why it never will (or None)."""
+        scheme = "http" if self.ca_cert is None else "https"
+        context = None if self.ca_cert is None else ssl.create_default_context(cafile=str(self.ca_cert))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            problem = failure()
+            if problem:
+                raise DeploymentError(problem)
+            try:
+                with urllib.request.urlopen(f"{scheme}://{self.address}/health", timeout=1.0,
+                                            context=context) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise DeploymentError(f"the SuperLink at {self.address} is not healthy after {timeout_s:.0f} s")
+
+
 class LocalSuperLink:
     """A SuperLink on loopback plus the SuperNodes attached to it; stops them all."""
 
@@ -78,9 +142,10 @@ class LocalSuperLink:
         self.credentials = None if insecure else credentials
         self.port = free_port()
         self.address = f"{HOST}:{self.port}"
-        self.flwr_home = self.work_dir / "operator-flwr-home"
+        self.operator = Operator(self.work_dir, address=self.address,
+                                 ca_cert=None if self.credentials is None else self.credentials.ca_cert)
+        self.flwr_home, self.env = self.operator.flwr_home, self.operator.env
         self.logs = self.work_dir / "logs"
-        self.env = flower_env(self.flwr_home)
         self.processes: dict[str, subprocess.Popen] = {}
 
     # -- SuperLink -------------------------------------------------------------------------------
@@ -97,8 +162,11 @@ class LocalSuperLink:
                         "--ssl-certfile", str(self.credentials.server_cert),
                         "--ssl-keyfile", str(self.credentials.server_key), "--enable-supernode-auth"]
         self._spawn("superlink", command, self.env)
-        self._write_connection()
-        self._wait_healthy()
+        self.operator.write_connection()
+        try:
+            self.operator.wait_healthy(failure=self._superlink_exited)
+        except DeploymentError as exc:
+            raise DeploymentError(f"flower-superlink: {exc}:\n{tail(self.log_path('superlink'))}") from None
         return self
 
     def stop(self) -> None:
@@ -118,22 +186,12 @@ class LocalSuperLink:
 
     # -- operator commands (flwr CLI) ------------------------------------------------------------
     def register_node(self, public_key: Path, *, name: str) -> int:
-        """``flwr supernode register``: allow the node holding this key; returns its node id."""
-        out = self.flwr(["supernode", "register", str(public_key), CONNECTION, "--name", name,
-                         "--format", "json"])
-        try:
-            return int(_last_json(out)["node-id"])
-        except (KeyError, TypeError, ValueError):
-            raise DeploymentError(f"`flwr supernode register {public_key}` gave no node id:\n{out}") from None
+        """``flwr supernode register`` (see :meth:`Operator.register_node`)."""
+        return self.operator.register_node(public_key, name=name)
 
     def flwr(self, args: list[str], *, timeout_s: float = 120.0) -> str:
-        """Run a ``flwr`` CLI command against this SuperLink; return its output; raise on failure."""
-        result = subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True,
-                                timeout=timeout_s, cwd=self.work_dir)
-        if result.returncode != 0:
-            raise DeploymentError(f"`flwr {' '.join(args)}` failed ({result.returncode}):\n"
-                                  f"{result.stdout[-2000:]}{result.stderr[-2000:]}")
-        return result.stdout
+        """A ``flwr`` CLI command against this SuperLink (see :meth:`Operator.flwr`)."""
+        return self.operator.flwr(args, timeout_s=timeout_s)
 
     # -- SuperNodes ------------------------------------------------------------------------------
     def start_supernode(self, node: NodeSettings) -> subprocess.Popen:
@@ -178,35 +236,9 @@ class LocalSuperLink:
         self.processes[name] = process
         return process
 
-    def _write_connection(self) -> None:
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
-        if self.credentials is None:
-            security = "insecure = true"
-        else:
-            security = f'root-certificates = "{self.credentials.ca_cert.resolve()}"'
-        (self.flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n{security}\n')
-
-    def _wait_healthy(self) -> None:
-        scheme = "http" if self.credentials is None else "https"
-        context = None if self.credentials is None else ssl.create_default_context(
-            cafile=str(self.credentials.ca_cert))
-        process, deadline = self.processes["superlink"], time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise DeploymentError(f"flower-superlink exited with code {process.returncode}:\n"
-                                      f"{tail(self.log_path('superlink'))}")
-            try:
-                with urllib.request.urlopen(f"{scheme}://{self.address}/health", timeout=1.0,
-                                            context=context) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise DeploymentError(f"flower-superlink not healthy after {STARTUP_TIMEOUT_S:.0f} s:\n"
-                              f"{tail(self.log_path('superlink'))}")
+    def _superlink_exited(self) -> str | None:
+        process = self.processes["superlink"]
+        return None if process.poll() is None else f"exited with code {process.returncode}"
 
 
 def _last_json(output: str) -> dict:

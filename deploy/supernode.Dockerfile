@@ -1,16 +1,26 @@
 # fedseg hospital node: Flower SuperNode + the fedseg ClientApp's dependencies (torch CPU, MONAI, Opacus).
 # Build from the repo root:  docker build -f deploy/supernode.Dockerfile -t fedseg/supernode:0.1.0 .
 # GPU sites: --build-arg TORCH_SPEC='torch==2.13.0' --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128
-# Official Flower image; the version matches the pinned flwr in requirements.txt (a test checks).
-FROM flwr/supernode:1.41.0
+# Default base: Flower's official image; the version matches the pinned flwr in requirements.txt (a test
+# checks). Without a registry: --build-arg BASE_IMAGE=localhost/fedseg/flwr-base:1.41.0, the same layout built
+# from Debian packages (deploy/base/flwr-base.Dockerfile, `python -m deploy.images build`).
+ARG BASE_IMAGE=flwr/supernode:1.41.0
+FROM ${BASE_IMAGE}
 
 # Dependencies are baked in at build time; nothing is installed when a run starts.
 ARG TORCH_SPEC="torch==2.13.0+cpu"
 ARG TORCH_INDEX="https://download.pytorch.org/whl/cpu"
+# e.g. "--no-index --find-links /wheels" with a wheelhouse mounted at build time (podman build -v DIR:/wheels:ro)
+ARG PIP_ARGS=""
 COPY --chown=app:app requirements.txt /app/requirements.txt
-RUN grep -v -e '^flwr' -e '^pytest' /app/requirements.txt > /tmp/deps.txt \
- && python -m pip install --no-cache-dir --extra-index-url "${TORCH_INDEX}" "${TORCH_SPEC}" -r /tmp/deps.txt \
+RUN grep -v -e '^flwr' -e '^pytest' -e '^podman-compose' /app/requirements.txt > /tmp/deps.txt \
+ && python -m pip install --no-cache-dir --disable-pip-version-check ${PIP_ARGS} --extra-index-url "${TORCH_INDEX}" "${TORCH_SPEC}" -r /tmp/deps.txt \
  && rm /tmp/deps.txt
+# The compose file's state volume, owned by `app`: Docker and Podman give a new named volume the owner
+# of the image's directory it is mounted on (else it is root's and the node could not write its ledger).
+USER root
+RUN mkdir -p /state && chown app:app /state
+USER app
 # The site tools (python -m client keygen, ...); the app itself arrives as a FAB with each run.
 COPY --chown=app:app pyproject.toml /app/
 COPY --chown=app:app client /app/client

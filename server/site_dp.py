@@ -14,10 +14,13 @@ Run config ``dp-level = "site"`` (or ``"patient+site"``). Each round:
   z under add-or-remove-one-site neighbouring and reports epsilon at
   ``dp-site-delta``.
 
-Sampling is not credited: fedseg samples a fixed number of sites from a
-population that can change between rounds, for which no subsampling bound
-holds, so with ``fraction-train`` < 1 the epsilon is an upper bound (Flower's
-own fixed-clipping accounting does the same).
+Each round's sample of sites is recorded (``site-dp-sampled``) but gives no
+amplification: fedseg draws it from (``seed``, round) so that a resumed run asks
+the same sites, and a sample anyone with the run config can recompute amplifies
+nothing (subsampling bounds need a draw the adversary cannot see); the
+population can also change between rounds. So every round counts in full, as
+in Flower's own fixed-clipping accounting; with ``fraction-train`` < 1 that is
+an upper bound on what a secret draw would give.
 
 The noise comes from a generator seeded by the operating system, not from the
 run's seed (the server seeds NumPy's global generator for reproducible

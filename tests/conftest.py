@@ -106,3 +106,18 @@ def seconds_to_pull_a_late_object(pull_objects) -> float:  # noqa: ANN001 - a Fl
     started = time.monotonic()
     assert pull_objects(["late"], pull) == {"late": b"content"} and len(tries) == 2
     return time.monotonic() - started
+
+
+@pytest.fixture(autouse=True)
+def flower_pull_retry_restored():
+    """Undo what an in-process ServerApp run (``server.federation.run_federation``, e.g. through
+    ``tests/local_federation.py``) does to Flower's ``pull_objects`` retry default, so that the tests of
+    that patch always see the pinned Flower's own value."""
+    from flwr.supercore.inflatable import inflatable_utils
+
+    defaults = inflatable_utils.pull_objects.__kwdefaults__
+    saved = dict(defaults or {})
+    yield
+    if defaults is not None:
+        defaults.clear()
+        defaults.update(saved)

@@ -173,8 +173,10 @@ def update_bound(config: RunConfig) -> tuple[str, float]:
 
 
 def secure_weight(config: RunConfig, num_examples: float) -> float:
-    """A site's weight in the secure sum: 1 under hospital-level DP (sites weigh equally), else its examples."""
-    return 1.0 if config.site_dp else num_examples
+    """A site's weight in the secure sum: its examples, or under hospital-level DP ``secagg-max-weight`` for
+    every site (sites weigh equally; the largest weight, because Flower's mod scales the change by weight /
+    max-weight before quantising, and a small weight would push it below the quantisation step)."""
+    return config.secagg_max_weight if config.site_dp else num_examples
 
 
 def run_secure_stage(msg: Message, context: Context, *, step: SecureStep, config: RunConfig, site: SiteConfig,

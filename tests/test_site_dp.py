@@ -90,7 +90,7 @@ def test_secure_round_sum_gets_the_fixed_denominator_and_noise(tmp_path, flower_
     strategy = _strategy(tmp_path, seed=4, sampled=3)
     outcomes = SortedReplies()
     outcomes.site_metrics.update({"a": {"num-examples": 7}, "b": {"num-examples": 9}})
-    mean_of_two = [np.full(6, 0.5)]  # the sites' clipped changes, weighed 1 each, averaged by the protocol
+    mean_of_two = [np.full(6, 0.5)]  # the sites' clipped changes, weighed equally, averaged by the protocol
     arrays, _ = strategy.aggregate_secure(1, SecureRoundResult(mean_delta=mean_of_two, outcomes=outcomes,
                                                                contributors=["a", "b"]))
     noise = np.random.default_rng(4).normal(0.0, 0.7 / 3, 6)
@@ -99,8 +99,10 @@ def test_secure_round_sum_gets_the_fixed_denominator_and_noise(tmp_path, flower_
 
 def test_a_site_clips_to_the_site_level_norm_and_weighs_one_before_masking():
     config = tiny_config_with({**SITE_DP, "secure-aggregation": True, "secagg-update-norm-bound": 5.0})
-    assert update_bound(config) == ("dp-site-clipping-norm", 1.0) and secure_weight(config, 40.0) == 1.0
-    delta, checks = check_update({"w": np.full(4, 3.0)}, {"w": np.zeros(4)}, config=config, num_examples=1.0)
+    assert update_bound(config) == ("dp-site-clipping-norm", 1.0)
+    assert secure_weight(config, 40.0) == secure_weight(config, 7.0) == config.secagg_max_weight
+    delta, checks = check_update({"w": np.full(4, 3.0)}, {"w": np.zeros(4)}, config=config,
+                                 num_examples=config.secagg_max_weight)
     assert np.linalg.norm(delta[0]) == pytest.approx(1.0) and "dp-site-clipping-norm" in checks.notes[0]
     plain = tiny_config_with({"secure-aggregation": True})
     assert update_bound(plain) == ("secagg-update-norm-bound", 0.0) and secure_weight(plain, 40.0) == 40.0

@@ -190,7 +190,7 @@ class SiteTracking:
                         "the global model is kept", server_round, len(result.contributors), self.min_train_replies)
             return None, None
         mean_delta = result.mean_delta
-        if self.site_dp is not None:  # the sites clipped and weighed 1 each: the mean times k is their sum
+        if self.site_dp is not None:  # the sites clipped and weighed equally: the mean times k is their sum
             k = len(result.contributors)
             mean_delta = self._release(server_round, [d * k for d in mean_delta], answered=k)
         mean = self._model_plus(mean_delta)

@@ -101,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"windows per forward pass (default: {SW_BATCH_SIZE})")
     parser.add_argument("--engine", default="torch", choices=("torch", "onnx"),
                         help="torch (default), or onnx: the network converted at load and run by onnxruntime on "
-                             "CPU (faster for small U-Nets, see BENCHMARKS.md)")
+                             "CPU (which is faster depends on the network: BENCHMARKS.md)")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
 
 

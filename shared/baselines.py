@@ -14,13 +14,16 @@ BASELINES_FILE = "baselines.json"
 
 
 def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per site: federated, pooled and local-only (the site's own model) Dice and HD95.
+    """One row per site: federated, personal (a ``local-norm`` run's global model with the site's own norm
+    weights), pooled and local-only (the site's own model) Dice and HD95.
 
     For a held-out site, "local" is the mean over the sites' local models.
     """
     rows = []
     for site, fed in results["federated"].items():
         row = {"site": site, "holdout": site in results.get("holdout", []), "federated": fed}
+        if site in results.get("personal", {}):
+            row["personal"] = results["personal"][site]
         if "pooled" in results:
             row["pooled"] = results["pooled"][site]
         local = results.get("local", {})

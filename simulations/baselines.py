@@ -6,7 +6,9 @@ federation, as many optimisation steps as each site takes in it
 models (the federated one included) are evaluated by the same function on
 the same validation cases of every site, so the comparison is like for like.
 Baselines train without differential privacy: they are the reference a
-federation is judged against.
+federation is judged against. For a ``local-norm`` run each site's personal
+model (the global model with the site's own norm weights, as the site
+evaluates it in every round) is evaluated on that site's cases too.
 """
 
 from __future__ import annotations
@@ -150,17 +152,40 @@ def run_baselines(run_dir: Path, sites: list[tuple[str, Path]], *, kinds: tuple[
 
     done("federated", lambda: evaluate_on_sites(load_model(run_dir / "global_model.pt")[0], everyone, plan,
                                                 seed=config.seed, device=device, caches=caches))
+    for site_id, datalist in sites if config.local_norm else []:
+        done(f"personal/{site_id}", lambda site_id=site_id, datalist=datalist: evaluate_on_sites(
+            personal_model(run_dir, site_id, plan=plan), [(site_id, datalist)], plan, seed=config.seed,
+            device=device, caches=caches)[site_id])
     if "pooled" in kinds:
         done("pooled", lambda: trained_on([d for _, d in sites]))
     for site_id, datalist in sites if "local" in kinds else []:
         done(f"local/{site_id}", lambda datalist=datalist: trained_on([datalist]))
-    final = {key: value for key, value in results.items() if not key.startswith("local/") and key != "sites"}
+    final = {key: value for key, value in results.items() if "/" not in key and key != "sites"}
     final.pop("seed")
+    if config.local_norm:
+        final["personal"] = {site_id: results[f"personal/{site_id}"] for site_id, _ in sites}
     if "local" in kinds:
         final["local"] = {site_id: results[f"local/{site_id}"] for site_id, _ in sites}
     atomic_write_json(run_dir / "baselines.json", final)
     (run_dir / PROGRESS_FILE).unlink(missing_ok=True)
     return final
+
+
+def personal_model(run_dir: Path, site_id: str, *, plan: Plan) -> Any:
+    """The global model of a ``local-norm`` run with ``site_id``'s own norm weights laid over it.
+
+    Raises :class:`ConfigError` naming the folder when the site kept no weights of this run.
+    """
+    from client.predict import use_local_weights
+    from shared.model_file import load_model
+
+    kept = sorted((run_dir / "state" / site_id / "local-weights").glob("run-*.pt"))
+    if len(kept) != 1:
+        raise ConfigError(f"{run_dir / 'state' / site_id / 'local-weights'}: expected the site's own norm weights "
+                          f"of this run in one file, found {len(kept)}")
+    model = load_model(run_dir / "global_model.pt")[0]
+    use_local_weights(model, kept[0], plan=plan)
+    return model
 
 
 def _progress(run_dir: Path, setting: dict[str, Any]) -> dict[str, Any]:

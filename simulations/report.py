@@ -127,10 +127,12 @@ def comparison_text(run_dir: Path) -> str:
 
     results = json.loads(path.read_text())
     rows = comparison_rows(results)
-    kinds = [k for k in ("federated", "pooled", "local") if any(k in r for r in rows)]
+    kinds = [k for k in ("federated", "personal", "pooled", "local") if any(k in r for r in rows)]
     head = "| site | " + " | ".join(f"{k} Dice [95% CI] | {k} HD95 mm" for k in kinds) + " |"
     lines = [f"Each model evaluated on the same validation cases of every site; baselines trained "
-             f"{results.get('steps')} steps (= local steps x rounds), without DP. Intervals: bootstrap over cases.",
+             f"{results.get('steps')} steps (= local steps x rounds), without DP. Intervals: bootstrap over cases."
+             + (" Personal: the global model with each site's own norm weights (local-norm), at its own site."
+                if "personal" in kinds else ""),
              "", head, "|---" * (1 + 2 * len(kinds)) + "|"]
     for row in rows:
         cells = []

@@ -114,3 +114,40 @@ def test_baselines_cut_short_go_on_from_the_last_model_done(tmp_path, two_sites,
     assert set(results["local"]) == {"a", "b"} and set(results["pooled"]) == {"a", "b"}
     assert json.loads((tmp_path / "baselines.json").read_text()) == results
     assert not (tmp_path / baselines.PROGRESS_FILE).exists()
+
+
+def test_a_local_norm_run_reports_each_sites_personal_model_beside_the_global_one(tmp_path, two_sites):
+    import torch
+
+    from client.local_state import keep_local_weights
+    from shared.local_weights import local_weight_names
+    from simulations.report import comparison_text
+
+    run = dict(TINY_RUN_CONFIG, **{"model": "dynunet", "channels": "4,8,16", "strides": "2,2", "num-res-units": -1,
+                                   "deep-supervision": 0, "local-norm": True, "num-rounds": 1})
+    config = RunConfig.from_mapping(run)
+    plan = manual_plan(config)
+    save_model_file(tmp_path / "global_model.pt", state_dict=build_model(plan.model_config()).state_dict(),
+                    model_config=plan.model_config())
+    (tmp_path / "summary.json").write_text(json.dumps({"run_config": config.to_mapping()}))
+    (tmp_path / "plan.json").write_text(json.dumps({"plan": plan.to_dict()}))
+    sites = [("a", two_sites[0]), ("b", two_sites[1])]
+    local = local_weight_names(plan.model_config(), local_norm=True)
+    mine = build_model(plan.model_config())
+    with torch.no_grad():  # site a's own norm weights: the first norm's sign flipped, everything else the same
+        for name, parameter in mine.named_parameters():
+            if name in local:
+                parameter.mul_(-1.0)
+    keep_local_weights(mine, tmp_path / "state" / "a" / "local-weights" / "run-4.pt", names=local,
+                       model_config=plan.model_config())
+    with pytest.raises(ConfigError, match=r"state/b/local-weights.*found 0"):
+        run_baselines(tmp_path, sites, kinds=())
+    keep_local_weights(build_model(plan.model_config()), tmp_path / "state" / "b" / "local-weights" / "run-4.pt",
+                       names=local, model_config=plan.model_config())
+    results = run_baselines(tmp_path, sites, kinds=())
+    assert set(results["personal"]) == {"a", "b"}
+    assert results["personal"]["b"] == results["federated"]["b"]  # b kept the global model's own norm weights
+    assert results["personal"]["a"]["dice"] != results["federated"]["a"]["dice"]
+    rows = {r["site"]: r for r in comparison_rows(results)}
+    assert rows["a"]["personal"] == results["personal"]["a"]
+    assert "personal Dice" in comparison_text(tmp_path)

@@ -62,11 +62,13 @@ class NodeSettings:
     poll_interval_s: float | None = DEFAULT_POLL_INTERVAL_S
     # CPU threads of the node's ClientApps (OMP_NUM_THREADS, as Ray sets it per virtual client); None: all cores
     threads: int | None = None
+    max_epsilon: float | None = None  # the site's privacy budget; None: the site default
 
     def node_config(self) -> str:
         """The ``--node-config`` value: the site-owned settings of :mod:`client.site`."""
+        budget = "" if self.max_epsilon is None else f" max-epsilon={self.max_epsilon!r}"
         return (f"site-id='{self.site_id}' datalist='{self.datalist.resolve()}' "
-                f"state-dir='{self.state_dir.resolve()}' require-dp={str(self.require_dp).lower()}")
+                f"state-dir='{self.state_dir.resolve()}' require-dp={str(self.require_dp).lower()}{budget}")
 
 
 class Operator:

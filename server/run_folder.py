@@ -7,7 +7,7 @@ aggregate and ``max-epsilon``, the largest cumulative epsilon of any site).
 With hospital-level DP (run config ``dp-level``) the global row also has
 ``site-epsilon`` (cumulative, at ``site-dp-delta``), ``site-dp-noise-std`` and
 ``site-dp-sampled``. ``summary.json`` has every site's final epsilon under
-``epsilon`` and hospital-level DP's under ``site_dp``.
+``epsilon`` and hospital-level DP's under ``site_dp``, and under ``stopped`` why the run ended early (None: it did not).
 A site that refused or failed a phase has ``status`` and ``reason`` instead of
 numbers for it. A site whose update was scaled down to the round's norm bound
 keeps ``train-status`` "ok" and has ``update-bound``, ``update-scale`` and
@@ -70,6 +70,8 @@ class RunRecorder:
         self.written_rows: list[dict[str, Any]] = []
         #: Server-side figures of a round for its global row (e.g. hospital-level DP's epsilon).
         self.round_notes: dict[int, dict[str, Any]] = {}
+        #: Why the run ended before its last round (``summary.json`` ``stopped``); None: it ran every round.
+        self.stopped: str | None = None
         self.started = time.time()
         self.round_started = time.monotonic()
 
@@ -159,6 +161,7 @@ class RunRecorder:
             "model": self.model_path.name,
             "run_config": self.config.to_mapping(),
             "initial_model": self.initial_model,
+            "stopped": self.stopped,
         }
         atomic_write_json(self.run_dir / "summary.json", summary)
         return summary

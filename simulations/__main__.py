@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     args = build_parser().parse_args(argv)
     try:
-        run_simulation(spec_from_args(args))
+        summary = run_simulation(spec_from_args(args))
     except FedSegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: the run's Flower and Ray processes were stopped; to go on from its last "
               "checkpoint, run again with --run-config resume-from=<run folder>", file=sys.stderr)
         return 130
+    if summary.get("stopped"):  # no site could train: not a result to take for one
+        print(f"error: {summary['stopped']}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,11 +16,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from client.site import SiteConfig
 from deploy.supernode import DEFAULT_POLL_INTERVAL_S
+from shared.config import DEFAULT_MAX_EPSILON
 from shared.errors import FedSegError
 from shared.processes import flower_env, free_port, stop_process_group, stopped_with_parent, tail
 
@@ -62,13 +65,16 @@ class NodeSettings:
     poll_interval_s: float | None = DEFAULT_POLL_INTERVAL_S
     # CPU threads of the node's ClientApps (OMP_NUM_THREADS, as Ray sets it per virtual client); None: all cores
     threads: int | None = None
-    max_epsilon: float | None = None  # the site's privacy budget; None: the site default
+    max_epsilon: float = DEFAULT_MAX_EPSILON  # the site's privacy budget
+
+    def site(self) -> SiteConfig:
+        """The site-owned settings this node runs with (:class:`client.site.SiteConfig`)."""
+        return SiteConfig(site_id=self.site_id, datalist=self.datalist.resolve(), state_dir=self.state_dir.resolve(),
+                          max_epsilon=self.max_epsilon, require_dp=self.require_dp)
 
     def node_config(self) -> str:
-        """The ``--node-config`` value: the site-owned settings of :mod:`client.site`."""
-        budget = "" if self.max_epsilon is None else f" max-epsilon={self.max_epsilon!r}"
-        return (f"site-id='{self.site_id}' datalist='{self.datalist.resolve()}' "
-                f"state-dir='{self.state_dir.resolve()}' require-dp={str(self.require_dp).lower()}{budget}")
+        """The ``--node-config`` value: :meth:`site` as Flower reads it (``key=value`` pairs, TOML values)."""
+        return node_config_argument(self.site().to_node_config())
 
 
 class Operator:
@@ -241,6 +247,13 @@ class LocalSuperLink:
     def _superlink_exited(self) -> str | None:
         process = self.processes["superlink"]
         return None if process.poll() is None else f"exited with code {process.returncode}"
+
+
+def node_config_argument(values: Mapping[str, Any]) -> str:
+    """``values`` in the form of Flower's ``--node-config``: space-separated ``key=value``, each value TOML."""
+    import tomli_w
+
+    return " ".join(f"{key}={tomli_w.dumps({'v': value}).partition('=')[2].strip()}" for key, value in values.items())
 
 
 def _last_json(output: str) -> dict:

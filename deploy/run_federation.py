@@ -37,7 +37,7 @@ from deploy.processes import CONNECTION, DeploymentError, LocalSuperLink, NodeSe
 from deploy.supernode import DEFAULT_POLL_INTERVAL_S, PollIntervalError, parse_poll_interval
 from server.certs import make_certificates
 from shared.cli import exit_on_sigterm
-from shared.config import RunConfig
+from shared.config import DEFAULT_MAX_EPSILON, RunConfig
 from shared.errors import ConfigError, FedSegError
 from shared.processes import run_streaming, tail
 from simulations.__main__ import parse_run_config
@@ -64,10 +64,10 @@ class DeploymentSpec:
     min_cases: int = 4
     max_cases: int = 6
     timeout_s: float = 0.0  # 0: as long as the run's phases may take (RunConfig.run_timeout_s)
-    max_epsilon: float | None = None  # every hospital's privacy budget (node config max-epsilon); None: the site default
+    max_epsilon: float = DEFAULT_MAX_EPSILON  # every hospital's privacy budget (node config max-epsilon)
 
     def __post_init__(self) -> None:
-        if self.max_epsilon is not None and not self.max_epsilon > 0:
+        if not self.max_epsilon > 0:
             raise ConfigError(f"'max_epsilon' must be > 0, got {self.max_epsilon!r}")
         if self.sites < 1 or self.rounds < 0:
             raise ConfigError(f"'sites' must be >= 1 and 'rounds' >= 1 (or 0: the preset's), "
@@ -199,9 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU threads per hospital node (OMP_NUM_THREADS; default: cores / sites)")
     parser.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE",
                         help="any run-config key, e.g. --run-config local-epochs=2")
-    parser.add_argument("--max-epsilon", type=float, metavar="EPS",
-                        help="every hospital's total privacy budget (node config max-epsilon; default: the "
-                             "site default)")
+    parser.add_argument("--max-epsilon", type=float, default=DEFAULT_MAX_EPSILON, metavar="EPS",
+                        help="every hospital's total privacy budget (node config max-epsilon; default: %(default)s)")
     parser.add_argument("--insecure", action="store_true",
                         help="NO TLS and NO node authentication: local experiments only")
     return parser

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared.atomic import append_lines, atomic_write, atomic_write_json
 from shared.model_file import save_model_file, weights_digest
+from shared.protocol import DICE, LOSS, NUM_EXAMPLES, TRAIN_LOSS
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord
@@ -35,9 +36,10 @@ if TYPE_CHECKING:
     from shared.config import RunConfig
     from shared.plan import Plan
 
+#: Reply metric -> ``metrics.jsonl`` column, per phase (other metrics keep their names).
 PHASE_KEYS = {
-    "train": {"train-loss": "train-loss", "num-examples": "num-train-examples"},
-    "evaluate": {"dice": "dice", "loss": "loss", "num-examples": "num-val-examples"},
+    "train": {TRAIN_LOSS: "train-loss", NUM_EXAMPLES: "num-train-examples"},
+    "evaluate": {DICE: "dice", LOSS: "loss", NUM_EXAMPLES: "num-val-examples"},
 }
 
 

@@ -33,14 +33,14 @@ from typing import Any
 import tomli_w
 
 from client.keygen import make_node_keys
-from deploy.processes import CONNECTION, DeploymentError, LocalSuperLink, NodeSettings, ServerCredentials
+from deploy.processes import CONNECTION, DeploymentError, LocalSuperLink, NodeSettings
 from deploy.supernode import DEFAULT_POLL_INTERVAL_S, PollIntervalError, parse_poll_interval
 from server.certs import make_certificates
-from shared.cli import exit_on_sigterm
+from shared.cli import exit_on_sigterm, parse_run_config
 from shared.config import DEFAULT_MAX_EPSILON, RunConfig
 from shared.errors import ConfigError, FedSegError
 from shared.processes import run_streaming, tail
-from simulations.__main__ import parse_run_config
+from shared.superlink import ServerCredentials
 from simulations.synthetic import make_site_profiles, write_hospitals
 
 APP_DIR = Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from shared.cli import exit_on_sigterm, quiet_optional_codec_notice
+from shared.cli import exit_on_sigterm, parse_run_config, quiet_optional_codec_notice
 from shared.errors import FedSegError
 from simulations.api import DEFAULT_CASES, SimulationSpec, run_simulation
 from simulations.baselines import parse_baselines
@@ -111,22 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE",
                         help="any other run config value, e.g. --run-config learning-rate=0.001 (repeatable)")
     return parser
-
-
-def parse_run_config(pairs: list[str]) -> dict[str, object]:
-    """Parse ``KEY=VALUE`` pairs with TOML value syntax (bare words are strings)."""
-    import tomllib
-
-    values: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise FedSegError(f"--run-config expects KEY=VALUE, got {pair!r}")
-        try:
-            values[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            values[key.strip()] = raw
-    return values
 
 
 def fault_plan(args: argparse.Namespace) -> FaultPlan:

@@ -21,17 +21,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared import superlink
 from shared.errors import ConfigError, FedSegError
 from shared.processes import flower_env, free_port, process_identity, run_streaming, stop_process_group, tail
-from shared.superlink import (
-    HOST,
-    SuperLinkError,
-    exited,
-    spawn_logged,
-    superlink_command,
-    wait_healthy,
-    write_connection,
-)
 from simulations import engine_launcher
 
 CONNECTION = "fedseg-sim"
@@ -82,14 +74,15 @@ def simulation_superlink(work_dir: Path, *, ray_address: str = "",
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
     port = free_port()
-    write_connection(flwr_home, name=CONNECTION, address=f"{HOST}:{port}", ca_cert=None)
+    address = f"{superlink.HOST}:{port}"
+    superlink.write_connection(flwr_home, name=CONNECTION, address=address, ca_cert=None)
     log_path = work_dir / "superlink.log"
-    process = spawn_logged(superlink_command(port=port, credentials=None, simulation=True), env=env,
-                           log_path=log_path)
+    process = superlink.spawn_logged(superlink.superlink_command(port=port, credentials=None, simulation=True),
+                                     env=env, log_path=log_path)
     try:
         try:
-            wait_healthy(f"{HOST}:{port}", ca_cert=None, failure=exited(process))
-        except SuperLinkError as exc:
+            superlink.wait_healthy(address, ca_cert=None, failure=superlink.exited(process))
+        except superlink.SuperLinkError as exc:
             raise SimulationError(f"flower-superlink: {exc}; see {log_path}") from None
         yield env
     finally:

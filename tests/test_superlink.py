@@ -9,17 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from shared import superlink
 from shared.processes import flower_env, free_port, stop_process_group
-from shared.superlink import (
-    HOST,
-    ServerCredentials,
-    SuperLinkError,
-    exited,
-    spawn_logged,
-    superlink_command,
-    wait_healthy,
-    write_connection,
-)
+from shared.superlink import HOST, ServerCredentials, SuperLinkError, superlink_command, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,18 +30,18 @@ def test_the_command_is_tls_with_node_auth_or_explicitly_insecure(tmp_path):
 def test_a_superlink_starts_answers_and_a_dead_one_is_reported_at_once(tmp_path):
     env = flower_env(tmp_path / "flwr-home")
     port = free_port()
-    process = spawn_logged(superlink_command(port=port, credentials=None, database=tmp_path / "db"), env=env,
+    process = superlink.spawn_logged(superlink_command(port=port, credentials=None, database=tmp_path / "db"), env=env,
                            log_path=tmp_path / "superlink.log", cwd=tmp_path)
     try:
-        wait_healthy(f"{HOST}:{port}", ca_cert=None, failure=exited(process))
-        write_connection(tmp_path / "flwr-home", name="here", address=f"{HOST}:{port}", ca_cert=None)
+        wait_healthy(f"{HOST}:{port}", ca_cert=None, failure=superlink.exited(process))
+        superlink.write_connection(tmp_path / "flwr-home", name="here", address=f"{HOST}:{port}", ca_cert=None)
         assert 'address = "127.0.0.1:' in (tmp_path / "flwr-home" / "config.toml").read_text()
     finally:
         stop_process_group(process, grace_s=10.0)
-    dead = spawn_logged([sys.executable, "-c", "raise SystemExit(3)"], env=env, log_path=tmp_path / "dead.log")
+    dead = superlink.spawn_logged([sys.executable, "-c", "raise SystemExit(3)"], env=env, log_path=tmp_path / "dead.log")
     started = time.monotonic()
     with pytest.raises(SuperLinkError, match="exited with code 3"):
-        wait_healthy(f"{HOST}:{free_port()}", ca_cert=None, failure=exited(dead), timeout_s=30)
+        wait_healthy(f"{HOST}:{free_port()}", ca_cert=None, failure=superlink.exited(dead), timeout_s=30)
     assert time.monotonic() - started < 10
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.plan import manual_plan
+from shared.protocol import ARRAYS, CONFIG, NODE_DATALIST, NODE_REQUIRE_DP, NODE_SITE_ID, SERVER_ROUND
 
 # overlap-evaluation off on both sides: the simulation harness turns it on by default, a deployment does not
 BENCH_RUN_CONFIG = {"model": "unet", "channels": "4,8", "strides": "2", "num-res-units": 0, "patch-size": 32,
@@ -72,12 +73,12 @@ def local_compute_s(datalists: list[Path], run_config: dict[str, Any], *, repeat
     arrays = model_to_arrays(build_model(manual_plan(RunConfig.from_mapping(run_config)).model_config()))
     per_site = []
     for datalist in datalists:
-        context = Context(run_id=1, node_id=1, node_config={"site-id": datalist.parent.name, "require-dp": False,
-                                                            "datalist": str(datalist)},
+        context = Context(run_id=1, node_id=1, node_config={NODE_SITE_ID: datalist.parent.name, NODE_REQUIRE_DP: False,
+                                                            NODE_DATALIST: str(datalist)},
                           state=RecordDict(), run_config=dict(run_config))
         times = []
         for _ in range(repeats + 1):  # the first one warms up
-            content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
+            content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({SERVER_ROUND: 1})})
             started = time.perf_counter()
             handle_train(Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN), context)
             handle_evaluate(Message(content=content, dst_node_id=1, message_type=MessageType.EVALUATE), context)

@@ -16,8 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from shared.cli import exit_on_sigterm
-from simulations.__main__ import build_parser, parse_run_config, privacy_overrides
+from shared.cli import exit_on_sigterm, parse_run_config
+from simulations.__main__ import build_parser, privacy_overrides
 from simulations.api import SimulationSpec, run_simulation
 
 

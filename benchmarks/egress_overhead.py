@@ -28,6 +28,7 @@ from client.audit_log import append_entry, make_entry
 from client.egress import check_reply, expected_parameter_specs
 from client.training import make_loss
 from shared.model import ModelConfig, build_model
+from shared.protocol import ARRAYS, METRICS, NUM_EXAMPLES, SITE, SITE_ID, STEPS, TRAIN, TRAIN_LOSS
 from shared.weights import model_to_arrays
 
 # name -> (architecture, training batch shape: batch size 4 of 64^2 patches in 2D, 2 of 64^3 in 3D)
@@ -65,12 +66,12 @@ def measure(config: ModelConfig, batch_shape: tuple[int, ...], *, repeats: int,
             state_dir: Path) -> dict[str, float]:
     """Median seconds of serialising, guarding and auditing one train reply of ``config``."""
     model = build_model(config)
-    content = RecordDict({"arrays": model_to_arrays(model),
-                          "metrics": MetricRecord({"num-examples": 10, "train-loss": 0.5, "steps": 20}),
-                          "site": ConfigRecord({"site-id": "bench"})})
+    content = RecordDict({ARRAYS: model_to_arrays(model),
+                          METRICS: MetricRecord({NUM_EXAMPLES: 10, TRAIN_LOSS: 0.5, STEPS: 20}),
+                          SITE: ConfigRecord({SITE_ID: "bench"})})
 
     def guard() -> None:
-        check_reply(content, message_type="train", expected=expected_parameter_specs(config))
+        check_reply(content, message_type=TRAIN, expected=expected_parameter_specs(config))
 
     def audit() -> None:
         append_entry(state_dir, make_entry(content=content, run_id=1, server_round=1, message_type="train",

@@ -119,7 +119,7 @@ def train_statuses(metrics: Path) -> dict[str, dict[str, int]]:
 
 def parse_variants(items: list[str]) -> list[tuple[str, dict[str, Any]]]:
     """``--compare`` items (each ``KEY=VALUE``) as (name, run-config overrides); none -> the defaults."""
-    from simulations.__main__ import parse_run_config
+    from shared.cli import parse_run_config
 
     return [(item, parse_run_config([item])) for item in items] or [("defaults", {})]
 
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; exit 2 (with the set-up command) when the data packages are missing."""
     from benchmarks.real_report import write_benchmarks_sections
     from shared.atomic import atomic_write
-    from simulations.__main__ import parse_run_config
+    from shared.cli import parse_run_config
 
     quiet_optional_codec_notice()
     exit_on_sigterm()  # a killed benchmark still stops the Flower/Ray processes it started

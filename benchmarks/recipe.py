@@ -28,8 +28,8 @@ def run_variant(datalists: list[Path], overrides: dict[str, Any], *, steps: int,
     import torch
 
     from client.fingerprint import site_fingerprint
-    from server.planning import derive_plan
     from server.plan_phase import describe
+    from server.planning import derive_plan
     from shared.config import RunConfig
     from simulations.baselines import evaluate_on_sites, train_model
 
@@ -59,7 +59,7 @@ def markdown(results: dict[str, dict[str, Any]], *, class_names: tuple[str, ...]
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
-    from simulations.__main__ import parse_run_config
+    from shared.cli import parse_run_config
 
     quiet_optional_codec_notice()
     parser = argparse.ArgumentParser(prog="python -m benchmarks.recipe", description=__doc__.split("\n")[0])

@@ -38,6 +38,7 @@ from benchmarks.process_sampler import ProcessSampler
 from benchmarks.report import write_section
 from benchmarks.scale_plain_loop import PlainLoop, SiteWork
 from shared.cli import exit_on_sigterm, quiet_optional_codec_notice
+from shared.protocol import NODE_DP_DELTA, NODE_MAX_EPSILON, NODE_SITE_ID
 from simulations.api import SimulationSpec, run_simulation
 
 
@@ -122,13 +123,13 @@ def simulated_rounds(run_dir: Path, sampler: ProcessSampler, *, started: float) 
 def time_plain_loop(sim: dict[str, Any], *, workers: int) -> list[dict[str, float]]:
     """The plain loop's wall and CPU seconds for every round of ``sim`` (``benchmarks/scale_plain_loop.py``)."""
     run_dir = Path(sim["run_dir"])
-    manifest = {s["site-id"]: s for s in json.loads((run_dir / "sites.json").read_text())["sites"]}
+    manifest = {s[NODE_SITE_ID]: s for s in json.loads((run_dir / "sites.json").read_text())["sites"]}
     summary = json.loads((run_dir / "summary.json").read_text())
 
     def work(kind: str, site: str) -> SiteWork:
         entry = manifest[site]
-        return SiteWork(kind=kind, datalist=entry["datalist"], delta=float(entry["dp-delta"]),
-                        max_epsilon=float(entry["max-epsilon"]))
+        return SiteWork(kind=kind, datalist=entry["datalist"], delta=float(entry[NODE_DP_DELTA]),
+                        max_epsilon=float(entry[NODE_MAX_EPSILON]))
 
     used = {s for r in sim["rounds"] for s in r["trained"] + r["evaluated"]}
     spare = next((s for s in manifest if s not in used), next(iter(manifest)))

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.report import load_average, publish
-from simulations.__main__ import parse_run_config
+from shared.cli import parse_run_config
 from simulations.api import SimulationSpec, run_simulation
 
 #: What every measured run sets whatever its model: rounds alike in both modes (see the module docstring).

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.plan import manual_plan
+from shared.protocol import ARRAYS, METRICS, NUM_EXAMPLES, SITE, SITE_ID
 
 MODELS = {  # name -> (run config overrides, K values)
     "harness 3D default (8,16,32)": ({"spatial-dims": 3, "channels": "8,16,32", "strides": "2,2",
@@ -78,8 +79,8 @@ def measure(overrides: dict, k: int, method: str) -> dict:
             values *= 1e-3
             values += array.numpy()
             arrays[name] = Array(values)
-        content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1 + i % 7}),
-                              "site": ConfigRecord({"site-id": f"site-{i:04d}"})})
+        content = RecordDict({ARRAYS: arrays, METRICS: MetricRecord({NUM_EXAMPLES: 1 + i % 7}),
+                              SITE: ConfigRecord({SITE_ID: f"site-{i:04d}"})})
         return Message(content=content, dst_node_id=i + 1, message_type=MessageType.TRAIN)
 
     with tempfile.TemporaryDirectory(dir=".") as run_dir:

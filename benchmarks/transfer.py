@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run config for every run (repeatable), e.g. --run-config local-steps=20")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    from simulations.__main__ import parse_run_config
+    from shared.cli import parse_run_config
 
     try:
         datalists = prepare_task("donors", seed=args.seed, training=args.train_cases, validation=args.val_cases,

@@ -19,6 +19,7 @@ from typing import Any
 from client.audit_log import audit_log_path, read_entries
 from client.site import SiteConfig
 from shared.errors import ConfigError
+from shared.protocol import NODE_DATALIST
 
 
 @dataclass
@@ -158,7 +159,7 @@ def resolve_log_path(*, state_dir: str | None, datalist: str | None) -> Path:
     if state_dir:
         return audit_log_path(Path(state_dir).expanduser())
     if datalist:
-        return audit_log_path(SiteConfig.from_node_config({"datalist": datalist}).state_dir)
+        return audit_log_path(SiteConfig.from_node_config({NODE_DATALIST: datalist}).state_dir)
     raise ConfigError("give '--state-dir' (the node config 'state-dir') or '--datalist' "
                       "(if the node runs with the default state directory beside it)")
 

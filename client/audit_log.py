@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared.atomic import append_line
 from shared.errors import FedSegError
+from shared.protocol import SITE_ID, is_refusal
 
 if TYPE_CHECKING:
     from flwr.app import RecordDict
@@ -94,10 +95,10 @@ def make_entry(*, content: RecordDict, run_id: int, server_round: int | None, me
         "round": server_round,
         "message-type": message_type,
         "server": server,
-        "site-id": described["site"].get("site-id"),
+        "site-id": described["site"].get(SITE_ID),
         **described,
         "epsilon": epsilon,
-        "refused": bool(described["metrics"].get("refused")),
+        "refused": is_refusal(described["metrics"]),
         "blocked": blocked_reason is not None,
         "blocked-reason": blocked_reason,
         "withheld": _describe_withheld(withheld),

@@ -7,7 +7,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from shared.cli import quiet_optional_codec_notice
-from shared.fingerprint import FINGERPRINT_ACTION
+from shared.protocol import FINGERPRINT_ACTION
 
 quiet_optional_codec_notice()  # else every case read logs a notice (in a simulation, relayed by Ray and Flower)
 app = ClientApp()

@@ -53,7 +53,17 @@ def check_dicom_series(folder: Path | str) -> None:
     series = {str(getattr(h, "SeriesInstanceUID", "")) for _, h in headers}
     if len(series) > 1:
         raise DataError(f"{folder}: folder mixes {len(series)} DICOM series; keep one series per folder")
-    _check_slice_geometry(folder, headers)
+    try:
+        _check_slice_geometry(folder, headers)
+    except DataError:
+        # MONAI skips files without a DICOM header, as the lines above do; when the series is then incomplete,
+        # such a file is the likely lost slice, so it is named rather than the gap it leaves
+        others = [path for path in files if not pydicom.misc.is_dicom(str(path))]
+        if others:
+            raise DataError(f"{others[0]}: not a readable DICOM file (no DICOM header: damaged, or not DICOM) in "
+                            f"the series folder {folder}, whose slices are incomplete without it"
+                            + (f" ({len(others) - 1} more such file(s))" if len(others) > 1 else "")) from None
+        raise
 
 
 def read_slice(path: Path) -> object:

@@ -6,8 +6,9 @@ A reply may carry only
   and dtypes equal the model's parameters exactly, each array a plain numpy
   payload with no extra bytes;
 - ``metrics``: a ``MetricRecord`` of scalar numbers under the keys of
-  :data:`METRIC_KEYS` or :data:`METRIC_KEY_PATTERNS`;
-- ``site``: a ``ConfigRecord`` with the short strings ``site-id`` and ``reason``;
+  :data:`shared.protocol.METRIC_KEYS` or :data:`shared.protocol.METRIC_KEY_PATTERNS`;
+- ``site``: a ``ConfigRecord`` with the short strings ``site-id`` and ``reason``
+  (:data:`shared.protocol.SITE_KEY_LIMITS`);
 - ``fingerprint`` (fingerprint query replies only): a ``MetricRecord`` of scalar
   aggregates under the keys of :data:`shared.fingerprint.FINGERPRINT_KEY_PATTERNS`;
 - ``secaggplus_configs`` (replies to a secure-aggregation step only, never with
@@ -15,21 +16,31 @@ A reply may carry only
 
 Anything else (an extra array such as an image batch, a list-valued metric, an
 unknown key, a long string, an extra record) raises :class:`EgressBlocked`.
-The allow-list lives here and only here; README.md (hospital IT) documents it.
+The allow-list is the protocol's (:mod:`shared.protocol`: what fedseg's replies are
+made of) and is checked here and only here; README.md (hospital IT) documents it.
 """
 
 from __future__ import annotations
 
 import functools
 import io
-import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from client.egress_secagg import check_secagg
 from client.egress_types import ArraySpec, EgressBlocked, show
-from shared.fingerprint import FINGERPRINT, FINGERPRINT_MESSAGE_TYPE, fingerprint_key_allowed
+from shared.fingerprint import fingerprint_key_allowed
+from shared.protocol import (
+    ARRAYS,
+    FINGERPRINT,
+    FINGERPRINT_QUERY,
+    METRICS,
+    SITE,
+    SITE_KEY_LIMITS,
+    TRAIN,
+    metric_key_allowed,
+)
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -37,22 +48,7 @@ if TYPE_CHECKING:
     from client.secagg import SecureStep
     from shared.model import ModelConfig
 
-#: Scalar metric keys a reply may carry.
-METRIC_KEYS = frozenset({
-    "num-examples", "train-loss", "steps",          # training
-    "dice", "loss", "hd95",                         # evaluation
-    "epsilon", "epsilon-round",                     # differential privacy spend
-    "dp", "dp-delta", "dp-noise-multiplier", "dp-sample-rate",  # the DP parameters of the round
-    "refused",                                      # 1 when the site declines a round
-    "train-seconds", "evaluate-seconds",            # timings
-})
-#: Per-class metric keys (``dice-class-1``, ``hd95-class-2``, ...) and the 95% intervals of a site's means
-#: (``dice-ci-low``, ``hd95-class-2-ci-high``, ...; run config ``evaluate-only``).
-METRIC_KEY_PATTERNS = (re.compile(r"dice-class-\d{1,3}"), re.compile(r"hd95-class-\d{1,3}"),
-                       re.compile(r"(dice|hd95)(-class-\d{1,3})?-ci-(low|high)"))
-#: ConfigRecord ``site`` keys and the longest string each may hold.
-SITE_KEYS = {"site-id": 128, "reason": 300}
-ARRAYS, METRICS, SITE, SECAGG = "arrays", "metrics", "site", "secaggplus_configs"
+SECAGG = "secaggplus_configs"  # Flower's SecAgg+ record (RECORD_KEY_CONFIGS), read without importing flwr
 NUMPY_STYPE = "numpy.ndarray"
 
 
@@ -80,11 +76,6 @@ def expected_parameter_specs(model_config: ModelConfig, *,
                              for name, t in model.state_dict().items() if name not in staying})
 
 
-def metric_key_allowed(key: str) -> bool:
-    """True if ``key`` is on the metric allow-list."""
-    return key in METRIC_KEYS or any(p.fullmatch(key) for p in METRIC_KEY_PATTERNS)
-
-
 def check_reply(content: RecordDict, *, message_type: str,
                 expected: Mapping[str, ArraySpec] | None, step: SecureStep | None = None) -> None:
     """Raise :class:`EgressBlocked` unless ``content`` may leave the site.
@@ -104,9 +95,9 @@ def check_reply(content: RecordDict, *, message_type: str,
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
     allowed = {ARRAYS: ArrayRecord, METRICS: MetricRecord, SITE: ConfigRecord}
-    if message_type == FINGERPRINT_MESSAGE_TYPE:
+    if message_type == FINGERPRINT_QUERY:
         allowed[FINGERPRINT] = MetricRecord
-    if step is not None and message_type == "train":
+    if step is not None and message_type == TRAIN:
         del allowed[ARRAYS]  # a protocol reply sends the masked vector, never the weights
         allowed[SECAGG] = ConfigRecord
     for name, record in content.items():
@@ -128,7 +119,7 @@ def check_reply(content: RecordDict, *, message_type: str,
 
 def check_arrays(arrays: ArrayRecord, *, message_type: str, expected: Mapping[str, ArraySpec] | None) -> None:
     """Raise :class:`EgressBlocked` unless ``arrays`` is exactly the model's parameters."""
-    if message_type != "train":
+    if message_type != TRAIN:
         raise EgressBlocked(f"a {show(message_type)} reply may not carry arrays")
     if expected is None:
         raise EgressBlocked("arrays cannot be checked: the model's parameter list is unknown")
@@ -186,7 +177,7 @@ def _check_scalars(record: MetricRecord, *, allowed: Callable[[str], bool], kind
 def check_site(site: ConfigRecord) -> None:
     """Raise :class:`EgressBlocked` unless ``site`` holds only short ``site-id``/``reason`` strings."""
     for key, value in site.items():
-        limit = SITE_KEYS.get(key)
+        limit = SITE_KEY_LIMITS.get(key)
         if limit is None:
             raise EgressBlocked(f"site key {show(key)} is not on the allow-list")
         if not isinstance(value, str):

@@ -19,9 +19,21 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from client.site import DEFAULT_DP_DELTA, DEFAULT_MAX_EPSILON, SiteConfig
-from shared.config import RunConfig, to_key
+from client.site import SiteConfig
+from shared.config import DEFAULT_DP_DELTA, DEFAULT_MAX_EPSILON, RunConfig, to_key
 from shared.errors import ConfigError
+from shared.protocol import (
+    DP,
+    EPSILON,
+    EPSILON_ROUND,
+    NODE_DATALIST,
+    NODE_DP_DELTA,
+    NODE_MAX_EPSILON,
+    NODE_STATE_DIR,
+    NUM_EXAMPLES,
+    STEPS,
+    TRAIN_LOSS,
+)
 
 #: Ledger entries of local fine-tuning carry this run id (federated runs have Flower's run ids).
 FINETUNE_RUN_ID = 0
@@ -75,9 +87,9 @@ def finetune(*, model_path: Path, site: SiteConfig, out: Path, epochs: int, dp: 
              "finetuned_from": {"path": str(Path(model_path).resolve()), "sha256": file_sha256(Path(model_path))},
              "finetune": {"site-id": site.site_id, "epochs": epochs, "train-layers": train_layers, **metrics}}
     save_model_file(out, state_dict=model.state_dict(), model_config=plan.model_config(), extra=extra)
-    return FinetuneResult(out=Path(out), steps=int(metrics["steps"]), train_loss=float(metrics["train-loss"]),
+    return FinetuneResult(out=Path(out), steps=int(metrics[STEPS]), train_loss=float(metrics[TRAIN_LOSS]),
                           dice_global=dice_global, dice_personal=_validation_dice(model, site, plan, torch_device),
-                          epsilon_round=metrics.get("epsilon-round"), epsilon=metrics.get("epsilon"))
+                          epsilon_round=metrics.get(EPSILON_ROUND), epsilon=metrics.get(EPSILON))
 
 
 def training_config(payload: dict[str, Any], *, dp: bool, epsilon: float, train_layers: str,
@@ -111,7 +123,7 @@ def _train(model: Any, cases: list, augment: Any, *, config: RunConfig, plan: An
                              generator=torch.Generator().manual_seed(config.seed))
     result = train_local(model, loader, config=config, device=device, num_examples=len(cases),
                          loss_fn=make_loss(model_config=plan.model_config()))
-    return {"num-examples": result.num_examples, "train-loss": result.train_loss, "steps": result.steps, "dp": 0}
+    return {NUM_EXAMPLES: result.num_examples, TRAIN_LOSS: result.train_loss, STEPS: result.steps, DP: 0}
 
 
 def _validation_dice(model: Any, site: SiteConfig, plan: Any, device: Any) -> float | None:
@@ -145,8 +157,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    node = {"datalist": str(args.datalist), "max-epsilon": args.max_epsilon, "dp-delta": args.dp_delta,
-            **({"state-dir": str(args.state_dir)} if args.state_dir else {})}
+    node = {NODE_DATALIST: str(args.datalist), NODE_MAX_EPSILON: args.max_epsilon, NODE_DP_DELTA: args.dp_delta,
+            **({NODE_STATE_DIR: str(args.state_dir)} if args.state_dir else {})}
     result = finetune(model_path=args.model, site=SiteConfig.from_node_config(node), out=args.out,
                       epochs=args.epochs, dp=args.dp, epsilon=args.epsilon, train_layers=args.train_layers,
                       learning_rate=args.learning_rate, local_weights=args.local_weights, device=args.device)

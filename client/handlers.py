@@ -29,7 +29,6 @@ from client.secagg import SecureStep, check_plain_training_allowed, run_secure_s
 from client.site import SiteConfig, resolve_site
 from shared.config import RunConfig
 from shared.errors import ConfigError, FedSegError
-from shared.fingerprint import FINGERPRINT
 from shared.local_weights import (
     FEDERATION_ID_KEY,
     frozen_weight_names,
@@ -38,6 +37,23 @@ from shared.local_weights import (
     travelling,
 )
 from shared.plan import PLAN_KEY, Plan, resolve_plan_setting
+from shared.protocol import (
+    ARRAYS,
+    CONFIG,
+    DICE,
+    DP,
+    FINGERPRINT,
+    HD95,
+    LOSS,
+    METRICS,
+    NUM_EXAMPLES,
+    PROXIMAL_MU,
+    SERVER_ROUND,
+    SITE,
+    SITE_ID,
+    STEPS,
+    TRAIN_LOSS,
+)
 
 LOG = logging.getLogger("fedseg.client")
 
@@ -69,7 +85,7 @@ def handle_fingerprint(msg: Message, context: Context) -> Message:
 
 def message_plan(msg: Message, config: RunConfig) -> Plan:
     """The plan a train or evaluate message carries; else the one the run config fixes (manual or a file)."""
-    config_record = msg.content.config_records.get("config")
+    config_record = msg.content.config_records.get(CONFIG)
     text = config_record.get(PLAN_KEY) if config_record is not None else None
     if isinstance(text, str) and text:
         return Plan.from_json(text, source="the plan the server sent")
@@ -112,7 +128,7 @@ def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig, 
     from shared.weights import model_to_arrays
 
     assert plan is not None
-    server_round = int(msg.content["config"]["server-round"])
+    server_round = int(msg.content[CONFIG][SERVER_ROUND])
     check_dp_policy(config, site)
     if site.fault is not None:
         site.fault.before_training()
@@ -122,7 +138,7 @@ def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig, 
     model, local, local_path = _received_model(msg, context, config, site, plan)
     staying = staying_weight_names(plan.model_config(), local_norm=config.local_norm, train_layers=config.train_layers)
     device = resolve_device(config.device)
-    proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    proximal_mu = float(msg.content[CONFIG].get(PROXIMAL_MU, 0.0))
     if config.patient_dp:
         metrics = train_private(model, cases, augment, config=config, plan=plan, site=site, device=device,
                                 run_id=int(context.run_id), server_round=server_round)
@@ -131,16 +147,14 @@ def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig, 
                                  generator=torch.Generator().manual_seed(seed))
         result = train_local(model, loader, config=config, device=device, num_examples=len(cases),
                              proximal_mu=proximal_mu, loss_fn=make_loss(model_config=plan.model_config()))
-        metrics = {"num-examples": result.num_examples, "train-loss": result.train_loss,
-                   "steps": result.steps, "dp": 0}
+        metrics = {NUM_EXAMPLES: result.num_examples, TRAIN_LOSS: result.train_loss, STEPS: result.steps, DP: 0}
     if local:  # kept before replying: the next round and every evaluation start from them
         keep_local_weights(model, local_path, names=local, model_config=plan.model_config())
     arrays = model_to_arrays(model, exclude=staying)
     if site.fault is not None:
-        received = travelling(msg.content["arrays"].to_torch_state_dict(), staying)
+        received = travelling(msg.content[ARRAYS].to_torch_state_dict(), staying)
         arrays = ArrayRecord(site.fault.poison(dict(arrays.to_torch_state_dict()), dict(received)))
-    return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
-                       "site": ConfigRecord({"site-id": site.site_id})})
+    return RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics), SITE: ConfigRecord({SITE_ID: site.site_id})})
 
 
 def _plain_train(msg: Message, context: Context, config: RunConfig, site: SiteConfig,
@@ -153,7 +167,7 @@ def _secure_train(msg: Message, context: Context, config: RunConfig, site: SiteC
                   step: SecureStep) -> RecordDict:
     return run_secure_stage(msg, context, step=step, config=config, site=site,
                             train=lambda: _train(msg, context, config, site, plan),
-                            reference=lambda: travelling({name: a.numpy() for name, a in msg.content["arrays"].items()},
+                            reference=lambda: travelling({name: a.numpy() for name, a in msg.content[ARRAYS].items()},
                                                          _staying_or_none(config, plan) or frozenset()))
 
 
@@ -166,14 +180,14 @@ def _evaluate(msg: Message, context: Context, config: RunConfig, site: SiteConfi
     cases = load_validation_cases(site.datalist, plan, cache_dir=site.cache_dir)
     model, _, _ = _received_model(msg, context, config, site, plan)
     result = evaluate_local(model, cases, plan=plan, device=resolve_device(config.device))
-    metrics = {"num-examples": result.num_examples, "dice": result.dice, "loss": result.loss, "hd95": result.hd95}
-    metrics.update({f"dice-class-{i + 1}": v for i, v in enumerate(result.dice_per_class)})
-    metrics.update({f"hd95-class-{i + 1}": v for i, v in enumerate(result.hd95_per_class)})
+    metrics = {NUM_EXAMPLES: result.num_examples, DICE: result.dice, LOSS: result.loss, HD95: result.hd95}
+    metrics.update({f"{DICE}-class-{i + 1}": v for i, v in enumerate(result.dice_per_class)})
+    metrics.update({f"{HD95}-class-{i + 1}": v for i, v in enumerate(result.hd95_per_class)})
     if config.evaluate_only:  # validating a model: how sure each site's figure is, from its cases' spread
         from shared.metrics import case_intervals
 
         metrics.update(case_intervals(result.per_case, seed=config.seed))
-    return RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site.site_id})})
+    return RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({SITE_ID: site.site_id})})
 
 
 def _received_model(msg: Message, context: Context, config: RunConfig, site: SiteConfig,
@@ -189,7 +203,7 @@ def _received_model(msg: Message, context: Context, config: RunConfig, site: Sit
     from shared.weights import load_arrays
 
     model = build_model(plan.model_config())
-    load_arrays(model, msg.content["arrays"])
+    load_arrays(model, msg.content[ARRAYS])
     local = local_weight_names(plan.model_config(), local_norm=config.local_norm)
     path = local_weights_path(site.state_dir, run_id=_federation_id(msg, context))
     restore_local_weights(model, path, names=local, model_config=plan.model_config())
@@ -199,7 +213,7 @@ def _received_model(msg: Message, context: Context, config: RunConfig, site: Sit
 
 def _federation_id(msg: Message, context: Context) -> int:
     """The run id that began this federation (kept across resumes), else this run's."""
-    config = msg.content.config_records.get("config")
+    config = msg.content.config_records.get(CONFIG)
     value = config.get(FEDERATION_ID_KEY) if config is not None else None
     return int(value) if isinstance(value, str) and value.isdigit() else int(context.run_id)
 
@@ -226,7 +240,7 @@ def _fingerprint(msg: Message, context: Context, config: RunConfig, site: SiteCo
     fingerprint = site_fingerprint(site.datalist, num_classes=config.num_classes, seed=config.seed,
                                    dp_epsilon_left=left, dp_delta=site.dp_delta, dp_required=site.require_dp)
     return RecordDict({FINGERPRINT: MetricRecord(fingerprint.to_metrics()),
-                       "site": ConfigRecord({"site-id": site.site_id})})
+                       SITE: ConfigRecord({SITE_ID: site.site_id})})
 
 
 def _site_round_seed(seed: int, site_id: str, server_round: int) -> int:

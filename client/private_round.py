@@ -9,6 +9,17 @@ from client.site import SiteConfig
 from shared.config import RunConfig
 from shared.errors import DataError, FedSegError
 from shared.plan import Plan
+from shared.protocol import (
+    DP,
+    DP_DELTA,
+    DP_NOISE_MULTIPLIER,
+    DP_SAMPLE_RATE,
+    EPSILON,
+    EPSILON_ROUND,
+    NUM_EXAMPLES,
+    STEPS,
+    TRAIN_LOSS,
+)
 
 LOG = logging.getLogger("fedseg.client")
 
@@ -49,9 +60,9 @@ def train_private(model: Any, cases: list, augment: Any, *, config: RunConfig, p
                                        loss_fn=make_loss(model_config=plan.model_config()))
     LOG.info("site %s: DP round %d, epsilon +%.3f -> %.3f of %.3f", site.site_id, server_round,
              charge.epsilon_round, charge.epsilon, site.max_epsilon)
-    return {"num-examples": len(cases), "train-loss": train_loss, "steps": steps, "dp": 1,
-            "epsilon": charge.epsilon, "epsilon-round": charge.epsilon_round, "dp-delta": site.dp_delta,
-            "dp-noise-multiplier": mechanism.noise_multiplier, "dp-sample-rate": mechanism.sample_rate}
+    return {NUM_EXAMPLES: len(cases), TRAIN_LOSS: train_loss, STEPS: steps, DP: 1,
+            EPSILON: charge.epsilon, EPSILON_ROUND: charge.epsilon_round, DP_DELTA: site.dp_delta,
+            DP_NOISE_MULTIPLIER: mechanism.noise_multiplier, DP_SAMPLE_RATE: mechanism.sample_rate}
 
 
 def _warn_if_noise_dominates(model: Any, mechanism: Any, *, cases: int, rounds: int, site: str) -> None:

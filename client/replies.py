@@ -15,16 +15,26 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.audit_log import AuditLogError, append_entry, make_entry
-from client.egress import ARRAYS, SITE_KEYS, EgressBlocked, check_reply, expected_parameter_specs
+from client.egress import EgressBlocked, check_reply, expected_parameter_specs
 from client.secagg import SecureStep
 from client.site import SiteConfig
 from shared.plan import Plan
+from shared.protocol import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    NODE_STATE_DIR,
+    NODE_SUPERLINK,
+    REASON,
+    SERVER_ROUND,
+    SITE,
+    SITE_ID,
+    SITE_KEY_LIMITS,
+    refusal_metrics,
+)
 
 LOG = logging.getLogger("fedseg.client")
-MAX_REASON_CHARS = SITE_KEYS["reason"]
-#: Node config key under which a site may record the SuperLink address it connects to
-#: (Flower does not tell the ClientApp); it is written into every audit entry.
-SERVER_ADDRESS_KEY = "superlink"
+MAX_REASON_CHARS = SITE_KEY_LIMITS[REASON]
 
 
 def refusal_content(msg: Message, site: SiteConfig | None, reason: str) -> RecordDict:
@@ -37,8 +47,8 @@ def refusal_content(msg: Message, site: SiteConfig | None, reason: str) -> Recor
     LOG.error("site %s refuses %s: %s", site_label(site), msg.metadata.message_type, reason)
     reason = strip_directories(reason)[:MAX_REASON_CHARS]
     return RecordDict({
-        "metrics": MetricRecord({"num-examples": 0, "refused": 1}),
-        "site": ConfigRecord({"site-id": site_label(site), "reason": reason}),
+        METRICS: MetricRecord(refusal_metrics()),
+        SITE: ConfigRecord({SITE_ID: site_label(site), REASON: reason}),
     })
 
 
@@ -78,7 +88,7 @@ def send_reply(msg: Message, *, content: RecordDict, context: Context, site: Sit
         LOG.critical("EGRESS BLOCKED at site %s: %s reply of run %s withheld and replaced by a refusal: %s",
                      site_label(site), message_type, context.run_id, blocked)
         withheld, content = content, refusal_content(msg, site, f"EgressBlocked: {blocked}")
-    state_dir = site.state_dir if site else context.node_config.get("state-dir")
+    state_dir = site.state_dir if site else context.node_config.get(NODE_STATE_DIR)
     try:
         _audit(msg, content=content, context=context, state_dir=state_dir,
                blocked=blocked, withheld=withheld, step=step)
@@ -94,7 +104,7 @@ def _audit(msg: Message, *, content: RecordDict, context: Context, state_dir: An
     if not state_dir:
         LOG.warning("site state directory unknown (node config 'state-dir'): this reply is not audited")
         return
-    server = context.node_config.get(SERVER_ADDRESS_KEY)
+    server = context.node_config.get(NODE_SUPERLINK)  # Flower does not tell the ClientApp
     entry = make_entry(content=content, run_id=context.run_id, server_round=_server_round(msg),
                        message_type=msg.metadata.message_type, server=str(server) if server else None,
                        blocked_reason=blocked, withheld=withheld, step=step)
@@ -102,10 +112,10 @@ def _audit(msg: Message, *, content: RecordDict, context: Context, state_dir: An
 
 
 def _server_round(msg: Message) -> int | None:
-    config = msg.content.config_records.get("config")
-    value = config.get("server-round") if config is not None else None
+    config = msg.content.config_records.get(CONFIG)
+    value = config.get(SERVER_ROUND) if config is not None else None
     return int(value) if isinstance(value, int) else None
 
 
 def site_label(site: SiteConfig | None) -> str:
-    return site.site_id[:SITE_KEYS["site-id"]] if site else "unknown"
+    return site.site_id[:SITE_KEY_LIMITS[SITE_ID]] if site else "unknown"

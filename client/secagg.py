@@ -27,6 +27,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from shared.errors import FedSegError
+from shared.protocol import ARRAYS, METRICS, NUM_EXAMPLES, SITE, SITE_ID
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -201,11 +202,11 @@ def run_secure_stage(msg: Message, context: Context, *, step: SecureStep, config
     def masked_training(inner_msg: Message, inner_context: Context) -> Message:
         try:
             content = train()
-            metrics.update(content["metrics"])
-            trained = {name: array.numpy() for name, array in content["arrays"].items()}
-            weight = secure_weight(config, float(metrics["num-examples"]))
+            metrics.update(content[METRICS])
+            trained = {name: array.numpy() for name, array in content[ARRAYS].items()}
+            weight = secure_weight(config, float(metrics[NUM_EXAMPLES]))
             delta, found = check_update(trained, reference(), config=config, num_examples=weight)
-        except Exception as exc:  # noqa: BLE001 - handed on unchanged, not mistaken for a protocol error
+        except Exception as exc:
             raise _SiteWorkFailed(exc) from exc
         step.checks = found
         fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters(delta),
@@ -219,10 +220,10 @@ def run_secure_stage(msg: Message, context: Context, *, step: SecureStep, config
     except (ValueError, KeyError, TypeError) as exc:  # Flower's protocol checks; their text names no data
         raise SecureAggregationError(f"secure aggregation ({stage}): {type(exc).__name__}: {exc}"[:250]) from None
     record = out.content.config_records[SECAGG]
-    reply = RecordDict({SECAGG: record, "site": ConfigRecord({"site-id": site.site_id})})
+    reply = RecordDict({SECAGG: record, SITE: ConfigRecord({SITE_ID: site.site_id})})
     if stage == Stage.COLLECT_MASKED_VECTORS:
         record[Key.MASKED_PARAMETERS] = as_uint32(record[Key.MASKED_PARAMETERS])
-        reply["metrics"] = MetricRecord(metrics)
+        reply[METRICS] = MetricRecord(metrics)
     return reply
 
 

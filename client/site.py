@@ -9,6 +9,10 @@ In a simulation, Flower's engine gives each virtual node only a
 partition, the same keys a real node config has) and passes its path as run
 config ``simulation-sites``. It is consulted only for nodes that have a
 ``partition-id`` and no ``datalist`` of their own.
+
+The keys and their defaults are :data:`shared.protocol.NODE_CONFIG_KEYS`;
+:meth:`SiteConfig.to_node_config` writes what :meth:`SiteConfig.from_node_config`
+reads (the harness' manifest, the deployment scripts' ``--node-config``).
 """
 
 from __future__ import annotations
@@ -22,11 +26,21 @@ from pathlib import Path
 from typing import Any
 
 from client.faults import SiteFault
+from shared.config import DEFAULT_DP_DELTA, DEFAULT_MAX_EPSILON
 from shared.errors import ConfigError
-
-
-DEFAULT_MAX_EPSILON = 8.0
-DEFAULT_DP_DELTA = 1e-5
+from shared.protocol import (
+    NODE_CACHE_DIR,
+    NODE_CONFIG_KEYS,
+    NODE_DATALIST,
+    NODE_DP_DELTA,
+    NODE_FAULT,
+    NODE_MAX_EPSILON,
+    NODE_PARTITION_ID,
+    NODE_REQUIRE_DP,
+    NODE_REQUIRE_SECURE_AGGREGATION,
+    NODE_SITE_ID,
+    NODE_STATE_DIR,
+)
 
 
 @dataclass(frozen=True)
@@ -61,23 +75,34 @@ class SiteConfig:
         (preprocessed cases; defaults to ``<state-dir>/cache``), ``max-epsilon``,
         ``dp-delta``, ``require-dp``, ``require-secure-aggregation``.
         """
-        datalist = node_config.get("datalist")
+        datalist = node_config.get(NODE_DATALIST)
         if not datalist:
-            raise ConfigError("node config key 'datalist' is required (path to the site's datalist JSON)")
+            raise ConfigError(f"node config key '{NODE_DATALIST}' is required (path to the site's datalist JSON)")
         datalist_path = Path(str(datalist)).expanduser().resolve()
-        site_id = str(node_config.get("site-id") or datalist_path.stem)
-        state_dir = node_config.get("state-dir") or datalist_path.parent / ".fedseg-state"
+        site_id = str(node_config.get(NODE_SITE_ID) or datalist_path.stem)
+        state_dir = node_config.get(NODE_STATE_DIR) or datalist_path.parent / ".fedseg-state"
         state_path = Path(str(state_dir)).expanduser()
-        cache_dir = Path(str(node_config.get("cache-dir") or state_path / "cache")).expanduser()
+        cache_dir = Path(str(node_config.get(NODE_CACHE_DIR) or state_path / "cache")).expanduser()
         return cls(site_id=site_id, datalist=datalist_path, state_dir=state_path, cache_dir=cache_dir,
-                   max_epsilon=_number(node_config, "max-epsilon", DEFAULT_MAX_EPSILON),
-                   dp_delta=_number(node_config, "dp-delta", DEFAULT_DP_DELTA),
-                   require_dp=_flag(node_config, "require-dp", True),
-                   require_secure_aggregation=_flag(node_config, "require-secure-aggregation", False))
+                   max_epsilon=_number(node_config, NODE_MAX_EPSILON),
+                   dp_delta=_number(node_config, NODE_DP_DELTA),
+                   require_dp=_flag(node_config, NODE_REQUIRE_DP),
+                   require_secure_aggregation=_flag(node_config, NODE_REQUIRE_SECURE_AGGREGATION))
+
+    def to_node_config(self) -> dict[str, str | float | bool]:
+        """The node config that :meth:`from_node_config` reads back as this site (its simulation-only
+        ``fault`` aside); ``cache-dir`` only where it is set."""
+        values: dict[str, str | float | bool] = {
+            NODE_SITE_ID: self.site_id, NODE_DATALIST: str(self.datalist), NODE_STATE_DIR: str(self.state_dir),
+            NODE_MAX_EPSILON: self.max_epsilon, NODE_DP_DELTA: self.dp_delta, NODE_REQUIRE_DP: self.require_dp,
+            NODE_REQUIRE_SECURE_AGGREGATION: self.require_secure_aggregation}
+        if self.cache_dir is not None:
+            values[NODE_CACHE_DIR] = str(self.cache_dir)
+        return values
 
 
-def _number(node_config: Mapping[str, Any], key: str, default: float) -> float:
-    value = node_config.get(key, default)
+def _number(node_config: Mapping[str, Any], key: str) -> float:
+    value = node_config.get(key, NODE_CONFIG_KEYS[key].default)
     try:
         if isinstance(value, bool):
             raise ValueError
@@ -86,8 +111,8 @@ def _number(node_config: Mapping[str, Any], key: str, default: float) -> float:
         raise ConfigError(f"node config key '{key}': expected a number, got {value!r}") from None
 
 
-def _flag(node_config: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = node_config.get(key, default)
+def _flag(node_config: Mapping[str, Any], key: str) -> bool:
+    value = node_config.get(key, NODE_CONFIG_KEYS[key].default)
     if isinstance(value, bool):
         return value
     if str(value).strip().lower() in ("true", "1", "yes"):
@@ -103,12 +128,12 @@ def resolve_site(node_config: Mapping[str, Any], simulation_sites: str) -> SiteC
     A real node's own ``datalist`` always wins; a simulated node (one with a
     ``partition-id``) falls back to its entry in the ``simulation_sites`` manifest.
     """
-    if node_config.get("datalist"):
+    if node_config.get(NODE_DATALIST):
         return SiteConfig.from_node_config(node_config)
-    if "partition-id" in node_config and simulation_sites:
-        entry = read_manifest_entry(Path(simulation_sites), int(node_config["partition-id"]))
+    if NODE_PARTITION_ID in node_config and simulation_sites:
+        entry = read_manifest_entry(Path(simulation_sites), int(node_config[NODE_PARTITION_ID]))
         site = SiteConfig.from_node_config(entry)
-        return dataclasses.replace(site, fault=SiteFault.from_manifest(entry.get("fault")))
+        return dataclasses.replace(site, fault=SiteFault.from_manifest(entry.get(NODE_FAULT)))
     raise ConfigError(
         "node config key 'datalist' is required: start the SuperNode with "
         "--node-config \"datalist='/path/to/datalist.json'\""

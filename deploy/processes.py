@@ -11,22 +11,30 @@ Insecure mode (no TLS, no node auth) exists only behind ``insecure=True``.
 from __future__ import annotations
 
 import json
-import ssl
 import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from client.site import SiteConfig
 from deploy.supernode import DEFAULT_POLL_INTERVAL_S
+from shared.config import DEFAULT_MAX_EPSILON
 from shared.errors import FedSegError
-from shared.processes import flower_env, free_port, stop_process_group, stopped_with_parent, tail
-
+from shared.processes import flower_env, free_port, stop_process_group, tail
+from shared.superlink import (
+    HOST,
+    STARTUP_TIMEOUT_S,
+    ServerCredentials,
+    SuperLinkError,
+    exited,
+    spawn_logged,
+    superlink_command,
+    wait_healthy,
+    write_connection,
+)
 CONNECTION = "fedseg-deploy"
-HOST = "127.0.0.1"
-STARTUP_TIMEOUT_S = 60.0
 # How often a node's SuperExec polls its SuperNode for a new ClientApp task (Flower default 1 s; twice per round).
 # The SuperLink's SuperExec keeps Flower's 1 s: it starts one ServerApp per run, and every poll costs it CPU.
 TASK_POLL_INTERVAL_S = "0.1"
@@ -34,15 +42,6 @@ TASK_POLL_INTERVAL_S = "0.1"
 
 class DeploymentError(FedSegError):
     """A process of the local deployment failed to start, or a command failed."""
-
-
-@dataclass(frozen=True)
-class ServerCredentials:
-    """The SuperLink's TLS files (from ``python -m server certs``)."""
-
-    ca_cert: Path
-    server_cert: Path
-    server_key: Path
 
 
 @dataclass(frozen=True)
@@ -62,11 +61,16 @@ class NodeSettings:
     poll_interval_s: float | None = DEFAULT_POLL_INTERVAL_S
     # CPU threads of the node's ClientApps (OMP_NUM_THREADS, as Ray sets it per virtual client); None: all cores
     threads: int | None = None
+    max_epsilon: float = DEFAULT_MAX_EPSILON  # the site's privacy budget
+
+    def site(self) -> SiteConfig:
+        """The site-owned settings this node runs with (:class:`client.site.SiteConfig`)."""
+        return SiteConfig(site_id=self.site_id, datalist=self.datalist.resolve(), state_dir=self.state_dir.resolve(),
+                          max_epsilon=self.max_epsilon, require_dp=self.require_dp)
 
     def node_config(self) -> str:
-        """The ``--node-config`` value: the site-owned settings of :mod:`client.site`."""
-        return (f"site-id='{self.site_id}' datalist='{self.datalist.resolve()}' "
-                f"state-dir='{self.state_dir.resolve()}' require-dp={str(self.require_dp).lower()}")
+        """The ``--node-config`` value: :meth:`site` as Flower reads it (``key=value`` pairs, TOML values)."""
+        return node_config_argument(self.site().to_node_config())
 
 
 class Operator:
@@ -85,14 +89,7 @@ class Operator:
 
     def write_connection(self) -> None:
         """Write ``$FLWR_HOME/config.toml`` with the connection :data:`CONNECTION` as the default."""
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
-        if self.ca_cert is None:
-            security = "insecure = true"
-        else:
-            security = f'root-certificates = "{Path(self.ca_cert).resolve()}"'
-        (self.flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n{security}\n')
+        write_connection(self.flwr_home, name=CONNECTION, address=self.address, ca_cert=self.ca_cert)
 
     def register_node(self, public_key: Path, *, name: str) -> int:
         """``flwr supernode register``: allow the node holding this key; returns its node id."""
@@ -114,22 +111,10 @@ class Operator:
 
     def wait_healthy(self, *, failure: Callable[[], str | None], timeout_s: float = STARTUP_TIMEOUT_S) -> None:
         """Wait until the SuperLink's ``/health`` answers 200; ``failure()`` says why it never will (or None)."""
-        scheme = "http" if self.ca_cert is None else "https"
-        context = None if self.ca_cert is None else ssl.create_default_context(cafile=str(self.ca_cert))
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            problem = failure()
-            if problem:
-                raise DeploymentError(problem)
-            try:
-                with urllib.request.urlopen(f"{scheme}://{self.address}/health", timeout=1.0,
-                                            context=context) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise DeploymentError(f"the SuperLink at {self.address} is not healthy after {timeout_s:.0f} s")
+        try:
+            wait_healthy(self.address, ca_cert=self.ca_cert, failure=failure, timeout_s=timeout_s)
+        except SuperLinkError as exc:
+            raise DeploymentError(str(exc)) from None
 
 
 class LocalSuperLink:
@@ -152,19 +137,12 @@ class LocalSuperLink:
     def start(self) -> LocalSuperLink:
         """Start the SuperLink, wait until it answers, and write the operator's connection."""
         self.logs.mkdir(parents=True, exist_ok=True)
-        command = ["flower-superlink", "--host", HOST, "--port", str(self.port),
-                   "--database", str(self.work_dir / "superlink-state.db"),
-                   "--disable-runtime-dependency-installation"]
-        if self.credentials is None:
-            command.append("--insecure")
-        else:
-            command += ["--ssl-ca-certfile", str(self.credentials.ca_cert),
-                        "--ssl-certfile", str(self.credentials.server_cert),
-                        "--ssl-keyfile", str(self.credentials.server_key), "--enable-supernode-auth"]
-        self._spawn("superlink", command, self.env)
+        command = superlink_command(port=self.port, credentials=self.credentials,
+                                    database=self.work_dir / "superlink-state.db")
+        process = self._spawn("superlink", command, self.env)
         self.operator.write_connection()
         try:
-            self.operator.wait_healthy(failure=self._superlink_exited)
+            self.operator.wait_healthy(failure=exited(process))
         except DeploymentError as exc:
             raise DeploymentError(f"flower-superlink: {exc}:\n{tail(self.log_path('superlink'))}") from None
         return self
@@ -229,16 +207,16 @@ class LocalSuperLink:
     def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
         if name in self.processes:
             raise DeploymentError(f"a process called {name!r} is already running")
-        with open(self.log_path(name), "ab") as log:
-            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True, cwd=self.work_dir,
-                                       preexec_fn=stopped_with_parent())
+        process = spawn_logged(command, env=env, log_path=self.log_path(name), cwd=self.work_dir)
         self.processes[name] = process
         return process
 
-    def _superlink_exited(self) -> str | None:
-        process = self.processes["superlink"]
-        return None if process.poll() is None else f"exited with code {process.returncode}"
+
+def node_config_argument(values: Mapping[str, Any]) -> str:
+    """``values`` in the form of Flower's ``--node-config``: space-separated ``key=value``, each value TOML."""
+    import tomli_w
+
+    return " ".join(f"{key}={tomli_w.dumps({'v': value}).partition('=')[2].strip()}" for key, value in values.items())
 
 
 def _last_json(output: str) -> dict:

@@ -33,14 +33,14 @@ from typing import Any
 import tomli_w
 
 from client.keygen import make_node_keys
-from deploy.processes import CONNECTION, DeploymentError, LocalSuperLink, NodeSettings, ServerCredentials
+from deploy.processes import CONNECTION, DeploymentError, LocalSuperLink, NodeSettings
 from deploy.supernode import DEFAULT_POLL_INTERVAL_S, PollIntervalError, parse_poll_interval
 from server.certs import make_certificates
-from shared.cli import exit_on_sigterm
-from shared.config import RunConfig
+from shared.cli import exit_on_sigterm, parse_run_config
+from shared.config import DEFAULT_MAX_EPSILON, RunConfig
 from shared.errors import ConfigError, FedSegError
 from shared.processes import run_streaming, tail
-from simulations.__main__ import parse_run_config
+from shared.superlink import ServerCredentials
 from simulations.synthetic import make_site_profiles, write_hospitals
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -64,8 +64,11 @@ class DeploymentSpec:
     min_cases: int = 4
     max_cases: int = 6
     timeout_s: float = 0.0  # 0: as long as the run's phases may take (RunConfig.run_timeout_s)
+    max_epsilon: float = DEFAULT_MAX_EPSILON  # every hospital's privacy budget (node config max-epsilon)
 
     def __post_init__(self) -> None:
+        if not self.max_epsilon > 0:
+            raise ConfigError(f"'max_epsilon' must be > 0, got {self.max_epsilon!r}")
         if self.sites < 1 or self.rounds < 0:
             raise ConfigError(f"'sites' must be >= 1 and 'rounds' >= 1 (or 0: the preset's), "
                               f"got {self.sites}, {self.rounds}")
@@ -134,7 +137,7 @@ def _enroll(link: LocalSuperLink, work_dir: Path, site_id: str, datalist: Path,
     return NodeSettings(site_id=site_id, datalist=datalist, state_dir=node_dir / "state",
                         private_key=private_key, insecure=spec.insecure, isolation=spec.isolation,
                         poll_interval_s=spec.poll_interval_s, threads=_node_threads(spec),
-                        require_dp=bool(spec.run_config.get("dp", RunConfig().dp)),
+                        require_dp=bool(spec.run_config.get("dp", RunConfig().dp)), max_epsilon=spec.max_epsilon,
                         root_certificates=None if spec.insecure else work_dir / "certs" / "ca.crt")
 
 
@@ -196,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU threads per hospital node (OMP_NUM_THREADS; default: cores / sites)")
     parser.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE",
                         help="any run-config key, e.g. --run-config local-epochs=2")
+    parser.add_argument("--max-epsilon", type=float, default=DEFAULT_MAX_EPSILON, metavar="EPS",
+                        help="every hospital's total privacy budget (node config max-epsilon; default: %(default)s)")
     parser.add_argument("--insecure", action="store_true",
                         help="NO TLS and NO node authentication: local experiments only")
     return parser
@@ -209,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = DeploymentSpec(out=args.out, sites=args.sites, rounds=args.rounds, seed=args.seed,
                               datalists=tuple(args.datalists), isolation=args.isolation, insecure=args.insecure,
                               poll_interval_s=None if args.stock_supernode else args.poll_interval,
-                              node_threads=args.node_threads,
+                              node_threads=args.node_threads, max_epsilon=args.max_epsilon,
                               run_config=parse_run_config(args.run_config))
         summary = run_local_federation(spec)
     except FedSegError as exc:
@@ -218,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # the SuperLink, SuperNodes and executors were stopped on the way out
         print("interrupted: the federation's processes were stopped", file=sys.stderr)
         return 130
+    if summary.get("stopped"):  # no site could train: not a result to take for one
+        print(f"error: {summary['stopped']}", file=sys.stderr)
+        return 1
     print(f"[fedseg] done: {summary['rounds']} rounds, final dice {summary['final_dice']}")
     return 0
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord
 
+from server.budget_stop import BudgetStop
 from server.checkpoint import Checkpoint, check_resumable, checkpoint_path, load_checkpoint, save_checkpoint
 from server.export import export_final_model
 from server.plan_phase import establish_plan, keep_or_write_plan_file, write_plan_file
@@ -100,15 +101,22 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
         evaluate_round(strategy, grid, server_round=1, arrays=arrays, timeout=config.round_timeout)
         progress.report(recorder.end_round(1, arrays), recorder.rounds.get(1, {}))
     else:
+        budget = BudgetStop(config=config, known_sites=strategy.known_sites) if config.patient_dp else None
         run_rounds(strategy, grid, arrays=arrays, first_round=first_round, num_rounds=config.num_rounds,
                    timeout=config.round_timeout, close_round=close_round,
                    overlap_evaluation=config.overlap_evaluation,
-                   secure=SecAggSettings.from_config(config) if config.secure_aggregation else None)
+                   secure=SecAggSettings.from_config(config) if config.secure_aggregation else None,
+                   stop_after=None if budget is None else lambda server_round: budget.after_training(
+                       server_round, recorder.rounds.get(server_round, {}), grid.get_node_ids()))
+        recorder.stopped = None if budget is None else budget.line
     summary = recorder.finish()
     if recorder.model_path.exists():
         export_final_model(recorder.model_path, config=config, plan=recorder.plan, rounds=recorder.rounds)
-    print(f"{PROGRESS_PREFIX} done: {summary['rounds']} rounds, final dice "
-          f"{_fmt(summary['final_dice'])} (round 1: {_fmt(summary['first_round_dice'])})", flush=True)
+    if summary["stopped"]:
+        print(f"{PROGRESS_PREFIX} {summary['stopped']}", flush=True)
+    else:
+        print(f"{PROGRESS_PREFIX} done: {summary['rounds']} rounds, final dice "
+              f"{_fmt(summary['final_dice'])} (round 1: {_fmt(summary['first_round_dice'])})", flush=True)
     return summary
 
 

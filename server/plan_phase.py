@@ -19,11 +19,12 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from server.dp_sizing import site_dp_advice
 from server.planning import derive_plan, plan_notes
-from server.site_replies import failure_reason, first_metrics, site_of
+from server.site_replies import failure_reason, refused_because, site_of
 from shared.atomic import atomic_write_json
 from shared.errors import ConfigError
-from shared.fingerprint import FINGERPRINT, FINGERPRINT_MESSAGE_TYPE, Fingerprint
+from shared.fingerprint import Fingerprint
 from shared.plan import Plan, read_plan_file, resolve_plan_setting
+from shared.protocol import CONFIG, FINGERPRINT, FINGERPRINT_QUERY, SERVER_ROUND
 
 if TYPE_CHECKING:
     from server.polling_grid import PollingGrid
@@ -70,8 +71,8 @@ def collect_fingerprints(grid: PollingGrid, config: RunConfig, *, known_sites: d
     from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
     _, node_ids = sample_nodes(grid, config.min_available_nodes, 0)
-    messages = [Message(content=RecordDict({"config": ConfigRecord({"server-round": 0})}),
-                        message_type=FINGERPRINT_MESSAGE_TYPE, dst_node_id=node_id, group_id="plan")
+    messages = [Message(content=RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: 0})}),
+                        message_type=FINGERPRINT_QUERY, dst_node_id=node_id, group_id="plan")
                 for node_id in sorted(node_ids)]
     fingerprints: dict[str, Fingerprint] = {}
     outcomes: dict[str, tuple[str, str]] = {}
@@ -80,8 +81,8 @@ def collect_fingerprints(grid: PollingGrid, config: RunConfig, *, known_sites: d
         site = site_of(reply, known_sites)
         if reply.has_error():
             outcomes[site] = ("failed", failure_reason(str(reply.error.reason)))
-        elif first_metrics(reply).get("refused"):
-            outcomes[site] = ("refused", str(reply.content.config_records["site"].get("reason", "no reason given")))
+        elif (refusal := refused_because(reply)) is not None:
+            outcomes[site] = ("refused", refusal)
         elif FINGERPRINT not in reply.content.metric_records:
             outcomes[site] = ("rejected", "the reply carries no fingerprint")
         else:

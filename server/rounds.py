@@ -32,7 +32,8 @@ LOG = logging.getLogger("fedseg.server")
 
 def run_rounds(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, first_round: int, num_rounds: int,
                timeout: float, close_round: Callable[[int, ArrayRecord], Callable[[], None]],
-               overlap_evaluation: bool = False, secure: SecAggSettings | None = None) -> ArrayRecord:
+               overlap_evaluation: bool = False, secure: SecAggSettings | None = None,
+               stop_after: Callable[[int], bool] | None = None) -> ArrayRecord:
     """Run rounds ``first_round..num_rounds``; returns the final global arrays.
 
     When round r has closed, ``close_round(r, global arrays)`` is called (before
@@ -52,6 +53,9 @@ def run_rounds(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, first
     With ``secure`` settings every training phase is a SecAgg+ round
     (:func:`server.secagg_round.secure_train_round`); run config forbids
     combining it with ``overlap_evaluation``.
+
+    ``stop_after(r)``, asked once round r's training has closed, ends the run
+    after round r (evaluated and written out as usual) when it returns True.
     """
     if first_round < 1:
         raise ValueError(f"first_round must be >= 1, got {first_round}")
@@ -59,7 +63,7 @@ def run_rounds(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, first
         raise ValueError("secure aggregation cannot overlap evaluation with training")
     if overlap_evaluation:
         return _run_overlapped(strategy, grid, arrays=arrays, first_round=first_round, num_rounds=num_rounds,
-                               timeout=timeout, close_round=close_round)
+                               timeout=timeout, close_round=close_round, stop_after=stop_after)
     for server_round in range(first_round, num_rounds + 1):
         if secure is None:
             arrays = train_round(strategy, grid, server_round=server_round, arrays=arrays, timeout=timeout)
@@ -68,11 +72,14 @@ def run_rounds(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, first
                                         timeout=timeout, settings=secure)
         evaluate_round(strategy, grid, server_round=server_round, arrays=arrays, timeout=timeout)
         close_round(server_round, arrays)()
+        if stop_after is not None and stop_after(server_round):
+            break
     return arrays
 
 
 def _run_overlapped(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, first_round: int, num_rounds: int,
-                    timeout: float, close_round: Callable[[int, ArrayRecord], Callable[[], None]]) -> ArrayRecord:
+                    timeout: float, close_round: Callable[[int, ArrayRecord], Callable[[], None]],
+                    stop_after: Callable[[int], bool] | None = None) -> ArrayRecord:
     """Rounds with round r's evaluation in flight next to round r+1's training (see :func:`run_rounds`)."""
     evaluating: int | None = None  # the round whose aggregated model ``arrays`` is, not yet evaluated
     write_out: Callable[[], None] | None = None  # the last closed round's, run once the next messages are out
@@ -88,6 +95,8 @@ def _run_overlapped(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, 
             write_out = close_round(evaluating, arrays)
         arrays = _close_train(strategy, server_round, collector, unanswered_train, arrays=arrays, timeout=timeout)
         evaluating = server_round
+        if stop_after is not None and stop_after(server_round):
+            break  # the round's evaluation and write-out follow below, as after the last round
     if evaluating is not None:
         evaluate_round(strategy, grid, server_round=evaluating, arrays=arrays, timeout=timeout, after_push=write_out)
         close_round(evaluating, arrays)()

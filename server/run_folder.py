@@ -7,7 +7,7 @@ aggregate and ``max-epsilon``, the largest cumulative epsilon of any site).
 With hospital-level DP (run config ``dp-level``) the global row also has
 ``site-epsilon`` (cumulative, at ``site-dp-delta``), ``site-dp-noise-std`` and
 ``site-dp-sampled``. ``summary.json`` has every site's final epsilon under
-``epsilon`` and hospital-level DP's under ``site_dp``.
+``epsilon`` and hospital-level DP's under ``site_dp``, and under ``stopped`` why the run ended early (None: it did not).
 A site that refused or failed a phase has ``status`` and ``reason`` instead of
 numbers for it. A site whose update was scaled down to the round's norm bound
 keeps ``train-status`` "ok" and has ``update-bound``, ``update-scale`` and
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared.atomic import append_lines, atomic_write, atomic_write_json
 from shared.model_file import save_model_file, weights_digest
+from shared.protocol import DICE, LOSS, NUM_EXAMPLES, TRAIN_LOSS
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord
@@ -35,9 +36,10 @@ if TYPE_CHECKING:
     from shared.config import RunConfig
     from shared.plan import Plan
 
+#: Reply metric -> ``metrics.jsonl`` column, per phase (other metrics keep their names).
 PHASE_KEYS = {
-    "train": {"train-loss": "train-loss", "num-examples": "num-train-examples"},
-    "evaluate": {"dice": "dice", "loss": "loss", "num-examples": "num-val-examples"},
+    "train": {TRAIN_LOSS: "train-loss", NUM_EXAMPLES: "num-train-examples"},
+    "evaluate": {DICE: "dice", LOSS: "loss", NUM_EXAMPLES: "num-val-examples"},
 }
 
 
@@ -70,6 +72,8 @@ class RunRecorder:
         self.written_rows: list[dict[str, Any]] = []
         #: Server-side figures of a round for its global row (e.g. hospital-level DP's epsilon).
         self.round_notes: dict[int, dict[str, Any]] = {}
+        #: Why the run ended before its last round (``summary.json`` ``stopped``); None: it ran every round.
+        self.stopped: str | None = None
         self.started = time.time()
         self.round_started = time.monotonic()
 
@@ -159,6 +163,7 @@ class RunRecorder:
             "model": self.model_path.name,
             "run_config": self.config.to_mapping(),
             "initial_model": self.initial_model,
+            "stopped": self.stopped,
         }
         atomic_write_json(self.run_dir / "summary.json", summary)
         return summary

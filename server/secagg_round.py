@@ -30,6 +30,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from server.secagg_sum import MaskedSum, SecAggSettings, SecureRoundSkipped, unmask_mean
 from server.site_replies import SortedReplies, failure_reason, first_metrics, site_of
+from shared.protocol import CONFIG, SERVER_ROUND, SITE, is_refusal, refusal_reason
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -198,8 +199,8 @@ class SecureRound:
         messages = []
         for node, content in contents.items():
             content = RecordDict(dict(content.items()))
-            content["config"] = ConfigRecord({**dict(content.get("config", ConfigRecord()).items()),
-                                              "server-round": self.server_round})
+            content[CONFIG] = ConfigRecord({**dict(content.get(CONFIG, ConfigRecord()).items()),
+                                            SERVER_ROUND: self.server_round})
             messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN,
                                     group_id=str(self.server_round)))
         answered: dict[int, ConfigRecord] = {}
@@ -210,9 +211,8 @@ class SecureRound:
                 lost["failed"][site] = f"{stage}: {failure_reason(str(msg.error.reason))}"
                 return
             metrics = first_metrics(msg)
-            if metrics.get("refused") or RECORD_KEY_CONFIGS not in msg.content.config_records:
-                reason = msg.content.config_records.get("site", ConfigRecord()).get("reason", "no reason given")
-                lost["refused"][site] = f"{stage}: {reason}"
+            if is_refusal(metrics) or RECORD_KEY_CONFIGS not in msg.content.config_records:
+                lost["refused"][site] = f"{stage}: {refusal_reason(msg.content.config_records.get(SITE))}"
                 return
             record = msg.content.config_records[RECORD_KEY_CONFIGS]
             try:

@@ -9,6 +9,8 @@ from typing import Any
 
 from flwr.app import Message
 
+from shared.protocol import SITE, SITE_ID, is_refusal, refusal_reason
+
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -29,8 +31,8 @@ class SortedReplies:
 def site_of(msg: Message, known: dict[int, str]) -> str:
     """The site id a reply came from (learned from earlier replies for error replies)."""
     node_id = msg.metadata.src_node_id
-    if not msg.has_error() and "site" in msg.content.config_records:
-        site_id = str(msg.content.config_records["site"].get("site-id", f"node-{node_id}"))
+    if not msg.has_error() and SITE in msg.content.config_records:
+        site_id = str(msg.content.config_records[SITE].get(SITE_ID, f"node-{node_id}"))
         known[node_id] = site_id
     return known.get(node_id, f"node-{node_id}")
 
@@ -44,13 +46,23 @@ def sort_replies(replies: Iterable[Message], known_sites: dict[int, str]) -> Sor
             result.failed[site] = failure_reason(str(msg.error.reason))
             continue
         metrics = first_metrics(msg)
-        if metrics.get("refused"):
-            reason = msg.content.config_records["site"].get("reason", "no reason given")
-            result.refused[site] = str(reason)
+        refusal = refused_because(msg, metrics)
+        if refusal is not None:
+            result.refused[site] = refusal
             continue
         result.accepted.append(msg)
         result.site_metrics[site] = metrics
     return result
+
+
+def refused_because(msg: Message, metrics: dict[str, Any] | None = None) -> str | None:
+    """The reason a reply (not an error reply) gives for refusing; None if it is no refusal.
+
+    ``metrics``: the reply's :func:`first_metrics`, if already at hand.
+    """
+    if not is_refusal(first_metrics(msg) if metrics is None else metrics):
+        return None
+    return refusal_reason(msg.content.config_records.get(SITE))
 
 
 def failure_reason(raw: str, limit: int = 300) -> str:

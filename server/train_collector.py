@@ -20,9 +20,10 @@ import numpy as np
 from flwr.app import Message
 
 from server.norm_bounds import NormRule, NormVerdict, judge_norms
-from server.site_replies import SortedReplies, failure_reason, first_metrics, site_of
+from server.site_replies import SortedReplies, failure_reason, first_metrics, refused_because, site_of
 from server.update_checks import UpdateRejected, check_layout, tensor_delta_norm_sq
 from server.update_spool import SpooledUpdate, UpdateSpool
+from shared.protocol import NUM_EXAMPLES
 
 LOG = logging.getLogger("fedseg.server")
 
@@ -34,7 +35,7 @@ class ClosedRound:
     accepted: list[SpooledUpdate]
     outcomes: SortedReplies
     spool: UpdateSpool
-    weighted_by: str = "num-examples"
+    weighted_by: str = NUM_EXAMPLES
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -56,7 +57,7 @@ class TrainCollector:
     """
 
     def __init__(self, *, reference: Mapping[str, np.ndarray], spool_parent: Path, known_sites: dict[int, str],
-                 norm_rule: NormRule, weighted_by: str = "num-examples") -> None:
+                 norm_rule: NormRule, weighted_by: str = NUM_EXAMPLES) -> None:
         self.reference = reference
         self.spool = UpdateSpool(spool_parent, reference=reference)
         self.known_sites = known_sites
@@ -72,8 +73,9 @@ class TrainCollector:
             self.outcomes.failed[site] = failure_reason(str(msg.error.reason))
             return
         metrics = first_metrics(msg)
-        if metrics.get("refused"):
-            self.outcomes.refused[site] = str(msg.content.config_records["site"].get("reason", "no reason given"))
+        refusal = refused_because(msg, metrics)
+        if refusal is not None:
+            self.outcomes.refused[site] = refusal
             return
         try:
             update = self._check_and_spool(site, msg, metrics)

@@ -1,4 +1,5 @@
-"""A small subcommand dispatcher for ``python -m client`` and ``python -m server``.
+"""Command-line helpers: a small subcommand dispatcher for ``python -m client`` and ``python -m server``,
+and what every fedseg command shares (``--run-config`` pairs, SIGTERM, quiet library notices).
 
 Each command lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int`` (a thin argparse layer over a plain api function). Exit
@@ -10,8 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import warnings
 import sys
+import warnings
 from collections.abc import Mapping
 
 from shared.errors import FedSegError
@@ -45,6 +46,22 @@ def exit_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _exit)
+
+
+def parse_run_config(pairs: list[str]) -> dict[str, object]:
+    """Parse ``--run-config KEY=VALUE`` pairs with TOML value syntax (bare words are strings)."""
+    import tomllib
+
+    values: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise FedSegError(f"--run-config expects KEY=VALUE, got {pair!r}")
+        try:
+            values[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            values[key.strip()] = raw
+    return values
 
 
 def run_commands(prog: str, description: str, commands: Mapping[str, tuple[str, str]],

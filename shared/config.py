@@ -28,6 +28,11 @@ from shared.config_values import (
 )
 from shared.errors import ConfigError
 
+#: A site's privacy budget and delta when its node config leaves them out (node config ``max-epsilon``,
+#: ``dp-delta``: site-owned, not run config; the schema is :data:`shared.protocol.NODE_CONFIG_KEYS`).
+DEFAULT_MAX_EPSILON = 8.0
+DEFAULT_DP_DELTA = 1e-5
+
 __all__ = ["AUTO", "PRESETS", "RunConfig", "parse_float_list", "parse_int_list", "to_key"]
 
 

@@ -23,11 +23,6 @@ from dataclasses import dataclass
 
 from shared.errors import ConfigError
 
-#: The message a server sends to ask for a fingerprint (Flower query, action "fingerprint"), and the
-#: record name of the reply's fingerprint.
-FINGERPRINT_ACTION = "fingerprint"
-FINGERPRINT_MESSAGE_TYPE = f"query.{FINGERPRINT_ACTION}"
-FINGERPRINT = "fingerprint"
 #: Percentiles of spacing and extent a site reports over its cases.
 GEOMETRY_PERCENTILES = (10, 50, 90)
 #: Foreground intensity percentiles a site reports per channel (nnU-Net's CT clip uses 0.5 and 99.5).

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from shared.cli import exit_on_sigterm, quiet_optional_codec_notice
+from shared.cli import exit_on_sigterm, parse_run_config, quiet_optional_codec_notice
 from shared.errors import FedSegError
 from simulations.api import DEFAULT_CASES, SimulationSpec, run_simulation
 from simulations.baselines import parse_baselines
@@ -113,22 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_run_config(pairs: list[str]) -> dict[str, object]:
-    """Parse ``KEY=VALUE`` pairs with TOML value syntax (bare words are strings)."""
-    import tomllib
-
-    values: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise FedSegError(f"--run-config expects KEY=VALUE, got {pair!r}")
-        try:
-            values[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            values[key.strip()] = raw
-    return values
-
-
 def fault_plan(args: argparse.Namespace) -> FaultPlan:
     """The fault-injection options as a :class:`FaultPlan`."""
     return FaultPlan(fail_sites=args.fail_sites, slow_sites=args.slow_sites, poison_sites=args.poison_sites,
@@ -182,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     args = build_parser().parse_args(argv)
     try:
-        run_simulation(spec_from_args(args))
+        summary = run_simulation(spec_from_args(args))
     except FedSegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -190,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: the run's Flower and Ray processes were stopped; to go on from its last "
               "checkpoint, run again with --run-config resume-from=<run folder>", file=sys.stderr)
         return 130
+    if summary.get("stopped"):  # no site could train: not a result to take for one
+        print(f"error: {summary['stopped']}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,10 +16,20 @@ from typing import Any
 
 import tomli_w
 
+from client.site import SiteConfig
 from server.checkpoint import checkpoint_path
 from server.federation import PROGRESS_PREFIX, update_latest_link
-from shared.config import RunConfig
+from shared.config import DEFAULT_DP_DELTA, DEFAULT_MAX_EPSILON, RunConfig
 from shared.errors import ConfigError
+from shared.protocol import (
+    NODE_DATALIST,
+    NODE_DP_DELTA,
+    NODE_FAULT,
+    NODE_MAX_EPSILON,
+    NODE_REQUIRE_DP,
+    NODE_SITE_ID,
+    NODE_STATE_DIR,
+)
 from simulations.baselines import run_baselines
 from simulations.faults import FaultPlan
 from simulations.flower_runtime import (
@@ -76,8 +86,8 @@ class SimulationSpec:
     baselines: tuple[str, ...] = ()
     holdout_sites: int = 0
     faults: FaultPlan = field(default_factory=FaultPlan)
-    max_epsilon: float = 8.0
-    dp_delta: float = 1e-5
+    max_epsilon: float = DEFAULT_MAX_EPSILON
+    dp_delta: float = DEFAULT_DP_DELTA
     site_node_config: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -277,7 +287,7 @@ def site_privacy(spec: SimulationSpec) -> dict[str, Any]:
     baselines and hospital-level-only runs (``dp-level = "site"``) run.
     """
     dp = bool(spec.run_config.get("dp", True)) and "patient" in str(spec.run_config.get("dp-level", "patient"))
-    return {"max-epsilon": spec.max_epsilon, "dp-delta": spec.dp_delta, "require-dp": dp}
+    return {NODE_MAX_EPSILON: spec.max_epsilon, NODE_DP_DELTA: spec.dp_delta, NODE_REQUIRE_DP: dp}
 
 
 def write_sites_manifest(run_dir: Path, sites: list[tuple[str, Path]], *, privacy: dict[str, Any] | None = None,
@@ -290,10 +300,13 @@ def write_sites_manifest(run_dir: Path, sites: list[tuple[str, Path]], *, privac
     entry) marks the sites that misbehave on purpose.
     """
     overrides, faults = overrides or {}, faults or {}
-    entries = [{"site-id": site_id, "datalist": str(datalist.resolve()),
-                "state-dir": str((run_dir / "state" / site_id).resolve()), **(privacy or {}),
-                **overrides.get(site_id, {}), **({"fault": faults[site_id]} if site_id in faults else {})}
-               for site_id, datalist in sites]
+    entries = []
+    for site_id, datalist in sites:
+        site = SiteConfig.from_node_config({NODE_SITE_ID: site_id, NODE_DATALIST: str(datalist),
+                                            NODE_STATE_DIR: str((run_dir / "state" / site_id).resolve()),
+                                            **(privacy or {})})
+        entries.append({**site.to_node_config(), **overrides.get(site_id, {}),
+                        **({NODE_FAULT: faults[site_id]} if site_id in faults else {})})
     path = run_dir / "sites.json"
     path.write_text(json.dumps({"sites": entries}, indent=2))
     return path

@@ -16,30 +16,19 @@ import re
 import secrets
 import shutil
 import socket
-import subprocess
 import tempfile
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared import superlink
 from shared.errors import ConfigError, FedSegError
-from shared.processes import (
-    flower_env,
-    free_port,
-    process_identity,
-    run_streaming,
-    stop_process_group,
-    stopped_with_parent,
-    tail,
-)
+from shared.processes import flower_env, free_port, process_identity, run_streaming, stop_process_group, tail
 from simulations import engine_launcher
 
 CONNECTION = "fedseg-sim"
 RAY_TMP_PREFIX = "fsray-"
 RAY_TMP_OWNER = "fedseg-owner"  # "<pid> <start time>" of the harness the folder belongs to
-STARTUP_TIMEOUT_S = 60.0
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception)): (.+)$")
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -61,15 +50,6 @@ class Resources:
         cpus = int(self.num_cpus) if float(self.num_cpus).is_integer() else self.num_cpus
         return (f"num-supernodes={self.num_supernodes} client-resources-num-cpus={cpus} "
                 f"client-resources-num-gpus={float(self.num_gpus)}")
-
-
-def write_connection(flwr_home: Path, port: int) -> None:
-    """Write ``$FLWR_HOME/config.toml`` with one connection to our SuperLink."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
 
 
 @contextlib.contextmanager
@@ -94,20 +74,19 @@ def simulation_superlink(work_dir: Path, *, ray_address: str = "",
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
     port = free_port()
-    write_connection(flwr_home, port)
-    log = open(work_dir / "superlink.log", "ab")
-    process = subprocess.Popen(
-        ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-         "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        preexec_fn=stopped_with_parent(),
-    )
+    address = f"{superlink.HOST}:{port}"
+    superlink.write_connection(flwr_home, name=CONNECTION, address=address, ca_cert=None)
+    log_path = work_dir / "superlink.log"
+    process = superlink.spawn_logged(superlink.superlink_command(port=port, credentials=None, simulation=True),
+                                     env=env, log_path=log_path)
     try:
-        _wait_healthy(process, port, work_dir / "superlink.log")
+        try:
+            superlink.wait_healthy(address, ca_cert=None, failure=superlink.exited(process))
+        except superlink.SuperLinkError as exc:
+            raise SimulationError(f"flower-superlink: {exc}; see {log_path}") from None
         yield env
     finally:
         stop_process_group(process, marker=marker)
-        log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
@@ -228,17 +207,3 @@ def logged_exceptions(log_path: Path, *, last: int = 4) -> list[str]:
             found.append(entry)
     return found[-last:]
 
-
-def _wait_healthy(process: subprocess.Popen, port: int, log_path: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SimulationError(f"flower-superlink exited with code {process.returncode}; see {log_path}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SimulationError(f"flower-superlink not healthy after {STARTUP_TIMEOUT_S:.0f} s; see {log_path}")

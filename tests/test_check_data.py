@@ -76,6 +76,12 @@ def _truncated_dicom_slice(site):
     return _truncate(sorted((site / "dicom" / "d0").iterdir())[4])
 
 
+def _not_dicom_slice(site):
+    path = sorted((site / "dicom" / "d1").iterdir())[3]
+    path.write_bytes(b"\x00garbage, not DICOM" * 40)  # no DICOM header: a slice damaged beyond recognition
+    return path
+
+
 def _mixed_series(site):
     image, _ = ct_volume(5)
     write_series(image[:, :, :2], AFFINE, site / "dicom" / "d0", first_instance=50)
@@ -123,6 +129,7 @@ def _nan_voxels(site):
     (_truncated_nifti, "cannot read image"),
     (_corrupt_dicom, "unreadable DICOM file"),
     (_truncated_dicom_slice, "unreadable DICOM file"),
+    (_not_dicom_slice, "not a readable DICOM file"),
     (_mixed_series, "mixes 2 DICOM series"),
     (_missing_slice, "missing slice"),
     (_shape_mismatch, "label shape"),

@@ -21,7 +21,6 @@ import pytest
 
 from client.audit import summarise_audit_log
 from client.privacy_ledger import PrivacyLedger
-from client.site import DEFAULT_DP_DELTA
 from deploy.compose_federation import HOSPITALS, run_compose_federation
 from deploy.images import (
     IMAGES,
@@ -34,6 +33,7 @@ from deploy.images import (
     private_keys_in_layers,
     wheel_cache_dir,
 )
+from shared.config import DEFAULT_DP_DELTA
 from tests.conftest import TINY_RUN_CONFIG
 
 pytestmark = pytest.mark.containers

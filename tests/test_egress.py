@@ -13,11 +13,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from client import handlers
-from client.egress import EgressBlocked, check_reply, expected_parameter_specs, metric_key_allowed
+from client.egress import EgressBlocked, check_reply, expected_parameter_specs
 from server.site_replies import sort_replies
 from shared.config import RunConfig
 from shared.model import build_model
 from shared.plan import manual_plan
+from shared.protocol import metric_key_allowed
 from shared.weights import model_to_arrays
 from tests.conftest import TINY_RUN_CONFIG
 
@@ -212,8 +213,8 @@ def test_every_message_the_client_builds_is_built_in_send_reply():
 
 def test_the_allow_list_is_documented_for_hospital_it():
     readme = (REPO / "README.md").read_text()
-    from client.egress import METRIC_KEYS, SITE_KEYS
+    from shared.protocol import METRIC_KEYS, SITE_KEY_LIMITS
 
-    for key in (*METRIC_KEYS, *SITE_KEYS, "dice-class-N", "hd95-class-N"):
+    for key in (*METRIC_KEYS, *SITE_KEY_LIMITS, "dice-class-N", "hd95-class-N"):
         assert f"`{key}`" in readme, key
     assert metric_key_allowed("dice-class-12") and not metric_key_allowed("dice-class-")

@@ -8,10 +8,10 @@ import pytest
 
 from client.__main__ import main as client_main
 from client.audit_log import read_entries
-from client.egress import SITE_KEYS, metric_key_allowed
 from shared.config import RunConfig
 from shared.model import build_model
 from shared.plan import manual_plan
+from shared.protocol import SITE_ID, SITE_KEY_LIMITS, metric_key_allowed
 from simulations.api import SimulationSpec, run_simulation
 from tests.conftest import TINY_RUN_CONFIG
 
@@ -48,7 +48,7 @@ def test_every_reply_of_a_simulated_round_is_audited_and_allowed(tmp_path, capsy
             assert not entry["blocked"] and not entry["refused"] and entry["server"] is None
             metrics = entry["metrics"].items()
             assert all(metric_key_allowed(k) and isinstance(v, int | float) for k, v in metrics)
-            assert set(entry["site"]) <= set(SITE_KEYS) and entry["site"]["site-id"] == site
+            assert set(entry["site"]) <= set(SITE_KEY_LIMITS) and entry["site"][SITE_ID] == site
             run_ids.add(entry["run-id"])
         assert set(train["metrics"]) == {"num-examples", "train-loss", "steps", "dp"}
         # what the site logged is what the server received

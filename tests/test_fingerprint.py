@@ -13,7 +13,8 @@ from client.egress import EgressBlocked, check_reply
 from client.fingerprint import site_fingerprint
 from client.site_data import load_training_cases, load_validation_cases
 from shared.dp_advice import LEARNABLE_NOISE_RATIO, dp_advice
-from shared.fingerprint import FINGERPRINT, FINGERPRINT_MESSAGE_TYPE, Fingerprint, fingerprint_key_allowed
+from shared.fingerprint import Fingerprint, fingerprint_key_allowed
+from shared.protocol import FINGERPRINT, FINGERPRINT_QUERY
 from tests.conftest import tiny_plan
 from tests.data_cases import ct_volume, write_datalist, write_nifti_case
 
@@ -75,12 +76,12 @@ def test_the_cli_shows_exactly_what_would_leave(tmp_path, capsys):
 def test_the_egress_guard_lets_a_fingerprint_out_only_as_a_fingerprint_reply(tmp_path):
     record = MetricRecord(site_fingerprint(_site(tmp_path, 3)).to_metrics())
     content = RecordDict({FINGERPRINT: record, "site": ConfigRecord({"site-id": "a"})})
-    check_reply(content, message_type=FINGERPRINT_MESSAGE_TYPE, expected=None)
+    check_reply(content, message_type=FINGERPRINT_QUERY, expected=None)
     with pytest.raises(EgressBlocked, match="not allowed"):
         check_reply(content, message_type="train", expected=None)
     record["case-0-spacing"] = 1.0
     with pytest.raises(EgressBlocked, match="'case-0-spacing' is not on the allow-list"):
-        check_reply(content, message_type=FINGERPRINT_MESSAGE_TYPE, expected=None)
+        check_reply(content, message_type=FINGERPRINT_QUERY, expected=None)
 
 
 def test_dp_advice_warns_a_small_site_with_a_large_network_and_not_a_large_site():

@@ -24,6 +24,7 @@ def build_strategy(config: RunConfig, recorder: RunRecorder) -> SiteTracking:
     from server.strategies.fedprox import FedSegFedProx
     from server.strategies.fedtrimmedavg import FedSegFedTrimmedAvg
     from server.strategies.fedyogi import FedSegFedYogi
+    from shared.protocol import ARRAYS, CONFIG, NUM_EXAMPLES
 
     common: dict[str, Any] = {
         "recorder": recorder, "seed": config.seed, "min_train_replies": config.min_train_replies,
@@ -32,6 +33,8 @@ def build_strategy(config: RunConfig, recorder: RunRecorder) -> SiteTracking:
         "fraction_train": config.fraction_train, "fraction_evaluate": config.fraction_evaluate,
         "min_train_nodes": config.min_train_nodes, "min_evaluate_nodes": config.min_train_nodes,
         "min_available_nodes": config.min_available_nodes,
+        # the records and the weight of fedseg's messages (Flower's defaults today, named so they stay fedseg's)
+        "weighted_by_key": NUM_EXAMPLES, "arrayrecord_key": ARRAYS, "configrecord_key": CONFIG,
     }
     site_dp = SiteDPSettings.from_config(config)
     if site_dp is not None:

@@ -42,6 +42,7 @@ from server.site_replies import sort_replies
 from server.train_collector import ClosedRound, TrainCollector
 from server.update_checks import reference_arrays
 from shared.local_weights import travelling
+from shared.protocol import ARRAYS, METRICS
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
@@ -194,7 +195,7 @@ class SiteTracking:
             k = len(result.contributors)
             mean_delta = self._release(server_round, [d * k for d in mean_delta], answered=k)
         mean = self._model_plus(mean_delta)
-        replies = [RecordDict({"metrics": MetricRecord(m)}) for m in result.outcomes.site_metrics.values()]
+        replies = [RecordDict({METRICS: MetricRecord(m)}) for m in result.outcomes.site_metrics.values()]
         metrics = self.train_metrics_aggr_fn(replies, self.weighted_by_key)
         return self._finish_mean(server_round, mean, metrics, examples=sum(
             m[self.weighted_by_key] for m in result.outcomes.site_metrics.values()))
@@ -254,7 +255,7 @@ class SiteTracking:
 
     def _mean_metrics(self, closed: ClosedRound) -> MetricRecord:
         return self.train_metrics_aggr_fn(
-            [RecordDict({"metrics": MetricRecord(u.metrics)}) for u in closed.accepted], self.weighted_by_key)
+            [RecordDict({METRICS: MetricRecord(u.metrics)}) for u in closed.accepted], self.weighted_by_key)
 
     def _aggregation_input(self, closed: ClosedRound) -> list[Message]:
         if self.mean_aggregation:
@@ -274,7 +275,7 @@ class SiteTracking:
 
 def _reply_like(arrays: ArrayRecord, metrics: MetricRecord) -> Message:
     """A message with a reply's content, for Flower's aggregation (which reads only content)."""
-    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), dst_node_id=0,
+    return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics}), dst_node_id=0,
                    message_type=MessageType.TRAIN)
 
 

@@ -122,7 +122,7 @@ def _compose(out: Path, config: dict[str, Any], *, seed: int, cases: tuple[int, 
     work = out / time.strftime("%Y%m%d-%H%M%S")
     result = run_compose_federation(work.resolve(), Podman.configured(conf_dir=work / "engine"),
                                     rounds=config["num-rounds"], run_config=config, seed=seed, cases=cases,
-                                    say=lambda _: None)
+                                    node_threads=1, say=lambda _: None)  # as the process nodes' node_threads
     if result.leftovers:
         raise RuntimeError(f"containers or volumes left after the compose run: {result.leftovers}")
     return result

@@ -11,7 +11,8 @@ images built by ``python -m deploy.images build``) does what the operator and th
    keys with ``flwr supernode register``, then brings up the hospitals and their ClientApp executors;
 3. ``flwr run`` of the fedseg app; reads the run folder and each hospital's state volume (egress audit
    log, privacy ledger);
-4. ``podman-compose down --volumes``, also on failure: no container or volume is left.
+4. every container's output (engine timestamps) to ``logs/<service>.log``, then ``podman-compose down
+   --volumes``, also on failure: no container or volume is left.
 """
 
 from __future__ import annotations
@@ -82,12 +83,14 @@ def prepare_work_dir(work: Path, *, seed: int = 0, min_cases: int = 4, max_cases
 class ComposeFederation:
     """``podman-compose`` on a prepared work folder; :meth:`down` removes every container and volume."""
 
-    def __init__(self, work: Path, podman: Podman, *, port: int = 0) -> None:
+    def __init__(self, work: Path, podman: Podman, *, port: int = 0, node_threads: int | None = None) -> None:
         self.work = Path(work)
         self.podman = podman
         self.port = port or free_port()
         self.operator = Operator(self.work, address=f"localhost:{self.port}", ca_cert=self.work / "certs" / "ca.crt")
-        self.env = {**podman.env, "FEDSEG_SUPERLINK_PORT": str(self.port)}
+        # the hospitals share this host: an equal share of its cores each, as deploy.run_federation gives
+        threads = node_threads or max(1, (os.cpu_count() or 1) // len(HOSPITALS))
+        self.env = {**podman.env, "FEDSEG_SUPERLINK_PORT": str(self.port), "FEDSEG_NODE_THREADS": str(threads)}
 
     def compose(self, args: list[str], *, timeout_s: float = 300.0) -> str:
         """Run ``podman-compose ARGS`` in the work folder; raise :class:`DeploymentError` on failure."""
@@ -138,8 +141,23 @@ class ComposeFederation:
             checks[name] = {"uid": uid, "root_fs": root_fs}
         return checks
 
+    def save_logs(self) -> None:
+        """Every container's output, with the engine's timestamps, to ``logs/<service>.log`` (as run_federation)."""
+        names = self.podman.run(["ps", "-a", "--filter", f"label=io.podman.compose.project={PROJECT}",
+                                  "--format", "{{.Names}}"], check=False).split()
+        (self.work / "logs").mkdir(exist_ok=True)
+        for name in names:
+            result = subprocess.run(["podman", "logs", "--timestamps", name], check=False, env=self.env,
+                                    capture_output=True, text=True)
+            service = name.removeprefix(f"{PROJECT}_").removesuffix("_1")
+            (self.work / "logs" / f"{service}.log").write_text(result.stdout + result.stderr)
+
     def down(self) -> list[str]:
-        """Remove every container, network and volume of the project; return what is still there."""
+        """Save the containers' logs, then remove every container, network and volume of the project.
+
+        Returns what is still there afterwards.
+        """
+        self.save_logs()
         subprocess.run([*COMPOSE_COMMAND, "down", "--volumes", "-t", "10"], check=False,
                        cwd=self.work, env=self.env, capture_output=True, timeout=300)
         # podman-compose leaves the project's network behind
@@ -153,18 +171,21 @@ class ComposeFederation:
 
 
 def run_compose_federation(work: Path, podman: Podman, *, rounds: int = 2, run_config: dict[str, Any] | None = None,
-                           seed: int = 0, cases: tuple[int, int] = (4, 6), say: Any = print) -> ComposeResult:
+                           seed: int = 0, cases: tuple[int, int] = (4, 6), node_threads: int | None = None,
+                           say: Any = print) -> ComposeResult:
     """Steps 1-4 of the module docstring in ``work`` (a new folder); the images must exist.
 
     ``seed`` and ``cases`` (fewest, most per hospital): the synthetic hospitals, as in
-    ``deploy.run_federation``, so that both runners can train on the same sites.
+    ``deploy.run_federation``, so that both runners can train on the same sites. ``node_threads``:
+    each hospital's training threads (the compose file's ``FEDSEG_NODE_THREADS``; default: this
+    machine's cores / hospitals).
     """
     missing = [tag for tag in IMAGES.values() if not podman.exists(tag)]
     if missing:
         raise DeploymentError(f"images not built: {', '.join(missing)} (python -m deploy.images build)")
     start = time.monotonic()
     prepare_work_dir(work, seed=seed, min_cases=cases[0], max_cases=cases[1])
-    federation = ComposeFederation(work, podman)
+    federation = ComposeFederation(work, podman, node_threads=node_threads)
     try:
         federation.start()
         say(f"[fedseg] compose federation up (SuperLink on localhost:{federation.port}, TLS and node auth on)")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -43,13 +44,12 @@ from simulations.synthetic import make_site_profiles, write_site
 
 APP_DIR = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = APP_DIR / "deploy" / "compose" / "compose.yaml"
-PROJECT = "fedseg"  # the compose file's `name`
+PROJECT = "fedseg"  # the compose file's `name`; each federation here runs as PROJECT-<random> (see ComposeFederation)
 HOSPITALS = ("hospital-a", "hospital-b")
 APP_UID = 49999  # the images' user `app` (Flower's official images and deploy/base/flwr-base.Dockerfile)
 STATE_FILES = ("egress-audit.jsonl", "privacy-ledger.json")
-# podman-compose from this Python (requirements.txt; Debian's 1.0.3 mishandles `network_mode: service:`),
-# project name given: podman-compose takes the folder's name, not the file's `name`
-COMPOSE_COMMAND = (sys.executable, "-m", "podman_compose", "-p", PROJECT, "-f", "compose.yaml")
+# podman-compose from this Python (requirements.txt; Debian's 1.0.3 mishandles `network_mode: service:`)
+COMPOSE_COMMAND = (sys.executable, "-m", "podman_compose", "-f", "compose.yaml")
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,11 @@ class ComposeFederation:
     def __init__(self, work: Path, podman: Podman, *, port: int = 0, node_threads: int | None = None) -> None:
         self.work = Path(work)
         self.podman = podman
+        # A project name of its own (podman-compose would take the folder's name, not the file's `name`): every
+        # container, volume, pod and network is named after it, and networks are shared by every Podman storage
+        # on the host, so two federations called `fedseg` at once joined one network (a hospital reached the
+        # other federation's SuperLink, whose certificate it rejected) and the first `down` removed it.
+        self.project = f"{PROJECT}-{secrets.token_hex(3)}"
         self.port = port or free_port()
         self.operator = Operator(self.work, address=f"localhost:{self.port}", ca_cert=self.work / "certs" / "ca.crt")
         # the hospitals share this host: an equal share of its cores each, as deploy.run_federation gives
@@ -94,7 +99,7 @@ class ComposeFederation:
 
     def compose(self, args: list[str], *, timeout_s: float = 300.0) -> str:
         """Run ``podman-compose ARGS`` in the work folder; raise :class:`DeploymentError` on failure."""
-        result = subprocess.run([*COMPOSE_COMMAND, *args], check=False, cwd=self.work,
+        result = subprocess.run([*COMPOSE_COMMAND, "-p", self.project, *args], check=False, cwd=self.work,
                                 env=self.env, capture_output=True, text=True, timeout=timeout_s)
         if result.returncode != 0:
             raise DeploymentError(f"`podman-compose {' '.join(args)}` failed ({result.returncode}):\n"
@@ -115,14 +120,14 @@ class ComposeFederation:
 
     def logs(self, service: str, *, lines: int = 40) -> str:
         """The last lines a service's container printed."""
-        result = subprocess.run(["podman", "logs", "--tail", str(lines), f"{PROJECT}_{service}_1"], check=False,
+        result = subprocess.run(["podman", "logs", "--tail", str(lines), f"{self.project}_{service}_1"], check=False,
                                 env=self.env, capture_output=True, text=True)
         return f"--- {service} ---\n{result.stdout}{result.stderr}"
 
     def copy_state(self, hospital: str) -> Path:
         """Copy the files of :data:`STATE_FILES` from the hospital's state volume to ``state-copy/<hospital>``."""
         mountpoint = Path(self.podman.run(["volume", "inspect", "--format", "{{.Mountpoint}}",
-                                           f"{PROJECT}_{hospital}-state"]).strip())
+                                           f"{self.project}_{hospital}-state"]).strip())
         out = self.work / "state-copy" / hospital
         out.mkdir(parents=True)
         for name in STATE_FILES:
@@ -132,7 +137,7 @@ class ComposeFederation:
 
     def container_checks(self) -> dict[str, dict[str, str]]:
         """Per running container: the uid its processes run as, and whether its root filesystem is writable."""
-        names = self.podman.run(["ps", "--filter", f"label=io.podman.compose.project={PROJECT}",
+        names = self.podman.run(["ps", "--filter", f"label=io.podman.compose.project={self.project}",
                                  "--format", "{{.Names}}"]).split()
         probe = "id -u; touch /app/.probe 2>/dev/null && echo writable || echo read-only"
         checks = {}
@@ -143,13 +148,13 @@ class ComposeFederation:
 
     def save_logs(self) -> None:
         """Every container's output, with the engine's timestamps, to ``logs/<service>.log`` (as run_federation)."""
-        names = self.podman.run(["ps", "-a", "--filter", f"label=io.podman.compose.project={PROJECT}",
+        names = self.podman.run(["ps", "-a", "--filter", f"label=io.podman.compose.project={self.project}",
                                   "--format", "{{.Names}}"], check=False).split()
         (self.work / "logs").mkdir(exist_ok=True)
         for name in names:
             result = subprocess.run(["podman", "logs", "--timestamps", name], check=False, env=self.env,
                                     capture_output=True, text=True)
-            service = name.removeprefix(f"{PROJECT}_").removesuffix("_1")
+            service = name.removeprefix(f"{self.project}_").removesuffix("_1")
             (self.work / "logs" / f"{service}.log").write_text(result.stdout + result.stderr)
 
     def down(self) -> list[str]:
@@ -158,14 +163,14 @@ class ComposeFederation:
         Returns what is still there afterwards.
         """
         self.save_logs()
-        subprocess.run([*COMPOSE_COMMAND, "down", "--volumes", "-t", "10"], check=False,
+        subprocess.run([*COMPOSE_COMMAND, "-p", self.project, "down", "--volumes", "-t", "10"], check=False,
                        cwd=self.work, env=self.env, capture_output=True, timeout=300)
         # podman-compose leaves the project's network behind
-        self.podman.run(["network", "rm", f"{PROJECT}_default"], check=False)
-        label = f"label=io.podman.compose.project={PROJECT}"
+        self.podman.run(["network", "rm", f"{self.project}_default"], check=False)
+        label = f"label=io.podman.compose.project={self.project}"
         left = self.podman.run(["ps", "-a", "--filter", label, "--format", "{{.Names}}"], check=False).split()
         left += self.podman.run(["volume", "ls", "--filter", label, "--format", "{{.Name}}"], check=False).split()
-        left += self.podman.run(["network", "ls", "--filter", f"name={PROJECT}_", "--format", "{{.Name}}"],
+        left += self.podman.run(["network", "ls", "--filter", f"name={self.project}_", "--format", "{{.Name}}"],
                                 check=False).split()
         return left
 

@@ -142,7 +142,7 @@ def test_images_install_the_runtime_requirements_only():
     assert {"torch", "flwr", "monai", "opacus", "cryptography"} <= wanted
     assert not wanted & {"pytest", "httpx", "selenium", "podman-compose", "matplotlib", "tensorboard"}
     for dockerfile in ("superlink.Dockerfile", "supernode.Dockerfile"):
-        command = re.search(r"^RUN (grep .*?) /app/requirements.txt", (DEPLOY / dockerfile).read_text(), re.M)
+        command = re.search(r"^RUN (grep .*?) /app/requirements.txt", (DEPLOY / dockerfile).read_text(), re.MULTILINE)
         result = subprocess.run([*shlex.split(command.group(1)), str(REPO / "requirements.txt")],
                                 capture_output=True, text=True, check=True)
         assert names(result.stdout.splitlines()) == wanted - {"torch", "flwr"}, dockerfile  # both from elsewhere

@@ -244,14 +244,15 @@ Where the containers lost time before (profiled 2026-12-07 09:48 UTC, load 3-11,
 variants with `FLWR_LOG_LEVEL=DEBUG`, 5 rounds, medians of rounds 3-5 per message from the
 SuperNodes' timestamps): the ClientApp's own work on a train message (from
 `ConfirmMessageReceived` to `PushMessages` in the node's log) took 3.3 s in each container
-against 1.0 s in each process; every other step (task hand-over to the executor, object
-pulls and pushes over TLS, the node's reply to the SuperLink, the server's wait between
-messages) was within 0.2 s of the processes. The shipped file set no `OMP_NUM_THREADS`, so
+against 1.0 s in each process; no other step was slower in the containers (object pulls
+and pushes over TLS, the node's reply to the SuperLink and the server's wait between
+messages were as fast or faster) except the task hand-over to the executor (0.35 s against
+0.2 s). The shipped file set no `OMP_NUM_THREADS`, so
 each hospital's ClientApps started one torch thread per core: two hospitals training at
 once on 2 cores ran 4 threads, against 2 for the processes (`node_threads=1`). With one
 thread per hospital the same step took 1.4 s / 0.8 s (processes 1.4 s / 1.0 s in that run).
-The second difference, the executors' task poll (0.25 s in the file, 0.1 s in
-`run_federation`), cost 0.1-0.2 s per message (task hand-over 0.35 s against 0.2 s).
+The hand-over is the executors' task poll (0.25 s in the file, 0.1 s in `run_federation`):
+0.15-0.3 s with 0.1 s in the file.
 Both are fixed in the compose file (`FEDSEG_NODE_THREADS`, default 1; task poll 0.1 s);
 neither the overlay filesystem, TLS nor the bridge network showed in the profile.
 """

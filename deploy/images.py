@@ -70,6 +70,7 @@ class Podman:
         ``storage_root`` (default ``$FEDSEG_PODMAN_STORAGE``, else the machine's storage): keep images,
         containers and volumes under this folder instead.
         """
+        conf_dir = conf_dir.resolve()  # podman-compose runs podman from the compose file's folder
         conf_dir.mkdir(parents=True, exist_ok=True)
         conf = conf_dir / "containers.conf"
         conf.write_text(CONTAINERS_CONF)

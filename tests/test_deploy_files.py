@@ -127,7 +127,7 @@ def test_compose_hospitals_run_their_clientapps_in_a_warm_executor_beside_the_no
         assert executor_mounts[path] == node_mounts[path]
     # as deploy.run_federation's processes: the executor's task poll, and one training thread per hospital
     # sharing the host unless FEDSEG_NODE_THREADS says otherwise (unset, torch took every core in each
-    # hospital and a DP step took ~3x longer)
+    # hospital and a train message took the ClientApp ~3x longer)
     assert executor["environment"]["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == TASK_POLL_INTERVAL_S
     assert executor["environment"]["OMP_NUM_THREADS"] == "${FEDSEG_NODE_THREADS:-1}"
 

@@ -123,7 +123,7 @@ def _compose(out: Path, config: dict[str, Any], *, seed: int, cases: tuple[int, 
     work = out / time.strftime("%Y%m%d-%H%M%S")
     result = run_compose_federation(work.resolve(), Podman.configured(conf_dir=work / "engine"),
                                     rounds=config["num-rounds"], run_config=config, seed=seed, cases=cases,
-                                    say=lambda _: None)
+                                    node_threads=1, say=lambda _: None)  # as the process nodes' node_threads
     if result.leftovers:
         raise RuntimeError(f"containers or volumes left after the compose run: {result.leftovers}")
     return result
@@ -230,15 +230,32 @@ round latency beside these processes: section *Round latency: containers*.
 
 COMPOSE_NOTES = """\
 *deploy-process-fast*: `python -m deploy.run_federation --isolation process` (SuperLink,
-SuperNodes through `deploy/supernode.py`, warm executors; one CPU thread per node).
-*compose*: `deploy/compose/compose.yaml` as shipped under rootful Podman 4.3 (runc,
-netavark bridge network, read-only root filesystems), the same hospitals' data and run
-config, started by `python -m deploy.compose_federation`'s code; the shipped file sets no
-`OMP_NUM_THREADS`, so each node may use both cores. A round's time is the ServerApp's
-own `round-seconds` (round 1, with start-up, left out). DP on in both (the shipped
-hospitals require it); the local compute line is measured without DP, so the overhead
-column overstates both variants alike: compare the two rows. Image builds and container
-start-up are not in these figures (`tests/test_container_images.py` prints them).
+SuperNodes through `deploy/supernode.py`, warm executors polling for tasks every 0.1 s; one
+CPU thread per node). *compose*: `deploy/compose/compose.yaml` as shipped under rootful
+Podman 4.3 (runc, netavark bridge network, read-only root filesystems, TLS and node
+authentication), the same hospitals' data and run config, started by
+`python -m deploy.compose_federation`'s code with `FEDSEG_NODE_THREADS=1` (one training
+thread per hospital, as the processes). A round's time is the ServerApp's own
+`round-seconds` (round 1, with start-up, left out). DP on in both (the shipped hospitals
+require it); the local compute line is measured without DP, so the overhead column
+overstates both variants alike: compare the two rows. Image builds and container start-up
+are not in these figures (`tests/test_container_images.py` prints them).
+
+Where the containers lost time before (profiled 2026-12-07 09:48 UTC, load 3-11, both
+variants with `FLWR_LOG_LEVEL=DEBUG`, 5 rounds, medians of rounds 3-5 per message from the
+SuperNodes' timestamps): the ClientApp's own work on a train message (from
+`ConfirmMessageReceived` to `PushMessages` in the node's log) took 3.3 s in each container
+against 1.0 s in each process; no other step was slower in the containers (object pulls
+and pushes over TLS, the node's reply to the SuperLink and the server's wait between
+messages were as fast or faster) except the task hand-over to the executor (0.35 s against
+0.2 s). The shipped file set no `OMP_NUM_THREADS`, so
+each hospital's ClientApps started one torch thread per core: two hospitals training at
+once on 2 cores ran 4 threads, against 2 for the processes (`node_threads=1`). With one
+thread per hospital the same step took 1.4 s / 0.8 s (processes 1.4 s / 1.0 s in that run).
+The hand-over is the executors' task poll (0.25 s in the file, 0.1 s in `run_federation`):
+0.15-0.3 s with 0.1 s in the file.
+Both are fixed in the compose file (`FEDSEG_NODE_THREADS`, default 1; task poll 0.1 s);
+neither the overlay filesystem, TLS nor the bridge network showed in the profile.
 """
 
 

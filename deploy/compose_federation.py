@@ -11,7 +11,8 @@ images built by ``python -m deploy.images build``) does what the operator and th
    keys with ``flwr supernode register``, then brings up the hospitals and their ClientApp executors;
 3. ``flwr run`` of the fedseg app; reads the run folder and each hospital's state volume (egress audit
    log, privacy ledger);
-4. ``podman-compose down --volumes``, also on failure: no container or volume is left.
+4. every container's output (engine timestamps) to ``logs/<service>.log``, then ``podman-compose down
+   --volumes``, also on failure: no container or volume is left.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -42,13 +44,12 @@ from simulations.synthetic import make_site_profiles, write_site
 
 APP_DIR = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = APP_DIR / "deploy" / "compose" / "compose.yaml"
-PROJECT = "fedseg"  # the compose file's `name`
+PROJECT = "fedseg"  # the compose file's `name`; each federation here runs as PROJECT-<random> (see ComposeFederation)
 HOSPITALS = ("hospital-a", "hospital-b")
 APP_UID = 49999  # the images' user `app` (Flower's official images and deploy/base/flwr-base.Dockerfile)
 STATE_FILES = ("egress-audit.jsonl", "privacy-ledger.json")
-# podman-compose from this Python (requirements.txt; Debian's 1.0.3 mishandles `network_mode: service:`),
-# project name given: podman-compose takes the folder's name, not the file's `name`
-COMPOSE_COMMAND = (sys.executable, "-m", "podman_compose", "-p", PROJECT, "-f", "compose.yaml")
+# podman-compose from this Python (requirements.txt; Debian's 1.0.3 mishandles `network_mode: service:`)
+COMPOSE_COMMAND = (sys.executable, "-m", "podman_compose", "-f", "compose.yaml")
 
 
 @dataclass(frozen=True)
@@ -82,16 +83,23 @@ def prepare_work_dir(work: Path, *, seed: int = 0, min_cases: int = 4, max_cases
 class ComposeFederation:
     """``podman-compose`` on a prepared work folder; :meth:`down` removes every container and volume."""
 
-    def __init__(self, work: Path, podman: Podman, *, port: int = 0) -> None:
+    def __init__(self, work: Path, podman: Podman, *, port: int = 0, node_threads: int | None = None) -> None:
         self.work = Path(work)
         self.podman = podman
+        # A project name of its own (podman-compose would take the folder's name, not the file's `name`): every
+        # container, volume, pod and network is named after it, and networks are shared by every Podman storage
+        # on the host, so two federations called `fedseg` at once joined one network (a hospital reached the
+        # other federation's SuperLink, whose certificate it rejected) and the first `down` removed it.
+        self.project = f"{PROJECT}-{secrets.token_hex(3)}"
         self.port = port or free_port()
         self.operator = Operator(self.work, address=f"localhost:{self.port}", ca_cert=self.work / "certs" / "ca.crt")
-        self.env = {**podman.env, "FEDSEG_SUPERLINK_PORT": str(self.port)}
+        # the hospitals share this host: an equal share of its cores each, as deploy.run_federation gives
+        threads = node_threads or max(1, (os.cpu_count() or 1) // len(HOSPITALS))
+        self.env = {**podman.env, "FEDSEG_SUPERLINK_PORT": str(self.port), "FEDSEG_NODE_THREADS": str(threads)}
 
     def compose(self, args: list[str], *, timeout_s: float = 300.0) -> str:
         """Run ``podman-compose ARGS`` in the work folder; raise :class:`DeploymentError` on failure."""
-        result = subprocess.run([*COMPOSE_COMMAND, *args], check=False, cwd=self.work,
+        result = subprocess.run([*COMPOSE_COMMAND, "-p", self.project, *args], check=False, cwd=self.work,
                                 env=self.env, capture_output=True, text=True, timeout=timeout_s)
         if result.returncode != 0:
             raise DeploymentError(f"`podman-compose {' '.join(args)}` failed ({result.returncode}):\n"
@@ -112,14 +120,14 @@ class ComposeFederation:
 
     def logs(self, service: str, *, lines: int = 40) -> str:
         """The last lines a service's container printed."""
-        result = subprocess.run(["podman", "logs", "--tail", str(lines), f"{PROJECT}_{service}_1"], check=False,
+        result = subprocess.run(["podman", "logs", "--tail", str(lines), f"{self.project}_{service}_1"], check=False,
                                 env=self.env, capture_output=True, text=True)
         return f"--- {service} ---\n{result.stdout}{result.stderr}"
 
     def copy_state(self, hospital: str) -> Path:
         """Copy the files of :data:`STATE_FILES` from the hospital's state volume to ``state-copy/<hospital>``."""
         mountpoint = Path(self.podman.run(["volume", "inspect", "--format", "{{.Mountpoint}}",
-                                           f"{PROJECT}_{hospital}-state"]).strip())
+                                           f"{self.project}_{hospital}-state"]).strip())
         out = self.work / "state-copy" / hospital
         out.mkdir(parents=True)
         for name in STATE_FILES:
@@ -129,7 +137,7 @@ class ComposeFederation:
 
     def container_checks(self) -> dict[str, dict[str, str]]:
         """Per running container: the uid its processes run as, and whether its root filesystem is writable."""
-        names = self.podman.run(["ps", "--filter", f"label=io.podman.compose.project={PROJECT}",
+        names = self.podman.run(["ps", "--filter", f"label=io.podman.compose.project={self.project}",
                                  "--format", "{{.Names}}"]).split()
         probe = "id -u; touch /app/.probe 2>/dev/null && echo writable || echo read-only"
         checks = {}
@@ -138,33 +146,51 @@ class ComposeFederation:
             checks[name] = {"uid": uid, "root_fs": root_fs}
         return checks
 
+    def save_logs(self) -> None:
+        """Every container's output, with the engine's timestamps, to ``logs/<service>.log`` (as run_federation)."""
+        names = self.podman.run(["ps", "-a", "--filter", f"label=io.podman.compose.project={self.project}",
+                                  "--format", "{{.Names}}"], check=False).split()
+        (self.work / "logs").mkdir(exist_ok=True)
+        for name in names:
+            result = subprocess.run(["podman", "logs", "--timestamps", name], check=False, env=self.env,
+                                    capture_output=True, text=True)
+            service = name.removeprefix(f"{self.project}_").removesuffix("_1")
+            (self.work / "logs" / f"{service}.log").write_text(result.stdout + result.stderr)
+
     def down(self) -> list[str]:
-        """Remove every container, network and volume of the project; return what is still there."""
-        subprocess.run([*COMPOSE_COMMAND, "down", "--volumes", "-t", "10"], check=False,
+        """Save the containers' logs, then remove every container, network and volume of the project.
+
+        Returns what is still there afterwards.
+        """
+        self.save_logs()
+        subprocess.run([*COMPOSE_COMMAND, "-p", self.project, "down", "--volumes", "-t", "10"], check=False,
                        cwd=self.work, env=self.env, capture_output=True, timeout=300)
         # podman-compose leaves the project's network behind
-        self.podman.run(["network", "rm", f"{PROJECT}_default"], check=False)
-        label = f"label=io.podman.compose.project={PROJECT}"
+        self.podman.run(["network", "rm", f"{self.project}_default"], check=False)
+        label = f"label=io.podman.compose.project={self.project}"
         left = self.podman.run(["ps", "-a", "--filter", label, "--format", "{{.Names}}"], check=False).split()
         left += self.podman.run(["volume", "ls", "--filter", label, "--format", "{{.Name}}"], check=False).split()
-        left += self.podman.run(["network", "ls", "--filter", f"name={PROJECT}_", "--format", "{{.Name}}"],
+        left += self.podman.run(["network", "ls", "--filter", f"name={self.project}_", "--format", "{{.Name}}"],
                                 check=False).split()
         return left
 
 
 def run_compose_federation(work: Path, podman: Podman, *, rounds: int = 2, run_config: dict[str, Any] | None = None,
-                           seed: int = 0, cases: tuple[int, int] = (4, 6), say: Any = print) -> ComposeResult:
+                           seed: int = 0, cases: tuple[int, int] = (4, 6), node_threads: int | None = None,
+                           say: Any = print) -> ComposeResult:
     """Steps 1-4 of the module docstring in ``work`` (a new folder); the images must exist.
 
     ``seed`` and ``cases`` (fewest, most per hospital): the synthetic hospitals, as in
-    ``deploy.run_federation``, so that both runners can train on the same sites.
+    ``deploy.run_federation``, so that both runners can train on the same sites. ``node_threads``:
+    each hospital's training threads (the compose file's ``FEDSEG_NODE_THREADS``; default: this
+    machine's cores / hospitals).
     """
     missing = [tag for tag in IMAGES.values() if not podman.exists(tag)]
     if missing:
         raise DeploymentError(f"images not built: {', '.join(missing)} (python -m deploy.images build)")
     start = time.monotonic()
     prepare_work_dir(work, seed=seed, min_cases=cases[0], max_cases=cases[1])
-    federation = ComposeFederation(work, podman)
+    federation = ComposeFederation(work, podman, node_threads=node_threads)
     try:
         federation.start()
         say(f"[fedseg] compose federation up (SuperLink on localhost:{federation.port}, TLS and node auth on)")

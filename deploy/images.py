@@ -45,8 +45,11 @@ runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
 """
-# requirements only the tests use (never in an image); flwr comes without the simulation extra (Ray)
-TEST_ONLY = ("pytest", "podman-compose")
+# requirements.txt's mark on what only tests and the research harness use (never in an image)
+NOT_IN_IMAGES = "# not in images"
+# a Podman storage root of its own (graph and run directories) instead of the machine's, e.g. to time a build
+# from nothing without removing the images kept there
+STORAGE_ENV = "FEDSEG_PODMAN_STORAGE"
 
 
 class ImageError(FedSegError):
@@ -58,19 +61,33 @@ class Podman:
     """The ``podman`` command with fedseg's engine settings (:data:`CONTAINERS_CONF`)."""
 
     conf: Path
+    storage_conf: Path | None = None  # None: the machine's image storage
 
     @classmethod
-    def configured(cls, *, conf_dir: Path) -> Podman:
-        """Write :data:`CONTAINERS_CONF` into ``conf_dir`` and return a Podman that uses it."""
+    def configured(cls, *, conf_dir: Path, storage_root: Path | None = None) -> Podman:
+        """Write :data:`CONTAINERS_CONF` into ``conf_dir`` and return a Podman that uses it.
+
+        ``storage_root`` (default ``$FEDSEG_PODMAN_STORAGE``, else the machine's storage): keep images,
+        containers and volumes under this folder instead.
+        """
+        conf_dir = conf_dir.resolve()  # podman-compose runs podman from the compose file's folder
         conf_dir.mkdir(parents=True, exist_ok=True)
         conf = conf_dir / "containers.conf"
         conf.write_text(CONTAINERS_CONF)
-        return cls(conf=conf)
+        root = storage_root or (Path(os.environ[STORAGE_ENV]) if os.environ.get(STORAGE_ENV) else None)
+        if root is None:
+            return cls(conf=conf)
+        root = root.resolve()
+        storage_conf = conf_dir / "storage.conf"
+        storage_conf.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{root / "graph"}"\n'
+                                f'runroot = "{root / "run"}"\n')
+        return cls(conf=conf, storage_conf=storage_conf)
 
     @property
     def env(self) -> dict[str, str]:
         """The environment for podman and podman-compose."""
-        return {**os.environ, "CONTAINERS_CONF": str(self.conf)}
+        storage = {} if self.storage_conf is None else {"CONTAINERS_STORAGE_CONF": str(self.storage_conf)}
+        return {**os.environ, "CONTAINERS_CONF": str(self.conf), **storage}
 
     def run(self, args: list[str], *, timeout_s: float = 900.0, check: bool = True) -> str:
         """Run ``podman ARGS``; return its standard output; raise :class:`ImageError` on failure."""
@@ -130,9 +147,7 @@ def build_wheelhouse(out: Path, *, torch_spec: str) -> float:
     Skipped when ``out`` already holds the wheels of the same requirements (its ``requirements.txt``).
     Returns the seconds it took.
     """
-    requirements = [torch_spec, *(line.split("#")[0].strip().replace("flwr[simulation]", "flwr")
-                                  for line in (REPO / "requirements.txt").read_text().splitlines()
-                                  if line.split("#")[0].strip() and not line.startswith(TEST_ONLY))]
+    requirements = image_requirements(torch_spec=torch_spec)
     stamp = out / "requirements.txt"
     if stamp.is_file() and stamp.read_text().split() == requirements:
         return 0.0
@@ -142,6 +157,16 @@ def build_wheelhouse(out: Path, *, torch_spec: str) -> float:
           *requirements], step="pip wheel")
     stamp.write_text("\n".join(requirements) + "\n")  # only once every wheel is there
     return time.monotonic() - start
+
+
+def image_requirements(*, torch_spec: str) -> list[str]:
+    """What the images install: ``torch_spec``, then requirements.txt without its :data:`NOT_IN_IMAGES` lines.
+
+    flwr without the simulation extra (Ray): the images run deployments only.
+    """
+    lines = (REPO / "requirements.txt").read_text().splitlines()
+    return [torch_spec, *(line.split("#")[0].strip().replace("flwr[simulation]", "flwr") for line in lines
+                          if line.split("#")[0].strip() and NOT_IN_IMAGES not in line)]
 
 
 def wheel_cache_dir() -> Path:

@@ -12,7 +12,9 @@ ARG TORCH_INDEX="https://download.pytorch.org/whl/cpu"
 # e.g. "--no-index --find-links /wheels" with a wheelhouse mounted at build time (podman build -v DIR:/wheels:ro)
 ARG PIP_ARGS=""
 COPY --chown=app:app requirements.txt /app/requirements.txt
-RUN grep -v -e '^flwr' -e '^pytest' -e '^podman-compose' /app/requirements.txt > /tmp/deps.txt \
+# Runtime requirements only: requirements.txt marks what tests and the research harness alone use (`# not in images`);
+# flwr is the base image's.
+RUN grep -v -e '^flwr' -e '# not in images' /app/requirements.txt > /tmp/deps.txt \
  && python -m pip install --no-cache-dir --disable-pip-version-check ${PIP_ARGS} --extra-index-url "${TORCH_INDEX}" "${TORCH_SPEC}" -r /tmp/deps.txt \
  && rm /tmp/deps.txt
 # The compose file's state volume, owned by `app`: Docker and Podman give a new named volume the owner

@@ -8,12 +8,16 @@ a Compose plugin is installed).
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+
+from deploy.images import STORAGE_ENV, Podman, image_requirements
+from deploy.processes import TASK_POLL_INTERVAL_S
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -121,6 +125,35 @@ def test_compose_hospitals_run_their_clientapps_in_a_warm_executor_beside_the_no
     assert "/keys" not in executor_mounts  # the node's private key is mounted into the node only
     for path in ("/data", "/state"):  # the ClientApps read the site's data and write its ledger
         assert executor_mounts[path] == node_mounts[path]
+    # as deploy.run_federation's processes: the executor's task poll, and one training thread per hospital
+    # sharing the host unless FEDSEG_NODE_THREADS says otherwise (unset, torch took every core in each
+    # hospital and a train message took the ClientApp ~3x longer)
+    assert executor["environment"]["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == TASK_POLL_INTERVAL_S
+    assert executor["environment"]["OMP_NUM_THREADS"] == "${FEDSEG_NODE_THREADS:-1}"
+
+
+def test_images_install_the_runtime_requirements_only():
+    """deploy/images.py's wheelhouse and the Dockerfiles' own filter agree, and leave out tests' packages."""
+    def names(lines):
+        return {re.split(r"[=<>\[ ]", line.split("#")[0].strip())[0].lower() for line in lines
+                if line.split("#")[0].strip()}
+
+    wanted = names(image_requirements(torch_spec="torch==2.13.0+cpu"))
+    assert {"torch", "flwr", "monai", "opacus", "cryptography"} <= wanted
+    assert not wanted & {"pytest", "httpx", "selenium", "podman-compose", "matplotlib", "tensorboard"}
+    for dockerfile in ("superlink.Dockerfile", "supernode.Dockerfile"):
+        command = re.search(r"^RUN (grep .*?) /app/requirements.txt", (DEPLOY / dockerfile).read_text(), re.MULTILINE)
+        result = subprocess.run([*shlex.split(command.group(1)), str(REPO / "requirements.txt")],
+                                capture_output=True, text=True, check=True)
+        assert names(result.stdout.splitlines()) == wanted - {"torch", "flwr"}, dockerfile  # both from elsewhere
+
+
+def test_podman_can_keep_its_images_under_a_folder_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.delenv(STORAGE_ENV, raising=False)
+    podman = Podman.configured(conf_dir=tmp_path / "engine", storage_root=tmp_path / "store")
+    storage = podman.env["CONTAINERS_STORAGE_CONF"]
+    assert f'graphroot = "{tmp_path / "store" / "graph"}"' in Path(storage).read_text()
+    assert "CONTAINERS_STORAGE_CONF" not in Podman.configured(conf_dir=tmp_path / "engine").env
 
 
 @pytest.mark.skipif(subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0

@@ -172,3 +172,24 @@ def test_class_indices_is_argmax_over_classes():
     values = torch.randn(3, 7, 6, 5)
     values[:, 0, 0, 0] = 1.0  # a tie goes to the lower class, as argmax
     assert torch.equal(class_indices(values), values.argmax(dim=0).to(torch.uint8))
+
+
+def test_dicom_input_with_uncertainty_writes_a_parametric_map_beside_the_seg(tmp_path):
+    import pydicom
+
+    from tests.data_cases import ct_volume, write_dicom_case
+
+    dicom = write_dicom_case(tmp_path, "case", *ct_volume(1))
+    result = predict_scan(model_path=_model_file(tmp_path), input_path=tmp_path / dicom["image"], device="cpu",
+                          output_path=tmp_path / "m.nii.gz", dicom_seg_path=tmp_path / "m.dcm", uncertainty=True)
+    assert result.dicom_uncertainty == tmp_path / "m_uncertainty.dcm" and result.dicom_seg == tmp_path / "m.dcm"
+    pm = pydicom.dcmread(result.dicom_uncertainty)
+    series = sorted((pydicom.dcmread(f) for f in (tmp_path / dicom["image"]).iterdir()), key=lambda d: d.InstanceNumber)
+    assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map Storage
+    assert pm.ReferencedSeriesSequence[0].SeriesInstanceUID == series[0].SeriesInstanceUID
+    entropy = nib.load(result.uncertainty).get_fdata()  # [cols, rows, slices], a slice per source image
+    slice_at = {tuple(round(float(v), 3) for v in d.ImagePositionPatient): k for k, d in enumerate(series)}
+    assert pm.pixel_array.shape == entropy.T.shape and 0 < entropy.max() <= 1.0 + 1e-6
+    for frame, group in zip(pm.pixel_array, pm.PerFrameFunctionalGroupsSequence):
+        position = tuple(round(float(v), 3) for v in group.PlanePositionSequence[0].ImagePositionPatient)
+        assert np.allclose(frame, entropy[:, :, slice_at[position]].T, atol=1e-6)  # each frame where its slice is

@@ -208,7 +208,7 @@ def table(name: str, plan: Plan, results: dict[str, dict]) -> str:
         seconds = results[row]["seconds"]
         total = sum(seconds.values())
         lines.append(f"| {row} | {' | '.join(f'{seconds.get(s, 0.0):.1f}' for s in STAGES)} | {total:.1f} | "
-                     f"{total_before / total:.2f}x | {100 * results[row]['same']:.2f}% | {results[row]['dice']:.3f} |")
+                     f"{total_before / total:.2f}x | {100 * results[row]['same']:.3f}% | {results[row]['dice']:.3f} |")
     report = results.get("int8 report")
     note = f"\n{report.describe()} (validation: a second synthetic CT, seed 1)\n" if report else ""
     return head + "\n".join(lines) + "\n" + note

@@ -193,3 +193,21 @@ def test_dicom_input_with_uncertainty_writes_a_parametric_map_beside_the_seg(tmp
     for frame, group in zip(pm.pixel_array, pm.PerFrameFunctionalGroupsSequence):
         position = tuple(round(float(v), 3) for v in group.PlanePositionSequence[0].ImagePositionPatient)
         assert np.allclose(frame, entropy[:, :, slice_at[position]].T, atol=1e-6)  # each frame where its slice is
+
+
+def test_precision_bfloat16_autocasts_on_cpu_keeps_the_mask_near_and_needs_the_torch_engine(tmp_path):
+    from client.inference import inference_context
+    from client.predictor import Predictor
+    from shared.errors import ConfigError
+
+    with inference_context(torch.device("cpu"), "bfloat16"):
+        assert torch.nn.Conv3d(1, 2, 3)(torch.zeros(1, 1, 4, 4, 4)).dtype == torch.bfloat16
+    model_path, scan = _model_file(tmp_path), _scan(tmp_path / "scan.nii.gz")
+    masks = []
+    for precision in ("float32", "bfloat16"):
+        predict_scan(model_path=model_path, input_path=scan, output_path=tmp_path / f"{precision}.nii.gz",
+                     device="cpu", precision=precision)
+        masks.append(nib.load(tmp_path / f"{precision}.nii.gz").get_fdata())
+    assert (masks[0] != masks[1]).mean() <= 0.02 and 0 < masks[0].mean() < 1
+    with pytest.raises(ConfigError, match="--precision"):
+        Predictor.load(model_path=model_path, engine="onnx", precision="bfloat16")

@@ -271,10 +271,11 @@ def _test_volume(plan: Plan, path: Path) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="global_model.pt written by a run")
     parser.add_argument("--format", default="torchscript", choices=("onnx", "torchscript"),
-                        help="torchscript (runs with torch alone) or onnx (onnxruntime; faster on CPU for small "
-                             "U-Nets, see BENCHMARKS.md)")
+                        help="torchscript (runs with torch alone) or onnx (onnxruntime; which is faster depends on "
+                             "the network and the machine: BENCHMARKS.md)")
     parser.add_argument("--out", type=Path, required=True, help="folder to write the export into")
-    parser.add_argument("--check-input", type=Path, help="a scan both must segment alike (default: a synthetic one)")
+    parser.add_argument("--check-input", type=Path, help="a scan both must segment alike (default: a synthetic one; with --quantize the "
+                             "datalist's first validation case)")
     parser.add_argument("--modality", help="the check scan's modality (as for predict)")
     parser.add_argument("--quantize", action="store_true",
                         help="int8 for CPU inference (with --format onnx): calibrated on the training cases of "

@@ -15,8 +15,9 @@ if TYPE_CHECKING:
     import torch
 
 SLICES_PER_BATCH = 16
-#: Patches per forward pass. For the planned DynUNet's 48x56x20 patches 4 cost 0.8x the CPU time per patch of 8
-#: (one thread, a probe; the full volume: BENCHMARKS.md, inference), for the small U-Net alike; a GPU may want more.
+#: Patches per forward pass. For the planned DynUNet's 48x56x20 patches 8 took 1.12x the CPU work of 4 over a
+#: volume (``benchmarks.inference_cpu_probe``; a quiet machine's network stage 70.9 s against 60.6 s), the small
+#: U-Net alike; a GPU may want more.
 SW_BATCH_SIZE = 4
 #: ``--precision``: ``auto`` is float16 autocast on CUDA and float32 on CPU; ``bfloat16`` autocasts on either
 #: (fast where the CPU has bfloat16 units, as AMX; the mask may differ in a few voxels: BENCHMARKS.md, inference).
@@ -130,8 +131,8 @@ def inplace_activations(network: torch.nn.Module) -> torch.nn.Module:
     """Let a MONAI ``DynUNet``'s or ``UNet``'s (Leaky)ReLUs overwrite their input, for inference only.
 
     fedseg builds them out of place for Opacus; in these networks every activation's input is a norm's fresh
-    output that nothing else reads, so the values are the same and a tensor per layer is not allocated (0.9x
-    the CPU time per patch of the planned DynUNet, a probe). Other networks are left alone.
+    output that nothing else reads, so the values are the same and a tensor per layer is not allocated (in
+    ``benchmarks.inference_cpu_probe`` the time gained was within its noise). Other networks are left alone.
     """
     import torch
     from monai.networks.nets import DynUNet, UNet

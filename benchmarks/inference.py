@@ -8,7 +8,10 @@ not the noise of untrained weights), then times side by side in one run:
 ``before`` (the pipeline as it was: windows 4 at a time under ``no_grad``,
 class probabilities always resampled back, gzip level 9), ``after`` (``predict``
 now), ``after`` at ``--overlap 0.125``, the TorchScript export (``predict
---model EXPORT``) and the ONNX export (onnxruntime). Networks: ``small-unet`` (the harness's 8-16-32 U-Net on
+--model EXPORT``), the ONNX export (onnxruntime), ``after`` with 8 windows per
+pass (the default until 2026-12-07), with ``--precision bfloat16``, and the int8 ONNX
+export (``export --quantize``, calibrated on this CT; its Dice change measured
+on a second synthetic CT). Networks: ``small-unet`` (the harness's 8-16-32 U-Net on
 32^3 patches, manual 1 mm plan) and ``planned`` (the default preset's
 nnU-Net-style DynUNet as ``derive_plan`` sizes it for this CT's fingerprint).
 """
@@ -33,7 +36,8 @@ from client.predictor import STAGES, Predictor, read_scan, timed_stage
 from shared.config import RunConfig
 from shared.plan import Plan, manual_plan
 
-ROWS = ("before", "after", "after, overlap 0.125", "after, TorchScript export", "after, ONNX export")
+ROWS = ("before", "after", "after, overlap 0.125", "after, TorchScript export", "after, ONNX export",
+        "after, 8 windows per pass", "after, bfloat16", "after, int8 ONNX export")
 
 
 def ct_volume(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -142,24 +146,50 @@ def measure(name: str, plan: Plan, scan: Path, label: np.ndarray, folder: Path, 
         if row in rows:
             export_model(model_path=model_path, out_dir=folder / f"{name}-{fmt}", fmt=fmt)
     results: dict[str, dict] = {}
+    if ROWS[7] in rows:  # calibrated on this CT, Dice change measured on another (seed 1) of the same size
+        quantized = export_model(model_path=model_path, out_dir=folder / f"{name}-int8", fmt="onnx", quantize=True,
+                                 datalist=_site_datalist(folder, scan, label))
+        print(quantized.quantization.describe(), flush=True)
+        results["int8 report"] = quantized.quantization
     outputs = {row: folder / f"{name}-{index}.nii.gz" for index, row in enumerate(ROWS)}
     results["before"] = {"seconds": before(model_path, scan, outputs["before"])}
-    for row, model, overlap in ((ROWS[1], model_path, 0.25), (ROWS[2], model_path, 0.125),
-                                (ROWS[3], folder / f"{name}-torchscript", 0.25),
-                                (ROWS[4], folder / f"{name}-onnx", 0.25)):
+    for row, model, options in ((ROWS[1], model_path, {}), (ROWS[2], model_path, {"overlap": 0.125}),
+                                (ROWS[3], folder / f"{name}-torchscript", {}), (ROWS[4], folder / f"{name}-onnx", {}),
+                                (ROWS[5], model_path, {"sw_batch_size": 8}),
+                                (ROWS[6], model_path, {"precision": "bfloat16"}),
+                                (ROWS[7], folder / f"{name}-int8", {})):
         if row not in rows:
             continue
         started = time.perf_counter()
-        predictor = Predictor.load(model_path=model, device="auto", overlap=overlap)
+        predictor = Predictor.load(model_path=model, device="auto", **options)
         load = time.perf_counter() - started
         result = predictor.predict(inputs=[scan], output=outputs[row], modality="CT")
         results[row] = {"seconds": {"read": result.seconds["read"] + load,
                                     **{k: v for k, v in result.seconds.items() if k != "read"}}}
     reference = nib.load(outputs["before"]).get_fdata()
     for row, result in results.items():
+        if row not in ROWS:
+            continue
         mask = nib.load(outputs[row]).get_fdata()
         result["same"], result["dice"] = float((mask == reference).mean()), _dice(mask, label)
     return results
+
+
+def _site_datalist(folder: Path, scan: Path, label: np.ndarray) -> Path:
+    """A datalist of this CT (training: calibration) and another one of its size (validation: the Dice change)."""
+    import json
+
+    import nibabel as nib
+
+    affine = nib.load(scan).affine
+    hu, other_label = ct_volume(tuple(label.shape), seed=1)
+    for name, array in (("label.nii.gz", label), ("val.nii.gz", hu), ("val-label.nii.gz", other_label)):
+        nib.save(nib.Nifti1Image(array, affine), folder / name)
+    path = folder / "datalist.json"
+    path.write_text(json.dumps({"modality": {"0": "CT"}, "labels": {"0": "background", "1": "organ"},
+                                "training": [{"image": scan.name, "label": "label.nii.gz"}],
+                                "validation": [{"image": "val.nii.gz", "label": "val-label.nii.gz"}]}))
+    return path
 
 
 def _dice(mask: np.ndarray, label: np.ndarray) -> float:
@@ -174,12 +204,14 @@ def table(name: str, plan: Plan, results: dict[str, dict]) -> str:
             f"|---|{'---|' * len(STAGES)}---|---|---|---|\n")
     total_before = sum(results["before"]["seconds"].values())
     lines = []
-    for row in results:
+    for row in (r for r in results if r in ROWS):
         seconds = results[row]["seconds"]
         total = sum(seconds.values())
         lines.append(f"| {row} | {' | '.join(f'{seconds.get(s, 0.0):.1f}' for s in STAGES)} | {total:.1f} | "
-                     f"{total_before / total:.2f}x | {100 * results[row]['same']:.2f}% | {results[row]['dice']:.3f} |")
-    return head + "\n".join(lines) + "\n"
+                     f"{total_before / total:.2f}x | {100 * results[row]['same']:.3f}% | {results[row]['dice']:.3f} |")
+    report = results.get("int8 report")
+    note = f"\n{report.describe()} (validation: a second synthetic CT, seed 1)\n" if report else ""
+    return head + "\n".join(lines) + "\n" + note
 
 
 def main(argv: list[str] | None = None) -> int:

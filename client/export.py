@@ -30,9 +30,10 @@ if TYPE_CHECKING:
 
 EXPORT_FORMAT = "fedseg-export/1"
 PREPROCESSING_FILE = "preprocessing.json"
-NETWORK_FILES = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
-#: Share of the check volume's voxels an export's mask may differ in (0 for TorchScript, which computes alike).
-MAX_MISMATCH = {"torchscript": 0.0, "onnx": 1e-4}
+NETWORK_FILES = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
+#: Share of the check volume's voxels an export's mask may differ in (0 for TorchScript, which computes alike;
+#: int8 rounds every activation, so voxels near a tie between classes flip: its cost is the Dice change reported).
+MAX_MISMATCH = {"torchscript": 0.0, "onnx": 1e-4, "onnx-int8": 0.02}
 ONNX_OPSET = 17
 #: What runs the network in ``predict``: torch, or onnxruntime on CPU.
 ENGINES = ("torch", "onnx")
@@ -47,6 +48,7 @@ class ExportResult:
     check_input: str
     check_voxels: int
     mismatched_voxels: int
+    quantization: Any = None
 
 
 def load_network(path: Path, *, engine: str = "torch",
@@ -107,31 +109,63 @@ def _load_file(network_path: Path) -> torch.nn.Module:
         raise WeightsError(f"{network_path}: not a loadable TorchScript network ({exc})") from None
 
 
-def export_model(*, model_path: Path, out_dir: Path, fmt: str = "torchscript",
-                 check_input: Path | None = None, modality: str | None = None) -> ExportResult:
+def export_model(*, model_path: Path, out_dir: Path, fmt: str = "torchscript", check_input: Path | None = None,
+                 modality: str | None = None, quantize: bool = False, datalist: Path | None = None) -> ExportResult:
     """Export the model file ``model_path`` into ``out_dir`` and check it against ``predict``.
 
     ``check_input`` is the scan both segment (default: a synthetic volume at the plan's spacing).
+    With ``quantize`` (ONNX only) the network is int8, calibrated on the training cases of the site's
+    ``datalist`` and compared with the float model on its validation cases (:mod:`client.quantize`).
     Raises :class:`WeightsError` if the masks differ (no ``preprocessing.json`` is written then).
     """
 
     from client.predict import plan_of_model
     from shared.model_file import load_model
 
-    if fmt not in NETWORK_FILES:
-        raise ConfigError(f"'--format': {fmt!r} is not available; choose one of {sorted(NETWORK_FILES)}")
+    if fmt not in ("torchscript", "onnx"):
+        raise ConfigError(f"'--format': {fmt!r} is not available; choose torchscript or onnx")
+    if quantize and (fmt != "onnx" or datalist is None):
+        raise ConfigError("'--quantize': needs '--format onnx' and '--datalist' (the site's cases: training ones "
+                          "calibrate, validation ones measure the Dice change)")
     model, payload = load_model(model_path)
     plan = plan_of_model(payload, model_path)
-    network_path = _write_network(model.eval(), plan, Path(out_dir) / NETWORK_FILES[fmt], fmt=fmt)
-    out_dir = Path(out_dir)
+    fmt, out_dir = "onnx-int8" if quantize else fmt, Path(out_dir)
+    report = None
+    if quantize:
+        network_path, report, site_case = _write_quantized(model.eval(), plan, out_dir / NETWORK_FILES[fmt],
+                                                           Path(datalist))
+        if check_input is None:  # a site case: int8 is calibrated to the site's intensities, not to a noise volume
+            check_input, modality = site_case
+    else:
+        network_path = _write_network(model.eval(), plan, out_dir / NETWORK_FILES[fmt], fmt=fmt)
     checked, total, mismatched = _check(model, _load_file(network_path), plan, check_input, modality)
     if mismatched > MAX_MISMATCH[fmt] * total:
         raise WeightsError(f"{network_path}: the exported network's mask differs from predict's on {checked} "
                            f"in {mismatched} of {total} voxels; {PREPROCESSING_FILE} not written")
-    atomic_write_json(out_dir / PREPROCESSING_FILE, preprocessing_spec(plan, network=network_path.name,
-                                                                       sha256=str(payload.get("sha256", ""))))
+    spec = preprocessing_spec(plan, network=network_path.name, sha256=str(payload.get("sha256", "")))
+    atomic_write_json(out_dir / PREPROCESSING_FILE, {**spec, **({"quantization": report.to_dict()} if report else {})})
     return ExportResult(folder=out_dir, network=network_path, check_input=checked, check_voxels=total,
-                        mismatched_voxels=mismatched)
+                        mismatched_voxels=mismatched, quantization=report)
+
+
+def _write_quantized(model: torch.nn.Module, plan: Plan, path: Path,
+                     datalist_path: Path) -> tuple[Path, Any, tuple[Any, str]]:
+    """The int8 network at ``path``, calibrated and compared on the site's datalist (:mod:`client.quantize`);
+    the report, and the first validation case's image and modalities (the check's default input)."""
+    from client.datalist import load_datalist
+    from client.onnx_engine import OnnxNetwork
+    from client.quantize import calibration_patches, compare_on_cases, preprocessed_cases, quantize_network
+
+    datalist = load_datalist(datalist_path)
+    training = preprocessed_cases(datalist.training, plan=plan, modalities=datalist.modalities)
+    patches = calibration_patches(training, plan=plan)
+    quantize_network(onnx_model=onnx_bytes(model, plan), patches=patches, out_path=path)
+    validation = preprocessed_cases(datalist.validation, plan=plan, modalities=datalist.modalities)
+    report = compare_on_cases(model=model, quantized=OnnxNetwork(path), plan=plan, cases=validation,
+                              calibration=(min(len(training), len(patches)), len(patches)))
+    image = datalist.validation[0]["image"]
+    return path, report, ([Path(p) for p in image] if isinstance(image, list) else Path(image),
+                          ",".join(datalist.modalities))
 
 
 def _write_network(model: torch.nn.Module, plan: Plan, path: Path, *, fmt: str) -> Path:
@@ -189,7 +223,7 @@ def preprocessing_spec(plan: Plan, *, network: str, sha256: str) -> dict[str, An
     }
 
 
-def _check(model: Any, exported: Any, plan: Plan, check_input: Path | None,
+def _check(model: Any, exported: Any, plan: Plan, check_input: Path | list[Path] | None,
            modality: str | None) -> tuple[str, int, int]:
     """(input used, voxels, voxels whose class differs) between the model file and the exported network."""
     import numpy as np
@@ -200,10 +234,10 @@ def _check(model: Any, exported: Any, plan: Plan, check_input: Path | None,
         folder = Path(tmp)
         if check_input is None:
             check_input, modality = _test_volume(plan, folder / "check.nii.gz"), modality or _modality_of(plan)
-        masks = []
+        masks, inputs = [], check_input if isinstance(check_input, list) else [check_input]
         for name, network in (("model", model), ("exported", exported)):
             out = folder / f"{name}.nii.gz"
-            Predictor(network=network, plan=plan, device="cpu").predict(inputs=[check_input], output=out,
+            Predictor(network=network, plan=plan, device="cpu").predict(inputs=inputs, output=out,
                                                                         modality=modality)
             masks.append(np.asarray(_read_mask(out)))
     return str(check_input), int(masks[0].size), int((masks[0] != masks[1]).sum())
@@ -236,17 +270,25 @@ def _test_volume(plan: Plan, path: Path) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="global_model.pt written by a run")
-    parser.add_argument("--format", default="torchscript", choices=sorted(NETWORK_FILES),
-                        help="torchscript (runs with torch alone) or onnx (onnxruntime; faster on CPU for small "
-                             "U-Nets, see BENCHMARKS.md)")
+    parser.add_argument("--format", default="torchscript", choices=("onnx", "torchscript"),
+                        help="torchscript (runs with torch alone) or onnx (onnxruntime; which is faster depends on "
+                             "the network and the machine: BENCHMARKS.md)")
     parser.add_argument("--out", type=Path, required=True, help="folder to write the export into")
-    parser.add_argument("--check-input", type=Path, help="a scan both must segment alike (default: a synthetic one)")
+    parser.add_argument("--check-input", type=Path, help="a scan both must segment alike (default: a synthetic one; with --quantize the "
+                             "datalist's first validation case)")
     parser.add_argument("--modality", help="the check scan's modality (as for predict)")
+    parser.add_argument("--quantize", action="store_true",
+                        help="int8 for CPU inference (with --format onnx): calibrated on the training cases of "
+                             "--datalist, the Dice change on its validation cases reported")
+    parser.add_argument("--datalist", type=Path, help="the site's datalist (with --quantize)")
 
 
 def run(args: argparse.Namespace) -> int:
     result = export_model(model_path=args.model, out_dir=args.out, fmt=args.format, check_input=args.check_input,
-                          modality=args.modality)
-    print(f"wrote {result.network} and {result.folder / PREPROCESSING_FILE}: same mask as predict on "
+                          modality=args.modality, quantize=args.quantize, datalist=args.datalist)
+    agreement = "same mask as predict" if result.mismatched_voxels == 0 else "mask checked against predict's"
+    print(f"wrote {result.network} and {result.folder / PREPROCESSING_FILE}: {agreement} on "
           f"{result.check_input} ({result.check_voxels} voxels, {result.mismatched_voxels} differ)")
+    if result.quantization is not None:
+        print(result.quantization.describe())
     return 0

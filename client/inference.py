@@ -15,9 +15,13 @@ if TYPE_CHECKING:
     import torch
 
 SLICES_PER_BATCH = 16
-#: Patches per forward pass (was 4). On a loaded 2-core machine 4, 8 and 16 were within the noise of each
-#: other; larger batches help a GPU and cost only memory.
-SW_BATCH_SIZE = 8
+#: Patches per forward pass. For the planned DynUNet's 48x56x20 patches 8 took 1.12x the CPU work of 4 over a
+#: volume (``benchmarks.inference_cpu_probe``; a quiet machine's network stage 70.9 s against 60.6 s), the small
+#: U-Net alike; a GPU may want more.
+SW_BATCH_SIZE = 4
+#: ``--precision``: ``auto`` is float16 autocast on CUDA and float32 on CPU; ``bfloat16`` autocasts on either
+#: (fast where the CPU has bfloat16 units, as AMX; the mask may differ in a few voxels: BENCHMARKS.md, inference).
+PRECISIONS = ("auto", "float32", "bfloat16")
 #: MONAI's default overlap of neighbouring windows (Gaussian-weighted where they overlap).
 OVERLAP = 0.25
 
@@ -107,16 +111,37 @@ def normalised_entropy(probabilities: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def inference_context(device: torch.device) -> Iterator[None]:
-    """No autograd; on CUDA, float16 autocast (mixed precision) for the convolutions."""
+def inference_context(device: torch.device, precision: str = "auto") -> Iterator[None]:
+    """No autograd, and autocast as ``precision`` (:data:`PRECISIONS`) says: ``auto`` is float16 on CUDA (mixed
+    precision) and none on CPU, ``bfloat16`` autocasts the convolutions to bfloat16 on either."""
     import torch
 
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    dtype = {"bfloat16": torch.bfloat16}.get(precision, torch.float16 if precision == "auto" else None)
     with torch.inference_mode():
-        if device.type == "cuda":
-            with torch.autocast(device_type="cuda", dtype=torch.float16):
+        if dtype is not None and (device.type == "cuda" or precision == "bfloat16"):
+            with torch.autocast(device_type=device.type, dtype=dtype):
                 yield
         else:
             yield
+
+
+def inplace_activations(network: torch.nn.Module) -> torch.nn.Module:
+    """Let a MONAI ``DynUNet``'s or ``UNet``'s (Leaky)ReLUs overwrite their input, for inference only.
+
+    fedseg builds them out of place for Opacus; in these networks every activation's input is a norm's fresh
+    output that nothing else reads, so the values are the same and a tensor per layer is not allocated (in
+    ``benchmarks.inference_cpu_probe`` the time gained was within its noise). Other networks are left alone.
+    """
+    import torch
+    from monai.networks.nets import DynUNet, UNet
+
+    if isinstance(network, (DynUNet, UNet)):
+        for module in network.modules():
+            if isinstance(module, (torch.nn.ReLU, torch.nn.LeakyReLU)):
+                module.inplace = True
+    return network
 
 
 def _window_count(volume: torch.Tensor, spatial_dims: int, patch_size: Sequence[int], overlap: float) -> int:

@@ -18,7 +18,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from client.inference import OVERLAP, SW_BATCH_SIZE
+from client.inference import OVERLAP, PRECISIONS, SW_BATCH_SIZE
 from client.predictor import Prediction, Predictor
 from shared.config import RunConfig, to_key
 from shared.errors import ConfigError, WeightsError
@@ -33,7 +33,7 @@ __all__ = ["Prediction", "plan_of_model", "predict_scan"]
 def predict_scan(*, model_path: Path, input_path: Path | Sequence[Path], output_path: Path, device: str = "auto",
                  modality: str | None = None, dicom_seg_path: Path | None = None, uncertainty: bool = False,
                  overlap: float = OVERLAP, sw_batch_size: int = SW_BATCH_SIZE,
-                 local_weights: Path | None = None) -> Prediction:
+                 local_weights: Path | None = None, precision: str = "auto") -> Prediction:
     """Segment ``input_path`` with the model in ``model_path`` (a model file or an export folder);
     write the mask to ``output_path``.
 
@@ -43,10 +43,11 @@ def predict_scan(*, model_path: Path, input_path: Path | Sequence[Path], output_
     normalised entropy is written beside it (:func:`client.predictor.uncertainty_path`).
     ``local_weights`` is this site's own norm weights of a ``local-norm`` run
     (``<state-dir>/local-weights/run-N.pt``), laid over the global model: the site's personal model.
+    ``precision`` is ``auto``, ``float32`` or ``bfloat16`` (:data:`client.inference.PRECISIONS`).
     """
     inputs = [Path(p) for p in ([input_path] if isinstance(input_path, (str, Path)) else input_path)]
     predictor = Predictor.load(model_path=model_path, device=device, overlap=overlap, sw_batch_size=sw_batch_size,
-                               local_weights=local_weights)
+                               local_weights=local_weights, precision=precision)
     return predictor.predict(inputs=inputs, output=Path(output_path), modality=modality, uncertainty=uncertainty,
                              dicom_seg_path=dicom_seg_path)
 
@@ -99,6 +100,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"overlap of neighbouring sliding windows (default: {OVERLAP})")
     parser.add_argument("--sw-batch-size", type=int, default=SW_BATCH_SIZE,
                         help=f"windows per forward pass (default: {SW_BATCH_SIZE})")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="auto (float16 mixed precision on CUDA, float32 on CPU), float32, or bfloat16 "
+                             "autocast (fast on CPUs with bfloat16 units such as AMX; a few voxels may differ: "
+                             "BENCHMARKS.md); torch engine only")
     parser.add_argument("--engine", default="torch", choices=("torch", "onnx"),
                         help="torch (default), or onnx: the network converted at load and run by onnxruntime on "
                              "CPU (which is faster depends on the network: BENCHMARKS.md)")
@@ -108,6 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     use_all_cores()
     options: dict[str, Any] = {"device": args.device, "overlap": args.overlap, "sw_batch_size": args.sw_batch_size,
+                               "precision": args.precision,
                                "engine": args.engine, "local_weights": args.local_weights,
                                "progress": None if args.quiet else ProgressLine()}
     if args.input_list is not None:
@@ -134,6 +140,7 @@ def describe(result: Prediction) -> str:
               f"{counts}; seconds: {stages})")]
     lines += [f"wrote {result.uncertainty} (uncertainty)"] if result.uncertainty else []
     lines += [f"wrote {result.dicom_seg} (DICOM SEG)"] if result.dicom_seg else []
+    lines += [f"wrote {result.dicom_uncertainty} (uncertainty, DICOM parametric map)"] if result.dicom_uncertainty else []
     return "\n".join(lines)
 
 

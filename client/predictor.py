@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from client.dicom import dicom_modality
-from client.inference import OVERLAP, SW_BATCH_SIZE, Progress
+from client.inference import OVERLAP, PRECISIONS, SW_BATCH_SIZE, Progress
 from client.transforms import orienting, reading, resampling, settings_for
 from shared.atomic import atomic_write
 from shared.errors import ConfigError, DataError
@@ -46,6 +46,7 @@ class Prediction:
     modality: str
     dicom_seg: Path | None = None
     uncertainty: Path | None = None
+    dicom_uncertainty: Path | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -60,16 +61,22 @@ class Predictor:
     """A loaded model (a fedseg model file or an exported one, :mod:`client.export`) that segments scans."""
 
     def __init__(self, *, network: torch.nn.Module, plan: Plan, device: str = "auto", overlap: float = OVERLAP,
-                 sw_batch_size: int = SW_BATCH_SIZE, progress: Progress | None = None) -> None:
+                 sw_batch_size: int = SW_BATCH_SIZE, precision: str = "auto", progress: Progress | None = None) -> None:
+        from client.inference import inplace_activations
         from shared.device import resolve_device
 
         if not 0.0 <= overlap < 1.0:
             raise ConfigError(f"'--overlap': must be in [0, 1), got {overlap}")
         if sw_batch_size < 1:
             raise ConfigError(f"'--sw-batch-size': must be at least 1, got {sw_batch_size}")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"'--precision': expected one of {PRECISIONS}, got {precision!r}")
+        if precision == "bfloat16" and not _plain_torch(network):
+            raise ConfigError("'--precision bfloat16': needs the torch engine and a fedseg model file (autocast does "
+                              "not reach an ONNX or TorchScript network)")
         self.device, self.plan = resolve_device(device), plan
-        self.network = network.to(self.device).eval()
-        self.overlap, self.sw_batch_size, self.progress = overlap, sw_batch_size, progress
+        self.network = inplace_activations(network.to(self.device).eval())
+        self.overlap, self.sw_batch_size, self.precision, self.progress = overlap, sw_batch_size, precision, progress
 
     @classmethod
     def load(cls, *, model_path: Path, engine: str = "torch", local_weights: Path | None = None,
@@ -106,14 +113,16 @@ class Predictor:
                 unc_path = write_nifti(uncertainty_path(output), entropy[..., 0] if was_2d else entropy, affine)
             mask_array = mask[..., 0] if was_2d else mask
             write_nifti(output, mask_array, affine)
-            seg_path = None
+            seg_path = dicom_unc = None
             if dicom_seg_path is not None:
-                from client.dicom_seg import write_dicom_seg
+                from client.dicom_seg import write_dicom_seg, write_dicom_uncertainty
 
+                if entropy is not None:  # the uncertainty as a DICOM parametric map beside the SEG
+                    dicom_unc = write_dicom_uncertainty(inputs[0], entropy, uncertainty_path(Path(dicom_seg_path)))
                 seg_path = write_dicom_seg(inputs[0], mask, dicom_seg_path, num_classes=self.plan.num_classes)
         values, counts = np.unique(mask_array, return_counts=True)
         return Prediction(output=output, shape=mask_array.shape, modality=",".join(modalities), dicom_seg=seg_path,
-                          uncertainty=unc_path, seconds=seconds,
+                          uncertainty=unc_path, dicom_uncertainty=dicom_unc, seconds=seconds,
                           voxels_per_class={int(v): int(n) for v, n in zip(values, counts)})
 
     def _segment(self, image: Any, raw: Any, *, seconds: dict[str, float],
@@ -132,7 +141,7 @@ class Predictor:
         )
 
         plan = self.plan
-        with timed_stage(seconds, "network"), inference_context(self.device):
+        with timed_stage(seconds, "network"), inference_context(self.device, self.precision):
             volume = image.as_tensor().to(self.device)
             window = {"spatial_dims": plan.spatial_dims, "patch_size": plan.patch_size, "overlap": self.overlap,
                       "sw_batch_size": self.sw_batch_size, "progress": self.progress}
@@ -148,6 +157,14 @@ class Predictor:
             mask = view(class_indices(values)).numpy()
             entropy = view(normalised_entropy(values)).numpy().astype(np.float32) if uncertainty else None
         return mask, entropy
+
+
+def _plain_torch(network: Any) -> bool:
+    import torch
+
+    from client.onnx_engine import OnnxNetwork
+
+    return not isinstance(network, (torch.jit.ScriptModule, OnnxNetwork))
 
 
 def _identity(tensor: Any) -> Any:

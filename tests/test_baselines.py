@@ -151,3 +151,18 @@ def test_a_local_norm_run_reports_each_sites_personal_model_beside_the_global_on
     rows = {r["site"]: r for r in comparison_rows(results)}
     assert rows["a"]["personal"] == results["personal"]["a"]
     assert "personal Dice" in comparison_text(tmp_path)
+
+
+def test_the_example_slices_show_the_uncertainty_map_below_each_case(tmp_path, two_sites):
+    from PIL import Image
+
+    from simulations.run_logs import write_example_overlays
+
+    _finished_run(tmp_path, rounds=1)
+    sites = [("a", two_sites[0]), ("b", two_sites[1])]
+    plain = np.asarray(Image.open(write_example_overlays(tmp_path, sites, uncertainty=False)).convert("RGB"))
+    shown = np.asarray(Image.open(write_example_overlays(tmp_path, sites)).convert("RGB"))
+    assert shown.shape == (2 * plain.shape[0], plain.shape[1], 3)  # a second row of panels
+    lower = shown[shown.shape[0] // 2 + 30:].reshape(-1, 3)
+    magma = (lower[:, 0] > 150) & (lower[:, 1] > 60) & (lower[:, 2] < 150)  # orange to yellow: not gray, red or lime
+    assert magma.sum() > 100

@@ -172,3 +172,42 @@ def test_class_indices_is_argmax_over_classes():
     values = torch.randn(3, 7, 6, 5)
     values[:, 0, 0, 0] = 1.0  # a tie goes to the lower class, as argmax
     assert torch.equal(class_indices(values), values.argmax(dim=0).to(torch.uint8))
+
+
+def test_dicom_input_with_uncertainty_writes_a_parametric_map_beside_the_seg(tmp_path):
+    import pydicom
+
+    from tests.data_cases import ct_volume, write_dicom_case
+
+    dicom = write_dicom_case(tmp_path, "case", *ct_volume(1))
+    result = predict_scan(model_path=_model_file(tmp_path), input_path=tmp_path / dicom["image"], device="cpu",
+                          output_path=tmp_path / "m.nii.gz", dicom_seg_path=tmp_path / "m.dcm", uncertainty=True)
+    assert result.dicom_uncertainty == tmp_path / "m_uncertainty.dcm" and result.dicom_seg == tmp_path / "m.dcm"
+    pm = pydicom.dcmread(result.dicom_uncertainty)
+    series = sorted((pydicom.dcmread(f) for f in (tmp_path / dicom["image"]).iterdir()), key=lambda d: d.InstanceNumber)
+    assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map Storage
+    assert pm.ReferencedSeriesSequence[0].SeriesInstanceUID == series[0].SeriesInstanceUID
+    entropy = nib.load(result.uncertainty).get_fdata()  # [cols, rows, slices], a slice per source image
+    slice_at = {tuple(round(float(v), 3) for v in d.ImagePositionPatient): k for k, d in enumerate(series)}
+    assert pm.pixel_array.shape == entropy.T.shape and 0 < entropy.max() <= 1.0 + 1e-6
+    for frame, group in zip(pm.pixel_array, pm.PerFrameFunctionalGroupsSequence):
+        position = tuple(round(float(v), 3) for v in group.PlanePositionSequence[0].ImagePositionPatient)
+        assert np.allclose(frame, entropy[:, :, slice_at[position]].T, atol=1e-6)  # each frame where its slice is
+
+
+def test_precision_bfloat16_autocasts_on_cpu_keeps_the_mask_near_and_needs_the_torch_engine(tmp_path):
+    from client.inference import inference_context
+    from client.predictor import Predictor
+    from shared.errors import ConfigError
+
+    with inference_context(torch.device("cpu"), "bfloat16"):
+        assert torch.nn.Conv3d(1, 2, 3)(torch.zeros(1, 1, 4, 4, 4)).dtype == torch.bfloat16
+    model_path, scan = _model_file(tmp_path), _scan(tmp_path / "scan.nii.gz")
+    masks = []
+    for precision in ("float32", "bfloat16"):
+        predict_scan(model_path=model_path, input_path=scan, output_path=tmp_path / f"{precision}.nii.gz",
+                     device="cpu", precision=precision)
+        masks.append(nib.load(tmp_path / f"{precision}.nii.gz").get_fdata())
+    assert (masks[0] != masks[1]).mean() <= 0.02 and 0 < masks[0].mean() < 1
+    with pytest.raises(ConfigError, match="--precision"):
+        Predictor.load(model_path=model_path, engine="onnx", precision="bfloat16")

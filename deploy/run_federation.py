@@ -38,6 +38,7 @@ from deploy.supernode import DEFAULT_POLL_INTERVAL_S, PollIntervalError, parse_p
 from server.certs import make_certificates
 from shared.cli import exit_on_sigterm, parse_run_config
 from shared.config import DEFAULT_MAX_EPSILON, RunConfig
+from shared.datalist_task import drop_unfitting_class_names, task_from_datalists
 from shared.errors import ConfigError, FedSegError
 from shared.processes import run_streaming, tail
 from shared.superlink import ServerCredentials
@@ -110,7 +111,7 @@ def run_local_federation(spec: DeploymentSpec, *, echo: bool | Callable[[str], N
             link.start_supernode(_enroll(link, work_dir, site_id, datalist, spec))
             say(f"[fedseg] SuperNode {site_id} started")
         run_dir = work_dir / "run"
-        _flwr_run(link, _write_run_config(spec, work_dir, run_dir, num_sites=len(sites)), spec, say)
+        _flwr_run(link, _write_run_config(spec, work_dir, run_dir, datalists=[d for _, d in sites]), spec, say)
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         raise DeploymentError(f"the run wrote no summary; see the logs in {work_dir / 'logs'}")
@@ -149,11 +150,16 @@ def _node_threads(spec: DeploymentSpec) -> int:
     return max(1, (os.cpu_count() or 1) // sites)
 
 
-def _write_run_config(spec: DeploymentSpec, work_dir: Path, run_dir: Path, *, num_sites: int) -> Path:
+def _write_run_config(spec: DeploymentSpec, work_dir: Path, run_dir: Path, *, datalists: list[Path]) -> Path:
+    """The run config ``flwr run`` sends: the sites' task (what their datalists declare, as the harness
+    takes it) under the spec's own values."""
+    num_sites = len(datalists)
     values: dict[str, Any] = {"seed": spec.seed, "min-available-nodes": num_sites, "min-train-nodes": num_sites}
     if spec.rounds:
         values["num-rounds"] = spec.rounds
+    values.update(task_from_datalists(tuple(datalists)))
     values.update(spec.run_config)
+    drop_unfitting_class_names(values, overrides=spec.run_config)
     values["run-dir"] = str(run_dir)
     path = work_dir / "run-config.toml"
     path.write_text(tomli_w.dumps(RunConfig.from_mapping(values).to_mapping()))

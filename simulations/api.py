@@ -20,6 +20,7 @@ from client.site import SiteConfig
 from server.checkpoint import checkpoint_path
 from server.federation import PROGRESS_PREFIX, update_latest_link
 from shared.config import DEFAULT_DP_DELTA, DEFAULT_MAX_EPSILON, RunConfig
+from shared.datalist_task import drop_unfitting_class_names, task_from_datalists
 from shared.errors import ConfigError
 from shared.protocol import (
     NODE_DATALIST,
@@ -149,32 +150,6 @@ class SimulationSpec:
                           datalists=tuple(self.datalists))
 
 
-def task_from_datalists(datalists: tuple[Path, ...]) -> dict[str, int]:
-    """``in-channels`` / ``num-classes`` that the datalists' ``modality`` / ``labels`` declare.
-
-    Every datalist that declares them must agree (the sites train one model).
-    """
-    task: dict[str, int] = {}
-    declared_by: dict[str, Path] = {}
-    for path in datalists:
-        try:
-            raw = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"'--datalists': {path} is not readable JSON ({exc})") from None
-        for section, key in (("modality", "in-channels"), ("labels", "num-classes")):
-            if not isinstance(raw, dict) or not raw.get(section):
-                continue
-            count = len(raw[section])
-            if key in task and task[key] != count:
-                raise ConfigError(f"'--datalists': {path} declares {count} '{section}' entries but "
-                                  f"{declared_by[key]} declares {task[key]}; all sites must agree")
-            task[key], declared_by[key] = count, Path(path)
-        if isinstance(raw, dict) and isinstance(raw.get("labels"), dict) and "class-names" not in task:
-            labels = raw["labels"]
-            task["class-names"] = ",".join(str(labels[k]) for k in sorted(labels, key=lambda k: int(k)))
-    return task
-
-
 def carry_site_state(previous_run: Path, run_dir: Path, site_ids: list[str]) -> list[str]:
     """Copy each site's state folder of the interrupted run into the resumed one; return the sites copied.
 
@@ -211,8 +186,7 @@ def build_run_config(spec: SimulationSpec, run_dir: Path, sites_manifest: Path, 
     num_classes = values.get("num-classes", RunConfig().num_classes)
     if "class-names" not in values and num_classes == len(LABELS):
         values["class-names"] = ",".join(LABELS[k] for k in sorted(LABELS))
-    if "class-names" not in spec.run_config and len(str(values.get("class-names", "")).split(",")) != num_classes:
-        values.pop("class-names", None)  # the datalists' names no longer fit an overridden num-classes
+    drop_unfitting_class_names(values, overrides=spec.run_config)
     for key in ("resume-from", "initial-model", "initial-model-key-map"):  # the ServerApp runs elsewhere
         if values.get(key):
             values[key] = str(Path(str(values[key])).expanduser().resolve())

@@ -97,6 +97,30 @@ def test_flwr_run_and_the_harness_start_from_the_same_preset(tmp_path):
                                                          PRESETS["default"]["local-steps"])
 
 
+def test_the_deployment_runner_and_the_harness_take_the_task_from_the_datalists(tmp_path):
+    import json
+
+    from deploy.run_federation import DeploymentSpec, _write_run_config
+    from simulations.api import SimulationSpec, build_run_config
+
+    datalists = []
+    for site in ("a", "b"):
+        path = tmp_path / f"{site}.json"
+        path.write_text(json.dumps({"modality": {"0": "T1"}, "labels": {"0": "background", "1": "grey", "2": "white",
+                                                                       "3": "csf"}, "training": [], "validation": []}))
+        datalists.append(path)
+    harness = build_run_config(SimulationSpec(out=tmp_path, datalists=tuple(datalists)), tmp_path,
+                               tmp_path / "sites.json", num_sites=2)
+    spec = DeploymentSpec(out=tmp_path, datalists=tuple(datalists), rounds=1)
+    written = _write_run_config(spec, tmp_path, tmp_path / "run", datalists=datalists)
+    deployed = RunConfig.from_mapping(tomllib.loads(written.read_text()))
+    assert (deployed.num_classes, deployed.class_names) == (harness.num_classes, harness.class_names)
+    assert deployed.num_classes == 4 and deployed.class_names == "background,grey,white,csf"
+    overridden = DeploymentSpec(out=tmp_path, datalists=tuple(datalists), rounds=1, run_config={"num-classes": 3})
+    written = _write_run_config(overridden, tmp_path, tmp_path / "run", datalists=datalists)
+    assert RunConfig.from_mapping(tomllib.loads(written.read_text())).num_classes == 3  # names dropped, not refused
+
+
 def test_the_preset_owns_the_number_of_rounds_unless_the_run_config_sets_it():
     assert RunConfig.from_mapping({"preset": "small-unet"}).num_rounds == PRESETS["small-unet"]["num-rounds"]
     assert RunConfig.from_mapping({"num-rounds": 3}).num_rounds == 3

@@ -15,12 +15,12 @@ from shared.config import RunConfig
 from shared.errors import ConfigError
 
 
-def task_from_datalists(datalists: tuple[Path, ...]) -> dict[str, int]:
-    """``in-channels`` / ``num-classes`` that the datalists' ``modality`` / ``labels`` declare.
+def task_from_datalists(datalists: tuple[Path, ...]) -> dict[str, int | str]:
+    """``in-channels`` / ``num-classes`` / ``class-names`` that the datalists' ``modality`` / ``labels`` declare.
 
     Every datalist that declares them must agree (the sites train one model).
     """
-    task: dict[str, int] = {}
+    task: dict[str, int | str] = {}
     declared_by: dict[str, Path] = {}
     for path in datalists:
         try:

@@ -237,8 +237,8 @@ def _check(model: Any, exported: Any, plan: Plan, check_input: Path | list[Path]
         masks, inputs = [], check_input if isinstance(check_input, list) else [check_input]
         for name, network in (("model", model), ("exported", exported)):
             out = folder / f"{name}.nii.gz"
-            Predictor(network=network, plan=plan, device="cpu").predict(inputs=inputs, output=out,
-                                                                        modality=modality)
+            predictor = Predictor(network=network, plan=plan, device="cpu", precision="float32")
+            predictor.predict(inputs=inputs, output=out, modality=modality)
             masks.append(np.asarray(_read_mask(out)))
     return str(check_input), int(masks[0].size), int((masks[0] != masks[1]).sum())
 

@@ -19,8 +19,10 @@ SLICES_PER_BATCH = 16
 #: volume (``benchmarks.inference_cpu_probe``; a quiet machine's network stage 70.9 s against 60.6 s), the small
 #: U-Net alike; a GPU may want more.
 SW_BATCH_SIZE = 4
-#: ``--precision``: ``auto`` is float16 autocast on CUDA and float32 on CPU; ``bfloat16`` autocasts on either
-#: (fast where the CPU has bfloat16 units, as AMX; the mask may differ in a few voxels: BENCHMARKS.md, inference).
+#: ``--precision``: ``auto`` is float16 autocast on CUDA, bfloat16 autocast on a CPU with AMX tile units and
+#: float32 on other CPUs (:func:`resolve_precision`); ``float32`` and ``bfloat16`` force one. With AMX the
+#: planned DynUNet ran 2.9x faster in bfloat16 with 99.999 % of the mask's voxels the same (BENCHMARKS.md,
+#: inference); without it bfloat16 is emulated and not faster.
 PRECISIONS = ("auto", "float32", "bfloat16")
 #: MONAI's default overlap of neighbouring windows (Gaussian-weighted where they overlap).
 OVERLAP = 0.25
@@ -110,17 +112,41 @@ def normalised_entropy(probabilities: torch.Tensor) -> torch.Tensor:
     return torch.special.entr(probabilities).sum(dim=0) / math.log(probabilities.shape[0])
 
 
-@contextlib.contextmanager
-def inference_context(device: torch.device, precision: str = "auto") -> Iterator[None]:
-    """No autograd, and autocast as ``precision`` (:data:`PRECISIONS`) says: ``auto`` is float16 on CUDA (mixed
-    precision) and none on CPU, ``bfloat16`` autocasts the convolutions to bfloat16 on either."""
+def resolve_precision(precision: str, device: torch.device, *, autocast_reaches: bool = True) -> str:
+    """What ``precision`` (:data:`PRECISIONS`) means on ``device``: ``float32``, ``bfloat16`` or ``float16``.
+
+    ``auto`` is float16 on CUDA (mixed precision), bfloat16 on a CPU with AMX tile units, float32 elsewhere and
+    wherever autocast does not reach the network (``autocast_reaches`` false: an ONNX or TorchScript one).
+    A resolved value (``float16`` included) is returned as it is.
+    """
     import torch
 
-    if precision not in PRECISIONS:
+    if precision not in (*PRECISIONS, "float16"):
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    dtype = {"bfloat16": torch.bfloat16}.get(precision, torch.float16 if precision == "auto" else None)
+    if precision != "auto":
+        return precision
+    if not autocast_reaches:
+        return "float32"
+    if device.type == "cuda":
+        return "float16"
+    return "bfloat16" if device.type == "cpu" and _cpu_has_amx() else "float32"
+
+
+def _cpu_has_amx() -> bool:
+    import torch
+
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch >= 2.3 has it; older ones say no
+    return bool(probe is not None and probe())
+
+
+@contextlib.contextmanager
+def inference_context(device: torch.device, precision: str = "auto") -> Iterator[None]:
+    """No autograd, and autocast to what ``precision`` resolves to on ``device`` (:func:`resolve_precision`)."""
+    import torch
+
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(resolve_precision(precision, device))
     with torch.inference_mode():
-        if dtype is not None and (device.type == "cuda" or precision == "bfloat16"):
+        if dtype is not None:
             with torch.autocast(device_type=device.type, dtype=dtype):
                 yield
         else:

@@ -101,9 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sw-batch-size", type=int, default=SW_BATCH_SIZE,
                         help=f"windows per forward pass (default: {SW_BATCH_SIZE})")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="auto (float16 mixed precision on CUDA, float32 on CPU), float32, or bfloat16 "
-                             "autocast (fast on CPUs with bfloat16 units such as AMX; a few voxels may differ: "
-                             "BENCHMARKS.md); torch engine only")
+                        help="auto (default: float16 mixed precision on CUDA, bfloat16 autocast on a CPU with AMX "
+                             "units, else float32), float32, or bfloat16 (a few voxels may differ from float32: "
+                             "BENCHMARKS.md); autocast reaches the torch engine only")
     parser.add_argument("--engine", default="torch", choices=("torch", "onnx"),
                         help="torch (default), or onnx: the network converted at load and run by onnxruntime on "
                              "CPU (which is faster depends on the network: BENCHMARKS.md)")
@@ -136,8 +136,8 @@ def describe(result: Prediction) -> str:
     """The lines ``predict`` prints for one written mask."""
     counts = ", ".join(f"class {k}: {v}" for k, v in result.voxels_per_class.items())
     stages = ", ".join(f"{name} {seconds:.1f}" for name, seconds in result.seconds.items())
-    lines = [(f"wrote {result.output} (shape {'x'.join(map(str, result.shape))}, {result.modality} normalisation; "
-              f"{counts}; seconds: {stages})")]
+    lines = [(f"wrote {result.output} (shape {'x'.join(map(str, result.shape))}, {result.modality} normalisation, "
+              f"{result.precision}; {counts}; seconds: {stages})")]
     lines += [f"wrote {result.uncertainty} (uncertainty)"] if result.uncertainty else []
     lines += [f"wrote {result.dicom_seg} (DICOM SEG)"] if result.dicom_seg else []
     lines += [f"wrote {result.dicom_uncertainty} (uncertainty, DICOM parametric map)"] if result.dicom_uncertainty else []

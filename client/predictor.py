@@ -48,6 +48,8 @@ class Prediction:
     uncertainty: Path | None = None
     dicom_uncertainty: Path | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    #: What the network computed in (``--precision`` resolved: :func:`client.inference.resolve_precision`).
+    precision: str = "float32"
 
 
 def uncertainty_path(mask_path: Path) -> Path:
@@ -62,7 +64,7 @@ class Predictor:
 
     def __init__(self, *, network: torch.nn.Module, plan: Plan, device: str = "auto", overlap: float = OVERLAP,
                  sw_batch_size: int = SW_BATCH_SIZE, precision: str = "auto", progress: Progress | None = None) -> None:
-        from client.inference import inplace_activations
+        from client.inference import inplace_activations, resolve_precision
         from shared.device import resolve_device
 
         if not 0.0 <= overlap < 1.0:
@@ -76,7 +78,9 @@ class Predictor:
                               "not reach an ONNX or TorchScript network)")
         self.device, self.plan = resolve_device(device), plan
         self.network = inplace_activations(network.to(self.device).eval())
-        self.overlap, self.sw_batch_size, self.precision, self.progress = overlap, sw_batch_size, precision, progress
+        #: What this predictor computes in: ``float32``, ``bfloat16`` or ``float16`` (``auto`` resolved).
+        self.precision = resolve_precision(precision, self.device, autocast_reaches=_plain_torch(network))
+        self.overlap, self.sw_batch_size, self.progress = overlap, sw_batch_size, progress
 
     @classmethod
     def load(cls, *, model_path: Path, engine: str = "torch", local_weights: Path | None = None,
@@ -123,7 +127,7 @@ class Predictor:
         values, counts = np.unique(mask_array, return_counts=True)
         return Prediction(output=output, shape=mask_array.shape, modality=",".join(modalities), dicom_seg=seg_path,
                           uncertainty=unc_path, dicom_uncertainty=dicom_unc, seconds=seconds,
-                          voxels_per_class={int(v): int(n) for v, n in zip(values, counts)})
+                          precision=self.precision, voxels_per_class={int(v): int(n) for v, n in zip(values, counts)})
 
     def _segment(self, image: Any, raw: Any, *, seconds: dict[str, float],
                  uncertainty: bool) -> tuple[Any, Any | None]:

@@ -141,7 +141,8 @@ def test_export_round_trip_gives_predicts_mask(tmp_path, fmt, overrides):
     if fmt == "torchscript":
         network = torch.jit.load(str(result.network))  # runs with torch alone
         assert network(torch.zeros(1, 1, *spec["sliding_window"]["roi_size"])).shape[1] == 2
-    from_model = predict_scan(model_path=model_path, input_path=scan, output_path=tmp_path / "a.nii.gz")
+    from_model = predict_scan(model_path=model_path, input_path=scan, output_path=tmp_path / "a.nii.gz",
+                              precision="float32")  # autocast does not reach an export: compare like with like
     from_export = predict_scan(model_path=tmp_path / "export", input_path=scan, output_path=tmp_path / "b.nii.gz")
     assert from_model.voxels_per_class == from_export.voxels_per_class
     assert np.array_equal(nib.load(tmp_path / "a.nii.gz").get_fdata(), nib.load(tmp_path / "b.nii.gz").get_fdata())
@@ -158,12 +159,13 @@ def test_export_cli_and_an_incomplete_export_folder(tmp_path, capsys):
 
 def test_predict_engine_onnx_gives_the_torch_mask(tmp_path, capsys):
     model_path, scan = _model_file(tmp_path), _scan(tmp_path / "scan.nii.gz")
-    for engine in ("torch", "onnx"):
+    for engine in ("torch", "onnx"):  # float32 on both: autocast (auto on a CPU with AMX) does not reach onnx
         assert main(["predict", "--model", str(model_path), "--input", str(scan), "--engine", engine,
-                     "--output", str(tmp_path / f"{engine}.nii.gz")]) == 0
+                     "--precision", "float32", "--output", str(tmp_path / f"{engine}.nii.gz")]) == 0
     masks = [nib.load(tmp_path / f"{engine}.nii.gz").get_fdata() for engine in ("torch", "onnx")]
     assert (masks[0] != masks[1]).mean() <= 1e-4 and 0 < masks[0].mean() < 1
-    assert "network: 100%" in capsys.readouterr().err  # the progress line
+    printed = capsys.readouterr()
+    assert "network: 100%" in printed.err and "normalisation, float32;" in printed.out  # progress; what ran
 
 
 def test_class_indices_is_argmax_over_classes():
@@ -211,3 +213,21 @@ def test_precision_bfloat16_autocasts_on_cpu_keeps_the_mask_near_and_needs_the_t
     assert (masks[0] != masks[1]).mean() <= 0.02 and 0 < masks[0].mean() < 1
     with pytest.raises(ConfigError, match="--precision"):
         Predictor.load(model_path=model_path, engine="onnx", precision="bfloat16")
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_precision_auto_is_bfloat16_only_where_the_cpu_has_amx_and_autocast_reaches(tmp_path, monkeypatch, amx):
+    import client.inference
+    from client.inference import resolve_precision
+    from client.predictor import Predictor
+
+    monkeypatch.setattr(client.inference, "_cpu_has_amx", lambda: amx)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bfloat16" if amx else "float32")
+    assert resolve_precision("auto", torch.device("cuda")) == "float16"
+    assert resolve_precision("auto", cpu, autocast_reaches=False) == "float32"
+    assert resolve_precision("float32", cpu) == "float32" and resolve_precision("bfloat16", cpu) == "bfloat16"
+    model_path, scan = _model_file(tmp_path), _scan(tmp_path / "scan.nii.gz")
+    result = predict_scan(model_path=model_path, input_path=scan, output_path=tmp_path / "m.nii.gz", device="cpu")
+    assert result.precision == ("bfloat16" if amx else "float32")
+    assert Predictor.load(model_path=model_path, engine="onnx", device="cpu").precision == "float32"

@@ -16,7 +16,8 @@ Usage (after the set-up step of ``benchmarks/README.md``, real images)::
 
     .venv/bin/python -m benchmarks.transfer --parts transfer dp-decoder fedbn --rounds 25
 
-Results go to ``--out``/results.json and are printed as Markdown tables. Each federation takes what
+Results go to ``--out``/results.json and are printed as Markdown tables; run again with the same
+``--out``, finished federations are read back and one cut short resumes from its checkpoint. Each federation takes what
 a ``benchmarks.real_tasks`` run of the same rounds takes (hours for 25 rounds on CPU): 7 federations
 in all (pretrain once, then 3 + 2 + 2).
 """
@@ -40,13 +41,23 @@ PARTS = ("transfer", "dp-decoder", "fedbn")
 
 def federate(name: str, datalists: list[Path], *, out: Path, rounds: int, seed: int, max_epsilon: float,
              run_config: dict[str, Any]) -> dict[str, Any]:
-    """One federation through the harness; its global Dice per round, final per-site Dice and model file."""
+    """One federation through the harness; its global Dice per round, final per-site Dice and model file.
+
+    A federation that finished in ``out`` before (its ``latest`` run has a summary) is read, not rerun;
+    one cut short with a checkpoint goes on from it (``resume-from``), so a run of hours can span sittings.
+    """
     from simulations.api import SimulationSpec, run_simulation
 
-    spec = SimulationSpec(datalists=tuple(datalists), rounds=rounds, seed=seed, out=out / name,
-                          max_epsilon=max_epsilon, run_config=dict(run_config))
-    print(f"[transfer] {name}: {len(datalists)} sites, {rounds} rounds, {run_config}", flush=True)
-    run_simulation(spec, echo=True)
+    earlier = (out / name / "latest").resolve() if (out / name / "latest").is_dir() else None
+    if earlier is not None and (earlier / "summary.json").is_file():
+        print(f"[transfer] {name}: finished before in {earlier}; read, not rerun", flush=True)
+    else:
+        carry_on = {"resume-from": str(earlier)} if earlier and (earlier / "checkpoint.ckpt").is_file() else {}
+        spec = SimulationSpec(datalists=tuple(datalists), rounds=rounds, seed=seed, out=out / name,
+                              max_epsilon=max_epsilon, run_config={**run_config, **carry_on})
+        print(f"[transfer] {name}: {len(datalists)} sites, {rounds} rounds, {run_config}"
+              f"{', resuming ' + str(earlier) if carry_on else ''}", flush=True)
+        run_simulation(spec, echo=True)
     run_dir = (out / name / "latest").resolve()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     curve = [row["dice"] for row in rows if row["site"] == "global"]

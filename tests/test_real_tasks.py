@@ -322,3 +322,23 @@ def test_a_resumed_run_finishes_baselines_or_resumes_its_federation_from_the_che
     result = run_once(**kwargs)  # cut short during its baselines: only they go on
     assert simulated == [] and baselined == [(run_dir, ("pooled", "local"))]
     assert result["statuses"] == {"a": {"ok": 1}}
+
+
+def test_transfer_reads_a_finished_federation_back_and_resumes_one_cut_short(tmp_path, monkeypatch):
+    import simulations.api
+    from benchmarks.transfer import federate
+
+    started = []
+    monkeypatch.setattr(simulations.api, "run_simulation", lambda spec, echo: started.append(spec))
+    for name, marker in (("done", "summary.json"), ("cut", "checkpoint.ckpt")):
+        run = tmp_path / name / "20261207-000000-abcd"
+        run.mkdir(parents=True)
+        (run / marker).write_text("{}")
+        rows = [{"site": "global", "round": r, "dice": 0.1 * r} for r in (1, 2)] + [{"site": "a", "round": 2, "dice": 0.3}]
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+        (tmp_path / name / "latest").symlink_to(run.name)
+    done = federate("done", [], out=tmp_path, rounds=2, seed=0, max_epsilon=8.0, run_config={"dp": False})
+    assert started == [] and done["dice_per_round"] == [0.1, 0.2] and done["site_dice"] == {"a": 0.3}
+    federate("cut", [], out=tmp_path, rounds=2, seed=0, max_epsilon=8.0, run_config={"dp": False})
+    assert [spec.run_config for spec in started] == [
+        {"dp": False, "resume-from": str((tmp_path / "cut" / "20261207-000000-abcd").resolve())}]

@@ -24,13 +24,13 @@ if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
     from server.secagg_sum import SecAggSettings
-    from server.strategies.tracking import SiteTracking
+    from server.strategies.strategy import FedSegStrategy
     from server.train_collector import TrainCollector
 
 LOG = logging.getLogger("fedseg.server")
 
 
-def run_rounds(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, first_round: int, num_rounds: int,
+def run_rounds(strategy: FedSegStrategy, grid: Grid, *, arrays: ArrayRecord, first_round: int, num_rounds: int,
                timeout: float, close_round: Callable[[int, ArrayRecord], Callable[[], None]],
                overlap_evaluation: bool = False, secure: SecAggSettings | None = None,
                stop_after: Callable[[int], bool] | None = None) -> ArrayRecord:
@@ -77,7 +77,7 @@ def run_rounds(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, first
     return arrays
 
 
-def _run_overlapped(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, first_round: int, num_rounds: int,
+def _run_overlapped(strategy: FedSegStrategy, grid: Grid, *, arrays: ArrayRecord, first_round: int, num_rounds: int,
                     timeout: float, close_round: Callable[[int, ArrayRecord], Callable[[], None]],
                     stop_after: Callable[[int], bool] | None = None) -> ArrayRecord:
     """Rounds with round r's evaluation in flight next to round r+1's training (see :func:`run_rounds`)."""
@@ -103,7 +103,7 @@ def _run_overlapped(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, 
     return arrays
 
 
-def train_round(strategy: SiteTracking, grid: Grid, *, server_round: int, arrays: ArrayRecord,
+def train_round(strategy: FedSegStrategy, grid: Grid, *, server_round: int, arrays: ArrayRecord,
                 timeout: float) -> ArrayRecord:
     """One training phase; returns the new global arrays (unchanged if nothing was aggregated)."""
     messages = _configure_train(strategy, grid, server_round, arrays)
@@ -112,7 +112,7 @@ def train_round(strategy: SiteTracking, grid: Grid, *, server_round: int, arrays
     return _close_train(strategy, server_round, collector, unanswered, arrays=arrays, timeout=timeout)
 
 
-def evaluate_round(strategy: SiteTracking, grid: Grid, *, server_round: int, arrays: ArrayRecord,
+def evaluate_round(strategy: FedSegStrategy, grid: Grid, *, server_round: int, arrays: ArrayRecord,
                    timeout: float, after_push: Callable[[], None] | None = None) -> None:
     """One federated evaluation phase (metrics only, so replies are kept until the end).
 
@@ -125,23 +125,23 @@ def evaluate_round(strategy: SiteTracking, grid: Grid, *, server_round: int, arr
     _close_evaluate(strategy, server_round, replies, unanswered, timeout=timeout)
 
 
-def _configure_train(strategy: SiteTracking, grid: Grid, server_round: int, arrays: ArrayRecord) -> list[Message]:
+def _configure_train(strategy: FedSegStrategy, grid: Grid, server_round: int, arrays: ArrayRecord) -> list[Message]:
     return list(strategy.configure_train(server_round, arrays, strategy.message_record(), grid))
 
 
-def _configure_evaluate(strategy: SiteTracking, grid: Grid, server_round: int,
+def _configure_evaluate(strategy: FedSegStrategy, grid: Grid, server_round: int,
                         arrays: ArrayRecord) -> list[Message]:
     return list(strategy.configure_evaluate(server_round, arrays, strategy.message_record(), grid))
 
 
-def _close_train(strategy: SiteTracking, server_round: int, collector: TrainCollector, unanswered: list[int], *,
+def _close_train(strategy: FedSegStrategy, server_round: int, collector: TrainCollector, unanswered: list[int], *,
                  arrays: ArrayRecord, timeout: float) -> ArrayRecord:
     collector.mark_unanswered(unanswered, timeout)
     new_arrays, _ = strategy.aggregate_closed(server_round, collector.close())
     return arrays if new_arrays is None else new_arrays
 
 
-def _close_evaluate(strategy: SiteTracking, server_round: int, replies: list[Message], unanswered: list[int], *,
+def _close_evaluate(strategy: FedSegStrategy, server_round: int, replies: list[Message], unanswered: list[int], *,
                     timeout: float) -> None:
     for node_id in unanswered:
         site = strategy.known_sites.get(node_id, f"node-{node_id}")

@@ -192,6 +192,8 @@ class RunConfig:
     server_learning_rate: float = 0.01
     server_tau: float = 0.001
     trim_fraction: float = 0.2
+    malicious_sites: int = 1
+    multikrum_keep: int = 0
     resume_from: str = ""
     run_dir: str = ""
     simulation_sites: str = ""

@@ -33,7 +33,7 @@ from flwr.serverapp.exception import AggregationError, InconsistentMessageReplie
 from flwr.serverapp.strategy import FedAvg
 
 from server.norm_bounds import NormRule
-from server.site_replies import sort_replies
+from server.site_replies import ReplyCollector, SortedReplies, sort_replies
 from server.strategies.aggregators import Aggregator, StreamingMean, model_plus
 from server.strategies.sampling import SortedNodes, seeded_sampling
 from server.strategies.site_dp_mean import SITE_DP_STATE, release, site_dp_mean
@@ -232,10 +232,16 @@ class FedSegStrategy(FedAvg):
                             for name, array in arrays.items()})
 
     # --- evaluation replies -------------------------------------------------------------
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Aggregate the accepted evaluation metrics; record every site's outcome."""
-        sorted_replies = sort_replies(replies, self.known_sites)
-        self.recorder.record_phase(server_round, "evaluate", sorted_replies)
-        self.recorder.name_nodes(server_round, self.known_sites)
-        return super().aggregate_evaluate(server_round, sorted_replies.accepted)
+    def evaluate_collector(self) -> ReplyCollector:
+        """A collector for this round's evaluation replies (sorted per site as they arrive)."""
+        return ReplyCollector(known_sites=self.known_sites)
 
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Flower's entry point: sort the replies, then :meth:`aggregate_evaluated`."""
+        return self.aggregate_evaluated(server_round, sort_replies(replies, self.known_sites))
+
+    def aggregate_evaluated(self, server_round: int, outcomes: SortedReplies) -> MetricRecord | None:
+        """Record every site's evaluation outcome; aggregate the accepted metrics with Flower's FedAvg."""
+        self.recorder.record_phase(server_round, "evaluate", outcomes)
+        self.recorder.name_nodes(server_round, self.known_sites)
+        return super().aggregate_evaluate(server_round, outcomes.accepted)

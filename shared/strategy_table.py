@@ -116,21 +116,28 @@ def strategy_spec(name: str) -> StrategySpec:
 
 
 def check_strategy(config: RunConfig) -> None:
-    """The strategy exists, its keys are in range, and ``min-train-nodes`` samples enough sites for its rule."""
+    """The strategy exists, its keys are in range, and every round samples enough sites for its rule."""
     spec = strategy_spec(config.strategy)
     require(config.malicious_sites >= 0, "malicious-sites", "must be >= 0", config.malicious_sites)
     require(config.multikrum_keep >= 0, "multikrum-keep", "must be >= 0 (0: all but malicious-sites)",
             config.multikrum_keep)
-    fewest = spec.fewest_updates(config.malicious_sites)
-    require_together(config.min_train_nodes >= fewest, ("min-train-nodes", "malicious-sites", "strategy"),
+    fewest, sampled = spec.fewest_updates(config.malicious_sites), fewest_sampled(config)
+    require_together(sampled >= fewest, ("min-train-nodes", "min-available-nodes", "malicious-sites", "strategy"),
                      f"strategy {config.strategy!r} needs at least {spec.fewest_text()} = {fewest} sites each "
-                     f"round, and min-train-nodes = {config.min_train_nodes} would sample fewer: raise "
-                     f"min-train-nodes (and have that many sites) or lower malicious-sites")
+                     f"round, and a round may sample only {sampled} (the larger of min-train-nodes and "
+                     f"min-available-nodes x fraction-train): raise min-train-nodes (and have that many sites) "
+                     f"or lower malicious-sites")
     keep = config.multikrum_keep
-    require_together(config.strategy != "multikrum" or keep <= config.min_train_nodes - config.malicious_sites,
+    require_together(config.strategy != "multikrum" or keep <= sampled - config.malicious_sites,
                      ("multikrum-keep", "min-train-nodes", "malicious-sites"),
-                     f"Multi-Krum keeps at most n − f updates: multikrum-keep = {keep} is more than "
-                     f"min-train-nodes − malicious-sites = {config.min_train_nodes - config.malicious_sites}")
+                     f"Multi-Krum keeps at most n − f updates: multikrum-keep = {keep} is more than the "
+                     f"{sampled} sites a round may sample minus malicious-sites = {sampled - config.malicious_sites}")
+
+
+def fewest_sampled(config: RunConfig) -> int:
+    """The fewest sites a training round samples once ``min-available-nodes`` are connected (Flower's FedAvg
+    samples the larger of ``min-train-nodes`` and ``fraction-train`` x the connected nodes)."""
+    return max(config.min_train_nodes, int(config.min_available_nodes * config.fraction_train))
 
 
 def check_mean_only(config: RunConfig, *, key: str, why: str) -> None:
@@ -144,7 +151,7 @@ def check_mean_only(config: RunConfig, *, key: str, why: str) -> None:
 
 def strategies_markdown() -> str:
     """The README's table of strategies, rendered from :data:`STRATEGIES`."""
-    lines = ["| `strategy` | family | what the server does | keys | `min-train-nodes` |", "|---|---|---|---|---|"]
+    lines = ["| `strategy` | family | what the server does | keys | sites per round |", "|---|---|---|---|---|"]
     for name, spec in STRATEGIES.items():
         keys = ", ".join(f"`{key}`" for key in spec.keys)
         fewest = f"≥ {spec.fewest_text()}" if spec.malicious_factor else ""

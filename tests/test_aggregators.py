@@ -120,10 +120,11 @@ def test_bulyan_with_too_few_updates_keeps_the_model_and_says_why(tmp_path, flow
 
 @pytest.mark.parametrize(("name", "needed"), [("krum", 5), ("multikrum", 5), ("bulyan", 7)])
 def test_run_config_refuses_too_few_sites_for_the_rule(name, needed):
-    with pytest.raises(ConfigError, match="min-train-nodes.*malicious-sites") as refused:
+    with pytest.raises(ConfigError, match="min-train-nodes', 'min-available-nodes', 'malicious-sites'") as refused:
         tiny_config_with({"strategy": name, "min-train-nodes": needed - 1})
     assert f"= {needed} sites" in str(refused.value)
     tiny_config_with({"strategy": name, "min-train-nodes": needed})
+    tiny_config_with({"strategy": name, "min-available-nodes": needed})  # fraction-train 1: all of them sampled
     tiny_config_with({"strategy": name, "min-train-nodes": needed - 2, "malicious-sites": 0})
 
 

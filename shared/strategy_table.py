@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from shared.config_values import require, require_together
+from shared.config_values import require, require_together, to_key
 
 if TYPE_CHECKING:
     from shared.config import RunConfig
@@ -53,7 +53,7 @@ class StrategySpec:
     flower : str
         The class in ``flwr.serverapp.strategy`` whose aggregation (and metric aggregation) is reused.
     params : Mapping[str, str]
-        The Flower class's keyword argument -> the run-config key that sets it.
+        The Flower class's keyword argument -> the :class:`~shared.config.RunConfig` field that sets it.
     summary : str
         What the server does, in one line (the README's table).
     malicious_factor, fewest_base : int
@@ -70,7 +70,7 @@ class StrategySpec:
     @property
     def keys(self) -> tuple[str, ...]:
         """The run-config keys this strategy reads."""
-        return tuple(dict.fromkeys(self.params.values()))
+        return tuple(dict.fromkeys(to_key(name) for name in self.params.values()))
 
     def fewest_updates(self, malicious_sites: int) -> int:
         """The fewest accepted updates the rule is defined for, given ``malicious-sites``."""
@@ -81,13 +81,13 @@ class StrategySpec:
         return f"{self.malicious_factor} x malicious-sites + {self.fewest_base}"
 
 
-_MALICIOUS = {"num_malicious_nodes": "malicious-sites"}
-_SERVER_STEP = {"eta": "server-learning-rate", "tau": "server-tau"}
+_MALICIOUS = {"num_malicious_nodes": "malicious_sites"}
+_SERVER_STEP = {"eta": "server_learning_rate", "tau": "server_tau"}
 
 #: name (run config ``strategy``) -> its row. The order is the README's.
 STRATEGIES: Mapping[str, StrategySpec] = MappingProxyType({
     "fedavg": StrategySpec(STREAMING_MEAN, "FedAvg", summary="example-weighted mean of the updates (default)"),
-    "fedprox": StrategySpec(STREAMING_MEAN, "FedProx", {"proximal_mu": "proximal-mu"},
+    "fedprox": StrategySpec(STREAMING_MEAN, "FedProx", {"proximal_mu": "proximal_mu"},
                             "FedAvg; sites add `(mu/2)·‖w − w_global‖²` to their loss"),
     "fedadam": StrategySpec(SERVER_OPTIMISER, "FedAdam", _SERVER_STEP,
                             "Adam server optimiser on the averaged update (Reddi et al.)"),
@@ -95,12 +95,12 @@ STRATEGIES: Mapping[str, StrategySpec] = MappingProxyType({
                             "Yogi server optimiser on the averaged update (Reddi et al.)"),
     "fedmedian": StrategySpec(BUFFERED_ROBUST, "FedMedian",
                               summary="coordinate-wise median (robust to a minority of bad sites)"),
-    "fedtrimmedavg": StrategySpec(BUFFERED_ROBUST, "FedTrimmedAvg", {"beta": "trim-fraction"},
+    "fedtrimmedavg": StrategySpec(BUFFERED_ROBUST, "FedTrimmedAvg", {"beta": "trim_fraction"},
                                   "trimmed mean: drop `trim-fraction` of values at each end per coordinate"),
     "krum": StrategySpec(BUFFERED_ROBUST, "Krum", _MALICIOUS,
                          "the one update with the smallest squared distance to its n − f − 2 nearest others (Blanchard et al. 2017)",
                          malicious_factor=2, fewest_base=3),
-    "multikrum": StrategySpec(BUFFERED_ROBUST, "MultiKrum", {**_MALICIOUS, "num_nodes_to_select": "multikrum-keep"},
+    "multikrum": StrategySpec(BUFFERED_ROBUST, "MultiKrum", {**_MALICIOUS, "num_nodes_to_select": "multikrum_keep"},
                               "example-weighted mean of the `multikrum-keep` best Krum scores "
                               "(0: n − f of them)", malicious_factor=2, fewest_base=3),
     "bulyan": StrategySpec(BUFFERED_ROBUST, "Bulyan", _MALICIOUS,

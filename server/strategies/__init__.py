@@ -28,9 +28,8 @@ def build_aggregator(config: RunConfig) -> Aggregator:
     from shared.strategy_table import BUFFERED_ROBUST, SERVER_OPTIMISER, strategy_spec
 
     spec = strategy_spec(config.strategy)
-    values = config.to_mapping()
     flower = getattr(flower_strategies, spec.flower)(
-        weighted_by_key=NUM_EXAMPLES, **{arg: values[key] for arg, key in spec.params.items()})
+        weighted_by_key=NUM_EXAMPLES, **{arg: getattr(config, field) for arg, field in spec.params.items()})
     if spec.family == BUFFERED_ROBUST:
         return BufferedRobust(flower, spec, malicious_sites=config.malicious_sites,
                               keep_all_but_malicious="multikrum-keep" in spec.keys and config.multikrum_keep == 0)

@@ -61,7 +61,7 @@ def measure(overrides: dict, k: int, method: str) -> dict:
     from flwr.supercore.task_identity import TaskIdentity
 
     from server.run_folder import RunRecorder
-    from server.strategies.fedavg import FedSegFedAvg
+    from server.strategies.strategy import FedSegStrategy
     from shared.config import RunConfig
     from shared.model import build_model
     from shared.weights import model_to_arrays
@@ -84,7 +84,7 @@ def measure(overrides: dict, k: int, method: str) -> dict:
         return Message(content=content, dst_node_id=i + 1, message_type=MessageType.TRAIN)
 
     with tempfile.TemporaryDirectory(dir=".") as run_dir:
-        strategy = FedSegFedAvg(recorder=RunRecorder(Path(run_dir), config=config, plan=manual_plan(config)))
+        strategy = FedSegStrategy(recorder=RunRecorder(Path(run_dir), config=config, plan=manual_plan(config)))
         strategy.expect_updates_of(global_arrays)
         warm_up = strategy.train_collector()  # one small round first: lazy imports are not the aggregation's memory
         for i in range(2):

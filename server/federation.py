@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from flwr.app import Context
     from flwr.serverapp import Grid
 
-    from server.strategies.tracking import SiteTracking
+    from server.strategies.strategy import FedSegStrategy
     from shared.model_sources import ModelSource
 
 PROGRESS_PREFIX = "[fedseg]"
@@ -149,7 +149,7 @@ def open_initial_model(config: RunConfig, *, run_dir: Path) -> ModelSource | Non
     return source
 
 
-def starting_point(config: RunConfig, strategy: SiteTracking, recorder: RunRecorder,
+def starting_point(config: RunConfig, strategy: FedSegStrategy, recorder: RunRecorder,
                    checkpoint: Checkpoint | None, *, initial: ModelSource | None = None) -> tuple[ArrayRecord, int]:
     """(global arrays, first round): the ``initial`` model checked against the plan's network, a fresh seeded
     model of the plan, or the state of ``checkpoint``."""
@@ -179,7 +179,7 @@ def write_round_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord
     """Save everything a resumed run needs after ``server_round``.
 
     ``strategy_state`` and ``known_sites`` are the strategy's as the round closed
-    (:meth:`~server.strategies.tracking.SiteTracking.strategy_state`).
+    (:meth:`~server.strategies.strategy.FedSegStrategy.strategy_state`).
     """
     import torch
 

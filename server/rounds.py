@@ -1,8 +1,9 @@
 """The round loop: like Flower's ``Strategy.start``, but resumable and straggler-proof.
 
 Differences from ``Strategy.start``: it can begin at any round (to resume from
-a checkpoint); training replies are handed to the strategy's collector one by
-one as they arrive (checked and spooled, never all held in memory); a round
+a checkpoint); training and evaluation replies are handed to the strategy's
+collectors one by one as they arrive (sorted per site; training updates checked
+and spooled, never all held in memory); a round
 closes when every sampled node answered or ``timeout`` seconds passed, and the
 nodes that did not answer are recorded as failed for that round; and, with run
 config ``overlap-evaluation``, a round's evaluation can travel with the next
@@ -24,13 +25,14 @@ if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
     from server.secagg_sum import SecAggSettings
-    from server.strategies.tracking import SiteTracking
+    from server.site_replies import ReplyCollector
+    from server.strategies.strategy import FedSegStrategy
     from server.train_collector import TrainCollector
 
 LOG = logging.getLogger("fedseg.server")
 
 
-def run_rounds(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, first_round: int, num_rounds: int,
+def run_rounds(strategy: FedSegStrategy, grid: Grid, *, arrays: ArrayRecord, first_round: int, num_rounds: int,
                timeout: float, close_round: Callable[[int, ArrayRecord], Callable[[], None]],
                overlap_evaluation: bool = False, secure: SecAggSettings | None = None,
                stop_after: Callable[[int], bool] | None = None) -> ArrayRecord:
@@ -77,7 +79,7 @@ def run_rounds(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, first
     return arrays
 
 
-def _run_overlapped(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, first_round: int, num_rounds: int,
+def _run_overlapped(strategy: FedSegStrategy, grid: Grid, *, arrays: ArrayRecord, first_round: int, num_rounds: int,
                     timeout: float, close_round: Callable[[int, ArrayRecord], Callable[[], None]],
                     stop_after: Callable[[int], bool] | None = None) -> ArrayRecord:
     """Rounds with round r's evaluation in flight next to round r+1's training (see :func:`run_rounds`)."""
@@ -86,12 +88,12 @@ def _run_overlapped(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, 
     for server_round in range(first_round, num_rounds + 1):
         evaluation = [] if evaluating is None else _configure_evaluate(strategy, grid, evaluating, arrays)
         training = _configure_train(strategy, grid, server_round, arrays)
-        collector, replies = strategy.train_collector(), []
+        collector, evaluated = strategy.train_collector(), strategy.evaluate_collector()
         unanswered_train, unanswered_evaluate = polling(grid).exchange_phases(
-            [(training, collector.add), (evaluation, replies.append)], timeout=timeout, after_push=write_out)
+            [(training, collector.add), (evaluation, evaluated.add)], timeout=timeout, after_push=write_out)
         write_out = None
         if evaluating is not None:  # before aggregating: close_round takes the strategy's state of then
-            _close_evaluate(strategy, evaluating, replies, unanswered_evaluate, timeout=timeout)
+            _close_evaluate(strategy, evaluating, evaluated, unanswered_evaluate, timeout=timeout)
             write_out = close_round(evaluating, arrays)
         arrays = _close_train(strategy, server_round, collector, unanswered_train, arrays=arrays, timeout=timeout)
         evaluating = server_round
@@ -103,7 +105,7 @@ def _run_overlapped(strategy: SiteTracking, grid: Grid, *, arrays: ArrayRecord, 
     return arrays
 
 
-def train_round(strategy: SiteTracking, grid: Grid, *, server_round: int, arrays: ArrayRecord,
+def train_round(strategy: FedSegStrategy, grid: Grid, *, server_round: int, arrays: ArrayRecord,
                 timeout: float) -> ArrayRecord:
     """One training phase; returns the new global arrays (unchanged if nothing was aggregated)."""
     messages = _configure_train(strategy, grid, server_round, arrays)
@@ -112,44 +114,42 @@ def train_round(strategy: SiteTracking, grid: Grid, *, server_round: int, arrays
     return _close_train(strategy, server_round, collector, unanswered, arrays=arrays, timeout=timeout)
 
 
-def evaluate_round(strategy: SiteTracking, grid: Grid, *, server_round: int, arrays: ArrayRecord,
+def evaluate_round(strategy: FedSegStrategy, grid: Grid, *, server_round: int, arrays: ArrayRecord,
                    timeout: float, after_push: Callable[[], None] | None = None) -> None:
-    """One federated evaluation phase (metrics only, so replies are kept until the end).
+    """One federated evaluation phase (metrics only, so accepted replies are kept until the end).
 
     ``after_push`` is called once the messages are out (see :meth:`PollingGrid.exchange_phases`).
     """
-    replies: list[Message] = []
+    collector = strategy.evaluate_collector()
     [unanswered] = polling(grid).exchange_phases(
-        [(_configure_evaluate(strategy, grid, server_round, arrays), replies.append)], timeout=timeout,
+        [(_configure_evaluate(strategy, grid, server_round, arrays), collector.add)], timeout=timeout,
         after_push=after_push)
-    _close_evaluate(strategy, server_round, replies, unanswered, timeout=timeout)
+    _close_evaluate(strategy, server_round, collector, unanswered, timeout=timeout)
 
 
-def _configure_train(strategy: SiteTracking, grid: Grid, server_round: int, arrays: ArrayRecord) -> list[Message]:
+def _configure_train(strategy: FedSegStrategy, grid: Grid, server_round: int, arrays: ArrayRecord) -> list[Message]:
     return list(strategy.configure_train(server_round, arrays, strategy.message_record(), grid))
 
 
-def _configure_evaluate(strategy: SiteTracking, grid: Grid, server_round: int,
+def _configure_evaluate(strategy: FedSegStrategy, grid: Grid, server_round: int,
                         arrays: ArrayRecord) -> list[Message]:
     return list(strategy.configure_evaluate(server_round, arrays, strategy.message_record(), grid))
 
 
-def _close_train(strategy: SiteTracking, server_round: int, collector: TrainCollector, unanswered: list[int], *,
+def _close_train(strategy: FedSegStrategy, server_round: int, collector: TrainCollector, unanswered: list[int], *,
                  arrays: ArrayRecord, timeout: float) -> ArrayRecord:
     collector.mark_unanswered(unanswered, timeout)
     new_arrays, _ = strategy.aggregate_closed(server_round, collector.close())
     return arrays if new_arrays is None else new_arrays
 
 
-def _close_evaluate(strategy: SiteTracking, server_round: int, replies: list[Message], unanswered: list[int], *,
+def _close_evaluate(strategy: FedSegStrategy, server_round: int, collector: ReplyCollector, unanswered: list[int], *,
                     timeout: float) -> None:
     for node_id in unanswered:
         site = strategy.known_sites.get(node_id, f"node-{node_id}")
         LOG.warning("round %d: site %s did not answer evaluation within %g s", server_round, site, timeout)
-        row = strategy.recorder.rounds[server_round][site]
-        row["evaluate-status"] = "failed"
-        row["evaluate-reason"] = f"no reply within round-timeout ({timeout:g} s)"
-    strategy.aggregate_evaluate(server_round, replies)
+    collector.mark_unanswered(unanswered, timeout)
+    strategy.aggregate_evaluated(server_round, collector.outcomes)
 
 
 def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float,

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from flwr.app import ArrayRecord
 
     from server.polling_grid import PollingGrid
-    from server.strategies.tracking import SiteTracking
+    from server.strategies.strategy import FedSegStrategy
 
 LOG = logging.getLogger("fedseg.server")
 
@@ -54,7 +54,7 @@ class SecureRoundResult:
     contributors: list[str] = field(default_factory=list)
 
 
-def secure_train_round(strategy: SiteTracking, grid: PollingGrid, *, server_round: int, arrays: ArrayRecord,
+def secure_train_round(strategy: FedSegStrategy, grid: PollingGrid, *, server_round: int, arrays: ArrayRecord,
                        timeout: float, settings: SecAggSettings) -> ArrayRecord:
     """One training phase as SecAgg+ with the nodes the strategy samples; returns the new global arrays."""
     messages = list(strategy.configure_train(server_round, arrays, strategy.message_record(), grid))

@@ -37,22 +37,53 @@ def site_of(msg: Message, known: dict[int, str]) -> str:
     return known.get(node_id, f"node-{node_id}")
 
 
-def sort_replies(replies: Iterable[Message], known_sites: dict[int, str]) -> SortedReplies:
-    """Split ``replies`` into accepted ones and per-site refusals/failures."""
-    result = SortedReplies()
-    for msg in replies:
-        site = site_of(msg, known_sites)
+class ReplyCollector:
+    """Sort one phase's replies per site as they arrive: failed, refused or accepted.
+
+    Evaluation uses it as it is (an accepted reply is kept); training's
+    :class:`~server.train_collector.TrainCollector` checks and spools what it accepts.
+
+    Parameters
+    ----------
+    known_sites : dict[int, str]
+        Node id -> site id, learned from replies (shared across rounds).
+    """
+
+    def __init__(self, *, known_sites: dict[int, str]) -> None:
+        self.known_sites = known_sites
+        self.outcomes = SortedReplies()
+
+    def add(self, msg: Message) -> None:
+        """Sort one reply; hand it to :meth:`accept` unless it is an error or a refusal."""
+        site = site_of(msg, self.known_sites)
         if msg.has_error():
-            result.failed[site] = failure_reason(str(msg.error.reason))
-            continue
+            self.outcomes.failed[site] = failure_reason(str(msg.error.reason))
+            return
         metrics = first_metrics(msg)
         refusal = refused_because(msg, metrics)
         if refusal is not None:
-            result.refused[site] = refusal
-            continue
-        result.accepted.append(msg)
-        result.site_metrics[site] = metrics
-    return result
+            self.outcomes.refused[site] = refusal
+            return
+        self.accept(site, msg, metrics)
+
+    def accept(self, site: str, msg: Message, metrics: dict[str, Any]) -> None:
+        """Keep a reply that is neither an error nor a refusal."""
+        self.outcomes.accepted.append(msg)
+        self.outcomes.site_metrics[site] = metrics
+
+    def mark_unanswered(self, node_ids: list[int], timeout: float) -> None:
+        """Record sites that did not reply before the phase closed."""
+        for node_id in node_ids:
+            site = self.known_sites.get(node_id, f"node-{node_id}")
+            self.outcomes.failed[site] = f"no reply within round-timeout ({timeout:g} s)"
+
+
+def sort_replies(replies: Iterable[Message], known_sites: dict[int, str]) -> SortedReplies:
+    """Split ``replies`` into accepted ones and per-site refusals/failures (:class:`ReplyCollector`)."""
+    collector = ReplyCollector(known_sites=known_sites)
+    for msg in replies:
+        collector.add(msg)
+    return collector.outcomes
 
 
 def refused_because(msg: Message, metrics: dict[str, Any] | None = None) -> str | None:

@@ -15,12 +15,13 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import Message
 
 from server.norm_bounds import NormRule, NormVerdict, judge_norms
-from server.site_replies import SortedReplies, failure_reason, first_metrics, refused_because, site_of
+from server.site_replies import ReplyCollector, SortedReplies
 from server.update_checks import UpdateRejected, check_layout, tensor_delta_norm_sq
 from server.update_spool import SpooledUpdate, UpdateSpool
 from shared.protocol import NUM_EXAMPLES
@@ -39,8 +40,9 @@ class ClosedRound:
     notes: dict[str, str] = field(default_factory=dict)
 
 
-class TrainCollector:
-    """Take training replies one by one; close the round to get the accepted updates.
+class TrainCollector(ReplyCollector):
+    """Take training replies one by one (sorted as :class:`ReplyCollector` does, updates checked and spooled);
+    close the round to get the accepted updates.
 
     Parameters
     ----------
@@ -58,25 +60,15 @@ class TrainCollector:
 
     def __init__(self, *, reference: Mapping[str, np.ndarray], spool_parent: Path, known_sites: dict[int, str],
                  norm_rule: NormRule, weighted_by: str = NUM_EXAMPLES) -> None:
+        super().__init__(known_sites=known_sites)
         self.reference = reference
         self.spool = UpdateSpool(spool_parent, reference=reference)
-        self.known_sites = known_sites
         self.norm_rule = norm_rule
         self.weighted_by = weighted_by
-        self.outcomes = SortedReplies()
         self.updates: dict[str, SpooledUpdate] = {}
 
-    def add(self, msg: Message) -> None:
-        """Sort one reply; check and spool its update if it carries one."""
-        site = site_of(msg, self.known_sites)
-        if msg.has_error():
-            self.outcomes.failed[site] = failure_reason(str(msg.error.reason))
-            return
-        metrics = first_metrics(msg)
-        refusal = refused_because(msg, metrics)
-        if refusal is not None:
-            self.outcomes.refused[site] = refusal
-            return
+    def accept(self, site: str, msg: Message, metrics: dict[str, Any]) -> None:
+        """Check and spool the update of a reply that is neither an error nor a refusal."""
         try:
             update = self._check_and_spool(site, msg, metrics)
         except UpdateRejected as exc:
@@ -86,12 +78,6 @@ class TrainCollector:
             return
         self.updates[site] = update
         self.outcomes.site_metrics[site] = metrics
-
-    def mark_unanswered(self, node_ids: list[int], timeout: float) -> None:
-        """Record sites that did not reply before the round closed."""
-        for node_id in node_ids:
-            site = self.known_sites.get(node_id, f"node-{node_id}")
-            self.outcomes.failed[site] = f"no reply within round-timeout ({timeout:g} s)"
 
     def close(self) -> ClosedRound:
         """Apply the norm rule (reject clear outliers, bound large updates); return the accepted

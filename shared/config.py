@@ -122,6 +122,14 @@ class RunConfig:
     off); -1 (default) = nnU-Net's rule, ``levels - 3`` heads for dynunet
     (``levels`` = entries of ``channels``) and none for the others.
 
+    **Strategies.** ``strategy`` names a row of the table of strategies
+    (:data:`shared.strategy_table.STRATEGIES`), which lists the keys each one
+    reads: ``proximal-mu`` (fedprox), ``server-learning-rate`` and
+    ``server-tau`` (fedadam, fedyogi), ``trim-fraction`` (fedtrimmedavg),
+    ``malicious-sites`` (f: the bad updates krum, multikrum and bulyan
+    tolerate; a round must sample at least 2f + 3 sites, 4f + 3 for bulyan)
+    and ``multikrum-keep`` (updates Multi-Krum averages; 0: n - f).
+
     **Secure aggregation.** ``secure-aggregation`` (false) runs every training
     round as Flower's SecAgg+ protocol (``server.secagg``, ``client.secagg``):
     the server learns only the sum of the sites' updates. ``secagg-threshold``
@@ -192,6 +200,8 @@ class RunConfig:
     server_learning_rate: float = 0.01
     server_tau: float = 0.001
     trim_fraction: float = 0.2
+    malicious_sites: int = 1
+    multikrum_keep: int = 0
     resume_from: str = ""
     run_dir: str = ""
     simulation_sites: str = ""

@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING, Any
 
 from shared.config_values import AUTO, parse_int_list, require, require_together, to_key
 from shared.local_weights import split_train_layers
+from shared.strategy_table import check_mean_only, check_strategy
 
 if TYPE_CHECKING:
     from shared.config import RunConfig
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
 DEVICES = ("auto", "cpu", "cuda")
 # Opacus per-sample gradient modes fedseg allows; "auto" picks the fastest measured one per model.
 # "ghost" is excluded on purpose: it needs a per-sample loss and clips wrongly with MONAI's DiceCELoss.
@@ -39,7 +39,7 @@ def check_ranges(config: RunConfig) -> None:
     _require(config.device in DEVICES or config.device.startswith("cuda:"), "device",
              f"must be one of {DEVICES} or 'cuda:N'", config.device)
     _require(config.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}", config.optimizer)
-    _require(config.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}", config.strategy)
+    check_strategy(config)
     for name in ("fraction_train", "fraction_evaluate"):
         _require(0.0 <= getattr(config, name) <= 1.0, name, "must be in [0, 1]", getattr(config, name))
     for name in ("update_norm_bound_factor", "proximal_mu"):
@@ -177,10 +177,6 @@ def check_privacy(config: RunConfig) -> None:
              f"must be one of {GRAD_SAMPLE_MODES}", config.dp_grad_sample_mode)
 
 
-#: Strategies whose aggregate is not a weighted mean: they need every update in the clear.
-ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg")
-
-
 def check_site_privacy(config: RunConfig) -> None:
     _require(config.dp_level in DP_LEVELS, "dp_level", f"must be one of {DP_LEVELS}", config.dp_level)
     _require(config.dp_site_noise_multiplier > 0, "dp_site_noise_multiplier", "must be > 0",
@@ -193,9 +189,7 @@ def check_site_privacy(config: RunConfig) -> None:
     _require(config.dp_site_clipping_norm > 0, "dp_site_clipping_norm",
              "must be > 0 with dp-level site or patient+site: set it near the sites' update norms "
              "('update-norm' in a run's metrics.jsonl)", config.dp_site_clipping_norm)
-    require_together(config.strategy not in ROBUST_STRATEGIES, ("dp-level", "strategy"),
-                     f"hospital-level DP adds noise to the sum of clipped updates: strategy {config.strategy!r} "
-                     "is no sum; use fedavg, fedprox, fedadam or fedyogi")
+    check_mean_only(config, key="dp-level", why="hospital-level DP adds noise to the sum of clipped updates")
 
 
 def check_secure_aggregation(config: RunConfig) -> None:
@@ -213,9 +207,7 @@ def check_secure_aggregation(config: RunConfig) -> None:
              modulus)
     if not config.secure_aggregation:
         return
-    require_together(config.strategy not in ROBUST_STRATEGIES, ("secure-aggregation", "strategy"),
-                     f"strategy {config.strategy!r} needs every site's update in the clear (a median or "
-                     f"trimmed mean is no sum); secure aggregation works with fedavg, fedprox, fedadam, fedyogi")
+    check_mean_only(config, key="secure-aggregation", why="secure aggregation releases only the sum of the updates")
     require_together(not config.overlap_evaluation, ("secure-aggregation", "overlap-evaluation"),
                      "a secure round exchanges four messages with every site; evaluation cannot travel with "
                      "its training message (set overlap-evaluation = false)")

@@ -107,7 +107,7 @@ def test_resumed_server_optimiser_continues_bitwise(tmp_path, flower_identity, n
     resumed_config = RunConfig.from_mapping({**config.to_mapping(), "resume-from": str(tmp_path / "b")})
     resumed = build_strategy(resumed_config, RunRecorder(tmp_path / "c", config=resumed_config, plan=manual_plan(resumed_config)))
     arrays, first_round = starting_point(resumed_config, resumed, resumed.recorder, resume_checkpoint(resumed_config))
-    assert first_round == 2 and resumed.m_t is not None and resumed.v_t is not None
+    assert first_round == 2 and resumed.aggregator.flower.m_t is not None and resumed.aggregator.flower.v_t is not None
     _, after_resume = _rounds(resumed, arrays, [2, 3])
     assert after_resume == {r: uninterrupted[r] for r in (2, 3)}
 

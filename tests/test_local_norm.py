@@ -11,7 +11,7 @@ from client.audit_log import read_entries
 from client.egress import EgressBlocked, check_reply, expected_parameter_specs
 from client.handlers import handle_evaluate, handle_train
 from client.local_state import local_weights_path
-from server.strategies.fedavg import FedSegFedAvg
+from server.strategies.strategy import FedSegStrategy
 from shared.config import RunConfig
 from shared.errors import ConfigError
 from shared.local_weights import local_weight_names, norm_weight_names
@@ -108,7 +108,7 @@ def test_global_aggregation_leaves_norm_weights_out(two_sites, tmp_path, flower_
     sent = _global()
     replies = [handle_train(_message(MessageType.TRAIN, sent), _context(d, tmp_path / d.parent.name))
                for d in two_sites]
-    strategy = FedSegFedAvg(recorder=tiny_recorder(tmp_path / "run"))
+    strategy = FedSegStrategy(recorder=tiny_recorder(tmp_path / "run"))
     strategy.staying_weights = local
     strategy.expect_updates_of(sent)
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -123,7 +123,7 @@ def test_global_aggregation_leaves_norm_weights_out(two_sites, tmp_path, flower_
 
 def test_an_update_carrying_a_norm_weight_is_rejected(tmp_path, flower_identity):
     sent = ArrayRecord({"conv.weight": Array(np.zeros(3, np.float32)), "norm.weight": Array(np.ones(3, np.float32))})
-    strategy = FedSegFedAvg(recorder=tiny_recorder(tmp_path))
+    strategy = FedSegStrategy(recorder=tiny_recorder(tmp_path))
     strategy.staying_weights = frozenset({"norm.weight"})
     strategy.expect_updates_of(sent)
     update = RecordDict({"arrays": sent, "metrics": MetricRecord({"num-examples": 2, "train-loss": 1.0}), "site": ConfigRecord({"site-id": "a"})})

@@ -15,8 +15,7 @@ from server.secagg_round import SecureRoundResult
 from server.site_dp import SiteDP, SiteDPSettings
 from server.site_replies import SortedReplies
 from server.strategies import build_strategy
-from server.strategies.fedavg import FedSegFedAvg
-from server.strategies.tracking import SITE_DP_STATE
+from server.strategies.strategy import SITE_DP_STATE, FedSegStrategy
 from shared.errors import ConfigError
 from tests.conftest import tiny_config_with, tiny_recorder
 
@@ -32,8 +31,8 @@ def _reply(node_id: int, site: str, values: np.ndarray, examples: int) -> Messag
     return Message(content=content, reply_to=instruction)
 
 
-def _strategy(tmp_path, *, seed: int, sampled: int) -> FedSegFedAvg:
-    strategy = FedSegFedAvg(recorder=tiny_recorder(tmp_path), site_dp=SiteDP(SETTINGS, rng=np.random.default_rng(seed)))
+def _strategy(tmp_path, *, seed: int, sampled: int) -> FedSegStrategy:
+    strategy = FedSegStrategy(recorder=tiny_recorder(tmp_path), site_dp=SiteDP(SETTINGS, rng=np.random.default_rng(seed)))
     strategy.expect_updates_of(ArrayRecord({"w": Array(np.ones((2, 3), dtype=np.float32))}))
     strategy._sampled = sampled  # what configure_train records: the sites asked this round
     return strategy

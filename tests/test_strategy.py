@@ -9,9 +9,10 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from server.run_folder import RunRecorder
 from server.strategies import build_strategy
-from server.strategies.fedavg import FedSegFedAvg
+from server.strategies.strategy import FedSegStrategy
 from shared.config import RunConfig
 from shared.plan import manual_plan
+from shared.strategy_table import STRATEGIES
 from tests.conftest import TINY_RUN_CONFIG, tiny_recorder
 
 
@@ -34,7 +35,7 @@ def _refusal(node_id, site):
 
 def test_aggregate_uses_only_accepted_updates(tmp_path, flower_identity):
     recorder = tiny_recorder(tmp_path)
-    strategy = FedSegFedAvg(recorder=recorder)
+    strategy = FedSegStrategy(recorder=recorder)
     strategy.expect_updates_of(ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))}))
     crashed = Message(error=Error(code=1, reason="ClientApp crashed"), reply_to=_instruction(14))
     replies = [_update(11, "a", 1.0, 1), _update(12, "b", 4.0, 3), _refusal(13, "c"), crashed]
@@ -48,7 +49,7 @@ def test_aggregate_uses_only_accepted_updates(tmp_path, flower_identity):
 
 def test_round_where_every_site_refuses_keeps_the_model(tmp_path, flower_identity):
     recorder = tiny_recorder(tmp_path)
-    strategy = FedSegFedAvg(recorder=recorder)
+    strategy = FedSegStrategy(recorder=recorder)
     strategy.expect_updates_of(ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))}))
     arrays, metrics = strategy.aggregate_train(1, [_refusal(13, "c")])
     assert arrays is None and metrics is None
@@ -97,7 +98,7 @@ def test_robust_strategies_aggregate_the_bounded_update(tmp_path, flower_identit
 
 
 def test_fedavg_equals_flowers_fedavg(tmp_path, flower_identity):
-    strategy = FedSegFedAvg(recorder=tiny_recorder(tmp_path))
+    strategy = FedSegStrategy(recorder=tiny_recorder(tmp_path))
     strategy.expect_updates_of(ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))}))
     ours, ours_metrics = strategy.aggregate_train(1, _three_updates())
     theirs, their_metrics = FedAvg().aggregate_train(1, _three_updates())
@@ -106,15 +107,18 @@ def test_fedavg_equals_flowers_fedavg(tmp_path, flower_identity):
     assert ours_metrics["train-loss"] == pytest.approx(their_metrics["train-loss"])
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg"])
+@pytest.mark.parametrize("name", list(STRATEGIES))
 def test_run_config_selects_the_strategy(tmp_path, name):
-    config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, strategy=name))
+    config = RunConfig.from_mapping(dict(TINY_RUN_CONFIG, strategy=name, **{"min-train-nodes": 7}))
     strategy = build_strategy(config, RunRecorder(tmp_path, config=config, plan=manual_plan(config)))
-    assert type(strategy).__name__.lower() == f"fedseg{name}"
+    flower = strategy.aggregator.flower
+    assert type(flower).__name__ == STRATEGIES[name].flower and strategy.aggregator.spec is STRATEGIES[name]
     if name == "fedprox":
-        assert strategy.proximal_mu == config.proximal_mu
+        assert strategy.aggregator.message_config() == {"proximal-mu": config.proximal_mu}
     if name in ("fedadam", "fedyogi"):
-        assert strategy.eta == config.server_learning_rate and strategy.tau == config.server_tau
+        assert flower.eta == config.server_learning_rate and flower.tau == config.server_tau
+    if name in ("krum", "multikrum", "bulyan"):
+        assert flower.num_malicious_nodes == config.malicious_sites
 
 
 def test_an_aggregation_error_keeps_the_model_instead_of_stopping_the_run(tmp_path, flower_identity):

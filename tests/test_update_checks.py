@@ -11,7 +11,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from server.norm_bounds import NormRule, judge_norms
-from server.strategies.fedavg import FedSegFedAvg
+from server.strategies.strategy import FedSegStrategy
 from tests.conftest import tiny_recorder
 
 GLOBAL = {"w": np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3), "b": np.full(3, 0.5, dtype=np.float32)}
@@ -58,7 +58,7 @@ def _bad_updates():
 
 def _strategy(tmp_path, **kwargs):
     recorder = tiny_recorder(tmp_path)
-    strategy = FedSegFedAvg(recorder=recorder, **kwargs)
+    strategy = FedSegStrategy(recorder=recorder, **kwargs)
     strategy.expect_updates_of(ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}))
     return strategy
 
@@ -202,7 +202,7 @@ def test_result_does_not_depend_on_reply_order(strategy, flower_identity):
 
 def test_too_few_accepted_updates_keep_the_global_model(tmp_path, flower_identity):
     recorder = tiny_recorder(tmp_path)
-    strategy = FedSegFedAvg(recorder=recorder, min_train_replies=2)
+    strategy = FedSegStrategy(recorder=recorder, min_train_replies=2)
     strategy.expect_updates_of(ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}))
     arrays, metrics = strategy.aggregate_train(1, [_reply(1, "a", _good(1), 3)])
     assert arrays is None and metrics is None

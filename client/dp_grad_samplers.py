@@ -38,6 +38,8 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
 
+from client.dp_ghost import GhostGrad, ghost_weight_grad, takes_ghost_norms
+
 CONV_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 ConvLayer = nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d
 WeightGrad = Callable[[ConvLayer, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -134,8 +136,9 @@ def per_sample_weight_grad(layer: ConvLayer, inputs: torch.Tensor, backprops: to
 
 
 def conv_grad_sample(layer: ConvLayer, activations: list[torch.Tensor],
-                     backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-sample ``weight`` (and ``bias``) gradients of a convolution or transposed convolution."""
+                     backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor | GhostGrad]:
+    """Per-sample ``weight`` (and ``bias``) gradients of a convolution or transposed convolution; a large weight at
+    few output positions of a model attached to :mod:`client.dp_ghost` gets its per-sample norms only."""
     inputs = activations[0].to(backprops.dtype)
     n = inputs.shape[0]
     if isinstance(layer.padding, str) or layer.padding_mode != "zeros":  # only convolutions allow these
@@ -143,8 +146,10 @@ def conv_grad_sample(layer: ConvLayer, activations: list[torch.Tensor],
     if n == 0:
         return {p: torch.zeros((0, *p.shape), dtype=backprops.dtype, device=backprops.device)
                 for p in layer.parameters() if p.requires_grad}
-    result: dict[nn.Parameter, torch.Tensor] = {}
-    if layer.weight.requires_grad:
+    result: dict[nn.Parameter, torch.Tensor | GhostGrad] = {}
+    if layer.weight.requires_grad and takes_ghost_norms(layer, inputs, backprops):
+        result[layer.weight] = ghost_weight_grad(layer, inputs, backprops)  # norms now, the clipped sum at the step
+    elif layer.weight.requires_grad:
         result[layer.weight] = per_sample_weight_grad(layer, inputs, backprops)
     if layer.bias is not None and layer.bias.requires_grad:
         result[layer.bias] = backprops.reshape(n, layer.out_channels, -1).sum(dim=2)

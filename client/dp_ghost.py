@@ -1,0 +1,159 @@
+"""Per-sample gradient norms of large convolutions at small activations, without their per-sample gradients.
+
+A ResNet encoder's last stages hold most of its weights at a few pixels
+(2D FlexibleUNet: 512 x 512 x 3 x 3 at 4 x 4): materialising their per-sample
+gradients writes ``batch x weights`` floats that DP-SGD then reads for the
+norms and again for clipping, far more than the layer's own work
+(BENCHMARKS.md). Following ghost clipping and its book-keeping variant
+(Li et al. 2022; Bu et al., "Differentially private optimization on large
+model at small cost", 2023), such a layer keeps only its input and output
+gradient in :class:`GhostGrad`:
+
+- its per-sample squared gradient norm is ``<U U^T, B B^T>`` per example,
+  where ``U`` is the unfolded input (positions x in-channels * kernel) and ``B``
+  the output gradient (positions x out-channels): two positions x positions
+  Gram matrices, cheap when the output has few positions
+  (:func:`gram_squared_norms`);
+- once every example's clipping factor is known, the clipped sum of its
+  per-sample gradients is ONE batch weight gradient of the output gradient
+  scaled per example (:meth:`GhostGrad.clipped_sum`), autograd's own kernel.
+
+Opacus' ghost mode (``grad_sample_mode="ghost"``) gets the clipped sum from a
+second backward pass over the whole network instead, and has norm samplers
+for Linear and Embedding only. :class:`GhostNormDPOptimizer` is Opacus'
+``DPOptimizer`` with the clipping step taking these records beside
+materialised per-sample gradients; clipping (one norm over all parameters per
+example), noise and accounting are Opacus' own and unchanged.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
+from opacus.utils.tensor_utils import unfold3d
+from torch import nn
+
+#: A layer takes ghost norms when its Gram matrices cost at most 1 / GRAM_ADVANTAGE of its per-sample gradients
+#: (positions * (in-channels * kernel + out-channels) vs out-channels * in-channels * kernel per example).
+GRAM_ADVANTAGE = 2
+#: Convolutions of models attached by :func:`attach` (only their optimizer knows :class:`GhostGrad`).
+_ATTACHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+@dataclass
+class GhostGrad:
+    """A convolution's per-sample weight gradients, held as the layer's input and output gradient."""
+
+    layer: nn.Conv2d | nn.Conv3d
+    inputs: torch.Tensor
+    backprops: torch.Tensor
+    squared_norms: torch.Tensor  # (n,): every example's squared gradient norm of ``layer.weight``
+    processed: bool = False  # used by an optimizer step (Opacus' guard against reusing gradients)
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
+        """``sum_i factors[i] * (example i's weight gradient)``: one batch weight gradient of scaled backprops."""
+        layer = self.layer
+        scaled = self.backprops * factors.to(self.backprops.dtype).view(-1, *[1] * (self.backprops.dim() - 1))
+        return torch.ops.aten.convolution_backward(
+            scaled, self.inputs, layer.weight, None, layer.stride, layer.padding, layer.dilation, False,
+            [0] * len(layer.stride), layer.groups, [False, True, False])[1]
+
+
+def unfolded(layer: nn.Conv2d | nn.Conv3d, inputs: torch.Tensor) -> torch.Tensor:
+    """The layer's input as ``(n, in_channels * kernel volume, output positions)`` (torch's / Opacus' unfold)."""
+    if inputs.dim() == 4:
+        return nn.functional.unfold(inputs, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
+                                    stride=layer.stride)
+    return unfold3d(inputs, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride,
+                    dilation=layer.dilation)
+
+
+def gram_squared_norms(layer: nn.Conv2d | nn.Conv3d, inputs: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+    """Every example's squared Frobenius norm of its weight gradient ``B^T U``: ``sum(U U^T * B B^T)``."""
+    n = inputs.shape[0]
+    columns = unfolded(layer, inputs)  # (n, C k, T)
+    outputs = backprops.reshape(n, backprops.shape[1], -1)  # (n, O, T)
+    grams = torch.bmm(columns.transpose(1, 2), columns)
+    return (grams * torch.bmm(outputs.transpose(1, 2), outputs)).sum(dim=(1, 2))
+
+
+def takes_ghost_norms(layer: nn.Module, inputs: torch.Tensor, backprops: torch.Tensor) -> bool:
+    """True for an attached, ungrouped 2D/3D convolution whose Gram matrices are much cheaper than its per-sample
+    gradients, called once in this forward pass (a second call would accumulate into the first's gradients)."""
+    if layer not in _ATTACHED or layer.groups != 1 or inputs.dim() not in (4, 5):
+        return False
+    weight = layer.weight
+    if getattr(weight, "_forward_counter", 1) != 1 or hasattr(weight, "_current_grad_sample"):
+        return False
+    positions = backprops[0, 0].numel()
+    fan_in = weight[0].numel()
+    return GRAM_ADVANTAGE * positions * (fan_in + weight.shape[0]) <= weight.shape[0] * fan_in
+
+
+def ghost_weight_grad(layer: nn.Conv2d | nn.Conv3d, inputs: torch.Tensor, backprops: torch.Tensor) -> GhostGrad:
+    """The layer's :class:`GhostGrad` (its per-sample norms computed now, while the hook has the tensors)."""
+    return GhostGrad(layer, inputs, backprops, gram_squared_norms(layer, inputs, backprops))
+
+
+class GhostNormDPOptimizer(DPOptimizer):
+    """Opacus' ``DPOptimizer`` that also clips parameters whose ``grad_sample`` is a :class:`GhostGrad`."""
+
+    def _get_flat_grad_sample(self, p: torch.Tensor) -> torch.Tensor | GhostGrad:
+        grad_sample = getattr(p, "grad_sample", None)
+        return grad_sample if isinstance(grad_sample, GhostGrad) else super()._get_flat_grad_sample(p)
+
+    @property
+    def accumulated_iterations(self) -> int:
+        if any(isinstance(getattr(p, "grad_sample", None), GhostGrad) for p in self.params):
+            return 1  # Poisson sampling forbids accumulating batches: a record is always one batch
+        return super().accumulated_iterations
+
+    def clip_and_accumulate(self) -> None:
+        """Opacus' flat clipping (one norm per example over every parameter), with ghost records' norms and sums."""
+        grad_samples = self.grad_samples
+        if not any(isinstance(g, GhostGrad) for g in grad_samples):
+            super().clip_and_accumulate()
+            return
+        per_param_norms = [g.squared_norms.sqrt() if isinstance(g, GhostGrad) else g.reshape(len(g), -1).norm(2, dim=-1)
+                           for g in grad_samples]
+        per_sample_norms = torch.stack(per_param_norms, dim=1).norm(2, dim=1)
+        factors = (self.max_grad_norm / (per_sample_norms + 1e-6)).clamp(max=1.0)
+        for p, grad_sample in zip(self.params, grad_samples, strict=True):
+            if isinstance(grad_sample, GhostGrad):
+                if grad_sample.processed:
+                    raise ValueError("ghost gradients used twice: call optimizer.zero_grad() after each step")
+                grad = grad_sample.clipped_sum(factors).to(p.dtype)
+                grad_sample.processed = True
+            else:
+                _check_processed_flag(p.grad_sample)
+                grad = torch.einsum("i,i...", factors.to(p.dtype), grad_sample.to(p.dtype))
+                _mark_as_processed(p.grad_sample)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+
+
+class _Detach:
+    """A hook handle (``remove()``) that takes a model's convolutions out of the ghost path."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self.layers = layers
+
+    def remove(self) -> None:
+        for layer in self.layers:
+            _ATTACHED.discard(layer)
+
+
+def attach(model: nn.Module, optimizer: DPOptimizer) -> _Detach:
+    """Let ``model``'s convolutions take ghost norms and ``optimizer`` (Opacus' ``DPOptimizer``, made by
+    ``make_private``) clip them; return the handle that undoes the former."""
+    if type(optimizer) is not DPOptimizer:
+        raise TypeError(f"ghost norms need Opacus' flat-clipping DPOptimizer, not {type(optimizer).__name__}")
+    optimizer.__class__ = GhostNormDPOptimizer  # same state, one more method: keeps make_private's step hooks
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Conv3d)]
+    _ATTACHED.update(layers)
+    return _Detach(layers)

@@ -20,10 +20,9 @@ gradient in :class:`GhostGrad`:
 
 Opacus' ghost mode (``grad_sample_mode="ghost"``) gets the clipped sum from a
 second backward pass over the whole network instead, and has norm samplers
-for Linear and Embedding only. :class:`GhostNormDPOptimizer` is Opacus'
-``DPOptimizer`` with the clipping step taking these records beside
-materialised per-sample gradients; clipping (one norm over all parameters per
-example), noise and accounting are Opacus' own and unchanged.
+for Linear and Embedding only. :class:`client.dp_optimizer.FedsegDPOptimizer`
+clips these records beside materialised per-sample gradients: the same flat
+clipping (one norm over all parameters per example), noise and accounting.
 """
 
 from __future__ import annotations
@@ -32,14 +31,13 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
 from opacus.utils.tensor_utils import unfold3d
 from torch import nn
 
 #: A layer takes ghost norms when its Gram matrices cost at most 1 / GRAM_ADVANTAGE of its per-sample gradients
 #: (positions * (in-channels * kernel + out-channels) vs out-channels * in-channels * kernel per example).
 GRAM_ADVANTAGE = 2
-#: Convolutions of models attached by :func:`attach` (only their optimizer knows :class:`GhostGrad`).
+#: Convolutions of models attached by :func:`attach` (only fedseg's DP optimizer knows :class:`GhostGrad`).
 _ATTACHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
@@ -101,42 +99,6 @@ def ghost_weight_grad(layer: nn.Conv2d | nn.Conv3d, inputs: torch.Tensor, backpr
     return GhostGrad(layer, inputs, backprops, gram_squared_norms(layer, inputs, backprops))
 
 
-class GhostNormDPOptimizer(DPOptimizer):
-    """Opacus' ``DPOptimizer`` that also clips parameters whose ``grad_sample`` is a :class:`GhostGrad`."""
-
-    def _get_flat_grad_sample(self, p: torch.Tensor) -> torch.Tensor | GhostGrad:
-        grad_sample = getattr(p, "grad_sample", None)
-        return grad_sample if isinstance(grad_sample, GhostGrad) else super()._get_flat_grad_sample(p)
-
-    @property
-    def accumulated_iterations(self) -> int:
-        if any(isinstance(getattr(p, "grad_sample", None), GhostGrad) for p in self.params):
-            return 1  # Poisson sampling forbids accumulating batches: a record is always one batch
-        return super().accumulated_iterations
-
-    def clip_and_accumulate(self) -> None:
-        """Opacus' flat clipping (one norm per example over every parameter), with ghost records' norms and sums."""
-        grad_samples = self.grad_samples
-        if not any(isinstance(g, GhostGrad) for g in grad_samples):
-            super().clip_and_accumulate()
-            return
-        per_param_norms = [g.squared_norms.sqrt() if isinstance(g, GhostGrad) else g.reshape(len(g), -1).norm(2, dim=-1)
-                           for g in grad_samples]
-        per_sample_norms = torch.stack(per_param_norms, dim=1).norm(2, dim=1)
-        factors = (self.max_grad_norm / (per_sample_norms + 1e-6)).clamp(max=1.0)
-        for p, grad_sample in zip(self.params, grad_samples, strict=True):
-            if isinstance(grad_sample, GhostGrad):
-                if grad_sample.processed:
-                    raise ValueError("ghost gradients used twice: call optimizer.zero_grad() after each step")
-                grad = grad_sample.clipped_sum(factors).to(p.dtype)
-                grad_sample.processed = True
-            else:
-                _check_processed_flag(p.grad_sample)
-                grad = torch.einsum("i,i...", factors.to(p.dtype), grad_sample.to(p.dtype))
-                _mark_as_processed(p.grad_sample)
-            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
-
-
 class _Detach:
     """A hook handle (``remove()``) that takes a model's convolutions out of the ghost path."""
 
@@ -148,12 +110,9 @@ class _Detach:
             _ATTACHED.discard(layer)
 
 
-def attach(model: nn.Module, optimizer: DPOptimizer) -> _Detach:
-    """Let ``model``'s convolutions take ghost norms and ``optimizer`` (Opacus' ``DPOptimizer``, made by
-    ``make_private``) clip them; return the handle that undoes the former."""
-    if type(optimizer) is not DPOptimizer:
-        raise TypeError(f"ghost norms need Opacus' flat-clipping DPOptimizer, not {type(optimizer).__name__}")
-    optimizer.__class__ = GhostNormDPOptimizer  # same state, one more method: keeps make_private's step hooks
+def attach(model: nn.Module) -> _Detach:
+    """Let ``model``'s convolutions take ghost norms (its optimizer must be
+    :class:`client.dp_optimizer.FedsegDPOptimizer`); return the handle that undoes it."""
     layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Conv3d)]
     _ATTACHED.update(layers)
     return _Detach(layers)

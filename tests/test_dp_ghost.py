@@ -35,17 +35,12 @@ def test_ghost_norms_and_clipped_sum_equal_single_example_backward(layer, shape)
 
 
 def test_only_attached_large_convolutions_at_few_pixels_take_ghost_norms():
-    from opacus.optimizers.optimizer import DPOptimizer
-
     from client import dp_ghost
 
     wide, small = torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.Conv2d(2, 2, 3, padding=1)
     at_4x4, at_64x64 = torch.randn(2, 64, 4, 4), torch.randn(2, 64, 64, 64)
     assert not takes_ghost_norms(wide, at_4x4, at_4x4), "a model nobody attached keeps its per-sample gradients"
-    optimizer = DPOptimizer(torch.optim.SGD(wide.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=1.0,
-                            expected_batch_size=2)
-    handle = dp_ghost.attach(torch.nn.Sequential(wide, small), optimizer)
-    assert type(optimizer) is dp_ghost.GhostNormDPOptimizer
+    handle = dp_ghost.attach(torch.nn.Sequential(wide, small))
     assert takes_ghost_norms(wide, at_4x4, at_4x4)
     assert not takes_ghost_norms(wide, at_64x64, at_64x64), "many positions: materialising is cheaper"
     assert not takes_ghost_norms(small, torch.randn(2, 2, 4, 4), torch.randn(2, 2, 4, 4)), "few weights"
@@ -78,3 +73,24 @@ def test_dp_step_with_a_ghost_layer_clips_as_single_example_backward():
     finally:
         GhostGrad.clipped_sum = original
     assert model.wide in seen and model.up not in seen  # transposed convolutions keep their per-sample gradients
+
+
+def test_fedseg_optimizer_adds_opacus_noise_and_keeps_its_step_hooks():
+    from opacus.optimizers import DPOptimizer
+
+    from client.dp_optimizer import FedsegDPOptimizer, upgrade
+
+    weights = torch.nn.Parameter(torch.zeros(100_000))
+    optimizer = DPOptimizer(torch.optim.SGD([weights], lr=1.0), noise_multiplier=1.5, max_grad_norm=2.0,
+                            expected_batch_size=4, generator=torch.Generator().manual_seed(0))
+    hooked = []
+    optimizer.attach_step_hook(hooked.append)  # as make_private attaches the accountant
+    assert upgrade(optimizer) is optimizer and type(optimizer) is FedsegDPOptimizer
+    clipped = torch.randn(4, 100_000) * 1e-3  # four examples, every one below the clipping norm (2.0)
+    weights.grad_sample = clipped.clone()
+    optimizer.step()
+    noise = -weights.detach() * 4 - clipped.sum(0)  # lr 1 from 0: the update is -(clipped sum + noise) / 4
+    assert abs(float(noise.mean())) < 0.05 and abs(float(noise.std()) - 1.5 * 2.0) < 0.05
+    assert hooked == [optimizer]
+    with pytest.raises(TypeError, match="flat-clipping"):
+        upgrade(torch.optim.SGD([weights], lr=1.0))

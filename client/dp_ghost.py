@@ -27,6 +27,8 @@ clipping (one norm over all parameters per example), noise and accounting.
 
 from __future__ import annotations
 
+import itertools
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -72,12 +74,50 @@ def unfolded(layer: nn.Conv2d | nn.Conv3d, inputs: torch.Tensor) -> torch.Tensor
                     dilation=layer.dilation)
 
 
+def tap_positions(layer: nn.Conv2d | nn.Conv3d, padded: tuple[int, ...], out: tuple[int, ...]) -> torch.Tensor:
+    """``(kernel volume, output positions)``: where in the flattened padded input each kernel tap of each output
+    position reads (stride and dilation included)."""
+    grid = torch.arange(math.prod(padded)).view(padded)
+    taps = []
+    for offsets in itertools.product(*(range(k) for k in layer.kernel_size)):
+        window = tuple(slice(o * d, o * d + s * (t - 1) + 1, s)
+                       for o, d, s, t in zip(offsets, layer.dilation, layer.stride, out, strict=True))
+        taps.append(grid[window].reshape(-1))
+    return torch.stack(taps)
+
+
+def input_gram(layer: nn.Conv2d | nn.Conv3d, inputs: torch.Tensor, out: tuple[int, ...]) -> torch.Tensor:
+    """``U^T U`` per example, ``(n, T, T)``, ``U`` the unfolded input (in-channels * kernel, T output positions):
+    by :func:`padded_input_gram` when the padded input has fewer positions than the kernel volume times the
+    output's (a stride-1 convolution at few pixels), else from ``U`` itself."""
+    padded = tuple(size + 2 * pad for size, pad in zip(inputs.shape[2:], layer.padding, strict=True))
+    if math.prod(padded) ** 2 < math.prod(layer.kernel_size) * math.prod(out) ** 2:
+        return padded_input_gram(layer, inputs, out)
+    columns = unfolded(layer, inputs)
+    return torch.bmm(columns.transpose(1, 2), columns)
+
+
+def padded_input_gram(layer: nn.Conv2d | nn.Conv3d, inputs: torch.Tensor, out: tuple[int, ...]) -> torch.Tensor:
+    """``U^T U`` from the padded input's own Gram matrix ``X^T X``: entry ``(t, s)`` sums ``X^T X`` over the
+    kernel's taps at the positions ``t`` and ``s`` read with that tap (:func:`tap_positions`), without writing the
+    ``kernel volume`` copies of the input that ``U`` is."""
+    n, channels = inputs.shape[:2]
+    padded = tuple(size + 2 * pad for size, pad in zip(inputs.shape[2:], layer.padding, strict=True))
+    pads = [pad for pad in reversed(layer.padding) for _ in range(2)]
+    flat = nn.functional.pad(inputs, pads).reshape(n, channels, -1)
+    grams = torch.bmm(flat.transpose(1, 2), flat)  # (n, P, P)
+    taps = tap_positions(layer, padded, out).to(inputs.device)
+    total = grams[:, taps[0][:, None], taps[0][None, :]]
+    for tap in taps[1:]:
+        total += grams[:, tap[:, None], tap[None, :]]
+    return total
+
+
 def gram_squared_norms(layer: nn.Conv2d | nn.Conv3d, inputs: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
-    """Every example's squared Frobenius norm of its weight gradient ``B^T U``: ``sum(U U^T * B B^T)``."""
+    """Every example's squared Frobenius norm of its weight gradient ``B^T U``: ``sum(U^T U * B^T B)``."""
     n = inputs.shape[0]
-    columns = unfolded(layer, inputs)  # (n, C k, T)
     outputs = backprops.reshape(n, backprops.shape[1], -1)  # (n, O, T)
-    grams = torch.bmm(columns.transpose(1, 2), columns)
+    grams = input_gram(layer, inputs, tuple(backprops.shape[2:]))
     return (grams * torch.bmm(outputs.transpose(1, 2), outputs)).sum(dim=(1, 2))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client.dp_ghost import GhostGrad, ghost_weight_grad, takes_ghost_norms
+from client.dp_ghost import GhostGrad, ghost_weight_grad, padded_input_gram, takes_ghost_norms, unfolded
 from tests.per_sample import assert_exact_dp_step
 
 
@@ -22,7 +22,9 @@ def single_example_weight_grads(layer: torch.nn.Module, inputs: torch.Tensor, ba
     (torch.nn.Conv2d(6, 8, 3, padding=1, stride=2), (3, 6, 5, 5)),
     (torch.nn.Conv2d(6, 8, 1), (3, 6, 2, 2)),
     (torch.nn.Conv3d(4, 6, 3, padding=(2, 1, 1), dilation=(2, 1, 1)), (3, 4, 3, 2, 2)),
-], ids=["strided-2D", "pointwise-2D", "dilated-3D"])
+    (torch.nn.Conv2d(6, 8, 3, padding=1), (3, 6, 4, 4)),  # few pixels: the padded input's Gram matrix
+    (torch.nn.Conv3d(2, 3, 3, padding=1), (3, 2, 4, 4, 4)),
+], ids=["strided-2D", "pointwise-2D", "dilated-3D", "padded-gram-2D", "padded-gram-3D"])
 def test_ghost_norms_and_clipped_sum_equal_single_example_backward(layer, shape):
     inputs = torch.randn(shape) * torch.tensor([0.5, 1.0, 3.0]).view(3, *[1] * (len(shape) - 1))
     backprops = torch.randn_like(layer(inputs))
@@ -32,6 +34,18 @@ def test_ghost_norms_and_clipped_sum_equal_single_example_backward(layer, shape)
     factors = torch.tensor([1.0, 0.25, 0.0])
     torch.testing.assert_close(record.clipped_sum(factors), torch.einsum("i,i...", factors, want),
                                rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("layer", "shape"), [
+    (torch.nn.Conv2d(3, 4, 3, padding=2, stride=2, dilation=2), (2, 3, 7, 6)),
+    (torch.nn.Conv3d(2, 3, (3, 1, 2), padding=(1, 0, 1), stride=(1, 2, 1)), (2, 2, 4, 5, 3)),
+], ids=["strided-dilated-2D", "anisotropic-3D"])
+def test_padded_input_gram_equals_the_unfolded_inputs_gram(layer, shape):
+    inputs = torch.randn(shape)
+    columns = unfolded(layer, inputs)
+    out = tuple(layer(inputs).shape[2:])
+    torch.testing.assert_close(padded_input_gram(layer, inputs, out), torch.bmm(columns.transpose(1, 2), columns),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_only_attached_large_convolutions_at_few_pixels_take_ghost_norms():

@@ -9,11 +9,12 @@ norms and again for clipping, far more than the layer's own work
 model at small cost", 2023), such a layer keeps only its input and output
 gradient in :class:`GhostGrad`:
 
-- its per-sample squared gradient norm is ``<U U^T, B B^T>`` per example,
-  where ``U`` is the unfolded input (positions x in-channels * kernel) and ``B``
-  the output gradient (positions x out-channels): two positions x positions
-  Gram matrices, cheap when the output has few positions
-  (:func:`gram_squared_norms`);
+- an example's weight gradient is ``B U^T``, ``U`` its unfolded input
+  (in-channels * kernel x output positions), ``B`` its output gradient
+  (out-channels x output positions), so its squared norm is
+  ``sum(U^T U * B^T B)``: two positions x positions Gram matrices, cheap when
+  the output has few positions (:func:`gram_squared_norms`; ``U^T U`` from
+  the padded input's own Gram matrix where that is smaller);
 - once every example's clipping factor is known, the clipped sum of its
   per-sample gradients is ONE batch weight gradient of the output gradient
   scaled per example (:meth:`GhostGrad.clipped_sum`), autograd's own kernel.

@@ -20,7 +20,7 @@ backward) plus the optimizer step, as local training runs it. Variants:
   starts from the mean loss, so its per-sample gradients are 1/batch of DP's);
 - ``functorch``: Opacus' functorch mode (backward to the input only);
 - ``stock``: Opacus as shipped (its unfold Conv sampler, functorch for transposed
-  convolutions, full backward): the baseline of issue 3.
+  convolutions, its DPOptimizer, full backward): the baseline of issue 3.
 
 All variants of a model are timed interleaved in one process, so machine load
 hits them alike; medians of wall and CPU (thread) time. Peak memory is the
@@ -128,6 +128,10 @@ def setup_step(model_name: str, variant: str, act: str | None, *, keep_samplers:
         plan = DPPlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, steps=1, grad_sample_mode=mode)
         use_samplers(samplers)  # Opacus prepares functorch for layers without a sampler when hooks attach
         _, optimizer, _ = make_private(model, optimizer, loader, plan=plan)
+        if samplers == "stock":  # Opacus' own clipping and noise (stock samplers make no ghost records)
+            from opacus.optimizers import DPOptimizer
+
+            optimizer.__class__ = DPOptimizer
     loss_fn = make_loss(model_config=model_config)
 
     def step() -> None:

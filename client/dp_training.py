@@ -208,12 +208,16 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
     own hooks come with them: in-place operations on hooked outputs run out of
     place (:mod:`client.dp_inplace`), shifted-window attention gets
     per-example gradients (:mod:`client.dp_windows`), and Opacus keeps each
-    per-sample gradient without a copy (:mod:`client.opacus_patches`).
+    per-sample gradient without a copy (:mod:`client.opacus_patches`); large convolutions at few
+    pixels give their per-sample norms without their per-sample gradients (:mod:`client.dp_ghost`), which
+    fedseg's DP optimizer clips in one batch weight gradient, adding the noise without Opacus' copies
+    (:mod:`client.dp_optimizer`; the same clipping and noise).
     """
     from opacus import PrivacyEngine
 
     # importing them registers fedseg's grad samplers: convolutions and PReLU, group and instance norm, windows
-    from client import dp_grad_samplers, dp_inplace, dp_norm_samplers, dp_windows, opacus_patches  # noqa: F401
+    from client import dp_ghost, dp_grad_samplers, dp_inplace, dp_norm_samplers, dp_windows, opacus_patches  # noqa: F401
+    from client.dp_optimizer import upgrade
 
     opacus_patches.apply()
 
@@ -224,6 +228,8 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
     dp_optimizer.loss_reduction = "mean"  # the update is the clipped sum over the expected batch size
     # fedseg's forward hooks join Opacus' own, so hooks.cleanup() removes them too
     hooks.autograd_grad_sample_hooks.extend(dp_inplace.attach(model) + dp_windows.attach(model))
+    hooks.autograd_grad_sample_hooks.append(dp_ghost.attach(model))
+    dp_optimizer = upgrade(dp_optimizer)
     return hooks, dp_optimizer, dp_loader
 
 

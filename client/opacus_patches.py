@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from opacus.grad_sample import grad_sample_module
 
+from client.dp_ghost import GhostGrad
+
 _OPACUS_CREATE_OR_ACCUMULATE = grad_sample_module.create_or_accumulate_grad_sample
 
 
@@ -39,9 +41,13 @@ def exclusively_owned(tensor: torch.Tensor) -> bool:
     return use_count is not None and use_count(tensor.untyped_storage()._cdata) == 2 + (tensor._base is not None)
 
 
-def create_or_accumulate_grad_sample(*, param: torch.Tensor, grad_sample: torch.Tensor, max_batch_len: int) -> None:
+def create_or_accumulate_grad_sample(*, param: torch.Tensor, grad_sample: torch.Tensor | GhostGrad,
+                                     max_batch_len: int) -> None:
     """Opacus' function, keeping ``grad_sample`` itself when it is a parameter's first of the step, full-length and
-    exclusively owned."""
+    exclusively owned, or a :class:`client.dp_ghost.GhostGrad` (only made for a layer's first and only call)."""
+    if isinstance(grad_sample, GhostGrad):
+        param._current_grad_sample = grad_sample
+        return
     if (param.requires_grad and not hasattr(param, "_current_grad_sample")
             and grad_sample.shape[0] == max_batch_len and grad_sample.shape[1:] == param.shape
             and exclusively_owned(grad_sample)):

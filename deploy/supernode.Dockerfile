@@ -27,8 +27,8 @@ USER app
 COPY --chown=app:app pyproject.toml /app/
 COPY --chown=app:app client /app/client
 COPY --chown=app:app shared /app/shared
-# Flower's SuperNode with its fixed 3 s idle poll shortened (flwr 1.41.0 only; stock Flower otherwise). flower_patches.py
-# loads /app/shared/flower_compat (copied above with shared/) by path, for the node and the executor.
+# Flower's SuperNode with its fixed 3 s idle poll shortened (the flwr versions in shared/flower_compat/checked.py;
+# stock Flower otherwise). flower_patches.py loads /app/shared/flower_compat (copied above) by path.
 COPY --chown=app:app deploy/supernode.py deploy/flower_patches.py /app/deploy/
 # The warm ClientApp executor for --isolation process (compose: the hospital-X-clientapps service).
 COPY --chown=app:app deploy/clientapp_executor.py /app/deploy/

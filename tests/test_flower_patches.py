@@ -119,7 +119,8 @@ def test_changed_loop_code_is_detected(monkeypatch):
     monkeypatch.setattr(GATE.inspect, "getsource",
                         lambda obj: "time.sleep(3)\ntime.sleep(1)\n" if obj is loop else real(obj))
     reason = GATE.mismatch(entries_of("supernode"))
-    assert reason == f"flwr {PATCHED_FLWR_VERSION}'s flwr.supernode.start_client_internal is not the code fedseg checked"
+    version = GATE.installed_flwr_version()
+    assert reason == f"flwr {version}'s flwr.supernode.start_client_internal is not the code fedseg checked"
 
 
 def test_the_launcher_hands_flower_every_other_argument(monkeypatch, restore_flower):

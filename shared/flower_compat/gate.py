@@ -26,7 +26,7 @@ from typing import Any
 
 from .checked import CHECKED_SOURCES
 
-PATCHED_FLWR_VERSION = "1.41.0"  # the pin in requirements.txt; CHECKED_SOURCES may hold more versions
+PATCHED_FLWR_VERSION = "1.42.0"  # the pin in requirements.txt; CHECKED_SOURCES also holds 1.41.0 (still accepted)
 PROCESSES = ("simulation-engine", "supernode", "clientapp-executor", "serverapp")
 WARNING_PREFIX = "[fedseg] Flower compatibility:"
 DEFAULT_KWARG = "initial_backoff"  # the one keyword default fedseg changes (kind "default")

@@ -32,6 +32,14 @@ def test_the_pinned_flower_is_a_checked_version_and_every_guard_passes_on_it():
         assert gate.mismatch(entries_of(process)) is None, process
 
 
+def test_the_node_scripts_load_this_package_under_its_private_name():
+    from deploy import flower_patches
+    from shared.flower_compat import PRIVATE_NAME
+
+    assert flower_patches.PRIVATE_NAME == PRIVATE_NAME and flower_patches.PACKAGE_DIR == COMPAT
+    assert flower_patches.compat("gate").__name__ == f"{PRIVATE_NAME}.gate"
+
+
 def test_every_replacement_is_declared_with_its_guard_reason_and_target():
     assert len({entry.name for entry in REGISTRY}) == len(REGISTRY) == 13
     assert {entry.process for entry in REGISTRY} == set(gate.PROCESSES)

@@ -74,7 +74,8 @@ def install_serverapp(*, in_process: bool, first_retry_s: float) -> bool:
     ``in_process``: the Grid is the simulation engine's in-process one, which
     pulls no objects; this process is the engine's, whose replacements the
     launcher made (or refused) before the run's output reached the run's log,
-    so a refusal is logged here, once. Returns whether Flower is replaced here.
+    so a refusal is logged here, once. Returns False if this process runs
+    stock Flower because a guard failed (the one warning was logged).
     """
     if in_process:
         reason = gate.refusal("simulation-engine")

@@ -12,7 +12,7 @@ Runs, one after the other on the same two synthetic hospitals and tiny U-Net
 - ``deploy-process-stock``: stock ``flower-supernode``, ``--isolation process``
   with the warm ClientApp executor (``deploy/clientapp_executor.py``);
 - ``deploy-process-fast``: the same through ``deploy/supernode.py`` (Flower's
-  SuperNode with its fixed waits shortened, ``deploy/flower_patches.py``);
+  SuperNode with its fixed waits shortened, ``shared/flower_compat/nodes.py``);
 - ``compose``: ``deploy/compose/compose.yaml`` as shipped, in Podman containers
   (``deploy/compose_federation.py``; the images from ``python -m deploy.images build``),
   which runs the hospitals as ``deploy-process-fast`` does. Not in the default

@@ -18,7 +18,7 @@ otherwise). And the ClientApp retries sooner when it asks its SuperNode for
 the message's content before the SuperNode has it: Flower 1.41 starts the
 ClientApp task before the node has pulled the message's objects from the
 SuperLink, and the ClientApp then backs off 1 s, 2 s, ... (here 0.05 s first;
-:func:`flower_patches.patch_clientapp_pull`).
+``clientapp-first-object-retry`` in ``shared/flower_compat/registry.py``).
 
 ``python deploy/clientapp_executor.py --runtime-api-address 127.0.0.1:9094 --insecure --parent-pid PID``
 (run as a script, so that the repository root is not on its ``sys.path``)
@@ -139,12 +139,12 @@ def run_executor(*, runtime_api_address: str, insecure: bool, root_certificates:
     from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 
     preload()
-    flower_patches.patch_clientapp_pull(first_retry_s=FIRST_RETRY_S)
+    executor = ForkingClientAppExecutor((make_fallback or SubprocessExecutor)())
+    # Flower's loop builds its executor through get_executor; ours is handed in in its place (stock Flower's
+    # SubprocessExecutor, one cold process per task, if the gate refuses: one warning).
+    flower_patches.patch_clientapp_executor(executor=executor, first_retry_s=FIRST_RETRY_S)
     gc.collect()
     gc.freeze()  # children inherit the preloaded heap; their collections skip it
-    executor = ForkingClientAppExecutor((make_fallback or SubprocessExecutor)())
-    # Flower's loop builds its executor through this factory; ours is handed in in its place.
-    superexec.get_executor = lambda *args, **kwargs: executor
     superexec.run_superexec(runtime_api_address=runtime_api_address, insecure=insecure,
                             root_certificates_path=root_certificates, parent_pid=parent_pid,
                             runtime_dependency_install=False)

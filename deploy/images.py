@@ -31,7 +31,7 @@ from pathlib import Path
 from shared.errors import FedSegError
 
 REPO = Path(__file__).resolve().parent.parent
-FLWR_VERSION = "1.41.0"
+FLWR_VERSION = "1.42.0"
 DEBIAN_IMAGE = "localhost/fedseg/debian:bookworm"
 BASE_IMAGE = f"localhost/fedseg/flwr-base:{FLWR_VERSION}"
 IMAGES = {"superlink": "localhost/fedseg/superlink:0.1.0", "supernode": "localhost/fedseg/supernode:0.1.0"}

@@ -1,9 +1,9 @@
 # fedseg consortium server: Flower SuperLink + the fedseg ServerApp (run in a subprocess of the SuperLink).
 # Build from the repo root:  docker build -f deploy/superlink.Dockerfile -t fedseg/superlink:0.1.0 .
 # Default base: Flower's official image; the version matches the pinned flwr in requirements.txt (a test
-# checks). Without a registry: --build-arg BASE_IMAGE=localhost/fedseg/flwr-base:1.41.0, the same layout built
+# checks). Without a registry: --build-arg BASE_IMAGE=localhost/fedseg/flwr-base:1.42.0, the same layout built
 # from Debian packages (deploy/base/flwr-base.Dockerfile, `python -m deploy.images build`).
-ARG BASE_IMAGE=flwr/superlink:1.41.0
+ARG BASE_IMAGE=flwr/superlink:1.42.0
 FROM ${BASE_IMAGE}
 
 # Dependencies are baked in at build time; nothing is installed when a run starts.

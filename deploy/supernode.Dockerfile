@@ -2,9 +2,9 @@
 # Build from the repo root:  docker build -f deploy/supernode.Dockerfile -t fedseg/supernode:0.1.0 .
 # GPU sites: --build-arg TORCH_SPEC='torch==2.13.0' --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128
 # Default base: Flower's official image; the version matches the pinned flwr in requirements.txt (a test
-# checks). Without a registry: --build-arg BASE_IMAGE=localhost/fedseg/flwr-base:1.41.0, the same layout built
+# checks). Without a registry: --build-arg BASE_IMAGE=localhost/fedseg/flwr-base:1.42.0, the same layout built
 # from Debian packages (deploy/base/flwr-base.Dockerfile, `python -m deploy.images build`).
-ARG BASE_IMAGE=flwr/supernode:1.41.0
+ARG BASE_IMAGE=flwr/supernode:1.42.0
 FROM ${BASE_IMAGE}
 
 # Dependencies are baked in at build time; nothing is installed when a run starts.
@@ -27,7 +27,8 @@ USER app
 COPY --chown=app:app pyproject.toml /app/
 COPY --chown=app:app client /app/client
 COPY --chown=app:app shared /app/shared
-# Flower's SuperNode with its fixed 3 s idle poll shortened (flwr 1.41.0 only; stock Flower otherwise).
+# Flower's SuperNode with its fixed 3 s idle poll shortened (the flwr versions in shared/flower_compat/checked.py;
+# stock Flower otherwise). flower_patches.py loads /app/shared/flower_compat (copied above) by path.
 COPY --chown=app:app deploy/supernode.py deploy/flower_patches.py /app/deploy/
 # The warm ClientApp executor for --isolation process (compose: the hospital-X-clientapps service).
 COPY --chown=app:app deploy/clientapp_executor.py /app/deploy/

@@ -3,19 +3,20 @@
 Runs Flower's own ``flower-supernode`` main, unchanged (TLS, node
 authentication, ``--node-config``, isolation modes: every argument other than
 ``--poll-interval`` goes to Flower's parser), after shortening Flower 1.41's
-hard-coded waits in the node loop (:mod:`flower_patches`): the idle poll
+hard-coded waits in the node loop (``shared/flower_compat``, loaded by
+:mod:`flower_patches`): the idle poll
 (Flower: 3 s) becomes ``--poll-interval`` (default 0.25 s, or
 ``$FEDSEG_SUPERNODE_POLL_INTERVAL``), the reply check ``min(0.5 s, poll
 interval)``, the first retry of a message object not yet on the SuperLink
 0.1 s (Flower: 1 s). The node's SuperExec polls at the same interval
 (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, unless set). On any other Flower
-version the node runs stock Flower and logs a warning.
+version or code the node runs stock Flower and logs one warning.
 
 The idle poll is one HTTPS request per interval per node to the SuperLink
 (4 per second at 0.25 s, instead of one every 3 s).
 
 Run as a script (like ``clientapp_executor.py``): it imports only Flower,
-the standard library and :mod:`flower_patches` beside it.
+the standard library and ``shared/flower_compat`` (by path, :mod:`flower_patches`).
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Every other argument is passed to flower-supernode (see `flower-supernode --help`).")
     parser.add_argument("--poll-interval", metavar="S", default=os.environ.get(POLL_INTERVAL_ENV),
                         help=f"seconds between polls when idle (default {DEFAULT_POLL_INTERVAL_S}, or "
-                             f"${POLL_INTERVAL_ENV}; Flower {flower_patches.PATCHED_FLWR_VERSION}: "
-                             f"{flower_patches.FLOWER_IDLE_SLEEP_S})")
+                             f"${POLL_INTERVAL_ENV}; Flower {flower_patches.compat('gate').PATCHED_FLWR_VERSION}: "
+                             f"{flower_patches.compat('nodes').FLOWER_IDLE_SLEEP_S})")
     return parser
 
 

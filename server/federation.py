@@ -14,7 +14,7 @@ from server.budget_stop import BudgetStop
 from server.checkpoint import Checkpoint, check_resumable, checkpoint_path, load_checkpoint, save_checkpoint
 from server.export import export_final_model
 from server.plan_phase import establish_plan, keep_or_write_plan_file, write_plan_file
-from server.polling_grid import PollingGrid, shorten_object_pull_retry
+from server.polling_grid import PollingGrid, prepare_flower
 from server.rounds import evaluate_round, run_rounds
 from server.run_folder import RunRecorder
 from server.secagg_sum import SecAggSettings
@@ -63,7 +63,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
     update_latest_link(run_dir.resolve())
     strategy = build_strategy(config, recorder)
     print(f"{PROGRESS_PREFIX} run folder: {run_dir.resolve()}", flush=True)
-    shorten_object_pull_retry()
+    prepare_flower(grid)
     grid = PollingGrid(grid)
     checkpoint = resume_checkpoint(config)
     initial = open_initial_model(config, run_dir=run_dir)  # on resume too: the run folder says where it began

@@ -11,19 +11,21 @@ The default interval depends on the wrapped Grid: 0.1 s for a deployment (each
 pull is a request to the SuperLink), 0.05 s in a simulation, where a pull is an
 in-process look-up of a few message ids and the phases of a round with small
 sites last a few seconds (BENCHMARKS.md, scale section). If the wrapped Grid
-offers ``wait_for_replies(timeout)`` (fedseg's simulation engine adds it to
-Flower's in-process Grid), the wait between pulls ends as soon as a reply is
+offers ``wait_for_replies(timeout)`` (:class:`shared.flower_compat.grid.WaitsForReplies`:
+fedseg's simulation engine adds it to Flower's in-process Grid), the wait between pulls ends as soon as a reply is
 stored, so no reply waits for the next poll.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
+
+from shared.flower_compat.grid import OrdersForSampling, WaitsForReplies, offers
+from shared.flower_compat.nodes import install_serverapp
 
 DEFAULT_POLL_INTERVAL_S = 0.1
 SIMULATION_POLL_INTERVAL_S = 0.05
@@ -39,35 +41,29 @@ def default_poll_interval(grid: Grid) -> float:
 # Flower 1.41's HttpGrid pulls a reply's objects with ``pull_objects``, which retries an object not yet on the
 # SuperLink after 1 s, then 2 s, ... A node pushes a reply's objects after the reply itself, so a server that
 # polls every 0.1 s often finds a reply before its objects and then waits 1 s. First retry here: 0.05 s.
-FLOWER_FIRST_OBJECT_RETRY_S, FIRST_OBJECT_RETRY_S = 1, 0.05
-LOG = logging.getLogger("fedseg.server")
+FIRST_OBJECT_RETRY_S = 0.05
 
 
-def shorten_object_pull_retry(*, seconds: float = FIRST_OBJECT_RETRY_S) -> bool:
-    """Make Flower's first retry of a missing reply object ``seconds`` (then doubling as before) in this process.
+def prepare_flower(grid: Grid, *, first_retry_s: float = FIRST_OBJECT_RETRY_S) -> bool:
+    """Make the ServerApp's replacements of Flower internals for ``grid`` (:mod:`shared.flower_compat`).
 
-    Changes the keyword default ``initial_backoff`` of Flower's ``pull_objects``; if
-    it is not Flower 1.41's 1 s, nothing is changed (warning logged) and False is returned.
+    In a deployment: Flower's first retry of a missing reply object becomes
+    ``first_retry_s`` (then doubling as before). In a simulation (in-process
+    Grid): reports, once, if the engine's replacements were refused. False if
+    this process runs stock Flower (the gate's one warning is logged).
     """
-    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.superlink.grid import InMemoryGrid
 
-    defaults = inflatable_utils.pull_objects.__kwdefaults__ or {}
-    if defaults.get("initial_backoff") not in (FLOWER_FIRST_OBJECT_RETRY_S, seconds):
-        LOG.warning("Flower's pull_objects initial_backoff is %r, not %s: left unchanged",
-                    defaults.get("initial_backoff"), FLOWER_FIRST_OBJECT_RETRY_S)
-        return False
-    defaults["initial_backoff"] = seconds
-    return True
+    return install_serverapp(in_process=isinstance(grid, InMemoryGrid), first_retry_s=first_retry_s)
 
 
 def sampling_order(grid: Grid, node_ids: Iterable[int]) -> list[int]:
     """``node_ids`` in an order that stays the same from run to run, for seeded sampling.
 
-    ``grid``'s own ``sampling_order`` if it has one (fedseg's simulation engine lists
-    virtual nodes by partition: their ids are drawn anew each run), else by id.
+    ``grid``'s own ``sampling_order`` if it has one (:class:`OrdersForSampling`: fedseg's
+    simulation engine lists virtual nodes by partition, their ids are drawn anew each run), else by id.
     """
-    order = getattr(grid, "sampling_order", None)
-    return list(order(node_ids)) if order is not None else sorted(node_ids)
+    return list(grid.sampling_order(node_ids)) if offers(grid, OrdersForSampling) else sorted(node_ids)
 
 
 class PollingGrid(Grid):
@@ -89,8 +85,8 @@ class PollingGrid(Grid):
         self._grid = grid
         self.poll_interval_s = poll_interval_s
         # A Grid may offer wait_for_replies(timeout): return early once a reply is stored (fedseg's
-        # simulation engine adds it to Flower's in-process Grid, simulations/engine_patches.py).
-        self._wait: Callable[[float], None] = getattr(grid, "wait_for_replies", None) or time.sleep
+        # simulation engine adds it to Flower's in-process Grid, shared/flower_compat/engine.py).
+        self._wait: Callable[[float], None] = grid.wait_for_replies if offers(grid, WaitsForReplies) else time.sleep
 
     def set_run(self, run) -> None:  # noqa: ANN001 - flwr's Run type is internal
         """Set the run on the wrapped Grid."""

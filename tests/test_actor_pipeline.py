@@ -1,4 +1,4 @@
-"""simulations.actor_pipeline: where the next message goes, and the guard on Flower's code."""
+"""shared/flower_compat/actor_pipeline.py: where the next message goes, and the guard on Flower's code."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import threading
 
 import pytest
 
-from simulations import actor_pipeline, engine_launcher
-from simulations.actor_pipeline import ActorSlots
+from shared.flower_compat import engine, gate
+from shared.flower_compat.actor_pipeline import ActorSlots
+from shared.flower_compat.registry import entries_of
+from simulations import engine_launcher
 
 
 def waiting_acquire(slots: ActorSlots) -> tuple[threading.Thread, list[int]]:
@@ -71,23 +73,35 @@ def test_depth_must_be_positive():
 
 
 def test_the_installed_flower_is_the_code_the_pipeline_was_checked_against():
-    assert actor_pipeline.mismatch() is None
+    assert gate.mismatch(entries_of("simulation-engine")) is None
 
 
 def test_other_flower_code_keeps_flowers_actor_pool(monkeypatch, caplog):
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
-    monkeypatch.setitem(actor_pipeline.EXPECTED_SOURCES, "BasicActorPool.submit", "0" * 64)
+    checked = gate.CHECKED_SOURCES[gate.installed_flwr_version()]
+    monkeypatch.setitem(checked, "flwr.simulation.ray_transport.ray_actor:BasicActorPool.submit", "0" * 64)
     original = raybackend.RayBackend
-    assert actor_pipeline.apply() is False
+    assert engine.install() is False
     assert raybackend.RayBackend is original
-    assert "one message at a time" in caplog.text and "BasicActorPool.submit" in caplog.text
+    assert "runs stock Flower" in caplog.text and "BasicActorPool.submit" in caplog.text
+
+
+def test_the_pipeline_is_made_and_undone_with_the_engine():
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    original = raybackend.RayBackend
+    assert engine.install()
+    try:
+        assert raybackend.RayBackend.__mro__[1] is original and raybackend.RayBackend.num_workers
+    finally:
+        gate.restore("simulation-engine")
+    assert raybackend.RayBackend is original
 
 
 def test_the_launcher_loads_the_pipeline_and_still_starts_flowers_entry_point(tmp_path):
     launcher = engine_launcher.write_launcher(tmp_path / "bin")
-    assert "actor_pipeline.py" in launcher.read_text()  # that it ran: tests/test_simulation_integration.py (log)
+    assert "flower_compat" in launcher.read_text()  # that it ran: tests/test_simulation_integration.py (log)
     done = subprocess.run([str(launcher), "--help"], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert "--runtime-api-address" in done.stdout
-    assert "one message at a time" not in done.stderr  # the pipeline's guard passed in the launched process

@@ -1,4 +1,4 @@
-"""The simulation engine patch, on Flower's real in-memory link state and Grid."""
+"""The simulation engine's replacements (shared/flower_compat/engine.py), on Flower's real in-memory link state and Grid."""
 
 from __future__ import annotations
 
@@ -23,21 +23,20 @@ from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
 from server.polling_grid import PollingGrid
-from simulations import engine_launcher, engine_patches
+from shared.flower_compat import engine as engine_patches
+from shared.flower_compat import gate
+from simulations import engine_launcher
 
 NODES = 300
 
 
 @pytest.fixture
 def patched_flower(monkeypatch):
-    """Apply the patch for one test; monkeypatch puts Flower back afterwards."""
-    for owner, name in ((InMemoryLinkState, "store_message_ins"), (InMemoryLinkState, "store_message_res"),
-                        (vce_api, "add_messages_to_queue"), (vce_api, "_register_nodes")):
-        monkeypatch.setattr(owner, name, getattr(owner, name))
+    """Make the engine's replacements for one test; the gate puts Flower back afterwards."""
     monkeypatch.setattr(engine_patches, "NODE_PARTITIONS", engine_patches.NodePartitions())
-    assert engine_patches.apply()
+    assert engine_patches.install()
     yield
-    del InMemoryGrid.wait_for_replies, InMemoryGrid.sampling_order
+    gate.restore("simulation-engine")
 
 
 @pytest.fixture
@@ -115,7 +114,7 @@ def test_a_message_stored_behind_the_patch_is_still_delivered_by_the_safety_swee
         for kind in ("train", "evaluate"):  # two for one node, as an overlapped round sends
             message = grid.create_message(RecordDict(), kind, list(nodes)[7], "g")
             message.metadata.__dict__["_message_id"] = message.object_id  # as InMemoryGrid.push_messages does
-            engine_patches._targets()["InMemoryLinkState.store_message_ins"](state, message)  # unrecorded
+            InMemoryLinkState.store_message_ins.__wrapped__(state, message)  # Flower's own: unrecorded
             stored.append(message.metadata.message_id)
         first = queue.get(timeout=2.0)
         second = queue.get(timeout=0.2)  # in the same sweep, not the next one 0.3 s later
@@ -153,12 +152,15 @@ def test_polling_grid_collects_a_reply_without_waiting_a_poll_interval(patched_f
 
 
 def test_other_flower_code_is_left_stock(monkeypatch, caplog):
-    monkeypatch.setitem(engine_patches.EXPECTED_SOURCES, "vce_api.add_messages_to_queue", "0" * 64)
+    checked = gate.CHECKED_SOURCES[gate.installed_flwr_version()]
+    monkeypatch.setitem(checked, "flwr.server.superlink.fleet.vce.vce_api:add_messages_to_queue", "0" * 64)
     original = vce_api.add_messages_to_queue
-    assert engine_patches.apply() is False
+    assert engine_patches.install() is False
     assert vce_api.add_messages_to_queue is original
     assert not hasattr(InMemoryGrid, "wait_for_replies")
-    assert "left stock" in caplog.text and "add_messages_to_queue" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if gate.WARNING_PREFIX in r.getMessage()]
+    assert len(warnings) == 1 and "simulation-engine runs stock Flower" in warnings[0]
+    assert "add_messages_to_queue is not the code fedseg checked" in warnings[0]
 
 
 def test_the_launcher_starts_flowers_simulation_entry_point_with_the_patch(tmp_path):

@@ -102,11 +102,16 @@ def test_simulation_grids_are_polled_more_often_than_deployment_grids():
 def test_a_reply_object_not_yet_on_the_superlink_is_retried_soon(monkeypatch):
     from flwr.supercore.inflatable import inflatable_utils
 
-    from server.polling_grid import FLOWER_FIRST_OBJECT_RETRY_S, shorten_object_pull_retry
+    from server.polling_grid import prepare_flower
+    from shared.flower_compat import gate
+    from shared.flower_compat.nodes import FLOWER_PULL_BACKOFF_S
 
     defaults = inflatable_utils.pull_objects.__kwdefaults__
-    assert defaults["initial_backoff"] == FLOWER_FIRST_OBJECT_RETRY_S  # the pinned Flower's 1 s
-    monkeypatch.setitem(defaults, "initial_backoff", defaults["initial_backoff"])
-    assert shorten_object_pull_retry(seconds=0.02)
-    # the node pushes a reply's objects after the reply itself; Flower 1.41 alone: ~1 s
-    assert seconds_to_pull_a_late_object(inflatable_utils.pull_objects) < 0.5
+    assert defaults["initial_backoff"] == FLOWER_PULL_BACKOFF_S  # the pinned Flower's 1 s
+    assert prepare_flower(_LoopbackGrid({}), first_retry_s=0.02)  # a deployment's Grid (not in-process)
+    try:
+        # the node pushes a reply's objects after the reply itself; Flower 1.41 alone: ~1 s
+        assert seconds_to_pull_a_late_object(inflatable_utils.pull_objects) < 0.5
+    finally:
+        gate.restore("serverapp")
+    assert defaults["initial_backoff"] == FLOWER_PULL_BACKOFF_S

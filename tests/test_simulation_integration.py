@@ -7,11 +7,11 @@ import json
 import pytest
 
 from shared.errors import ConfigError
+from shared.flower_compat import actor_pipeline
+from shared.flower_compat.engine import ANNOUNCEMENT
 from shared.model_file import load_model
-from simulations import actor_pipeline
 from simulations.__main__ import build_parser, spec_from_args
 from simulations.api import SimulationSpec, run_simulation
-from simulations.engine_patches import ANNOUNCEMENT
 from tests.conftest import TINY_RUN_CONFIG, live_processes_mentioning
 
 # nnU-Net's network at a tiny size, planned from the sites' fingerprints (what a real run does by default)

@@ -4,11 +4,11 @@
 # The Debian root filesystem comes from `mmdebstrap` + `podman import` (deploy/images.py does both):
 #   mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm rootfs.tar
 #   podman import rootfs.tar localhost/fedseg/debian:bookworm
-# Then fedseg's Dockerfiles take this image as their base: --build-arg BASE_IMAGE=localhost/fedseg/flwr-base:1.41.0
+# Then fedseg's Dockerfiles take this image as their base: --build-arg BASE_IMAGE=localhost/fedseg/flwr-base:1.42.0
 ARG DEBIAN_IMAGE=localhost/fedseg/debian:bookworm
 FROM ${DEBIAN_IMAGE}
 
-ARG FLWR_VERSION=1.41.0
+ARG FLWR_VERSION=1.42.0
 # e.g. "--no-index --find-links /wheels" with a wheelhouse mounted at build time (podman build -v DIR:/wheels:ro)
 ARG PIP_ARGS=""
 RUN useradd --uid 49999 --user-group --home-dir /app --no-create-home --shell /usr/sbin/nologin app \

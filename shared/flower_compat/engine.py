@@ -9,8 +9,9 @@ engine burns a quarter of a core next to the ClientApps for as long as a phase
 runs, and each message waits up to 0.1 s before any worker sees it. Neither
 the interval nor the scan is a setting.
 
-:func:`apply` swaps two functions, in the ``flwr-simulation`` process only
-(the harness starts it through :mod:`simulations.engine_launcher`):
+:func:`install` swaps these, in the ``flwr-simulation`` process only
+(the harness starts it through :mod:`simulations.engine_launcher`;
+entries in :mod:`.registry`):
 
 - ``InMemoryLinkState.store_message_ins`` also records the destination node
   of each message it stores (:class:`Arrivals`);
@@ -32,21 +33,15 @@ the interval nor the scan is a setting.
   a seed samples the same sites every run (and a resumed run the same ones as
   the uninterrupted run).
 
-All are guarded: on any Flower other than the version whose code was checked
-(a hash of each replaced function's source), nothing is changed and the
-engine runs stock, with a warning. :mod:`simulations.engine_launcher` starts
-``flwr-simulation`` with these patches and :mod:`simulations.actor_pipeline`
-(two messages in flight per Ray actor), guarded by the same check
-(:func:`code_mismatch`).
+:func:`install` makes them, with :mod:`.actor_pipeline`'s (two messages in
+flight per Ray actor), through the one gate (:mod:`.gate`): on any Flower but
+the code checked, nothing is changed and the engine runs stock.
+:mod:`simulations.engine_launcher` starts ``flwr-simulation`` with them.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.metadata
-import inspect
-import logging
 import threading
 import time
 import weakref
@@ -55,18 +50,7 @@ from collections.abc import Callable, Iterable
 from queue import Queue
 from typing import Any
 
-LOG = logging.getLogger("fedseg.simulations")
-
-PATCHED_FLWR_VERSION = "1.41.0"
-# sha256 of inspect.getsource() of each function replaced or wrapped, as checked on flwr 1.41.0.
-EXPECTED_SOURCES = {
-    "vce_api.add_messages_to_queue": "953f4bd41a931a7779a4a670ab17b633f6e20b08a0128535328674466419777a",
-    "InMemoryLinkState.store_message_ins": "a2b78afac51dc4a23d236ccf8d02958c8d0532aac179cd9ad9b1a0d939eecbea",
-    "InMemoryLinkState.get_message_ins": "6547c8dcbc62e12f5b2aa5c69f4de8c7c7072c10d6c0876512cf37197d941056",
-    "InMemoryLinkState.store_message_res": "52a4f7ccc70e890843671cc17e603239f50b88de2a0c5d30810a19021c9d594d",
-    "vce_api._register_nodes": "88a1cb6749e876ed204b9b250b6846dae53e8a20a5df1f79cff060eacab9b998",
-}
-ANNOUNCEMENT = "[fedseg] simulation engine: messages handed over as they are stored (simulations/engine_patches.py)"
+ANNOUNCEMENT = "[fedseg] simulation engine: messages handed over as they are stored (shared/flower_compat/engine.py)"
 SAFETY_SWEEP_S = 3.0
 IDLE_WAIT_S = 0.1  # Flower's sweep interval: how often the stop flag is looked at when idle
 
@@ -137,7 +121,7 @@ def signals_of(state: Any) -> StateSignals:
 def recording_store(original: Callable[..., str | None], *, reply: bool) -> Callable[..., str | None]:
     """Wrap ``store_message_ins`` (``reply=False``) or ``store_message_res`` to signal each stored message."""
 
-    @functools.wraps(original)  # keeps __wrapped__: apply() and the source check find Flower's function
+    @functools.wraps(original)
     def store(self: Any, message: Any) -> str | None:
         message_id = original(self, message)
         if message_id is not None:
@@ -224,59 +208,22 @@ def _queue_next_messages(state: Any, queue: Queue, node_ids: Iterable[int]) -> N
             queue.put(message)
 
 
-def source_hash(function: Callable[..., Any]) -> str:
-    """sha256 of a function's source (the code a patch was checked against)."""
-    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
+def install(*, report: bool = True) -> bool:
+    """Make the simulation engine's replacements (this module's and :mod:`.actor_pipeline`'s), or none.
 
+    Through the gate (:func:`.gate.install`): on any Flower but the code checked,
+    the engine runs stock and the reason is kept (``report``: logged now; the
+    launcher leaves it to the ServerApp, whose output reaches the run's log).
+    """
+    from . import actor_pipeline, gate
 
-def _targets() -> dict[str, Callable[..., Any]]:
-    from flwr.server.superlink.fleet.vce import vce_api
-    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
-
-    store_ins, store_res = InMemoryLinkState.store_message_ins, InMemoryLinkState.store_message_res
-    register = vce_api._register_nodes
-    return {"vce_api.add_messages_to_queue": vce_api.add_messages_to_queue,
-            "vce_api._register_nodes": getattr(register, "__wrapped__", register),
-            "InMemoryLinkState.store_message_ins": getattr(store_ins, "__wrapped__", store_ins),
-            "InMemoryLinkState.get_message_ins": InMemoryLinkState.get_message_ins,
-            "InMemoryLinkState.store_message_res": getattr(store_res, "__wrapped__", store_res)}
-
-
-def code_mismatch(expected: dict[str, str], targets: dict[str, Callable[..., Any]]) -> str | None:
-    """Why Flower's ``targets`` are not the code whose source hashes are ``expected`` (None if they are)."""
-    version = importlib.metadata.version("flwr")
-    if version != PATCHED_FLWR_VERSION:
-        return f"flwr {version} is installed; fedseg checked flwr {PATCHED_FLWR_VERSION}"
-    changed = [name for name, function in targets.items() if source_hash(function) != expected[name]]
-    if changed:
-        return f"Flower's {', '.join(changed)} is not the code fedseg checked"
-    return None
-
-
-def mismatch() -> str | None:
-    """Why the engine must not be patched here, or None if it is the code checked."""
-    return code_mismatch(EXPECTED_SOURCES, _targets())
-
-
-def apply() -> bool:
-    """Patch the engine in this process; False (and a warning) if this Flower is not the one checked."""
-    from flwr.server.superlink.fleet.vce import vce_api
-    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
-    from flwr.superlink.grid import InMemoryGrid
-
-    reason = mismatch()
-    for name, ours in (("wait_for_replies", wait_for_replies), ("sampling_order", sampling_order)):
-        if reason is None and getattr(InMemoryGrid, name, ours) is not ours:
-            reason = f"Flower's InMemoryGrid already has a {name}"
-    if reason is not None:
-        LOG.warning("simulation engine left stock (messages found by Flower's 0.1 s sweep): %s", reason)
-        return False
-    if not hasattr(InMemoryLinkState.store_message_ins, "__wrapped__"):
-        InMemoryLinkState.store_message_ins = recording_store(InMemoryLinkState.store_message_ins, reply=False)
-        InMemoryLinkState.store_message_res = recording_store(InMemoryLinkState.store_message_res, reply=True)
-    if not hasattr(vce_api._register_nodes, "__wrapped__"):
-        vce_api._register_nodes = recording_partitions(vce_api._register_nodes)
-    vce_api.add_messages_to_queue = add_messages_on_arrival
-    InMemoryGrid.wait_for_replies = wait_for_replies
-    InMemoryGrid.sampling_order = sampling_order
-    return True
+    return gate.install("simulation-engine", {
+        "record-stored-messages": functools.partial(recording_store, reply=False),
+        "count-stored-replies": functools.partial(recording_store, reply=True),
+        "record-partitions": recording_partitions,
+        "deliver-on-store": add_messages_on_arrival,
+        "grid-wait-for-replies": wait_for_replies,
+        "grid-sampling-order": sampling_order,
+        "pipelined-ray-backend": lambda _flowers: actor_pipeline.pipelined_classes()[1],
+        "register-engine-queue": actor_pipeline.registering_queue,
+    }, report=report)

@@ -6,45 +6,30 @@ then submits the next. Each hand-over costs a Ray round trip (~3.5 ms on two
 busy cores, BENCHMARKS.md scale section) during which the actor sits idle;
 with small sites (~80 ms of work per message) that is ~5% of a round.
 
-:func:`apply` (in the ``flwr-simulation`` process only, through the launcher
-of :mod:`simulations.engine_launcher`) replaces Flower's ``RayBackend`` with a
-subclass whose actor pool (:class:`PipelinedActorPool`) lets each actor hold
-up to :data:`DEPTH` messages: Ray queues the second on the actor, which
+In the ``flwr-simulation`` process only (:func:`.engine.install`, entries
+``pipelined-ray-backend`` and ``register-engine-queue`` of :mod:`.registry`),
+Flower's ``RayBackend`` is replaced with a subclass whose actor pool
+(:class:`PipelinedActorPool`) lets each actor hold up to :data:`DEPTH` messages: Ray queues the second on the actor, which
 starts it the moment the first ends. A message goes to the actor with the
 fewest messages in flight; it is queued behind a busy actor only while the
 engine's queue still holds at least one message per actor, so at the end of
 a phase no message waits behind a busy actor while another actor is idle.
 
-Guarded like the engine patch: on any Flower other than the version whose
-code was checked (a hash of each function relied on), nothing is changed.
+Guarded with the engine's replacements by the one gate (:mod:`.gate`): on
+any Flower but the code checked, nothing is changed.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import threading
 from collections.abc import Callable
 from queue import Queue
 from typing import Any
 
-LOG = logging.getLogger("fedseg.simulations")
-
 DEPTH = 2  # messages in flight per actor
-# sha256 of inspect.getsource() of each Flower function this relies on, as checked on flwr 1.41.0
-# (engine_patches.PATCHED_FLWR_VERSION; checked by engine_patches.code_mismatch).
-EXPECTED_SOURCES = {
-    "RayBackend.build": "6a0c387457a6dbc1b35091762c24afdd2c3453fe09eeceeb7e966136f832ddc0",
-    "RayBackend.process_message": "32a5db14180222d31bb6d622529f0cccab652d4f6c35fd137560240da84010b7",
-    "BasicActorPool.__init__": "b9c2ef0d7bfedaeb42788fe17a71efc11a46c0fb369f030d34d99b5bb4a1acef",
-    "BasicActorPool.submit": "672402921baad47352ebe3133ebd90248314959ce3836f08b6c8723111ec17c9",
-    "BasicActorPool.add_actor_back_to_pool": "e88f89e6e878f4ce106cf1ef59b4aec3f50882ce408d6df0ab7e1953cf375d96",
-    "BasicActorPool.fetch_result_and_return_actor_to_pool": "4e9babbe276dedd796dea84d4b55d84d638300152602c4624ff7e9796a07a24a",
-    "BasicActorPool.terminate_all_actors": "57b5aa6c2232e405894f6f9d430e04ee46860f6f2716d50f69124b5e7dbbb3ce",
-    "vce_api.run_api": "f85c0cd6e902752f455c00ab9c7212c1cd94a8c681fa9bf294ba967463390898",
-    "vce_api.worker": "60f308688ba34fb5bc942ac68c1d97be61b2010e8d4c3983833f646c5c038157",
-}
-ANNOUNCEMENT = f"[fedseg] simulation engine: up to {DEPTH} messages in flight per Ray actor (simulations/actor_pipeline.py)"
+ANNOUNCEMENT = (f"[fedseg] simulation engine: up to {DEPTH} messages in flight per Ray actor "
+                "(shared/flower_compat/actor_pipeline.py)")
 
 
 class EngineQueue:
@@ -62,7 +47,6 @@ class EngineQueue:
 
 
 ENGINE_QUEUE = EngineQueue()
-Checker = Callable[[dict[str, str], dict[str, Callable[..., Any]]], "str | None"]
 
 
 class ActorSlots:
@@ -188,50 +172,3 @@ def pipelined_classes() -> tuple[type, type]:
             self.app_fn = app_fn
 
     return PipelinedActorPool, PipelinedRayBackend
-
-
-def _targets() -> dict[str, Callable[..., Any]]:
-    from flwr.server.superlink.fleet.vce import vce_api
-    from flwr.server.superlink.fleet.vce.backend import raybackend
-    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
-
-    backend = raybackend.RayBackend
-    backend = backend.__mro__[1] if getattr(backend, "_fedseg_pipelined", False) else backend
-    return {"RayBackend.build": backend.build, "RayBackend.process_message": backend.process_message,
-            "BasicActorPool.__init__": BasicActorPool.__init__, "BasicActorPool.submit": BasicActorPool.submit,
-            "BasicActorPool.add_actor_back_to_pool": BasicActorPool.add_actor_back_to_pool,
-            "BasicActorPool.fetch_result_and_return_actor_to_pool":
-                BasicActorPool.fetch_result_and_return_actor_to_pool,
-            "BasicActorPool.terminate_all_actors": BasicActorPool.terminate_all_actors,
-            "vce_api.run_api": vce_api.run_api, "vce_api.worker": vce_api.worker}
-
-
-def mismatch(*, checker: Checker | None = None) -> str | None:
-    """Why Flower's actor pool must not be replaced here, or None if it is the code checked.
-
-    ``checker`` is :func:`simulations.engine_patches.code_mismatch` (the launcher
-    passes the copy it loaded; by default it is imported).
-    """
-    if checker is None:
-        from simulations.engine_patches import code_mismatch as checker
-    return checker(EXPECTED_SOURCES, _targets())
-
-
-def apply(*, checker: Checker | None = None) -> bool:
-    """Replace Flower's Ray backend in this process; False (and a warning) if this Flower is not the one checked.
-
-    ``checker``: as for :func:`mismatch`.
-    """
-    from flwr.server.superlink.fleet.vce import vce_api
-    from flwr.server.superlink.fleet.vce.backend import raybackend
-
-    reason = mismatch(checker=checker)
-    if reason is not None:
-        LOG.warning("Ray actors left with one message at a time: %s", reason)
-        return False
-    if not getattr(raybackend.RayBackend, "_fedseg_pipelined", False):
-        backend = pipelined_classes()[1]
-        backend._fedseg_pipelined = True
-        raybackend.RayBackend = backend
-        vce_api.add_messages_to_queue = registering_queue(vce_api.add_messages_to_queue)
-    return True

@@ -15,9 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from flwr.common.config import parse_config_args
 
+from client.site import SiteConfig
 from deploy.images import STORAGE_ENV, Podman, image_requirements
 from deploy.processes import TASK_POLL_INTERVAL_S
+from shared.protocol import NODE_CONFIG_KEYS
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -94,6 +97,9 @@ def test_compose_hospitals_verify_the_server_and_authenticate_with_their_own_key
     assert mounts[key_dir] == f"./keys/{hospital}:ro"
     node_config = dict(re.findall(r"([\w-]+)='([^']*)'", flags["--node-config"]))
     assert node_config["site-id"] == hospital
+    # what Flower parses from the flag is what a site reads (shared/protocol.py's schema, nothing else)
+    parsed = parse_config_args([flags["--node-config"]])
+    assert set(parsed) <= set(NODE_CONFIG_KEYS) and SiteConfig.from_node_config(parsed).site_id == hospital
     assert mounts[str(Path(node_config["datalist"]).parent)].endswith(":ro")  # data is read-only
     assert not mounts[node_config["state-dir"]].endswith(":ro")  # the state (privacy ledger) persists
     assert "certs/server.key" not in " ".join(service["volumes"])  # server secrets stay on the server

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.real_data import TASK_RUN_CONFIG, TASKS, MissingRequirements, prepare_task
+from benchmarks.resume import finished_run, newest_checkpoint_run
 from shared.cli import exit_on_sigterm, quiet_optional_codec_notice
 from shared.config import RunConfig
 from shared.errors import FedSegError
@@ -66,14 +67,15 @@ def run_once(*, task: str, datalists: list[Path], spatial_dims: int, rounds: int
         return run_deployed(task=task, datalists=datalists, spatial_dims=spatial_dims, rounds=rounds, seed=seed,
                             dp=dp, run_config=run_config, out=out)
     kinds = () if dp else ("pooled", "local")  # the baselines are trained once, in the run without DP
-    earlier = (out / "latest").resolve() if resume and (out / "latest").is_dir() else None
+    finished = finished_run(out) if resume else None
+    earlier = finished or (newest_checkpoint_run(out) if resume else None)
     started = time.monotonic()
-    finished_before = earlier is not None and (earlier / "summary.json").is_file()
-    if finished_before:
-        print(f"[real_tasks] resuming: the federation in {earlier} finished; its baselines go on", flush=True)
-        summary = json.loads((earlier / "summary.json").read_text())
+    finished_before = finished is not None
+    if finished is not None:
+        print(f"[real_tasks] resuming: the federation in {finished} finished; its baselines go on", flush=True)
+        summary = json.loads((finished / "summary.json").read_text())
     else:
-        carry_on = {"resume-from": str(earlier)} if earlier and (earlier / "checkpoint.ckpt").is_file() else {}
+        carry_on = {"resume-from": str(earlier)} if earlier else {}
         spec = SimulationSpec(datalists=tuple(datalists), rounds=rounds, spatial_dims=spatial_dims, seed=seed,
                               out=out, baselines=kinds, max_epsilon=max_epsilon,
                               run_config={**TASK_RUN_CONFIG[task], **run_config, "dp": dp, **carry_on})

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.real_data import DATA_DIR, PACKAGES_DIR, MissingRequirements, prepare_task
+from benchmarks.resume import finished_run, newest_checkpoint_run
 from shared.cli import exit_on_sigterm, quiet_optional_codec_notice
 from shared.config import RunConfig
 from shared.errors import FedSegError
@@ -48,11 +49,12 @@ def federate(name: str, datalists: list[Path], *, out: Path, rounds: int, seed: 
     """
     from simulations.api import SimulationSpec, run_simulation
 
-    earlier = (out / name / "latest").resolve() if (out / name / "latest").is_dir() else None
-    if earlier is not None and (earlier / "summary.json").is_file():
-        print(f"[transfer] {name}: finished before in {earlier}; read, not rerun", flush=True)
+    finished = finished_run(out / name)
+    if finished is not None:
+        print(f"[transfer] {name}: finished before in {finished}; read, not rerun", flush=True)
     else:
-        carry_on = {"resume-from": str(earlier)} if earlier and (earlier / "checkpoint.ckpt").is_file() else {}
+        earlier = newest_checkpoint_run(out / name)
+        carry_on = {"resume-from": str(earlier)} if earlier else {}
         spec = SimulationSpec(datalists=tuple(datalists), rounds=rounds, seed=seed, out=out / name,
                               max_epsilon=max_epsilon, run_config={**run_config, **carry_on})
         print(f"[transfer] {name}: {len(datalists)} sites, {rounds} rounds, {run_config}"

@@ -340,5 +340,12 @@ def test_transfer_reads_a_finished_federation_back_and_resumes_one_cut_short(tmp
     done = federate("done", [], out=tmp_path, rounds=2, seed=0, max_epsilon=8.0, run_config={"dp": False})
     assert started == [] and done["dice_per_round"] == [0.1, 0.2] and done["site_dice"] == {"a": 0.3}
     federate("cut", [], out=tmp_path, rounds=2, seed=0, max_epsilon=8.0, run_config={"dp": False})
-    assert [spec.run_config for spec in started] == [
+    # cut again before the resumed run's first round: ``latest`` has no checkpoint, the earlier run has
+    resumed = tmp_path / "cut" / "20261207-010000-ef01"
+    resumed.mkdir()
+    (resumed / "metrics.jsonl").write_text((tmp_path / "cut" / "latest" / "metrics.jsonl").read_text())
+    (tmp_path / "cut" / "latest").unlink()
+    (tmp_path / "cut" / "latest").symlink_to(resumed.name)
+    federate("cut", [], out=tmp_path, rounds=2, seed=0, max_epsilon=8.0, run_config={"dp": False})
+    assert [spec.run_config for spec in started] == 2 * [
         {"dp": False, "resume-from": str((tmp_path / "cut" / "20261207-000000-abcd").resolve())}]

@@ -349,3 +349,22 @@ def test_transfer_reads_a_finished_federation_back_and_resumes_one_cut_short(tmp
     federate("cut", [], out=tmp_path, rounds=2, seed=0, max_epsilon=8.0, run_config={"dp": False})
     assert [spec.run_config for spec in started] == 2 * [
         {"dp": False, "resume-from": str((tmp_path / "cut" / "20261207-000000-abcd").resolve())}]
+
+
+def test_transfer_runs_its_parts_in_the_order_asked_after_the_pretrained_model(tmp_path, monkeypatch):
+    from benchmarks import transfer
+
+    ran = []
+
+    def federate(name, sites, **kwargs):
+        ran.append((name, len(sites), kwargs["run_config"].get("train-layers")))
+        return {"model": "pretrained.pt", "final_dice": 0.5, "dice_per_round": [0.4, 0.5], "site_dice": {}}
+
+    monkeypatch.setattr(transfer, "federate", federate)
+    datalists = [tmp_path / f"site{i}.json" for i in range(6)]
+    results = transfer.run_parts(["dp-decoder", "transfer"], datalists=datalists, out=tmp_path, rounds=2, seed=0,
+                                 max_epsilon=8.0, run_config={})
+    assert ran == [("pretrain", 3, None), ("target-pretrained", 3, None),
+                   ("target-dp-pretrained-decoder", 3, "decoder+norm"), ("target-dp-random", 3, None),
+                   ("target-random", 3, None)]
+    assert results["transfer-summary"] == {"rounds_random": 2, "rounds_pretrained": 2}

@@ -81,7 +81,7 @@ def trained_model_file(plan: Plan, scan: Path, label: np.ndarray, path: Path, *,
     from monai.losses import DiceCELoss
     from monai.transforms import Compose
 
-    from client.transforms import orienting, resampling, settings_for
+    from client.data.transforms import orienting, resampling, settings_for
     from shared.model import build_model
     from shared.model_file import save_model_file
 
@@ -115,7 +115,7 @@ def before(model_path: Path, scan: Path, output: Path) -> dict[str, float]:
     from client.export import load_network
     from client.grid import resample_to_match
     from client.inference import predict_volume
-    from client.transforms import orienting, resampling, settings_for
+    from client.data.transforms import orienting, resampling, settings_for
 
     seconds: dict[str, float] = {}
     with timed_stage(seconds, "read"):

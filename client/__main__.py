@@ -10,7 +10,7 @@ from shared.cli import quiet_optional_codec_notice, run_commands
 COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("client.audit", "summarise the egress audit log: what left this site, per run and round"),
     "check-data": ("client.check_data", "read every case of a datalist as training would and report problems"),
-    "fingerprint": ("client.fingerprint", "show the data fingerprint this site sends for the federated plan"),
+    "fingerprint": ("client.data.site_fingerprint", "show the data fingerprint this site sends for the federated plan"),
     "predict": ("client.predict", "segment a NIfTI file or DICOM series with a federated model"),
     "finetune": ("client.finetune", "fine-tune a federated model on this site's data (DP charged to its ledger)"),
     "export": ("client.export", "write the model as TorchScript with its preprocessing as JSON, checked against predict"),

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from client.checks import check_not_empty_label
-from client.datalist import load_datalist
-from client.dicom import dicom_modality
-from client.loading import preprocess_case
-from client.site_data import check_task, preprocess_settings
-from client.transforms import loading, resampling
+from client.data.case_checks import check_not_empty_label
+from client.data.datalist import load_datalist
+from client.data.dicom import dicom_modality
+from client.data.loading import preprocess_case
+from client.data.site_data import check_task, preprocess_settings
+from client.data.transforms import loading, resampling
 from shared.config import RunConfig
 from shared.errors import ConfigError, DataError, WeightsError
 from shared.plan import Plan, manual_plan

@@ -152,7 +152,7 @@ def _write_quantized(model: torch.nn.Module, plan: Plan, path: Path,
                      datalist_path: Path) -> tuple[Path, Any, tuple[Any, str]]:
     """The int8 network at ``path``, calibrated and compared on the site's datalist (:mod:`client.quantize`);
     the report, and the first validation case's image and modalities (the check's default input)."""
-    from client.datalist import load_datalist
+    from client.data.datalist import load_datalist
     from client.onnx_engine import OnnxNetwork
     from client.quantize import calibration_patches, compare_on_cases, preprocessed_cases, quantize_network
 

@@ -60,7 +60,7 @@ def finetune(*, model_path: Path, site: SiteConfig, out: Path, epochs: int, dp: 
     """Fine-tune the model in ``model_path`` on ``site``'s training cases and write it to ``out``."""
 
     from client.predict import plan_of_model, use_local_weights
-    from client.site_data import load_training_cases
+    from client.data.site_data import load_training_cases
     from client.training import freeze_weights
     from shared.device import resolve_device
     from shared.local_weights import frozen_weight_names
@@ -109,7 +109,7 @@ def _train(model: Any, cases: list, augment: Any, *, config: RunConfig, plan: An
            device: Any) -> dict[str, Any]:
     import torch
 
-    from client.loading import training_loader
+    from client.data.loading import training_loader
     from client.privacy_ledger import PrivacyLedger
     from client.private_round import train_private
     from client.training import make_loss, train_local
@@ -128,7 +128,7 @@ def _train(model: Any, cases: list, augment: Any, *, config: RunConfig, plan: An
 
 def _validation_dice(model: Any, site: SiteConfig, plan: Any, device: Any) -> float | None:
     """Dice on the site's validation cases (None when it has none)."""
-    from client.site_data import load_validation_cases
+    from client.data.site_data import load_validation_cases
     from client.training import evaluate_local
 
     cases = load_validation_cases(site.datalist, plan, cache_dir=site.cache_dir)

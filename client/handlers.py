@@ -120,9 +120,9 @@ def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig, 
     import torch
     from monai.utils import set_determinism
 
-    from client.loading import training_loader
+    from client.data.loading import training_loader
     from client.local_state import keep_local_weights
-    from client.site_data import load_training_cases
+    from client.data.site_data import load_training_cases
     from client.training import make_loss, train_local
     from shared.device import resolve_device
     from shared.weights import model_to_arrays
@@ -172,7 +172,7 @@ def _secure_train(msg: Message, context: Context, config: RunConfig, site: SiteC
 
 
 def _evaluate(msg: Message, context: Context, config: RunConfig, site: SiteConfig, plan: Plan | None) -> RecordDict:
-    from client.site_data import load_validation_cases
+    from client.data.site_data import load_validation_cases
     from client.training import evaluate_local
     from shared.device import resolve_device
 
@@ -231,7 +231,7 @@ def _staying_or_none(config: RunConfig | None, plan: Plan | None) -> frozenset[s
 
 def _fingerprint(msg: Message, context: Context, config: RunConfig, site: SiteConfig,
                  plan: Plan | None) -> RecordDict:
-    from client.fingerprint import site_fingerprint
+    from client.data.site_fingerprint import site_fingerprint
     from client.privacy_ledger import PrivacyLedger
 
     left = None

@@ -1,6 +1,6 @@
 """The work behind ``client predict``: one model load, then scan after scan, timed stage by stage.
 
-A scan goes through the same preprocessing as training (client/transforms.py),
+A scan goes through the same preprocessing as training (client/data/transforms.py),
 the network predicts (sliding window; a 2D model slice by slice), the result is
 brought back to the input's own voxel grid (taken voxel by voxel when the scan
 was only reoriented, else class probabilities are resampled bilinearly) and
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from client.dicom import dicom_modality
+from client.data.dicom import dicom_modality
 from client.inference import OVERLAP, PRECISIONS, SW_BATCH_SIZE, Progress
-from client.transforms import orienting, reading, resampling, settings_for
+from client.data.transforms import orienting, reading, resampling, settings_for
 from shared.atomic import atomic_write
 from shared.errors import ConfigError, DataError
 from shared.plan import Plan
@@ -176,8 +176,8 @@ def _identity(tensor: Any) -> Any:
 
 
 def read_scan(inputs: Sequence[Path]) -> tuple[Any, bool]:
-    """The scan as :func:`client.transforms.reading` gives it (channel-first, own geometry); True if 2D."""
-    from client.loading import preprocess_case
+    """The scan as :func:`client.data.transforms.reading` gives it (channel-first, own geometry); True if 2D."""
+    from client.data.loading import preprocess_case
 
     source: str | list[str] = str(inputs[0]) if len(inputs) == 1 else [str(p) for p in inputs]
     image = preprocess_case({"image": source}, _compose(reading(("image",))))["image"]

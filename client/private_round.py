@@ -41,7 +41,7 @@ def train_private(model: Any, cases: list, augment: Any, *, config: RunConfig, p
                   device: Any, run_id: int, server_round: int) -> dict[str, float | int]:
     """Charge the round to the site's privacy ledger (refusing past the budget), then train with DP-SGD."""
     from client.dp_training import plan_round, private_generator, train_local_dp
-    from client.loading import training_loader
+    from client.data.loading import training_loader
     from client.privacy_ledger import PrivacyLedger
     from client.training import make_loss
 

@@ -89,8 +89,8 @@ def quantize_network(*, onnx_model: bytes, patches: Sequence[np.ndarray], out_pa
 
 def preprocessed_cases(cases: Sequence[dict[str, Any]], *, plan: Plan, modalities: Sequence[str]) -> list[dict]:
     """The datalist ``cases`` as evaluation sees them (the plan's grid, normalised, padded), image and label."""
-    from client.loading import preprocess_case
-    from client.transforms import evaluation_transforms, settings_for
+    from client.data.loading import preprocess_case
+    from client.data.transforms import evaluation_transforms, settings_for
 
     transform = evaluation_transforms(settings_for(plan, modalities=modalities))
     return [preprocess_case(case, transform) for case in cases]

@@ -74,8 +74,8 @@ def train_model(datalists: list[Path], plan: Plan, config: Any, *, steps: int, s
     import torch
     from monai.utils import set_determinism
 
-    from client.loading import training_loader
-    from client.site_data import load_training_cases
+    from client.data.loading import training_loader
+    from client.data.site_data import load_training_cases
     from client.training import make_loss, train_local
     from shared.model import build_model
 
@@ -96,7 +96,7 @@ def train_model(datalists: list[Path], plan: Plan, config: Any, *, steps: int, s
 def evaluate_on_sites(model: Any, sites: list[tuple[str, Path]], plan: Plan, *, seed: int,
                       device: Any, caches: dict[Path, Path] | None = None) -> dict[str, Any]:
     """Per-case results of ``model`` on every site's validation cases."""
-    from client.site_data import load_validation_cases
+    from client.data.site_data import load_validation_cases
     from client.training import evaluate_local
 
     results = {}
@@ -202,7 +202,7 @@ def unreadable_sites(sites: list[tuple[str, Path]], plan: Plan, *,
                      caches: dict[Path, Path] | None = None) -> dict[str, str]:
     """Sites whose cases cannot be read (their problem, as the site itself reported it when it refused):
     left out of every baseline instead of failing them all."""
-    from client.site_data import load_training_cases, load_validation_cases
+    from client.data.site_data import load_training_cases, load_validation_cases
     from shared.errors import FedSegError
 
     problems = {}

@@ -138,7 +138,7 @@ def _synthetic_pool(spec: LayoutSpec, pool_dir: Path) -> tuple[list[dict[str, st
 def _pool_from_datalists(datalists: tuple[Path, ...]) -> tuple[list[dict[str, str]], list[float]]:
     import nibabel as nib
 
-    from client.datalist import load_datalist
+    from client.data.datalist import load_datalist
 
     cases, fractions = [], []
     for path in datalists:

@@ -35,7 +35,7 @@ def write_tensorboard(run_dir: Path, rows: list[dict[str, Any]]) -> Path:
 def _first_case(datalist: Path, plan: Any) -> dict[str, Any] | None:
     """A site's first validation case, or None when it has none or its data cannot be read (a site whose
     data is broken refused the run; its problem is in metrics.jsonl, not a reason to fail the report)."""
-    from client.site_data import load_validation_cases
+    from client.data.site_data import load_validation_cases
     from shared.errors import FedSegError
 
     try:

@@ -18,7 +18,7 @@ from client.inference import predict_volume
 from client.predict import predict_scan
 from client.predict_batch import predict_list
 from client.predictor import STAGES
-from client.transforms import orienting, reading, resampling, settings_for
+from client.data.transforms import orienting, reading, resampling, settings_for
 from shared.config import RunConfig
 from shared.errors import WeightsError
 from shared.model import build_model

@@ -87,7 +87,7 @@ def test_frozen_weights_are_bit_identical_after_dp_training(two_sites, tmp_path,
     site = resolve_site(_context(two_sites[0], tmp_path, run).node_config, "")
     msg = _message(run)
     model, _, _ = _received_model(msg, _context(two_sites[0], tmp_path, run), config, site, manual_plan(config))
-    from client.site_data import load_training_cases
+    from client.data.site_data import load_training_cases
 
     cases, augment = load_training_cases(site.datalist, manual_plan(config), cache_dir=site.cache_dir)
     train_private(model, cases, augment, config=config, plan=manual_plan(config), site=site,

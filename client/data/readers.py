@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from monai.transforms import MapTransform
 
-from client.dicom import check_dicom_series, is_dicom_seg
+from client.data.dicom import check_dicom_series, is_dicom_seg
 from shared.errors import DataError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

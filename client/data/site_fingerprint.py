@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from client.datalist import Datalist, load_datalist
-from client.loading import preprocess_case
-from client.transforms import PreprocessSettings, loading, voxel_spacing
+from client.data.datalist import Datalist, load_datalist
+from client.data.loading import preprocess_case
+from client.data.transforms import PreprocessSettings, loading, voxel_spacing
 from shared.errors import DataError
 from shared.fingerprint import (
     ANISOTROPY_FOR_SLICING,

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from monai.transforms import MapTransform
 
-from client.checks import CheckFinited, CheckGeometryd, CheckLabelValuesd
-from client.readers import LoadCased, PlaceSegOnImageGridd
+from client.data.case_checks import CheckFinited, CheckGeometryd, CheckLabelValuesd
+from client.data.readers import LoadCased, PlaceSegOnImageGridd
 from shared.fingerprint import slicing_axcodes
 from shared.plan import ChannelNorm, Plan
 

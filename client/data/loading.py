@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     import torch
     from monai.data import DataLoader
 
-    from client.case_cache import CaseCache
+    from client.data.case_cache import CaseCache
 
 
 def preprocess_cases(cases: list[dict[str, Any]], transform: Callable, *,

@@ -112,10 +112,10 @@ def before(model_path: Path, scan: Path, output: Path) -> dict[str, float]:
     import torch
     from monai.transforms import Compose
 
+    from client.data.transforms import orienting, resampling, settings_for
     from client.export import load_network
     from client.grid import resample_to_match
     from client.inference import predict_volume
-    from client.data.transforms import orienting, resampling, settings_for
 
     seconds: dict[str, float] = {}
     with timed_stage(seconds, "read"):

@@ -105,8 +105,8 @@ def _train(model: Any, cases: list, augment: Any, *, config: Any, plan: Any, del
            device: Any) -> None:
     import torch
 
-    from client.dp_training import plan_round, private_generator, train_local_dp
     from client.data.loading import training_loader
+    from client.dp_training import plan_round, private_generator, train_local_dp
     from client.training import make_loss, train_local
 
     loss_fn = make_loss(model_config=plan.model_config())

@@ -121,8 +121,8 @@ def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig, 
     from monai.utils import set_determinism
 
     from client.data.loading import training_loader
-    from client.local_state import keep_local_weights
     from client.data.site_data import load_training_cases
+    from client.local_state import keep_local_weights
     from client.training import make_loss, train_local
     from shared.device import resolve_device
     from shared.weights import model_to_arrays

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from client.data.dicom import dicom_modality
-from client.inference import OVERLAP, PRECISIONS, SW_BATCH_SIZE, Progress
 from client.data.transforms import orienting, reading, resampling, settings_for
+from client.inference import OVERLAP, PRECISIONS, SW_BATCH_SIZE, Progress
 from shared.atomic import atomic_write
 from shared.errors import ConfigError, DataError
 from shared.plan import Plan

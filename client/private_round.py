@@ -40,8 +40,8 @@ def check_dp_policy(config: RunConfig, site: SiteConfig) -> None:
 def train_private(model: Any, cases: list, augment: Any, *, config: RunConfig, plan: Plan, site: SiteConfig,
                   device: Any, run_id: int, server_round: int) -> dict[str, float | int]:
     """Charge the round to the site's privacy ledger (refusing past the budget), then train with DP-SGD."""
-    from client.dp_training import plan_round, private_generator, train_local_dp
     from client.data.loading import training_loader
+    from client.dp_training import plan_round, private_generator, train_local_dp
     from client.privacy_ledger import PrivacyLedger
     from client.training import make_loss
 

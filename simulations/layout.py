@@ -30,7 +30,12 @@ import numpy as np
 from shared.errors import ConfigError
 from simulations import partitions
 from simulations.synthetic import (
-    SiteProfile, make_site_profiles, validation_count, write_case, write_datalist, write_hospitals,
+    SiteProfile,
+    make_site_profiles,
+    validation_count,
+    write_case,
+    write_datalist,
+    write_hospitals,
 )
 
 POOL_PROFILE = SiteProfile(

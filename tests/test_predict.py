@@ -12,9 +12,9 @@ import torch
 from monai.transforms import Compose
 
 from client.__main__ import main
+from client.data.transforms import orienting, reading, resampling, settings_for
 from client.grid import resample_to_match
 from client.predict import predict_scan
-from client.data.transforms import orienting, reading, resampling, settings_for
 from shared.config import RunConfig
 from shared.errors import DataError
 from shared.model import build_model

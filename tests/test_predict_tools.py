@@ -12,13 +12,13 @@ import torch
 from monai.transforms import Compose
 
 from client.__main__ import main
+from client.data.transforms import orienting, reading, resampling, settings_for
 from client.export import PREPROCESSING_FILE, export_model, load_exported
 from client.grid import exact_view, resample_to_match
 from client.inference import predict_volume
 from client.predict import predict_scan
 from client.predict_batch import predict_list
 from client.predictor import STAGES
-from client.data.transforms import orienting, reading, resampling, settings_for
 from shared.config import RunConfig
 from shared.errors import WeightsError
 from shared.model import build_model

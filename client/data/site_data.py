@@ -8,7 +8,12 @@ from typing import TYPE_CHECKING, Any
 from client.data.case_cache import CaseCache
 from client.data.datalist import Datalist, load_datalist
 from client.data.loading import preprocess_cases
-from client.data.transforms import PreprocessSettings, evaluation_transforms, settings_for, training_transforms
+from client.data.transforms import (
+    PreprocessSettings,
+    evaluation_transforms,
+    settings_for,
+    training_transforms,
+)
 from shared.errors import DataError
 
 if TYPE_CHECKING:

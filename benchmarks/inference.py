@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.report import load_average, write_section
-from client.predictor import STAGES, Predictor, read_scan, timed_stage
+from client.inference.predictor import STAGES, Predictor, read_scan, timed_stage
 from shared.config import RunConfig
 from shared.plan import Plan, manual_plan
 
@@ -114,8 +114,8 @@ def before(model_path: Path, scan: Path, output: Path) -> dict[str, float]:
 
     from client.data.transforms import orienting, resampling, settings_for
     from client.export import load_network
-    from client.grid import resample_to_match
-    from client.inference import predict_volume
+    from client.inference.scan_grid import resample_to_match
+    from client.inference.whole_volume import predict_volume
 
     seconds: dict[str, float] = {}
     with timed_stage(seconds, "read"):

@@ -74,7 +74,7 @@ def load_network(path: Path, *, engine: str = "torch",
     if local_weights is not None:
         use_local_weights(model, local_weights, plan=plan)
     if engine == "onnx":
-        from client.onnx_engine import OnnxNetwork
+        from client.inference.onnx_engine import OnnxNetwork
 
         return OnnxNetwork(onnx_bytes(model.eval(), plan)), plan
     return model, plan
@@ -100,7 +100,7 @@ def _load_file(network_path: Path) -> torch.nn.Module:
     import torch
 
     if network_path.suffix == ".onnx":
-        from client.onnx_engine import OnnxNetwork
+        from client.inference.onnx_engine import OnnxNetwork
 
         return OnnxNetwork(network_path)
     try:
@@ -115,7 +115,7 @@ def export_model(*, model_path: Path, out_dir: Path, fmt: str = "torchscript", c
 
     ``check_input`` is the scan both segment (default: a synthetic volume at the plan's spacing).
     With ``quantize`` (ONNX only) the network is int8, calibrated on the training cases of the site's
-    ``datalist`` and compared with the float model on its validation cases (:mod:`client.quantize`).
+    ``datalist`` and compared with the float model on its validation cases (:mod:`client.inference.quantize`).
     Raises :class:`WeightsError` if the masks differ (no ``preprocessing.json`` is written then).
     """
 
@@ -150,11 +150,16 @@ def export_model(*, model_path: Path, out_dir: Path, fmt: str = "torchscript", c
 
 def _write_quantized(model: torch.nn.Module, plan: Plan, path: Path,
                      datalist_path: Path) -> tuple[Path, Any, tuple[Any, str]]:
-    """The int8 network at ``path``, calibrated and compared on the site's datalist (:mod:`client.quantize`);
+    """The int8 network at ``path``, calibrated and compared on the site's datalist (:mod:`client.inference.quantize`);
     the report, and the first validation case's image and modalities (the check's default input)."""
     from client.data.datalist import load_datalist
-    from client.onnx_engine import OnnxNetwork
-    from client.quantize import calibration_patches, compare_on_cases, preprocessed_cases, quantize_network
+    from client.inference.onnx_engine import OnnxNetwork
+    from client.inference.quantize import (
+        calibration_patches,
+        compare_on_cases,
+        preprocessed_cases,
+        quantize_network,
+    )
 
     datalist = load_datalist(datalist_path)
     training = preprocessed_cases(datalist.training, plan=plan, modalities=datalist.modalities)
@@ -200,7 +205,7 @@ def onnx_bytes(model: torch.nn.Module, plan: Plan) -> bytes:
 
 def preprocessing_spec(plan: Plan, *, network: str, sha256: str) -> dict[str, Any]:
     """What a program without fedseg must do to a scan before and after the network (``preprocessing.json``)."""
-    from client.inference import OVERLAP
+    from client.inference.whole_volume import OVERLAP
 
     return {
         "format": EXPORT_FORMAT, "network": network, "source_model_sha256": sha256, "plan": plan.to_dict(),
@@ -228,7 +233,7 @@ def _check(model: Any, exported: Any, plan: Plan, check_input: Path | list[Path]
     """(input used, voxels, voxels whose class differs) between the model file and the exported network."""
     import numpy as np
 
-    from client.predictor import Predictor
+    from client.inference.predictor import Predictor
 
     with tempfile.TemporaryDirectory(prefix="fedseg-export-") as tmp:
         folder = Path(tmp)

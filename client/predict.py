@@ -2,7 +2,7 @@
 
 Input: a NIfTI file or a folder holding one DICOM series (one per channel for a
 multi-modal model), or with ``--input-list`` many scans with one model load
-(:mod:`client.predict_batch`). The work is :class:`client.predictor.Predictor`:
+(:mod:`client.predict_batch`). The work is :class:`client.inference.predictor.Predictor`:
 training's preprocessing, sliding-window inference, the mask written as NIfTI
 with the input's shape and affine; optionally DICOM SEG and, with
 ``--uncertainty``, a voxel-wise uncertainty map beside the mask.
@@ -18,8 +18,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from client.inference import OVERLAP, PRECISIONS, SW_BATCH_SIZE
-from client.predictor import Prediction, Predictor
+from client.inference.predictor import Prediction, Predictor
+from client.inference.whole_volume import OVERLAP, PRECISIONS, SW_BATCH_SIZE
 from shared.config import RunConfig, to_key
 from shared.errors import ConfigError, WeightsError
 from shared.plan import Plan, manual_plan
@@ -40,10 +40,10 @@ def predict_scan(*, model_path: Path, input_path: Path | Sequence[Path], output_
     ``input_path`` is one scan, or one scan per input channel (same grid);
     ``modality`` is one name or one per channel, comma-separated (``"T1,FLAIR"``).
     With ``uncertainty`` the mask is the mean over test-time flips and their
-    normalised entropy is written beside it (:func:`client.predictor.uncertainty_path`).
+    normalised entropy is written beside it (:func:`client.inference.predictor.uncertainty_path`).
     ``local_weights`` is this site's own norm weights of a ``local-norm`` run
     (``<state-dir>/local-weights/run-N.pt``), laid over the global model: the site's personal model.
-    ``precision`` is ``auto``, ``float32`` or ``bfloat16`` (:data:`client.inference.PRECISIONS`).
+    ``precision`` is ``auto``, ``float32`` or ``bfloat16`` (:data:`client.inference.whole_volume.PRECISIONS`).
     """
     inputs = [Path(p) for p in ([input_path] if isinstance(input_path, (str, Path)) else input_path)]
     predictor = Predictor.load(model_path=model_path, device=device, overlap=overlap, sw_batch_size=sw_batch_size,

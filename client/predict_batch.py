@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.predictor import Predictor, uncertainty_path
+from client.inference.predictor import Predictor, uncertainty_path
 from shared.errors import ConfigError, DataError, FedSegError
 
 MASK_SUFFIX = "_seg.nii.gz"
@@ -63,7 +63,7 @@ def predict_list(*, model_path: Path, input_list: Path, output_dir: Path, modali
                  uncertainty: bool = False, options: dict[str, Any] | None = None) -> int:
     """Segment every scan of ``input_list`` not done yet; print a line per scan; return the exit code.
 
-    ``options`` go to :class:`client.predictor.Predictor` (device, overlap, ...).
+    ``options`` go to :class:`client.inference.predictor.Predictor` (device, overlap, ...).
     """
     from client.predict import describe
 

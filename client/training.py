@@ -200,7 +200,7 @@ def evaluate_local(model: torch.nn.Module, cases: list[dict[str, Any]], *, plan:
     """Evaluate ``model`` on whole preprocessed volumes ``cases`` (one at a time)."""
     import torch
 
-    from client.inference import predict_volume
+    from client.inference.whole_volume import predict_volume
 
     if not cases:
         raise DataError("the site has no validation cases")

@@ -54,7 +54,7 @@ def write_example_overlays(run_dir: Path, sites: list[tuple[str, Path]], *, unce
     import matplotlib.pyplot as plt
     import torch
 
-    from client.inference import class_indices, flip_probabilities, normalised_entropy
+    from client.inference.whole_volume import class_indices, flip_probabilities, normalised_entropy
     from shared.model_file import load_model
     from shared.plan import read_plan_file
 

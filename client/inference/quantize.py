@@ -125,7 +125,7 @@ def compare_on_cases(*, model: torch.nn.Module, quantized: torch.nn.Module, plan
 
     import torch
 
-    from client.inference import inplace_activations, predict_volume
+    from client.inference.whole_volume import inplace_activations, predict_volume
     from shared.metrics import dice_per_class
 
     if not cases:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from client.data.dicom import dicom_modality
 from client.data.transforms import orienting, reading, resampling, settings_for
-from client.inference import OVERLAP, PRECISIONS, SW_BATCH_SIZE, Progress
+from client.inference.whole_volume import OVERLAP, PRECISIONS, SW_BATCH_SIZE, Progress
 from shared.atomic import atomic_write
 from shared.errors import ConfigError, DataError
 from shared.plan import Plan
@@ -48,7 +48,7 @@ class Prediction:
     uncertainty: Path | None = None
     dicom_uncertainty: Path | None = None
     seconds: dict[str, float] = field(default_factory=dict)
-    #: What the network computed in (``--precision`` resolved: :func:`client.inference.resolve_precision`).
+    #: What the network computed in (``--precision`` resolved: :func:`client.inference.whole_volume.resolve_precision`).
     precision: str = "float32"
 
 
@@ -64,7 +64,7 @@ class Predictor:
 
     def __init__(self, *, network: torch.nn.Module, plan: Plan, device: str = "auto", overlap: float = OVERLAP,
                  sw_batch_size: int = SW_BATCH_SIZE, precision: str = "auto", progress: Progress | None = None) -> None:
-        from client.inference import inplace_activations, resolve_precision
+        from client.inference.whole_volume import inplace_activations, resolve_precision
         from shared.device import resolve_device
 
         if not 0.0 <= overlap < 1.0:
@@ -119,7 +119,7 @@ class Predictor:
             write_nifti(output, mask_array, affine)
             seg_path = dicom_unc = None
             if dicom_seg_path is not None:
-                from client.dicom_seg import write_dicom_seg, write_dicom_uncertainty
+                from client.inference.dicom_output import write_dicom_seg, write_dicom_uncertainty
 
                 if entropy is not None:  # the uncertainty as a DICOM parametric map beside the SEG
                     dicom_unc = write_dicom_uncertainty(inputs[0], entropy, uncertainty_path(Path(dicom_seg_path)))
@@ -135,8 +135,8 @@ class Predictor:
         import numpy as np
         import torch
 
-        from client.grid import exact_view, resample_to_match
-        from client.inference import (
+        from client.inference.scan_grid import exact_view, resample_to_match
+        from client.inference.whole_volume import (
             class_indices,
             flip_probabilities,
             inference_context,
@@ -166,7 +166,7 @@ class Predictor:
 def _plain_torch(network: Any) -> bool:
     import torch
 
-    from client.onnx_engine import OnnxNetwork
+    from client.inference.onnx_engine import OnnxNetwork
 
     return not isinstance(network, (torch.jit.ScriptModule, OnnxNetwork))
 

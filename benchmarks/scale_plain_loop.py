@@ -84,7 +84,7 @@ def do_site_work(work: SiteWork) -> float:
     import torch
 
     from client.data.site_data import load_training_cases, load_validation_cases
-    from client.training import evaluate_local
+    from client.training.local import evaluate_local
     from shared.model_file import load_model
     from shared.weights import model_to_arrays
 
@@ -106,8 +106,8 @@ def _train(model: Any, cases: list, augment: Any, *, config: Any, plan: Any, del
     import torch
 
     from client.data.loading import training_loader
-    from client.dp_training import plan_round, private_generator, train_local_dp
-    from client.training import make_loss, train_local
+    from client.training.dp_sgd import plan_round, private_generator, train_local_dp
+    from client.training.local import make_loss, train_local
 
     loss_fn = make_loss(model_config=plan.model_config())
     if config.dp:

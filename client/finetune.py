@@ -61,7 +61,7 @@ def finetune(*, model_path: Path, site: SiteConfig, out: Path, epochs: int, dp: 
 
     from client.data.site_data import load_training_cases
     from client.predict import plan_of_model, use_local_weights
-    from client.training import freeze_weights
+    from client.training.local import freeze_weights
     from shared.device import resolve_device
     from shared.local_weights import frozen_weight_names
     from shared.model_file import load_model, save_model_file
@@ -110,9 +110,9 @@ def _train(model: Any, cases: list, augment: Any, *, config: RunConfig, plan: An
     import torch
 
     from client.data.loading import training_loader
-    from client.privacy_ledger import PrivacyLedger
     from client.private_round import train_private
-    from client.training import make_loss, train_local
+    from client.training.local import make_loss, train_local
+    from client.training.privacy_ledger import PrivacyLedger
 
     if config.dp:
         done = sum(1 for e in PrivacyLedger(site.state_dir, delta=site.dp_delta).entries()
@@ -129,7 +129,7 @@ def _train(model: Any, cases: list, augment: Any, *, config: RunConfig, plan: An
 def _validation_dice(model: Any, site: SiteConfig, plan: Any, device: Any) -> float | None:
     """Dice on the site's validation cases (None when it has none)."""
     from client.data.site_data import load_validation_cases
-    from client.training import evaluate_local
+    from client.training.local import evaluate_local
 
     cases = load_validation_cases(site.datalist, plan, cache_dir=site.cache_dir)
     return evaluate_local(model, cases, plan=plan, device=device).dice if cases else None

@@ -123,7 +123,7 @@ def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig, 
     from client.data.loading import training_loader
     from client.data.site_data import load_training_cases
     from client.local_state import keep_local_weights
-    from client.training import make_loss, train_local
+    from client.training.local import make_loss, train_local
     from shared.device import resolve_device
     from shared.weights import model_to_arrays
 
@@ -173,7 +173,7 @@ def _secure_train(msg: Message, context: Context, config: RunConfig, site: SiteC
 
 def _evaluate(msg: Message, context: Context, config: RunConfig, site: SiteConfig, plan: Plan | None) -> RecordDict:
     from client.data.site_data import load_validation_cases
-    from client.training import evaluate_local
+    from client.training.local import evaluate_local
     from shared.device import resolve_device
 
     assert plan is not None
@@ -198,7 +198,7 @@ def _received_model(msg: Message, context: Context, config: RunConfig, site: Sit
     Returns (model, names of the site's own weights, the file that keeps them).
     """
     from client.local_state import local_weights_path, restore_local_weights
-    from client.training import freeze_weights
+    from client.training.local import freeze_weights
     from shared.model import build_model
     from shared.weights import load_arrays
 
@@ -232,7 +232,7 @@ def _staying_or_none(config: RunConfig | None, plan: Plan | None) -> frozenset[s
 def _fingerprint(msg: Message, context: Context, config: RunConfig, site: SiteConfig,
                  plan: Plan | None) -> RecordDict:
     from client.data.site_fingerprint import site_fingerprint
-    from client.privacy_ledger import PrivacyLedger
+    from client.training.privacy_ledger import PrivacyLedger
 
     left = None
     if config.patient_dp:

@@ -41,9 +41,9 @@ def train_private(model: Any, cases: list, augment: Any, *, config: RunConfig, p
                   device: Any, run_id: int, server_round: int) -> dict[str, float | int]:
     """Charge the round to the site's privacy ledger (refusing past the budget), then train with DP-SGD."""
     from client.data.loading import training_loader
-    from client.dp_training import plan_round, private_generator, train_local_dp
-    from client.privacy_ledger import PrivacyLedger
-    from client.training import make_loss
+    from client.training.dp_sgd import plan_round, private_generator, train_local_dp
+    from client.training.local import make_loss
+    from client.training.privacy_ledger import PrivacyLedger
 
     if not cases:
         raise DataError("the site has no training cases")

@@ -76,7 +76,7 @@ def train_model(datalists: list[Path], plan: Plan, config: Any, *, steps: int, s
 
     from client.data.loading import training_loader
     from client.data.site_data import load_training_cases
-    from client.training import make_loss, train_local
+    from client.training.local import make_loss, train_local
     from shared.model import build_model
 
     set_determinism(seed=seed)
@@ -97,7 +97,7 @@ def evaluate_on_sites(model: Any, sites: list[tuple[str, Path]], plan: Plan, *, 
                       device: Any, caches: dict[Path, Path] | None = None) -> dict[str, Any]:
     """Per-case results of ``model`` on every site's validation cases."""
     from client.data.site_data import load_validation_cases
-    from client.training import evaluate_local
+    from client.training.local import evaluate_local
 
     results = {}
     for site_id, datalist in sites:

@@ -174,7 +174,7 @@ def test_cache_dir_is_node_config_with_a_default_under_the_state_dir(tmp_path):
 
 def test_the_loss_scores_a_missed_lesion_as_a_full_dice_miss():
     """Dice leaves background out: predicting "no lesion" on a lesion patch costs Dice 1, not 0.5."""
-    from client.training import make_loss
+    from client.training.local import make_loss
 
     label = torch.zeros(2, 1, 16, 16)
     label[:, :, 4:8, 4:8] = 1

@@ -7,8 +7,8 @@ import torch
 
 from client.__main__ import main
 from client.finetune import FINETUNE_RUN_ID, finetune
-from client.privacy_ledger import PrivacyBudgetExceeded, PrivacyLedger
 from client.site import SiteConfig
+from client.training.privacy_ledger import PrivacyBudgetExceeded, PrivacyLedger
 from shared.local_weights import frozen_weight_names
 from shared.model import build_model
 from shared.model_file import load_model, save_model_file

@@ -15,7 +15,7 @@ from client.data.case_cache import CaseCache
 from client.data.loading import preprocess_cases
 from client.data.site_data import load_training_cases, load_validation_cases, preprocess_settings
 from client.data.transforms import evaluation_transforms, loading, settings_for
-from client.training import evaluate_local
+from client.training.local import evaluate_local
 from shared.model import build_model
 from shared.plan import ChannelNorm
 from tests.conftest import tiny_plan

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from opacus.grad_sample import grad_sample_module
 
-from client.dp_ghost import GhostGrad
+from client.training.dp_ghost import GhostGrad
 
 _OPACUS_CREATE_OR_ACCUMULATE = grad_sample_module.create_or_accumulate_grad_sample
 
@@ -44,7 +44,7 @@ def exclusively_owned(tensor: torch.Tensor) -> bool:
 def create_or_accumulate_grad_sample(*, param: torch.Tensor, grad_sample: torch.Tensor | GhostGrad,
                                      max_batch_len: int) -> None:
     """Opacus' function, keeping ``grad_sample`` itself when it is a parameter's first of the step, full-length and
-    exclusively owned, or a :class:`client.dp_ghost.GhostGrad` (only made for a layer's first and only call)."""
+    exclusively owned, or a :class:`client.training.dp_ghost.GhostGrad` (only made for a layer's first and only call)."""
     if isinstance(grad_sample, GhostGrad):
         param._current_grad_sample = grad_sample
         return

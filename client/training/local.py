@@ -51,7 +51,7 @@ def make_loss(*, model_config: ModelConfig | None = None) -> torch.nn.Module:
     (``batch=False``), as DP-SGD's per-sample clipping needs.
 
     With deep supervision in ``model_config`` (DynUNet), MONAI's
-    ``DeepSupervisionLoss`` wraps it (:class:`client.losses.StackedDeepSupervisionLoss`):
+    ``DeepSupervisionLoss`` wraps it (:class:`client.training.losses.StackedDeepSupervisionLoss`):
     every output is scored against the target and weighted ``1, 1/2, 1/4, ...``
     normalised to sum 1, as nnU-Net does, so the total stays on the scale of
     one DiceCE (the same learning rate and clipping norm fit) and, a weighted
@@ -62,7 +62,7 @@ def make_loss(*, model_config: ModelConfig | None = None) -> torch.nn.Module:
     loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
     if model_config is None or model_config.deep_supervision == 0:
         return loss
-    from client.losses import StackedDeepSupervisionLoss, nnunet_weights
+    from client.training.losses import StackedDeepSupervisionLoss, nnunet_weights
 
     return StackedDeepSupervisionLoss(loss, weights=nnunet_weights(model_config.deep_supervision + 1))
 
@@ -173,7 +173,7 @@ def train_step(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor,
     skips the batch weight gradients, which the DP optimizer would discard.
     That pass starts from the loss times the batch length, the sum of the
     per-case losses, so that each layer's output gradient holds every example's
-    own gradient, as the hooks of :func:`client.dp_training.make_private` need.
+    own gradient, as the hooks of :func:`client.training.dp_sgd.make_private` need.
     """
     if per_sample_grads and proximal[0]:
         raise ValueError("FedProx's proximal term has no per-sample gradients: not supported with per_sample_grads")

@@ -2,7 +2,7 @@
 
 Two changes to Opacus 1.6's flat-clipping step, neither to what it computes:
 
-- clipping also takes :class:`client.dp_ghost.GhostGrad` records (a layer's
+- clipping also takes :class:`client.training.dp_ghost.GhostGrad` records (a layer's
   per-sample norms and a function giving its clipped sum) beside materialised
   per-sample gradients, with Opacus' formula: one norm per example over every
   parameter, factor ``min(1, C / (norm + 1e-6))``;
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
 
-from client.dp_ghost import GhostGrad
+from client.training.dp_ghost import GhostGrad
 
 
 class FedsegDPOptimizer(DPOptimizer):

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 # Fastest correct Opacus per-sample gradient mode, in 2D and 3D alike, measured with
 # benchmarks/dp_step.py (BENCHMARKS.md): "hooks" with fedseg's convolution samplers
-# (client/dp_grad_samplers.py). All modes offered are exact; "ghost" is never used (see shared/config.py).
+# (client/training/dp_grad_samplers.py). All modes offered are exact; "ghost" is never used (see shared/config.py).
 AUTO_GRAD_SAMPLE_MODE = "hooks"
 EPSILON_TOLERANCE = 0.01  # as Opacus' get_noise_multiplier: the noise found spends the budget to within this
 Mechanism = tuple[float, float, int]  # (noise multiplier, sample rate, steps), as an Opacus accountant's history
@@ -120,7 +120,7 @@ def _noise_after(epsilon: float, *, delta: float, sample_rate: float, steps: int
     """
     from opacus.accountants.utils import MAX_SIGMA
 
-    from client.privacy_ledger import PrivacyBudgetExceeded, cumulative_epsilon
+    from client.training.privacy_ledger import PrivacyBudgetExceeded, cumulative_epsilon
 
     def epsilon_with(noise: float) -> float:
         return cumulative_epsilon([*spent, (noise, sample_rate, steps)], delta=delta)
@@ -169,9 +169,9 @@ def train_local_dp(model: torch.nn.Module, loader: Any, *, config: RunConfig, pl
     ``loader`` is one shuffled pass over the cases (the plan's batch size, one
     patch per case, its generator from :func:`private_generator`); Opacus
     replaces its sampler by Poisson sampling at ``plan.sample_rate``. ``loss_fn``: as
-    :func:`client.training.train_local`.
+    :func:`client.training.local.train_local`.
     """
-    from client.training import make_optimizer, mean_loss, run_steps
+    from client.training.local import make_optimizer, mean_loss, run_steps
 
     model.to(device).train()
     optimizer = make_optimizer(model, config=config)
@@ -200,24 +200,31 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
     from :func:`private_generator`. The loss is a batch mean (DiceCE with
     ``batch=False`` is a mean of per-case losses) and the optimizer divides the
     clipped sum by the expected batch size (Opacus' ``"mean"``), but the
-    backward pass starts from the summed loss (:func:`client.training.train_step`
+    backward pass starts from the summed loss (:func:`client.training.local.train_step`
     multiplies by the batch length) and the hooks run Opacus' ``"sum"``: Opacus'
     ``"mean"`` multiplies the output gradient of every hooked layer by the batch
     length instead, a pass over each (2D SegResNet, batches of 8: 46 ms of a
     0.7 s DP step). fedseg's
     own hooks come with them: in-place operations on hooked outputs run out of
-    place (:mod:`client.dp_inplace`), shifted-window attention gets
-    per-example gradients (:mod:`client.dp_windows`), and Opacus keeps each
-    per-sample gradient without a copy (:mod:`client.opacus_patches`); large convolutions at few
-    pixels give their per-sample norms without their per-sample gradients (:mod:`client.dp_ghost`), which
+    place (:mod:`client.training.dp_inplace`), shifted-window attention gets
+    per-example gradients (:mod:`client.training.dp_windows`), and Opacus keeps each
+    per-sample gradient without a copy (:mod:`client.training.opacus_patches`); large convolutions at few
+    pixels give their per-sample norms without their per-sample gradients (:mod:`client.training.dp_ghost`), which
     fedseg's DP optimizer clips in one batch weight gradient, adding the noise without Opacus' copies
-    (:mod:`client.dp_optimizer`; the same clipping and noise).
+    (:mod:`client.training.dp_optimizer`; the same clipping and noise).
     """
     from opacus import PrivacyEngine
 
     # importing them registers fedseg's grad samplers: convolutions and PReLU, group and instance norm, windows
-    from client import dp_ghost, dp_grad_samplers, dp_inplace, dp_norm_samplers, dp_windows, opacus_patches  # noqa: F401
-    from client.dp_optimizer import upgrade
+    from client.training import (  # noqa: F401
+        dp_ghost,
+        dp_grad_samplers,
+        dp_inplace,
+        dp_norm_samplers,
+        dp_windows,
+        opacus_patches,
+    )
+    from client.training.dp_optimizer import upgrade
 
     opacus_patches.apply()
 

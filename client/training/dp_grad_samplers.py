@@ -38,7 +38,7 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
 
-from client.dp_ghost import GhostGrad, ghost_weight_grad, takes_ghost_norms
+from client.training.dp_ghost import GhostGrad, ghost_weight_grad, takes_ghost_norms
 
 CONV_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 ConvLayer = nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d
@@ -143,7 +143,7 @@ def per_sample_weight_grad(layer: ConvLayer, inputs: torch.Tensor, backprops: to
 def conv_grad_sample(layer: ConvLayer, activations: list[torch.Tensor],
                      backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor | GhostGrad]:
     """Per-sample ``weight`` (and ``bias``) gradients of a convolution or transposed convolution; a large weight at
-    few output positions of a model attached to :mod:`client.dp_ghost` gets its per-sample norms only."""
+    few output positions of a model attached to :mod:`client.training.dp_ghost` gets its per-sample norms only."""
     inputs = activations[0].to(backprops.dtype)
     n = inputs.shape[0]
     if isinstance(layer.padding, str) or layer.padding_mode != "zeros":  # only convolutions allow these

@@ -77,7 +77,7 @@ def window_attention_grad_sample(layer: WindowAttention, activations: list[torch
     """Per-example gradient of the relative position bias table (``qkv`` and ``proj`` have their own hooks).
 
     The stored gradient is already each example's own: fedseg's DP backward
-    pass starts from the batch's summed loss (``client.dp_training.make_private``).
+    pass starts from the batch's summed loss (``client.training.dp_sgd.make_private``).
     """
     return {layer.relative_position_bias_table: layer.__dict__[TABLE_GRADS].pop()}
 

@@ -21,7 +21,7 @@ gradient in :class:`GhostGrad`:
 
 Opacus' ghost mode (``grad_sample_mode="ghost"``) gets the clipped sum from a
 second backward pass over the whole network instead, and has norm samplers
-for Linear and Embedding only. :class:`client.dp_optimizer.FedsegDPOptimizer`
+for Linear and Embedding only. :class:`client.training.dp_optimizer.FedsegDPOptimizer`
 clips these records beside materialised per-sample gradients: the same flat
 clipping (one norm over all parameters per example), noise and accounting.
 """
@@ -153,7 +153,7 @@ class _Detach:
 
 def attach(model: nn.Module) -> _Detach:
     """Let ``model``'s convolutions take ghost norms (its optimizer must be
-    :class:`client.dp_optimizer.FedsegDPOptimizer`); return the handle that undoes it."""
+    :class:`client.training.dp_optimizer.FedsegDPOptimizer`); return the handle that undoes it."""
     layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Conv3d)]
     _ATTACHED.update(layers)
     return _Detach(layers)

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.audit_log import audit_log_path, read_entries
-from client.site import SiteConfig
+from client.runtime.egress.audit_log import audit_log_path, read_entries
+from client.runtime.site_config import SiteConfig
 from shared.errors import ConfigError
 from shared.protocol import NODE_DATALIST
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from client.site import SiteConfig
+from client.runtime.site_config import SiteConfig
 from shared.config import DEFAULT_DP_DELTA, DEFAULT_MAX_EPSILON, RunConfig, to_key
 from shared.errors import ConfigError
 from shared.protocol import (
@@ -110,7 +110,7 @@ def _train(model: Any, cases: list, augment: Any, *, config: RunConfig, plan: An
     import torch
 
     from client.data.loading import training_loader
-    from client.private_round import train_private
+    from client.runtime.private_round import train_private
     from client.training.local import make_loss, train_local
     from client.training.privacy_ledger import PrivacyLedger
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from flwr.app import MessageType
 
-from client.egress import check_reply, expected_parameter_specs
-from client.handlers import handle_train
+from client.runtime.egress.guard import check_reply, expected_parameter_specs
+from client.runtime.handlers import handle_train
 from client.training.local import make_loss
 from shared.config import RunConfig
 from shared.errors import ConfigError

@@ -13,8 +13,8 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from opacus.accountants import RDPAccountant
 
-from client.handlers import handle_train
-from client.site import SiteConfig
+from client.runtime.handlers import handle_train
+from client.runtime.site_config import SiteConfig
 from client.training.dp_sgd import DPPlan, make_private, plan_round
 from client.training.local import make_loss, mean_loss, run_steps
 from client.training.privacy_ledger import (

@@ -9,10 +9,10 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.audit_log import read_entries
-from client.handlers import _received_model, handle_train
-from client.private_round import train_private
-from client.site import resolve_site
+from client.runtime.egress.audit_log import read_entries
+from client.runtime.handlers import _received_model, handle_train
+from client.runtime.private_round import train_private
+from client.runtime.site_config import resolve_site
 from server.federation import run_federation
 from shared.config import RunConfig
 from shared.errors import ConfigError

@@ -32,7 +32,7 @@ from shared.protocol import ARRAYS, METRICS, NUM_EXAMPLES, SITE, SITE_ID
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from client.site import SiteConfig
+    from client.runtime.site_config import SiteConfig
     from shared.config import RunConfig
 
 SECAGG = RECORD_KEY_CONFIGS

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from client.site import SiteConfig
+from client.runtime.site_config import SiteConfig
 from shared.config import RunConfig
 from shared.errors import DataError, FedSegError
 from shared.plan import Plan

@@ -25,7 +25,7 @@ from shared.protocol import SITE_ID, is_refusal
 if TYPE_CHECKING:
     from flwr.app import RecordDict
 
-    from client.secagg import SecureStep
+    from client.runtime.secagg import SecureStep
 
 AUDIT_LOG_NAME = "egress-audit.jsonl"
 SECAGG_RECORD = "secaggplus_configs"  # Flower's SecAgg+ record name (the protocol's messages)

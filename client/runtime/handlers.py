@@ -4,9 +4,9 @@ Any problem fedseg diagnoses (bad data, bad config, mismatched weights) becomes
 a *refusal*: a normal reply with ``refused = 1`` and a short reason that the
 server logs and counts. The federation goes on without this site's update.
 
-Every reply, refusals included, leaves through :func:`client.replies.send_reply`: the egress
-guard (:mod:`client.egress`) checks it and the site's audit log
-(:mod:`client.audit_log`) records it before Flower sends it. An unexpected
+Every reply, refusals included, leaves through :func:`client.runtime.replies.send_reply`: the egress
+guard (:mod:`client.runtime.egress.guard`) checks it and the site's audit log
+(:mod:`client.runtime.egress.audit_log`) records it before Flower sends it. An unexpected
 exception also becomes a refusal here, so that no exception text (which could
 hold anything) reaches the server through Flower's error reply.
 """
@@ -22,11 +22,11 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.faults import SimulatedCrash
-from client.private_round import check_dp_policy, train_private
-from client.replies import refusal_content, send_reply, site_label
-from client.secagg import SecureStep, check_plain_training_allowed, run_secure_stage
-from client.site import SiteConfig, resolve_site
+from client.runtime.faults import SimulatedCrash
+from client.runtime.private_round import check_dp_policy, train_private
+from client.runtime.replies import refusal_content, send_reply, site_label
+from client.runtime.secagg import SecureStep, check_plain_training_allowed, run_secure_stage
+from client.runtime.site_config import SiteConfig, resolve_site
 from shared.config import RunConfig
 from shared.errors import ConfigError, FedSegError
 from shared.local_weights import (
@@ -63,7 +63,7 @@ Work = Callable[[Message, Context, RunConfig, SiteConfig, "Plan | None"], Record
 def handle_train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's data and reply with the update.
 
-    A message of the secure-aggregation protocol (:mod:`client.secagg`) is one
+    A message of the secure-aggregation protocol (:mod:`client.runtime.secagg`) is one
     step of it: only its masking step trains, and its reply holds a masked vector.
     """
     step = SecureStep.of(msg)
@@ -122,7 +122,7 @@ def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig, 
 
     from client.data.loading import training_loader
     from client.data.site_data import load_training_cases
-    from client.local_state import keep_local_weights
+    from client.runtime.local_state import keep_local_weights
     from client.training.local import make_loss, train_local
     from shared.device import resolve_device
     from shared.weights import model_to_arrays
@@ -197,7 +197,7 @@ def _received_model(msg: Message, context: Context, config: RunConfig, site: Sit
 
     Returns (model, names of the site's own weights, the file that keeps them).
     """
-    from client.local_state import local_weights_path, restore_local_weights
+    from client.runtime.local_state import local_weights_path, restore_local_weights
     from client.training.local import freeze_weights
     from shared.model import build_model
     from shared.weights import load_arrays

@@ -14,10 +14,10 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.audit_log import AuditLogError, append_entry, make_entry
-from client.egress import EgressBlocked, check_reply, expected_parameter_specs
-from client.secagg import SecureStep
-from client.site import SiteConfig
+from client.runtime.egress.audit_log import AuditLogError, append_entry, make_entry
+from client.runtime.egress.guard import EgressBlocked, check_reply, expected_parameter_specs
+from client.runtime.secagg import SecureStep
+from client.runtime.site_config import SiteConfig
 from shared.plan import Plan
 from shared.protocol import (
     ARRAYS,

@@ -12,7 +12,7 @@ A reply may carry only
 - ``fingerprint`` (fingerprint query replies only): a ``MetricRecord`` of scalar
   aggregates under the keys of :data:`shared.fingerprint.FINGERPRINT_KEY_PATTERNS`;
 - ``secaggplus_configs`` (replies to a secure-aggregation step only, never with
-  ``arrays``): what that stage of SecAgg+ sends (:mod:`client.egress_secagg`).
+  ``arrays``): what that stage of SecAgg+ sends (:mod:`client.runtime.egress.secagg_rules`).
 
 Anything else (an extra array such as an image batch, a list-valued metric, an
 unknown key, a long string, an extra record) raises :class:`EgressBlocked`.
@@ -28,8 +28,8 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from client.egress_secagg import check_secagg
-from client.egress_types import ArraySpec, EgressBlocked, show
+from client.runtime.egress.base import ArraySpec, EgressBlocked, show
+from client.runtime.egress.secagg_rules import check_secagg
 from shared.fingerprint import fingerprint_key_allowed
 from shared.protocol import (
     ARRAYS,
@@ -45,7 +45,7 @@ from shared.protocol import (
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-    from client.secagg import SecureStep
+    from client.runtime.secagg import SecureStep
     from shared.model import ModelConfig
 
 SECAGG = "secaggplus_configs"  # Flower's SecAgg+ record (RECORD_KEY_CONFIGS), read without importing flwr

@@ -1,4 +1,4 @@
-"""The egress guard's rules for the secure-aggregation protocol's replies (:mod:`client.secagg`).
+"""The egress guard's rules for the secure-aggregation protocol's replies (:mod:`client.runtime.secagg`).
 
 A reply to a protocol step may carry the protocol's record (Flower's
 ``secaggplus_configs``) holding exactly what that stage of SecAgg+ sends:
@@ -17,7 +17,7 @@ stage                      the record holds
 =========================  =====================================================================
 
 Plain weights (``arrays``) never leave in a protocol reply. Anything else
-raises :class:`~client.egress.EgressBlocked`.
+raises :class:`~client.runtime.egress.guard.EgressBlocked`.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 
-from client.egress_types import ArraySpec, EgressBlocked, show
+from client.runtime.egress.base import ArraySpec, EgressBlocked, show
 
 if TYPE_CHECKING:
     from flwr.app import ConfigRecord
 
-    from client.secagg import SecureStep
+    from client.runtime.secagg import SecureStep
 
 #: The longest public key, encrypted share packet or key share a reply may hold (bytes); Flower's are
 #: a few hundred bytes, so a bigger one could only be smuggling something.

@@ -2,7 +2,7 @@
 
 The simulation harness writes a ``fault`` entry into a virtual site's entry
 of the sites manifest (``python -m simulations --fail-sites/--slow-sites/
---poison-sites``). :func:`client.site.resolve_site` reads it only for
+--poison-sites``). :func:`client.runtime.site_config.resolve_site` reads it only for
 simulated nodes (those configured from the manifest through their
 ``partition-id``); a real hospital's node config has no way to set it, so an
 operator can never make a real site misbehave.

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.faults import SiteFault
+from client.runtime.faults import SiteFault
 from shared.config import DEFAULT_DP_DELTA, DEFAULT_MAX_EPSILON
 from shared.errors import ConfigError
 from shared.protocol import (

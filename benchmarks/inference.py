@@ -113,7 +113,7 @@ def before(model_path: Path, scan: Path, output: Path) -> dict[str, float]:
     from monai.transforms import Compose
 
     from client.data.transforms import orienting, resampling, settings_for
-    from client.export import load_network
+    from client.inference.model_files import load_network
     from client.inference.scan_grid import resample_to_match
     from client.inference.whole_volume import predict_volume
 
@@ -140,7 +140,7 @@ def measure(name: str, plan: Plan, scan: Path, label: np.ndarray, folder: Path, 
     """Seconds per stage for each of ``rows`` (:data:`ROWS`; ``before`` always), and the masks' agreement."""
     import nibabel as nib
 
-    from client.export import export_model
+    from client.commands.export import export_model
 
     model_path = trained_model_file(plan, scan, label, folder / f"{name}.pt", steps=steps)
     for row, fmt in ((ROWS[3], "torchscript"), (ROWS[4], "onnx")):

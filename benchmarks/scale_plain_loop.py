@@ -57,7 +57,7 @@ _WORKER: dict[str, Any] = {}
 def _init_worker(run_config: dict[str, Any], model_path: str, warm_up: list[SiteWork], barrier: Any) -> None:
     import torch
 
-    from client.predict import plan_of_model
+    from client.inference.model_files import plan_of_model
     from shared.cli import quiet_optional_codec_notice
     from shared.config import RunConfig
     from shared.model_file import read_model_file

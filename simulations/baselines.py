@@ -176,7 +176,7 @@ def personal_model(run_dir: Path, site_id: str, *, plan: Plan) -> Any:
 
     Raises :class:`ConfigError` naming the folder when the site kept no weights of this run.
     """
-    from client.predict import use_local_weights
+    from client.inference.model_files import use_local_weights
     from shared.model_file import load_model
 
     kept = sorted((run_dir / "state" / site_id / "local-weights").glob("run-*.pt"))

@@ -12,7 +12,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from client.__main__ import main as client_main
-from client.audit import summarise_audit_log
+from client.commands.audit import summarise_audit_log
 from client.runtime.egress.audit_log import append_entry, make_entry, read_entries
 from client.runtime.handlers import handle_train
 from shared.config import RunConfig

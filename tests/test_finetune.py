@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from client.__main__ import main
-from client.finetune import FINETUNE_RUN_ID, finetune
+from client.commands.finetune import FINETUNE_RUN_ID, finetune
 from client.runtime.site_config import SiteConfig
 from client.training.privacy_ledger import PrivacyBudgetExceeded, PrivacyLedger
 from shared.local_weights import frozen_weight_names

@@ -199,7 +199,7 @@ def test_a_resumed_federation_goes_on_from_each_sites_own_norm_weights(two_sites
 
 
 def test_predict_lays_the_sites_own_norm_weights_over_the_global_model(tmp_path):
-    from client.predict import use_local_weights
+    from client.inference.model_files import use_local_weights
     from client.runtime.local_state import keep_local_weights
     from shared.errors import WeightsError
 

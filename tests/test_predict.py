@@ -14,7 +14,7 @@ from monai.transforms import Compose
 from client.__main__ import main
 from client.data.transforms import orienting, reading, resampling, settings_for
 from client.inference.scan_grid import resample_to_match
-from client.predict import predict_scan
+from client.commands.predict import predict_scan
 from shared.config import RunConfig
 from shared.errors import DataError
 from shared.model import build_model

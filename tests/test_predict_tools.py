@@ -13,12 +13,13 @@ from monai.transforms import Compose
 
 from client.__main__ import main
 from client.data.transforms import orienting, reading, resampling, settings_for
-from client.export import PREPROCESSING_FILE, export_model, load_exported
+from client.commands.export import export_model
+from client.inference.model_files import PREPROCESSING_FILE, load_exported
 from client.inference.predictor import STAGES
 from client.inference.scan_grid import exact_view, resample_to_match
 from client.inference.whole_volume import predict_volume
-from client.predict import predict_scan
-from client.predict_batch import predict_list
+from client.commands.predict import predict_scan
+from client.commands.predict_batch import predict_list
 from shared.config import RunConfig
 from shared.errors import WeightsError
 from shared.model import build_model
@@ -79,7 +80,7 @@ def test_uncertainty_has_the_input_geometry_and_is_higher_where_flips_change_the
     from shared.model_file import load_model
 
     model, payload = load_model(model_path)
-    from client.predict import plan_of_model
+    from client.inference.model_files import plan_of_model
 
     plan = plan_of_model(payload, model_path)
     _, pre = _preprocessed(scan, plan)

@@ -106,7 +106,7 @@ WIRE_STRINGS = ('"site-id"', '"num-examples"', '"server-round"', '"proximal-mu"'
                 '"max-epsilon"', '"dp-delta"', '"require-dp"', '"state-dir"')
 OTHER_FORMATS = {  # file -> why it may spell one of them
     "client/runtime/egress/audit_log.py": "the audit entry's own 'site-id' field",
-    "client/finetune.py": "the fine-tuned model file's 'finetune' record",
+    "client/commands/finetune.py": "the fine-tuned model file's 'finetune' record",
     "server/federation.py": "the global row's 'max-epsilon' (the run folder's column)",
     "server/run_folder.py": "the run folder's columns ('max-epsilon', 'dp-delta' of summary.json)",
     "server/dashboard/pages.py": "reads the run folder's 'max-epsilon' column",

@@ -15,7 +15,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from client.audit import summarise_audit_log
+from client.commands.audit import summarise_audit_log
 from client.runtime.handlers import refusal_content, send_reply
 from client.runtime.secagg import SecureStep, run_secure_stage
 from client.runtime.site_config import SiteConfig

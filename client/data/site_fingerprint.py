@@ -1,12 +1,12 @@
-"""``python -m client fingerprint DATALIST``: the aggregates this site sends for the federated plan.
+"""The aggregates this site sends for the federated plan (shown by ``python -m client fingerprint``).
 
 Before round 1 of a run with ``plan = "auto"`` the server asks every site for
 its fingerprint (:class:`shared.fingerprint.Fingerprint`): numbers of cases,
 percentiles of voxel spacing and image extent, foreground intensity statistics
 per channel and class fractions, each an aggregate over the site's training
 cases, never a value of one case. The reply passes the egress guard and is
-written to the audit log like every other; this command shows a site what it
-would send, before it joins.
+written to the audit log like every other; :mod:`client.commands.fingerprint`
+shows a site what it would send, before it joins.
 
 Cases are read as training reads them (same readers, RAS orientation, label
 checks), without resampling. Intensity statistics use up to
@@ -16,10 +16,7 @@ with a fixed seed so that the fingerprint is reproducible.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -129,26 +126,3 @@ def _channel_stats(values: np.ndarray) -> ChannelIntensity:
                         "statistics (and training) are impossible")
     return ChannelIntensity(voxels=int(values.size), mean=float(values.mean()), std=float(values.std()),
                             percentiles={p: float(np.percentile(values, p)) for p in INTENSITY_PERCENTILES})
-
-
-def format_fingerprint(fingerprint: Fingerprint) -> Iterable[str]:
-    """Lines for the console: every key and value exactly as they would leave the site."""
-    for key, value in fingerprint.to_metrics().items():
-        yield f"{key:36s} {value:.6g}" if isinstance(value, float) else f"{key:36s} {value}"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("datalist", type=Path, help="the site's datalist JSON")
-    parser.add_argument("--num-classes", type=int, help="classes incl. background (default: the datalist's labels)")
-    parser.add_argument("--json", action="store_true", help="print the record as JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    fingerprint = site_fingerprint(args.datalist, num_classes=args.num_classes)
-    if args.json:
-        print(json.dumps(fingerprint.to_metrics(), indent=2, sort_keys=True))
-    else:
-        print(f"fingerprint of {args.datalist} ({fingerprint.cases} training cases); this is all it sends:")
-        for line in format_fingerprint(fingerprint):
-            print(f"  {line}")
-    return 0

@@ -60,7 +60,7 @@ def uncertainty_path(mask_path: Path) -> Path:
 
 
 class Predictor:
-    """A loaded model (a fedseg model file or an exported one, :mod:`client.export`) that segments scans."""
+    """A loaded model (a fedseg model file or an exported one, :mod:`client.commands.export`) that segments scans."""
 
     def __init__(self, *, network: torch.nn.Module, plan: Plan, device: str = "auto", overlap: float = OVERLAP,
                  sw_batch_size: int = SW_BATCH_SIZE, precision: str = "auto", progress: Progress | None = None) -> None:
@@ -86,9 +86,9 @@ class Predictor:
     def load(cls, *, model_path: Path, engine: str = "torch", local_weights: Path | None = None,
              **options: Any) -> Predictor:
         """Load ``model_path`` (a fedseg model file or an export folder) once, to run on ``engine``
-        (:func:`client.export.load_network`), with a site's ``local_weights`` laid over it;
+        (:func:`client.inference.model_files.load_network`), with a site's ``local_weights`` laid over it;
         ``options`` as for the class."""
-        from client.export import load_network
+        from client.inference.model_files import load_network
 
         network, plan = load_network(Path(model_path), engine=engine, local_weights=local_weights)
         return cls(network=network, plan=plan, **options)

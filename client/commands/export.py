@@ -14,13 +14,19 @@ without the JSON is not an export. ``predict --model FOLDER`` runs it.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from client.inference.model_files import (
+    EXPORT_FORMAT,
+    PREPROCESSING_FILE,
+    load_network_file,
+    onnx_bytes,
+    plan_of_model,
+)
 from shared.atomic import atomic_write, atomic_write_json
 from shared.errors import ConfigError, WeightsError
 from shared.plan import Plan
@@ -28,15 +34,10 @@ from shared.plan import Plan
 if TYPE_CHECKING:
     import torch
 
-EXPORT_FORMAT = "fedseg-export/1"
-PREPROCESSING_FILE = "preprocessing.json"
 NETWORK_FILES = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
 #: Share of the check volume's voxels an export's mask may differ in (0 for TorchScript, which computes alike;
 #: int8 rounds every activation, so voxels near a tie between classes flip: its cost is the Dice change reported).
 MAX_MISMATCH = {"torchscript": 0.0, "onnx": 1e-4, "onnx-int8": 0.02}
-ONNX_OPSET = 17
-#: What runs the network in ``predict``: torch, or onnxruntime on CPU.
-ENGINES = ("torch", "onnx")
 
 
 @dataclass(frozen=True)
@@ -51,64 +52,6 @@ class ExportResult:
     quantization: Any = None
 
 
-def load_network(path: Path, *, engine: str = "torch",
-                 local_weights: Path | None = None) -> tuple[torch.nn.Module, Plan]:
-    """The network and plan in ``path``: a fedseg model file, or an export folder written by :func:`export_model`.
-
-    With ``engine="onnx"`` a model file's network is converted to ONNX in memory and run by onnxruntime
-    (an export folder runs on the engine of the file it holds). ``local_weights`` (a site's own norm
-    weights, run config ``local-norm``) are laid over a model file's network before any conversion.
-    """
-    from client.predict import plan_of_model, use_local_weights
-    from shared.model_file import load_model
-
-    if engine not in ENGINES:
-        raise ConfigError(f"'--engine': expected one of {ENGINES}, got {engine!r}")
-    if path.is_dir():
-        if local_weights is not None:
-            raise ConfigError(f"'--local-weights': needs a fedseg model file, not the export folder {path} "
-                              "(export the personal model instead)")
-        return load_exported(path)
-    model, payload = load_model(path)
-    plan = plan_of_model(payload, path)
-    if local_weights is not None:
-        use_local_weights(model, local_weights, plan=plan)
-    if engine == "onnx":
-        from client.inference.onnx_engine import OnnxNetwork
-
-        return OnnxNetwork(onnx_bytes(model.eval(), plan)), plan
-    return model, plan
-
-
-def load_exported(folder: Path) -> tuple[torch.nn.Module, Plan]:
-    """Load an export folder; raise :class:`WeightsError` naming the file if it is incomplete."""
-
-    spec_path = folder / PREPROCESSING_FILE
-    try:
-        spec = json.loads(spec_path.read_text())
-    except FileNotFoundError:
-        raise WeightsError(f"{spec_path}: not an export folder (no {PREPROCESSING_FILE})") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"{spec_path}: not readable JSON ({exc})") from None
-    if not isinstance(spec, dict) or spec.get("format") != EXPORT_FORMAT:
-        raise WeightsError(f"{spec_path}: not a fedseg export (expected format {EXPORT_FORMAT!r})")
-    network_path = folder / str(spec.get("network", ""))
-    return _load_file(network_path).eval(), Plan.from_dict(spec.get("plan"), source=str(spec_path))
-
-
-def _load_file(network_path: Path) -> torch.nn.Module:
-    import torch
-
-    if network_path.suffix == ".onnx":
-        from client.inference.onnx_engine import OnnxNetwork
-
-        return OnnxNetwork(network_path)
-    try:
-        return torch.jit.load(str(network_path), map_location="cpu")
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise WeightsError(f"{network_path}: not a loadable TorchScript network ({exc})") from None
-
-
 def export_model(*, model_path: Path, out_dir: Path, fmt: str = "torchscript", check_input: Path | None = None,
                  modality: str | None = None, quantize: bool = False, datalist: Path | None = None) -> ExportResult:
     """Export the model file ``model_path`` into ``out_dir`` and check it against ``predict``.
@@ -119,7 +62,6 @@ def export_model(*, model_path: Path, out_dir: Path, fmt: str = "torchscript", c
     Raises :class:`WeightsError` if the masks differ (no ``preprocessing.json`` is written then).
     """
 
-    from client.predict import plan_of_model
     from shared.model_file import load_model
 
     if fmt not in ("torchscript", "onnx"):
@@ -138,7 +80,7 @@ def export_model(*, model_path: Path, out_dir: Path, fmt: str = "torchscript", c
             check_input, modality = site_case
     else:
         network_path = _write_network(model.eval(), plan, out_dir / NETWORK_FILES[fmt], fmt=fmt)
-    checked, total, mismatched = _check(model, _load_file(network_path), plan, check_input, modality)
+    checked, total, mismatched = _check(model, load_network_file(network_path), plan, check_input, modality)
     if mismatched > MAX_MISMATCH[fmt] * total:
         raise WeightsError(f"{network_path}: the exported network's mask differs from predict's on {checked} "
                            f"in {mismatched} of {total} voxels; {PREPROCESSING_FILE} not written")
@@ -186,21 +128,6 @@ def _write_network(model: torch.nn.Module, plan: Plan, path: Path, *, fmt: str) 
             return atomic_write(path, lambda handle: torch.jit.save(traced, handle))
     payload = onnx_bytes(model, plan)
     return atomic_write(path, lambda handle: handle.write(payload))
-
-
-def onnx_bytes(model: torch.nn.Module, plan: Plan) -> bytes:
-    """``model`` as an ONNX graph (input ``image``, output ``logits``, the batch axis free)."""
-    import io
-
-    import torch
-
-    buffer = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes on shape checks it fixes as constants
-        torch.onnx.export(model, (torch.zeros(1, plan.in_channels, *plan.patch_size),), buffer, dynamo=False,
-                          opset_version=ONNX_OPSET, input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
-    return buffer.getvalue()
 
 
 def preprocessing_spec(plan: Plan, *, network: str, sha256: str) -> dict[str, Any]:

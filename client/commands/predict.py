@@ -2,7 +2,7 @@
 
 Input: a NIfTI file or a folder holding one DICOM series (one per channel for a
 multi-modal model), or with ``--input-list`` many scans with one model load
-(:mod:`client.predict_batch`). The work is :class:`client.inference.predictor.Predictor`:
+(:mod:`client.commands.predict_batch`). The work is :class:`client.inference.predictor.Predictor`:
 training's preprocessing, sliding-window inference, the mask written as NIfTI
 with the input's shape and affine; optionally DICOM SEG and, with
 ``--uncertainty``, a voxel-wise uncertainty map beside the mask.
@@ -14,20 +14,17 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from client.inference.predictor import Prediction, Predictor
 from client.inference.whole_volume import OVERLAP, PRECISIONS, SW_BATCH_SIZE
-from shared.config import RunConfig, to_key
-from shared.errors import ConfigError, WeightsError
-from shared.plan import Plan, manual_plan
+from shared.errors import ConfigError
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
-__all__ = ["Prediction", "plan_of_model", "predict_scan"]
+__all__ = ["Prediction", "predict_scan"]
 
 
 def predict_scan(*, model_path: Path, input_path: Path | Sequence[Path], output_path: Path, device: str = "auto",
@@ -50,29 +47,6 @@ def predict_scan(*, model_path: Path, input_path: Path | Sequence[Path], output_
                                local_weights=local_weights, precision=precision)
     return predictor.predict(inputs=inputs, output=Path(output_path), modality=modality, uncertainty=uncertainty,
                              dicom_seg_path=dicom_seg_path)
-
-
-def use_local_weights(model: torch.nn.Module, path: Path, *, plan: Plan) -> None:
-    """Lay a site's own norm weights (run config ``local-norm``) from ``path`` over ``model``."""
-    from client.runtime.local_state import restore_local_weights
-    from shared.local_weights import norm_weight_names
-
-    if not restore_local_weights(model, Path(path), names=norm_weight_names(plan.model_config()),
-                                 model_config=plan.model_config()):
-        raise ConfigError(f"'--local-weights': {path} does not exist")
-
-
-def plan_of_model(payload: dict[str, Any], model_path: Path) -> Plan:
-    """The plan a model file was trained with: its ``plan``, or for a file written before plans existed,
-    the manual plan of its run config (only the keys that shape preprocessing and the network matter)."""
-    if isinstance(payload.get("plan"), dict):
-        return Plan.from_dict(payload["plan"], source=str(model_path))
-    if not isinstance(payload.get("run_config"), dict):
-        raise WeightsError(f"{model_path}: model file carries no plan (needed for spacing and patch size)")
-    known = {to_key(f.name) for f in fields(RunConfig)}
-    saved = {k: v for k, v in payload["run_config"].items() if k in known and k not in ("model", "preset")}
-    name = payload.get("model_config", {}).get("name", "unet")
-    return manual_plan(RunConfig.from_mapping({**saved, "model": name, "plan": "manual", "dp": False}))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     if args.input_list is not None:
         if args.output_dir is None or args.output is not None or args.dicom_seg is not None:
             raise ConfigError("'--input-list': give '--output-dir' (not '--output' or '--dicom-seg')")
-        from client.predict_batch import predict_list
+        from client.commands.predict_batch import predict_list
 
         return predict_list(model_path=args.model, input_list=args.input_list, output_dir=args.output_dir,
                             modality=args.modality, uncertainty=args.uncertainty, options=options)

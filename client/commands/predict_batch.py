@@ -65,7 +65,7 @@ def predict_list(*, model_path: Path, input_list: Path, output_dir: Path, modali
 
     ``options`` go to :class:`client.inference.predictor.Predictor` (device, overlap, ...).
     """
-    from client.predict import describe
+    from client.commands.predict import describe
 
     scans = read_input_list(input_list, output_dir=output_dir)
     todo = [scan for scan in scans if not is_done(scan, uncertainty=uncertainty)]

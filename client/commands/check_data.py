@@ -146,7 +146,7 @@ def plan_for_check(*, model: Path | None, overrides: dict[str, Any]) -> Plan:
     given = {k: v for k, v in overrides.items() if v is not None}
     if model is None:
         return manual_plan(RunConfig.from_mapping({"plan": "manual", "dp": False, **given}))
-    from client.predict import plan_of_model
+    from client.inference.model_files import plan_of_model
     from shared.model_file import read_model_file
 
     fixed = sorted(set(given) - {"num-classes", "in-channels"})

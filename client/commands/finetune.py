@@ -60,7 +60,7 @@ def finetune(*, model_path: Path, site: SiteConfig, out: Path, epochs: int, dp: 
     """Fine-tune the model in ``model_path`` on ``site``'s training cases and write it to ``out``."""
 
     from client.data.site_data import load_training_cases
-    from client.predict import plan_of_model, use_local_weights
+    from client.inference.model_files import plan_of_model, use_local_weights
     from client.training.local import freeze_weights
     from shared.device import resolve_device
     from shared.local_weights import frozen_weight_names

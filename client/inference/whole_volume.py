@@ -119,6 +119,7 @@ def resolve_precision(precision: str, device: torch.device, *, autocast_reaches:
     wherever autocast does not reach the network (``autocast_reaches`` false: an ONNX or TorchScript one).
     A resolved value (``float16`` included) is returned as it is.
     """
+    import torch
 
     if precision not in (*PRECISIONS, "float16"):
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")

@@ -114,7 +114,7 @@ def plan_of_model(payload: dict[str, Any], model_path: Path) -> Plan:
 
 def use_local_weights(model: torch.nn.Module, path: Path, *, plan: Plan) -> None:
     """Lay a site's own norm weights (run config ``local-norm``) from ``path`` over ``model``."""
-    from client.runtime.local_state import restore_local_weights
+    from client.inference.site_weights import restore_local_weights
     from shared.local_weights import norm_weight_names
 
     if not restore_local_weights(model, Path(path), names=norm_weight_names(plan.model_config()),

@@ -122,7 +122,7 @@ def _train(msg: Message, context: Context, config: RunConfig, site: SiteConfig, 
 
     from client.data.loading import training_loader
     from client.data.site_data import load_training_cases
-    from client.runtime.local_state import keep_local_weights
+    from client.inference.site_weights import keep_local_weights
     from client.training.local import make_loss, train_local
     from shared.device import resolve_device
     from shared.weights import model_to_arrays
@@ -197,7 +197,7 @@ def _received_model(msg: Message, context: Context, config: RunConfig, site: Sit
 
     Returns (model, names of the site's own weights, the file that keeps them).
     """
-    from client.runtime.local_state import local_weights_path, restore_local_weights
+    from client.inference.site_weights import local_weights_path, restore_local_weights
     from client.training.local import freeze_weights
     from shared.model import build_model
     from shared.weights import load_arrays

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from client.inference.predictor import Prediction, Predictor
+from client.inference.predictor import Prediction, Predictor, describe
 from client.inference.whole_volume import OVERLAP, PRECISIONS, SW_BATCH_SIZE
 from shared.errors import ConfigError
 
@@ -104,18 +104,6 @@ def run(args: argparse.Namespace) -> int:
                                uncertainty=args.uncertainty, dicom_seg_path=args.dicom_seg)
     print(describe(result))
     return 0
-
-
-def describe(result: Prediction) -> str:
-    """The lines ``predict`` prints for one written mask."""
-    counts = ", ".join(f"class {k}: {v}" for k, v in result.voxels_per_class.items())
-    stages = ", ".join(f"{name} {seconds:.1f}" for name, seconds in result.seconds.items())
-    lines = [(f"wrote {result.output} (shape {'x'.join(map(str, result.shape))}, {result.modality} normalisation, "
-              f"{result.precision}; {counts}; seconds: {stages})")]
-    lines += [f"wrote {result.uncertainty} (uncertainty)"] if result.uncertainty else []
-    lines += [f"wrote {result.dicom_seg} (DICOM SEG)"] if result.dicom_seg else []
-    lines += [f"wrote {result.dicom_uncertainty} (uncertainty, DICOM parametric map)"] if result.dicom_uncertainty else []
-    return "\n".join(lines)
 
 
 def use_all_cores() -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.inference.predictor import Predictor, uncertainty_path
+from client.inference.predictor import Predictor, describe, uncertainty_path
 from shared.errors import ConfigError, DataError, FedSegError
 
 MASK_SUFFIX = "_seg.nii.gz"
@@ -65,7 +65,6 @@ def predict_list(*, model_path: Path, input_list: Path, output_dir: Path, modali
 
     ``options`` go to :class:`client.inference.predictor.Predictor` (device, overlap, ...).
     """
-    from client.commands.predict import describe
 
     scans = read_input_list(input_list, output_dir=output_dir)
     todo = [scan for scan in scans if not is_done(scan, uncertainty=uncertainty)]

@@ -52,6 +52,18 @@ class Prediction:
     precision: str = "float32"
 
 
+def describe(result: Prediction) -> str:
+    """The lines ``client predict`` prints for one written mask."""
+    counts = ", ".join(f"class {k}: {v}" for k, v in result.voxels_per_class.items())
+    stages = ", ".join(f"{name} {seconds:.1f}" for name, seconds in result.seconds.items())
+    lines = [(f"wrote {result.output} (shape {'x'.join(map(str, result.shape))}, {result.modality} normalisation, "
+              f"{result.precision}; {counts}; seconds: {stages})")]
+    lines += [f"wrote {result.uncertainty} (uncertainty)"] if result.uncertainty else []
+    lines += [f"wrote {result.dicom_seg} (DICOM SEG)"] if result.dicom_seg else []
+    lines += [f"wrote {result.dicom_uncertainty} (uncertainty, DICOM parametric map)"] if result.dicom_uncertainty else []
+    return "\n".join(lines)
+
+
 def uncertainty_path(mask_path: Path) -> Path:
     """Where the uncertainty map of ``mask_path`` goes: ``NAME_uncertainty.nii.gz`` beside ``NAME.nii.gz``."""
     name = mask_path.name

@@ -6,7 +6,6 @@ trained with, a site's own norm weights laid over it, and the TorchScript/ONNX e
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared.config import RunConfig, to_key
 from shared.errors import ConfigError, WeightsError
+from shared.json_files import read_json
 from shared.plan import Plan, manual_plan
 
 if TYPE_CHECKING:
@@ -59,12 +59,7 @@ def load_exported(folder: Path) -> tuple[torch.nn.Module, Plan]:
     """Load an export folder; raise :class:`WeightsError` naming the file if it is incomplete."""
 
     spec_path = folder / PREPROCESSING_FILE
-    try:
-        spec = json.loads(spec_path.read_text())
-    except FileNotFoundError:
-        raise WeightsError(f"{spec_path}: not an export folder (no {PREPROCESSING_FILE})") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"{spec_path}: not readable JSON ({exc})") from None
+    spec = read_json(spec_path, error=WeightsError, missing=f"does not exist: {folder} is not an export folder")
     if not isinstance(spec, dict) or spec.get("format") != EXPORT_FORMAT:
         raise WeightsError(f"{spec_path}: not a fedseg export (expected format {EXPORT_FORMAT!r})")
     network_path = folder / str(spec.get("network", ""))

@@ -22,9 +22,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.report import write_section  # noqa: E402
-from client.case_cache import CaseCache  # noqa: E402
-from client.loading import preprocess_cases  # noqa: E402
-from client.transforms import evaluation_transforms, settings_for  # noqa: E402
+from client.data.case_cache import CaseCache  # noqa: E402
+from client.data.loading import preprocess_cases  # noqa: E402
+from client.data.transforms import evaluation_transforms, settings_for  # noqa: E402
 from shared.config import RunConfig  # noqa: E402
 from shared.plan import manual_plan  # noqa: E402
 from tests.data_cases import write_dicom_case  # noqa: E402

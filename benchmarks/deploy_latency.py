@@ -63,7 +63,7 @@ def local_compute_s(datalists: list[Path], run_config: dict[str, Any], *, repeat
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from client.handlers import handle_evaluate, handle_train
+    from client.runtime.handlers import handle_evaluate, handle_train
     from shared.config import RunConfig
     from shared.model import build_model
     from shared.weights import model_to_arrays
@@ -210,7 +210,7 @@ of the forked ClientApps, one-off instrumentation at load 5-7): before this
 change a round of the warm deployment took 8-13 s. Per message: 3 s idle sleep
 of the SuperNode (Flower 1.41, hard-coded); 0.5-0.6 s `gc.collect` in the
 forked ClientApp walking the whole preloaded torch/MONAI heap (fedseg's
-`client.memory` collects after every message); 0.6 s importing `torch._dynamo`
+`client.runtime.memory` collects after every message); 0.6 s importing `torch._dynamo`
 (every torch optimizer imports it on first use); 1-2.7 s of Flower's 1 s/2 s
 retry backoff when the ClientApp, the node or the ServerApp asks for message
 objects that have not arrived yet (the sender pushes a message's objects after

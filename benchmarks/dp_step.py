@@ -9,7 +9,7 @@ nnU-Net-like planned sizes (:data:`DYNUNET_PLANS`) into its own section;
 seconds each layer type's grad sampler takes per DP step.
 
 Each model is trained on a fixed random batch of its run's patch and batch size
-with the run's optimizer; a step is :func:`client.training.train_step` (forward,
+with the run's optimizer; a step is :func:`client.training.local.train_step` (forward,
 backward) plus the optimizer step, as local training runs it. Variants:
 
 - ``non-DP``: plain training;
@@ -76,10 +76,14 @@ def use_samplers(kind: str) -> None:
     from opacus.grad_sample.linear import compute_linear_grad_sample
     from torch import nn
 
-    from client import opacus_patches
-    from client.dp_grad_samplers import CONV_LAYER_TYPES, conv_grad_sample, prelu_grad_sample
-    from client.dp_norm_samplers import INSTANCE_NORM_TYPES, norm_grad_sample
-    from client.dp_windows import WindowAttention, window_attention_grad_sample, windowed_linear_grad_sample
+    from client.training import opacus_patches
+    from client.training.dp_grad_samplers import CONV_LAYER_TYPES, conv_grad_sample, prelu_grad_sample
+    from client.training.dp_norm_samplers import INSTANCE_NORM_TYPES, norm_grad_sample
+    from client.training.dp_windows import (
+        WindowAttention,
+        window_attention_grad_sample,
+        windowed_linear_grad_sample,
+    )
 
     (opacus_patches.apply if kind == "fedseg" else opacus_patches.restore)()
     samplers = GradSampleHooks.GRAD_SAMPLERS
@@ -108,8 +112,8 @@ def setup_step(model_name: str, variant: str, act: str | None, *, keep_samplers:
 
     import torch
 
-    from client.dp_training import DPPlan, make_private
-    from client.training import make_loss, make_optimizer, train_step
+    from client.training.dp_sgd import DPPlan, make_private
+    from client.training.local import make_loss, make_optimizer, train_step
     from shared.model import build_model
 
     mode, samplers, per_sample_grads = VARIANTS[variant]

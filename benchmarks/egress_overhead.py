@@ -24,9 +24,9 @@ import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from benchmarks.report import write_section
-from client.audit_log import append_entry, make_entry
-from client.egress import check_reply, expected_parameter_specs
-from client.training import make_loss
+from client.runtime.egress.audit_log import append_entry, make_entry
+from client.runtime.egress.guard import check_reply, expected_parameter_specs
+from client.training.local import make_loss
 from shared.model import ModelConfig, build_model
 from shared.protocol import ARRAYS, METRICS, NUM_EXAMPLES, SITE, SITE_ID, STEPS, TRAIN, TRAIN_LOSS
 from shared.weights import model_to_arrays

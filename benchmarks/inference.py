@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.report import load_average, write_section
-from client.predictor import STAGES, Predictor, read_scan, timed_stage
+from client.inference.predictor import STAGES, Predictor, read_scan, timed_stage
 from shared.config import RunConfig
 from shared.plan import Plan, manual_plan
 
@@ -81,7 +81,7 @@ def trained_model_file(plan: Plan, scan: Path, label: np.ndarray, path: Path, *,
     from monai.losses import DiceCELoss
     from monai.transforms import Compose
 
-    from client.transforms import orienting, resampling, settings_for
+    from client.data.transforms import orienting, resampling, settings_for
     from shared.model import build_model
     from shared.model_file import save_model_file
 
@@ -112,10 +112,10 @@ def before(model_path: Path, scan: Path, output: Path) -> dict[str, float]:
     import torch
     from monai.transforms import Compose
 
-    from client.export import load_network
-    from client.grid import resample_to_match
-    from client.inference import predict_volume
-    from client.transforms import orienting, resampling, settings_for
+    from client.data.transforms import orienting, resampling, settings_for
+    from client.inference.model_files import load_network
+    from client.inference.scan_grid import resample_to_match
+    from client.inference.whole_volume import predict_volume
 
     seconds: dict[str, float] = {}
     with timed_stage(seconds, "read"):
@@ -140,7 +140,7 @@ def measure(name: str, plan: Plan, scan: Path, label: np.ndarray, folder: Path, 
     """Seconds per stage for each of ``rows`` (:data:`ROWS`; ``before`` always), and the masks' agreement."""
     import nibabel as nib
 
-    from client.export import export_model
+    from client.commands.export import export_model
 
     model_path = trained_model_file(plan, scan, label, folder / f"{name}.pt", steps=steps)
     for row, fmt in ((ROWS[3], "torchscript"), (ROWS[4], "onnx")):

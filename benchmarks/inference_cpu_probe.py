@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.inference import planned_plan
-    from client.inference import inference_context, inplace_activations, predict_volume
+    from client.inference.whole_volume import inference_context, inplace_activations, predict_volume
     from shared.model import build_model
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.inference_cpu_probe", description=__doc__)

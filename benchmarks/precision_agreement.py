@@ -56,7 +56,7 @@ def compare(model: Path, datalists: list[Path], *, device: str = "cpu") -> dict[
     import nibabel as nib
     import numpy as np
 
-    from client.predictor import Predictor
+    from client.inference.predictor import Predictor
 
     predictors = {p: Predictor.load(model_path=model, device=device, precision=p) for p in PRECISIONS}
     num_classes = predictors["float32"].plan.num_classes

@@ -27,7 +27,7 @@ def run_variant(datalists: list[Path], overrides: dict[str, Any], *, steps: int,
     """Plan from the sites' fingerprints, train pooled for ``steps`` steps; per-site Dice and time."""
     import torch
 
-    from client.fingerprint import site_fingerprint
+    from client.data.site_fingerprint import site_fingerprint
     from server.plan_phase import describe
     from server.planning import derive_plan
     from shared.config import RunConfig

@@ -57,7 +57,7 @@ _WORKER: dict[str, Any] = {}
 def _init_worker(run_config: dict[str, Any], model_path: str, warm_up: list[SiteWork], barrier: Any) -> None:
     import torch
 
-    from client.predict import plan_of_model
+    from client.inference.model_files import plan_of_model
     from shared.cli import quiet_optional_codec_notice
     from shared.config import RunConfig
     from shared.model_file import read_model_file
@@ -83,8 +83,8 @@ def do_site_work(work: SiteWork) -> float:
     """Do one site's work in this worker; return the CPU seconds it took."""
     import torch
 
-    from client.site_data import load_training_cases, load_validation_cases
-    from client.training import evaluate_local
+    from client.data.site_data import load_training_cases, load_validation_cases
+    from client.training.local import evaluate_local
     from shared.model_file import load_model
     from shared.weights import model_to_arrays
 
@@ -105,9 +105,9 @@ def _train(model: Any, cases: list, augment: Any, *, config: Any, plan: Any, del
            device: Any) -> None:
     import torch
 
-    from client.dp_training import plan_round, private_generator, train_local_dp
-    from client.loading import training_loader
-    from client.training import make_loss, train_local
+    from client.data.loading import training_loader
+    from client.training.dp_sgd import plan_round, private_generator, train_local_dp
+    from client.training.local import make_loss, train_local
 
     loss_fn = make_loss(model_config=plan.model_config())
     if config.dp:

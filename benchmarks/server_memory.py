@@ -128,7 +128,7 @@ class RssSampler:
     def __init__(self) -> None:
         import threading
 
-        from client.memory import resident_bytes
+        from client.runtime.memory import resident_bytes
 
         self._rss = resident_bytes
         self.base = self._rss()

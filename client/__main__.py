@@ -8,13 +8,13 @@ from shared.cli import quiet_optional_codec_notice, run_commands
 
 # name -> (module with add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "audit": ("client.audit", "summarise the egress audit log: what left this site, per run and round"),
-    "check-data": ("client.check_data", "read every case of a datalist as training would and report problems"),
-    "fingerprint": ("client.fingerprint", "show the data fingerprint this site sends for the federated plan"),
-    "predict": ("client.predict", "segment a NIfTI file or DICOM series with a federated model"),
-    "finetune": ("client.finetune", "fine-tune a federated model on this site's data (DP charged to its ledger)"),
-    "export": ("client.export", "write the model as TorchScript with its preprocessing as JSON, checked against predict"),
-    "keygen": ("client.keygen", "make this node's authentication key pair (the public key goes to the operator)"),
+    "audit": ("client.commands.audit", "summarise the egress audit log: what left this site, per run and round"),
+    "check-data": ("client.commands.check_data", "read every case of a datalist as training would and report problems"),
+    "fingerprint": ("client.commands.fingerprint", "show the data fingerprint this site sends for the federated plan"),
+    "predict": ("client.commands.predict", "segment a NIfTI file or DICOM series with a federated model"),
+    "finetune": ("client.commands.finetune", "fine-tune a federated model on this site's data (DP charged to its ledger)"),
+    "export": ("client.commands.export", "write the model as TorchScript with its preprocessing as JSON, checked against predict"),
+    "keygen": ("client.commands.keygen", "make this node's authentication key pair (the public key goes to the operator)"),
 }
 
 

@@ -1,6 +1,6 @@
 """fedseg ClientApp: the hospital side of the federation.
 
-Kept thin and cheap to import; the work lives in :mod:`client.handlers`.
+Kept thin and cheap to import; the work lives in :mod:`client.runtime.handlers`.
 """
 
 from flwr.app import Context, Message
@@ -16,8 +16,8 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on this site's data."""
-    from client.handlers import handle_train
-    from client.memory import memory_released
+    from client.runtime.handlers import handle_train
+    from client.runtime.memory import memory_released
 
     with memory_released():
         return handle_train(msg, context)
@@ -26,8 +26,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this site's validation split."""
-    from client.handlers import handle_evaluate
-    from client.memory import memory_released
+    from client.runtime.handlers import handle_evaluate
+    from client.runtime.memory import memory_released
 
     with memory_released():
         return handle_evaluate(msg, context)
@@ -36,8 +36,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query(FINGERPRINT_ACTION)
 def fingerprint(msg: Message, context: Context) -> Message:
     """Send this site's data fingerprint (aggregates only) for the federated plan."""
-    from client.handlers import handle_fingerprint
-    from client.memory import memory_released
+    from client.runtime.handlers import handle_fingerprint
+    from client.runtime.memory import memory_released
 
     with memory_released():
         return handle_fingerprint(msg, context)

@@ -12,7 +12,7 @@ of its own (state never leaks between runs or rounds), it just starts warm.
 Only third-party libraries are preloaded, never fedseg's own packages: the
 ClientApp code always comes from the FAB that Flower installs for the run.
 Before the loop starts, everything preloaded is frozen out of the garbage
-collector (``gc.freeze``), so a child's collections (``client.memory``) walk
+collector (``gc.freeze``), so a child's collections (``client.runtime.memory``) walk
 only what that child allocated, not the whole torch/MONAI heap (~0.5 s each
 otherwise). And the ClientApp retries sooner when it asks its SuperNode for
 the message's content before the SuperNode has it: Flower 1.41 starts the

@@ -32,7 +32,7 @@ from typing import Any
 
 import tomli_w
 
-from client.keygen import make_node_keys
+from client.commands.keygen import make_node_keys
 from deploy.images import IMAGES, Podman
 from deploy.processes import CONNECTION, DeploymentError, Operator
 from server.certs import make_certificates

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.site import SiteConfig
+from client.runtime.site_config import SiteConfig
 from deploy.supernode import DEFAULT_POLL_INTERVAL_S
 from shared.config import DEFAULT_MAX_EPSILON
 from shared.errors import FedSegError
@@ -34,6 +34,7 @@ from shared.superlink import (
     wait_healthy,
     write_connection,
 )
+
 CONNECTION = "fedseg-deploy"
 # How often a node's SuperExec polls its SuperNode for a new ClientApp task (Flower default 1 s; twice per round).
 # The SuperLink's SuperExec keeps Flower's 1 s: it starts one ServerApp per run, and every poll costs it CPU.
@@ -64,7 +65,7 @@ class NodeSettings:
     max_epsilon: float = DEFAULT_MAX_EPSILON  # the site's privacy budget
 
     def site(self) -> SiteConfig:
-        """The site-owned settings this node runs with (:class:`client.site.SiteConfig`)."""
+        """The site-owned settings this node runs with (:class:`client.runtime.site_config.SiteConfig`)."""
         return SiteConfig(site_id=self.site_id, datalist=self.datalist.resolve(), state_dir=self.state_dir.resolve(),
                           max_epsilon=self.max_epsilon, require_dp=self.require_dp)
 

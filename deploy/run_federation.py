@@ -6,7 +6,7 @@
 2. starts ``flower-superlink`` with TLS, SuperNode authentication and a
    persistent ``--database``;
 3. per hospital: writes synthetic data (or uses ``--datalists``), makes the
-   node's key pair (``client.keygen``), registers the public key with
+   node's key pair (``client.commands.keygen``), registers the public key with
    ``flwr supernode register``, starts Flower's SuperNode (through
    ``deploy/supernode.py``: shorter fixed waits; one CPU share) with its own key,
    node config and state directory;
@@ -32,7 +32,7 @@ from typing import Any
 
 import tomli_w
 
-from client.keygen import make_node_keys
+from client.commands.keygen import make_node_keys
 from deploy.processes import CONNECTION, DeploymentError, LocalSuperLink, NodeSettings
 from deploy.supernode import DEFAULT_POLL_INTERVAL_S, PollIntervalError, parse_poll_interval
 from server.certs import make_certificates

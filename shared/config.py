@@ -87,7 +87,7 @@ class RunConfig:
     over this round and the run's remaining rounds), ``dp-target-epsilon``
     (> 0: the noise that spends this epsilon per round) or
     ``dp-noise-multiplier`` (> 0). A site's budget, delta and whether it
-    requires DP are node config (``client.site``), which no run config key can change.
+    requires DP are node config (``client.runtime.site_config``), which no run config key can change.
 
     ``dp-level`` says whom DP protects: ``patient`` (DP-SGD at every site, the
     keys above), ``site`` (a whole hospital: DP-FedAvg, :mod:`server.site_dp`:
@@ -131,7 +131,7 @@ class RunConfig:
     and ``multikrum-keep`` (updates Multi-Krum averages; 0: n - f).
 
     **Secure aggregation.** ``secure-aggregation`` (false) runs every training
-    round as Flower's SecAgg+ protocol (``server.secagg``, ``client.secagg``):
+    round as Flower's SecAgg+ protocol (``server.secagg``, ``client.runtime.secagg``):
     the server learns only the sum of the sites' updates. ``secagg-threshold``
     is the number of sites whose key shares rebuild a secret (Shamir), hence
     the fewest sites a round can finish with; each site clips every coordinate

@@ -131,7 +131,7 @@ def check_network_keys(config: RunConfig) -> None:
              config.flexible_backbone)
     require_together(not config.dp or network.dp_modes is None or config.dp_grad_sample_mode in network.dp_modes,
                      ("dp-grad-sample-mode", "model"), f"model {config.model!r} has exact per-sample gradients in "
-                     f"modes {network.dp_modes} only (fedseg's samplers; see client/dp_windows.py)")
+                     f"modes {network.dp_modes} only (fedseg's samplers; see client/training/dp_windows.py)")
     divisor = network.divisor(dims=config.spatial_dims)
     if divisor is None:
         return

@@ -6,13 +6,13 @@ The simulation harness and the local deployment runner both start from it, so
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from shared.config import RunConfig
 from shared.errors import ConfigError
+from shared.json_files import read_json
 
 
 def task_from_datalists(datalists: tuple[Path, ...]) -> dict[str, int | str]:
@@ -23,10 +23,7 @@ def task_from_datalists(datalists: tuple[Path, ...]) -> dict[str, int | str]:
     task: dict[str, int | str] = {}
     declared_by: dict[str, Path] = {}
     for path in datalists:
-        try:
-            raw = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"'--datalists': {path} is not readable JSON ({exc})") from None
+        raw = read_json(path, error=ConfigError, context="'--datalists': ")
         for section, key in (("modality", "in-channels"), ("labels", "num-classes")):
             if not isinstance(raw, dict) or not raw.get(section):
                 continue

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import ConfigError, WeightsError
+from shared.json_files import read_json
 
 if TYPE_CHECKING:
     import torch
@@ -201,11 +201,7 @@ def _state_dict_of(payload: Any, path: Path) -> dict[str, Any]:
 
 def read_key_map(path: Path | str) -> dict[str, str | None]:
     """The JSON object of run config ``initial-model-key-map``; raise :class:`ConfigError` naming the key."""
-    try:
-        mapping = json.loads(Path(path).expanduser().read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"run config key 'initial-model-key-map': {path} is not a readable JSON file "
-                          f"({exc})") from None
+    mapping = read_json(Path(path).expanduser(), error=ConfigError, context="run config key 'initial-model-key-map': ")
     if not isinstance(mapping, dict) or not all(isinstance(v, str | None) for v in mapping.values()):
         raise ConfigError(f"run config key 'initial-model-key-map': {path} must hold one JSON object of "
                           "\"name in the file\": \"fedseg's name\" (or null to drop it)")

@@ -22,6 +22,7 @@ from typing import Any
 
 from shared.config import AUTO, RunConfig, parse_int_list
 from shared.errors import ConfigError
+from shared.json_files import read_json
 from shared.model import DEFAULT_ACT, MODELS, ModelConfig, default_deep_supervision
 from shared.networks.base import Levels
 from shared.networks.flexibleunet import DEFAULT_BACKBONE
@@ -155,12 +156,7 @@ def build_model_config(plan: Plan) -> ModelConfig:
 def read_plan_file(path: Path | str) -> Plan:
     """A ``plan.json`` written by a run (its ``plan`` entry) or by :meth:`Plan.to_dict` alone."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"run config key 'plan': {path} does not exist") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"run config key 'plan': {path} is not readable JSON ({exc})") from None
+    data = read_json(path, error=ConfigError, context="run config key 'plan': ")
     return Plan.from_dict(data.get("plan", data) if isinstance(data, dict) else data, source=str(path))
 
 

@@ -2,7 +2,7 @@
 
 The ClientApp, the ServerApp, the simulation harness and the deployment
 scripts import these names instead of spelling the strings out, and the
-site's egress guard (:mod:`client.egress`) derives its allow-list from them:
+site's egress guard (:mod:`client.runtime.egress.guard`) derives its allow-list from them:
 a key is sent only if it is named here.
 
 What a reply carries (every message kind):
@@ -14,11 +14,11 @@ What a reply carries (every message kind):
   short strings (:data:`SITE_KEY_LIMITS`);
 - :data:`ARRAYS` (``ArrayRecord``, train replies only): the model's weights;
 - the fingerprint record of a fingerprint query (:mod:`shared.fingerprint`),
-  or the SecAgg+ record of a secure-aggregation step (:mod:`client.egress_secagg`).
+  or the SecAgg+ record of a secure-aggregation step (:mod:`client.runtime.egress.secagg_rules`).
 
 The node config (``flower-supernode --node-config``; a simulation's
 ``sites.json``) is the site's own: :data:`NODE_CONFIG_KEYS` lists every key
-fedseg reads, parsed by ``client.site.SiteConfig.from_node_config`` and written
+fedseg reads, parsed by ``client.runtime.site_config.SiteConfig.from_node_config`` and written
 by ``SiteConfig.to_node_config``.
 """
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import tomli_w
 
-from client.site import SiteConfig
+from client.runtime.site_config import SiteConfig
 from server.checkpoint import checkpoint_path
 from server.federation import PROGRESS_PREFIX, update_latest_link
 from shared.config import DEFAULT_DP_DELTA, DEFAULT_MAX_EPSILON, RunConfig

@@ -74,9 +74,9 @@ def train_model(datalists: list[Path], plan: Plan, config: Any, *, steps: int, s
     import torch
     from monai.utils import set_determinism
 
-    from client.loading import training_loader
-    from client.site_data import load_training_cases
-    from client.training import make_loss, train_local
+    from client.data.loading import training_loader
+    from client.data.site_data import load_training_cases
+    from client.training.local import make_loss, train_local
     from shared.model import build_model
 
     set_determinism(seed=seed)
@@ -96,8 +96,8 @@ def train_model(datalists: list[Path], plan: Plan, config: Any, *, steps: int, s
 def evaluate_on_sites(model: Any, sites: list[tuple[str, Path]], plan: Plan, *, seed: int,
                       device: Any, caches: dict[Path, Path] | None = None) -> dict[str, Any]:
     """Per-case results of ``model`` on every site's validation cases."""
-    from client.site_data import load_validation_cases
-    from client.training import evaluate_local
+    from client.data.site_data import load_validation_cases
+    from client.training.local import evaluate_local
 
     results = {}
     for site_id, datalist in sites:
@@ -176,7 +176,7 @@ def personal_model(run_dir: Path, site_id: str, *, plan: Plan) -> Any:
 
     Raises :class:`ConfigError` naming the folder when the site kept no weights of this run.
     """
-    from client.predict import use_local_weights
+    from client.inference.model_files import use_local_weights
     from shared.model_file import load_model
 
     kept = sorted((run_dir / "state" / site_id / "local-weights").glob("run-*.pt"))
@@ -202,7 +202,7 @@ def unreadable_sites(sites: list[tuple[str, Path]], plan: Plan, *,
                      caches: dict[Path, Path] | None = None) -> dict[str, str]:
     """Sites whose cases cannot be read (their problem, as the site itself reported it when it refused):
     left out of every baseline instead of failing them all."""
-    from client.site_data import load_training_cases, load_validation_cases
+    from client.data.site_data import load_training_cases, load_validation_cases
     from shared.errors import FedSegError
 
     problems = {}

@@ -2,7 +2,7 @@
 
 Each option takes either a number N (N sites drawn with ``--fault-seed``) or a
 comma-separated list of site ids. The plan becomes a ``fault`` entry in those
-sites' entries of the sites manifest, applied by :mod:`client.faults`.
+sites' entries of the sites manifest, applied by :mod:`client.runtime.faults`.
 """
 
 from __future__ import annotations

@@ -30,7 +30,12 @@ import numpy as np
 from shared.errors import ConfigError
 from simulations import partitions
 from simulations.synthetic import (
-    SiteProfile, make_site_profiles, validation_count, write_case, write_datalist, write_hospitals,
+    SiteProfile,
+    make_site_profiles,
+    validation_count,
+    write_case,
+    write_datalist,
+    write_hospitals,
 )
 
 POOL_PROFILE = SiteProfile(
@@ -138,7 +143,7 @@ def _synthetic_pool(spec: LayoutSpec, pool_dir: Path) -> tuple[list[dict[str, st
 def _pool_from_datalists(datalists: tuple[Path, ...]) -> tuple[list[dict[str, str]], list[float]]:
     import nibabel as nib
 
-    from client.datalist import load_datalist
+    from client.data.datalist import load_datalist
 
     cases, fractions = [], []
     for path in datalists:

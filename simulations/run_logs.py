@@ -35,7 +35,7 @@ def write_tensorboard(run_dir: Path, rows: list[dict[str, Any]]) -> Path:
 def _first_case(datalist: Path, plan: Any) -> dict[str, Any] | None:
     """A site's first validation case, or None when it has none or its data cannot be read (a site whose
     data is broken refused the run; its problem is in metrics.jsonl, not a reason to fail the report)."""
-    from client.site_data import load_validation_cases
+    from client.data.site_data import load_validation_cases
     from shared.errors import FedSegError
 
     try:
@@ -54,7 +54,7 @@ def write_example_overlays(run_dir: Path, sites: list[tuple[str, Path]], *, unce
     import matplotlib.pyplot as plt
     import torch
 
-    from client.inference import class_indices, flip_probabilities, normalised_entropy
+    from client.inference.whole_volume import class_indices, flip_probabilities, normalised_entropy
     from shared.model_file import load_model
     from shared.plan import read_plan_file
 

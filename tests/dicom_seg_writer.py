@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.dicom_seg import write_dicom_seg
+from client.inference.dicom_output import write_dicom_seg
 
 
 def write_seg(series: str | Path, label: np.ndarray, path: Path) -> Path:

@@ -1,7 +1,7 @@
 """A whole federation in the test process: fedseg's ServerApp logic against its real ClientApp handlers.
 
 :class:`HandlerGrid` stands in for the network: each pushed message is answered
-at once by ``client.handlers`` on a synthetic hospital (one Flower Context per
+at once by ``client.runtime.handlers`` on a synthetic hospital (one Flower Context per
 node, kept across messages), so :func:`server.federation.run_federation` runs
 unchanged, with no Flower process started.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from flwr.app import Context, Message, MessageType, RecordDict
 
-from client.handlers import handle_evaluate, handle_fingerprint, handle_train
+from client.runtime.handlers import handle_evaluate, handle_fingerprint, handle_train
 from tests.fake_grid import AnsweringGrid
 
 RUN_ID = 5

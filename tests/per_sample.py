@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from client.dp_ghost import GhostGrad
-from client.dp_grad_samplers import folded_weight_grad
-from client.dp_training import DPPlan, make_private
-from client.training import run_steps
+from client.training.dp_ghost import GhostGrad
+from client.training.dp_grad_samplers import folded_weight_grad
+from client.training.dp_sgd import DPPlan, make_private
+from client.training.local import run_steps
 
 
 def single_example_grads(model: torch.nn.Module, loss_fn: torch.nn.Module, images: torch.Tensor,
@@ -50,7 +50,7 @@ def dp_step(model: torch.nn.Module, loss_fn: torch.nn.Module, images: torch.Tens
 
 
 def materialised(grad_sample: torch.Tensor | GhostGrad) -> torch.Tensor:
-    """Per-sample gradients, also of a layer that kept only its ghost norms (client/dp_ghost.py)."""
+    """Per-sample gradients, also of a layer that kept only its ghost norms (client/training/dp_ghost.py)."""
     if isinstance(grad_sample, GhostGrad):
         return folded_weight_grad(grad_sample.layer, grad_sample.inputs, grad_sample.backprops)
     return grad_sample
@@ -58,10 +58,10 @@ def materialised(grad_sample: torch.Tensor | GhostGrad) -> torch.Tensor:
 
 def assert_on_fast_samplers(model: torch.nn.Module) -> None:
     """Every layer with weights has a registered grad sampler (no functorch fallback) and no convolution is bound
-    to Opacus' unfold sampler (string padding or a padding mode other than zeros; client/dp_grad_samplers.py)."""
+    to Opacus' unfold sampler (string padding or a padding mode other than zeros; client/training/dp_grad_samplers.py)."""
     from opacus.grad_sample.grad_sample_module import GradSampleHooks
 
-    from client import dp_grad_samplers, dp_norm_samplers, dp_windows  # noqa: F401 - registers them, as make_private
+    from client.training import dp_grad_samplers, dp_norm_samplers, dp_windows  # noqa: F401 - registers them, as make_private
 
     layer_types = {type(m) for m in model.modules() if list(m.parameters(recurse=False))}
     fallback = layer_types - set(GradSampleHooks.GRAD_SAMPLERS)

@@ -12,9 +12,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from client.__main__ import main as client_main
-from client.audit import summarise_audit_log
-from client.audit_log import append_entry, make_entry, read_entries
-from client.handlers import handle_train
+from client.commands.audit import summarise_audit_log
+from client.runtime.egress.audit_log import append_entry, make_entry, read_entries
+from client.runtime.handlers import handle_train
 from shared.config import RunConfig
 from shared.model import build_model
 from shared.plan import manual_plan
@@ -55,7 +55,7 @@ _APPEND_IN_A_NEW_PROCESS = """
 import sys
 sys.path.insert(0, sys.argv[1])
 from flwr.app import MetricRecord, RecordDict
-from client.audit_log import append_entry, make_entry
+from client.runtime.egress.audit_log import append_entry, make_entry
 content = RecordDict({"metrics": MetricRecord({"num-examples": 3, "dice": float(sys.argv[3])})})
 append_entry(sys.argv[2], make_entry(content=content, run_id=5, server_round=int(sys.argv[4]),
                                      message_type="evaluate", server=None))
@@ -135,8 +135,8 @@ def test_client_audit_names_a_missing_log(tmp_path, capsys):
 
 
 def test_a_reply_that_cannot_be_audited_is_withheld(tmp_path, flower_identity):
-    from client.handlers import send_reply
-    from client.site import SiteConfig
+    from client.runtime.handlers import send_reply
+    from client.runtime.site_config import SiteConfig
 
     config = RunConfig.from_mapping(TINY_RUN_CONFIG)
     update = RecordDict({"arrays": model_to_arrays(build_model(manual_plan(config).model_config())),

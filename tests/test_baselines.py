@@ -119,7 +119,7 @@ def test_baselines_cut_short_go_on_from_the_last_model_done(tmp_path, two_sites,
 def test_a_local_norm_run_reports_each_sites_personal_model_beside_the_global_one(tmp_path, two_sites):
     import torch
 
-    from client.local_state import keep_local_weights
+    from client.inference.site_weights import keep_local_weights
     from shared.local_weights import local_weight_names
     from simulations.report import comparison_text
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from client.privacy_ledger import PrivacyBudgetExceeded
+from client.training.privacy_ledger import PrivacyBudgetExceeded
 from server.budget_stop import BudgetStop
 from server.polling_grid import PollingGrid
 from server.rounds import run_rounds

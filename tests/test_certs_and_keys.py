@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.__main__ import main as client_main
-from client.keygen import KeyExistsError, fingerprint, make_node_keys
+from client.commands.keygen import KeyExistsError, fingerprint, make_node_keys
 from server.__main__ import main as server_main
 from server.certs import CertificateError, make_certificates
 

@@ -12,7 +12,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from client.__main__ import main
-from client.check_data import check_datalist
+from client.commands.check_data import check_datalist
 from shared.config import RunConfig
 from shared.plan import manual_plan
 from tests.data_cases import AFFINE, ct_volume, write_datalist, write_dicom_case, write_nifti_case

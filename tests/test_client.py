@@ -12,8 +12,8 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.handlers import handle_evaluate, handle_train
-from client.site import resolve_site
+from client.runtime.handlers import handle_evaluate, handle_train
+from client.runtime.site_config import resolve_site
 from shared.config import RunConfig
 from shared.errors import ConfigError
 from shared.model import build_model
@@ -164,7 +164,7 @@ def test_a_site_of_dicom_series_trains_and_fills_its_cache(tmp_path, flower_iden
 
 
 def test_cache_dir_is_node_config_with_a_default_under_the_state_dir(tmp_path):
-    from client.site import SiteConfig
+    from client.runtime.site_config import SiteConfig
 
     default = SiteConfig.from_node_config({"datalist": str(tmp_path / "d.json"), "state-dir": str(tmp_path / "s")})
     assert default.cache_dir == tmp_path / "s" / "cache"
@@ -174,7 +174,7 @@ def test_cache_dir_is_node_config_with_a_default_under_the_state_dir(tmp_path):
 
 def test_the_loss_scores_a_missed_lesion_as_a_full_dice_miss():
     """Dice leaves background out: predicting "no lesion" on a lesion patch costs Dice 1, not 0.5."""
-    from client.training import make_loss
+    from client.training.local import make_loss
 
     label = torch.zeros(2, 1, 16, 16)
     label[:, :, 4:8, 4:8] = 1

@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-from client.audit import summarise_audit_log
-from client.privacy_ledger import PrivacyLedger
+from client.commands.audit import summarise_audit_log
+from client.training.privacy_ledger import PrivacyLedger
 from deploy.compose_federation import HOSPITALS, run_compose_federation
 from deploy.images import (
     IMAGES,

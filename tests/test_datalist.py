@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from client.datalist import load_datalist, split_cases
+from client.data.datalist import load_datalist, split_cases
 from shared.errors import DataError
 
 

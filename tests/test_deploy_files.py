@@ -17,7 +17,7 @@ import pytest
 import yaml
 from flwr.common.config import parse_config_args
 
-from client.site import SiteConfig
+from client.runtime.site_config import SiteConfig
 from deploy.images import STORAGE_ENV, Podman, image_requirements
 from deploy.processes import TASK_POLL_INTERVAL_S
 from shared.protocol import NODE_CONFIG_KEYS

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from client.keygen import make_node_keys
+from client.commands.keygen import make_node_keys
 from deploy.processes import DeploymentError, LocalSuperLink, NodeSettings, ServerCredentials
 from deploy.run_federation import DeploymentSpec, run_local_federation
 from server.certs import make_certificates

@@ -1,11 +1,17 @@
-"""Ghost norms (client/dp_ghost.py): per-sample norms and the clipped sum of large convolutions at few pixels."""
+"""Ghost norms (client/training/dp_ghost.py): per-sample norms and the clipped sum of large convolutions at few pixels."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from client.dp_ghost import GhostGrad, ghost_weight_grad, padded_input_gram, takes_ghost_norms, unfolded
+from client.training.dp_ghost import (
+    GhostGrad,
+    ghost_weight_grad,
+    padded_input_gram,
+    takes_ghost_norms,
+    unfolded,
+)
 from tests.per_sample import assert_exact_dp_step
 
 
@@ -51,7 +57,7 @@ def test_padded_input_gram_equals_the_unfolded_inputs_gram(layer, shape):
 
 
 def test_only_attached_large_convolutions_at_few_pixels_take_ghost_norms():
-    from client import dp_ghost
+    from client.training import dp_ghost
 
     wide, small = torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.Conv2d(2, 2, 3, padding=1)
     at_4x4, at_64x64 = torch.randn(2, 64, 4, 4), torch.randn(2, 64, 64, 64)
@@ -94,7 +100,7 @@ def test_dp_step_with_a_ghost_layer_clips_as_single_example_backward():
 def test_fedseg_optimizer_adds_opacus_noise_and_keeps_its_step_hooks():
     from opacus.optimizers import DPOptimizer
 
-    from client.dp_optimizer import FedsegDPOptimizer, upgrade
+    from client.training.dp_optimizer import FedsegDPOptimizer, upgrade
 
     weights = torch.nn.Parameter(torch.zeros(100_000))
     optimizer = DPOptimizer(torch.optim.SGD([weights], lr=1.0), noise_multiplier=1.5, max_grad_norm=2.0,

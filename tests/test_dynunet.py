@@ -8,15 +8,15 @@ import pytest
 import torch
 from flwr.app import MessageType
 
-from client.egress import check_reply, expected_parameter_specs
-from client.handlers import handle_train
-from client.training import make_loss
+from client.runtime.egress.guard import check_reply, expected_parameter_specs
+from client.runtime.handlers import handle_train
+from client.training.local import make_loss
 from shared.config import RunConfig
 from shared.errors import ConfigError
 from shared.model import ModelConfig, build_model
 from shared.model_file import load_model, save_model_file
-from shared.weights import arrays_to_state_dict, load_arrays, model_to_arrays
 from shared.plan import manual_plan
+from shared.weights import arrays_to_state_dict, load_arrays, model_to_arrays
 from tests.conftest import TINY_RUN_CONFIG
 from tests.per_sample import assert_exact_dp_step, assert_on_fast_samplers
 from tests.test_client import _context, _message

@@ -12,8 +12,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from client import handlers
-from client.egress import EgressBlocked, check_reply, expected_parameter_specs
+from client.runtime import handlers
+from client.runtime.egress.guard import EgressBlocked, check_reply, expected_parameter_specs
 from server.site_replies import sort_replies
 from shared.config import RunConfig
 from shared.model import build_model

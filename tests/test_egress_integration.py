@@ -7,7 +7,7 @@ import json
 import pytest
 
 from client.__main__ import main as client_main
-from client.audit_log import read_entries
+from client.runtime.egress.audit_log import read_entries
 from shared.config import RunConfig
 from shared.model import build_model
 from shared.plan import manual_plan

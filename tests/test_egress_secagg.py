@@ -10,10 +10,10 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from client.egress import EgressBlocked, check_reply, expected_parameter_specs
-from client.handlers import send_reply
-from client.secagg import SecureStep
-from client.site import SiteConfig
+from client.runtime.egress.guard import EgressBlocked, check_reply, expected_parameter_specs
+from client.runtime.handlers import send_reply
+from client.runtime.secagg import SecureStep
+from client.runtime.site_config import SiteConfig
 from tests.conftest import tiny_plan
 
 SPECS = expected_parameter_specs(tiny_plan().model_config())

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.privacy_ledger import PrivacyLedger
+from client.training.privacy_ledger import PrivacyLedger
 from server.federation import run_federation
 from shared.config import RunConfig
 from shared.errors import ConfigError

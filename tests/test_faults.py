@@ -6,9 +6,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.faults import SimulatedCrash, SiteFault
-from client.handlers import handle_train
-from client.site import resolve_site
+from client.runtime.faults import SimulatedCrash, SiteFault
+from client.runtime.handlers import handle_train
+from client.runtime.site_config import resolve_site
 from server.run_folder import RunRecorder
 from server.strategies import build_strategy
 from shared.config import RunConfig

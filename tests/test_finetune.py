@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from client.__main__ import main
-from client.finetune import FINETUNE_RUN_ID, finetune
-from client.privacy_ledger import PrivacyBudgetExceeded, PrivacyLedger
-from client.site import SiteConfig
+from client.commands.finetune import FINETUNE_RUN_ID, finetune
+from client.runtime.site_config import SiteConfig
+from client.training.privacy_ledger import PrivacyBudgetExceeded, PrivacyLedger
 from shared.local_weights import frozen_weight_names
 from shared.model import build_model
 from shared.model_file import load_model, save_model_file

@@ -9,9 +9,9 @@ import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from client.__main__ import main
-from client.egress import EgressBlocked, check_reply
-from client.fingerprint import site_fingerprint
-from client.site_data import load_training_cases, load_validation_cases
+from client.data.site_data import load_training_cases, load_validation_cases
+from client.data.site_fingerprint import site_fingerprint
+from client.runtime.egress.guard import EgressBlocked, check_reply
 from shared.dp_advice import LEARNABLE_NOISE_RATIO, dp_advice
 from shared.fingerprint import Fingerprint, fingerprint_key_allowed
 from shared.protocol import FINGERPRINT, FINGERPRINT_QUERY

@@ -11,11 +11,11 @@ import torch
 from monai.transforms import Compose
 from pydicom.data import get_testdata_file
 
-from client.case_cache import CaseCache
-from client.loading import preprocess_cases
-from client.site_data import load_training_cases, load_validation_cases, preprocess_settings
-from client.training import evaluate_local
-from client.transforms import evaluation_transforms, loading, settings_for
+from client.data.case_cache import CaseCache
+from client.data.loading import preprocess_cases
+from client.data.site_data import load_training_cases, load_validation_cases, preprocess_settings
+from client.data.transforms import evaluation_transforms, loading, settings_for
+from client.training.local import evaluate_local
 from shared.model import build_model
 from shared.plan import ChannelNorm
 from tests.conftest import tiny_plan
@@ -169,7 +169,7 @@ def test_a_3d_model_trains_on_patches(tmp_path):
 
 def test_settings_include_the_datalists_modality_and_label_map(tmp_path):
     datalist = _volume_site(tmp_path, 2)
-    from client.datalist import load_datalist
+    from client.data.datalist import load_datalist
 
     settings = preprocess_settings(tiny_plan(), load_datalist(datalist))
     assert settings.normalization == (ChannelNorm("ct", low=-1000.0, high=1000.0, mean=-1000.0, std=2000.0),)
@@ -224,7 +224,7 @@ def test_a_dicom_seg_of_another_grid_is_a_geometry_problem(same_case_twice, tmp_
 
 
 def test_other_file_formats_are_refused_naming_the_file(tmp_path):
-    from client.readers import load_image
+    from client.data.readers import load_image
     from shared.errors import DataError
 
     path = tmp_path / "scan.png"

@@ -7,10 +7,10 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from client.audit_log import read_entries
-from client.egress import EgressBlocked, check_reply, expected_parameter_specs
-from client.handlers import handle_evaluate, handle_train
-from client.local_state import local_weights_path
+from client.inference.site_weights import local_weights_path
+from client.runtime.egress.audit_log import read_entries
+from client.runtime.egress.guard import EgressBlocked, check_reply, expected_parameter_specs
+from client.runtime.handlers import handle_evaluate, handle_train
 from server.strategies.strategy import FedSegStrategy
 from shared.config import RunConfig
 from shared.errors import ConfigError
@@ -199,8 +199,8 @@ def test_a_resumed_federation_goes_on_from_each_sites_own_norm_weights(two_sites
 
 
 def test_predict_lays_the_sites_own_norm_weights_over_the_global_model(tmp_path):
-    from client.local_state import keep_local_weights
-    from client.predict import use_local_weights
+    from client.inference.model_files import use_local_weights
+    from client.inference.site_weights import keep_local_weights
     from shared.errors import WeightsError
 
     plan = manual_plan(RunConfig.from_mapping(FEDBN))

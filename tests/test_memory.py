@@ -1,4 +1,4 @@
-"""client.memory: the heap is given back once a process has grown past the slack, not after every message."""
+"""client.runtime.memory: the heap is given back once a process has grown past the slack, not after every message."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from client import memory
+from client.runtime import memory
 
 
 @pytest.fixture(autouse=True)

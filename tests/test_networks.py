@@ -10,9 +10,9 @@ import pytest
 import torch
 from flwr.app import MessageType
 
-from client.egress import check_reply, expected_parameter_specs
-from client.handlers import handle_train
-from client.predict import predict_scan
+from client.commands.predict import predict_scan
+from client.runtime.egress.guard import check_reply, expected_parameter_specs
+from client.runtime.handlers import handle_train
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from shared.config import RunConfig
 from shared.errors import ConfigError

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client.dp_inplace import OutOfPlaceOnHookedOutputs, out_of_place
-from client.training import make_loss
+from client.training.dp_inplace import OutOfPlaceOnHookedOutputs, out_of_place
+from client.training.local import make_loss
 from shared.model import build_model
 from tests.networks import CASES, batch, tiny_config
 from tests.per_sample import assert_exact_dp_step, assert_on_fast_samplers
@@ -14,7 +14,7 @@ from tests.per_sample import assert_exact_dp_step, assert_on_fast_samplers
 
 @pytest.mark.parametrize(("name", "dims"), CASES)
 def test_per_sample_gradients_of_every_parameter_equal_single_example_backward(name, dims, monkeypatch):
-    from client import opacus_patches
+    from client.training import opacus_patches
 
     torch.manual_seed(0)
     config = tiny_config(name, dims)
@@ -26,7 +26,7 @@ def test_per_sample_gradients_of_every_parameter_equal_single_example_backward(n
     monkeypatch.setattr(opacus_patches, "_OPACUS_CREATE_OR_ACCUMULATE",
                         lambda **kwargs: copied.append(kwargs) or opacus_copy(**kwargs))
     assert_exact_dp_step(model, make_loss(model_config=config), images, labels, mode="hooks", clip=1e-3)
-    assert not copied, "every per-sample gradient is kept as its sampler returned it (client/opacus_patches.py)"
+    assert not copied, "every per-sample gradient is kept as its sampler returned it (client/training/opacus_patches.py)"
     assert not model._forward_hooks and not model._forward_pre_hooks, "fedseg's hooks leave with Opacus'"
 
 
@@ -41,7 +41,7 @@ def test_swin_window_attention_uses_fedseg_samplers_and_no_buffer():
 
 
 def test_prelu_sampler_with_one_and_per_channel_slopes():
-    from client.dp_grad_samplers import prelu_grad_sample
+    from client.training.dp_grad_samplers import prelu_grad_sample
 
     for slopes in (1, 4):
         layer = torch.nn.PReLU(slopes)
@@ -88,7 +88,7 @@ def test_in_place_ops_on_hooked_outputs_run_out_of_place_with_the_same_values():
     (torch.nn.ConvTranspose3d(4, 2, 2, stride=2), (2, 4, 3, 3, 3)),
 ], ids=["strided-2D", "channels-last-2D", "grouped-dilated-3D", "transposed-3D"])
 def test_every_convolution_method_equals_single_example_backward(layer, shape):
-    from client.dp_grad_samplers import (
+    from client.training.dp_grad_samplers import (
         channels_last_weight_grad,
         folded_weight_grad,
         per_example_weight_grad,
@@ -112,7 +112,7 @@ def test_every_convolution_method_equals_single_example_backward(layer, shape):
 @pytest.mark.parametrize("layer", [torch.nn.GroupNorm(2, 4), torch.nn.InstanceNorm3d(4, affine=True)],
                          ids=["group", "instance-3D"])
 def test_norm_sampler_equals_single_example_backward(layer):
-    from client.dp_norm_samplers import norm_grad_sample
+    from client.training.dp_norm_samplers import norm_grad_sample
 
     layer.weight.data.uniform_(0.5, 1.5)
     shape = (3, 4, 6, 5) if isinstance(layer, torch.nn.GroupNorm) else (3, 4, 4, 5, 3)
@@ -129,7 +129,7 @@ def test_norm_sampler_equals_single_example_backward(layer):
 
 
 def test_opacus_keeps_a_full_batch_per_sample_gradient_and_pads_a_short_one():
-    from client.opacus_patches import create_or_accumulate_grad_sample
+    from client.training.opacus_patches import create_or_accumulate_grad_sample
 
     param = torch.nn.Parameter(torch.zeros(2, 3))
     full, short = torch.randn(4, 2, 3), torch.randn(3, 2, 3)

@@ -7,7 +7,7 @@ import json
 import pytest
 from flwr.app import Context, Message, RecordDict
 
-from client.handlers import handle_fingerprint
+from client.runtime.handlers import handle_fingerprint
 from server.plan_phase import establish_plan
 from server.polling_grid import PollingGrid
 from shared.config import RunConfig

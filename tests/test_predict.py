@@ -12,9 +12,9 @@ import torch
 from monai.transforms import Compose
 
 from client.__main__ import main
-from client.grid import resample_to_match
-from client.predict import predict_scan
-from client.transforms import orienting, reading, resampling, settings_for
+from client.data.transforms import orienting, reading, resampling, settings_for
+from client.inference.scan_grid import resample_to_match
+from client.commands.predict import predict_scan
 from shared.config import RunConfig
 from shared.errors import DataError
 from shared.model import build_model
@@ -82,7 +82,7 @@ def test_dicom_series_in_nifti_and_dicom_seg_out(tmp_path):
     assert np.allclose(a.affine, b.affine, atol=1e-4) and np.array_equal(a.get_fdata(), b.get_fdata())
     seg = hd.seg.segread(tmp_path / "b.dcm")
     assert seg.Modality == "SEG" and len(seg.SegmentSequence) == 1
-    from client.readers import load_image
+    from client.data.readers import load_image
 
     seg_volume = Compose(reading() + orienting(SETTINGS_3D))(
         {"image": str(tmp_path / dicom["image"]), "label": str(tmp_path / "b.dcm")})["label"]
@@ -152,7 +152,7 @@ def test_a_model_from_a_run_with_other_config_keys_still_predicts(tmp_path):
 
 
 def test_predict_with_a_planned_dynunet_uses_the_plan_in_the_model_file(tmp_path):
-    from client.fingerprint import site_fingerprint
+    from client.data.site_fingerprint import site_fingerprint
     from server.planning import derive_plan
     from tests.data_cases import write_datalist
 

@@ -12,13 +12,14 @@ import torch
 from monai.transforms import Compose
 
 from client.__main__ import main
-from client.export import PREPROCESSING_FILE, export_model, load_exported
-from client.grid import exact_view, resample_to_match
-from client.inference import predict_volume
-from client.predict import predict_scan
-from client.predict_batch import predict_list
-from client.predictor import STAGES
-from client.transforms import orienting, reading, resampling, settings_for
+from client.data.transforms import orienting, reading, resampling, settings_for
+from client.commands.export import export_model
+from client.inference.model_files import PREPROCESSING_FILE, load_exported
+from client.inference.predictor import STAGES
+from client.inference.scan_grid import exact_view, resample_to_match
+from client.inference.whole_volume import predict_volume
+from client.commands.predict import predict_scan
+from client.commands.predict_batch import predict_list
 from shared.config import RunConfig
 from shared.errors import WeightsError
 from shared.model import build_model
@@ -79,7 +80,7 @@ def test_uncertainty_has_the_input_geometry_and_is_higher_where_flips_change_the
     from shared.model_file import load_model
 
     model, payload = load_model(model_path)
-    from client.predict import plan_of_model
+    from client.inference.model_files import plan_of_model
 
     plan = plan_of_model(payload, model_path)
     _, pre = _preprocessed(scan, plan)
@@ -169,7 +170,7 @@ def test_predict_engine_onnx_gives_the_torch_mask(tmp_path, capsys):
 
 
 def test_class_indices_is_argmax_over_classes():
-    from client.inference import class_indices
+    from client.inference.whole_volume import class_indices
 
     values = torch.randn(3, 7, 6, 5)
     values[:, 0, 0, 0] = 1.0  # a tie goes to the lower class, as argmax
@@ -198,8 +199,8 @@ def test_dicom_input_with_uncertainty_writes_a_parametric_map_beside_the_seg(tmp
 
 
 def test_precision_bfloat16_autocasts_on_cpu_keeps_the_mask_near_and_needs_the_torch_engine(tmp_path):
-    from client.inference import inference_context
-    from client.predictor import Predictor
+    from client.inference.predictor import Predictor
+    from client.inference.whole_volume import inference_context
     from shared.errors import ConfigError
 
     with inference_context(torch.device("cpu"), "bfloat16"):
@@ -217,11 +218,11 @@ def test_precision_bfloat16_autocasts_on_cpu_keeps_the_mask_near_and_needs_the_t
 
 @pytest.mark.parametrize("amx", [True, False])
 def test_precision_auto_is_bfloat16_only_where_the_cpu_has_amx_and_autocast_reaches(tmp_path, monkeypatch, amx):
-    import client.inference
-    from client.inference import resolve_precision
-    from client.predictor import Predictor
+    import client.inference.whole_volume
+    from client.inference.predictor import Predictor
+    from client.inference.whole_volume import resolve_precision
 
-    monkeypatch.setattr(client.inference, "_cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(client.inference.whole_volume, "_cpu_has_amx", lambda: amx)
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == ("bfloat16" if amx else "float32")
     assert resolve_precision("auto", torch.device("cuda")) == "float16"

@@ -13,11 +13,16 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from opacus.accountants import RDPAccountant
 
-from client.dp_training import DPPlan, make_private, plan_round
-from client.handlers import handle_train
-from client.privacy_ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger, cumulative_epsilon
-from client.site import SiteConfig
-from client.training import make_loss, mean_loss, run_steps
+from client.runtime.handlers import handle_train
+from client.runtime.site_config import SiteConfig
+from client.training.dp_sgd import DPPlan, make_private, plan_round
+from client.training.local import make_loss, mean_loss, run_steps
+from client.training.privacy_ledger import (
+    LedgerError,
+    PrivacyBudgetExceeded,
+    PrivacyLedger,
+    cumulative_epsilon,
+)
 from shared.config import RunConfig
 from shared.errors import ConfigError, DataError
 from shared.model import build_model
@@ -80,7 +85,7 @@ def test_ledger_epsilon_is_opacus_rdp_accountants_over_a_mixed_history():
 def test_ledger_survives_a_fresh_process(tmp_path):
     state = tmp_path / "state"
     charge_in_child = (
-        "from client.privacy_ledger import PrivacyLedger\n"
+        "from client.training.privacy_ledger import PrivacyLedger\n"
         f"c = PrivacyLedger({str(state)!r}, delta=1e-5).charge(run_id=1, server_round=1, noise_multiplier=1.0,"
         " sample_rate=0.25, steps=8, max_epsilon=50)\n"
         "print(c.epsilon)\n"
@@ -241,7 +246,7 @@ def test_per_sample_gradients_are_clipped_like_single_example_backward(mode):
 
 
 def test_a_per_sample_backward_pass_skips_the_batch_weight_gradients():
-    from client.training import train_step
+    from client.training.local import train_step
 
     torch.manual_seed(0)
     model = build_model(manual_plan(RunConfig.from_mapping(TINY_RUN_CONFIG)).model_config())
@@ -318,7 +323,7 @@ def test_convolution_grad_sampler_matches_single_example_backward(conv, argument
     from opacus import GradSampleModule
     from opacus.grad_sample.grad_sample_module import GradSampleHooks
 
-    from client.dp_grad_samplers import conv_grad_sample
+    from client.training.dp_grad_samplers import conv_grad_sample
 
     torch.manual_seed(1)
     assert GradSampleHooks.GRAD_SAMPLERS[conv] is conv_grad_sample
@@ -338,7 +343,7 @@ def test_convolution_grad_sampler_matches_single_example_backward(conv, argument
 
 
 def test_optimizer_follows_run_config():
-    from client.training import make_optimizer
+    from client.training.local import make_optimizer
 
     model = build_model(manual_plan(RunConfig.from_mapping(TINY_RUN_CONFIG)).model_config())
     sgd = make_optimizer(model, config=RunConfig.from_mapping(dict(TINY_RUN_CONFIG, optimizer="sgd")))

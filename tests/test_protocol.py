@@ -13,9 +13,9 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from flwr.common.config import parse_config_args
 from flwr.serverapp.strategy import FedAvg
 
-from client.egress import EgressBlocked, check_metrics, check_reply, check_site
-from client.replies import refusal_content
-from client.site import SiteConfig
+from client.runtime.egress.guard import EgressBlocked, check_metrics, check_reply, check_site
+from client.runtime.replies import refusal_content
+from client.runtime.site_config import SiteConfig
 from deploy.processes import node_config_argument
 from server.site_replies import refused_because, site_of
 from shared import protocol
@@ -105,8 +105,8 @@ def test_the_deployment_and_the_harness_write_the_node_config_the_site_reads(tmp
 WIRE_STRINGS = ('"site-id"', '"num-examples"', '"server-round"', '"proximal-mu"', '"query.fingerprint"',
                 '"max-epsilon"', '"dp-delta"', '"require-dp"', '"state-dir"')
 OTHER_FORMATS = {  # file -> why it may spell one of them
-    "client/audit_log.py": "the audit entry's own 'site-id' field",
-    "client/finetune.py": "the fine-tuned model file's 'finetune' record",
+    "client/runtime/egress/audit_log.py": "the audit entry's own 'site-id' field",
+    "client/commands/finetune.py": "the fine-tuned model file's 'finetune' record",
     "server/federation.py": "the global row's 'max-epsilon' (the run folder's column)",
     "server/run_folder.py": "the run folder's columns ('max-epsilon', 'dp-delta' of summary.json)",
     "server/dashboard/pages.py": "reads the run folder's 'max-epsilon' column",

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from client.__main__ import main
-from client.export import MAX_MISMATCH, PREPROCESSING_FILE, export_model
-from client.predict import predict_scan
+from client.commands.export import MAX_MISMATCH, export_model
+from client.inference.model_files import PREPROCESSING_FILE
+from client.commands.predict import predict_scan
 from shared.errors import ConfigError
 from tests.data_cases import ct_volume, write_datalist, write_nifti_case
 from tests.test_predict_tools import _model_file

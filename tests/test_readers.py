@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from client import readers
+from client.data import readers
 from tests.data_cases import ct_volume, write_nifti_case
 
 CODEC_LOGGER = "monai.data.nvimgcodec_pydicom_plugin"

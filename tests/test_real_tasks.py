@@ -36,8 +36,8 @@ from benchmarks.real_synthesis import (
     write_site,
 )
 from benchmarks.real_tasks import parse_variants, train_statuses
-from client.check_data import check_datalist
-from client.datalist import load_datalist
+from client.commands.check_data import check_datalist
+from client.data.datalist import load_datalist
 from shared.config import RunConfig
 from shared.plan import manual_plan
 

@@ -1,6 +1,6 @@
 """Secure aggregation: Flower's SecAgg+ client protocol at each site against fedseg's server driver.
 
-Each node runs the site side for real (``client.secagg.run_secure_stage``:
+Each node runs the site side for real (``client.runtime.secagg.run_secure_stage``:
 Flower's ``secaggplus_mod``, the site's checks, the egress guard, the audit
 log) with a fixed "trained" model in place of training, so the mean the server
 unmasks can be compared with the plain weighted mean exactly.
@@ -15,10 +15,10 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from client.audit import summarise_audit_log
-from client.handlers import refusal_content, send_reply
-from client.secagg import SecureStep, run_secure_stage
-from client.site import SiteConfig
+from client.commands.audit import summarise_audit_log
+from client.runtime.handlers import refusal_content, send_reply
+from client.runtime.secagg import SecureStep, run_secure_stage
+from client.runtime.site_config import SiteConfig
 from server.polling_grid import PollingGrid
 from server.run_folder import RunRecorder
 from server.secagg_round import secure_train_round
@@ -243,7 +243,7 @@ def test_a_malformed_protocol_reply_drops_only_its_site(tmp_path, flower_identit
 ])
 def test_a_plain_update_is_refused_when_the_run_or_the_site_wants_secure_aggregation(
         tmp_path, flower_identity, run_config, node_config, why):
-    from client.handlers import handle_train
+    from client.runtime.handlers import handle_train
 
     config = RunConfig.from_mapping({**TINY_RUN_CONFIG, **run_config})
     start = model_to_arrays(build_model(manual_plan(config).model_config()))

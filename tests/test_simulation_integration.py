@@ -76,7 +76,7 @@ def test_a_site_with_broken_data_refuses_and_the_federation_goes_on(tmp_path, tw
     import nibabel as nib
     import numpy as np
 
-    from client.predict import predict_scan
+    from client.commands.predict import predict_scan
     from tests.data_cases import ct_volume, write_datalist, write_dicom_case
 
     good_dir = tmp_path / "good"

@@ -9,8 +9,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from opacus.accountants import RDPAccountant
 
-from client.private_round import PrivacyPolicyError, check_dp_policy
-from client.secagg import check_update, secure_weight, update_bound
+from client.runtime.private_round import PrivacyPolicyError, check_dp_policy
+from client.runtime.secagg import check_update, secure_weight, update_bound
 from server.secagg_round import SecureRoundResult
 from server.site_dp import SiteDP, SiteDPSettings
 from server.site_replies import SortedReplies
@@ -108,7 +108,7 @@ def test_a_site_clips_to_the_site_level_norm_and_weighs_one_before_masking():
 
 
 def test_site_level_only_trains_without_dp_sgd_and_a_site_requiring_patient_dp_refuses():
-    from client.site import SiteConfig
+    from client.runtime.site_config import SiteConfig
 
     config = tiny_config_with(SITE_DP)
     assert config.site_dp and not config.patient_dp

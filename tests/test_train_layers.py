@@ -9,10 +9,10 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.audit_log import read_entries
-from client.handlers import _received_model, handle_train
-from client.private_round import train_private
-from client.site import resolve_site
+from client.runtime.egress.audit_log import read_entries
+from client.runtime.handlers import _received_model, handle_train
+from client.runtime.private_round import train_private
+from client.runtime.site_config import resolve_site
 from server.federation import run_federation
 from shared.config import RunConfig
 from shared.errors import ConfigError
@@ -87,7 +87,7 @@ def test_frozen_weights_are_bit_identical_after_dp_training(two_sites, tmp_path,
     site = resolve_site(_context(two_sites[0], tmp_path, run).node_config, "")
     msg = _message(run)
     model, _, _ = _received_model(msg, _context(two_sites[0], tmp_path, run), config, site, manual_plan(config))
-    from client.site_data import load_training_cases
+    from client.data.site_data import load_training_cases
 
     cases, augment = load_training_cases(site.datalist, manual_plan(config), cache_dir=site.cache_dir)
     train_private(model, cases, augment, config=config, plan=manual_plan(config), site=site,

@@ -77,6 +77,6 @@ def _index_as_constant(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-# functorch would take each attention window for an example (client/dp_windows.py): hooks only
+# functorch would take each attention window for an example (client/training/dp_windows.py): hooks only
 SWINUNETR = Network(build=build_swinunetr, acts=("leakyrelu",), check=check_swinunetr, levels=swinunetr_levels,
                     fixed_halvings=HALVINGS, dp_modes=("auto", "hooks"), decoder=r"(decoder\d+|out)\..*")

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 def build_unet(config: ModelConfig) -> torch.nn.Module:
     """``monai.networks.nets.UNet`` with instance norm (no running statistics) and ``config.act``.
 
-    ReLU by default: fedseg's PReLU grad sampler (``client/dp_grad_samplers.py``)
+    ReLU by default: fedseg's PReLU grad sampler (``client/training/dp_grad_samplers.py``)
     makes PReLU exact and fast under DP too, but ReLU is also faster without DP
     (benchmarks/dp_step.py).
     """

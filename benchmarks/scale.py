@@ -37,7 +37,7 @@ from typing import Any
 from benchmarks.process_sampler import ProcessSampler
 from benchmarks.report import write_section
 from benchmarks.scale_plain_loop import PlainLoop, SiteWork
-from shared.cli import exit_on_sigterm, quiet_optional_codec_notice
+from shared.cli import exit_on_sigterm, parse_run_config, quiet_optional_codec_notice
 from shared.protocol import NODE_DP_DELTA, NODE_MAX_EPSILON, NODE_SITE_ID
 from simulations.api import SimulationSpec, run_simulation
 
@@ -86,9 +86,7 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
     ended the round before and this one (``ended-at`` in ``metrics.jsonl``).
     """
     sampler = ProcessSampler()
-    spec = SimulationSpec(sites=args.sites, sites_per_round=args.per_round, rounds=args.rounds, seed=args.seed,
-                          out=args.out, min_cases=args.min_cases, max_cases=args.max_cases, timeout_s=7200,
-                          cpus_per_client=args.cpus_per_client, stock_engine=args.stock_engine)
+    spec = simulation_spec(args)
     sampler.start()
     started = time.monotonic()
     try:
@@ -102,6 +100,14 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
     return {"run_dir": str(run_dir), "rounds": rounds,
             "cpu_by_role": {role: round(last[role] - first.get(role, 0.0), 2) for role in last},
             "peak_rss_gib": round(max(rss for _, rss, _ in sampler.samples) / 2**30, 3)}
+
+
+def simulation_spec(args: argparse.Namespace) -> SimulationSpec:
+    """The simulation the arguments ask for; ``--run-config`` pairs go into its run config as ``flwr run`` takes them."""
+    return SimulationSpec(sites=args.sites, sites_per_round=args.per_round, rounds=args.rounds, seed=args.seed,
+                          out=args.out, min_cases=args.min_cases, max_cases=args.max_cases, timeout_s=7200,
+                          cpus_per_client=args.cpus_per_client, stock_engine=args.stock_engine,
+                          run_config=parse_run_config(args.run_config))
 
 
 def simulated_rounds(run_dir: Path, sampler: ProcessSampler, *, started: float) -> list[dict[str, Any]]:
@@ -249,6 +255,9 @@ def main() -> None:
     parser.add_argument("--cpus-per-client", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/scale"))
     parser.add_argument("--stock-engine", action="store_true", help="Flower's simulation engine unpatched")
+    parser.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE",
+                        help="a run config value, e.g. --run-config local-steps=5 (repeatable; default: the "
+                             "run config's own, planned from the sites)")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     parser.add_argument("--keep-runs", action="store_true",
                         help="keep every simulation's run folder (default: only the last one, under --out/latest)")
@@ -258,7 +267,8 @@ def main() -> None:
     result = run(args)
     command = (f".venv/bin/python -m benchmarks.scale --sites {args.sites} --per-round {args.per_round} "
                f"--rounds {args.rounds} --min-cases {args.min_cases} --max-cases {args.max_cases} "
-               f"--repeats {args.repeats}" + (" --stock-engine" if args.stock_engine else ""))
+               f"--repeats {args.repeats}" + (" --stock-engine" if args.stock_engine else "")
+               + "".join(f" --run-config {pair}" for pair in args.run_config))
     text = to_markdown(result, command)
     print(text)
     if not args.no_write:

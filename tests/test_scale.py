@@ -232,7 +232,7 @@ def test_the_benchmark_sampler_measures_spans_between_any_two_moments():
 def test_the_benchmark_keeps_only_the_last_simulations_run_folder_unless_told(tmp_path, monkeypatch, keep_runs):
     import argparse
 
-    import benchmarks.scale as scale
+    from benchmarks import scale
 
     order = []
 
@@ -254,3 +254,16 @@ def test_the_benchmark_keeps_only_the_last_simulations_run_folder_unless_told(tm
     assert order == list("SPPSSP")
     left = sorted(path.name for path in tmp_path.iterdir())
     assert left == (["sim0", "sim1", "sim2"] if keep_runs else ["sim2"])
+
+
+def test_the_benchmark_passes_run_config_values_to_the_simulation(tmp_path):
+    import argparse
+
+    from benchmarks.scale import simulation_spec
+
+    args = argparse.Namespace(sites=4, per_round=2, rounds=3, seed=0, out=tmp_path, min_cases=2, max_cases=3,
+                              cpus_per_client=1.0, stock_engine=False,
+                              run_config=["local-steps=5", "preset=small-unet"])
+    spec = simulation_spec(args)
+    assert spec.run_config == {"local-steps": 5, "preset": "small-unet"}  # TOML values: 5 is an int
+    assert (spec.sites, spec.sites_per_round, spec.rounds) == (4, 2, 3)

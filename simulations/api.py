@@ -16,7 +16,7 @@ from typing import Any
 
 import tomli_w
 
-from client.runtime.site_config import SiteConfig
+from client.runtime.site_config import CACHE_DIR_NAME, SiteConfig
 from server.checkpoint import checkpoint_path
 from server.federation import PROGRESS_PREFIX, update_latest_link
 from shared.config import DEFAULT_DP_DELTA, DEFAULT_MAX_EPSILON, RunConfig
@@ -156,15 +156,27 @@ def carry_site_state(previous_run: Path, run_dir: Path, site_ids: list[str]) -> 
     A deployment's sites keep their state folders across a server restart; a resumed simulation
     does the same, so each site's privacy ledger goes on counting (a fresh ledger would let a site
     spend its budget twice) and its preprocessed-case cache is reused. Copied, not linked: the
-    audit log is appended to, and the interrupted run's own record must stay as it was.
+    audit log is appended to, and the interrupted run's own record must stay as it was. The case
+    cache's entries are hard-linked instead (GBs per site on real scans, and a resume would copy
+    them again each time): an entry is never changed in place, only written whole and renamed.
     """
     import shutil
 
+    def copy_or_link(source: str, target: str) -> None:
+        if CACHE_DIR_NAME in Path(source).relative_to(previous_run / "state").parts[1:]:
+            try:
+                os.link(source, target)
+                return
+            except OSError:  # another file system, or links not allowed: a copy serves as well
+                pass
+        shutil.copy2(source, target)
+
+    previous_run = Path(previous_run)
     carried = []
     for site_id in site_ids:
-        source = Path(previous_run) / "state" / site_id
+        source = previous_run / "state" / site_id
         if source.is_dir():
-            shutil.copytree(source, run_dir / "state" / site_id, dirs_exist_ok=True)
+            shutil.copytree(source, run_dir / "state" / site_id, dirs_exist_ok=True, copy_function=copy_or_link)
             carried.append(site_id)
     return carried
 

@@ -126,3 +126,24 @@ def test_check_checkpoint_command(tmp_path, capsys):
     path.write_bytes(path.read_bytes()[:-3])
     assert main(["check-checkpoint", str(path)]) == 1
     assert "truncated" in capsys.readouterr().err
+
+
+def test_a_resumed_simulation_copies_each_sites_records_and_links_its_case_cache(tmp_path):
+    from simulations.api import carry_site_state
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    site = old / "state" / "site-a"
+    (site / "cache" / "ab").mkdir(parents=True)
+    (site / "cache" / "ab" / "abcd.pt").write_bytes(b"preprocessed case")
+    (site / "privacy-ledger.json").write_text('{"epsilon": 1.5}')
+    (site / "egress-audit.jsonl").write_text('{"round": 1}\n')
+
+    assert carry_site_state(old, new, ["site-a", "site-b"]) == ["site-a"]
+    carried = new / "state" / "site-a"
+    assert (carried / "cache" / "ab" / "abcd.pt").stat().st_ino == (site / "cache" / "ab" / "abcd.pt").stat().st_ino
+    for name in ("privacy-ledger.json", "egress-audit.jsonl"):  # appended to by the resumed run: copies
+        assert (carried / name).read_text() == (site / name).read_text()
+        assert (carried / name).stat().st_ino != (site / name).stat().st_ino
+    with (carried / "egress-audit.jsonl").open("a") as log:
+        log.write('{"round": 2}\n')
+    assert (site / "egress-audit.jsonl").read_text() == '{"round": 1}\n'

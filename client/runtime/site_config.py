@@ -42,6 +42,9 @@ from shared.protocol import (
     NODE_STATE_DIR,
 )
 
+#: The preprocessed-case cache inside a site's state folder, unless node config ``cache-dir`` puts it elsewhere.
+CACHE_DIR_NAME = "cache"
+
 
 @dataclass(frozen=True)
 class SiteConfig:
@@ -82,7 +85,7 @@ class SiteConfig:
         site_id = str(node_config.get(NODE_SITE_ID) or datalist_path.stem)
         state_dir = node_config.get(NODE_STATE_DIR) or datalist_path.parent / ".fedseg-state"
         state_path = Path(str(state_dir)).expanduser()
-        cache_dir = Path(str(node_config.get(NODE_CACHE_DIR) or state_path / "cache")).expanduser()
+        cache_dir = Path(str(node_config.get(NODE_CACHE_DIR) or state_path / CACHE_DIR_NAME)).expanduser()
         return cls(site_id=site_id, datalist=datalist_path, state_dir=state_path, cache_dir=cache_dir,
                    max_epsilon=_number(node_config, NODE_MAX_EPSILON),
                    dp_delta=_number(node_config, NODE_DP_DELTA),

@@ -68,22 +68,21 @@ def run_once(*, task: str, datalists: list[Path], spatial_dims: int, rounds: int
                             dp=dp, run_config=run_config, out=out)
     kinds = () if dp else ("pooled", "local")  # the baselines are trained once, in the run without DP
     finished = finished_run(out) if resume else None
-    earlier = finished or (newest_checkpoint_run(out) if resume else None)
+    checkpointed = newest_checkpoint_run(out) if resume and finished is None else None
     started = time.monotonic()
-    finished_before = finished is not None
     if finished is not None:
         print(f"[real_tasks] resuming: the federation in {finished} finished; its baselines go on", flush=True)
         summary = json.loads((finished / "summary.json").read_text())
     else:
-        carry_on = {"resume-from": str(earlier)} if earlier else {}
+        carry_on = {"resume-from": str(checkpointed)} if checkpointed else {}
         spec = SimulationSpec(datalists=tuple(datalists), rounds=rounds, spatial_dims=spatial_dims, seed=seed,
                               out=out, baselines=kinds, max_epsilon=max_epsilon,
                               run_config={**TASK_RUN_CONFIG[task], **run_config, "dp": dp, **carry_on})
         summary = run_simulation(spec, echo=True)
     run_dir = (out / "latest").resolve()
-    if dp or finished_before:  # DP: the federated model only; a finished federation: the baselines left
+    if dp or finished is not None:  # DP: the federated model only; a finished federation: the baselines left
         run_baselines(run_dir, [(Path(d).stem, Path(d)) for d in datalists], kinds=kinds)
-    return {**run_result(run_dir, summary, started=started), "resumed": earlier is not None}
+    return {**run_result(run_dir, summary, started=started), "resumed": (finished or checkpointed) is not None}
 
 
 def run_deployed(*, task: str, datalists: list[Path], spatial_dims: int, rounds: int, seed: int, dp: bool,

@@ -162,8 +162,11 @@ def carry_site_state(previous_run: Path, run_dir: Path, site_ids: list[str]) -> 
     """
     import shutil
 
+    previous_run = Path(previous_run)
+
     def copy_or_link(source: str, target: str) -> None:
-        if CACHE_DIR_NAME in Path(source).relative_to(previous_run / "state").parts[1:]:
+        in_cache = Path(source).relative_to(previous_run / "state").parts[1] == CACHE_DIR_NAME  # <site>/cache/...
+        if in_cache:
             try:
                 os.link(source, target)
                 return
@@ -171,7 +174,6 @@ def carry_site_state(previous_run: Path, run_dir: Path, site_ids: list[str]) -> 
                 pass
         shutil.copy2(source, target)
 
-    previous_run = Path(previous_run)
     carried = []
     for site_id in site_ids:
         source = previous_run / "state" / site_id

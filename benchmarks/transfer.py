@@ -6,20 +6,22 @@ hospital its own synthetic scanner, one T2-weighted), every run through fedseg's
 - ``transfer``: a federation of the first three sites trains a model ("pretrained"); the other
   three sites then train from a random start and from that model, for the same rounds. Reported:
   the round at which each reaches the random start's final Dice, and both final Dice.
-- ``dp-decoder``: the other three sites with DP (each site's budget ``--max-epsilon``) from a
-  random start (every weight) and from the pretrained model training ``decoder+norm`` only, next
-  to the pretrained start without DP.
+- ``dp-decoder``: the other three sites from the pretrained model training ``decoder+norm`` only,
+  with DP (each site's budget ``--max-epsilon``) and without; then with DP from a random start
+  (every weight), set against ``transfer``'s random start without DP.
+- ``dp-local-norm``: as the DP ``decoder+norm`` run, with ``local-norm``: each site keeps its own
+  norm weights (still trained under DP), so a site whose contrast differs need not move the shared ones.
 - ``fedbn``: all six sites without DP, ``local-norm`` false and true: per-site final Dice (the
   T2 site can absorb its inverted contrast in its own first norm layer).
 
 Usage (after the set-up step of ``benchmarks/README.md``, real images)::
 
-    .venv/bin/python -m benchmarks.transfer --parts transfer dp-decoder fedbn --rounds 25
+    .venv/bin/python -m benchmarks.transfer --parts transfer dp-decoder dp-local-norm fedbn --rounds 25
 
 Results go to ``--out``/results.json and are printed as Markdown tables; run again with the same
 ``--out``, finished federations are read back and one cut short resumes from its checkpoint. Each federation takes what
-a ``benchmarks.real_tasks`` run of the same rounds takes (hours for 25 rounds on CPU): 7 federations
-in all (pretrain once, then 3 + 2 + 2).
+a ``benchmarks.real_tasks`` run of the same rounds takes (hours for 25 rounds on CPU): 9 federations
+in all (pretrain and the pretrained start once, then 1 + 3 + 1 + 2).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from shared.config import RunConfig
 from shared.errors import FedSegError
 
 DEFAULT_OUT = Path("benchmarks/out/transfer")
-PARTS = ("transfer", "dp-decoder", "fedbn")
+PARTS = ("transfer", "dp-decoder", "dp-local-norm", "fedbn")
 
 
 def federate(name: str, datalists: list[Path], *, out: Path, rounds: int, seed: int, max_epsilon: float,
@@ -78,7 +80,7 @@ def run_parts(parts: list[str], *, datalists: list[Path], out: Path, rounds: int
               max_epsilon: float, run_config: dict[str, Any]) -> dict[str, Any]:
     """Run the asked parts in the order given; the pretrained model is trained once for those that need it."""
     source, target = datalists[:3], datalists[3:]
-    plain = {**run_config, "dp": False}
+    plain, dp = {**run_config, "dp": False}, {**run_config, "dp": True}
     results: dict[str, Any] = {}
 
     def run(name: str, sites: list[Path], extra: dict[str, Any]) -> dict[str, Any]:
@@ -98,15 +100,36 @@ def run_parts(parts: list[str], *, datalists: list[Path], out: Path, rounds: int
                 "rounds_random": rounds_to(random["dice_per_round"], goal),
                 "rounds_pretrained": rounds_to(from_model["dice_per_round"], goal)}
         elif part == "dp-decoder":
-            dp = {**run_config, "dp": True}
-            run("target-dp-pretrained-decoder", target,
-                {**dp, "initial-model": pretrained, "train-layers": "decoder+norm"})
+            decoder = {"initial-model": pretrained, "train-layers": "decoder+norm"}
+            run("target-dp-pretrained-decoder", target, {**dp, **decoder})
+            run("target-pretrained-decoder", target, {**plain, **decoder})
             run("target-dp-random", target, dp)
+        elif part == "dp-local-norm":
+            run("target-dp-pretrained-decoder-local-norm", target,
+                {**dp, "initial-model": pretrained, "train-layers": "decoder+norm", "local-norm": True})
         elif part == "fedbn":
             run("all-fedavg", datalists, plain)
             run("all-fedbn", datalists, {**plain, "local-norm": True})
+    results["dp-summary"] = dp_ratios(results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+# Each DP run against the run that differs from it only in DP.
+DP_PAIRS = {"target-dp-pretrained-decoder": "target-pretrained-decoder",
+            "target-dp-pretrained-decoder-local-norm": "target-pretrained-decoder",
+            "target-dp-random": "target-random"}
+
+
+def dp_ratios(results: dict[str, Any]) -> dict[str, float]:
+    """Final Dice of each DP run over that of its non-DP twin, for the pairs both present."""
+    ratios = {}
+    for dp_run, plain_run in DP_PAIRS.items():
+        dp_dice = results.get(dp_run, {}).get("final_dice")
+        plain_dice = results.get(plain_run, {}).get("final_dice")
+        if dp_dice is not None and plain_dice:
+            ratios[dp_run] = dp_dice / plain_dice
+    return ratios
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -119,6 +142,9 @@ def markdown(results: dict[str, Any]) -> str:
         s = results["transfer-summary"]
         lines += ["", (f"Rounds to the random start's final Dice: random {s['rounds_random']}, "
                        f"pretrained {s['rounds_pretrained']}.")]
+    if results.get("dp-summary"):
+        lines += ["", "DP over non-DP final Dice: " + ", ".join(
+            f"{name} {ratio:.2f}x (against {DP_PAIRS[name]})" for name, ratio in results["dp-summary"].items())]
     sites = sorted({site for r in runs.values() for site in r["site_dice"]})
     lines += ["", "| site | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
     lines += [f"| {site} | " + " | ".join(_fmt(r["site_dice"].get(site)) for r in runs.values()) + " |"

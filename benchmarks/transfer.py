@@ -9,7 +9,7 @@ hospital its own synthetic scanner, one T2-weighted), every run through fedseg's
 - ``dp-decoder``: the other three sites from the pretrained model training ``decoder+norm`` only,
   with DP (each site's budget ``--max-epsilon``) and without; then with DP from a random start
   (every weight), set against ``transfer``'s random start without DP.
-- ``dp-local-norm``: as the DP ``decoder+norm`` run, with ``local-norm``: each site keeps its own
+- ``dp-local-norm``: the non-DP ``decoder+norm`` run, then the DP one with ``local-norm``: each site keeps its own
   norm weights (still trained under DP), so a site whose contrast differs need not move the shared ones.
 - ``fedbn``: all six sites without DP, ``local-norm`` false and true: per-site final Dice (the
   T2 site can absorb its inverted contrast in its own first norm layer).
@@ -92,6 +92,7 @@ def run_parts(parts: list[str], *, datalists: list[Path], out: Path, rounds: int
     if {"transfer", "dp-decoder"} & set(parts):
         pretrained = run("pretrain", source, plain)["model"]
         from_model = run("target-pretrained", target, {**plain, "initial-model": pretrained})
+        decoder = {"initial-model": pretrained, "train-layers": "decoder+norm"}
     for part in parts:  # in the order asked: a sitting of a few hours runs what matters most first
         if part == "transfer":
             random = run("target-random", target, plain)
@@ -100,13 +101,12 @@ def run_parts(parts: list[str], *, datalists: list[Path], out: Path, rounds: int
                 "rounds_random": rounds_to(random["dice_per_round"], goal),
                 "rounds_pretrained": rounds_to(from_model["dice_per_round"], goal)}
         elif part == "dp-decoder":
-            decoder = {"initial-model": pretrained, "train-layers": "decoder+norm"}
             run("target-dp-pretrained-decoder", target, {**dp, **decoder})
             run("target-pretrained-decoder", target, {**plain, **decoder})
             run("target-dp-random", target, dp)
-        elif part == "dp-local-norm":
-            run("target-dp-pretrained-decoder-local-norm", target,
-                {**dp, "initial-model": pretrained, "train-layers": "decoder+norm", "local-norm": True})
+        elif part == "dp-local-norm":  # its non-DP twin first: read back, not rerun, if dp-decoder ran it
+            run("target-pretrained-decoder", target, {**plain, **decoder})
+            run("target-dp-pretrained-decoder-local-norm", target, {**dp, **decoder, "local-norm": True})
         elif part == "fedbn":
             run("all-fedavg", datalists, plain)
             run("all-fedbn", datalists, {**plain, "local-norm": True})

@@ -11,17 +11,19 @@ hospital its own synthetic scanner, one T2-weighted), every run through fedseg's
   (every weight), set against ``transfer``'s random start without DP.
 - ``dp-local-norm``: the non-DP ``decoder+norm`` run, then the DP one with ``local-norm``: each site keeps its own
   norm weights (still trained under DP), so a site whose contrast differs need not move the shared ones.
+- ``dp-norm``: the other three sites from the pretrained model training the norm layers only (3 k of the
+  network's 1.9 M weights: DP-SGD's noise grows with the square root of the trained weights), without DP and with.
 - ``fedbn``: all six sites without DP, ``local-norm`` false and true: per-site final Dice (the
   T2 site can absorb its inverted contrast in its own first norm layer).
 
 Usage (after the set-up step of ``benchmarks/README.md``, real images)::
 
-    .venv/bin/python -m benchmarks.transfer --parts transfer dp-decoder dp-local-norm fedbn --rounds 25
+    .venv/bin/python -m benchmarks.transfer --parts transfer dp-decoder dp-local-norm dp-norm fedbn --rounds 25
 
 Results go to ``--out``/results.json and are printed as Markdown tables; run again with the same
 ``--out``, finished federations are read back and one cut short resumes from its checkpoint. Each federation takes what
-a ``benchmarks.real_tasks`` run of the same rounds takes (hours for 25 rounds on CPU): 9 federations
-in all (pretrain and the pretrained start once, then 1 + 3 + 1 + 2).
+a ``benchmarks.real_tasks`` run of the same rounds takes (hours for 25 rounds on CPU): 11 federations
+in all (pretrain and the pretrained start once, then 1 + 3 + 1 + 2 + 2).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from shared.config import RunConfig
 from shared.errors import FedSegError
 
 DEFAULT_OUT = Path("benchmarks/out/transfer")
-PARTS = ("transfer", "dp-decoder", "dp-local-norm", "fedbn")
+PARTS = ("transfer", "dp-decoder", "dp-local-norm", "dp-norm", "fedbn")
 
 
 def federate(name: str, datalists: list[Path], *, out: Path, rounds: int, seed: int, max_epsilon: float,
@@ -107,6 +109,10 @@ def run_parts(parts: list[str], *, datalists: list[Path], out: Path, rounds: int
         elif part == "dp-local-norm":  # its non-DP twin first: read back, not rerun, if dp-decoder ran it
             run("target-pretrained-decoder", target, {**plain, **decoder})
             run("target-dp-pretrained-decoder-local-norm", target, {**dp, **decoder, "local-norm": True})
+        elif part == "dp-norm":
+            norm = {"initial-model": pretrained, "train-layers": "norm"}
+            run("target-pretrained-norm", target, {**plain, **norm})
+            run("target-dp-pretrained-norm", target, {**dp, **norm})
         elif part == "fedbn":
             run("all-fedavg", datalists, plain)
             run("all-fedbn", datalists, {**plain, "local-norm": True})
@@ -118,6 +124,7 @@ def run_parts(parts: list[str], *, datalists: list[Path], out: Path, rounds: int
 # Each DP run against the run that differs from it only in DP.
 DP_PAIRS = {"target-dp-pretrained-decoder": "target-pretrained-decoder",
             "target-dp-pretrained-decoder-local-norm": "target-pretrained-decoder",
+            "target-dp-pretrained-norm": "target-pretrained-norm",
             "target-dp-random": "target-random"}
 
 

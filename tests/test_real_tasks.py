@@ -357,7 +357,8 @@ def test_transfer_runs_its_parts_in_the_order_asked_after_the_pretrained_model(t
     ran = []
 
     final_dice = {"target-dp-pretrained-decoder": 0.45, "target-pretrained-decoder": 0.5,
-                  "target-dp-random": 0.1, "target-dp-pretrained-decoder-local-norm": 0.55}
+                  "target-dp-random": 0.1, "target-dp-pretrained-decoder-local-norm": 0.55, "target-pretrained-norm": 0.4,
+                  "target-dp-pretrained-norm": 0.38}
 
     def federate(name, sites, **kwargs):
         config = kwargs["run_config"]
@@ -367,15 +368,18 @@ def test_transfer_runs_its_parts_in_the_order_asked_after_the_pretrained_model(t
 
     monkeypatch.setattr(transfer, "federate", federate)
     datalists = [tmp_path / f"site{i}.json" for i in range(6)]
-    results = transfer.run_parts(["dp-decoder", "transfer", "dp-local-norm"], datalists=datalists, out=tmp_path,
+    results = transfer.run_parts(["dp-decoder", "transfer", "dp-local-norm", "dp-norm"], datalists=datalists,
+                                 out=tmp_path,
                                  rounds=2, seed=0, max_epsilon=8.0, run_config={})
     assert ran == [("pretrain", 3, False, None, None), ("target-pretrained", 3, False, None, None),
                    ("target-dp-pretrained-decoder", 3, True, "decoder+norm", None),
                    ("target-pretrained-decoder", 3, False, "decoder+norm", None),
                    ("target-dp-random", 3, True, None, None), ("target-random", 3, False, None, None),
                    ("target-pretrained-decoder", 3, False, "decoder+norm", None),
-                   ("target-dp-pretrained-decoder-local-norm", 3, True, "decoder+norm", True)]
+                   ("target-dp-pretrained-decoder-local-norm", 3, True, "decoder+norm", True),
+                   ("target-pretrained-norm", 3, False, "norm", None), ("target-dp-pretrained-norm", 3, True, "norm", None)]
     assert results["transfer-summary"] == {"rounds_random": 2, "rounds_pretrained": 2}
     assert results["dp-summary"] == pytest.approx({"target-dp-pretrained-decoder": 0.9, "target-dp-random": 0.2,
-                                                   "target-dp-pretrained-decoder-local-norm": 1.1})
+                                                   "target-dp-pretrained-decoder-local-norm": 1.1,
+                                                   "target-dp-pretrained-norm": 0.95})
     assert "target-dp-pretrained-decoder 0.90x (against target-pretrained-decoder)" in transfer.markdown(results)

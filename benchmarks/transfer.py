@@ -12,7 +12,7 @@ hospital its own synthetic scanner, one T2-weighted), every run through fedseg's
 - ``dp-local-norm``: the non-DP ``decoder+norm`` run, then the DP one with ``local-norm``: each site keeps its own
   norm weights (still trained under DP), so a site whose contrast differs need not move the shared ones.
 - ``dp-norm``: the other three sites from the pretrained model training the norm layers only (3 k of the
-  network's 1.9 M weights: DP-SGD's noise grows with the square root of the trained weights), without DP and with.
+  network's 1.9 M weights: DP-SGD's noise grows with the square root of the trained weights), with DP and without.
 - ``fedbn``: all six sites without DP, ``local-norm`` false and true: per-site final Dice (the
   T2 site can absorb its inverted contrast in its own first norm layer).
 
@@ -111,8 +111,8 @@ def run_parts(parts: list[str], *, datalists: list[Path], out: Path, rounds: int
             run("target-dp-pretrained-decoder-local-norm", target, {**dp, **decoder, "local-norm": True})
         elif part == "dp-norm":
             norm = {"initial-model": pretrained, "train-layers": "norm"}
-            run("target-pretrained-norm", target, {**plain, **norm})
             run("target-dp-pretrained-norm", target, {**dp, **norm})
+            run("target-pretrained-norm", target, {**plain, **norm})
         elif part == "fedbn":
             run("all-fedavg", datalists, plain)
             run("all-fedbn", datalists, {**plain, "local-norm": True})

@@ -377,7 +377,7 @@ def test_transfer_runs_its_parts_in_the_order_asked_after_the_pretrained_model(t
                    ("target-dp-random", 3, True, None, None), ("target-random", 3, False, None, None),
                    ("target-pretrained-decoder", 3, False, "decoder+norm", None),
                    ("target-dp-pretrained-decoder-local-norm", 3, True, "decoder+norm", True),
-                   ("target-pretrained-norm", 3, False, "norm", None), ("target-dp-pretrained-norm", 3, True, "norm", None)]
+                   ("target-dp-pretrained-norm", 3, True, "norm", None), ("target-pretrained-norm", 3, False, "norm", None)]
     assert results["transfer-summary"] == {"rounds_random": 2, "rounds_pretrained": 2}
     assert results["dp-summary"] == pytest.approx({"target-dp-pretrained-decoder": 0.9, "target-dp-random": 0.2,
                                                    "target-dp-pretrained-decoder-local-norm": 1.1,

@@ -91,7 +91,7 @@ def run_parts(parts: list[str], *, datalists: list[Path], out: Path, rounds: int
         (out / "results.json").write_text(json.dumps(results, indent=2))
         return results[name]
 
-    if {"transfer", "dp-decoder"} & set(parts):
+    if set(parts) - {"fedbn"}:  # every part but fedbn starts from (or is compared with) the pretrained model
         pretrained = run("pretrain", source, plain)["model"]
         from_model = run("target-pretrained", target, {**plain, "initial-model": pretrained})
         decoder = {"initial-model": pretrained, "train-layers": "decoder+norm"}

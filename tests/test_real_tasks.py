@@ -383,3 +383,18 @@ def test_transfer_runs_its_parts_in_the_order_asked_after_the_pretrained_model(t
                                                    "target-dp-pretrained-decoder-local-norm": 1.1,
                                                    "target-dp-pretrained-norm": 0.95})
     assert "target-dp-pretrained-decoder 0.90x (against target-pretrained-decoder)" in transfer.markdown(results)
+
+
+def test_transfer_trains_the_pretrained_model_first_for_a_part_run_alone(tmp_path, monkeypatch):
+    from benchmarks import transfer
+
+    ran = []
+
+    def federate(name, sites, **kwargs):
+        ran.append(name)
+        return {"model": "pretrained.pt", "final_dice": 0.5, "dice_per_round": [0.5], "site_dice": {}}
+
+    monkeypatch.setattr(transfer, "federate", federate)
+    datalists = [tmp_path / f"site{i}.json" for i in range(6)]
+    transfer.run_parts(["dp-norm"], datalists=datalists, out=tmp_path, rounds=1, seed=0, max_epsilon=8.0, run_config={})
+    assert ran == ["pretrain", "target-pretrained", "target-dp-pretrained-norm", "target-pretrained-norm"]

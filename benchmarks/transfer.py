@@ -1,19 +1,22 @@
 """Benchmark (issue 21): starting from a trained model, training part of it, personal norm layers.
 
-On the real-anatomy task ``donors`` (``benchmarks/real_data.py``: six real donors' brains, each
-hospital its own synthetic scanner, one T2-weighted), every run through fedseg's harness:
+On a real-image task (``--task``; ``benchmarks/real_data.py``): ``donors`` (default; six real donors'
+brains, each hospital its own synthetic scanner, one T2-weighted) or ``template`` (one real T1 image,
+four hospitals that differ only in acquisition: coronal, sagittal, axial thick slices, isotropic).
+The first half of the task's sites train a model ("pretrained"), and the other half fine-tune it;
+every run goes through fedseg's harness. After the pretrained model is trained it is evaluated, untrained,
+at the other sites (``target-zero-shot``: an ``evaluate-only`` run):
 
-- ``transfer``: a federation of the first three sites trains a model ("pretrained"); the other
-  three sites then train from a random start and from that model, for the same rounds. Reported:
-  the round at which each reaches the random start's final Dice, and both final Dice.
-- ``dp-decoder``: the other three sites from the pretrained model training ``decoder+norm`` only,
-  with DP (each site's budget ``--max-epsilon``) and without; then with DP from a random start
-  (every weight), set against ``transfer``'s random start without DP.
+- ``transfer``: the other sites train from a random start and from that model, for the same rounds.
+  Reported: the round at which each reaches the random start's final Dice, and both final Dice.
+- ``dp-decoder``: the other sites from the pretrained model training ``decoder+norm`` only,
+  with DP (each site's budget ``--max-epsilon``) and without; then from a random start (every
+  weight) with DP and without.
 - ``dp-local-norm``: the non-DP ``decoder+norm`` run, then the DP one with ``local-norm``: each site keeps its own
   norm weights (still trained under DP), so a site whose contrast differs need not move the shared ones.
-- ``dp-norm``: the other three sites from the pretrained model training the norm layers only (3 k of the
+- ``dp-norm``: the other sites from the pretrained model training the norm layers only (3 k of the
   network's 1.9 M weights: DP-SGD's noise grows with the square root of the trained weights), with DP and without.
-- ``fedbn``: all six sites without DP, ``local-norm`` false and true: per-site final Dice (the
+- ``fedbn``: all sites without DP, ``local-norm`` false and true: per-site final Dice (the
   T2 site can absorb its inverted contrast in its own first norm layer).
 
 Usage (after the set-up step of ``benchmarks/README.md``, real images)::
@@ -22,8 +25,8 @@ Usage (after the set-up step of ``benchmarks/README.md``, real images)::
 
 Results go to ``--out``/results.json and are printed as Markdown tables; run again with the same
 ``--out``, finished federations are read back and one cut short resumes from its checkpoint. Each federation takes what
-a ``benchmarks.real_tasks`` run of the same rounds takes (hours for 25 rounds on CPU): 11 federations
-in all (pretrain and the pretrained start once, then 1 + 3 + 1 + 2 + 2).
+a ``benchmarks.real_tasks`` run of the same rounds takes (hours for 25 rounds on CPU): 12 federations
+in all (pretrain once, then 2 + 4 + 1 + 2 + 2 less the two runs parts share) and one evaluation round.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.real_data import DATA_DIR, PACKAGES_DIR, MissingRequirements, prepare_task
+from benchmarks.real_data import DATA_DIR, PACKAGES_DIR, TASKS, MissingRequirements, prepare_task
 from benchmarks.resume import finished_run, newest_checkpoint_run
 from shared.cli import exit_on_sigterm, quiet_optional_codec_notice
 from shared.config import RunConfig
@@ -81,11 +84,11 @@ def rounds_to(curve: list[float | None], target: float) -> int | None:
 def run_parts(parts: list[str], *, datalists: list[Path], out: Path, rounds: int, seed: int,
               max_epsilon: float, run_config: dict[str, Any]) -> dict[str, Any]:
     """Run the asked parts in the order given; the pretrained model is trained once for those that need it."""
-    source, target = datalists[:3], datalists[3:]
+    source, target = datalists[:len(datalists) // 2], datalists[len(datalists) // 2:]
     plain, dp = {**run_config, "dp": False}, {**run_config, "dp": True}
     results: dict[str, Any] = {}
 
-    def run(name: str, sites: list[Path], extra: dict[str, Any]) -> dict[str, Any]:
+    def run(name: str, sites: list[Path], extra: dict[str, Any], rounds: int = rounds) -> dict[str, Any]:
         results[name] = federate(name, sites, out=out, rounds=rounds, seed=seed, max_epsilon=max_epsilon,
                                  run_config=extra)
         (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -93,10 +96,12 @@ def run_parts(parts: list[str], *, datalists: list[Path], out: Path, rounds: int
 
     if set(parts) - {"fedbn"}:  # every part but fedbn starts from (or is compared with) the pretrained model
         pretrained = run("pretrain", source, plain)["model"]
-        from_model = run("target-pretrained", target, {**plain, "initial-model": pretrained})
+        # the pretrained model at the target sites before any training there: what fine-tuning adds to
+        run("target-zero-shot", target, {**plain, "initial-model": pretrained, "evaluate-only": True}, rounds=1)
         decoder = {"initial-model": pretrained, "train-layers": "decoder+norm"}
     for part in parts:  # in the order asked: a sitting of a few hours runs what matters most first
         if part == "transfer":
+            from_model = run("target-pretrained", target, {**plain, "initial-model": pretrained})
             random = run("target-random", target, plain)
             goal = random["final_dice"]
             results["transfer-summary"] = {
@@ -106,6 +111,7 @@ def run_parts(parts: list[str], *, datalists: list[Path], out: Path, rounds: int
             run("target-dp-pretrained-decoder", target, {**dp, **decoder})
             run("target-pretrained-decoder", target, {**plain, **decoder})
             run("target-dp-random", target, dp)
+            run("target-random", target, plain)  # the DP random start's twin (read back if transfer ran it)
         elif part == "dp-local-norm":  # its non-DP twin first: read back, not rerun, if dp-decoder ran it
             run("target-pretrained-decoder", target, {**plain, **decoder})
             run("target-dp-pretrained-decoder-local-norm", target, {**dp, **decoder, "local-norm": True})
@@ -170,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="what to run, in this order (default: %(default)s)")
+    parser.add_argument("--task", choices=TASKS, default="donors", help="the real-image task (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=RunConfig().num_rounds, help="rounds of every federation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-epsilon", type=float, default=8.0, help="each site's budget in the DP runs")
@@ -184,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     from shared.cli import parse_run_config
 
     try:
-        datalists = prepare_task("donors", seed=args.seed, training=args.train_cases, validation=args.val_cases,
+        datalists = prepare_task(args.task, seed=args.seed, training=args.train_cases, validation=args.val_cases,
                                  data_dir=args.data_dir, packages=args.packages)
         args.out.mkdir(parents=True, exist_ok=True)
         results = run_parts(args.parts, datalists=datalists, out=args.out.resolve(), rounds=args.rounds,

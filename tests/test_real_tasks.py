@@ -354,7 +354,7 @@ def test_transfer_reads_a_finished_federation_back_and_resumes_one_cut_short(tmp
 def test_transfer_runs_its_parts_in_the_order_asked_after_the_pretrained_model(tmp_path, monkeypatch):
     from benchmarks import transfer
 
-    ran = []
+    ran, rounds = [], {}
 
     final_dice = {"target-dp-pretrained-decoder": 0.45, "target-pretrained-decoder": 0.5,
                   "target-dp-random": 0.1, "target-dp-pretrained-decoder-local-norm": 0.55, "target-pretrained-norm": 0.4,
@@ -363,6 +363,7 @@ def test_transfer_runs_its_parts_in_the_order_asked_after_the_pretrained_model(t
     def federate(name, sites, **kwargs):
         config = kwargs["run_config"]
         ran.append((name, len(sites), config["dp"], config.get("train-layers"), config.get("local-norm")))
+        rounds[name] = (kwargs["rounds"], config.get("evaluate-only", False))
         dice = final_dice.get(name, 0.5)
         return {"model": "pretrained.pt", "final_dice": dice, "dice_per_round": [0.4, dice], "site_dice": {}}
 
@@ -371,13 +372,16 @@ def test_transfer_runs_its_parts_in_the_order_asked_after_the_pretrained_model(t
     results = transfer.run_parts(["dp-decoder", "transfer", "dp-local-norm", "dp-norm"], datalists=datalists,
                                  out=tmp_path,
                                  rounds=2, seed=0, max_epsilon=8.0, run_config={})
-    assert ran == [("pretrain", 3, False, None, None), ("target-pretrained", 3, False, None, None),
+    assert ran == [("pretrain", 3, False, None, None), ("target-zero-shot", 3, False, None, None),
                    ("target-dp-pretrained-decoder", 3, True, "decoder+norm", None),
                    ("target-pretrained-decoder", 3, False, "decoder+norm", None),
                    ("target-dp-random", 3, True, None, None), ("target-random", 3, False, None, None),
+                   ("target-pretrained", 3, False, None, None), ("target-random", 3, False, None, None),
                    ("target-pretrained-decoder", 3, False, "decoder+norm", None),
                    ("target-dp-pretrained-decoder-local-norm", 3, True, "decoder+norm", True),
                    ("target-dp-pretrained-norm", 3, True, "norm", None), ("target-pretrained-norm", 3, False, "norm", None)]
+    # the pretrained model is evaluated untrained at the target sites in one round; the rest train for --rounds
+    assert rounds["target-zero-shot"] == (1, True) and rounds["target-dp-random"] == (2, False)
     assert results["transfer-summary"] == {"rounds_random": 2, "rounds_pretrained": 2}
     assert results["dp-summary"] == pytest.approx({"target-dp-pretrained-decoder": 0.9, "target-dp-random": 0.2,
                                                    "target-dp-pretrained-decoder-local-norm": 1.1,
@@ -397,4 +401,21 @@ def test_transfer_trains_the_pretrained_model_first_for_a_part_run_alone(tmp_pat
     monkeypatch.setattr(transfer, "federate", federate)
     datalists = [tmp_path / f"site{i}.json" for i in range(6)]
     transfer.run_parts(["dp-norm"], datalists=datalists, out=tmp_path, rounds=1, seed=0, max_epsilon=8.0, run_config={})
-    assert ran == ["pretrain", "target-pretrained", "target-dp-pretrained-norm", "target-pretrained-norm"]
+    assert ran == ["pretrain", "target-zero-shot", "target-dp-pretrained-norm", "target-pretrained-norm"]
+
+
+def test_transfer_pretrains_on_the_first_half_of_a_tasks_sites_and_fine_tunes_on_the_rest(tmp_path, monkeypatch):
+    from benchmarks import transfer
+
+    ran = {}
+
+    def federate(name, sites, **kwargs):
+        ran[name] = [s.name for s in sites]
+        return {"model": "pretrained.pt", "final_dice": 0.5, "dice_per_round": [0.5], "site_dice": {}}
+
+    monkeypatch.setattr(transfer, "federate", federate)
+    datalists = [tmp_path / f"site{i}.json" for i in range(4)]  # the template task's four sites
+    transfer.run_parts(["dp-decoder"], datalists=datalists, out=tmp_path, rounds=1, seed=0, max_epsilon=8.0,
+                       run_config={})
+    assert ran["pretrain"] == ["site0.json", "site1.json"]
+    assert ran["target-zero-shot"] == ran["target-dp-pretrained-decoder"] == ["site2.json", "site3.json"]

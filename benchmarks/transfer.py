@@ -123,6 +123,7 @@ def run_parts(parts: list[str], *, datalists: list[Path], out: Path, rounds: int
             run("all-fedavg", datalists, plain)
             run("all-fedbn", datalists, {**plain, "local-norm": True})
     results["dp-summary"] = dp_ratios(results)
+    results["dp-gain-kept"] = dp_gains_kept(results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -145,6 +146,20 @@ def dp_ratios(results: dict[str, Any]) -> dict[str, float]:
     return ratios
 
 
+def dp_gains_kept(results: dict[str, Any]) -> dict[str, float]:
+    """For each DP run from the pretrained model: its gain over the untrained model (``target-zero-shot``)
+    as a share of its non-DP twin's gain. A DP/non-DP Dice ratio near 1 says little when the pretrained
+    model needs little training at the target sites; this says how much of what training adds DP keeps."""
+    zero = results.get("target-zero-shot", {}).get("final_dice")
+    kept = {}
+    for dp_run, plain_run in DP_PAIRS.items():
+        dp_dice = results.get(dp_run, {}).get("final_dice")
+        plain_dice = results.get(plain_run, {}).get("final_dice")
+        if "pretrained" in dp_run and None not in (zero, dp_dice, plain_dice) and plain_dice != zero:
+            kept[dp_run] = (dp_dice - zero) / (plain_dice - zero)
+    return kept
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The results as Markdown: final global Dice per run, then per-site Dice."""
     runs = {name: r for name, r in results.items() if "final_dice" in r}
@@ -158,6 +173,9 @@ def markdown(results: dict[str, Any]) -> str:
     if results.get("dp-summary"):
         lines += ["", "DP over non-DP final Dice: " + ", ".join(
             f"{name} {ratio:.2f}x (against {DP_PAIRS[name]})" for name, ratio in results["dp-summary"].items())]
+    if results.get("dp-gain-kept"):
+        lines += ["", "Share of the non-DP run's gain over the untrained pretrained model that DP keeps: " + ", ".join(
+            f"{name} {share:.2f}" for name, share in results["dp-gain-kept"].items())]
     sites = sorted({site for r in runs.values() for site in r["site_dice"]})
     lines += ["", "| site | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
     lines += [f"| {site} | " + " | ".join(_fmt(r["site_dice"].get(site)) for r in runs.values()) + " |"

@@ -358,7 +358,7 @@ def test_transfer_runs_its_parts_in_the_order_asked_after_the_pretrained_model(t
 
     final_dice = {"target-dp-pretrained-decoder": 0.45, "target-pretrained-decoder": 0.5,
                   "target-dp-random": 0.1, "target-dp-pretrained-decoder-local-norm": 0.55, "target-pretrained-norm": 0.4,
-                  "target-dp-pretrained-norm": 0.38}
+                  "target-dp-pretrained-norm": 0.38, "target-zero-shot": 0.3}
 
     def federate(name, sites, **kwargs):
         config = kwargs["run_config"]
@@ -387,6 +387,11 @@ def test_transfer_runs_its_parts_in_the_order_asked_after_the_pretrained_model(t
                                                    "target-dp-pretrained-decoder-local-norm": 1.1,
                                                    "target-dp-pretrained-norm": 0.95})
     assert "target-dp-pretrained-decoder 0.90x (against target-pretrained-decoder)" in transfer.markdown(results)
+    # the untrained pretrained model scores 0.3: each DP run's gain over it against its twin's
+    assert results["dp-gain-kept"] == pytest.approx({"target-dp-pretrained-decoder": 0.15 / 0.2,
+                                                     "target-dp-pretrained-decoder-local-norm": 0.25 / 0.2,
+                                                     "target-dp-pretrained-norm": 0.08 / 0.1})
+    assert "target-dp-pretrained-norm 0.80" in transfer.markdown(results)
 
 
 def test_transfer_trains_the_pretrained_model_first_for_a_part_run_alone(tmp_path, monkeypatch):

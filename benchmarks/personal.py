@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks.real_data import MissingRequirements
 from benchmarks.resume import finished_run
 from shared.atomic import atomic_write_json
 from shared.cli import exit_on_sigterm, quiet_optional_codec_notice
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         results = run(task=args.task, rounds=args.rounds, seed=args.seed, finetune_epochs=args.finetune_epochs,
                       out=args.out.resolve(), run_config=parse_run_config(args.run_config),
                       train_cases=args.train_cases, val_cases=args.val_cases)
-    except FedSegError as exc:
+    except (FedSegError, MissingRequirements) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(markdown(results))

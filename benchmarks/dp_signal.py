@@ -80,6 +80,7 @@ def run(run_dir: Path, model_path: Path, *, cases: int, seed: int) -> dict[str, 
     from shared.local_weights import frozen_weight_names
     from shared.model_file import load_model
     from shared.plan import read_plan_file
+    from simulations.api import read_sites_manifest
 
     torch.set_num_threads(1)
     plan = read_plan_file(run_dir / "plan.json")
@@ -91,10 +92,9 @@ def run(run_dir: Path, model_path: Path, *, cases: int, seed: int) -> dict[str, 
              for part in PARTS}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     results = {}
-    for site in json.loads((run_dir / "sites.json").read_text())["sites"]:
-        site_id = site["site-id"]
-        train_cases, augment = load_training_cases(Path(site["datalist"]), plan,
-                                                   cache_dir=run_dir / "state" / site_id / "cache")
+    for site in read_sites_manifest(run_dir):
+        site_id = site.site_id
+        train_cases, augment = load_training_cases(site.datalist, plan, cache_dir=site.cache_dir)
         loader = training_loader(train_cases, augment, batch_size=1, steps=cases,
                                  generator=torch.Generator().manual_seed(seed))
         signal = gradient_signal(model, ((b["image"], b["label"]) for b in loader),

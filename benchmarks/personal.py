@@ -25,6 +25,7 @@ Results go to ``--out``/results.json and are printed as Markdown; run again with
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -54,44 +55,37 @@ def federate(name: str, *, task_spec: dict[str, Any], out: Path, rounds: int, se
     return (out / name / "latest").resolve()
 
 
-def site_list(run_dir: Path) -> list[tuple[str, Path, Path]]:
-    """(site id, datalist, cache folder) of each site of a run, from its ``sites.json``."""
-    sites = json.loads((run_dir / "sites.json").read_text())["sites"]
-    return [(s["site-id"], Path(s["datalist"]), Path(s["cache-dir"])) for s in sites]
-
-
 def personal_scores(run_dir: Path) -> dict[str, Any]:
     """A ``local-norm`` run's personal model (global + the site's own norm weights) scored at each site."""
+    from simulations.api import read_sites_manifest
     from simulations.baselines import run_baselines
 
-    sites = [(site_id, datalist) for site_id, datalist, _ in site_list(run_dir)]
     if not (run_dir / "baselines.json").is_file():
-        run_baselines(run_dir, sites, kinds=())
+        run_baselines(run_dir, [(s.site_id, s.datalist) for s in read_sites_manifest(run_dir)], kinds=())
     return json.loads((run_dir / "baselines.json").read_text())["personal"]
 
 
 def finetuned_scores(run_dir: Path, *, out: Path, epochs: int, seed: int) -> dict[str, Any]:
     """FedAvg's global model fine-tuned at each site (``client finetune``), scored at that site."""
     from client.commands.finetune import finetune
-    from client.runtime.site_config import SiteConfig
     from shared.device import resolve_device
     from shared.model_file import load_model
     from shared.plan import read_plan_file
+    from simulations.api import read_sites_manifest
     from simulations.baselines import evaluate_on_sites
 
     plan = read_plan_file(run_dir / "plan.json")
     scores = {}
-    for site_id, datalist, cache in site_list(run_dir):
-        model_file = out / f"{site_id}.pt"
-        if not model_file.is_file():
-            site = SiteConfig.from_node_config({"site-id": site_id, "datalist": str(datalist),
-                                                "state-dir": str(out / "state" / site_id), "cache-dir": str(cache)})
-            result = finetune(model_path=run_dir / "global_model.pt", site=site, out=model_file, epochs=epochs)
-            print(f"[personal] fine-tuned {site_id}: {result.steps} steps, validation Dice "
+    for site in read_sites_manifest(run_dir):
+        model_file = out / f"{site.site_id}.pt"
+        if not model_file.is_file():  # a state folder of its own: the federation's stays as the run left it
+            here = dataclasses.replace(site, state_dir=out / "state" / site.site_id)
+            result = finetune(model_path=run_dir / "global_model.pt", site=here, out=model_file, epochs=epochs)
+            print(f"[personal] fine-tuned {site.site_id}: {result.steps} steps, validation Dice "
                   f"{result.dice_global:.3f} -> {result.dice_personal:.3f}", flush=True)
-        model = load_model(model_file)[0]
-        scores[site_id] = evaluate_on_sites(model, [(site_id, datalist)], plan, seed=seed,
-                                            device=resolve_device("auto"), caches={datalist: cache})[site_id]
+        scores[site.site_id] = evaluate_on_sites(load_model(model_file)[0], [(site.site_id, site.datalist)], plan,
+                                                 seed=seed, device=resolve_device("auto"),
+                                                 caches={site.datalist: site.cache_dir})[site.site_id]
     return scores
 
 
@@ -137,9 +131,10 @@ def run(*, task: str, rounds: int, seed: int, finetune_epochs: int, out: Path,
     fedavg = federate("fedavg", task_spec=task_spec, out=out, rounds=rounds, seed=seed, run_config=plain,
                       baselines=("local",))
     if not (fedavg / "baselines.json").is_file():  # the federation finished, its baselines were cut short
+        from simulations.api import read_sites_manifest
         from simulations.baselines import run_baselines
 
-        run_baselines(fedavg, [(site_id, datalist) for site_id, datalist, _ in site_list(fedavg)], kinds=("local",))
+        run_baselines(fedavg, [(s.site_id, s.datalist) for s in read_sites_manifest(fedavg)], kinds=("local",))
     baselines = json.loads((fedavg / "baselines.json").read_text())
     results: dict[str, Any] = {"task": task, "rounds": rounds, "seed": seed, "finetune-epochs": finetune_epochs,
                                "run_config": plain, "runs": {"fedavg": str(fedavg)},

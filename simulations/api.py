@@ -300,6 +300,11 @@ def write_sites_manifest(run_dir: Path, sites: list[tuple[str, Path]], *, privac
     return path
 
 
+def read_sites_manifest(run_dir: Path) -> list[SiteConfig]:
+    """The sites of a run folder as its nodes read them (``sites.json``, written by :func:`write_sites_manifest`)."""
+    return [SiteConfig.from_node_config(entry) for entry in json.loads((Path(run_dir) / "sites.json").read_text())["sites"]]
+
+
 def _new_run_dir(out: Path) -> Path:
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     run_dir = (Path(out) / run_id).resolve()

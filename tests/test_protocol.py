@@ -101,6 +101,16 @@ def test_the_deployment_and_the_harness_write_the_node_config_the_site_reads(tmp
                                                                                 (tmp_path / "state" / "b").resolve())
 
 
+def test_a_run_folders_sites_are_read_back_as_its_nodes_read_them(tmp_path):
+    from simulations.api import read_sites_manifest, write_sites_manifest
+
+    manifest = write_sites_manifest(tmp_path, [("b", tmp_path / "b.json"), ("c", tmp_path / "c.json")])
+    assert read_sites_manifest(tmp_path) == [SiteConfig.from_node_config(e)
+                                             for e in json.loads(manifest.read_text())["sites"]]
+    assert [(s.site_id, s.cache_dir) for s in read_sites_manifest(tmp_path)] == [
+        ("b", (tmp_path / "state" / "b" / "cache").resolve()), ("c", (tmp_path / "state" / "c" / "cache").resolve())]
+
+
 #: Wire strings that only shared/protocol.py spells out (other formats that reuse a word are listed apart).
 WIRE_STRINGS = ('"site-id"', '"num-examples"', '"server-round"', '"proximal-mu"', '"query.fingerprint"',
                 '"max-epsilon"', '"dp-delta"', '"require-dp"', '"state-dir"')

@@ -63,6 +63,8 @@ def task_section(results: list[dict[str, Any]], *, command: str) -> str:
     task_config = ", ".join(f"{k}={v}" for k, v in TASK_RUN_CONFIG[first["task"]].items())
     lines += ["", (f"Task run config: {task_config} (the data's grid); everything else is fedseg's harness default "
               "at the time of the run (below).")]
+    for dims in dict.fromkeys(r["spatial_dims"] for r in results):
+        lines += variants_table([r for r in results if r["spatial_dims"] == dims])
     for key in dict.fromkeys((r["spatial_dims"], r["variant"]) for r in results):
         lines += [""] + block([r for r in results if (r["spatial_dims"], r["variant"]) == key], class_names=class_names)
     return "\n".join(lines) + "\n"
@@ -102,11 +104,51 @@ def block(results: list[dict[str, Any]], *, class_names: tuple[str, ...]) -> lis
         eps = ((private or {}).get("epsilon") or {}).get(site) or {}
         eps_text = f"{eps['epsilon']:.2f} ({eps['delta']:g})" if eps.get("epsilon") is not None else "-"
         lines.append(f"| {site} | {_statuses(plain, site)} | {_statuses(private, site)} | {eps_text} |")
-    times = "; ".join(f"{'DP' if r['dp'] else 'no DP (with baselines)'} {r['seconds'] / 60:.1f} min"
-                      for r in results)
+    times = "; ".join(f"{_run_kind(r)} {r['seconds'] / 60:.1f} min" for r in results)
     lines += ["", f"Wall time per run (harness, data already written): {times}. Run folders: "
               + ", ".join(f"`{r['run_dir']}`" for r in results) + "."]
     return lines
+
+
+def variants_table(results: list[dict[str, Any]]) -> list[str]:
+    """One row per ``--compare`` variant of one spatial dims (e.g. one per network, same plan and rounds): weights,
+    Dice and HD95 without and with DP (mean of sites), DP / no DP, seconds per round; nothing for one variant."""
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    if len(variants) < 2:
+        return []
+    lines = ["", f"### {results[0]['spatial_dims']}D, variants side by side", "",
+             ("Mean of sites; seconds per round = the median of the rounds' `round-seconds` (every site's training "
+              "and evaluation, 2 shared cores); weights = the final model file's (no DP / DP where the DP plan sized "
+              "the network otherwise)."), "",
+             "| variant | weights | Dice | HD95 | DP Dice | DP HD95 | DP / no DP Dice | s per round (no DP / DP) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for variant in variants:
+        runs = [r for r in results if r["variant"] == variant and r.get("runner", "harness") == "harness"]
+        plain = next((r for r in runs if not r["dp"]), None)
+        private = next((r for r in runs if r["dp"]), None)
+        dice, hd95 = (_run_mean(plain, "dice"), _run_mean(plain, "hd95"))
+        dp_dice, dp_hd95 = (_run_mean(private, "dice"), _run_mean(private, "hd95"))
+        weights = " / ".join(dict.fromkeys(f"{r['parameters']:,}" for r in (plain, private)
+                                           if r and r.get("parameters"))) or "-"
+        ratio = dp_dice / dice if dice and not math.isnan(dice) and not math.isnan(dp_dice) else float("nan")
+        seconds = " / ".join(_number(r.get("round_seconds") if r else None, 0) for r in (plain, private))
+        lines.append(f"| {variant} | {weights} | {_number(dice, 3)} | {_number(hd95, 1)} "
+                     f"| {_number(dp_dice, 3)} | {_number(dp_hd95, 1)} | {_number(ratio, 2, 'x')} | {seconds} |")
+    return lines
+
+
+def _run_kind(result: dict[str, Any]) -> str:
+    if result["dp"]:
+        return "DP"
+    return "no DP (with baselines)" if set(result["baselines"]) - {"federated"} else "no DP"
+
+
+def _run_mean(result: dict[str, Any] | None, key: str) -> float:
+    return _site_mean(result["baselines"]["federated"], key) if result else float("nan")
+
+
+def _number(value: float | None, digits: int, unit: str = "") -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}{unit}"
 
 
 def plan_line(run_dir: str) -> str:

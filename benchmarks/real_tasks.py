@@ -16,6 +16,8 @@ Usage (from the repo root, after ``make setup``)::
         --target benchmarks/.data/real_tasks/packages -r benchmarks/requirements-real.txt   # once
     .venv/bin/python -m benchmarks.real_tasks --write
     .venv/bin/python -m benchmarks.real_tasks --compare model=unet model=dynunet --spatial-dims 2 3
+    .venv/bin/python -m benchmarks.real_tasks --tasks template --baselines '' \\
+        --compare model=dynunet model=segresnet model=attentionunet model=flexibleunet model=swinunetr
     .venv/bin/python -m benchmarks.real_tasks --from-results out/a/results.json out/b/results.json  # runs done apart
 
 The sites are written once into ``benchmarks/.data/real_tasks/`` and reused.
@@ -42,12 +44,15 @@ DEFAULT_OUT = Path("benchmarks/out/real_tasks")
 
 def run_once(*, task: str, datalists: list[Path], spatial_dims: int, rounds: int, seed: int, dp: bool,
              run_config: dict[str, Any], max_epsilon: float, out: Path, runner: str = "harness",
-             resume: bool = False) -> dict[str, Any]:
+             resume: bool = False, baselines: tuple[str, ...] = ("pooled", "local")) -> dict[str, Any]:
     """One federation through the harness; without DP also the pooled and local-only baselines.
 
     With ``resume``, a harness run cut short in ``out`` goes on: a federation that finished only
     (re)runs its baselines (which go on from the last model done), one with a checkpoint resumes from
     it (``resume-from``; each site's state and privacy ledger carried over).
+
+    ``baselines`` names the baselines the run without DP trains (``pooled``, ``local``; none for a
+    comparison of networks or settings, where only the federations are compared).
 
     ``runner = "deployment"`` runs it as a real deployment instead (``deploy.run_federation``: a
     SuperLink with TLS and node authentication, one SuperNode per site, default node config: each
@@ -66,7 +71,7 @@ def run_once(*, task: str, datalists: list[Path], spatial_dims: int, rounds: int
     if runner == "deployment":
         return run_deployed(task=task, datalists=datalists, spatial_dims=spatial_dims, rounds=rounds, seed=seed,
                             dp=dp, run_config=run_config, out=out)
-    kinds = () if dp else ("pooled", "local")  # the baselines are trained once, in the run without DP
+    kinds = () if dp else tuple(baselines)  # the baselines are trained once, in the run without DP
     finished = finished_run(out) if resume else None
     checkpointed = newest_checkpoint_run(out) if resume and finished is None else None
     started = time.monotonic()
@@ -105,7 +110,28 @@ def run_result(run_dir: Path, summary: dict[str, Any], *, started: float) -> dic
     return {"run_dir": str(run_dir), "seconds": round(time.monotonic() - started, 1),
             "baselines": json.loads((run_dir / "baselines.json").read_text()),
             "statuses": train_statuses(run_dir / "metrics.jsonl"), "epsilon": summary.get("epsilon", {}),
-            "run_config": summary.get("run_config", {})}
+            "run_config": summary.get("run_config", {}), "parameters": model_parameters(run_dir / "global_model.pt"),
+            "round_seconds": median_round_seconds(run_dir / "metrics.jsonl")}
+
+
+def model_parameters(model_file: Path) -> int | None:
+    """How many weights the run's final model holds (its model file's state dict; None without one)."""
+    from shared.model_file import read_model_file
+
+    if not model_file.is_file():
+        return None
+    return sum(tensor.numel() for tensor in read_model_file(model_file)["state_dict"].values())
+
+
+def median_round_seconds(metrics: Path) -> float | None:
+    """The median of the run's ``round-seconds`` (training and evaluation of every site; the first round's
+    start-up included in its own value only)."""
+    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+    seconds = sorted(r["round-seconds"] for r in rows if r.get("site") == "global" and "round-seconds" in r)
+    if not seconds:
+        return None
+    middle = len(seconds) // 2
+    return seconds[middle] if len(seconds) % 2 else (seconds[middle - 1] + seconds[middle]) / 2
 
 
 def train_statuses(metrics: Path) -> dict[str, dict[str, int]]:
@@ -129,7 +155,7 @@ def run_all(*, tasks: list[str], spatial_dims: list[int], variants: list[tuple[s
             run_config: dict[str, Any], rounds: int, seed: int, dp_modes: list[bool], max_epsilon: float,
             out: Path, cases: tuple[int, int], on_result: Any = None,
             runners: tuple[str, ...] = ("harness",), resume: bool = False,
-            done: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+            done: list[dict[str, Any]] = (), baselines: tuple[str, ...] = ("pooled", "local")) -> list[dict[str, Any]]:
     """Every task x spatial dims x variant x DP mode x runner; ``on_result(results)`` after each run.
 
     With ``resume`` (``--resume``), the runs in ``done`` (an earlier invocation's results) are kept,
@@ -153,7 +179,7 @@ def run_all(*, tasks: list[str], spatial_dims: list[int], variants: list[tuple[s
                     result = run_once(task=task, datalists=datalists, spatial_dims=dims, rounds=rounds, seed=seed,
                                       dp=dp, run_config={**run_config, **overrides}, max_epsilon=max_epsilon,
                                       out=out / task / f"{dims}d-{_slug(name)}-{'dp' if dp else 'nodp'}{suffix}",
-                                      runner=runner, resume=resume)
+                                      runner=runner, resume=resume, baselines=baselines)
                     results.append({"task": task, "spatial_dims": dims, "variant": name, "dp": dp, "runner": runner,
                                     "rounds": rounds, "seed": seed, "max_epsilon": max_epsilon,
                                     "cases": {"training": cases[0], "validation": cases[1]},
@@ -180,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one set of runs per value, e.g. --compare model=unet model=dynunet")
     parser.add_argument("--runners", nargs="+", choices=("harness", "deployment"), default=["harness"],
                         help="'deployment' also runs each federation as a real TLS deployment (deploy.run_federation)")
+    parser.add_argument("--baselines", default="pooled,local", metavar="pooled,local",
+                        help="baselines the runs without DP train (comma-separated; '' for none, e.g. when comparing "
+                             "networks); default %(default)s")
     parser.add_argument("--train-cases", type=int, default=12, help="training cases per site")
     parser.add_argument("--val-cases", type=int, default=4, help="validation cases per site")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="run folders and results.json")
@@ -226,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.real_report import write_benchmarks_sections
     from shared.atomic import atomic_write
     from shared.cli import parse_run_config
+    from simulations.baselines import parse_baselines
 
     quiet_optional_codec_notice()
     exit_on_sigterm()  # a killed benchmark still stops the Flower/Ray processes it started
@@ -251,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_config=parse_run_config(args.run_config), rounds=args.rounds, seed=args.seed,
                 dp_modes={"both": [False, True], "on": [True], "off": [False]}[args.dp],
                 max_epsilon=args.max_epsilon, out=out, cases=(args.train_cases, args.val_cases), on_result=save,
-                runners=tuple(args.runners), resume=args.resume, done=done)
+                runners=tuple(args.runners), resume=args.resume, done=done,
+                baselines=parse_baselines(args.baselines))
     except MissingRequirements as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

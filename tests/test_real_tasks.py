@@ -424,3 +424,46 @@ def test_transfer_pretrains_on_the_first_half_of_a_tasks_sites_and_fine_tunes_on
                        run_config={})
     assert ran["pretrain"] == ["site0.json", "site1.json"]
     assert ran["target-zero-shot"] == ran["target-dp-pretrained-decoder"] == ["site2.json", "site3.json"]
+
+
+def test_variants_side_by_side_give_weights_dice_dp_ratio_and_round_seconds(tmp_path):
+    from benchmarks.real_report import task_section
+    from benchmarks.real_tasks import median_round_seconds, model_parameters
+    from shared.model import ModelConfig, build_model
+    from shared.model_file import save_model_file
+
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"site": "global", "round": r, "round-seconds": s} for r, s in ((1, 90.0), (2, 30.0), (3, 40.0))]
+    metrics.write_text("\n".join(json.dumps(r) for r in rows + [{"site": "a", "round-seconds": 999.0}]))
+    assert median_round_seconds(metrics) == 40.0
+    config = ModelConfig(spatial_dims=2, in_channels=1, num_classes=2, channels=(2, 4), strides=(2,))
+    model = build_model(config)
+    save_model_file(tmp_path / "global_model.pt", state_dict=model.state_dict(), model_config=config)
+    expected = sum(t.numel() for t in model.state_dict().values())
+    assert expected > 0 and model_parameters(tmp_path / "global_model.pt") == expected
+    assert model_parameters(tmp_path / "missing.pt") is None
+
+    def run(variant, dp, dice, seconds, weights=1234567):
+        summary = {"dice": dice, "hd95": 5.0, "per-class": [{"dice": dice, "hd95": 5.0}] * 3}
+        return {"task": "template", "spatial_dims": 2, "variant": variant, "dp": dp, "seed": 0, "rounds": 3,
+                "seconds": 60.0, "run_dir": "runs/x", "run_config": {}, "statuses": {"a": {"ok": 3}},
+                "epsilon": {}, "baselines": {"federated": {"a": summary}}, "parameters": weights,
+                "round_seconds": seconds}
+
+    text = task_section([run("model=dynunet", False, 0.8, 100.0), run("model=dynunet", True, 0.6, 120.0, 4567),
+                         run("model=segresnet", False, 0.7, 80.0)], command="x")
+    assert "| model=dynunet | 1,234,567 / 4,567 | 0.800 | 5.0 | 0.600 | 5.0 | 0.75x | 100 / 120 |" in text
+    assert "| model=segresnet | 1,234,567 | 0.700 | 5.0 | - | - | - | 80 / - |" in text
+    assert "no DP (with baselines)" not in text  # these runs trained no baseline
+    assert "variants side by side" not in task_section([run("defaults", False, 0.8, 1.0)], command="x")
+
+
+def test_the_benchmark_trains_only_the_baselines_asked_for(tmp_path, monkeypatch):
+    from benchmarks import real_tasks
+
+    monkeypatch.setattr(real_tasks, "prepare_task", lambda task, **kwargs: [tmp_path / "a.json"])
+    calls = []
+    monkeypatch.setattr(real_tasks, "run_all", lambda **kwargs: calls.append(kwargs) or [])
+    assert real_tasks.main(["--tasks", "template", "--baselines", "", "--out", str(tmp_path)]) == 0
+    assert calls[-1]["baselines"] == ()
+    assert real_tasks.main(["--tasks", "template", "--baselines", "pooled,nonsense", "--out", str(tmp_path)]) == 1

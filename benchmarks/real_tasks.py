@@ -85,7 +85,7 @@ def run_once(*, task: str, datalists: list[Path], spatial_dims: int, rounds: int
                               run_config={**TASK_RUN_CONFIG[task], **run_config, "dp": dp, **carry_on})
         summary = run_simulation(spec, echo=True)
     run_dir = (out / "latest").resolve()
-    if dp or finished is not None:  # DP: the federated model only; a finished federation: the baselines left
+    if not kinds or finished is not None:  # no baseline: the federated model only; finished: the baselines left
         run_baselines(run_dir, [(Path(d).stem, Path(d)) for d in datalists], kinds=kinds)
     return {**run_result(run_dir, summary, started=started), "resumed": (finished or checkpointed) is not None}
 

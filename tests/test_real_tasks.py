@@ -467,3 +467,28 @@ def test_the_benchmark_trains_only_the_baselines_asked_for(tmp_path, monkeypatch
     assert real_tasks.main(["--tasks", "template", "--baselines", "", "--out", str(tmp_path)]) == 0
     assert calls[-1]["baselines"] == ()
     assert real_tasks.main(["--tasks", "template", "--baselines", "pooled,nonsense", "--out", str(tmp_path)]) == 1
+
+
+def test_a_run_without_baselines_still_scores_its_federated_model(tmp_path, monkeypatch):
+    import simulations.api
+    import simulations.baselines
+    from benchmarks.real_tasks import run_once
+
+    run_dir = tmp_path / "out" / "20261208-000000-0000"
+    run_dir.mkdir(parents=True)
+    (tmp_path / "out" / "latest").symlink_to(run_dir.name)
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"site": "global", "round-seconds": 12.0}))
+    (tmp_path / "a.json").write_text("{}")
+    simulated, baselined = [], []
+    monkeypatch.setattr(simulations.api, "run_simulation", lambda spec, **kw: simulated.append(spec) or {})
+
+    def score(d, s, kinds):
+        baselined.append(kinds)
+        (run_dir / "baselines.json").write_text(json.dumps({"federated": {}}))
+
+    monkeypatch.setattr(simulations.baselines, "run_baselines", score)
+    result = run_once(task="template", datalists=[tmp_path / "a.json"], spatial_dims=2, rounds=1, seed=0, dp=False,
+                      run_config={}, max_epsilon=8.0, out=tmp_path / "out", baselines=())
+    assert simulated[0].baselines == () and baselined == [()]
+    assert result["baselines"] == {"federated": {}} and result["round_seconds"] == 12.0
+    assert result["parameters"] is None  # no model file in this stand-in run

@@ -168,24 +168,29 @@ def train_step(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor,
     With ``per_sample_grads`` (DP-SGD: Opacus computes per-sample gradients in
     the layers' backward hooks, and its optimizer replaces ``p.grad`` by their
     clipped, noised mean), the backward pass asks autograd only for the
-    gradient reaching the input image (``backward(inputs=[image])``): every
-    layer's backward hook still fires with its output gradient, but autograd
-    skips the batch weight gradients, which the DP optimizer would discard.
-    That pass starts from the loss times the batch length, the sum of the
-    per-case losses, so that each layer's output gradient holds every example's
-    own gradient, as the hooks of :func:`client.training.dp_sgd.make_private` need.
+    gradient of the first trained layers' outputs
+    (:mod:`client.training.dp_backward`): every trained layer's backward hook
+    still fires with its output gradient, but autograd skips the batch weight
+    gradients, which the DP optimizer would discard. That pass starts from the
+    loss times the batch length, the sum of the per-case losses, so that each
+    layer's output gradient holds every example's own gradient, as the hooks of
+    :func:`client.training.dp_sgd.make_private` need.
     """
+    from client.training.dp_backward import backward_to, first_trained_outputs
+
     if per_sample_grads and proximal[0]:
         raise ValueError("FedProx's proximal term has no per-sample gradients: not supported with per_sample_grads")
     if per_sample_grads:
-        image = image.detach().requires_grad_(True)
+        with first_trained_outputs(model) as firsts:
+            loss = loss_fn(model(image), label)
+        task_loss = float(loss.detach())
+        backward_to(loss * len(image), firsts)
+        return task_loss
     loss = loss_fn(model(image), label)
     task_loss = float(loss.detach())
     if proximal[0]:
         loss = loss + proximal_term(model, proximal[0], mu=proximal[1])
-    if per_sample_grads:
-        loss = loss * len(image)
-    loss.backward(inputs=[image] if per_sample_grads else None)
+    loss.backward()
     return task_loss
 
 

@@ -18,11 +18,14 @@ SHOWN_RUN_CONFIG = ("preset", "plan", "model", "local-steps", "optimizer", "lear
                     "dp-noise-from-budget", "dp-max-grad-norm", "update-norm-bound-factor")
 
 
-def write_benchmarks_sections(results: list[dict[str, Any]], *, command: str, path: Path = BENCHMARKS_MD) -> None:
-    """One section per task in BENCHMARKS.md (replaced on every write)."""
+def write_benchmarks_sections(results: list[dict[str, Any]], *, command: str, path: Path = BENCHMARKS_MD,
+                              section: str = "") -> None:
+    """One section per task in BENCHMARKS.md (replaced on every write); a ``section`` name writes beside the task's
+    main section instead (``real-<task>-<section>``, e.g. a comparison of networks)."""
     for task in dict.fromkeys(r["task"] for r in results):
         body = task_section([r for r in results if r["task"] == task], command=command)
-        write_section(f"real-{task}", TITLES.get(task, task), body, path=path)
+        title = TITLES.get(task, task) + (f": {section}" if section else "")
+        write_section(f"real-{task}" + (f"-{section}" if section else ""), title, body, path=path)
 
 
 def task_section(results: list[dict[str, Any]], *, command: str) -> str:

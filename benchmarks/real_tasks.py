@@ -16,7 +16,7 @@ Usage (from the repo root, after ``make setup``)::
         --target benchmarks/.data/real_tasks/packages -r benchmarks/requirements-real.txt   # once
     .venv/bin/python -m benchmarks.real_tasks --write
     .venv/bin/python -m benchmarks.real_tasks --compare model=unet model=dynunet --spatial-dims 2 3
-    .venv/bin/python -m benchmarks.real_tasks --tasks template --baselines '' \\
+    .venv/bin/python -m benchmarks.real_tasks --tasks template --baselines '' --section networks --write \\
         --compare model=dynunet model=segresnet model=attentionunet model=flexibleunet model=swinunetr
     .venv/bin/python -m benchmarks.real_tasks --from-results out/a/results.json out/b/results.json  # runs done apart
 
@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-cases", type=int, default=4, help="validation cases per site")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="run folders and results.json")
     parser.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")
+    parser.add_argument("--section", default="", metavar="NAME",
+                        help="with --write / --from-results: write section real-<task>-NAME (e.g. networks) beside the "
+                             "task's main section instead of replacing it")
     parser.add_argument("--resume", action="store_true",
                         help="go on with an earlier invocation in --out: keep its finished runs (results.json), "
                              "resume a federation from its checkpoint, finish its baselines")
@@ -222,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def write_from_results(paths: list[Path], *, benchmarks_md: Path | None = None) -> int:
+def write_from_results(paths: list[Path], *, benchmarks_md: Path | None = None, section: str = "") -> int:
     """Write the BENCHMARKS.md sections from earlier runs' ``results.json`` files (exit 1 naming a bad file).
 
     Results of one task must come from the same data (case counts): their ratios are only meaningful then.
@@ -246,7 +249,7 @@ def write_from_results(paths: list[Path], *, benchmarks_md: Path | None = None) 
             print(f"error: --from-results: task {task!r} results come from different data (cases {sorted(data)})",
                   file=sys.stderr)
             return 1
-    write_benchmarks_sections(results, command="", path=benchmarks_md or BENCHMARKS_MD)
+    write_benchmarks_sections(results, command="", path=benchmarks_md or BENCHMARKS_MD, section=section)
     return 0
 
 
@@ -261,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()  # a killed benchmark still stops the Flower/Ray processes it started
     args = build_parser().parse_args(argv)
     if args.from_results:
-        return write_from_results(args.from_results)
+        return write_from_results(args.from_results, section=args.section)
     command = ".venv/bin/python -m benchmarks.real_tasks " + " ".join(sys.argv[1:] if argv is None else argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -272,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         text = json.dumps(results, indent=2).encode()
         atomic_write(out / "results.json", lambda handle: handle.write(text))
         if args.write:
-            write_benchmarks_sections(results, command=command.strip())
+            write_benchmarks_sections(results, command=command.strip(), section=args.section)
 
     earlier = out / "results.json"
     done = json.loads(earlier.read_text()) if args.resume and earlier.is_file() else []

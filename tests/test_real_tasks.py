@@ -270,6 +270,10 @@ def test_sections_are_written_from_the_results_of_separate_runs(tmp_path, capsys
     assert write_from_results([tmp_path / "broken.json"], benchmarks_md=md) == 1
     assert "broken.json" in capsys.readouterr().err
     assert md.read_text() == text  # refused inputs leave the file as it was
+    assert write_from_results([tmp_path / "on.json"], benchmarks_md=md, section="networks") == 0
+    both = md.read_text()
+    assert both.startswith(text.rstrip()) and "<!-- real-donors-networks:begin -->" in both  # beside, not over
+    assert "## Real anatomy (six donors, synthetic contrast): networks" in both
 
 
 def test_a_resumed_benchmark_keeps_finished_runs_and_goes_on_with_the_rest(tmp_path, monkeypatch):

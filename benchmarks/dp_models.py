@@ -33,9 +33,9 @@ SETUP_TEXT = """Models (run config): **2D-harness** = what `make run` trains wit
 cases, SGD); **2D-runconfig** = `RunConfig` / pyproject defaults (U-Net 16-32-64-128, 64x64,
 batch 4, Adam); **3D-harness** = the harness' 3D defaults (8-16-32, 32^3, batch 2, Adam). One torch
 thread for every variant (as one simulated site). Variants: `non-DP`; `auto` = DP-SGD as shipped
-(Opacus hooks + fedseg's convolution grad samplers + backward to the input only); `samplers-only`
+(Opacus hooks + fedseg's convolution grad samplers + backward to the first trained layers only); `samplers-only`
 = fedseg's samplers with a full backward; `functorch` = Opacus functorch mode (backward to the
-input only); `stock` = Opacus as shipped (unfold Conv sampler, functorch for transposed
+first trained layers only); `stock` = Opacus as shipped (unfold Conv sampler, functorch for transposed
 convolutions, full backward), the baseline. Medians over the repeats, all variants of a model
 interleaved in one process; CPU = thread time (less sensitive to other jobs on the shared cores)."""
 DYNUNET_SETUP_TEXT = """Models (run config, `benchmarks.dp_models.DYNUNET_PLANS`): MONAI DynUNet (`model = "dynunet"`:
@@ -46,6 +46,6 @@ gives on a CPU: **2D-dynunet** = 5 levels, filters 32-64-128-256-320, 128x128 pa
 filters 32-64-128-256, 64^3 patches, batches of 2 (nnU-Net's 3D batch), 1 head, 5.6 M weights; SGD.
 One torch thread for every variant. Variants as in the U-Net section: `non-DP`; `auto` = DP-SGD as
 shipped (Opacus hooks + fedseg's convolution and instance-norm grad samplers + backward
-to the input only); `samplers-only` = the same with a full backward; `stock` = Opacus as shipped
+to the first trained layers only); `samplers-only` = the same with a full backward; `stock` = Opacus as shipped
 (unfold Conv sampler, functorch for the transposed convolutions, full backward). Medians over the
 repeats, all variants of a model interleaved in one process; CPU = thread time."""

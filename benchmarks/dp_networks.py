@@ -46,7 +46,7 @@ decoder 16-...-256 (2D, MONAI's default) / 8-...-128 (3D); **swinunetr** = MONAI
 methods per layer and shape, group and instance norm on the batch folded into the groups, PReLU, windowed Linear,
 window attention's bias table; per-sample gradients kept without Opacus' zero fill and copy; convolutions with
 many weights at few pixels by ghost norms (Gram matrices) and one batch weight gradient of the clipped examples;
-noise added in one buffer; backward from the summed loss to the input only; in-place ops on hooked outputs out of
+noise added in one buffer; backward from the summed loss to the first trained layers' outputs only; in-place ops on hooked outputs out of
 place); `stock` = Opacus' own samplers (unfold convolution, its norm samplers, functorch for layers without a
 sampler), its DPOptimizer and bookkeeping with a full
 backward, fedseg's in-place fix kept (without it SegResNet and FlexibleUNet do not run at all under Opacus) and

@@ -14,11 +14,11 @@ backward) plus the optimizer step, as local training runs it. Variants:
 
 - ``non-DP``: plain training;
 - ``auto``: DP-SGD as fedseg ships it (Opacus hooks, fedseg's convolution grad
-  samplers, backward to the input only);
+  samplers, backward to the first trained layers only);
 - ``samplers-only``: fedseg's samplers, full backward (autograd also computes the
   batch weight gradients the DP optimizer discards; timing only: its backward
   starts from the mean loss, so its per-sample gradients are 1/batch of DP's);
-- ``functorch``: Opacus' functorch mode (backward to the input only);
+- ``functorch``: Opacus' functorch mode (backward to the first trained layers only);
 - ``stock``: Opacus as shipped (its unfold Conv sampler, functorch for transposed
   convolutions, its DPOptimizer, full backward): the baseline of issue 3.
 
@@ -42,7 +42,7 @@ from benchmarks.dp_models import DYNUNET_PLANS, DYNUNET_SETUP_TEXT, MODEL_NAMES,
 from benchmarks.dp_networks import NETWORK_PLANS, layers_and_profile
 from benchmarks.dp_networks import SETUP_TEXT as NETWORK_SETUP_TEXT
 
-# (mode, grad samplers, backward to the input only) per variant; mode None = no DP
+# (mode, grad samplers, backward to the first trained layers only) per variant; mode None = no DP
 VARIANTS: dict[str, tuple[str | None, str, bool]] = {
     "non-DP": (None, "fedseg", False), "auto": ("hooks", "fedseg", True),
     "samplers-only": ("hooks", "fedseg", False), "functorch": ("functorch", "fedseg", True),

@@ -235,7 +235,7 @@ def test_per_sample_gradients_are_clipped_like_single_example_backward(mode):
     loss_fn, clip = make_loss(), 0.05
     expected, norms = clipped_mean(single_example_grads(model, loss_fn, images, labels), clip=clip)
 
-    # the training loop DP training runs (backward to the input only), one step at lr 0 without noise
+    # the training loop DP training runs (backward to the first trained layers only), one step at lr 0 without noise
     hooks = dp_step(model, loss_fn, images, labels, mode=mode, clip=clip)
     per_sample = torch.sqrt(sum((p.grad_sample.flatten(1) ** 2).sum(1) for p in model.parameters()))
     assert per_sample.tolist() == pytest.approx(norms, rel=1e-3)

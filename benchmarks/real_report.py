@@ -143,7 +143,7 @@ def variants_table(results: list[dict[str, Any]]) -> list[str]:
 def _run_kind(result: dict[str, Any]) -> str:
     if result["dp"]:
         return "DP"
-    return "no DP (with baselines)" if set(result["baselines"]) - {"federated"} else "no DP"
+    return "no DP (with baselines)" if result["baselines"].get("pooled") or result["baselines"].get("local") else "no DP"
 
 
 def _run_mean(result: dict[str, Any] | None, key: str) -> float:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from collections import Counter
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.from_results:
         return write_from_results(args.from_results, section=args.section)
-    command = ".venv/bin/python -m benchmarks.real_tasks " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = ".venv/bin/python -m benchmarks.real_tasks " + shlex.join(sys.argv[1:] if argv is None else argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
 

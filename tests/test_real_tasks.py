@@ -451,7 +451,7 @@ def test_variants_side_by_side_give_weights_dice_dp_ratio_and_round_seconds(tmp_
         summary = {"dice": dice, "hd95": 5.0, "per-class": [{"dice": dice, "hd95": 5.0}] * 3}
         return {"task": "template", "spatial_dims": 2, "variant": variant, "dp": dp, "seed": 0, "rounds": 3,
                 "seconds": 60.0, "run_dir": "runs/x", "run_config": {}, "statuses": {"a": {"ok": 3}},
-                "epsilon": {}, "baselines": {"federated": {"a": summary}}, "parameters": weights,
+                "epsilon": {}, "baselines": {"federated": {"a": summary}, "setting": {"steps": 150}}, "parameters": weights,
                 "round_seconds": seconds}
 
     text = task_section([run("model=dynunet", False, 0.8, 100.0), run("model=dynunet", True, 0.6, 120.0, 4567),

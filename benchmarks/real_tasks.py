@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
 import time
 from collections import Counter
@@ -128,11 +129,8 @@ def median_round_seconds(metrics: Path) -> float | None:
     """The median of the run's ``round-seconds`` (training and evaluation of every site; the first round's
     start-up included in its own value only)."""
     rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
-    seconds = sorted(r["round-seconds"] for r in rows if r.get("site") == "global" and "round-seconds" in r)
-    if not seconds:
-        return None
-    middle = len(seconds) // 2
-    return seconds[middle] if len(seconds) % 2 else (seconds[middle - 1] + seconds[middle]) / 2
+    seconds = [r["round-seconds"] for r in rows if r.get("site") == "global" and "round-seconds" in r]
+    return statistics.median(seconds) if seconds else None
 
 
 def train_statuses(metrics: Path) -> dict[str, dict[str, int]]:
